@@ -1,0 +1,85 @@
+"""``relay`` command line. ``relay serve --help`` must not import LiteLLM (it is slow), so
+everything heavy is imported inside the command functions."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay", description="llm-relay: stream LLM tokens "
+                                     "over WebSocket (protocol llm-relay.v1)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the relay server",
+                           description="Run the relay. Every flag also reads RELAY_<NAME> "
+                           "from the environment (flags win).")
+    serve.add_argument("--host", help="interface to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="TCP port (default 8765; 0 = any free port)")
+    serve.add_argument("--config", help="TOML file of model aliases (also RELAY_CONFIG)")
+    serve.add_argument("--max-streams", type=int, help="concurrent streams per connection (8)")
+    serve.add_argument("--max-frame-bytes", type=int, help="inbound frame limit (1048576)")
+    serve.add_argument("--hello-timeout", type=float, help="seconds to wait for hello (10)")
+    serve.add_argument("--demo-tps", type=float, help="demo model tokens/s, 0 = unthrottled (40)")
+    serve.add_argument("--first-token-timeout", type=float, help="seconds (60)")
+    serve.add_argument("--idle-timeout", type=float, help="seconds between chunks (30)")
+    serve.add_argument("--total-timeout", type=float, help="seconds per stream (600)")
+    serve.add_argument("--log-level", help="debug, info, warning, error (info)")
+    serve.add_argument("--log-json", action="store_true", default=None,
+                       help="log JSON lines instead of text")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from .config import RelaySettings
+
+    overrides: dict[str, Any] = {
+        key: value for key, value in vars(args).items()
+        if key != "command" and value is not None
+    }
+    try:
+        settings = RelaySettings(**overrides)
+    except ValidationError as exc:
+        print(f"relay: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    from .logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_json)
+    from .app import ConfigError, build_registry
+
+    try:
+        registry = build_registry(settings)
+    except ConfigError as exc:
+        print(f"relay: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(_run(settings, registry))
+
+
+async def _run(settings, registry) -> int:
+    from .server import RelayServer
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with RelayServer(settings, registry) as server:
+        print(f"llm-relay listening on {server.url} (protocol llm-relay.v1); "
+              f"models: {', '.join(registry.aliases)}", flush=True)
+        await stop.wait()
+        print("llm-relay shutting down", flush=True)
+    return 0

@@ -1,0 +1,145 @@
+"""The embedded ``demo`` model: a real LiteLLM custom provider, so the default path runs
+through LiteLLM's own streaming machinery with no API key and no network.
+
+Reply (deterministic, derived from the request): a sentence that echoes the last user
+message, one word-token per chunk, at ``tps`` tokens per second (0 = as fast as possible).
+``max_tokens`` cuts it with finish reason ``length``. With ``tools`` the reply is one call
+to the first tool whose JSON arguments stream over several chunks (finish ``tool_calls``).
+Usage is reported (prompt = words in the request, completion = chunks sent).
+
+``opened`` / ``closed_early`` count streams, so in-process tests can see that a cancel
+really stopped the generator ("upstream closed") rather than just hiding frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+from litellm.llms.custom_llm import CustomLLM
+from litellm.types.utils import GenericStreamingChunk
+
+__all__ = ["DemoLLM", "demo_reply_tokens", "demo_tool_arguments"]
+
+_WORD = re.compile(r"\S+\s*")
+
+
+def _last_user_text(messages: list[dict]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+def demo_reply_tokens(messages: list[dict]) -> list[str]:
+    """The demo's full reply for ``messages``, split into its stream tokens."""
+    said = " ".join(_last_user_text(messages).split())[:2000] or "nothing"
+    reply = (
+        f"Hello from the llm-relay demo model. You said: {said}. "
+        "This reply streams one token per chunk through LiteLLM, so cancel, usage and "
+        "timeouts behave as they do with a real provider."
+    )
+    return _WORD.findall(reply)
+
+
+def demo_tool_arguments(tool: dict, messages: list[dict]) -> str:
+    """JSON arguments the demo sends for ``tool``: each string parameter gets the last
+    user message, numbers 1, booleans true."""
+    params = ((tool.get("function") or {}).get("parameters") or {}).get("properties") or {}
+    said = " ".join(_last_user_text(messages).split())[:200]
+    args: dict[str, Any] = {}
+    for name, schema in params.items():
+        kind = schema.get("type") if isinstance(schema, dict) else None
+        args[name] = {"integer": 1, "number": 1, "boolean": True}.get(kind, said)
+    return json.dumps(args or {"input": said})
+
+
+def _count_prompt_words(messages: list[dict]) -> int:
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content.split())
+        total += 4  # role and framing, as chat formats charge per message
+    return total
+
+
+class DemoLLM(CustomLLM):
+    def __init__(self, tps: float = 40.0) -> None:
+        super().__init__()
+        self.tps = tps
+        self.opened = 0
+        self.closed_early = 0
+        self.completed = 0
+
+    async def astreaming(self, model, messages, api_base, custom_prompt_dict, model_response,
+                         print_verbose, encoding, api_key, logging_obj, optional_params,
+                         acompletion=None, litellm_params=None, logger_fn=None, headers={},
+                         timeout=None, client=None) -> AsyncIterator[GenericStreamingChunk]:
+        # LiteLLM iterates what this coroutine function returns when called, so it must be
+        # an async generator function itself.
+        params = dict(optional_params or {})
+        self.opened += 1
+        finished = False
+        try:
+            prompt_tokens = _count_prompt_words(messages)
+            max_tokens = params.get("max_tokens")
+            tools = params.get("tools") or []
+            if tools:
+                async for chunk in self._tool_chunks(tools[0], messages, prompt_tokens):
+                    yield chunk
+            else:
+                tokens = demo_reply_tokens(messages)
+                reason = "stop"
+                if isinstance(max_tokens, int) and max_tokens < len(tokens):
+                    tokens, reason = tokens[:max_tokens], "length"
+                for i, tok in enumerate(tokens):
+                    await self._pace()
+                    last = i == len(tokens) - 1
+                    yield _chunk(tok, finished=last, reason=reason if last else "",
+                                 usage=(prompt_tokens, len(tokens)) if last else None)
+            finished = True
+            self.completed += 1
+        finally:
+            if not finished:
+                self.closed_early += 1
+
+    async def _tool_chunks(self, tool: dict, messages: list[dict], prompt_tokens: int):
+        name = (tool.get("function") or {}).get("name") or "tool"
+        arguments = demo_tool_arguments(tool, messages)
+        pieces = [arguments[i:i + 8] for i in range(0, len(arguments), 8)] or [""]
+        call_id = "call_demo_" + hashlib.sha256(f"{name}:{arguments}".encode()).hexdigest()[:16]
+        for i, piece in enumerate(pieces):
+            await self._pace()
+            last = i == len(pieces) - 1
+            tool_use = {"id": call_id if i == 0 else None, "type": "function", "index": 0,
+                        "function": {"name": name if i == 0 else None, "arguments": piece}}
+            yield _chunk("", finished=last, reason="tool_calls" if last else "",
+                         usage=(prompt_tokens, len(pieces)) if last else None, tool_use=tool_use)
+
+    async def _pace(self) -> None:
+        # Pacing of the demo's output rate, not synchronisation: a real model is slow too.
+        await asyncio.sleep(1.0 / self.tps if self.tps > 0 else 0)
+
+
+def _chunk(text: str, *, finished: bool, reason: str, usage: tuple[int, int] | None,
+           tool_use: dict | None = None) -> GenericStreamingChunk:
+    return {
+        "text": text,
+        "tool_use": tool_use,
+        "is_finished": finished,
+        "finish_reason": reason,
+        "usage": None if usage is None else {
+            "prompt_tokens": usage[0], "completion_tokens": usage[1],
+            "total_tokens": usage[0] + usage[1],
+        },
+        "index": 0,
+    }

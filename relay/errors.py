@@ -1,0 +1,57 @@
+"""The relay's own refusals, each carrying its wire code. ``Session`` turns them into
+``error`` frames in one place (``Session._handle``); nothing else builds error frames from
+exceptions.
+
+    RelayError(code)                  -> error frame {code, message, ref, id}
+      BadRequest                         bad_request
+      UnknownModel                       unknown_model
+      DuplicateId                        duplicate_id
+      TooManyStreams                     too_many_streams
+      UnknownStream                      unknown_stream
+      Draining                           draining
+
+Provider failures are not exceptions at this level: the streamer ends the stream with a
+``finish`` whose error comes from ``relay.upstream_errors``.
+"""
+
+from __future__ import annotations
+
+from protocol import ErrorCode
+
+__all__ = [
+    "BadRequest", "Draining", "DuplicateId", "RelayError", "TooManyStreams", "UnknownModel",
+    "UnknownStream",
+]
+
+
+class RelayError(Exception):
+    code: str = ErrorCode.INTERNAL_ERROR
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class BadRequest(RelayError):
+    code = ErrorCode.BAD_REQUEST
+
+
+class UnknownModel(RelayError):
+    code = ErrorCode.UNKNOWN_MODEL
+
+
+class DuplicateId(RelayError):
+    code = ErrorCode.DUPLICATE_ID
+
+
+class TooManyStreams(RelayError):
+    code = ErrorCode.TOO_MANY_STREAMS
+
+
+class UnknownStream(RelayError):
+    code = ErrorCode.UNKNOWN_STREAM
+
+
+class Draining(RelayError):
+    code = ErrorCode.DRAINING

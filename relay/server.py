@@ -1,0 +1,139 @@
+"""The relay's WebSocket server: handshake checks, HTTP routes, one ``Session`` per socket.
+
+``RelayServer`` is an async context manager so tests and the CLI share one lifecycle::
+
+    async with RelayServer(settings) as server:   # listening on server.port
+        ...
+                                                   # on exit: sessions stopped, socket closed
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+
+from protocol import SUPPORTED_VERSIONS, FinishReason
+
+from .config import RelaySettings
+from .providers import ModelRegistry
+from .session import Session, StreamerFactory
+
+__all__ = ["RelayServer", "WS_PATH"]
+
+logger = logging.getLogger("relay.server")
+
+WS_PATH = "/ws"
+
+
+def _select_subprotocol(connection: ServerConnection, offered: Any) -> str | None:
+    # Accept even when no supported version is offered, so the handler can close with 4406
+    # and a reason a browser can read (an HTTP 400 would only show up as 1006).
+    for version in SUPPORTED_VERSIONS:
+        if version in offered:
+            return version
+    return None
+
+
+class RelayServer:
+    def __init__(
+        self,
+        settings: RelaySettings | None = None,
+        registry: ModelRegistry | None = None,
+        *,
+        streamer_factory: StreamerFactory | None = None,
+    ) -> None:
+        self.settings = settings or RelaySettings()
+        self.registry = registry or ModelRegistry.demo_only()
+        self._streamer_factory = streamer_factory
+        self._server: Server | None = None
+        self._sessions: set[Session] = set()
+        self.draining = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        s = self.settings
+        self._server = await serve(
+            self._handler,
+            s.host,
+            s.port,
+            subprotocols=list(SUPPORTED_VERSIONS),
+            select_subprotocol=_select_subprotocol,
+            process_request=self._process_request,
+            max_size=s.max_frame_bytes,
+            # Inbound frames queue while a session handles one; a relay needs few.
+            max_queue=16,
+            compression=None,  # token frames gain little; it would cost ~50 KiB per socket
+            server_header="llm-relay",
+        )
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "server not started"
+        return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.settings.host}:{self.port}{WS_PATH}"
+
+    @property
+    def sessions(self) -> frozenset[Session]:
+        return frozenset(self._sessions)
+
+    async def close(self) -> None:
+        """Stop accepting, end every session (streams cancelled upstream), close sockets."""
+        if self._server is None:
+            return
+        self.draining = True
+        # Streams end first, so their clients receive finish (server_shutdown) before 1001.
+        await asyncio.gather(*(session.stop_streams(FinishReason.SERVER_SHUTDOWN)
+                               for session in list(self._sessions)))
+        self._server.close(close_connections=True)
+        await self._server.wait_closed()
+        self._server = None
+
+    async def __aenter__(self) -> RelayServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ connections
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == "/healthz":
+            return _text(connection, http.HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            if self.draining:
+                return _text(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+            return _text(connection, http.HTTPStatus.OK, "ready\n")
+        if path != WS_PATH:
+            return _text(connection, http.HTTPStatus.NOT_FOUND, "not found\n")
+        return None
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        session = Session(ws, self.settings, self.registry,
+                          streamer_factory=self._streamer_factory,
+                          draining=lambda: self.draining)
+        self._sessions.add(session)
+        try:
+            await session.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("session %s crashed", session.session_id)
+            await ws.close(1011, "internal error")
+        finally:
+            self._sessions.discard(session)
+
+
+def _text(connection: ServerConnection, status: http.HTTPStatus, body: str) -> Response:
+    return connection.respond(status, body)
+

@@ -1,0 +1,279 @@
+"""One WebSocket connection speaking llm-relay.v1.
+
+Call order: ``Session(...).run()`` once per accepted connection. ``run`` performs the
+``hello``/``welcome`` handshake, then reads frames until the connection closes; each
+``start`` becomes one supervised task (``_run_stream``). Whatever ends ``run`` (client gone,
+error, server shutdown), its ``finally`` cancels every stream upstream and awaits its task,
+so no task outlives its connection.
+
+Every inbound frame gets a defined answer; exceptions become ``error`` frames in exactly one
+place, ``_handle``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.exceptions import ConnectionClosed
+
+from protocol import (
+    PROTOCOL_VERSION,
+    Cancel,
+    CloseCode,
+    ErrorCode,
+    FinishReason,
+    FrameError,
+    Hello,
+    Ping,
+    Start,
+    decode_client_frame,
+    encode_frame,
+    frames,
+)
+
+from .config import RelaySettings
+from .errors import BadRequest, DuplicateId, Draining, RelayError, TooManyStreams, UnknownStream
+from .providers import ModelRegistry, ModelSpec
+from .streamer import (
+    ReasoningDelta,
+    StreamEnd,
+    TextDelta,
+    TokenStreamer,
+    ToolCallDelta,
+    ToolCallDone,
+)
+
+__all__ = ["Session", "StreamerFactory"]
+
+logger = logging.getLogger("relay.session")
+
+#: Builds the streamer for a start; tests inject scripted ones.
+StreamerFactory = Callable[[ModelSpec], TokenStreamer]
+
+# Time a stream task gets to end by itself after cancel() before it is cancelled hard.
+_STOP_GRACE = 5.0
+
+
+@dataclass(eq=False)
+class _RunningStream:
+    id: str
+    alias: str
+    streamer: TokenStreamer
+    task: asyncio.Task | None = None
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class Session:
+    def __init__(
+        self,
+        ws: Any,
+        settings: RelaySettings,
+        registry: ModelRegistry,
+        *,
+        streamer_factory: StreamerFactory | None = None,
+        draining: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.ws = ws
+        self.settings = settings
+        self.registry = registry
+        self.session_id = "s_" + secrets.token_urlsafe(12)
+        self._streamer_factory = streamer_factory or (lambda spec: spec.streamer())
+        self._draining = draining
+        self._streams: dict[str, _RunningStream] = {}
+        self._greeted = False
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        if not await self._handshake():
+            return
+        reason = FinishReason.CLIENT_DISCONNECT
+        try:
+            async for raw in self.ws:
+                await self._handle(raw)
+        except ConnectionClosed:
+            pass
+        finally:
+            await self.stop_streams(reason)
+
+    async def _handshake(self) -> bool:
+        ws = self.ws
+        if ws.subprotocol != PROTOCOL_VERSION:
+            await ws.close(CloseCode.UNSUPPORTED_VERSION,
+                           f"unsupported protocol version; supported: {PROTOCOL_VERSION}")
+            return False
+        try:
+            async with asyncio.timeout(self.settings.hello_timeout):
+                raw = await ws.recv()
+        except TimeoutError:
+            await ws.close(CloseCode.HELLO_TIMEOUT,
+                           f"no hello within {self.settings.hello_timeout:g} s")
+            return False
+        except ConnectionClosed:
+            return False
+        try:
+            hello = decode_client_frame(raw)
+            if not isinstance(hello, Hello):
+                raise FrameError(f"expected hello, got {type(hello).__name__.lower()}")
+        except FrameError as exc:
+            await ws.close(CloseCode.NOT_AUTHENTICATED, f"first frame must be hello: {exc}"[:120])
+            return False
+        self._greeted = True
+        limits = {"max_streams": self.settings.max_streams,
+                  "max_frame_bytes": self.settings.max_frame_bytes}
+        return await self._send(frames.welcome(self.session_id, self.registry.aliases, limits,
+                                               PROTOCOL_VERSION))
+
+    async def stop_streams(self, reason: str) -> None:
+        """Cancel every running stream upstream with ``reason`` and await their tasks."""
+        running = list(self._streams.values())
+        for stream in running:
+            stream.streamer.cancel(reason)
+        tasks = [s.task for s in running if s.task is not None]
+        if not tasks:
+            return
+        done, pending = await asyncio.wait(tasks, timeout=_STOP_GRACE)
+        for task in pending:
+            task.cancel()
+        if pending:
+            logger.error("session %s: %d stream task(s) ignored cancel; cancelled hard",
+                         self.session_id, len(pending))
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    # ------------------------------------------------------------------ inbound
+
+    async def _handle(self, raw: str | bytes) -> None:
+        """Answer one frame. The single place where exceptions become ``error`` frames."""
+        msg: Any = None
+        try:
+            msg = decode_client_frame(raw)
+            if isinstance(msg, Start):
+                await self._start(msg)
+            elif isinstance(msg, Cancel):
+                self._cancel(msg)
+            elif isinstance(msg, Ping):
+                await self._send(frames.pong(msg.data))
+            elif isinstance(msg, Hello):
+                raise BadRequest("hello was already received on this connection")
+        except FrameError as exc:
+            await self._send(exc.frame())
+        except RelayError as exc:
+            await self._send(frames.error(
+                exc.code, exc.message, ref=getattr(msg, "type", None),
+                id=getattr(msg, "id", None), retry_after=exc.retry_after))
+        except ConnectionClosed:
+            raise
+        except Exception:
+            logger.exception("session %s: internal error handling a %s frame", self.session_id,
+                             getattr(msg, "type", "?"))
+            await self._send(frames.error(ErrorCode.INTERNAL_ERROR, "internal error",
+                                          ref=getattr(msg, "type", None),
+                                          id=getattr(msg, "id", None)))
+
+    async def _start(self, msg: Start) -> None:
+        if self._draining():
+            raise Draining("the relay is shutting down; start the stream on a new connection")
+        if msg.id in self._streams:
+            raise DuplicateId(f"a stream with id {msg.id!r} is already running")
+        if len(self._streams) >= self.settings.max_streams:
+            raise TooManyStreams(
+                f"at most {self.settings.max_streams} concurrent streams per connection")
+        spec = self.registry.resolve(msg.model)
+        params = spec.request_params(msg.params.model_dump(exclude_none=True))
+        streamer = self._streamer_factory(spec)
+        stream = _RunningStream(msg.id, msg.model, streamer)
+        self._streams[msg.id] = stream
+        stream.task = asyncio.create_task(self._run_stream(stream, msg, params),
+                                          name=f"stream {self.session_id}/{msg.id}")
+
+    def _cancel(self, msg: Cancel) -> None:
+        stream = self._streams.get(msg.id)
+        if stream is None:
+            raise UnknownStream(f"no running stream with id {msg.id!r}")
+        stream.streamer.cancel(FinishReason.CLIENT_CANCEL)
+
+    # ------------------------------------------------------------------ one stream
+
+    async def _run_stream(self, stream: _RunningStream, msg: Start, params: dict) -> None:
+        sid = stream.id
+        streamer = stream.streamer
+        send = self._send
+        seq = 0
+        end: StreamEnd | None = None
+        messages = [m.model_dump(exclude_unset=True) for m in msg.messages]
+        tools = [t.model_dump(exclude_unset=True) for t in msg.tools] if msg.tools else None
+        try:
+            if not await send(frames.started(sid, msg.model)):
+                return  # the client is gone before the upstream was contacted
+            events = streamer.events(messages, tools=tools, tool_choice=msg.tool_choice,
+                                     **params)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    seq += 1
+                    if isinstance(event, TextDelta):
+                        frame = frames.token(sid, seq, event.text)
+                    elif isinstance(event, StreamEnd):
+                        end = event
+                        frame = _finish_frame(sid, seq, event)
+                    elif streamer.cancelled:
+                        continue  # nothing but the finish follows a cancel
+                    elif isinstance(event, ToolCallDelta):
+                        frame = frames.tool_call_chunk(sid, seq, event.index, event.call_id,
+                                                       event.name, event.arguments_delta)
+                    elif isinstance(event, ToolCallDone):
+                        frame = frames.tool_call_complete(sid, seq, event.index, event.call_id,
+                                                          event.name, event.arguments)
+                    elif isinstance(event, ReasoningDelta):
+                        frame = frames.reasoning(sid, seq, event.text)
+                    else:
+                        continue
+                    if not await send(frame):
+                        streamer.cancel(FinishReason.CLIENT_DISCONNECT)
+        finally:
+            self._streams.pop(sid, None)
+            _log_stream_end(self.session_id, stream, end)
+
+    # ------------------------------------------------------------------ outbound
+
+    async def _send(self, frame: dict) -> bool:
+        """Send one frame as a text message; False when the connection is gone."""
+        try:
+            await self.ws.send(encode_frame(frame), text=True)
+        except ConnectionClosed:
+            return False
+        return True
+
+
+def _finish_frame(sid: str, seq: int, end: StreamEnd) -> dict:
+    usage = end.usage
+    return frames.finish(
+        sid, seq, str(end.status), end.reason,
+        frames.usage(usage.prompt_tokens, usage.completion_tokens, usage.estimated),
+        end.error.as_error() if end.error is not None else None,
+    )
+
+
+def _log_stream_end(session_id: str, stream: _RunningStream, end: StreamEnd | None) -> None:
+    duration = time.monotonic() - stream.started_at
+    if end is None:
+        logger.warning("stream ended without finish", extra={
+            "session_id": session_id, "stream_id": stream.id, "model": stream.alias,
+            "duration_s": round(duration, 3)})
+        return
+    logger.info("stream finished", extra={
+        "session_id": session_id, "stream_id": stream.id, "model": stream.alias,
+        "status": str(end.status), "reason": end.reason,
+        "prompt_tokens": end.usage.prompt_tokens,
+        "completion_tokens": end.usage.completion_tokens,
+        "usage_estimated": end.usage.estimated, "duration_s": round(duration, 3)})

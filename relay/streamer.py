@@ -1,0 +1,620 @@
+"""TokenStreamer: one LiteLLM streaming completion turned into typed stream events.
+
+Public surface kept from the seed: ``TokenStreamer(model, api_key, base_url, on_token)``,
+``stream_completion``, ``stream_with_tools``, ``cancel()``, ``get_accumulated_content()``,
+``get_total_tokens()``, ``reset()``. The core is ``events()``; the two seed methods are thin
+views of it, so both behave the same way on errors: they never raise for a provider failure,
+they end with a final item whose status is ``failed`` and whose error is safe to show.
+
+Contract of ``events()``:
+
+* It yields ``TextDelta``, ``ReasoningDelta``, ``ToolCallDelta``, then on a normal end one
+  ``ToolCallDone`` per assembled call (whatever finish_reason the provider gave), and always
+  exactly one ``StreamEnd`` last, whatever happened.
+* ``cancel()`` takes effect at once: if the consumer is waiting for the provider, that wait
+  is interrupted; the upstream HTTP response is closed (``aclose``) before ``StreamEnd``
+  (status ``cancelled``) is yielded, and no text follows a cancel.
+* Timeouts are timers, not checks between chunks: first token, idle between chunks and
+  total duration each interrupt a silent provider and end with status ``timeout``.
+* Usage is the provider's own when it sent any (``estimated=False``); otherwise an estimate
+  by LiteLLM's token counter (``estimated=True``). LiteLLM's stream wrapper strips the
+  provider's usage chunks and always synthesises a usage of its own, so the decision is
+  made from what the provider actually sent (the wrapper's recorded raw chunks).
+* It never retries once anything was yielded. ``retries_before_first_token`` (default 0)
+  is the one explicit opt-in for retrying a failed *connect*.
+
+Concurrency: one ``events()`` iteration at a time per instance; ``cancel()`` may be called
+from any task of the same event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol import ErrorCode, FinishReason, FinishStatus
+
+from .upstream_errors import UpstreamFailure, classify_upstream_exception
+
+__all__ = [
+    "ReasoningDelta",
+    "StreamEnd",
+    "StreamEvent",
+    "TextDelta",
+    "Timeouts",
+    "TokenChunk",
+    "TokenStreamer",
+    "ToolCallDelta",
+    "ToolCallDone",
+    "UsageInfo",
+]
+
+logger = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------------ events
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    index: int
+    call_id: str
+    name: str | None
+    arguments_delta: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDone:
+    index: int
+    call_id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class UsageInfo:
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """Always the last event. ``reason`` is a documented ``FinishReason`` or error code."""
+
+    status: FinishStatus
+    reason: str
+    usage: UsageInfo
+    error: UpstreamFailure | None = None
+
+
+StreamEvent = TextDelta | ReasoningDelta | ToolCallDelta | ToolCallDone | StreamEnd
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds; ``None`` disables one. Defaults are the relay's documented defaults."""
+
+    first_token: float | None = 60.0
+    idle: float | None = 30.0
+    total: float | None = 600.0
+
+
+@dataclass
+class TokenChunk:
+    """Item of ``stream_completion`` (the seed's shape, with real usage on the last one)."""
+
+    content: str
+    token_count: int = 1
+    finish_reason: str | None = None
+    model: str | None = None
+    accumulated_content: str = ""
+    total_tokens: int = 0
+    status: str | None = None
+    usage: UsageInfo | None = None
+    error: dict | None = None
+
+
+# Provider finish reasons (after LiteLLM's mapping) -> the documented completed reasons.
+_FINISH_REASONS = {
+    "stop": FinishReason.STOP,
+    "end_turn": FinishReason.STOP,
+    "stop_sequence": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "max_tokens": FinishReason.LENGTH,
+    "tool_calls": FinishReason.TOOL_CALLS,
+    "function_call": FinishReason.TOOL_CALLS,
+    "tool_use": FinishReason.TOOL_CALLS,
+    "content_filter": FinishReason.CONTENT_FILTER,
+    "safety": FinishReason.CONTENT_FILTER,
+}
+
+_CANCEL_REASONS = frozenset(
+    (FinishReason.CLIENT_CANCEL, FinishReason.CLIENT_DISCONNECT, FinishReason.SERVER_SHUTDOWN)
+)
+
+
+class _Interrupted(Exception):
+    """Raised inside ``events()`` when our own ``cancel()`` interrupted a provider wait."""
+
+
+@dataclass
+class _ToolCallState:
+    index: int
+    call_id: str
+    provider_id: str | None = None
+    name: str | None = None
+    arguments: list[str] = field(default_factory=list)
+
+
+CompletionFn = Callable[..., Awaitable[Any]]
+
+
+def _default_completion() -> CompletionFn:
+    from .llm import acompletion  # lazy: importing LiteLLM costs seconds
+
+    return acompletion
+
+
+class TokenStreamer:
+    """Streams one completion at a time from ``model`` through LiteLLM.
+
+    ``completion`` (keyword) injects the ``acompletion``-compatible callable; tests pass a
+    scripted one. ``completion_kwargs`` are extra server-side LiteLLM arguments (never from
+    a client). ``on_token`` is called with a ``TokenChunk`` for every text delta.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        on_token: Callable[[TokenChunk], None] | None = None,
+        *,
+        completion: CompletionFn | None = None,
+        timeouts: Timeouts | None = None,
+        completion_kwargs: dict[str, Any] | None = None,
+        retries_before_first_token: int = 0,
+    ) -> None:
+        self.model = model
+        self.api_key = api_key
+        self.base_url = base_url
+        self.on_token = on_token
+        self.timeouts = timeouts or Timeouts()
+        self._completion = completion
+        self._completion_kwargs = dict(completion_kwargs or {})
+        self._retries_before_first_token = retries_before_first_token
+        self.reset()
+
+    # ------------------------------------------------------------------ seed API
+
+    def reset(self) -> None:
+        """Forget the previous stream's state (not while a stream is running)."""
+        self._cancel_reason: str | None = None
+        self._accumulated_content = ""
+        self._usage: UsageInfo | None = None
+        self._waiting_task: asyncio.Task | None = None
+        self._response: Any = None
+        self._close_task: asyncio.Task | None = None
+
+    def cancel(self, reason: str = FinishReason.CLIENT_CANCEL) -> None:
+        """Stop the running stream now and close the upstream request. Idempotent.
+
+        ``reason`` is ``client_cancel`` (default), ``client_disconnect`` or
+        ``server_shutdown``; it becomes the final event's ``reason``.
+        """
+        if reason not in _CANCEL_REASONS:
+            raise ValueError(f"not a cancel reason: {reason!r}")
+        if self._cancel_reason is not None:
+            return
+        self._cancel_reason = str(reason)
+        task = self._waiting_task
+        if task is not None:
+            # The consumer is blocked on the provider: interrupt that wait.
+            task.cancel(msg=_CANCEL_MSG)
+        elif self._response is not None:
+            # The consumer is busy elsewhere: close the upstream now, not at its next read.
+            self._close_task = asyncio.ensure_future(self._close_response())
+
+    def get_accumulated_content(self) -> str:
+        return self._accumulated_content
+
+    def get_total_tokens(self) -> int:
+        """Completion tokens: the provider's count once the stream ended (else an estimate)."""
+        if self._usage is not None:
+            return self._usage.completion_tokens
+        return _estimate_text_tokens(self.model, self._accumulated_content)
+
+    @property
+    def usage(self) -> UsageInfo | None:
+        """Usage of the last finished stream."""
+        return self._usage
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel_reason is not None
+
+    async def stream_completion(
+        self,
+        messages: list[dict[str, Any]],
+        temperature: float = 0.1,
+        max_tokens: int = 4096,
+        **params: Any,
+    ) -> AsyncIterator[TokenChunk]:
+        """Text deltas as ``TokenChunk``; the last chunk has status, finish_reason, usage."""
+        async for event in self.events(
+            messages, temperature=temperature, max_tokens=max_tokens, **params
+        ):
+            if isinstance(event, TextDelta):
+                yield self._text_chunk(event.text)
+            elif isinstance(event, StreamEnd):
+                yield TokenChunk(
+                    content="",
+                    token_count=0,
+                    finish_reason=event.reason,
+                    model=self.model,
+                    accumulated_content=self._accumulated_content,
+                    total_tokens=event.usage.completion_tokens,
+                    status=str(event.status),
+                    usage=event.usage,
+                    error=event.error.as_error() if event.error else None,
+                )
+
+    async def stream_with_tools(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        temperature: float = 0.1,
+        max_tokens: int = 4096,
+        **params: Any,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Event dicts named as in the seed: token, reasoning, tool_call_chunk,
+        tool_call_complete, then exactly one finish (errors too: status ``failed``)."""
+        async for event in self.events(
+            messages, tools=tools, temperature=temperature, max_tokens=max_tokens, **params
+        ):
+            if isinstance(event, TextDelta):
+                chunk = self._text_chunk(event.text)
+                yield {"type": "token", "content": event.text,
+                       "accumulated": chunk.accumulated_content}
+            elif isinstance(event, ReasoningDelta):
+                yield {"type": "reasoning", "content": event.text}
+            elif isinstance(event, ToolCallDelta):
+                yield {"type": "tool_call_chunk", "index": event.index, "call_id": event.call_id,
+                       "name": event.name, "arguments_delta": event.arguments_delta}
+            elif isinstance(event, ToolCallDone):
+                yield {"type": "tool_call_complete", "index": event.index,
+                       "call_id": event.call_id, "name": event.name,
+                       "arguments": event.arguments}
+            else:
+                yield {
+                    "type": "finish",
+                    "status": str(event.status),
+                    "reason": event.reason,
+                    "accumulated": self._accumulated_content,
+                    "usage": {
+                        "prompt_tokens": event.usage.prompt_tokens,
+                        "completion_tokens": event.usage.completion_tokens,
+                        "total_tokens": event.usage.total_tokens,
+                        "estimated": event.usage.estimated,
+                    },
+                    "error": event.error.as_error() if event.error else None,
+                }
+
+    def _text_chunk(self, text: str) -> TokenChunk:
+        chunk = TokenChunk(content=text, model=self.model,
+                           accumulated_content=self._accumulated_content)
+        if self.on_token is not None:
+            self.on_token(chunk)
+        return chunk
+
+    # ------------------------------------------------------------------ core
+
+    async def events(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: Any = None,
+        **params: Any,
+    ) -> AsyncIterator[StreamEvent]:
+        """Run one streaming completion; see the module docstring for the contract."""
+        self.reset()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        tm = self.timeouts
+        total_deadline = started + tm.total if tm.total is not None else None
+        first_deadline = started + tm.first_token if tm.first_token is not None else None
+        kwargs = self._request_kwargs(messages, tools, tool_choice, params)
+
+        text_parts: list[str] = []
+        other_parts: list[str] = []  # reasoning and tool arguments, for estimates
+        calls: dict[int, _ToolCallState] = {}
+        finish_reason: str | None = None
+        got_first = False
+        last_chunk_at = started
+        end: StreamEnd | None = None
+        try:
+            response = await self._open(kwargs, loop, total_deadline, first_deadline)
+            self._response = response
+            if self._cancel_reason is not None:
+                raise _Interrupted
+            iterator = response.__aiter__()
+            while True:
+                if got_first:
+                    deadline = _min(total_deadline,
+                                    last_chunk_at + tm.idle if tm.idle is not None else None)
+                else:
+                    deadline = _min(total_deadline, first_deadline)
+                try:
+                    chunk = await self._wait(iterator.__anext__(), deadline)
+                except StopAsyncIteration:
+                    break
+                last_chunk_at = loop.time()
+                choices = chunk.choices
+                if not choices:
+                    continue
+                choice = choices[0]
+                if choice.finish_reason:
+                    finish_reason = choice.finish_reason
+                delta = choice.delta
+                if delta is None:
+                    continue
+                reasoning = getattr(delta, "reasoning_content", None)
+                if reasoning:
+                    got_first = True
+                    other_parts.append(reasoning)
+                    yield ReasoningDelta(reasoning)
+                content = delta.content
+                if content:
+                    got_first = True
+                    text_parts.append(content)
+                    self._accumulated_content += content
+                    yield TextDelta(content)
+                tool_calls = delta.tool_calls
+                if tool_calls:
+                    got_first = True
+                    for tc in tool_calls:
+                        event = _merge_tool_delta(calls, tc)
+                        if event.arguments_delta:
+                            other_parts.append(event.arguments_delta)
+                        yield event
+                if self._cancel_reason is not None:
+                    raise _Interrupted
+            usage = self._final_usage(response, kwargs, text_parts, other_parts)
+            reason = _FINISH_REASONS.get(finish_reason or "stop", FinishReason.STOP)
+            if calls and reason == FinishReason.STOP:
+                # Some providers report "stop" after tool calls; the calls still complete.
+                reason = FinishReason.TOOL_CALLS
+            for state in sorted(calls.values(), key=lambda s: s.index):
+                yield ToolCallDone(state.index, state.provider_id or state.call_id,
+                                   state.name or "", "".join(state.arguments))
+            end = StreamEnd(FinishStatus.COMPLETED, str(reason), usage)
+        except _Interrupted:
+            end = StreamEnd(
+                FinishStatus.CANCELLED,
+                self._cancel_reason or FinishReason.CLIENT_CANCEL,
+                self._estimate(kwargs, text_parts, other_parts),
+            )
+        except TimeoutError:
+            now = loop.time()
+            if total_deadline is not None and now >= total_deadline:
+                reason, what = FinishReason.TOTAL_TIMEOUT, "total stream duration"
+            elif not got_first:
+                reason, what = FinishReason.FIRST_TOKEN_TIMEOUT, "first token"
+            else:
+                reason, what = FinishReason.IDLE_TIMEOUT, "idle time between chunks"
+            end = StreamEnd(
+                FinishStatus.TIMEOUT,
+                str(reason),
+                self._estimate(kwargs, text_parts, other_parts),
+                UpstreamFailure(ErrorCode.UPSTREAM_TIMEOUT,
+                                f"the provider exceeded the {what} limit"),
+            )
+        except Exception as exc:  # any provider failure ends the stream, never the caller
+            failure = classify_upstream_exception(exc)
+            logger.warning("upstream failure for model %s: %s (%s)", self.model,
+                           failure.code, type(exc).__name__)
+            end = StreamEnd(
+                FinishStatus.FAILED,
+                failure.code,
+                self._estimate(kwargs, text_parts, other_parts),
+                failure,
+            )
+        finally:
+            # Close the upstream HTTP response on every path, also when our consumer's task
+            # is being cancelled from outside or the consumer stopped iterating.
+            await self._close_response()
+            self._response = None
+        self._usage = end.usage
+        yield end
+
+    # ------------------------------------------------------------------ internals
+
+    def _request_kwargs(self, messages, tools, tool_choice, params) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(self._completion_kwargs)
+        kwargs.update({k: v for k, v in params.items() if v is not None})
+        kwargs["model"] = self.model
+        kwargs["messages"] = messages
+        kwargs["stream"] = True
+        kwargs["stream_options"] = {"include_usage": True}
+        # LiteLLM and the OpenAI SDK both retry by default; a relay must not.
+        kwargs["num_retries"] = 0
+        kwargs["max_retries"] = 0
+        if tools:
+            kwargs["tools"] = tools
+            if tool_choice is not None:
+                kwargs["tool_choice"] = tool_choice
+        if self.api_key is not None:
+            kwargs["api_key"] = self.api_key
+        if self.base_url is not None:
+            kwargs["api_base"] = self.base_url
+        return kwargs
+
+    async def _open(self, kwargs, loop, total_deadline, first_deadline):
+        completion = self._completion or _default_completion()
+        attempts = 1 + max(0, self._retries_before_first_token)
+        for attempt in range(attempts):
+            try:
+                return await self._wait(completion(**kwargs),
+                                        _min(total_deadline, first_deadline))
+            except (_Interrupted, TimeoutError):
+                raise
+            except Exception as exc:
+                code = classify_upstream_exception(exc).code
+                retryable = code in (ErrorCode.UPSTREAM_ERROR, ErrorCode.UPSTREAM_RATE_LIMITED)
+                if attempt + 1 >= attempts or not retryable:
+                    raise
+                logger.info("retrying connect to %s (%s), attempt %d", self.model, code,
+                            attempt + 2)
+        raise AssertionError("unreachable")
+
+    async def _wait(self, awaitable, deadline: float | None):
+        """Await a provider operation, interruptible by ``cancel()`` and by ``deadline``."""
+        if self._cancel_reason is not None:
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()
+            raise _Interrupted
+        task = asyncio.current_task()
+        self._waiting_task = task
+        try:
+            if deadline is None:
+                return await awaitable
+            async with asyncio.timeout_at(deadline):
+                return await awaitable
+        except asyncio.CancelledError as exc:
+            if self._cancel_reason is not None and exc.args == (_CANCEL_MSG,):
+                # Our own interrupt: consume exactly that one cancellation request. Anyone
+                # else's pending cancellation still propagates.
+                if task is not None and task.uncancel() > 0:
+                    raise
+                raise _Interrupted from None
+            raise
+        finally:
+            self._waiting_task = None
+
+    async def _close_response(self) -> None:
+        response = self._response
+        if response is None:
+            return
+        if self._close_task is not None and self._close_task is not asyncio.current_task():
+            task, self._close_task = self._close_task, None
+            await task
+            return
+        aclose = getattr(response, "aclose", None)
+        if aclose is None:
+            return
+        try:
+            await aclose()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # closing is best effort; the stream has ended anyway
+            logger.debug("closing upstream response failed: %s", type(exc).__name__)
+        self._response = None
+
+    def _final_usage(self, response, kwargs, text_parts, other_parts) -> UsageInfo:
+        provider = _provider_usage(response)
+        if provider is not None:
+            return provider
+        return self._estimate(kwargs, text_parts, other_parts)
+
+    def _estimate(self, kwargs, text_parts, other_parts) -> UsageInfo:
+        prompt = _estimate_prompt_tokens(self.model, kwargs.get("messages") or [],
+                                         kwargs.get("tools"))
+        completion = _estimate_text_tokens(self.model, "".join(text_parts) + "".join(other_parts))
+        return UsageInfo(prompt, completion, estimated=True)
+
+
+_CANCEL_MSG = "llm-relay: TokenStreamer.cancel()"
+
+
+def _min(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a if a < b else b
+
+
+def _merge_tool_delta(calls: dict[int, _ToolCallState], tc: Any) -> ToolCallDelta:
+    index = tc.index if isinstance(getattr(tc, "index", None), int) else len(calls)
+    state = calls.get(index)
+    provider_id = getattr(tc, "id", None) or None
+    if state is None:
+        state = _ToolCallState(index, provider_id or "call_" + secrets.token_hex(12))
+        calls[index] = state
+    if provider_id and state.provider_id is None:
+        state.provider_id = provider_id
+    fn = getattr(tc, "function", None)
+    name = getattr(fn, "name", None) if fn is not None else None
+    args = (getattr(fn, "arguments", None) if fn is not None else None) or ""
+    if name and not state.name:
+        state.name = name
+    if args:
+        state.arguments.append(args)
+    return ToolCallDelta(index, state.provider_id or state.call_id, name or None, args)
+
+
+def _provider_usage(response: Any) -> UsageInfo | None:
+    """The provider's own usage, or ``None`` when it sent none.
+
+    LiteLLM's ``CustomStreamWrapper`` keeps a copy of every processed chunk in ``.chunks``;
+    only chunks built from a provider payload that had usage carry a usage object there.
+    The usage it emits to us at the end is computed and may be its own estimate.
+    """
+    chunks = getattr(response, "chunks", None)
+    if not chunks:
+        return None
+    prompt = completion = None
+    for chunk in chunks:
+        usage = getattr(chunk, "usage", None)
+        if usage is None:
+            continue
+        p = getattr(usage, "prompt_tokens", None)
+        c = getattr(usage, "completion_tokens", None)
+        if isinstance(p, int) and p > 0:
+            prompt = max(prompt or 0, p)
+        if isinstance(c, int) and c > 0:
+            completion = max(completion or 0, c)
+    if prompt is None and completion is None:
+        return None
+    return UsageInfo(prompt or 0, completion or 0, estimated=False)
+
+
+def _estimate_prompt_tokens(model: str, messages: list, tools: list | None) -> int:
+    try:
+        from litellm import token_counter
+
+        return int(token_counter(model=model, messages=messages, tools=tools))
+    except Exception:
+        text = " ".join(str(m.get("content") or "") for m in messages if isinstance(m, dict))
+        return max(1, len(text) // 4)
+
+
+def _estimate_text_tokens(model: str, text: str) -> int:
+    if not text:
+        return 0
+    try:
+        from litellm import token_counter
+
+        return int(token_counter(model=model, text=text, count_response_tokens=True))
+    except Exception:
+        return max(1, len(text) // 4)

@@ -1,0 +1,148 @@
+"""The one place that turns provider/LiteLLM exceptions into safe wire error codes.
+
+Nothing from the provider's response body or the exception text reaches a client: messages
+here are fixed sentences, so a key echoed in an upstream error body can never leak.
+
+    UpstreamFailure(code, message, retry_after)
+      code  upstream_error          401/403 (credentials), 5xx, cut stream, malformed data,
+                                    any other provider failure
+            upstream_rate_limited   429 (retry_after: seconds, when the provider says)
+            upstream_timeout        a transport timeout inside LiteLLM/httpx
+            bad_request             the provider rejected the request itself (400/404/422)
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from dataclasses import dataclass
+
+from protocol import ErrorCode
+
+__all__ = ["UpstreamFailure", "classify_upstream_exception"]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailure:
+    code: str
+    message: str
+    retry_after: float | None = None
+
+    def as_error(self) -> dict:
+        out: dict = {"code": self.code, "message": self.message}
+        if self.retry_after is not None:
+            out["retry_after"] = self.retry_after
+        return out
+
+
+def classify_upstream_exception(exc: BaseException) -> UpstreamFailure:
+    """Map any exception raised while calling or reading the provider to a safe failure."""
+    exc = _unwrap(exc)
+    status = _status_code(exc)
+    name = type(exc).__name__
+    if status in (401, 403) or name in ("AuthenticationError", "PermissionDeniedError"):
+        return UpstreamFailure(
+            ErrorCode.UPSTREAM_ERROR,
+            "the provider rejected the relay's credentials (check the relay's key configuration)",
+        )
+    if status == 429 or name == "RateLimitError":
+        return UpstreamFailure(
+            ErrorCode.UPSTREAM_RATE_LIMITED,
+            "the provider is rate limiting the relay; retry later",
+            _retry_after(exc),
+        )
+    if name in ("Timeout", "ReadTimeout", "ConnectTimeout", "APITimeoutError") or status == 408:
+        return UpstreamFailure(ErrorCode.UPSTREAM_TIMEOUT, "the provider timed out")
+    if status in (400, 404, 413, 422) or name in ("BadRequestError", "NotFoundError",
+                                                  "UnprocessableEntityError",
+                                                  "ContextWindowExceededError",
+                                                  "UnsupportedParamsError"):
+        return UpstreamFailure(
+            ErrorCode.BAD_REQUEST, f"the provider rejected the request (HTTP {status or 400})"
+        )
+    if status is not None and status >= 500:
+        return UpstreamFailure(
+            ErrorCode.UPSTREAM_ERROR, f"the provider failed (HTTP {status})"
+        )
+    if name in ("APIConnectionError", "ServiceUnavailableError", "ConnectError"):
+        return UpstreamFailure(ErrorCode.UPSTREAM_ERROR, "could not reach the provider")
+    return UpstreamFailure(
+        ErrorCode.UPSTREAM_ERROR, "the provider's stream failed (cut off or malformed)"
+    )
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    # LiteLLM wraps mid-stream failures in MidStreamFallbackError(original_exception=...).
+    for _ in range(4):
+        inner = getattr(exc, "original_exception", None)
+        if not isinstance(inner, BaseException):
+            break
+        if _status_code(exc) not in (None, 500, 503) and _status_code(inner) is None:
+            break
+        exc = inner
+    return exc
+
+
+def _status_code(exc: BaseException) -> int | None:
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int):
+        return status
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    """Seconds from a Retry-After (or retry-after-ms) header, wherever LiteLLM kept it."""
+    for headers in _header_sources(exc):
+        try:
+            ms = headers.get("retry-after-ms")
+            if ms is not None:
+                return max(0.0, float(ms) / 1000.0)
+            value = headers.get("retry-after")
+        except Exception:  # a header container we do not understand: try the next one
+            continue
+        if value is None:
+            continue
+        parsed = _parse_retry_after(str(value))
+        if parsed is not None:
+            return parsed
+    return None
+
+
+def _header_sources(exc: BaseException):
+    seen = set()
+    candidates = [exc, getattr(exc, "original_exception", None)]
+    for obj in candidates:
+        if obj is None:
+            continue
+        for attr in ("litellm_response_headers", "headers"):
+            h = getattr(obj, attr, None)
+            if h is not None and id(h) not in seen:
+                seen.add(id(h))
+                yield _lower(h)
+        response = getattr(obj, "response", None)
+        h = getattr(response, "headers", None)
+        if h is not None and id(h) not in seen:
+            seen.add(id(h))
+            yield _lower(h)
+
+
+def _lower(headers) -> dict:
+    try:
+        return {str(k).lower(): v for k, v in dict(headers).items()}
+    except Exception:
+        return {}
+
+
+def _parse_retry_after(value: str) -> float | None:
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
