@@ -79,6 +79,24 @@ class DemoLLM(CustomLLM):
         self.opened = 0
         self.closed_early = 0
         self.completed = 0
+        self._waiters: list[tuple[int, asyncio.Future]] = []
+
+    async def wait_closed_early(self, count: int, timeout: float = 5.0) -> None:
+        """Wait until ``closed_early`` reaches ``count`` (for tests: no polling)."""
+        if self.closed_early >= count:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append((count, future))
+        async with asyncio.timeout(timeout):
+            await future
+
+    def _note_closed_early(self) -> None:
+        self.closed_early += 1
+        for count, future in list(self._waiters):
+            if self.closed_early >= count:
+                self._waiters.remove((count, future))
+                if not future.done():
+                    future.set_result(None)
 
     async def astreaming(self, model, messages, api_base, custom_prompt_dict, model_response,
                          print_verbose, encoding, api_key, logging_obj, optional_params,
@@ -110,7 +128,7 @@ class DemoLLM(CustomLLM):
             self.completed += 1
         finally:
             if not finished:
-                self.closed_early += 1
+                self._note_closed_early()
 
     async def _tool_chunks(self, tool: dict, messages: list[dict], prompt_tokens: int):
         name = (tool.get("function") or {}).get("name") or "tool"

@@ -192,6 +192,10 @@ class Session:
         spec = self.registry.resolve(msg.model)
         params = spec.request_params(msg.params.model_dump(exclude_none=True))
         streamer = self._streamer_factory(spec)
+        # started goes out before the upstream is contacted (and before anything else for
+        # this id), so every upstream failure is reported by finish.
+        if not await self._send(frames.started(msg.id, msg.model)):
+            return
         stream = _RunningStream(msg.id, msg.model, streamer)
         self._streams[msg.id] = stream
         stream.task = asyncio.create_task(self._run_stream(stream, msg, params),
@@ -214,8 +218,6 @@ class Session:
         messages = [m.model_dump(exclude_unset=True) for m in msg.messages]
         tools = [t.model_dump(exclude_unset=True) for t in msg.tools] if msg.tools else None
         try:
-            if not await send(frames.started(sid, msg.model)):
-                return  # the client is gone before the upstream was contacted
             events = streamer.events(messages, tools=tools, tool_choice=msg.tool_choice,
                                      **params)
             async with contextlib.aclosing(events):
