@@ -26,6 +26,7 @@ from litellm.types.utils import GenericStreamingChunk
 __all__ = ["DemoLLM", "demo_reply_tokens", "demo_tool_arguments"]
 
 _WORD = re.compile(r"\S+\s*")
+_MAX_ECHO_WORDS = 20_000  # long prompts make long replies: the benchmark relies on it
 
 
 def _last_user_text(messages: list[dict]) -> str:
@@ -41,7 +42,7 @@ def _last_user_text(messages: list[dict]) -> str:
 
 def demo_reply_tokens(messages: list[dict]) -> list[str]:
     """The demo's full reply for ``messages``, split into its stream tokens."""
-    said = " ".join(_last_user_text(messages).split())[:2000] or "nothing"
+    said = " ".join(_last_user_text(messages).split()[:_MAX_ECHO_WORDS]) or "nothing"
     reply = (
         f"Hello from the llm-relay demo model. You said: {said}. "
         "This reply streams one token per chunk through LiteLLM, so cancel, usage and "
