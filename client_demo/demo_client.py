@@ -2,7 +2,7 @@
 
     python client_demo/demo_client.py "hello there" [--url ws://127.0.0.1:8765/ws] [--model demo]
 
-Ctrl-C sends ``cancel`` and prints the final status instead of dying mid-stream.
+Unknown frame types are ignored, as the protocol requires of clients.
 """
 
 from __future__ import annotations

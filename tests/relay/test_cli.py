@@ -1,0 +1,65 @@
+"""The user's path: ``python -m relay serve`` in a subprocess, the demo client against it,
+``--help`` without LiteLLM, SIGTERM exits 0."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _env() -> dict:
+    return {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONUNBUFFERED": "1"}
+
+
+def test_serve_help_does_not_import_litellm():
+    code = ("import sys, runpy; sys.argv=['relay','serve','--help']\n"
+            "try:\n    runpy.run_module('relay', run_name='__main__')\n"
+            "except SystemExit: pass\n"
+            "assert 'litellm' not in sys.modules, 'litellm imported by --help'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=_env(), cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "--demo-tps" in out.stdout and "--config" in out.stdout
+
+
+def test_serve_subprocess_demo_client_and_sigterm():
+    proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "--port", "0",
+                             "--demo-tps", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env(), cwd=ROOT)
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"listening on (ws://127\.0\.0\.1:\d+/ws).*models: demo", line)
+        assert match, line + proc.stderr.read() if proc.poll() is not None else line
+        client = subprocess.run(
+            [sys.executable, str(ROOT / "client_demo" / "demo_client.py"), "hello relay",
+             "--url", match.group(1)], capture_output=True, text=True, env=_env(), timeout=60)
+        assert client.returncode == 0, client.stderr
+        assert "You said: hello relay." in client.stdout
+        assert "[completed: stop]" in client.stdout
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_bad_config_stops_startup_naming_alias(tmp_path):
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text('[models.gpt]\nmodel = "openai/gpt-4o-mini"\n'
+                   'api_key_env = "LLM_RELAY_TEST_UNSET_KEY"\n')
+    env = _env()
+    env.pop("LLM_RELAY_TEST_UNSET_KEY", None)
+    out = subprocess.run([sys.executable, "-m", "relay", "serve", "--config", str(cfg),
+                          "--port", "0"], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=60)
+    assert out.returncode == 2
+    assert "'gpt'" in out.stderr and "LLM_RELAY_TEST_UNSET_KEY" in out.stderr
