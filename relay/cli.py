@@ -30,6 +30,21 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--first-token-timeout", type=float, help="seconds (60)")
     serve.add_argument("--idle-timeout", type=float, help="seconds between chunks (30)")
     serve.add_argument("--total-timeout", type=float, help="seconds per stream (600)")
+    serve.add_argument("--allow-origin", action="append", dest="allow_origins",
+                       help="browser Origin allowed to connect (repeatable; '*' = any). "
+                       "Default: only the relay's own origin; no Origin header = not a browser")
+    serve.add_argument("--trusted-proxy", action="append", dest="trusted_proxies",
+                       help="peer address whose X-Forwarded-For is honoured (repeatable)")
+    serve.add_argument("--drain-timeout", type=float,
+                       help="on SIGTERM, seconds running streams may finish (30)")
+    serve.add_argument("--max-connections", type=int, help="per server (10000)")
+    serve.add_argument("--max-connections-per-principal", type=int, help="(100)")
+    serve.add_argument("--max-streams-per-principal", type=int, help="(32)")
+    serve.add_argument("--start-rate-per-minute", type=float, help="per principal (60)")
+    serve.add_argument("--start-burst", type=int, help="(10)")
+    serve.add_argument("--frames-per-second", type=float, help="inbound per connection (100)")
+    serve.add_argument("--frame-burst", type=int, help="(200)")
+    serve.add_argument("--max-messages-bytes", type=int, help="start.messages+tools (524288)")
     serve.add_argument("--log-level", help="debug, info, warning, error (info)")
     serve.add_argument("--log-json", action="store_true", default=None,
                        help="log JSON lines instead of text")
@@ -81,5 +96,7 @@ async def _run(settings, registry) -> int:
         print(f"llm-relay listening on {server.url} (protocol llm-relay.v1); "
               f"models: {', '.join(registry.aliases)}", flush=True)
         await stop.wait()
-        print("llm-relay shutting down", flush=True)
+        print(f"llm-relay draining (up to {settings.drain_timeout:g} s), then closing",
+              flush=True)
+        await server.shutdown()
     return 0

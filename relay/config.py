@@ -28,6 +28,21 @@ class RelaySettings(BaseSettings):
     first_token_timeout: float | None = Field(60.0, gt=0)
     idle_timeout: float | None = Field(30.0, gt=0)
     total_timeout: float | None = Field(600.0, gt=0)
+    # --- limits (issue: safe to expose)
+    max_connections: int = Field(10_000, ge=1, description="per server (4429 above)")
+    max_connections_per_principal: int = Field(100, ge=1)
+    max_streams_per_principal: int = Field(32, ge=1)
+    start_rate_per_minute: float = Field(60.0, gt=0, description="start token bucket rate")
+    start_burst: int = Field(10, ge=1)
+    frames_per_second: float = Field(100.0, gt=0, description="inbound, per connection")
+    frame_burst: int = Field(200, ge=1)
+    max_messages_bytes: int = Field(512 * 1024, ge=1024,
+                                    description="JSON size of start.messages+tools")
+    allow_origins: list[str] = Field(default_factory=list,
+                                     description="browser Origins allowed; '*' = any")
+    trusted_proxies: list[str] = Field(default_factory=list,
+                                       description="peers whose X-Forwarded-For is honoured")
+    drain_timeout: float = Field(30.0, ge=0, description="shutdown: let streams finish")
     log_level: str = "info"
     log_json: bool = False
     config: Path | None = Field(None, description="TOML file of model aliases")

@@ -9,6 +9,7 @@ exceptions.
       TooManyStreams                     too_many_streams
       UnknownStream                      unknown_stream
       Draining                           draining
+      RateLimited                        rate_limited (with retry_after)
 
 Provider failures are not exceptions at this level: the streamer ends the stream with a
 ``finish`` whose error comes from ``relay.upstream_errors``.
@@ -19,7 +20,7 @@ from __future__ import annotations
 from protocol import ErrorCode
 
 __all__ = [
-    "BadRequest", "Draining", "DuplicateId", "RelayError", "TooManyStreams", "UnknownModel",
+    "BadRequest", "Draining", "RateLimited", "DuplicateId", "RelayError", "TooManyStreams", "UnknownModel",
     "UnknownStream",
 ]
 
@@ -55,3 +56,7 @@ class UnknownStream(RelayError):
 
 class Draining(RelayError):
     code = ErrorCode.DRAINING
+
+
+class RateLimited(RelayError):
+    code = ErrorCode.RATE_LIMITED

@@ -17,9 +17,10 @@ from typing import Any
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from protocol import SUPPORTED_VERSIONS, FinishReason
+from protocol import SUPPORTED_VERSIONS, CloseCode, FinishReason
 
 from .config import RelaySettings
+from .limits import Principals
 from .providers import ModelRegistry
 from .session import Session, StreamerFactory
 
@@ -53,6 +54,8 @@ class RelayServer:
         self._server: Server | None = None
         self._sessions: set[Session] = set()
         self.draining = False
+        self.principals = Principals(self.settings.start_rate_per_minute,
+                                     self.settings.start_burst)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -85,6 +88,22 @@ class RelayServer:
     def sessions(self) -> frozenset[Session]:
         return frozenset(self._sessions)
 
+    async def shutdown(self, drain_timeout: float | None = None) -> None:
+        """Graceful stop: refuse new connections (``/readyz`` 503) and new starts
+        (``draining``), let running streams finish for up to ``drain_timeout`` seconds
+        (default: the setting), then cancel the rest (``server_shutdown``) and close every
+        connection with 1001. websockets' ``Server.close()`` closes all connections at once,
+        so the draining happens before it."""
+        if self._server is None:
+            return
+        self.draining = True
+        timeout = self.settings.drain_timeout if drain_timeout is None else drain_timeout
+        tasks = [t for session in list(self._sessions) for t in session.stream_tasks()]
+        if tasks and timeout > 0:
+            logger.info("draining %d stream(s) for up to %g s", len(tasks), timeout)
+            await asyncio.wait(tasks, timeout=timeout)
+        await self.close()
+
     async def close(self) -> None:
         """Stop accepting, end every session (streams cancelled upstream), close sockets."""
         if self._server is None:
@@ -116,12 +135,48 @@ class RelayServer:
             return _text(connection, http.HTTPStatus.OK, "ready\n")
         if path != WS_PATH:
             return _text(connection, http.HTTPStatus.NOT_FOUND, "not found\n")
+        if self.draining:
+            return _text(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+        origin = request.headers.get("Origin")
+        if origin is not None and not self._origin_allowed(origin, request.headers.get("Host")):
+            logger.warning("refused WebSocket upgrade from a disallowed Origin",
+                           extra={"origin": origin[:200]})
+            return _text(connection, http.HTTPStatus.FORBIDDEN, "origin not allowed\n")
         return None
 
+    def _origin_allowed(self, origin: str, host: str | None) -> bool:
+        """Browsers always send Origin; servers, agents and IDE plugins usually do not and
+        are not restricted by it. Default: only the relay's own origin (its demo page)."""
+        allowed = self.settings.allow_origins
+        if "*" in allowed or origin in allowed:
+            return True
+        scheme, _, netloc = origin.partition("://")
+        return scheme in ("http", "https") and host is not None and netloc == host
+
+    def _principal_of(self, ws: ServerConnection) -> str:
+        """The client's address; X-Forwarded-For only when the peer is a trusted proxy."""
+        peer = ws.remote_address[0] if ws.remote_address else "unknown"
+        if peer in self.settings.trusted_proxies and ws.request is not None:
+            forwarded = ws.request.headers.get("X-Forwarded-For")
+            if forwarded:
+                return forwarded.split(",")[0].strip() or peer
+        return str(peer)
+
     async def _handler(self, ws: ServerConnection) -> None:
+        principal = self._principal_of(ws)
+        s = self.settings
+        state = self.principals.get(principal)
+        if self.principals.total_connections >= s.max_connections:
+            await ws.close(CloseCode.TOO_MANY, "too many connections to this relay")
+            return
+        if state.connections >= s.max_connections_per_principal:
+            await ws.close(CloseCode.TOO_MANY, "too many connections for this principal")
+            return
+        state = self.principals.connect(principal)
         session = Session(ws, self.settings, self.registry,
                           streamer_factory=self._streamer_factory,
-                          draining=lambda: self.draining)
+                          draining=lambda: self.draining,
+                          principal=principal, principal_state=state)
         self._sessions.add(session)
         try:
             await session.run()
@@ -132,6 +187,7 @@ class RelayServer:
             await ws.close(1011, "internal error")
         finally:
             self._sessions.discard(session)
+            self.principals.disconnect(principal)
 
 
 def _text(connection: ServerConnection, status: http.HTTPStatus, body: str) -> Response:

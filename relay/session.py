@@ -39,7 +39,10 @@ from protocol import (
 )
 
 from .config import RelaySettings
-from .errors import BadRequest, DuplicateId, Draining, RelayError, TooManyStreams, UnknownStream
+from .errors import (
+    BadRequest, Draining, DuplicateId, RateLimited, RelayError, TooManyStreams, UnknownStream,
+)
+from .limits import PrincipalState, TokenBucket
 from .providers import ModelRegistry, ModelSpec
 from .streamer import (
     ReasoningDelta,
@@ -79,8 +82,13 @@ class Session:
         *,
         streamer_factory: StreamerFactory | None = None,
         draining: Callable[[], bool] = lambda: False,
+        principal: str = "anonymous",
+        principal_state: PrincipalState | None = None,
     ) -> None:
         self.ws = ws
+        self.principal = principal
+        self._principal_state = principal_state or PrincipalState()
+        self._frames = TokenBucket(settings.frames_per_second, settings.frame_burst)
         self.settings = settings
         self.registry = registry
         self.session_id = "s_" + secrets.token_urlsafe(12)
@@ -101,6 +109,9 @@ class Session:
         reason = FinishReason.CLIENT_DISCONNECT
         try:
             async for raw in self.ws:
+                if not self._frames.take():
+                    await self._close_flooded()
+                    break
                 await self._handle(raw)
         except ConnectionClosed:
             pass
@@ -127,13 +138,27 @@ class Session:
             if not isinstance(hello, Hello):
                 raise FrameError(f"expected hello, got {type(hello).__name__.lower()}")
         except FrameError as exc:
-            await ws.close(CloseCode.NOT_AUTHENTICATED, f"first frame must be hello: {exc}"[:120])
+            await ws.close(CloseCode.NOT_AUTHENTICATED,
+                           close_reason(f"first frame must be hello: {exc}"))
             return False
         self._greeted = True
         limits = {"max_streams": self.settings.max_streams,
                   "max_frame_bytes": self.settings.max_frame_bytes}
         return await self._send(frames.welcome(self.session_id, self.registry.aliases, limits,
                                                PROTOCOL_VERSION))
+
+    async def _close_flooded(self) -> None:
+        """Close 4429 and discard what the flooder already queued: its close reply sits
+        behind those frames, and the handshake cannot finish until they are read."""
+        closing = asyncio.ensure_future(
+            self.ws.close(CloseCode.TOO_MANY, "too many frames; slow down and reconnect"))
+        with contextlib.suppress(ConnectionClosed):
+            async for _ in self.ws:
+                pass
+        await closing
+
+    def stream_tasks(self) -> list[asyncio.Task]:
+        return [s.task for s in self._streams.values() if s.task is not None]
 
     async def stop_streams(self, reason: str) -> None:
         """Cancel every running stream upstream with ``reason`` and await their tasks."""
@@ -184,11 +209,21 @@ class Session:
     async def _start(self, msg: Start) -> None:
         if self._draining():
             raise Draining("the relay is shutting down; start the stream on a new connection")
+        principal = self._principal_state
+        if principal.starts is not None and not principal.starts.take():
+            raise RateLimited("too many starts; slow down",
+                              retry_after=principal.starts.retry_after())
         if msg.id in self._streams:
             raise DuplicateId(f"a stream with id {msg.id!r} is already running")
         if len(self._streams) >= self.settings.max_streams:
             raise TooManyStreams(
                 f"at most {self.settings.max_streams} concurrent streams per connection")
+        if principal.streams >= self.settings.max_streams_per_principal:
+            raise TooManyStreams(f"at most {self.settings.max_streams_per_principal} "
+                                 "concurrent streams per principal")
+        messages = [m.model_dump(exclude_unset=True) for m in msg.messages]
+        tools = [t.model_dump(exclude_unset=True) for t in msg.tools] if msg.tools else None
+        self._check_payload_size(messages, tools)
         spec = self.registry.resolve(msg.model)
         params = spec.request_params(msg.params.model_dump(exclude_none=True))
         streamer = self._streamer_factory(spec)
@@ -198,8 +233,16 @@ class Session:
             return
         stream = _RunningStream(msg.id, msg.model, streamer)
         self._streams[msg.id] = stream
-        stream.task = asyncio.create_task(self._run_stream(stream, msg, params),
+        principal.streams += 1
+        stream.task = asyncio.create_task(self._run_stream(stream, msg, messages, tools, params),
                                           name=f"stream {self.session_id}/{msg.id}")
+
+    def _check_payload_size(self, messages: list[dict], tools: list[dict] | None) -> None:
+        limit = self.settings.max_messages_bytes
+        size = len(encode_frame({"m": messages, "t": tools}))
+        if size > limit:
+            raise BadRequest(f"messages and tools are {size} bytes; the limit is {limit} "
+                             "(max_messages_bytes)")
 
     def _cancel(self, msg: Cancel) -> None:
         stream = self._streams.get(msg.id)
@@ -209,27 +252,30 @@ class Session:
 
     # ------------------------------------------------------------------ one stream
 
-    async def _run_stream(self, stream: _RunningStream, msg: Start, params: dict) -> None:
+    async def _run_stream(self, stream: _RunningStream, msg: Start, messages: list[dict],
+                          tools: list[dict] | None, params: dict) -> None:
         sid = stream.id
         streamer = stream.streamer
         send = self._send
         seq = 0
         end: StreamEnd | None = None
-        messages = [m.model_dump(exclude_unset=True) for m in msg.messages]
-        tools = [t.model_dump(exclude_unset=True) for t in msg.tools] if msg.tools else None
         try:
             events = streamer.events(messages, tools=tools, tool_choice=msg.tool_choice,
                                      **params)
             async with contextlib.aclosing(events):
                 async for event in events:
+                    if isinstance(event, StreamEnd):
+                        end = event
+                        seq += 1
+                        await send(_finish_frame(sid, seq, event))
+                        break
+                    if streamer.cancelled and not isinstance(event, ToolCallDone):
+                        # Nothing but the finish follows a cancel. (ToolCallDone only comes
+                        # after the provider completed, and then the finish says completed.)
+                        continue
                     seq += 1
                     if isinstance(event, TextDelta):
                         frame = frames.token(sid, seq, event.text)
-                    elif isinstance(event, StreamEnd):
-                        end = event
-                        frame = _finish_frame(sid, seq, event)
-                    elif streamer.cancelled:
-                        continue  # nothing but the finish follows a cancel
                     elif isinstance(event, ToolCallDelta):
                         frame = frames.tool_call_chunk(sid, seq, event.index, event.call_id,
                                                        event.name, event.arguments_delta)
@@ -243,7 +289,8 @@ class Session:
                     if not await send(frame):
                         streamer.cancel(FinishReason.CLIENT_DISCONNECT)
         finally:
-            self._streams.pop(sid, None)
+            if self._streams.pop(sid, None) is not None:
+                self._principal_state.streams -= 1
             _log_stream_end(self.session_id, stream, end)
 
     # ------------------------------------------------------------------ outbound
@@ -255,6 +302,14 @@ class Session:
         except ConnectionClosed:
             return False
         return True
+
+
+def close_reason(text: str) -> str:
+    """A close reason fits in 123 UTF-8 bytes (RFC 6455); longer ones would fail the close."""
+    data = text.encode("utf-8")
+    if len(data) <= 123:
+        return text
+    return data[:120].decode("utf-8", errors="ignore") + "..."
 
 
 def _finish_frame(sid: str, seq: int, end: StreamEnd) -> dict:

@@ -207,8 +207,11 @@ class TokenStreamer:
     # ------------------------------------------------------------------ seed API
 
     def reset(self) -> None:
-        """Forget the previous stream's state (not while a stream is running)."""
+        """Forget the previous stream's state, including a cancel (not while a stream runs)."""
         self._cancel_reason: str | None = None
+        self._clear_stream_state()
+
+    def _clear_stream_state(self) -> None:
         self._accumulated_content = ""
         self._usage: UsageInfo | None = None
         self._waiting_task: asyncio.Task | None = None
@@ -336,8 +339,12 @@ class TokenStreamer:
         tool_choice: Any = None,
         **params: Any,
     ) -> AsyncIterator[StreamEvent]:
-        """Run one streaming completion; see the module docstring for the contract."""
-        self.reset()
+        """Run one streaming completion; see the module docstring for the contract.
+
+        A ``cancel()`` that came before this call (and after the last ``reset()``) still
+        applies: the stream then ends ``cancelled`` without contacting the provider.
+        """
+        self._clear_stream_state()
         loop = asyncio.get_running_loop()
         started = loop.time()
         tm = self.timeouts

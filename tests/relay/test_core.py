@@ -301,3 +301,21 @@ async def test_health_endpoints_and_unknown_path():
         assert " 200 " in await get("/healthz")
         assert " 200 " in await get("/readyz")
         assert " 404 " in await get("/nope")
+
+
+async def test_cancel_sent_right_after_start_is_not_lost():
+    async with start_relay(demo_tps=200) as server, Client.connect(server.url) as c:
+        await c.start("s")
+        await c.send({"type": "cancel", "id": "s"})
+        frames = await c.collect("s")
+    assert frames[0]["type"] == "started"
+    assert frames[-1]["status"] == "cancelled" and frames[-1]["reason"] == "client_cancel"
+    assert len([f for f in frames if f["type"] == "token"]) < 5
+
+
+async def test_non_ascii_bad_first_frame_still_closes_4401():
+    async with start_relay() as server:
+        async with connect(server.url, subprotocols=["llm-relay.v1"]) as ws:
+            await ws.send('{"type": "' + "é" * 200 + '"}')
+            code, reason = await _close_of(ws)
+    assert code == 4401 and len(reason.encode()) <= 123

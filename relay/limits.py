@@ -1,0 +1,101 @@
+"""Abuse limits: token buckets and per-principal accounting.
+
+A *principal* is who a connection acts for: the authenticated subject when auth is on,
+else the client's address (``X-Forwarded-For`` only from trusted proxies). Limits:
+
+* connections per server and per principal -> close 4429 after the handshake
+* concurrent streams per principal -> ``too_many_streams``
+* ``start`` rate per principal (token bucket) -> ``rate_limited`` with ``retry_after``
+* inbound frames per connection (token bucket) -> close 4429
+
+All state is in-process and only touched from the event loop thread.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["PrincipalState", "Principals", "TokenBucket"]
+
+
+class TokenBucket:
+    """``rate`` tokens per second, holding at most ``burst``. ``take`` never blocks."""
+
+    __slots__ = ("rate", "burst", "_tokens", "_at")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._at = time.monotonic()
+
+    def take(self, n: float = 1.0) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= n:
+            self._tokens -= n
+            return True
+        return False
+
+    @property
+    def full(self) -> bool:
+        elapsed = time.monotonic() - self._at
+        return self._tokens + elapsed * self.rate >= self.burst
+
+    def retry_after(self, n: float = 1.0) -> float:
+        """Seconds until ``take(n)`` can succeed (after a failed take)."""
+        missing = n - self._tokens
+        return round(max(0.0, missing / self.rate), 3) if self.rate > 0 else float("inf")
+
+
+@dataclass
+class PrincipalState:
+    connections: int = 0
+    streams: int = 0
+    starts: TokenBucket | None = None
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+class Principals:
+    """Per-principal counters; entries without connections are dropped."""
+
+    def __init__(self, start_rate_per_minute: float, start_burst: int) -> None:
+        self._rate = start_rate_per_minute / 60.0
+        self._burst = start_burst
+        self._states: dict[str, PrincipalState] = {}
+        self.total_connections = 0
+
+    def get(self, principal: str) -> PrincipalState:
+        state = self._states.get(principal)
+        if state is None:
+            state = PrincipalState(starts=TokenBucket(self._rate, self._burst))
+            self._states[principal] = state
+        return state
+
+    def connect(self, principal: str) -> PrincipalState:
+        if len(self._states) > 10_000:
+            self._prune()
+        state = self.get(principal)
+        state.connections += 1
+        self.total_connections += 1
+        return state
+
+    def disconnect(self, principal: str) -> None:
+        state = self._states.get(principal)
+        if state is None:
+            return
+        state.connections -= 1
+        self.total_connections -= 1
+        self._prune_one(principal, state)
+
+    def _prune_one(self, principal: str, state: PrincipalState) -> None:
+        # Forget an idle principal only once its start bucket has refilled, so that
+        # reconnecting is no way around the start rate.
+        if state.connections <= 0 and state.streams <= 0 and state.starts.full:
+            del self._states[principal]
+
+    def _prune(self) -> None:
+        for principal, state in list(self._states.items()):
+            self._prune_one(principal, state)
