@@ -152,6 +152,10 @@ _CANCEL_REASONS = frozenset(
 )
 
 
+class _Truncated(Exception):
+    """The provider's stream ended without a finish reason."""
+
+
 class _Interrupted(Exception):
     """Raised inside ``events()`` when our own ``cancel()`` interrupted a provider wait."""
 
@@ -406,8 +410,13 @@ class TokenStreamer:
                         yield event
                 if self._cancel_reason is not None:
                     raise _Interrupted
+            if finish_reason is None or getattr(response, "chunks", None) == []:
+                # The provider's stream ended without saying it finished, or without a single
+                # parseable chunk: truncated. (LiteLLM's Anthropic parser swallows a malformed
+                # event and everything after it, and its wrapper then makes up a "stop".)
+                raise _Truncated
             usage = self._final_usage(response, kwargs, text_parts, other_parts)
-            reason = _FINISH_REASONS.get(finish_reason or "stop", FinishReason.STOP)
+            reason = _FINISH_REASONS.get(finish_reason, FinishReason.STOP)
             if calls and reason == FinishReason.STOP:
                 # Some providers report "stop" after tool calls; the calls still complete.
                 reason = FinishReason.TOOL_CALLS

@@ -38,6 +38,9 @@ class UpstreamFailure:
 def classify_upstream_exception(exc: BaseException) -> UpstreamFailure:
     """Map any exception raised while calling or reading the provider to a safe failure."""
     exc = _unwrap(exc)
+    if type(exc).__name__ == "_Truncated":
+        return UpstreamFailure(ErrorCode.UPSTREAM_ERROR,
+                               "the provider's stream ended before it finished")
     status = _status_code(exc)
     name = type(exc).__name__
     if status in (401, 403) or name in ("AuthenticationError", "PermissionDeniedError"):

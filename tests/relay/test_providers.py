@@ -173,11 +173,12 @@ async def test_upstream_http_errors_map_to_safe_codes(fmt, status, code, needle)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("fault", ["cut", "malformed"])
+@pytest.mark.parametrize("fault", ["cut", "malformed", "malformed_first"])
 async def test_cut_or_malformed_stream_fails_with_upstream_error(fmt, fault):
     async with relay_with_upstream() as (up, c):
         base = stream(fmt, ["a", "b", "c", "d"])
-        up.enqueue(base.cut_after(4) if fault == "cut" else base.malformed_at(4))
+        up.enqueue({"cut": base.cut_after(4), "malformed": base.malformed_at(4),
+                    "malformed_first": base.malformed_at(0)}[fault])
         frames = await run_stream(c, fmt)
         assert frames[-1]["status"] == "failed" and frames[-1]["reason"] == "upstream_error"
         assert not of_type(frames, "tool_call_complete")
