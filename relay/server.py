@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http
 import logging
 from typing import Any
@@ -21,6 +22,7 @@ from protocol import SUPPORTED_VERSIONS, CloseCode, FinishReason
 
 from .config import RelaySettings
 from .limits import Principals
+from .metrics import CONTENT_TYPE_LATEST, RelayMetrics
 from .providers import ModelRegistry
 from .session import Session, StreamerFactory
 
@@ -54,6 +56,7 @@ class RelayServer:
         self._server: Server | None = None
         self._sessions: set[Session] = set()
         self.draining = False
+        self.metrics = RelayMetrics()
         self.principals = Principals(self.settings.start_rate_per_minute,
                                      self.settings.start_burst)
 
@@ -133,6 +136,13 @@ class RelayServer:
             if self.draining:
                 return _text(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
             return _text(connection, http.HTTPStatus.OK, "ready\n")
+        if path == "/metrics":
+            body = self.metrics.render()
+            response = connection.respond(http.HTTPStatus.OK, "")
+            del response.headers["Content-Type"], response.headers["Content-Length"]
+            response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+            response.headers["Content-Length"] = str(len(body))
+            return dataclasses.replace(response, body=body)
         if path != WS_PATH:
             return _text(connection, http.HTTPStatus.NOT_FOUND, "not found\n")
         if self.draining:
@@ -176,8 +186,10 @@ class RelayServer:
         session = Session(ws, self.settings, self.registry,
                           streamer_factory=self._streamer_factory,
                           draining=lambda: self.draining,
-                          principal=principal, principal_state=state)
+                          principal=principal, principal_state=state,
+                          metrics=self.metrics)
         self._sessions.add(session)
+        self.metrics.connections.inc()
         try:
             await session.run()
         except asyncio.CancelledError:
@@ -188,6 +200,7 @@ class RelayServer:
         finally:
             self._sessions.discard(session)
             self.principals.disconnect(principal)
+            self.metrics.connections.dec()
 
 
 def _text(connection: ServerConnection, status: http.HTTPStatus, body: str) -> Response:

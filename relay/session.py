@@ -43,6 +43,7 @@ from .errors import (
     BadRequest, Draining, DuplicateId, RateLimited, RelayError, TooManyStreams, UnknownStream,
 )
 from .limits import PrincipalState, TokenBucket
+from .metrics import RelayMetrics
 from .providers import ModelRegistry, ModelSpec
 from .streamer import (
     ReasoningDelta,
@@ -84,7 +85,9 @@ class Session:
         draining: Callable[[], bool] = lambda: False,
         principal: str = "anonymous",
         principal_state: PrincipalState | None = None,
+        metrics: RelayMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or RelayMetrics()
         self.ws = ws
         self.principal = principal
         self._principal_state = principal_state or PrincipalState()
@@ -192,8 +195,10 @@ class Session:
             elif isinstance(msg, Hello):
                 raise BadRequest("hello was already received on this connection")
         except FrameError as exc:
+            self.metrics.errors.labels(exc.code).inc()
             await self._send(exc.frame())
         except RelayError as exc:
+            self.metrics.errors.labels(exc.code).inc()
             await self._send(frames.error(
                 exc.code, exc.message, ref=getattr(msg, "type", None),
                 id=getattr(msg, "id", None), retry_after=exc.retry_after))
@@ -202,6 +207,7 @@ class Session:
         except Exception:
             logger.exception("session %s: internal error handling a %s frame", self.session_id,
                              getattr(msg, "type", "?"))
+            self.metrics.errors.labels(ErrorCode.INTERNAL_ERROR).inc()
             await self._send(frames.error(ErrorCode.INTERNAL_ERROR, "internal error",
                                           ref=getattr(msg, "type", None),
                                           id=getattr(msg, "id", None)))
@@ -257,13 +263,18 @@ class Session:
         sid = stream.id
         streamer = stream.streamer
         send = self._send
+        metrics = self.metrics
+        clock = time.perf_counter
+        first_token_at: float | None = None
         seq = 0
         end: StreamEnd | None = None
+        metrics.active_streams.inc()
         try:
             events = streamer.events(messages, tools=tools, tool_choice=msg.tool_choice,
                                      **params)
             async with contextlib.aclosing(events):
                 async for event in events:
+                    received = clock()
                     if isinstance(event, StreamEnd):
                         end = event
                         seq += 1
@@ -288,7 +299,21 @@ class Session:
                         continue
                     if not await send(frame):
                         streamer.cancel(FinishReason.CLIENT_DISCONNECT)
+                        continue
+                    sent = clock()
+                    metrics.relay_latency.observe(sent - received)
+                    if frame["type"] == "token":
+                        metrics.tokens.inc()
+                        if first_token_at is None:
+                            first_token_at = sent
+                            metrics.time_to_first_token.observe(
+                                time.monotonic() - stream.started_at)
         finally:
+            metrics.active_streams.dec()
+            if end is not None:
+                metrics.streams.labels(str(end.status)).inc()
+                if end.status == "cancelled":
+                    metrics.upstream_closed_on_cancel.inc()
             if self._streams.pop(sid, None) is not None:
                 self._principal_state.streams -= 1
             _log_stream_end(self.session_id, stream, end)

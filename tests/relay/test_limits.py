@@ -173,3 +173,27 @@ async def test_sigterm_drains_then_closes_1001_and_exits_0(drain_timeout):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_metrics_endpoint_counts_streams_tokens_errors_and_cancels():
+    async with start_relay(demo_tps=0) as server:
+        async with Client.connect(server.url) as c:
+            await c.start("a", params={"max_tokens": 4})
+            await c.collect("a")
+            await c.start("x", model="nope")
+            await c.next_for("x")
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = (await reader.readuntil(b"\r\n\r\n")).decode()
+            length = int(re.search(r"(?i)content-length: (\d+)", head).group(1))
+            body = (await reader.readexactly(length)).decode()
+            writer.close()
+            await writer.wait_closed()
+    assert " 200 " in head.splitlines()[0] and "text/plain" in head
+    assert "relay_connections 1.0" in body
+    assert 'relay_streams_total{status="completed"} 1.0' in body
+    assert "relay_tokens_total 4.0" in body
+    assert 'relay_errors_total{code="unknown_model"} 1.0' in body
+    assert "relay_time_to_first_token_seconds_count 1.0" in body
+    assert "relay_added_latency_seconds_count" in body
+    assert "relay_active_streams 0.0" in body
