@@ -63,3 +63,15 @@ def test_bad_config_stops_startup_naming_alias(tmp_path):
                          timeout=60)
     assert out.returncode == 2
     assert "'gpt'" in out.stderr and "LLM_RELAY_TEST_UNSET_KEY" in out.stderr
+
+
+def test_settings_from_relay_env_and_flags_win(monkeypatch):
+    from relay.config import RelaySettings
+
+    monkeypatch.setenv("RELAY_PORT", "9999")
+    monkeypatch.setenv("RELAY_MAX_STREAMS", "3")
+    monkeypatch.setenv("RELAY_ALLOW_ORIGINS", '["https://a.example"]')
+    settings = RelaySettings()
+    assert (settings.port, settings.max_streams) == (9999, 3)
+    assert settings.allow_origins == ["https://a.example"]
+    assert RelaySettings(port=1234).port == 1234
