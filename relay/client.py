@@ -127,6 +127,7 @@ class CompletionResult:
 @dataclass
 class _Route:
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    abandoned: bool = False  # iteration left early: the reader drops the route at its end
 
 
 class RelayStream:
@@ -209,10 +210,12 @@ class RelayStream:
                 await self._abandon()
 
     async def _abandon(self) -> None:
-        self._done = True
-        if self._route is not None:
-            self._client._unregister(self.id, self._route)
-        if self._started and not self._cancel_sent:
+        # Not marked done: a concurrent aclose() may still be waiting for the Finish.
+        if self._route is None:
+            self._done = True
+            return
+        self._route.abandoned = True
+        if not self._cancel_sent:
             self._cancel_sent = True
             try:
                 await self._client._send({"type": "cancel", "id": self.id})
@@ -455,6 +458,8 @@ class RelayClient:
         route = self._routes.get(sid) if sid is not None else None
         if route is not None:
             route.queue.put_nowait(frame)
+            if route.abandoned and isinstance(frame, (Finish, Error)):
+                self._unregister(sid, route)
 
     def _mark_lost(self, reason: str) -> None:
         if self._lost is not None:

@@ -1,0 +1,100 @@
+"""Terminal chat over llm-relay, built on ``relay.client.RelayClient``.
+
+    python client_demo/chat.py --model demo [--url ws://127.0.0.1:8765/ws]
+
+Type a line, the answer streams back; the conversation history is kept. Ctrl-C during an
+answer cancels that answer (the partial answer stays in the history); Ctrl-C or EOF
+(Ctrl-D) at the prompt exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from relay.client import RelayClient, RelayClientError, RelayStream  # noqa: E402
+
+
+async def chat(url: str, model: str, token: str | None = None) -> int:
+    loop = asyncio.get_running_loop()
+    current: list[RelayStream] = []  # the answer being streamed, if any
+    prompt_task: list[asyncio.Task[str]] = []
+    cancels: list[asyncio.Task[None]] = []
+
+    def on_sigint() -> None:
+        if current:
+            print("\n[cancelling]", flush=True)
+            cancels.append(loop.create_task(current[0].cancel()))
+        elif prompt_task:
+            prompt_task[0].cancel()
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    history: list[dict[str, str]] = []
+    interrupted = False
+    try:
+        async with RelayClient(url, token=token, client_name="chat.py") as client:
+            print(f"connected; models: {', '.join(client.models)}", flush=True)
+            while True:
+                task = loop.create_task(asyncio.to_thread(input, "> "))
+                prompt_task[:] = [task]
+                try:
+                    line = await task
+                except EOFError:
+                    print(flush=True)
+                    return 0
+                except asyncio.CancelledError:
+                    interrupted = True
+                    break
+                finally:
+                    prompt_task.clear()
+                if not line.strip():
+                    continue
+                history.append({"role": "user", "content": line})
+                stream = client.stream(model, history)
+                current[:] = [stream]
+                try:
+                    async for event in stream:
+                        if event.type == "token":
+                            print(event.text, end="", flush=True)
+                        elif event.type == "tool_call_complete":
+                            print(f"[tool call] {event.name}({event.arguments})", end="")
+                finally:
+                    current.clear()
+                    await asyncio.gather(*cancels)
+                    cancels.clear()
+                finish = stream.finish
+                print(f"\n[{finish.status}: {finish.reason}]" if finish else "", flush=True)
+                if stream.text:
+                    history.append({"role": "assistant", "content": stream.text})
+                else:
+                    history.pop()
+    except RelayClientError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    if interrupted:
+        # input() is still blocked in its worker thread and cannot be interrupted; Python
+        # 3.11's asyncio.run would wait for it at shutdown, so leave now (client is closed).
+        print(flush=True)
+        os._exit(0)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="llm-relay terminal chat")
+    parser.add_argument("--url", default="ws://127.0.0.1:8765/ws")
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--token", default=None)
+    args = parser.parse_args()
+    return asyncio.run(chat(args.url, args.model, args.token))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
