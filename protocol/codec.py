@@ -25,9 +25,9 @@ __all__ = ["FrameError", "decode_client_frame", "decode_server_frame", "encode_f
 
 _CLIENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(ClientMessage)
 _SERVER_ADAPTER: TypeAdapter[Any] = TypeAdapter(ServerMessage)
-_CLIENT_TYPES = ("hello", "start", "cancel", "ping")
+_CLIENT_TYPES = ("hello", "start", "cancel", "ping", "resume")
 _SERVER_TYPES = frozenset(
-    ("welcome", "started", "token", "reasoning", "tool_call_chunk", "tool_call_complete",
+    ("welcome", "started", "resumed", "token", "reasoning", "tool_call_chunk", "tool_call_complete",
      "finish", "error", "pong")
 )
 
@@ -68,7 +68,7 @@ def decode_client_frame(data: str | bytes) -> Any:
     if not isinstance(ftype, str):
         raise FrameError("frame has no string field 'type'")
     raw_id = obj.get("id")
-    sid = raw_id if isinstance(raw_id, str) and ftype in ("start", "cancel") else None
+    sid = raw_id if isinstance(raw_id, str) and ftype in ("start", "cancel", "resume") else None
     if ftype not in _CLIENT_TYPES:
         raise FrameError(
             f"unknown frame type {ftype[:64]!r} (expected one of: {', '.join(_CLIENT_TYPES)})",

@@ -69,6 +69,7 @@ class ErrorCode(StrEnum):
     DUPLICATE_ID = "duplicate_id"
     TOO_MANY_STREAMS = "too_many_streams"
     UNKNOWN_STREAM = "unknown_stream"
+    STREAM_LOST = "stream_lost"
     UPSTREAM_ERROR = "upstream_error"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_RATE_LIMITED = "upstream_rate_limited"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "error", "finish", "pong", "reasoning", "started", "token", "tool_call_chunk",
+    "error", "finish", "pong", "reasoning", "resumed", "started", "token", "tool_call_chunk",
     "tool_call_complete", "usage", "welcome",
 ]
 
@@ -21,8 +21,15 @@ def welcome(session_id: str, models: list[str], limits: dict[str, Any], protocol
             "models": models, "limits": limits}
 
 
-def started(id: str, model: str) -> dict:
-    return {"type": "started", "id": id, "seq": 0, "model": model}
+def started(id: str, model: str, stream_key: str | None = None) -> dict:
+    frame = {"type": "started", "id": id, "seq": 0, "model": model}
+    if stream_key is not None:
+        frame["stream_key"] = stream_key
+    return frame
+
+
+def resumed(id: str, stream_key: str, after_seq: int) -> dict:
+    return {"type": "resumed", "id": id, "stream_key": stream_key, "after_seq": after_seq}
 
 
 def token(id: str, seq: int, text: str) -> dict:

@@ -33,6 +33,8 @@ __all__ = [
     "Ping",
     "Pong",
     "Reasoning",
+    "Resume",
+    "Resumed",
     "ServerMessage",
     "Start",
     "Started",
@@ -148,7 +150,19 @@ class Ping(_Frame):
     data: Any = None
 
 
-ClientMessage = Annotated[Union[Hello, Start, Cancel, Ping], Field(discriminator="type")]
+class Resume(_Frame):
+    """Re-attach stream ``stream_key`` (from its ``started``) to this connection under ``id``
+    (default: its original id) and replay every frame with ``seq > after_seq``."""
+
+    type: Literal["resume"]
+    stream_key: Annotated[StrictStr, Field(min_length=1, max_length=256)]
+    after_seq: Annotated[StrictInt, Field(ge=0)]
+    id: StreamId | None = None
+
+
+ClientMessage = Annotated[
+    Union[Hello, Start, Cancel, Ping, Resume], Field(discriminator="type")
+]
 
 
 # ---------------------------------------------------------------- server -> client
@@ -157,6 +171,8 @@ ClientMessage = Annotated[Union[Hello, Start, Cancel, Ping], Field(discriminator
 class Limits(_Frame):
     max_streams: int
     max_frame_bytes: int
+    #: Seconds a stream outlives its connection, resumable; 0 = resume disabled.
+    detach_grace: float = 0
 
 
 class Welcome(_Frame):
@@ -172,6 +188,17 @@ class Started(_Frame):
     id: str
     seq: Seq
     model: str
+    #: Opaque, unguessable name of the stream beyond this connection (for ``resume``).
+    stream_key: str | None = None
+
+
+class Resumed(_Frame):
+    """Answer to ``resume``: the replay of frames with ``seq > after_seq`` follows."""
+
+    type: Literal["resumed"]
+    id: str
+    stream_key: str
+    after_seq: Seq
 
 
 class Token(_Frame):
@@ -253,7 +280,8 @@ class Pong(_Frame):
 
 ServerMessage = Annotated[
     Union[
-        Welcome, Started, Token, Reasoning, ToolCallChunk, ToolCallComplete, Finish, Error, Pong
+        Welcome, Started, Resumed, Token, Reasoning, ToolCallChunk, ToolCallComplete, Finish,
+        Error, Pong,
     ],
     Field(discriminator="type"),
 ]

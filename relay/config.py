@@ -43,6 +43,15 @@ class RelaySettings(BaseSettings):
     trusted_proxies: list[str] = Field(default_factory=list,
                                        description="peers whose X-Forwarded-For is honoured")
     drain_timeout: float = Field(30.0, ge=0, description="shutdown: let streams finish")
+    # --- resume and backpressure
+    detach_grace: float = Field(15.0, ge=0, description="seconds a stream outlives its "
+                                "connection, resumable; 0 = disconnect cancels at once")
+    max_stream_log_bytes: int = Field(8 << 20, ge=1024,
+                                      description="frames kept per stream for resume")
+    max_log_bytes: int = Field(256 << 20, ge=1024, description="all streams' logs, in total")
+    slow_consumer_bytes: int = Field(1 << 20, ge=1024,
+                                     description="unsent backlog per connection tolerated...")
+    slow_consumer_grace: float = Field(10.0, gt=0, description="...for this long, then 4008")
     log_level: str = "info"
     log_json: bool = False
     config: Path | None = Field(None, description="TOML file of model aliases")

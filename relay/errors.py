@@ -8,6 +8,7 @@ exceptions.
       DuplicateId                        duplicate_id
       TooManyStreams                     too_many_streams
       UnknownStream                      unknown_stream
+      StreamLost                         stream_lost
       Draining                           draining
       RateLimited                        rate_limited (with retry_after)
 
@@ -21,7 +22,7 @@ from protocol import ErrorCode
 
 __all__ = [
     "BadRequest", "Draining", "RateLimited", "DuplicateId", "RelayError", "TooManyStreams", "UnknownModel",
-    "UnknownStream",
+    "UnknownStream", "StreamLost",
 ]
 
 
@@ -52,6 +53,10 @@ class TooManyStreams(RelayError):
 
 class UnknownStream(RelayError):
     code = ErrorCode.UNKNOWN_STREAM
+
+
+class StreamLost(RelayError):
+    code = ErrorCode.STREAM_LOST
 
 
 class Draining(RelayError):

@@ -21,6 +21,7 @@ from websockets.http11 import Request, Response
 from protocol import SUPPORTED_VERSIONS, CloseCode, FinishReason
 
 from .config import RelaySettings
+from .hub import StreamHub
 from .limits import Principals
 from .metrics import CONTENT_TYPE_LATEST, RelayMetrics
 from .providers import ModelRegistry
@@ -59,6 +60,7 @@ class RelayServer:
         self.metrics = RelayMetrics()
         self.principals = Principals(self.settings.start_rate_per_minute,
                                      self.settings.start_burst)
+        self.hub = StreamHub(self.settings, self.metrics)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -101,7 +103,7 @@ class RelayServer:
             return
         self.draining = True
         timeout = self.settings.drain_timeout if drain_timeout is None else drain_timeout
-        tasks = [t for session in list(self._sessions) for t in session.stream_tasks()]
+        tasks = self.hub.tasks()
         if tasks and timeout > 0:
             logger.info("draining %d stream(s) for up to %g s", len(tasks), timeout)
             await asyncio.wait(tasks, timeout=timeout)
@@ -113,8 +115,8 @@ class RelayServer:
             return
         self.draining = True
         # Streams end first, so their clients receive finish (server_shutdown) before 1001.
-        await asyncio.gather(*(session.stop_streams(FinishReason.SERVER_SHUTDOWN)
-                               for session in list(self._sessions)))
+        await self.hub.close(FinishReason.SERVER_SHUTDOWN)
+        await asyncio.gather(*(session.flush(timeout=2.0) for session in list(self._sessions)))
         self._server.close(close_connections=True)
         await self._server.wait_closed()
         self._server = None
@@ -184,7 +186,7 @@ class RelayServer:
             return
         state = self.principals.connect(principal)
         session = Session(ws, self.settings, self.registry,
-                          streamer_factory=self._streamer_factory,
+                          hub=self.hub, streamer_factory=self._streamer_factory,
                           draining=lambda: self.draining,
                           principal=principal, principal_state=state,
                           metrics=self.metrics)

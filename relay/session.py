@@ -1,10 +1,19 @@
 """One WebSocket connection speaking llm-relay.v1.
 
 Call order: ``Session(...).run()`` once per accepted connection. ``run`` performs the
-``hello``/``welcome`` handshake, then reads frames until the connection closes; each
-``start`` becomes one supervised task (``_run_stream``). Whatever ends ``run`` (client gone,
-error, server shutdown), its ``finally`` cancels every stream upstream and awaits its task,
-so no task outlives its connection.
+``hello``/``welcome`` handshake, starts the connection's writer task, then reads frames until
+the connection closes. Each ``start`` launches a stream in the relay-wide ``StreamHub`` and
+*attaches* it here; ``resume`` attaches an existing one. Whatever ends ``run`` (client gone,
+error, slow consumer, server shutdown), its ``finally`` stops the writer and detaches every
+stream: with ``detach_grace == 0`` that cancels them upstream and awaits their tasks;
+otherwise the hub keeps them resumable for the grace.
+
+Outbound: every frame goes through the writer. Frames that belong to no stream (``pong``,
+``error``, ``started``, ``resumed``) wait in a small control queue, sent first; stream frames
+are read from each stream's ``FrameLog`` past the attachment's cursor, so a client that lags
+costs no copy, and its pending ``token`` frames are merged (losslessly) when sent. If the
+backlog stays above ``slow_consumer_bytes`` for ``slow_consumer_grace`` seconds, or a log had
+to drop frames this client has not been sent, the connection is closed 4008.
 
 Every inbound frame gets a defined answer; exceptions become ``error`` frames in exactly one
 place, ``_handle``.
@@ -17,8 +26,9 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed
@@ -32,6 +42,7 @@ from protocol import (
     FrameError,
     Hello,
     Ping,
+    Resume,
     Start,
     decode_client_frame,
     encode_frame,
@@ -42,36 +53,34 @@ from .config import RelaySettings
 from .errors import (
     BadRequest, Draining, DuplicateId, RateLimited, RelayError, TooManyStreams, UnknownStream,
 )
+from .hub import HubStream, StreamHub
 from .limits import PrincipalState, TokenBucket
 from .metrics import RelayMetrics
 from .providers import ModelRegistry, ModelSpec
-from .streamer import (
-    ReasoningDelta,
-    StreamEnd,
-    TextDelta,
-    TokenStreamer,
-    ToolCallDelta,
-    ToolCallDone,
-)
+from .streamer import TokenStreamer
+from .streamlog import coalesce
 
-__all__ = ["Session", "StreamerFactory"]
+__all__ = ["Attachment", "Session", "StreamerFactory"]
 
 logger = logging.getLogger("relay.session")
 
 #: Builds the streamer for a start; tests inject scripted ones.
 StreamerFactory = Callable[[ModelSpec], TokenStreamer]
 
-# Time a stream task gets to end by itself after cancel() before it is cancelled hard.
-_STOP_GRACE = 5.0
+# Frames read from one log per writer pass: keeps streams of one connection fair.
+_BATCH = 256
 
 
 @dataclass(eq=False)
-class _RunningStream:
+class Attachment:
+    """Stream ``stream`` as seen by one connection: the ``id`` it uses there and the last
+    ``seq`` sent (``cursor``; ``offset`` is the log's byte count through it)."""
+
+    session: Session
+    stream: HubStream
     id: str
-    alias: str
-    streamer: TokenStreamer
-    task: asyncio.Task | None = None
-    started_at: float = field(default_factory=time.monotonic)
+    cursor: int = 0
+    offset: int = 0
 
 
 class Session:
@@ -81,6 +90,7 @@ class Session:
         settings: RelaySettings,
         registry: ModelRegistry,
         *,
+        hub: StreamHub | None = None,
         streamer_factory: StreamerFactory | None = None,
         draining: Callable[[], bool] = lambda: False,
         principal: str = "anonymous",
@@ -94,22 +104,34 @@ class Session:
         self._frames = TokenBucket(settings.frames_per_second, settings.frame_burst)
         self.settings = settings
         self.registry = registry
+        self.hub = hub if hub is not None else StreamHub(settings, self.metrics)
         self.session_id = "s_" + secrets.token_urlsafe(12)
         self._streamer_factory = streamer_factory or (lambda spec: spec.streamer())
         self._draining = draining
-        self._streams: dict[str, _RunningStream] = {}
+        self._attachments: dict[str, Attachment] = {}
         self._greeted = False
+        # outbound
+        self._control: deque[bytes] = deque()
+        self._control_bytes = 0
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._writer: asyncio.Task | None = None
+        self._closing: asyncio.Task | None = None
+        self._lagging_since: float | None = None
+        self._slow_timer: asyncio.TimerHandle | None = None
 
     @property
     def active_streams(self) -> int:
-        return len(self._streams)
+        return len(self._attachments)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
         if not await self._handshake():
             return
-        reason = FinishReason.CLIENT_DISCONNECT
+        self._writer = asyncio.create_task(self._write_loop(),
+                                           name=f"writer {self.session_id}")
         try:
             async for raw in self.ws:
                 if not self._frames.take():
@@ -119,7 +141,10 @@ class Session:
         except ConnectionClosed:
             pass
         finally:
-            await self.stop_streams(reason)
+            await self._stop_writer()
+            await self._detach_all()
+            if self._closing is not None:
+                await asyncio.gather(self._closing, return_exceptions=True)
 
     async def _handshake(self) -> bool:
         ws = self.ws
@@ -146,9 +171,15 @@ class Session:
             return False
         self._greeted = True
         limits = {"max_streams": self.settings.max_streams,
-                  "max_frame_bytes": self.settings.max_frame_bytes}
-        return await self._send(frames.welcome(self.session_id, self.registry.aliases, limits,
-                                               PROTOCOL_VERSION))
+                  "max_frame_bytes": self.settings.max_frame_bytes,
+                  "detach_grace": self.settings.detach_grace}
+        welcome = frames.welcome(self.session_id, self.registry.aliases, limits,
+                                 PROTOCOL_VERSION)
+        try:
+            await ws.send(encode_frame(welcome), text=True)
+        except ConnectionClosed:
+            return False
+        return True
 
     async def _close_flooded(self) -> None:
         """Close 4429 and discard what the flooder already queued: its close reply sits
@@ -161,23 +192,37 @@ class Session:
         await closing
 
     def stream_tasks(self) -> list[asyncio.Task]:
-        return [s.task for s in self._streams.values() if s.task is not None]
+        """Tasks of the running streams attached to this connection."""
+        return [a.stream.task for a in self._attachments.values()
+                if a.stream.task is not None and a.stream.running]
 
     async def stop_streams(self, reason: str) -> None:
-        """Cancel every running stream upstream with ``reason`` and await their tasks."""
-        running = list(self._streams.values())
-        for stream in running:
-            stream.streamer.cancel(reason)
-        tasks = [s.task for s in running if s.task is not None]
-        if not tasks:
+        """Cancel every stream attached here upstream with ``reason``; await their tasks."""
+        tasks = self.stream_tasks()
+        for att in list(self._attachments.values()):
+            self.hub.cancel(att.stream, reason)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def flush(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) until the writer has sent everything queued."""
+        if self._writer is None or self._writer.done():
             return
-        done, pending = await asyncio.wait(tasks, timeout=_STOP_GRACE)
-        for task in pending:
-            task.cancel()
-        if pending:
-            logger.error("session %s: %d stream task(s) ignored cancel; cancelled hard",
-                         self.session_id, len(pending))
-            await asyncio.gather(*pending, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+
+    async def _detach_all(self) -> None:
+        cancelled = []
+        for att in list(self._attachments.values()):
+            self._unregister(att)
+            task = self.hub.detach(att)
+            if task is not None:
+                cancelled.append(task)
+        if cancelled:
+            # detach_grace 0: the disconnect cancelled them; the connection's end waits for
+            # their upstream requests to close, so none outlives it.
+            await asyncio.gather(*cancelled, return_exceptions=True)
 
     # ------------------------------------------------------------------ inbound
 
@@ -190,16 +235,18 @@ class Session:
                 await self._start(msg)
             elif isinstance(msg, Cancel):
                 self._cancel(msg)
+            elif isinstance(msg, Resume):
+                self._resume(msg)
             elif isinstance(msg, Ping):
-                await self._send(frames.pong(msg.data))
+                self._send(frames.pong(msg.data))
             elif isinstance(msg, Hello):
                 raise BadRequest("hello was already received on this connection")
         except FrameError as exc:
             self.metrics.errors.labels(exc.code).inc()
-            await self._send(exc.frame())
+            self._send(exc.frame())
         except RelayError as exc:
             self.metrics.errors.labels(exc.code).inc()
-            await self._send(frames.error(
+            self._send(frames.error(
                 exc.code, exc.message, ref=getattr(msg, "type", None),
                 id=getattr(msg, "id", None), retry_after=exc.retry_after))
         except ConnectionClosed:
@@ -208,9 +255,16 @@ class Session:
             logger.exception("session %s: internal error handling a %s frame", self.session_id,
                              getattr(msg, "type", "?"))
             self.metrics.errors.labels(ErrorCode.INTERNAL_ERROR).inc()
-            await self._send(frames.error(ErrorCode.INTERNAL_ERROR, "internal error",
-                                          ref=getattr(msg, "type", None),
-                                          id=getattr(msg, "id", None)))
+            self._send(frames.error(ErrorCode.INTERNAL_ERROR, "internal error",
+                                    ref=getattr(msg, "type", None),
+                                    id=getattr(msg, "id", None)))
+
+    def _check_room(self, id: str) -> None:
+        if id in self._attachments:
+            raise DuplicateId(f"a stream with id {id!r} is already running")
+        if len(self._attachments) >= self.settings.max_streams:
+            raise TooManyStreams(
+                f"at most {self.settings.max_streams} concurrent streams per connection")
 
     async def _start(self, msg: Start) -> None:
         if self._draining():
@@ -219,11 +273,7 @@ class Session:
         if principal.starts is not None and not principal.starts.take():
             raise RateLimited("too many starts; slow down",
                               retry_after=principal.starts.retry_after())
-        if msg.id in self._streams:
-            raise DuplicateId(f"a stream with id {msg.id!r} is already running")
-        if len(self._streams) >= self.settings.max_streams:
-            raise TooManyStreams(
-                f"at most {self.settings.max_streams} concurrent streams per connection")
+        self._check_room(msg.id)
         if principal.streams >= self.settings.max_streams_per_principal:
             raise TooManyStreams(f"at most {self.settings.max_streams_per_principal} "
                                  "concurrent streams per principal")
@@ -233,15 +283,15 @@ class Session:
         spec = self.registry.resolve(msg.model)
         params = spec.request_params(msg.params.model_dump(exclude_none=True))
         streamer = self._streamer_factory(spec)
-        # started goes out before the upstream is contacted (and before anything else for
-        # this id), so every upstream failure is reported by finish.
-        if not await self._send(frames.started(msg.id, msg.model)):
-            return
-        stream = _RunningStream(msg.id, msg.model, streamer)
-        self._streams[msg.id] = stream
-        principal.streams += 1
-        stream.task = asyncio.create_task(self._run_stream(stream, msg, messages, tools, params),
-                                          name=f"stream {self.session_id}/{msg.id}")
+        stream = self.hub.launch(
+            id=msg.id, alias=msg.model, principal=self.principal,
+            session_id=self.session_id, principal_state=principal, streamer=streamer,
+            request={"messages": messages, "tools": tools, "tool_choice": msg.tool_choice,
+                     **params})
+        # started is queued before the stream's task first runs, and the writer sends the
+        # control queue first, so started precedes every frame of the stream.
+        self._send(frames.started(msg.id, msg.model, stream.key))
+        self._register(Attachment(self, stream, msg.id))
 
     def _check_payload_size(self, messages: list[dict], tools: list[dict] | None) -> None:
         limit = self.settings.max_messages_bytes
@@ -251,82 +301,159 @@ class Session:
                              "(max_messages_bytes)")
 
     def _cancel(self, msg: Cancel) -> None:
-        stream = self._streams.get(msg.id)
-        if stream is None:
+        att = self._attachments.get(msg.id)
+        if att is None:
             raise UnknownStream(f"no running stream with id {msg.id!r}")
-        stream.streamer.cancel(FinishReason.CLIENT_CANCEL)
+        self.hub.cancel(att.stream, FinishReason.CLIENT_CANCEL)
 
-    # ------------------------------------------------------------------ one stream
+    def _resume(self, msg: Resume) -> None:
+        stream = self.hub.find_for_resume(msg.stream_key, self.principal, msg.after_seq)
+        id = msg.id if msg.id is not None else stream.id
+        self._check_room(id)
+        self._send(frames.resumed(id, stream.key, msg.after_seq))
+        # Registering attaches it in the hub, taking it over from any other connection.
+        self._register(Attachment(self, stream, id, cursor=msg.after_seq,
+                                  offset=stream.log.offset_at(msg.after_seq)))
 
-    async def _run_stream(self, stream: _RunningStream, msg: Start, messages: list[dict],
-                          tools: list[dict] | None, params: dict) -> None:
-        sid = stream.id
-        streamer = stream.streamer
-        send = self._send
-        metrics = self.metrics
-        clock = time.perf_counter
-        first_token_at: float | None = None
-        seq = 0
-        end: StreamEnd | None = None
-        metrics.active_streams.inc()
-        try:
-            events = streamer.events(messages, tools=tools, tool_choice=msg.tool_choice,
-                                     **params)
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    received = clock()
-                    if isinstance(event, StreamEnd):
-                        end = event
-                        seq += 1
-                        await send(_finish_frame(sid, seq, event))
-                        break
-                    if streamer.cancelled and not isinstance(event, ToolCallDone):
-                        # Nothing but the finish follows a cancel. (ToolCallDone only comes
-                        # after the provider completed, and then the finish says completed.)
-                        continue
-                    seq += 1
-                    if isinstance(event, TextDelta):
-                        frame = frames.token(sid, seq, event.text)
-                    elif isinstance(event, ToolCallDelta):
-                        frame = frames.tool_call_chunk(sid, seq, event.index, event.call_id,
-                                                       event.name, event.arguments_delta)
-                    elif isinstance(event, ToolCallDone):
-                        frame = frames.tool_call_complete(sid, seq, event.index, event.call_id,
-                                                          event.name, event.arguments)
-                    elif isinstance(event, ReasoningDelta):
-                        frame = frames.reasoning(sid, seq, event.text)
-                    else:
-                        continue
-                    if not await send(frame):
-                        streamer.cancel(FinishReason.CLIENT_DISCONNECT)
-                        continue
-                    sent = clock()
-                    metrics.relay_latency.observe(sent - received)
-                    if frame["type"] == "token":
-                        metrics.tokens.inc()
-                        if first_token_at is None:
-                            first_token_at = sent
-                            metrics.time_to_first_token.observe(
-                                time.monotonic() - stream.started_at)
-        finally:
-            metrics.active_streams.dec()
-            if end is not None:
-                metrics.streams.labels(str(end.status)).inc()
-                if end.status == "cancelled":
-                    metrics.upstream_closed_on_cancel.inc()
-            if self._streams.pop(sid, None) is not None:
-                self._principal_state.streams -= 1
-            _log_stream_end(self.session_id, stream, end)
+    def _register(self, att: Attachment) -> None:
+        self.hub.attach(att.stream, att)
+        self._attachments[att.id] = att
+        att.stream.log.listeners.add(self._on_append)
+        self._notify()
+
+    def _unregister(self, att: Attachment) -> None:
+        if self._attachments.get(att.id) is att:
+            del self._attachments[att.id]
+        att.stream.log.listeners.discard(self._on_append)
+
+    def drop_attachment(self, att: Attachment) -> None:
+        """Another connection took ``att``'s stream over: stop sending its frames here."""
+        self._unregister(att)
+        self._notify()
 
     # ------------------------------------------------------------------ outbound
 
-    async def _send(self, frame: dict) -> bool:
-        """Send one frame as a text message; False when the connection is gone."""
-        try:
-            await self.ws.send(encode_frame(frame), text=True)
-        except ConnectionClosed:
+    def _send(self, frame: dict) -> bool:
+        """Queue one frame that belongs to no stream's log; False once the writer is gone."""
+        if self._writer is not None and self._writer.done():
             return False
+        data = encode_frame(frame)
+        self._control.append(data)
+        self._control_bytes += len(data)
+        self._notify()
         return True
+
+    def _notify(self) -> None:
+        self._idle.clear()
+        self._wake.set()
+
+    def _on_append(self) -> None:
+        self._notify()
+        self._check_lag()
+
+    def _pending(self) -> bool:
+        if self._control:
+            return True
+        for att in self._attachments.values():
+            log = att.stream.log
+            if log.last_seq > att.cursor or (log.finished and att.cursor >= log.last_seq):
+                return True
+        return False
+
+    async def _write_loop(self) -> None:
+        ws = self.ws
+        metrics = self.metrics
+        clock = time.perf_counter
+        try:
+            while True:
+                if not self._pending():
+                    self._check_lag()
+                    self._idle.set()
+                    await self._wake.wait()
+                    self._wake.clear()
+                    continue
+                while self._control:
+                    data = self._control.popleft()
+                    self._control_bytes -= len(data)
+                    await ws.send(data, text=True)
+                for att in list(self._attachments.values()):
+                    if self._attachments.get(att.id) is not att:
+                        continue                       # taken over meanwhile
+                    log = att.stream.log
+                    if att.cursor < log.trimmed_through:
+                        self._close_slow("the stream's log dropped frames this client had "
+                                         "not read; reconnect and resume")
+                        return
+                    entries = log.after(att.cursor, _BATCH)
+                    if entries:
+                        for data in coalesce(entries, att.id):
+                            await ws.send(data, text=True)
+                        sent = clock()
+                        for entry in entries:
+                            if entry.is_token:
+                                metrics.relay_latency.observe(sent - entry.received)
+                        att.cursor = entries[-1].seq
+                        att.offset = entries[-1].end
+                        self.hub.delivered(att.stream, att.cursor)
+                    if log.finished and att.cursor >= log.last_seq:
+                        self._unregister(att)          # its finish is sent: done here
+                self._check_lag()
+        except ConnectionClosed:
+            pass
+        except Exception:
+            logger.exception("session %s: writer failed", self.session_id)
+            self._close_soon(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            self._idle.set()
+
+    async def _stop_writer(self) -> None:
+        if self._slow_timer is not None:
+            self._slow_timer.cancel()
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+
+    def backlog_bytes(self) -> int:
+        """Bytes queued for this client and not yet handed to the socket."""
+        return self._control_bytes + sum(a.stream.log.end_offset - a.offset
+                                         for a in self._attachments.values())
+
+    def _check_lag(self) -> None:
+        if self.backlog_bytes() > self.settings.slow_consumer_bytes:
+            if self._lagging_since is None:
+                self._lagging_since = time.monotonic()
+                self._slow_timer = asyncio.get_running_loop().call_later(
+                    self.settings.slow_consumer_grace, self._lag_timeout)
+        elif self._lagging_since is not None:
+            self._lagging_since = None
+            if self._slow_timer is not None:
+                self._slow_timer.cancel()
+                self._slow_timer = None
+
+    def _lag_timeout(self) -> None:
+        self._slow_timer = None
+        if self._lagging_since is not None and \
+                self.backlog_bytes() > self.settings.slow_consumer_bytes:
+            self._close_slow(f"slow consumer: more than {self.settings.slow_consumer_bytes} "
+                             f"bytes unread for {self.settings.slow_consumer_grace:g} s")
+        else:
+            self._lagging_since = None
+
+    def _close_slow(self, reason: str) -> None:
+        self.metrics.errors.labels("slow_consumer").inc()
+        logger.warning("session %s: closing a slow consumer", self.session_id,
+                       extra={"session_id": self.session_id, "principal": self.principal})
+        if self._writer is not None and self._writer is not asyncio.current_task():
+            self._writer.cancel()
+        # A client that does not read will not answer the close handshake either.
+        self.ws.close_timeout = min(self.ws.close_timeout or 1.0, 1.0)
+        self._close_soon(CloseCode.SLOW_CONSUMER, reason)
+
+    def _close_soon(self, code: int, reason: str) -> None:
+        if self._closing is None:
+            self._closing = asyncio.create_task(self.ws.close(code, close_reason(reason)),
+                                                name=f"close {self.session_id}")
 
 
 def close_reason(text: str) -> str:
@@ -335,27 +462,3 @@ def close_reason(text: str) -> str:
     if len(data) <= 123:
         return text
     return data[:120].decode("utf-8", errors="ignore") + "..."
-
-
-def _finish_frame(sid: str, seq: int, end: StreamEnd) -> dict:
-    usage = end.usage
-    return frames.finish(
-        sid, seq, str(end.status), end.reason,
-        frames.usage(usage.prompt_tokens, usage.completion_tokens, usage.estimated),
-        end.error.as_error() if end.error is not None else None,
-    )
-
-
-def _log_stream_end(session_id: str, stream: _RunningStream, end: StreamEnd | None) -> None:
-    duration = time.monotonic() - stream.started_at
-    if end is None:
-        logger.warning("stream ended without finish", extra={
-            "session_id": session_id, "stream_id": stream.id, "model": stream.alias,
-            "duration_s": round(duration, 3)})
-        return
-    logger.info("stream finished", extra={
-        "session_id": session_id, "stream_id": stream.id, "model": stream.alias,
-        "status": str(end.status), "reason": end.reason,
-        "prompt_tokens": end.usage.prompt_tokens,
-        "completion_tokens": end.usage.completion_tokens,
-        "usage_estimated": end.usage.estimated, "duration_s": round(duration, 3)})

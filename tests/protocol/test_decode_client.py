@@ -195,7 +195,7 @@ def test_missing_or_non_string_type(raw):
 def test_unknown_type_names_it_in_ref(ftype):
     assert rejected(text({"type": ftype, "id": "s1"})) == {
         "type": "error", "code": "bad_request", "ref": ftype,
-        "message": f"unknown frame type {ftype!r} (expected one of: hello, start, cancel, ping)"}
+        "message": f"unknown frame type {ftype!r} (expected one of: hello, start, cancel, ping, resume)"}
 
 
 def test_unknown_type_is_truncated_in_ref_and_message():

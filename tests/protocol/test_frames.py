@@ -27,19 +27,22 @@ from protocol import (
     ToolCallComplete,
     Usage,
     Welcome,
+    Resumed,
     decode_server_frame,
     encode_frame,
     frames,
 )
 
 USAGE = frames.usage(12, 30, False)
-LIMITS = {"max_streams": 8, "max_frame_bytes": 1 << 20}
+LIMITS = {"max_streams": 8, "max_frame_bytes": 1 << 20, "detach_grace": 15.0}
 
 # (builder output, the model that must accept it)
 CASES: list[tuple[str, dict[str, Any], type[pydantic.BaseModel]]] = [
     ("welcome", frames.welcome("s_abc", ["demo", "gpt"], LIMITS, PROTOCOL_VERSION), Welcome),
     ("welcome-no-models", frames.welcome("s_abc", [], LIMITS, PROTOCOL_VERSION), Welcome),
     ("started", frames.started("q1", "demo"), Started),
+    ("started-key", frames.started("q1", "demo", "k" * 22), Started),
+    ("resumed", frames.resumed("q1", "k" * 22, 7), Resumed),
     ("token", frames.token("q1", 1, "Hello"), Token),
     ("token-empty", frames.token("q1", 2, ""), Token),
     ("token-unicode", frames.token("q1", 3, "héllo \U0001f600 \u2028"), Token),
@@ -89,7 +92,7 @@ def test_builder_output_is_valid_and_roundtrips(name, frame, model):
 
 def test_every_builder_and_server_frame_type_is_covered():
     covered = {c[1]["type"] for c in CASES}
-    server_types = {"welcome", "started", "token", "reasoning", "tool_call_chunk",
+    server_types = {"welcome", "started", "resumed", "token", "reasoning", "tool_call_chunk",
                     "tool_call_complete", "finish", "error", "pong"}
     assert covered == server_types
     assert set(frames.__all__) == server_types | {"usage"}

@@ -7,8 +7,8 @@ import json
 import protocol.schema
 from protocol.schema import SCHEMA_PATH, json_schema, render
 
-CLIENT_TYPES = {"hello", "start", "cancel", "ping"}
-SERVER_TYPES = {"welcome", "started", "token", "reasoning", "tool_call_chunk",
+CLIENT_TYPES = {"hello", "start", "cancel", "ping", "resume"}
+SERVER_TYPES = {"welcome", "started", "resumed", "token", "reasoning", "tool_call_chunk",
                 "tool_call_complete", "finish", "error", "pong"}
 
 

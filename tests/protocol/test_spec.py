@@ -19,7 +19,7 @@ FRAME_TYPES = sorted(set(_CLIENT_TYPES) | set(_SERVER_TYPES))
 def test_frame_types_known():
     assert set(FRAME_TYPES) == {"hello", "welcome", "start", "started", "token", "reasoning",
                                 "tool_call_chunk", "tool_call_complete", "finish", "cancel",
-                                "ping", "pong", "error"}
+                                "ping", "pong", "error", "resume", "resumed"}
 
 
 @pytest.mark.parametrize("ftype", FRAME_TYPES)

@@ -22,6 +22,9 @@ RECV_TIMEOUT = 10.0
 async def start_relay(registry=None, streamer_factory=None, **settings: Any):
     settings.setdefault("port", 0)
     settings.setdefault("demo_tps", 0)
+    # The v1-core tests assert that a disconnect closes the upstream at once; resume tests
+    # set a grace explicitly.
+    settings.setdefault("detach_grace", 0)
     cfg = RelaySettings(**settings)
     registry = registry or build_registry(cfg)
     server = RelayServer(cfg, registry, streamer_factory=streamer_factory)

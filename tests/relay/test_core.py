@@ -30,6 +30,8 @@ async def test_happy_path_welcome_started_tokens_finish():
         assert w["limits"]["max_frame_bytes"] == 1 << 20
         await c.start("s1")
         frames = await c.collect("s1")
+    key = frames[0].pop("stream_key")
+    assert isinstance(key, str) and len(key) >= 22    # >= 128 bits, url-safe base64
     assert frames[0] == {"type": "started", "id": "s1", "seq": 0, "model": "demo"}
     tokens = [f for f in frames if f["type"] == "token"]
     assert [t["text"] for t in tokens] == demo_reply_tokens(HI)  # one frame per chunk
