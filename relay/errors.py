@@ -29,10 +29,13 @@ __all__ = [
 class RelayError(Exception):
     code: str = ErrorCode.INTERNAL_ERROR
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, *, retry_after: float | None = None,
+                 id: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        #: The stream id the answer names, when the frame's own ``id`` is not it.
+        self.id = id
 
 
 class BadRequest(RelayError):

@@ -139,6 +139,10 @@ class StreamHub:
             return None
         stream.attachment = None
         stream.detached_at = time.monotonic()
+        if self.log_bytes > self.settings.max_log_bytes:
+            self._evict()
+            if self._streams.get(stream.key) is not stream:
+                return None
         if not stream.running:
             if not stream.log.keep:
                 self._drop(stream)

@@ -248,7 +248,7 @@ class Session:
             self.metrics.errors.labels(exc.code).inc()
             self._send(frames.error(
                 exc.code, exc.message, ref=getattr(msg, "type", None),
-                id=getattr(msg, "id", None), retry_after=exc.retry_after))
+                id=exc.id or getattr(msg, "id", None), retry_after=exc.retry_after))
         except ConnectionClosed:
             raise
         except Exception:
@@ -261,10 +261,10 @@ class Session:
 
     def _check_room(self, id: str) -> None:
         if id in self._attachments:
-            raise DuplicateId(f"a stream with id {id!r} is already running")
+            raise DuplicateId(f"a stream with id {id!r} is already running", id=id)
         if len(self._attachments) >= self.settings.max_streams:
             raise TooManyStreams(
-                f"at most {self.settings.max_streams} concurrent streams per connection")
+                f"at most {self.settings.max_streams} concurrent streams per connection", id=id)
 
     async def _start(self, msg: Start) -> None:
         if self._draining():
@@ -397,6 +397,7 @@ class Session:
                         self.hub.delivered(att.stream, att.cursor)
                     if log.finished and att.cursor >= log.last_seq:
                         self._unregister(att)          # its finish is sent: done here
+                        self.hub.detach(att)
                 self._check_lag()
         except ConnectionClosed:
             pass

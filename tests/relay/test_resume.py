@@ -1,0 +1,263 @@
+"""Resume: detached streams keep running for detach_grace; a reconnecting client replays
+every frame after its last seq exactly once (in-process memory log)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from relay.demo import demo_reply_tokens
+from relay.llm import demo_handler
+
+from .helpers import Client, start_relay, text_of
+
+PROMPT = "please resume this answer without losing a single word of it " * 3
+MESSAGES = [{"role": "user", "content": PROMPT}]
+FULL_TEXT = "".join(demo_reply_tokens(MESSAGES))
+
+
+def _words(n: int) -> str:
+    # Distinct words: LiteLLM fails a stream that repeats one chunk 100 times in a row.
+    return " ".join(f"w{i}" for i in range(n))
+
+
+async def _read_until_token(c: Client, id: str, tokens: int) -> tuple[dict, list[dict]]:
+    """started, then frames of ``id`` until ``tokens`` token frames were seen."""
+    started = await c.next_for(id)
+    assert started["type"] == "started"
+    seen: list[dict] = []
+    while sum(f["type"] == "token" for f in seen) < tokens:
+        seen.append(await c.next_for(id))
+    return started, seen
+
+
+def _assert_exactly_once(before: list[dict], after: list[dict]) -> None:
+    seqs = [f["seq"] for f in before + after]
+    assert seqs == sorted(seqs) and len(seqs) == len(set(seqs)), seqs
+    assert after[-1]["type"] == "finish" and after[-1]["status"] == "completed"
+    assert sum(f["type"] == "finish" for f in before + after) == 1
+    assert text_of(before + after) == FULL_TEXT
+
+
+async def test_welcome_announces_detach_grace():
+    async with start_relay(detach_grace=7.5) as server, Client.connect(server.url) as c:
+        assert c.welcome["limits"]["detach_grace"] == 7.5
+
+
+async def test_resume_after_a_dropped_connection_replays_every_frame_exactly_once():
+    async with start_relay(detach_grace=5, demo_tps=200) as server:
+        async with Client.connect(server.url) as c:
+            await c.start("q1", messages=MESSAGES)
+            started, before = await _read_until_token(c, "q1", 3)
+            c.ws.transport.abort()           # the network drops: no close handshake
+        async with Client.connect(server.url) as c2:
+            last = before[-1]["seq"]
+            await c2.send({"type": "resume", "stream_key": started["stream_key"],
+                           "after_seq": last})
+            resumed = await c2.next_for("q1")
+            assert resumed == {"type": "resumed", "id": "q1",
+                               "stream_key": started["stream_key"], "after_seq": last}
+            after = await c2.collect("q1")
+            assert all(f["seq"] > last for f in after)
+            _assert_exactly_once(before, after)
+
+
+async def test_resume_of_a_finished_stream_replays_through_its_finish():
+    async with start_relay(detach_grace=5) as server:
+        async with Client.connect(server.url) as c:
+            await c.start("q1", messages=MESSAGES)
+            frames = await c.collect("q1")
+        started, rest = frames[0], frames[1:]
+        async with Client.connect(server.url) as c2:
+            await c2.send({"type": "resume", "stream_key": started["stream_key"],
+                           "after_seq": 0, "id": "again"})
+            assert (await c2.next_for("again"))["type"] == "resumed"
+            replay = await c2.collect("again")
+            assert text_of(replay) == text_of(rest) == FULL_TEXT
+            assert replay[-1]["type"] == "finish" and replay[-1]["seq"] == rest[-1]["seq"]
+            assert {f["id"] for f in replay} == {"again"}
+            # Its whole replay delivered, the id is free again on this connection.
+            await c2.send({"type": "cancel", "id": "again"})
+            assert (await c2.next_for("again"))["code"] == "unknown_stream"
+
+
+async def test_resume_under_an_id_already_running_is_duplicate_id():
+    async with start_relay(detach_grace=5, demo_tps=5) as server:
+        async with Client.connect(server.url) as c:
+            await c.start("q1")
+            started = await c.next_for("q1")
+            await c.send({"type": "resume", "stream_key": started["stream_key"],
+                          "after_seq": 0})
+            err = await c.next_for("q1")
+            while err["type"] != "error":
+                err = await c.next_for("q1")
+            assert (err["type"], err["code"], err["ref"]) == ("error", "duplicate_id", "resume")
+
+
+async def test_unknown_and_foreign_keys_get_the_same_unknown_stream_answer():
+    async with start_relay(detach_grace=5, demo_tps=5, trusted_proxies=["127.0.0.1"]) as server:
+        alice = {"X-Forwarded-For": "10.0.0.1"}
+        mallory = {"X-Forwarded-For": "10.0.0.2"}
+        async with Client.connect(server.url, additional_headers=alice) as a, \
+                Client.connect(server.url, additional_headers=mallory) as m:
+            await a.start("q1")
+            key = (await a.next_for("q1"))["stream_key"]
+            answers = []
+            for stream_key in (key, "no-such-key-" + "x" * 30):
+                await m.send({"type": "resume", "stream_key": stream_key, "after_seq": 0,
+                              "id": "steal"})
+                answers.append(await m.next_for("steal"))
+            assert [(f["code"], f["message"]) for f in answers] == \
+                [("unknown_stream", "no resumable stream with that stream_key")] * 2
+            # The owner's stream was not disturbed.
+            await a.send({"type": "cancel", "id": "q1"})
+            assert (await a.collect("q1"))[-1]["status"] == "cancelled"
+
+
+async def test_a_stream_nobody_resumes_is_cancelled_upstream_after_the_grace():
+    handler = demo_handler()
+    before = handler.closed_early
+    async with start_relay(detach_grace=0.3, demo_tps=20) as server:
+        async with Client.connect(server.url) as c:
+            await c.start("q1")
+            key = (await c.next_for("q1"))["stream_key"]
+            await c.next_for("q1")
+        assert len(server.hub) == 1              # detached, still running
+        await handler.wait_closed_early(before + 1)
+        async with Client.connect(server.url) as c2:
+            await c2.send({"type": "resume", "stream_key": key, "after_seq": 0})
+            err = await c2.next_for(None)     # no id in the resume, none in the answer
+            assert (err["code"], err["ref"]) == ("unknown_stream", "resume")
+        assert len(server.hub) == 0
+
+
+async def test_with_detach_grace_zero_a_disconnect_cancels_at_once_and_nothing_resumes():
+    handler = demo_handler()
+    before = handler.closed_early
+    async with start_relay(detach_grace=0, demo_tps=20) as server:
+        async with Client.connect(server.url) as c:
+            assert c.welcome["limits"]["detach_grace"] == 0
+            await c.start("q1")
+            key = (await c.next_for("q1"))["stream_key"]
+            await c.next_for("q1")
+        await handler.wait_closed_early(before + 1)
+        async with Client.connect(server.url) as c2:
+            await c2.send({"type": "resume", "stream_key": key, "after_seq": 0, "id": "q1"})
+            assert (await c2.next_for("q1"))["code"] == "unknown_stream"
+
+
+async def test_resume_takes_a_stream_over_from_a_half_open_connection():
+    async with start_relay(detach_grace=5, demo_tps=100) as server:
+        async with Client.connect(server.url) as old, Client.connect(server.url) as new:
+            await old.start("q1", messages=MESSAGES)
+            started, before = await _read_until_token(old, "q1", 2)
+            last = before[-1]["seq"]
+            # The old socket is still open (half-open from the server's point of view).
+            await new.send({"type": "resume", "stream_key": started["stream_key"],
+                            "after_seq": last})
+            assert (await new.next_for("q1"))["type"] == "resumed"
+            after = await new.collect("q1")
+            _assert_exactly_once(before, after)
+            # The old attachment got no finish: everything it still had was in flight
+            # before the takeover, and a ping round-trip shows nothing more came.
+            await old.send({"type": "ping", "data": 1})
+            assert (await old.next_for(None))["type"] == "pong"
+            leftovers = old._stash.get("q1", [])
+            assert all(f["type"] != "finish" for f in leftovers)
+            assert all(f["seq"] > last for f in leftovers)
+
+
+async def test_cancel_after_resume_stops_the_upstream():
+    handler = demo_handler()
+    before = handler.closed_early
+    async with start_relay(detach_grace=5, demo_tps=20) as server:
+        async with Client.connect(server.url) as c:
+            await c.start("q1")
+            started, seen = await _read_until_token(c, "q1", 1)
+        async with Client.connect(server.url) as c2:
+            await c2.send({"type": "resume", "stream_key": started["stream_key"],
+                           "after_seq": seen[-1]["seq"]})
+            assert (await c2.next_for("q1"))["type"] == "resumed"
+            await c2.send({"type": "cancel", "id": "q1"})
+            finish = (await c2.collect("q1"))[-1]
+            assert (finish["status"], finish["reason"]) == ("cancelled", "client_cancel")
+        await handler.wait_closed_early(before + 1)
+
+
+async def test_after_seq_beyond_the_stream_is_bad_request():
+    async with start_relay(detach_grace=5, demo_tps=5) as server, \
+            Client.connect(server.url) as c:
+        await c.start("q1")
+        key = (await c.next_for("q1"))["stream_key"]
+        await c.send({"type": "resume", "stream_key": key, "after_seq": 10_000, "id": "x"})
+        err = await c.next_for("x")
+        assert err["code"] == "bad_request" and "after_seq" in err["message"]
+
+
+async def test_frames_trimmed_by_the_per_stream_cap_are_stream_lost():
+    long = [{"role": "user", "content": _words(2000)}]
+    async with start_relay(detach_grace=5, max_stream_log_bytes=4096) as server:
+        async with Client.connect(server.url) as c:
+            await c.start("q1", messages=long)
+            frames = await c.collect("q1")
+        async with Client.connect(server.url) as c2:
+            await c2.send({"type": "resume", "stream_key": frames[0]["stream_key"],
+                           "after_seq": 0, "id": "q1"})
+            err = await c2.next_for("q1")
+            assert err["code"] == "stream_lost"
+            # The newest frames are still there.
+            await c2.send({"type": "resume", "stream_key": frames[0]["stream_key"],
+                           "after_seq": frames[-2]["seq"]})
+            assert (await c2.next_for("q1"))["type"] == "resumed"
+            assert (await c2.next_for("q1"))["type"] == "finish"
+
+
+async def test_memory_budget_drops_the_oldest_detached_stream():
+    handler = demo_handler()
+    before = handler.closed_early
+    long = [{"role": "user", "content": _words(3000)}]
+    async with start_relay(detach_grace=30, demo_tps=0, max_log_bytes=64 * 1024,
+                           trusted_proxies=["127.0.0.1"]) as server:
+        other = {"X-Forwarded-For": "10.9.9.9"}
+        async with Client.connect(server.url, additional_headers=other) as o:
+            await o.start("old", content="short", params={"max_tokens": 3})
+            old = await o.collect("old")
+        # The old stream finished and is detached, resumable for 30 s...
+        assert len(server.hub) == 1
+        async with Client.connect(server.url) as c:
+            await c.start("big", messages=long)
+            await c.collect("big")
+        # ...until a big stream needed the memory: the detached one was dropped.
+        async with Client.connect(server.url, additional_headers=other) as o2:
+            await o2.send({"type": "resume", "stream_key": old[0]["stream_key"],
+                           "after_seq": 0, "id": "old"})
+            assert (await o2.next_for("old"))["code"] == "stream_lost"
+        async with Client.connect(server.url) as c3:    # not its owner: no hint
+            await c3.send({"type": "resume", "stream_key": old[0]["stream_key"],
+                           "after_seq": 0, "id": "old"})
+            assert (await c3.next_for("old"))["code"] == "unknown_stream"
+    assert handler.closed_early == before       # both had finished: nothing to cancel
+
+
+async def test_two_resumes_in_a_row_still_deliver_everything_once():
+    async with start_relay(detach_grace=5, demo_tps=300) as server:
+        got: list[dict] = []
+        key = None
+        after = 0
+        c_ctx = Client.connect(server.url)
+        c = await c_ctx.__aenter__()
+        await c.start("q1", messages=MESSAGES)
+        started = await c.next_for("q1")
+        key = started["stream_key"]
+        for _ in range(2):
+            while sum(f["type"] == "token" for f in got) < 3 * (_ + 1):
+                got.append(await c.next_for("q1"))
+            after = got[-1]["seq"]
+            c.ws.transport.abort()
+            await c_ctx.__aexit__(None, None, None)
+            c_ctx = Client.connect(server.url)
+            c = await c_ctx.__aenter__()
+            await c.send({"type": "resume", "stream_key": key, "after_seq": after})
+            assert (await c.next_for("q1"))["type"] == "resumed"
+        got.extend(await c.collect("q1"))
+        await c_ctx.__aexit__(None, None, None)
+        _assert_exactly_once(got[:1], got[1:])
