@@ -52,6 +52,8 @@ class RelaySettings(BaseSettings):
     slow_consumer_bytes: int = Field(1 << 20, ge=1024,
                                      description="unsent backlog per connection tolerated...")
     slow_consumer_grace: float = Field(10.0, gt=0, description="...for this long, then 4008")
+    send_buffer_bytes: int | None = Field(None, ge=4096, description="kernel send buffer per "
+                                          "connection (SO_SNDBUF); default: the OS's")
     log_level: str = "info"
     log_json: bool = False
     config: Path | None = Field(None, description="TOML file of model aliases")

@@ -89,6 +89,7 @@ class StreamHub:
         self._streams: dict[str, HubStream] = {}
         self._lost: dict[str, tuple[str, float]] = {}   # key -> (principal, until)
         self.log_bytes = 0
+        self.peak_log_bytes = 0
         self._on_stream_end = on_stream_end
 
     # ------------------------------------------------------------------ queries
@@ -215,6 +216,8 @@ class StreamHub:
 
     def _account(self, stream: HubStream, delta: int) -> None:
         self.log_bytes += delta
+        if self.log_bytes > self.peak_log_bytes:
+            self.peak_log_bytes = self.log_bytes
         if self.log_bytes > self.settings.max_log_bytes:
             self._evict()
 

@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import http
 import logging
+import socket
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -185,6 +186,8 @@ class RelayServer:
             await ws.close(CloseCode.TOO_MANY, "too many connections for this principal")
             return
         state = self.principals.connect(principal)
+        if s.send_buffer_bytes is not None:
+            _set_send_buffer(ws, s.send_buffer_bytes)
         session = Session(ws, self.settings, self.registry,
                           hub=self.hub, streamer_factory=self._streamer_factory,
                           draining=lambda: self.draining,
@@ -203,6 +206,14 @@ class RelayServer:
             self._sessions.discard(session)
             self.principals.disconnect(principal)
             self.metrics.connections.dec()
+
+
+def _set_send_buffer(ws: ServerConnection, size: int) -> None:
+    # Caps what the kernel holds for a client that stops reading; beyond it the backlog
+    # stays in the stream logs, where slow_consumer_bytes measures it.
+    sock = ws.transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
 def _text(connection: ServerConnection, status: http.HTTPStatus, body: str) -> Response:

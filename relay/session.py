@@ -67,6 +67,9 @@ logger = logging.getLogger("relay.session")
 #: Builds the streamer for a start; tests inject scripted ones.
 StreamerFactory = Callable[[ModelSpec], TokenStreamer]
 
+# How long a close we initiate may take before the socket is dropped.
+_CLOSE_TIMEOUT = 2.0
+
 # Frames read from one log per writer pass: keeps streams of one connection fair.
 _BATCH = 256
 
@@ -120,6 +123,7 @@ class Session:
         self._closing: asyncio.Task | None = None
         self._lagging_since: float | None = None
         self._slow_timer: asyncio.TimerHandle | None = None
+        self._cancelled_on_detach: list[asyncio.Task] = []
 
     @property
     def active_streams(self) -> int:
@@ -212,13 +216,16 @@ class Session:
             async with asyncio.timeout(timeout):
                 await self._idle.wait()
 
-    async def _detach_all(self) -> None:
-        cancelled = []
+    def _detach_now(self) -> None:
         for att in list(self._attachments.values()):
             self._unregister(att)
             task = self.hub.detach(att)
             if task is not None:
-                cancelled.append(task)
+                self._cancelled_on_detach.append(task)
+
+    async def _detach_all(self) -> None:
+        self._detach_now()
+        cancelled, self._cancelled_on_detach = self._cancelled_on_detach, []
         if cancelled:
             # detach_grace 0: the disconnect cancelled them; the connection's end waits for
             # their upstream requests to close, so none outlives it.
@@ -447,14 +454,24 @@ class Session:
                        extra={"session_id": self.session_id, "principal": self.principal})
         if self._writer is not None and self._writer is not asyncio.current_task():
             self._writer.cancel()
-        # A client that does not read will not answer the close handshake either.
-        self.ws.close_timeout = min(self.ws.close_timeout or 1.0, 1.0)
+        # Its streams are detached now, like on any disconnect, not once the close
+        # handshake (which a client that does not read may never answer) is over.
+        self._detach_now()
         self._close_soon(CloseCode.SLOW_CONSUMER, reason)
 
     def _close_soon(self, code: int, reason: str) -> None:
         if self._closing is None:
-            self._closing = asyncio.create_task(self.ws.close(code, close_reason(reason)),
+            self._closing = asyncio.create_task(self._close_or_abort(code, reason),
                                                 name=f"close {self.session_id}")
+
+    async def _close_or_abort(self, code: int, reason: str) -> None:
+        # websockets' close() first waits for the send buffer to drain, with no deadline;
+        # a client that does not read never drains it, so give up and drop the socket.
+        try:
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                await self.ws.close(code, close_reason(reason))
+        except TimeoutError:
+            self.ws.transport.abort()
 
 
 def close_reason(text: str) -> str:

@@ -1,0 +1,107 @@
+"""Slow clients: lossless merging of token frames while a client lags, and close 4008 when
+the backlog stays too large, with memory bounded and other clients unaffected."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from contextlib import asynccontextmanager
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from relay.demo import demo_reply_tokens
+from relay.llm import demo_handler
+
+from .helpers import SUBPROTOCOL, Client, start_relay, text_of
+
+BIG = {"max_messages_bytes": 8 << 20, "max_frame_bytes": 8 << 20,
+       "send_buffer_bytes": 16 * 1024}
+
+
+def _long_words(n: int, width: int = 1000) -> str:
+    return " ".join(f"{'x' * width}{i}" for i in range(n))
+
+
+@asynccontextmanager
+async def _lagging_client(port: int):
+    """A client whose socket buffers almost nothing and whose library stops reading after
+    one queued message: when the test does not read, the relay's backlog grows."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    async with connect(f"ws://127.0.0.1:{port}/ws", sock=sock, subprotocols=[SUBPROTOCOL],
+                       max_queue=1, max_size=None) as ws:
+        await ws.send(json.dumps({"type": "hello"}))
+        assert json.loads(await ws.recv())["type"] == "welcome"
+        yield ws
+
+
+async def _eventually(condition, timeout: float = 20.0) -> None:
+    """Wait for a condition of the relay's state that no event announces."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+def _session(server):
+    (session,) = server.sessions
+    return session
+
+
+async def test_a_lagging_client_gets_merged_token_frames_and_loses_nothing():
+    content = _long_words(1000)
+    expected = "".join(demo_reply_tokens([{"role": "user", "content": content}]))
+    async with start_relay(detach_grace=0, **BIG) as server:
+        async with _lagging_client(server.port) as ws:
+            await ws.send(json.dumps({"type": "start", "id": "a", "model": "demo",
+                                      "messages": [{"role": "user", "content": content}]}))
+            await _eventually(lambda: _session(server).backlog_bytes() > 128 * 1024)
+            got = []
+            while not got or got[-1]["type"] != "finish":
+                got.append(json.loads(await ws.recv()))
+    tokens = [f for f in got if f["type"] == "token"]
+    assert text_of(got) == expected
+    assert len(tokens) < len(demo_reply_tokens([{"role": "user", "content": content}]))
+    seqs = [f["seq"] for f in got]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert got[-1]["status"] == "completed"
+
+
+async def test_a_client_that_stops_reading_is_closed_4008_with_memory_bounded():
+    handler = demo_handler()
+    before = handler.closed_early
+    content = _long_words(4000)          # a ~4 MB answer
+    limit = 256 * 1024
+    async with start_relay(detach_grace=0, slow_consumer_bytes=limit, demo_tps=500,
+                           slow_consumer_grace=0.5, **BIG) as server:
+        async with Client.connect(server.url) as other, _lagging_client(server.port) as ws:
+            await ws.send(json.dumps({"type": "start", "id": "a", "model": "demo",
+                                      "messages": [{"role": "user", "content": content}]}))
+            # While the slow client lags, another client keeps its latency.
+            closed = asyncio.create_task(handler.wait_closed_early(before + 1, timeout=30))
+            worst = 0.0
+            while not closed.done():
+                t0 = time.perf_counter()
+                await other.send({"type": "ping"})
+                assert (await other.next_for(None))["type"] == "pong"
+                worst = max(worst, time.perf_counter() - t0)
+                await asyncio.wait({closed}, timeout=0.05)   # pace: stay under the frame rate
+            await closed                     # the slow client's upstream was closed
+            await other.start("b", content="still served")
+            assert (await other.collect("b"))[-1]["status"] == "completed"
+            assert worst < 1.0, worst
+            # The relay never held the whole answer: its logs stayed near the limit.
+            assert server.hub.peak_log_bytes < 2 * 1024 * 1024 < len(content)
+            assert server.metrics.errors.labels("slow_consumer")._value.get() == 1
+            # Reading now drains what the kernel held, then the 4008 close (or, if the
+            # relay had to give up on the close handshake, an abnormal close).
+            try:
+                while True:
+                    await ws.recv()
+            except ConnectionClosed:
+                pass
+            assert ws.close_code in (4008, 1006)
