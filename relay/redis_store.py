@@ -234,7 +234,8 @@ class RedisStore:
         """Check Redis with PING and subscribe to the control channel (both before returning;
         ``StoreUnavailable`` if either fails), then deliver control messages to ``on_control``
         from a background task until ``close()``. ``on_control`` runs on the event loop; an
-        exception from it is logged and does not stop the listener."""
+        exception from it is logged and does not stop the listener. A failed ``start()``
+        leaves nothing running and may be retried."""
         if self._started:
             raise RuntimeError("RedisStore.start() called twice")
         if self._closed:
@@ -244,6 +245,13 @@ class RedisStore:
         self._started = True
         self._listener = asyncio.create_task(self._listen(pubsub, on_control),
                                              name=f"redis-store control listener {self.channel}")
+        self._listener.add_done_callback(self._listener_done)
+
+    def _listener_done(self, task: asyncio.Task[None]) -> None:
+        # The listener only ends by close()'s cancel; anything else must not pass silently.
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("control channel %s: listener died", self.channel,
+                         exc_info=task.exception())
 
     async def close(self) -> None:
         """Stop the listener and close every connection. Idempotent; never raises for Redis
@@ -316,13 +324,14 @@ class RedisStore:
                                        self.channel, self._where,
                                        self._safe(f"{type(exc).__name__}: {exc}"))
                 except Exception:
-                    # A bug of ours or redis-py's: log loudly, keep the channel alive anyway.
+                    # A bug of ours or redis-py's: log loudly, keep the channel alive anyway,
+                    # at the slowest retry pace so a persistent bug cannot flood the log.
                     logger.exception("control channel %s: listener error; resubscribing",
                                      self.channel)
                     await self._drop(pubsub)
                     pubsub = None
                     outage_since = outage_since or loop.time()
-                    await asyncio.sleep(delay)
+                    await asyncio.sleep(_BACKOFF_CAP)
         finally:
             if pubsub is not None:
                 await self._drop(pubsub)

@@ -454,6 +454,32 @@ async def test_listener_detects_a_frozen_server(private: RedisServerProcess,
         await store.close()
 
 
+async def test_idle_pings_keep_a_healthy_subscription(private: RedisServerProcess) -> None:
+    admin = Redis.from_url(private.url)
+    try:
+        await admin.config_resetstat()
+        store = RedisStore(private.url, prefix="t:", op_timeout=0.3)
+        store._idle_ping = 0.02
+        inbox: list[dict] = []
+        await store.start(inbox.append)
+        try:
+            async def pings() -> int:
+                stats = await admin.info("commandstats")
+                return stats.get("cmdstat_ping", {}).get("calls", 0)
+            await wait_for(lambda: _at_least(pings(), 20), "20 idle PINGs from the listener")
+            assert store._outages == 0  # every PING was answered: no false outage
+            await store.publish({"still": "here"})
+            await wait_for(lambda: inbox == [{"still": "here"}], "a message after idle PINGs")
+        finally:
+            await store.close()
+    finally:
+        await admin.aclose()
+
+
+async def _at_least(coro, n: int) -> bool:
+    return await coro >= n
+
+
 # ---------------------------------------------------------------------------- Redis unavailable
 
 
