@@ -66,6 +66,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 __all__ = ["RedisStore", "StoreUnavailable", "StreamMeta"]
@@ -172,10 +173,14 @@ class RedisStore:
         self._where = (f"{parts.hostname}:{parts.port or 6379}" if parts.hostname
                        else (parts.path or "unix socket"))
         common: dict[str, Any] = {"protocol": 2, "socket_connect_timeout": op_timeout}
-        self._cmd = Redis.from_url(url, socket_timeout=op_timeout,
-                                   retry=Retry(NoBackoff(), 1), **common)
-        self._blocking = Redis.from_url(url, socket_timeout=None,
-                                        retry=Retry(NoBackoff(), 1), **common)
+        # One immediate retry on a connection error: after a Redis restart every pooled
+        # connection is dead, and the first command on each would otherwise fail although
+        # Redis is back. Safe to repeat: XADD with explicit ids refuses duplicates, the other
+        # writes are idempotent; only a PUBLISH may (rarely) be delivered twice.
+        # retry_on_error is spelled out because redis-py 5 ignores ``retry`` without it.
+        once = {"retry": Retry(NoBackoff(), 1), "retry_on_error": [RedisConnectionError]}
+        self._cmd = Redis.from_url(url, socket_timeout=op_timeout, **once, **common)
+        self._blocking = Redis.from_url(url, socket_timeout=None, **once, **common)
         self._sub = Redis.from_url(url, socket_timeout=op_timeout,
                                    retry=Retry(NoBackoff(), 0), **common)
         self._finish = self._cmd.register_script(_FINISH)

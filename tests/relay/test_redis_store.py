@@ -310,7 +310,7 @@ async def test_read_blocks_until_a_later_append(private: RedisServerProcess) -> 
             reader = asyncio.create_task(store.read("s", 1, block=10))
 
             async def reader_blocked() -> bool:
-                return (await admin.info("clients"))["blocked_clients"] == 1
+                return await blocked_clients(admin) == 1
             await wait_for(reader_blocked, "the read to block in XREAD")
             assert not reader.done()
             await store.append("s", [(2, b"b"), (3, b"c")], ttl=30)
@@ -338,33 +338,50 @@ async def test_read_times_out_with_empty_list(store: RedisStore) -> None:
     assert loop.time() - t0 < 0.15
 
 
-async def test_blocking_reads_do_not_starve_commands(store: RedisStore) -> None:
-    await store.create("s", principal="p", alias="a", node="n", ttl=30)
-    readers = [asyncio.create_task(store.read(f"idle{i}", 0, block=5)) for i in range(30)]
-    try:
-        await asyncio.sleep(0)  # let the readers issue their XREADs; not synchronisation
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        for _ in range(20):
-            assert (await store.meta("s")).state == "running"
-        assert loop.time() - t0 < 1.0
-    finally:
-        for reader in readers:
-            reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
+async def blocked_clients(admin: Redis) -> int:
+    return (await admin.info("clients"))["blocked_clients"]
 
 
-async def test_cancelled_read_leaves_the_store_usable(store: RedisStore) -> None:
-    await store.create("s", principal="p", alias="a", node="n", ttl=30)
-    reader = asyncio.create_task(store.read("s", 0, block=5))
-    await asyncio.sleep(0.05)  # give it time to be inside XREAD; either way the test is valid
-    reader.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await reader
-    await store.append("s", [(1, b"a"), (2, b"b")], ttl=30)
-    # the next reads must not see a stale reply of the cancelled XREAD
-    assert await store.read("s", 1, block=1) == [(2, b"b")]
-    assert await store.read("s", 0, block=1) == [(1, b"a"), (2, b"b")]
+async def test_blocking_reads_do_not_starve_commands(private: RedisServerProcess) -> None:
+    admin = Redis.from_url(private.url)
+    async with started(private.url, "t:") as (store, _):
+        await store.create("s", principal="p", alias="a", node="n", ttl=30)
+        readers = [asyncio.create_task(store.read(f"idle{i}", 0, block=10)) for i in range(30)]
+        try:
+            await wait_for(lambda: _at_least(blocked_clients(admin), 30), "30 blocked XREADs")
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            for _ in range(20):
+                assert (await store.meta("s")).state == "running"
+            await store.publish({"x": 1})
+            assert loop.time() - t0 < 1.0
+            assert not any(reader.done() for reader in readers)
+        finally:
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+            await admin.aclose()
+
+
+async def test_cancelled_read_leaves_the_store_usable(private: RedisServerProcess) -> None:
+    admin = Redis.from_url(private.url)
+    async with started(private.url, "t:") as (store, _):
+        await store.create("s", principal="p", alias="a", node="n", ttl=30)
+        reader = asyncio.create_task(store.read("s", 0, block=10))
+        await wait_for(lambda: _at_least(blocked_clients(admin), 1), "the read to block")
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        # its connection is closed, not returned to the pool with an XREAD reply pending
+        await wait_for(lambda: _is_zero(blocked_clients(admin)), "the cancelled XREAD to go")
+        await store.append("s", [(1, b"a"), (2, b"b")], ttl=30)
+        assert await store.read("s", 1, block=1) == [(2, b"b")]
+        assert await store.read("s", 0, block=1) == [(1, b"a"), (2, b"b")]
+    await admin.aclose()
+
+
+async def _is_zero(coro) -> bool:
+    return await coro == 0
 
 
 # ---------------------------------------------------------------------------- control channel
