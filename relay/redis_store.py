@@ -309,7 +309,7 @@ class RedisStore:
                         self._reconnect_attempts += 1
                         logger.debug("control channel: resubscribe failed: %s",
                                      self._safe(str(exc)))
-                        # full jitter within [delay/2, delay]: nodes restarted together spread out
+                        # jitter within [delay/2, delay]: nodes that lost Redis together do not retry in step
                         await asyncio.sleep(delay * (0.5 + random.random() / 2))
                         delay = min(delay * 2, _BACKOFF_CAP)
                         continue
@@ -482,7 +482,9 @@ class RedisStore:
         yet, waits up to ``block`` seconds for one (``block <= 0``: do not wait) and returns
         ``[]`` on timeout; an absent log is waited on like an empty one. Uses its own pool,
         one connection per concurrent read. Cancelling a read closes its connection (redis-py
-        cannot reuse a connection with a reply in flight)."""
+        cannot reuse a connection with a reply in flight). A read blocked on a log that
+        ``mark_lost`` deletes keeps waiting until ``block`` elapses: keep ``block`` modest and
+        check ``meta()`` after an empty read."""
         stream = self._log_key(key)
         start = f"0-{max(0, int(after_seq))}"
         block_ms = None if block <= 0 else max(1, round(block * 1000))
