@@ -1,6 +1,7 @@
 """A real headless Chromium for the browser tests: the SYSTEM Chromium (Debian package
 `chromium`, installed by .ci/run), driven by Playwright's async API in the test's own event
-loop, so the relay under test and the browser share one loop and no thread.
+loop, so the relay under test and the browser share one loop and no thread. The browser
+is launched once per session; each test gets a fresh context (cookies, storage) and page.
 
 A missing browser FAILS these tests (never skips): the page is part of the product."""
 
@@ -10,6 +11,7 @@ import os
 import shutil
 
 import pytest
+import pytest_asyncio
 
 CHROMIUM = os.environ.get("RELAY_TEST_CHROMIUM", "/usr/bin/chromium")
 
@@ -25,7 +27,16 @@ def _chromium_path() -> str:
                 pytrace=False)
 
 
-@pytest.fixture
+def pytest_collection_modifyitems(items):
+    # One Chromium for the whole browser suite (launching costs ~1 s): the tests, the
+    # browser and the relays they start all run in the session's event loop.
+    for item in items:
+        if "tests/browser/" in item.nodeid.replace("\\", "/") or \
+                item.nodeid.startswith("browser/"):
+            item.add_marker(pytest.mark.asyncio(loop_scope="session"), append=False)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def browser():
     try:
         from playwright.async_api import async_playwright
@@ -41,7 +52,7 @@ async def browser():
             await browser.close()
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="session")
 async def page(browser):
     """A fresh page; JavaScript errors on it fail the test."""
     context = await browser.new_context(viewport={"width": 1100, "height": 800})
