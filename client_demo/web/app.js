@@ -22,7 +22,7 @@ const SAMPLE_TOOL = {
 };
 
 let client = null;
-const running = new Set(); // RelayStream
+const running = new Map(); // RelayStream -> its pane
 const chatHistory = []; // earlier turns: user + first answer, when it completed with text
 
 // ------------------------------------------------------------------ token (never in the query)
@@ -82,6 +82,8 @@ function connect() {
     if (client !== c) return;
     showState(state, detail);
     if (state === "open") fillModels(c.models);
+    // A drop changes running streams without a frame (e.g. to "resuming"): redraw them.
+    for (const [stream, parts] of running) update(parts, stream);
   };
   showState(c.state);
 }
@@ -149,7 +151,7 @@ function describeEnd(stream) {
 }
 
 async function follow(stream, parts) {
-  running.add(stream);
+  running.set(stream, parts);
   ui.stop.disabled = false;
   try {
     for await (const frame of stream) {
@@ -202,7 +204,7 @@ async function send(event) {
 }
 
 function stopAll() {
-  for (const stream of running) stream.cancel();
+  for (const stream of running.keys()) stream.cancel();
 }
 
 ui.composer.addEventListener("submit", send);

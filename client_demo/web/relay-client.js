@@ -591,6 +591,7 @@ export class RelayClient extends EventTarget {
       if (frame.seq <= stream.lastSeq) return; // replayed after a resume: already seen
       stream.lastSeq = frame.seq;
     }
+    if (stream.status === "resuming") stream.status = "streaming"; // live again
     stream._apply(frame);
     stream._push(frame);
     if (frame.type === "finish") {

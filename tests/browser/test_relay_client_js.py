@@ -364,3 +364,49 @@ async def test_origin_check_admits_the_relay_page_and_refuses_other_origins(page
             ws.onclose = (e) => resolve(e.code); })""", server.url)
     assert refused == 1006
     assert admitted == "llm-relay.v1"
+
+
+async def test_module_api_against_the_live_relay(page):
+    """The README's usage, in the page, against a real relay: stream, usage, ttft, tool
+    call, `break` and cancel() both end with a cancelled finish and close the upstream."""
+    from relay.demo import demo_reply_tokens
+    from relay.llm import demo_handler
+
+    handler = demo_handler()
+    before = handler.closed_early
+    async with start_relay(demo_tps=40) as server:
+        port = server.port
+        await page.goto(f"http://127.0.0.1:{port}/")
+        out = await run_js(page, """async () => {""" + IMPORT + """
+            const c = await m.RelayClient.connect(undefined, {token: () => 'ignored'});
+            const messages = [{role: 'user', content: 'hi'}];
+            const s = c.start({model: c.models[0], messages, params: {temperature: 0.1}});
+            let text = '';
+            for await (const f of s) if (f.type === 'token') text += f.text;
+            const finish = await s.done;
+            const tool = {type: 'function', function: {name: 'search', parameters: {
+                type: 'object', properties: {query: {type: 'string'}}}}};
+            const t = c.start({model: 'demo', messages, tools: [tool], tool_choice: 'auto'});
+            await t.done;
+            const b = c.start({model: 'demo', messages});
+            for await (const f of b) if (f.type === 'token') break;   // break = cancel
+            const bFinish = await b.done;
+            const k = c.start({model: 'demo', messages});
+            for await (const f of k) if (f.type === 'token') { k.cancel(); k.cancel(); }
+            const kFinish = await k.done;
+            const out = {text, sText: s.text, status: finish.status, usage: s.usage,
+                         ttft: s.ttft, tool: t.toolCalls, breakStatus: bFinish.status,
+                         cancelStatus: kFinish.status, cancelReason: kFinish.reason,
+                         open: c.streams.length, url: c.url};
+            c.close();
+            return out;
+        }""")
+        await handler.wait_closed_early(before + 2)
+    expected = "".join(demo_reply_tokens([{"role": "user", "content": "hi"}]))
+    assert out["text"] == out["sText"] == expected and out["status"] == "completed"
+    assert out["usage"]["completion_tokens"] > 0 and out["ttft"] > 0
+    assert out["tool"] == [{"index": 0, "callId": out["tool"][0]["callId"], "name": "search",
+                            "arguments": '{"query": "hi"}', "complete": True}]
+    assert out["breakStatus"] == "cancelled"
+    assert (out["cancelStatus"], out["cancelReason"]) == ("cancelled", "client_cancel")
+    assert out["open"] == 0 and out["url"] == f"ws://127.0.0.1:{port}/ws"
