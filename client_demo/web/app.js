@@ -28,16 +28,21 @@ const chatHistory = []; // earlier turns: user + first answer, when it completed
 // ------------------------------------------------------------------ token (never in the query)
 
 function takeTokenFromFragment() {
-  const hash = location.hash.startsWith("#") ? location.hash.slice(1) : "";
-  const params = new URLSearchParams(hash);
-  const token = params.get("token");
-  if (token !== null) {
-    ui.token.value = token;
-    params.delete("token");
-    const rest = params.toString();
-    // Keep the token out of the address bar and the history from now on.
-    window.history.replaceState(null, "", location.pathname + location.search + (rest ? "#" + rest : ""));
+  // `#token=...` (percent-encoded; a "+" stays a "+", unlike URLSearchParams' form decoding,
+  // since tokens are often base64). Other fragment parts are kept.
+  const parts = location.hash.replace(/^#/, "").split("&").filter(Boolean);
+  const index = parts.findIndex((p) => p.startsWith("token="));
+  if (index < 0) return;
+  let token = parts[index].slice("token=".length);
+  try {
+    token = decodeURIComponent(token);
+  } catch (_) {
+    /* not percent-encoded: use it as it is */
   }
+  ui.token.value = token;
+  parts.splice(index, 1);
+  // Keep the token out of the address bar and the browser history from now on.
+  window.history.replaceState(null, "", location.pathname + location.search + (parts.length ? "#" + parts.join("&") : ""));
 }
 
 // ------------------------------------------------------------------ connection

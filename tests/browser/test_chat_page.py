@@ -163,13 +163,13 @@ WebSocket.prototype.send = function (data) {
 async def test_token_from_fragment_goes_in_hello_and_leaves_the_url(page):
     async with start_relay() as server:
         await page.add_init_script(RECORD_SENT)
-        await open_chat(page, server, "#token=s3cr%C3%A9t")
+        await open_chat(page, server, "#token=s3cr%C3%A9t+b64%2F%3D%3D")
         hello = await page.evaluate("() => window.__sent[0]")
-        assert hello["type"] == "hello" and hello["token"] == "s3crét"
+        assert hello["type"] == "hello" and hello["token"] == "s3crét+b64/=="
         [url] = set(await page.evaluate("() => window.__urls"))
         assert url == f"ws://127.0.0.1:{server.port}/ws"  # no query string, no token in it
         assert "token" not in await page.evaluate("() => location.href")
-        assert await page.input_value("#token") == "s3crét"
+        assert await page.input_value("#token") == "s3crét+b64/=="
         # A token typed into the field is sent on the next connect.
         await page.fill("#token", "typed")
         await page.click("#reconnect")

@@ -47,14 +47,16 @@ class FakeRelay:
 
     def _process_request(self, connection: ServerConnection, request):
         path = request.path.split("?", 1)[0]
-        if path.startswith("/ws/"):
+        if path == "/ws" or path.startswith("/ws/"):
             return None
         if path == "/":
             return connection.respond(http.HTTPStatus.OK, "fake relay\n")
         return web.respond(connection, path) or connection.respond(http.HTTPStatus.NOT_FOUND, "")
 
     async def _handler(self, ws: ServerConnection) -> None:
-        scenario = ws.request.path.split("?", 1)[0].removeprefix("/ws/")
+        path = ws.request.path.split("?", 1)[0]
+        # /ws is where the chat page (index.html served from here) connects.
+        scenario = "page" if path == "/ws" else path.removeprefix("/ws/")
         n = self.connections[scenario]
         self.connections[scenario] += 1
         self.ws = ws
@@ -180,6 +182,11 @@ class FakeRelay:
         await send(ws, WELCOME)
         await self.recv_type(ws, "ping")
         await ws.close(4401, "credentials rejected")
+
+    async def scenario_page(self, ws, n):
+        await self.recv_type(ws, "hello")
+        await send(ws, {**WELCOME, "models": ["demo", "<b>other</b>"]})
+        await ws.close(4401, "token rejected")  # arrives after the welcome, in order
 
     async def scenario_silent(self, ws, n):
         await self.recv_type(ws, "hello")
@@ -410,3 +417,17 @@ async def test_module_api_against_the_live_relay(page):
     assert out["breakStatus"] == "cancelled"
     assert (out["cancelStatus"], out["cancelReason"]) == ("cancelled", "client_cancel")
     assert out["open"] == 0 and out["url"] == f"ws://127.0.0.1:{port}/ws"
+
+
+async def test_chat_page_shows_a_final_close_with_its_meaning(page):
+    """The chat page itself, served by the fake relay: the model picker lists welcome.models
+    (as text), and a non-retryable close (4401) leaves it `closed` with the code's meaning."""
+    async with FakeRelay().running() as fake:
+        await page.goto(f"http://127.0.0.1:{fake.port}/index.html")
+        await page.wait_for_selector('#conn-state[data-state="closed"]')
+        detail = await page.text_content("#conn-detail")
+        options = await page.eval_on_selector_all("#model option", "os => os.map(o => o.textContent)")
+    assert detail == "4401: not authenticated; get new credentials first (token rejected)"
+    assert options == ["demo", "<b>other</b>"]
+    assert await page.is_disabled("#send")
+    assert fake.connections["page"] == 1
