@@ -278,7 +278,10 @@ export class RelayClient extends EventTarget {
     this._open("connecting");
   }
 
-  /** Start a stream. `params` must stick to the protocol's allowlist (temperature, ...). */
+  /**
+   * Start a stream. `params` must stick to the protocol's allowlist (temperature, ...).
+   * Throws StreamError (`client_closed`) once the client is closed for good.
+   */
   start({ model, messages, tools, tool_choice, params, id } = {}) {
     if (this.state === "closed") {
       throw new StreamError("client is closed", { code: "client_closed" });
@@ -318,6 +321,7 @@ export class RelayClient extends EventTarget {
     }
     this._failAll("client_closed", "client closed the connection", code);
     this._setState("closed", { code, reason, meaning: closeMeaning(code), retryable: false });
+    this._readyReject(new StreamError("client closed before the first welcome", { code: "client_closed", closeCode: code }));
   }
 
   // ---------------------------------------------------------------- connection
