@@ -95,7 +95,6 @@ async def _run(settings, registry) -> int:
     async with RelayServer(settings, registry) as server:
         print(f"llm-relay listening on {server.url} (protocol llm-relay.v1); "
               f"models: {', '.join(registry.aliases)}", flush=True)
-        print(f"chat page: http://{settings.host}:{server.port}/", flush=True)
         await stop.wait()
         print(f"llm-relay draining (up to {settings.drain_timeout:g} s), then closing",
               flush=True)
