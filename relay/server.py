@@ -21,6 +21,7 @@ from websockets.http11 import Request, Response
 
 from protocol import SUPPORTED_VERSIONS, CloseCode, FinishReason
 
+from . import web
 from .config import RelaySettings
 from .hub import StreamHub
 from .limits import Principals
@@ -147,7 +148,9 @@ class RelayServer:
             response.headers["Content-Length"] = str(len(body))
             return dataclasses.replace(response, body=body)
         if path != WS_PATH:
-            return _text(connection, http.HTTPStatus.NOT_FOUND, "not found\n")
+            # The browser chat page (client_demo/web/), static files only; see relay/web.py.
+            return web.respond(connection, path) or _text(
+                connection, http.HTTPStatus.NOT_FOUND, "not found\n")
         if self.draining:
             return _text(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
         origin = request.headers.get("Origin")

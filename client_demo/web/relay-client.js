@@ -1,0 +1,616 @@
+// relay-client.js: a browser client for the llm-relay.v1 protocol (plain ES module, no deps).
+//
+//   import { RelayClient, StreamError } from "./relay-client.js";
+//   const c = await RelayClient.connect("ws://127.0.0.1:8765/ws", { token: () => getToken() });
+//   const s = c.start({ model: "demo", messages: [{ role: "user", content: "hi" }] });
+//   for await (const frame of s) if (frame.type === "token") out.textContent += frame.text;
+//   const finish = await s.done;             // rejects with StreamError (code, partialText)
+//
+// What it does for you:
+// * subprotocol "llm-relay.v1", hello (with the token) / welcome;
+// * many streams on one socket, client-chosen ids, frames routed by id, per-stream seq dedupe;
+// * app-level ping/pong on an interval: no pong in time = dead server, handled as a 1006 drop;
+// * reconnect with exponential backoff and jitter, on retryable close codes only;
+// * resume of unfinished streams after a reconnect when the server offers it
+//   (welcome.limits.detach_grace > 0 and started.stream_key), else their `done` rejects
+//   with StreamError code "connection_lost" and the text received so far;
+// * unknown frame types and unknown fields are ignored (protocol forward compatibility).
+//
+// Connection states: "connecting" -> "open" -> ("reconnecting" -> "open")* -> "closed".
+// Listen with `c.onstate = (state, detail) => ...` or
+// `c.addEventListener("state", e => e.detail)`; detail is {state, code, reason, meaning,
+// retryable, attempt, delay}.
+
+export const PROTOCOL = "llm-relay.v1";
+
+// Close codes: the server's (protocol/codes.py, one list) plus the browser's own.
+export const CLOSE_CODES = Object.freeze({
+  1000: { name: "NORMAL", retryable: false, meaning: "closed normally" },
+  1001: { name: "GOING_AWAY", retryable: true, meaning: "server going away (shutdown); reconnect" },
+  1005: { name: "NO_STATUS", retryable: true, meaning: "closed without a status code" },
+  1006: { name: "ABNORMAL", retryable: true, meaning: "connection lost (network drop, server unreachable, or handshake refused)" },
+  1009: { name: "MESSAGE_TOO_BIG", retryable: false, meaning: "a frame exceeded max_frame_bytes; do not resend it" },
+  1011: { name: "INTERNAL_ERROR", retryable: true, meaning: "internal server error; reconnect with backoff" },
+  1012: { name: "SERVICE_RESTART", retryable: true, meaning: "server restarting; reconnect and resume" },
+  4008: { name: "SLOW_CONSUMER", retryable: true, meaning: "client read too slowly; reconnect and resume" },
+  4400: { name: "PROTOCOL_VIOLATION", retryable: false, meaning: "protocol violation; fix the client" },
+  4401: { name: "NOT_AUTHENTICATED", retryable: false, meaning: "not authenticated; get new credentials first" },
+  4406: { name: "UNSUPPORTED_VERSION", retryable: false, meaning: "unsupported protocol version" },
+  4408: { name: "HELLO_TIMEOUT", retryable: true, meaning: "no hello in time; reconnect" },
+  4429: { name: "TOO_MANY", retryable: true, meaning: "too many connections or frames; reconnect with backoff" },
+});
+
+/** One line a UI can show for a close code. */
+export function closeMeaning(code) {
+  const known = CLOSE_CODES[code];
+  return known ? known.meaning : `closed with code ${code}`;
+}
+
+/** True when reconnecting (with backoff) may succeed without changing anything. */
+export function isRetryable(code) {
+  const known = CLOSE_CODES[code];
+  return known ? known.retryable : false;
+}
+
+/**
+ * A stream that did not end with a `finish`: refused start (`error` frame with its id),
+ * a resume the server could not honour (`unknown_stream`, `stream_lost`), or a lost
+ * connection without resume (`connection_lost`), or the client closed (`client_closed`).
+ */
+export class StreamError extends Error {
+  constructor(message, { code, id = null, partialText = "", frame = null, closeCode = null } = {}) {
+    super(message);
+    this.name = "StreamError";
+    this.code = code;
+    this.id = id;
+    this.partialText = partialText;
+    this.frame = frame;
+    this.closeCode = closeCode;
+  }
+}
+
+let idCounter = 0;
+function newId() {
+  idCounter += 1;
+  return `s${idCounter}-${Math.random().toString(36).slice(2, 8)}`;
+}
+
+/** One stream: an async iterator of its frames, with live state. */
+export class RelayStream {
+  constructor(client, id, startFrame) {
+    this.client = client;
+    this.id = id;
+    this.model = startFrame.model;
+    this.startFrame = startFrame;
+    this.text = "";
+    this.reasoning = "";
+    this.toolCalls = []; // by index: {index, callId, name, arguments, complete}
+    this.usage = null;
+    this.finish = null;
+    this.status = "pending"; // pending | streaming | resuming | <finish.status> | error
+    this.streamKey = null;
+    this.lastSeq = -1;
+    this.startedAt = null; // performance.now() when start was sent
+    this.firstTokenAt = null;
+    this.ttft = null; // ms from start sent to first token/reasoning/tool-call frame
+    this.error = null;
+    this._sent = false;
+    this._cancelRequested = false;
+    this._queue = [];
+    this._waiter = null;
+    this._ended = false;
+    this.done = new Promise((resolve, reject) => {
+      this._resolve = resolve;
+      this._reject = reject;
+    });
+    this.done.catch(() => {}); // a rejection nobody awaits is not an unhandled error
+  }
+
+  /** Stop the stream: sends `cancel`; `done` then resolves with the `cancelled` finish. */
+  cancel() {
+    if (this._ended || this._cancelRequested) return;
+    this._cancelRequested = true;
+    this.client._cancel(this);
+  }
+
+  get finished() {
+    return this._ended;
+  }
+
+  [Symbol.asyncIterator]() {
+    return this;
+  }
+
+  next() {
+    if (this._queue.length) return Promise.resolve({ value: this._queue.shift(), done: false });
+    if (this._ended) {
+      return this.error ? Promise.reject(this.error) : Promise.resolve({ value: undefined, done: true });
+    }
+    return new Promise((resolve, reject) => {
+      this._waiter = { resolve, reject };
+    });
+  }
+
+  /** `break` out of a for-await loop cancels the stream (like closing a provider stream). */
+  return() {
+    this.cancel();
+    return Promise.resolve({ value: undefined, done: true });
+  }
+
+  _push(frame) {
+    if (this._waiter) {
+      const w = this._waiter;
+      this._waiter = null;
+      w.resolve({ value: frame, done: false });
+    } else {
+      this._queue.push(frame);
+    }
+  }
+
+  _wakeEnd() {
+    if (!this._waiter || this._queue.length) return;
+    const w = this._waiter;
+    this._waiter = null;
+    if (this.error) w.reject(this.error);
+    else w.resolve({ value: undefined, done: true });
+  }
+
+  _apply(frame) {
+    switch (frame.type) {
+      case "started":
+        this.status = "streaming";
+        if (typeof frame.stream_key === "string" && frame.stream_key) this.streamKey = frame.stream_key;
+        break;
+      case "token":
+        this._firstOutput();
+        if (typeof frame.text === "string") this.text += frame.text;
+        break;
+      case "reasoning":
+        this._firstOutput();
+        if (typeof frame.text === "string") this.reasoning += frame.text;
+        break;
+      case "tool_call_chunk": {
+        this._firstOutput();
+        const call = this._call(frame.index);
+        if (typeof frame.call_id === "string") call.callId = frame.call_id;
+        if (typeof frame.name === "string" && frame.name) call.name = frame.name;
+        if (typeof frame.arguments_delta === "string") call.arguments += frame.arguments_delta;
+        break;
+      }
+      case "tool_call_complete": {
+        const call = this._call(frame.index);
+        if (typeof frame.call_id === "string") call.callId = frame.call_id;
+        if (typeof frame.name === "string") call.name = frame.name;
+        if (typeof frame.arguments === "string") call.arguments = frame.arguments;
+        call.complete = true;
+        break;
+      }
+      case "finish":
+        this.finish = frame;
+        this.usage = frame.usage || null;
+        this.status = frame.status;
+        break;
+      default:
+        break;
+    }
+  }
+
+  _firstOutput() {
+    if (this.firstTokenAt === null) {
+      this.firstTokenAt = performance.now();
+      if (this.startedAt !== null) this.ttft = this.firstTokenAt - this.startedAt;
+    }
+  }
+
+  _call(index) {
+    const i = Number.isInteger(index) && index >= 0 ? index : 0;
+    while (this.toolCalls.length <= i) {
+      this.toolCalls.push({ index: this.toolCalls.length, callId: "", name: "", arguments: "", complete: false });
+    }
+    return this.toolCalls[i];
+  }
+
+  _end(finish) {
+    if (this._ended) return;
+    this._ended = true;
+    this._resolve(finish);
+    this._wakeEnd();
+  }
+
+  _fail(error) {
+    if (this._ended) return;
+    this._ended = true;
+    this.status = "error";
+    this.error = error;
+    this._reject(error);
+    this._wakeEnd();
+  }
+}
+
+const DEFAULTS = {
+  token: undefined, // string, or () => string | Promise<string>; called before every connect
+  clientName: "relay-client.js",
+  clientVersion: "0.1",
+  pingInterval: 15000, // ms between app-level pings (0 = none)
+  pingTimeout: 10000, // ms without pong before the connection counts as dead
+  reconnect: true,
+  maxRetries: Infinity, // consecutive failed attempts before giving up ("closed")
+  backoffBase: 500, // ms; delay = min(backoffMax, base * 2^attempt) * (0.5 .. 1.0)
+  backoffMax: 15000,
+  WebSocket: undefined, // override for tests
+};
+
+/** A connection to a relay that survives drops; see the header comment. */
+export class RelayClient extends EventTarget {
+  /** Connects and resolves after the first `welcome`; rejects when the connection closes for good first. */
+  static async connect(url, options = {}) {
+    const client = new RelayClient(url, options);
+    await client.ready;
+    return client;
+  }
+
+  constructor(url, options = {}) {
+    super();
+    this.url = url || defaultUrl();
+    this.options = { ...DEFAULTS, ...options };
+    this.state = "idle";
+    this.welcome = null;
+    this.models = [];
+    this.limits = {};
+    this.sessionId = null;
+    this.onstate = null;
+    this.onframe = null; // every parsed frame, known or not (debugging)
+    this.lastClose = null;
+    this._ws = null;
+    this._streams = new Map(); // id -> RelayStream, until it ends
+    this._outbox = []; // frames waiting for the next welcome
+    this._attempt = 0;
+    this._closedByUser = false;
+    this._reconnectTimer = null;
+    this._pingTimer = null;
+    this._pongTimer = null;
+    this._pingCounter = 0;
+    this.ready = new Promise((resolve, reject) => {
+      this._readyResolve = resolve;
+      this._readyReject = reject;
+    });
+    this.ready.catch(() => {});
+    this._open("connecting");
+  }
+
+  /**
+   * Start a stream. `params` must stick to the protocol's allowlist (temperature, ...).
+   * Throws StreamError (`client_closed`) once the client is closed for good.
+   */
+  start({ model, messages, tools, tool_choice, params, id } = {}) {
+    if (this.state === "closed") {
+      throw new StreamError("client is closed", { code: "client_closed" });
+    }
+    const sid = id || newId();
+    if (this._streams.has(sid)) throw new StreamError(`stream id '${sid}' is already running`, { code: "duplicate_id", id: sid });
+    const frame = { type: "start", id: sid, model, messages };
+    if (tools && tools.length) frame.tools = tools;
+    if (tool_choice !== undefined && tool_choice !== null) frame.tool_choice = tool_choice;
+    if (params && Object.keys(params).length) frame.params = params;
+    const stream = new RelayStream(this, sid, frame);
+    this._streams.set(sid, stream);
+    if (this.state === "open") this._sendStart(stream);
+    else this._outbox.push(stream);
+    return stream;
+  }
+
+  /** Streams that have not ended yet. */
+  get streams() {
+    return [...this._streams.values()];
+  }
+
+  /** Close for good: no reconnect; unfinished streams reject with `client_closed`. */
+  close(code = 1000, reason = "client closed") {
+    this._closedByUser = true;
+    clearTimeout(this._reconnectTimer);
+    this._stopPing();
+    const ws = this._ws;
+    this._ws = null;
+    if (ws) {
+      detach(ws);
+      try {
+        ws.close(code, reason);
+      } catch (_) {
+        /* already closing */
+      }
+    }
+    this._failAll("client_closed", "client closed the connection", code);
+    this._setState("closed", { code, reason, meaning: closeMeaning(code), retryable: false });
+    this._readyReject(new StreamError("client closed before the first welcome", { code: "client_closed", closeCode: code }));
+  }
+
+  // ---------------------------------------------------------------- connection
+
+  async _open(state) {
+    this._setState(state, { attempt: this._attempt });
+    let token;
+    try {
+      token = typeof this.options.token === "function" ? await this.options.token() : this.options.token;
+    } catch (err) {
+      this._onClose(4401, `token callback failed: ${err && err.message ? err.message : err}`);
+      return;
+    }
+    if (this._closedByUser) return;
+    const WS = this.options.WebSocket || globalThis.WebSocket;
+    let ws;
+    try {
+      ws = new WS(this.url, [PROTOCOL]);
+    } catch (err) {
+      // An invalid URL: retrying cannot help.
+      this._onClose(4400, `cannot open ${this.url}: ${err && err.message ? err.message : err}`, false);
+      return;
+    }
+    this._ws = ws;
+    ws.onopen = () => {
+      if (ws.protocol !== PROTOCOL) {
+        detach(ws);
+        ws.close(1000, "no subprotocol");
+        this._onClose(4406, "server did not select " + PROTOCOL);
+        return;
+      }
+      const hello = { type: "hello", client: { name: this.options.clientName, version: this.options.clientVersion } };
+      if (typeof token === "string" && token) hello.token = token;
+      ws.send(JSON.stringify(hello));
+    };
+    ws.onmessage = (event) => this._onMessage(event.data);
+    ws.onclose = (event) => {
+      if (this._ws !== ws) return;
+      this._onClose(event.code, event.reason);
+    };
+    ws.onerror = () => {}; // onclose follows with the code
+  }
+
+  _onClose(code, reason, retryableOverride) {
+    this._ws = null;
+    this._stopPing();
+    this.lastClose = { code, reason };
+    const lost = this._handleLostStreams(code);
+    if (this._closedByUser) return;
+    const retryable = retryableOverride ?? isRetryable(code);
+    const detail = { code, reason, meaning: closeMeaning(code), retryable, lostStreams: lost };
+    if (retryable && this.options.reconnect && this._attempt < this.options.maxRetries) {
+      const exp = Math.min(this.options.backoffMax, this.options.backoffBase * 2 ** this._attempt);
+      const delay = Math.round(exp * (0.5 + Math.random() * 0.5));
+      this._attempt += 1;
+      this._setState("reconnecting", { ...detail, attempt: this._attempt, delay });
+      this._reconnectTimer = setTimeout(() => this._open("reconnecting"), delay);
+      return;
+    }
+    this._failAll("connection_lost", `connection closed (${code}: ${closeMeaning(code)})`, code);
+    this._setState("closed", detail);
+    this._readyReject(new StreamError(`connection closed (${code}: ${closeMeaning(code)})`, { code: "connection_lost", closeCode: code }));
+  }
+
+  /** After a drop: streams that can be resumed wait; the others reject now. */
+  _handleLostStreams(code) {
+    const canResume = Number(this.limits.detach_grace) > 0 && !this._closedByUser;
+    const lost = [];
+    for (const stream of [...this._streams.values()]) {
+      if (!stream._sent) continue; // still in the outbox; sent after the next welcome
+      if (canResume && stream.streamKey) {
+        stream.status = "resuming";
+        continue;
+      }
+      lost.push(stream.id);
+      this._drop(stream, new StreamError(`connection lost (${code}: ${closeMeaning(code)}) before the stream finished`, {
+        code: "connection_lost", id: stream.id, partialText: stream.text, closeCode: code,
+      }));
+    }
+    return lost;
+  }
+
+  _failAll(code, message, closeCode) {
+    for (const stream of [...this._streams.values()]) {
+      this._drop(stream, new StreamError(message, { code, id: stream.id, partialText: stream.text, closeCode }));
+    }
+    this._outbox = [];
+  }
+
+  _drop(stream, error) {
+    this._streams.delete(stream.id);
+    this._outbox = this._outbox.filter((s) => s !== stream);
+    stream._fail(error);
+  }
+
+  _send(frame) {
+    if (!this._ws || this._ws.readyState !== 1) return false;
+    this._ws.send(JSON.stringify(frame));
+    return true;
+  }
+
+  _sendStart(stream) {
+    stream._sent = true;
+    stream.startedAt = performance.now();
+    stream.status = "pending";
+    this._send(stream.startFrame);
+    if (stream._cancelRequested) this._send({ type: "cancel", id: stream.id });
+  }
+
+  _cancel(stream) {
+    if (!stream._sent) {
+      // Never left this page: end it locally, as the server would have.
+      this._streams.delete(stream.id);
+      this._outbox = this._outbox.filter((s) => s !== stream);
+      const finish = { type: "finish", id: stream.id, status: "cancelled", reason: "client_cancel", usage: null, local: true };
+      stream._apply(finish);
+      stream._push(finish);
+      stream._end(finish);
+      return;
+    }
+    if (this.state === "open" && stream.status !== "resuming") this._send({ type: "cancel", id: stream.id });
+    // else: sent after the resume succeeds (see _onResumed)
+  }
+
+  _setState(state, detail = {}) {
+    this.state = state;
+    const full = { state, ...detail };
+    if (typeof this.onstate === "function") {
+      try {
+        this.onstate(state, full);
+      } catch (err) {
+        console.error(err);
+      }
+    }
+    this.dispatchEvent(new CustomEvent("state", { detail: full }));
+  }
+
+  // ---------------------------------------------------------------- ping
+
+  _startPing() {
+    this._stopPing();
+    if (!(this.options.pingInterval > 0)) return;
+    this._pingTimer = setInterval(() => this.ping(), this.options.pingInterval);
+  }
+
+  _stopPing() {
+    clearInterval(this._pingTimer);
+    clearTimeout(this._pongTimer);
+    this._pingTimer = null;
+    this._pongTimer = null;
+  }
+
+  /** Send an app-level ping now; no pong within pingTimeout drops the connection (1006). */
+  ping() {
+    if (this._pongTimer) return; // one outstanding ping is enough
+    this._pingCounter += 1;
+    if (!this._send({ type: "ping", data: { n: this._pingCounter } })) return;
+    const ws = this._ws;
+    this._pongTimer = setTimeout(() => {
+      this._pongTimer = null;
+      if (this._ws !== ws) return;
+      // A dead server may never complete the closing handshake: stop listening now.
+      detach(ws);
+      try {
+        ws.close(4000, "no pong");
+      } catch (_) {
+        /* ignore */
+      }
+      this._onClose(1006, "no pong from the server within " + this.options.pingTimeout + " ms");
+    }, this.options.pingTimeout);
+  }
+
+  // ---------------------------------------------------------------- frames
+
+  _onMessage(data) {
+    if (typeof data !== "string") return; // the server never sends binary
+    let frame;
+    try {
+      frame = JSON.parse(data);
+    } catch (_) {
+      return;
+    }
+    if (frame === null || typeof frame !== "object" || Array.isArray(frame) || typeof frame.type !== "string") return;
+    if (typeof this.onframe === "function") {
+      try {
+        this.onframe(frame);
+      } catch (err) {
+        console.error(err);
+      }
+    }
+    switch (frame.type) {
+      case "welcome":
+        return this._onWelcome(frame);
+      case "pong":
+        clearTimeout(this._pongTimer);
+        this._pongTimer = null;
+        return;
+      case "error":
+        return this._onError(frame);
+      case "resumed":
+        return this._onResumed(frame);
+      case "started":
+      case "token":
+      case "reasoning":
+      case "tool_call_chunk":
+      case "tool_call_complete":
+      case "finish":
+        return this._onStreamFrame(frame);
+      default:
+        return; // unknown frame type: ignored, as the protocol requires
+    }
+  }
+
+  _onWelcome(frame) {
+    this.welcome = frame;
+    this.models = Array.isArray(frame.models) ? frame.models.filter((m) => typeof m === "string") : [];
+    this.limits = frame.limits && typeof frame.limits === "object" ? frame.limits : {};
+    this.sessionId = frame.session_id || null;
+    const reconnected = this._attempt > 0 || this.state === "reconnecting";
+    this._attempt = 0;
+    const canResume = Number(this.limits.detach_grace) > 0;
+    for (const stream of [...this._streams.values()]) {
+      if (stream.status !== "resuming") continue;
+      if (canResume && stream.streamKey) {
+        this._send({ type: "resume", stream_key: stream.streamKey, after_seq: stream.lastSeq, id: stream.id });
+      } else {
+        this._drop(stream, new StreamError("connection lost and the server does not offer resume", {
+          code: "connection_lost", id: stream.id, partialText: stream.text, closeCode: this.lastClose && this.lastClose.code,
+        }));
+      }
+    }
+    this._setState("open", { sessionId: this.sessionId, models: this.models, reconnected });
+    this._readyResolve(this);
+    this._startPing();
+    const queued = this._outbox;
+    this._outbox = [];
+    for (const stream of queued) if (this._streams.get(stream.id) === stream) this._sendStart(stream);
+  }
+
+  _onError(frame) {
+    const id = typeof frame.id === "string" ? frame.id : null;
+    const code = typeof frame.code === "string" ? frame.code : "error";
+    const message = typeof frame.message === "string" ? frame.message : code;
+    if (id === null) {
+      // A resume the server does not understand (an older relay) answers without an id.
+      if (frame.ref === "resume") {
+        for (const stream of [...this._streams.values()]) {
+          if (stream.status === "resuming") {
+            this._drop(stream, new StreamError(`resume refused: ${message}`, { code, id: stream.id, partialText: stream.text, frame }));
+          }
+        }
+      }
+      return;
+    }
+    const stream = this._streams.get(id);
+    if (!stream || frame.ref === "cancel") return; // e.g. cancel raced the finish: harmless
+    this._drop(stream, new StreamError(message, { code, id, partialText: stream.text, frame }));
+  }
+
+  _onResumed(frame) {
+    const stream = typeof frame.id === "string" ? this._streams.get(frame.id) : null;
+    if (!stream) return;
+    stream.status = "streaming";
+    if (stream._cancelRequested) this._send({ type: "cancel", id: stream.id });
+  }
+
+  _onStreamFrame(frame) {
+    const stream = typeof frame.id === "string" ? this._streams.get(frame.id) : null;
+    if (!stream) return;
+    if (typeof frame.seq === "number") {
+      if (frame.seq <= stream.lastSeq) return; // replayed after a resume: already seen
+      stream.lastSeq = frame.seq;
+    }
+    if (stream.status === "resuming") stream.status = "streaming"; // live again
+    stream._apply(frame);
+    stream._push(frame);
+    if (frame.type === "finish") {
+      this._streams.delete(stream.id);
+      stream._end(frame);
+    }
+  }
+}
+
+function detach(ws) {
+  ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+}
+
+function defaultUrl() {
+  const loc = globalThis.location;
+  if (!loc) throw new Error("RelayClient: a URL is required outside a page");
+  return `${loc.protocol === "https:" ? "wss:" : "ws:"}//${loc.host}/ws`;
+}
