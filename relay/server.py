@@ -196,7 +196,8 @@ class RelayServer:
         if self.principals.total_connections >= s.max_connections:
             await ws.close(CloseCode.TOO_MANY, "too many connections to this relay")
             return
-        if state.connections >= s.max_connections_per_principal:
+        # With auth on, the principal is known after hello (Authenticator.admit checks it).
+        if state.connections >= s.max_connections_per_principal and not self.auth.enabled:
             await ws.close(CloseCode.TOO_MANY, "too many connections for this principal")
             return
         state = self.principals.connect(principal)
