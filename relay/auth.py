@@ -153,7 +153,10 @@ class Authenticator:
         is absent. A present header that is not ``Bearer <valid credential>`` raises."""
         if not self.enabled:
             return None
-        value = headers.get("Authorization")
+        try:
+            value = headers.get("Authorization")
+        except LookupError:  # websockets: the header was sent more than once
+            raise AuthError(INVALID) from None
         if value is None:
             return None
         scheme, _, credential = value.strip().partition(" ")

@@ -124,6 +124,15 @@ async def test_bad_authorization_header_refused_http_401(header):
         assert KEY.encode() not in response.body
 
 
+async def test_authorization_header_sent_twice_refused_http_401():
+    async with auth_relay() as server:
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(server.url, subprotocols=[SUBPROTOCOL], additional_headers=[
+                    ("Authorization", f"Bearer {KEY}"), ("Authorization", f"Bearer {KEY}")]):
+                pass
+    assert info.value.response.status_code == 401
+
+
 async def test_expired_token_in_header_refused_http_401_saying_expired():
     now = int(time.time())
     token = crafted({"sub": "alice", "iat": now - 100, "exp": now - 10})
@@ -505,3 +514,39 @@ def test_settings_from_env_and_invalid_key_error_does_not_echo_it(monkeypatch):
     with pytest.raises(ValueError) as info:
         RelaySettings(api_keys=[KEY, "sha256:" + KEY])
     assert KEY not in str(info.value) and "64 hex digits" in str(info.value)
+
+
+async def test_serve_flags_auth_api_key_and_token_budget():
+    import re
+    import signal
+
+    env = _env(RELAY_TOKEN_SECRET=SECRET)
+    env.pop("RELAY_API_KEYS", None)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "serve", "--port", "0", "--demo-tps", "0", "--auth",
+        "--api-key", KEY, "--token-budget", "2", stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    try:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        url = re.search(r"(ws://\S+/ws)", line).group(1)
+        code, reason, _ = await refused(url, hello())
+        assert (code, reason) == (4401, "missing token")
+        async with Client.connect(url, additional_headers={"Authorization": f"Bearer {KEY}"}) as c:
+            await c.start("a", params={"max_tokens": 2})
+            assert (await c.collect("a"))[-1]["usage"]["completion_tokens"] == 2
+        async with Client.connect(url, hello=False) as c:  # secret from the environment
+            await c.send(hello(mint_token(SECRET, "gina", 60)))
+            assert (await c.recv())["type"] == "welcome"
+        async with Client.connect(url, hello=False) as c:  # same key: budget used up
+            await c.send(hello(KEY))
+            await c.recv()
+            await c.start("b")
+            assert (await c.next_for("b"))["code"] == "rate_limited"
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        stderr = (await proc.stderr.read()).decode()
+        assert KEY not in stderr and SECRET not in stderr
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
