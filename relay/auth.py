@@ -29,7 +29,7 @@ import hmac
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import jwt
@@ -70,7 +70,7 @@ class Credentials:
     method: str  # "api_key" or "token"
     models: frozenset[str] | None = None  # None: every alias
     max_streams: int | None = None
-    expires_at: float | None = field(default=None)  # Unix time; None: never (API keys)
+    expires_at: float | None = None  # Unix time; None: never (API keys)
 
 
 def hash_api_key(key: str) -> str:
