@@ -12,11 +12,13 @@ in constant time) or a token minted with :func:`mint_token` / ``relay token mint
 signed with ``token_secret``. Claims of a token: ``sub`` (the principal), ``iat``, ``exp``,
 optional ``models`` (aliases it may use) and ``max_streams`` (concurrent streams).
 
-Call order: ``RelayServer`` builds one :class:`Authenticator`; ``_process_request`` calls
-:meth:`Authenticator.check_header` (HTTP 401); ``Session._handshake`` calls
-:meth:`Authenticator.admit` after ``hello`` (close 4401 on failure), which moves the
-connection's accounting from its address to the authenticated principal; ``Session._start``
-calls :meth:`Authenticator.expired` (close 4401 ``token expired`` once running streams end).
+Call order: ``RelayServer`` builds one :class:`Authenticator`. At the upgrade,
+``RelayServer._refuse_bad_authorization`` (from ``_process_request``) calls
+:meth:`Authenticator.check_header` (HTTP 401). After ``hello``, ``Session._admit`` calls
+:meth:`Authenticator.admit` (close 4401 on failure), which moves the connection's accounting
+from its address to the authenticated principal. At each ``start``,
+``Session._authorize_start`` calls :meth:`Authenticator.expired` (then close 4401
+``token expired`` once the running streams have ended) and applies the claims.
 
 Credentials never reach a log, an error frame or a ``repr``: API keys are named by a label
 ``key:<first 8 hex digits of sha256(key)>``, tokens by their ``sub``.
