@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -48,14 +49,60 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", help="debug, info, warning, error (info)")
     serve.add_argument("--log-json", action="store_true", default=None,
                        help="log JSON lines instead of text")
+    serve.add_argument("--auth", action="store_true", default=None,
+                       help="require credentials: an API key or a signed token (the token "
+                       "secret comes from RELAY_TOKEN_SECRET, never a flag)")
+    serve.add_argument("--api-key", action="append", dest="api_keys",
+                       help="accepted API key, plain or sha256:<hex> (repeatable; prefer "
+                       "RELAY_API_KEYS, flags show up in ps)")
+    serve.add_argument("--token-budget", type=int, dest="completion_token_budget_per_hour",
+                       help="completion tokens per principal per hour (default: no budget)")
+    _add_token_parser(sub)
     return parser
+
+
+def _add_token_parser(sub: Any) -> None:
+    token = sub.add_parser("token", help="signed tokens for browsers",
+                           description="Signed tokens (JWT, HS256) for clients that cannot "
+                           "keep an API key, such as browsers.")
+    actions = token.add_subparsers(dest="token_command", required=True)
+    mint = actions.add_parser("mint", help="print a signed token",
+                              description="Print a token signed with the relay's token secret "
+                              "(--secret or RELAY_TOKEN_SECRET).")
+    mint.add_argument("--sub", required=True, help="the principal (user id)")
+    mint.add_argument("--ttl", type=int, default=300, help="seconds until it expires (300)")
+    mint.add_argument("--models", help="comma-separated aliases it may use (default: all)")
+    mint.add_argument("--max-streams", type=int, help="concurrent streams it may run")
+    mint.add_argument("--secret", help="signing secret (default: env RELAY_TOKEN_SECRET)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "token":
+        return _token_mint(args)
     return 2
+
+
+def _token_mint(args: argparse.Namespace) -> int:
+    from .auth import mint_token
+
+    secret = args.secret or os.environ.get("RELAY_TOKEN_SECRET")
+    if not secret:
+        print("relay: no token secret: pass --secret or set RELAY_TOKEN_SECRET", file=sys.stderr)
+        return 2
+    models = None
+    if args.models is not None:
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+    try:
+        token = mint_token(secret, args.sub, args.ttl, models=models,
+                           max_streams=args.max_streams)
+    except ValueError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:

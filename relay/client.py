@@ -33,11 +33,12 @@ Contracts:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -77,6 +78,11 @@ logger = logging.getLogger(__name__)
 StreamEvent: TypeAlias = Started | Token | Reasoning | ToolCallChunk | ToolCallComplete | Finish
 
 _LOST = object()  # queue sentinel: the connection is gone
+
+#: ``RelayClient(token=...)``: a token, or a zero-argument function (plain or async) that
+#: returns a fresh one; it is called before every connect, so a reconnect is not refused
+#: for a token that expired meanwhile.
+TokenSource: TypeAlias = str | Callable[[], str | None | Awaitable[str | None]] | None
 
 
 class RelayClientError(Exception):
@@ -258,7 +264,7 @@ class RelayClient:
     def __init__(
         self,
         url: str,
-        token: str | None = None,
+        token: TokenSource = None,
         client_name: str = "llm-relay-python",
         client_version: str = "1",
         **connect_kwargs: Any,
@@ -298,8 +304,9 @@ class RelayClient:
                 "type": "hello",
                 "client": {"name": self.client_name, "version": self.client_version},
             }
-            if self.token is not None:
-                hello["token"] = self.token
+            token = await self._fresh_token()
+            if token is not None:
+                hello["token"] = token
             await self._ws.send(encode_frame(hello).decode())
             self.welcome = await self._await_welcome()
         except BaseException:
@@ -308,6 +315,16 @@ class RelayClient:
             raise
         self._reader = asyncio.create_task(self._read_loop(), name="llm-relay client reader")
         return self
+
+    async def _fresh_token(self) -> str | None:
+        """The token for ``hello``: ``token`` itself, or what its function returns now."""
+        source = self.token
+        if source is None or isinstance(source, str):
+            return source
+        token = source()
+        if inspect.isawaitable(token):
+            token = await token
+        return token
 
     async def _await_welcome(self) -> Welcome:
         assert self._ws is not None

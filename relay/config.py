@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["RelaySettings"]
@@ -17,7 +17,9 @@ __all__ = ["RelaySettings"]
 class RelaySettings(BaseSettings):
     """Every knob of a relay process. Durations are seconds."""
 
-    model_config = SettingsConfigDict(env_prefix="RELAY_", extra="ignore")
+    # hide_input_in_errors: a validation error must not echo api_keys or the token secret.
+    model_config = SettingsConfigDict(env_prefix="RELAY_", extra="ignore",
+                                      hide_input_in_errors=True)
 
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=0, le=65535)
@@ -42,6 +44,22 @@ class RelaySettings(BaseSettings):
                                      description="browser Origins allowed; '*' = any")
     trusted_proxies: list[str] = Field(default_factory=list,
                                        description="peers whose X-Forwarded-For is honoured")
+    # --- authentication and token budget (issue: auth); see relay/auth.py
+    auth: bool = Field(False, description="require an API key or a signed token")
+    api_keys: list[str] = Field(default_factory=list, repr=False,
+                                description="static API keys, plain or 'sha256:<hex>'")
+    token_secret: SecretStr | None = Field(None, description="HS256 secret of signed tokens "
+                                           "(env RELAY_TOKEN_SECRET; never a CLI flag)")
+    completion_token_budget_per_hour: int | None = Field(
+        None, ge=1, description="completion tokens per principal per hour (rate_limited)")
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> RelaySettings:
+        from .auth import check_auth_settings
+
+        check_auth_settings(self.auth, self.api_keys, self.token_secret)
+        return self
+
     drain_timeout: float = Field(30.0, ge=0, description="shutdown: let streams finish")
     # --- resume and backpressure
     detach_grace: float = Field(15.0, ge=0, description="seconds a stream outlives its "

@@ -243,6 +243,9 @@ class StreamHub:
 
     def _finished(self, stream: HubStream) -> None:
         stream.principal_state.streams -= 1
+        budget = stream.principal_state.budget
+        if budget is not None and stream.end is not _NO_END:
+            budget.charge(stream.end.usage.completion_tokens)
         if self._on_stream_end is not None:
             self._on_stream_end(stream)
         if not stream.log.keep:

@@ -7,6 +7,8 @@ else the client's address (``X-Forwarded-For`` only from trusted proxies). Limit
 * concurrent streams per principal -> ``too_many_streams``
 * ``start`` rate per principal (token bucket) -> ``rate_limited`` with ``retry_after``
 * inbound frames per connection (token bucket) -> close 4429
+* completion tokens per principal per hour (optional, :class:`CompletionBudget`) ->
+  ``rate_limited`` with ``retry_after`` at ``start``
 
 All state is in-process and only touched from the event loop thread.
 """
@@ -14,9 +16,11 @@ All state is in-process and only touched from the event loop thread.
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["PrincipalState", "Principals", "TokenBucket"]
+__all__ = ["CompletionBudget", "PrincipalState", "Principals", "TokenBucket"]
 
 
 class TokenBucket:
@@ -50,20 +54,74 @@ class TokenBucket:
         return round(max(0.0, missing / self.rate), 3) if self.rate > 0 else float("inf")
 
 
+class CompletionBudget:
+    """Completion tokens a principal may use in any sliding window of ``window`` seconds
+    (one hour). ``start`` is refused while the window is full; a stream that runs is charged
+    its ``finish.usage.completion_tokens`` when it ends (so one stream may overshoot)."""
+
+    __slots__ = ("limit", "window", "_clock", "_charges", "_used")
+
+    def __init__(self, limit: int, window: float = 3600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+        self._charges: deque[tuple[float, int]] = deque()  # (when, tokens), oldest first
+        self._used = 0
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self.window
+        charges = self._charges
+        while charges and charges[0][0] <= horizon:
+            self._used -= charges.popleft()[1]
+
+    @property
+    def used(self) -> int:
+        self._expire(self._clock())
+        return self._used
+
+    def charge(self, tokens: int) -> None:
+        if tokens > 0:
+            now = self._clock()
+            self._expire(now)
+            self._charges.append((now, tokens))
+            self._used += tokens
+
+    def retry_after(self) -> float:
+        """0 while there is budget left, else seconds until enough of it is freed."""
+        now = self._clock()
+        self._expire(now)
+        if self._used < self.limit:
+            return 0.0
+        used = self._used
+        for when, tokens in self._charges:  # oldest first: the order they leave the window
+            used -= tokens
+            if used < self.limit:
+                return round(max(0.001, when + self.window - now), 3)
+        return self.window  # not reached: with every charge gone, used is 0
+
+    @property
+    def idle(self) -> bool:
+        return self.used == 0
+
+
 @dataclass
 class PrincipalState:
     connections: int = 0
     streams: int = 0
     starts: TokenBucket | None = None
+    budget: CompletionBudget | None = None
     last_seen: float = field(default_factory=time.monotonic)
 
 
 class Principals:
     """Per-principal counters; entries without connections are dropped."""
 
-    def __init__(self, start_rate_per_minute: float, start_burst: int) -> None:
+    def __init__(self, start_rate_per_minute: float, start_burst: int,
+                 completion_token_budget_per_hour: int | None = None) -> None:
         self._rate = start_rate_per_minute / 60.0
         self._burst = start_burst
+        self._budget = completion_token_budget_per_hour
         self._states: dict[str, PrincipalState] = {}
         self.total_connections = 0
 
@@ -71,6 +129,8 @@ class Principals:
         state = self._states.get(principal)
         if state is None:
             state = PrincipalState(starts=TokenBucket(self._rate, self._burst))
+            if self._budget is not None:
+                state.budget = CompletionBudget(self._budget)
             self._states[principal] = state
         return state
 
@@ -91,9 +151,10 @@ class Principals:
         self._prune_one(principal, state)
 
     def _prune_one(self, principal: str, state: PrincipalState) -> None:
-        # Forget an idle principal only once its start bucket has refilled, so that
-        # reconnecting is no way around the start rate.
-        if state.connections <= 0 and state.streams <= 0 and state.starts.full:
+        # Forget an idle principal only once its start bucket has refilled and its token
+        # budget is unused, so that reconnecting is no way around either.
+        if (state.connections <= 0 and state.streams <= 0 and state.starts.full
+                and (state.budget is None or state.budget.idle)):
             del self._states[principal]
 
     def _prune(self) -> None:

@@ -22,6 +22,7 @@ from websockets.http11 import Request, Response
 from protocol import SUPPORTED_VERSIONS, CloseCode, FinishReason
 
 from . import web
+from .auth import AuthError, Authenticator
 from .config import RelaySettings
 from .hub import StreamHub
 from .limits import Principals
@@ -61,8 +62,10 @@ class RelayServer:
         self.draining = False
         self.metrics = RelayMetrics()
         self.principals = Principals(self.settings.start_rate_per_minute,
-                                     self.settings.start_burst)
+                                     self.settings.start_burst,
+                                     self.settings.completion_token_budget_per_hour)
         self.hub = StreamHub(self.settings, self.metrics)
+        self.auth = Authenticator(self.settings, self.principals)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -158,6 +161,20 @@ class RelayServer:
             logger.warning("refused WebSocket upgrade from a disallowed Origin",
                            extra={"origin": origin[:200]})
             return _text(connection, http.HTTPStatus.FORBIDDEN, "origin not allowed\n")
+        return self._refuse_bad_authorization(connection, request)
+
+    def _refuse_bad_authorization(self, connection: ServerConnection,
+                                  request: Request) -> Response | None:
+        """Auth hook of the upgrade: with auth on, an ``Authorization`` header that is present
+        but not ``Bearer <valid credential>`` gets HTTP 401 (no header: ``hello.token``)."""
+        try:
+            self.auth.check_header(request.headers)
+        except AuthError as exc:
+            logger.info("refused WebSocket upgrade: bad Authorization header",
+                        extra={"reason": exc.reason})
+            response = _text(connection, http.HTTPStatus.UNAUTHORIZED, f"{exc.reason}\n")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="llm-relay"'
+            return response
         return None
 
     def _origin_allowed(self, origin: str, host: str | None) -> bool:
@@ -185,7 +202,8 @@ class RelayServer:
         if self.principals.total_connections >= s.max_connections:
             await ws.close(CloseCode.TOO_MANY, "too many connections to this relay")
             return
-        if state.connections >= s.max_connections_per_principal:
+        # With auth on, the principal is known after hello (Authenticator.admit checks it).
+        if state.connections >= s.max_connections_per_principal and not self.auth.enabled:
             await ws.close(CloseCode.TOO_MANY, "too many connections for this principal")
             return
         state = self.principals.connect(principal)
@@ -195,7 +213,7 @@ class RelayServer:
                           hub=self.hub, streamer_factory=self._streamer_factory,
                           draining=lambda: self.draining,
                           principal=principal, principal_state=state,
-                          metrics=self.metrics)
+                          metrics=self.metrics, auth=self.auth)
         self._sessions.add(session)
         self.metrics.connections.inc()
         try:
@@ -207,7 +225,7 @@ class RelayServer:
             await ws.close(1011, "internal error")
         finally:
             self._sessions.discard(session)
-            self.principals.disconnect(principal)
+            self.principals.disconnect(session.principal)  # the authenticated one, if any
             self.metrics.connections.dec()
 
 

@@ -49,9 +49,11 @@ from protocol import (
     frames,
 )
 
+from .auth import Authenticator, Credentials
 from .config import RelaySettings
 from .errors import (
-    BadRequest, Draining, DuplicateId, RateLimited, RelayError, TooManyStreams, UnknownStream,
+    BadRequest, Draining, DuplicateId, RateLimited, RelayError, TooManyStreams, UnknownModel,
+    UnknownStream,
 )
 from .hub import HubStream, StreamHub
 from .limits import PrincipalState, TokenBucket
@@ -99,8 +101,12 @@ class Session:
         principal: str = "anonymous",
         principal_state: PrincipalState | None = None,
         metrics: RelayMetrics | None = None,
+        auth: Authenticator | None = None,
     ) -> None:
         self.metrics = metrics or RelayMetrics()
+        self._auth = auth if auth is not None and auth.enabled else None
+        self.credentials: Credentials | None = None  # set by _admit when auth is on
+        self._expiry_close: asyncio.Task | None = None
         self.ws = ws
         self.principal = principal
         self._principal_state = principal_state or PrincipalState()
@@ -147,8 +153,11 @@ class Session:
         finally:
             await self._stop_writer()
             await self._detach_all()
-            if self._closing is not None:
-                await asyncio.gather(self._closing, return_exceptions=True)
+            for task in (self._closing, self._expiry_close):
+                if task is not None:
+                    if not task.done():
+                        task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
 
     async def _handshake(self) -> bool:
         ws = self.ws
@@ -173,11 +182,13 @@ class Session:
             await ws.close(CloseCode.NOT_AUTHENTICATED,
                            close_reason(f"first frame must be hello: {exc}"))
             return False
+        if not await self._admit(hello):
+            return False
         self._greeted = True
-        limits = {"max_streams": self.settings.max_streams,
+        limits = {"max_streams": self._stream_cap(),
                   "max_frame_bytes": self.settings.max_frame_bytes,
                   "detach_grace": self.settings.detach_grace}
-        welcome = frames.welcome(self.session_id, self.registry.aliases, limits,
+        welcome = frames.welcome(self.session_id, self._visible_models(), limits,
                                  PROTOCOL_VERSION)
         try:
             await ws.send(encode_frame(welcome), text=True)
@@ -269,11 +280,13 @@ class Session:
     def _check_room(self, id: str) -> None:
         if id in self._attachments:
             raise DuplicateId(f"a stream with id {id!r} is already running", id=id)
-        if len(self._attachments) >= self.settings.max_streams:
-            raise TooManyStreams(
-                f"at most {self.settings.max_streams} concurrent streams per connection", id=id)
+        cap = self._stream_cap()
+        if len(self._attachments) >= cap:
+            raise TooManyStreams(f"at most {cap} concurrent streams per connection", id=id)
 
     async def _start(self, msg: Start) -> None:
+        if not await self._authorize_start(msg):
+            return
         if self._draining():
             raise Draining("the relay is shutting down; start the stream on a new connection")
         principal = self._principal_state
@@ -337,6 +350,77 @@ class Session:
         """Another connection took ``att``'s stream over: stop sending its frames here."""
         self._unregister(att)
         self._notify()
+
+    # ------------------------------------------------------------------ auth and budget
+
+    async def _admit(self, hello: Hello) -> bool:
+        """Handshake hook, after ``hello``: with auth on, authenticate (relay.auth) and act
+        for the authenticated principal from now on; False when the connection was closed
+        (4401 missing/invalid/expired credentials, 4429 principal's connection limit)."""
+        if self._auth is None:
+            return True
+        admitted = await self._auth.admit(self.ws, hello, self.principal, self.session_id)
+        if admitted is None:
+            return False
+        self.credentials, self._principal_state = admitted
+        self.principal = self.credentials.principal
+        return True
+
+    def _visible_models(self) -> list[str]:
+        """``welcome.models``: the aliases, filtered by the token's ``models`` claim."""
+        allowed = self.credentials.models if self.credentials is not None else None
+        aliases = self.registry.aliases
+        return aliases if allowed is None else [a for a in aliases if a in allowed]
+
+    def _stream_cap(self) -> int:
+        """Concurrent streams on this connection: the setting, lowered by a token's
+        ``max_streams`` claim."""
+        claim = self.credentials.max_streams if self.credentials is not None else None
+        cap = self.settings.max_streams
+        return cap if claim is None else min(cap, claim)
+
+    async def _authorize_start(self, msg: Start) -> bool:
+        """``start`` hook, before anything else: token expiry (False: no ``started``; the
+        connection closes 4401 once its running streams have finished), the token's
+        ``models`` and ``max_streams`` claims, the principal's completion token budget."""
+        creds = self.credentials
+        if creds is not None:
+            if self._auth is not None and self._auth.expired(creds):
+                self._close_when_expired()
+                return False
+            if creds.models is not None and msg.model not in creds.models:
+                # Exactly what an alias that does not exist gets (no hint that it does).
+                visible = self._visible_models()
+                raise UnknownModel(f"unknown model {msg.model[:128]!r}; this relay serves: "
+                                   f"{', '.join(visible) or 'nothing'}")
+            cap = creds.max_streams
+            if cap is not None and (len(self._attachments) >= cap
+                                    or self._principal_state.streams >= cap):
+                raise TooManyStreams(f"at most {cap} concurrent streams for this token")
+        budget = self._principal_state.budget
+        if budget is not None:
+            wait = budget.retry_after()
+            if wait > 0:
+                raise RateLimited(f"completion token budget of {budget.limit} per hour used up",
+                                  retry_after=wait)
+        return True
+
+    def _close_when_expired(self) -> None:
+        if self._expiry_close is not None:
+            return
+        logger.info("token expired; closing after running streams", extra={
+            "session_id": self.session_id, "principal": self.principal})
+
+        async def finish_then_close() -> None:
+            tasks = self.stream_tasks()
+            if tasks:
+                await asyncio.wait(tasks)
+            await self.flush(timeout=5.0)        # their finish frames go out first
+            await self.ws.close(CloseCode.NOT_AUTHENTICATED, "token expired")
+
+        self._expiry_close = asyncio.create_task(
+            finish_then_close(), name=f"token expiry {self.session_id}")
+
 
     # ------------------------------------------------------------------ outbound
 

@@ -1,0 +1,242 @@
+"""Authentication: static API keys and short-lived signed tokens (JWT, HS256).
+
+Off by default (``auth = False``): every connection is admitted and its principal is the
+client's address. With ``auth`` on, a connection presents one credential, either
+
+* in the ``Authorization: Bearer <credential>`` header of the WebSocket upgrade (servers,
+  agents; a present but bad header is refused with HTTP 401 at the handshake), or
+* in ``hello.token`` (browsers cannot set headers). The header wins when both are sent.
+
+A credential is an API key from ``api_keys`` (plain, or stored as ``sha256:<hex>``; compared
+in constant time) or a token minted with :func:`mint_token` / ``relay token mint`` and
+signed with ``token_secret``. Claims of a token: ``sub`` (the principal), ``iat``, ``exp``,
+optional ``models`` (aliases it may use) and ``max_streams`` (concurrent streams).
+
+Call order: ``RelayServer`` builds one :class:`Authenticator`. At the upgrade,
+``RelayServer._refuse_bad_authorization`` (from ``_process_request``) calls
+:meth:`Authenticator.check_header` (HTTP 401). After ``hello``, ``Session._admit`` calls
+:meth:`Authenticator.admit` (close 4401 on failure), which moves the connection's accounting
+from its address to the authenticated principal. At each ``start``,
+``Session._authorize_start`` calls :meth:`Authenticator.expired` (then close 4401
+``token expired`` once the running streams have ended) and applies the claims.
+
+Credentials never reach a log, an error frame or a ``repr``: API keys are named by a label
+``key:<first 8 hex digits of sha256(key)>``, tokens by their ``sub``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import jwt
+
+from protocol import CloseCode
+
+if TYPE_CHECKING:
+    from protocol import Hello
+
+    from .config import RelaySettings
+    from .limits import PrincipalState, Principals
+
+__all__ = [
+    "AuthError", "Authenticator", "Credentials", "api_key_label", "hash_api_key", "mint_token",
+]
+
+logger = logging.getLogger("relay.auth")
+
+ALGORITHM = "HS256"
+MISSING = "missing token"
+INVALID = "invalid token"
+EXPIRED = "token expired"
+
+
+class AuthError(Exception):
+    """A credential was missing, invalid or expired. ``reason`` is safe to show and log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Who a connection acts for, and what its credential allows."""
+
+    principal: str
+    method: str  # "api_key" or "token"
+    models: frozenset[str] | None = None  # None: every alias
+    max_streams: int | None = None
+    expires_at: float | None = None  # Unix time; None: never (API keys)
+
+
+def hash_api_key(key: str) -> str:
+    """``sha256:<hex>``, the form in which a key may be stored in the settings."""
+    return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def api_key_label(digest_hex: str) -> str:
+    return "key:" + digest_hex[:8]
+
+
+def mint_token(secret: str, sub: str, ttl: float, models: list[str] | None = None,
+               max_streams: int | None = None) -> str:
+    """A token for ``sub`` valid for ``ttl`` seconds, signed HS256 with ``secret``."""
+    if not sub:
+        raise ValueError("sub must be a non-empty string")
+    if ttl <= 0:
+        raise ValueError("ttl must be positive")
+    if max_streams is not None and max_streams < 1:
+        raise ValueError("max_streams must be at least 1")
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + int(round(ttl))}
+    if models is not None:
+        claims["models"] = list(models)
+    if max_streams is not None:
+        claims["max_streams"] = int(max_streams)
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+def _parse_key(entry: str) -> bytes:
+    if entry.startswith("sha256:"):
+        hexdigest = entry[len("sha256:"):].strip().lower()
+        try:
+            digest = bytes.fromhex(hexdigest)
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise ValueError("an api_keys entry starting with 'sha256:' must be followed by "
+                             "64 hex digits")
+        return digest
+    if not entry:
+        raise ValueError("an api_keys entry is empty")
+    return hashlib.sha256(entry.encode("utf-8")).digest()
+
+
+def check_auth_settings(auth: bool, api_keys: list[str], token_secret: Any) -> None:
+    """Startup checks (raise ValueError with a message that names no secret)."""
+    for entry in api_keys:
+        _parse_key(entry)
+    if auth and not api_keys and token_secret is None:
+        raise ValueError("auth is on but no credentials are configured: set api keys "
+                         "(--api-key or RELAY_API_KEYS) or a token secret (RELAY_TOKEN_SECRET)")
+    if token_secret is not None and not token_secret.get_secret_value():
+        raise ValueError("token_secret is empty")
+
+
+class Authenticator:
+    """Checks credentials against the settings; admits connections (see module docstring).
+
+    ``clock`` (Unix time) is used for token expiry; tests may replace it."""
+
+    def __init__(self, settings: RelaySettings, principals: Principals | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.enabled = settings.auth
+        self.clock = clock
+        self._settings = settings
+        self._principals = principals
+        self._keys = [_parse_key(k) for k in settings.api_keys]
+        secret = settings.token_secret
+        self._secret = secret.get_secret_value() if secret is not None else None
+
+    def __repr__(self) -> str:
+        return (f"Authenticator(enabled={self.enabled}, api_keys={len(self._keys)}, "
+                f"tokens={self._secret is not None})")
+
+    # ------------------------------------------------------------------ credentials
+
+    def check_header(self, headers: Mapping[str, str]) -> Credentials | None:
+        """Credentials from an ``Authorization`` header; None when auth is off or the header
+        is absent. A present header that is not ``Bearer <valid credential>`` raises."""
+        if not self.enabled:
+            return None
+        try:
+            value = headers.get("Authorization")
+        except LookupError:  # websockets: the header was sent more than once
+            raise AuthError(INVALID) from None
+        if value is None:
+            return None
+        scheme, _, credential = value.strip().partition(" ")
+        if scheme.lower() != "bearer" or not credential.strip():
+            raise AuthError(INVALID)
+        return self.authenticate(credential.strip())
+
+    def authenticate(self, credential: str) -> Credentials:
+        """An API key or a signed token -> Credentials; raises :class:`AuthError`."""
+        if not credential:
+            raise AuthError(MISSING)
+        digest = hashlib.sha256(credential.encode("utf-8")).digest()
+        matched = False
+        for key in self._keys:  # every key is compared, in constant time each
+            matched |= hmac.compare_digest(digest, key)
+        if matched:
+            return Credentials(api_key_label(digest.hex()), "api_key")
+        if self._secret is None or credential.count(".") != 2:
+            raise AuthError(INVALID)
+        return self._decode(credential)
+
+    def _decode(self, token: str) -> Credentials:
+        try:
+            # Expiry is checked below against self.clock (so it can be tested without sleeping).
+            claims = jwt.decode(token, self._secret, algorithms=[ALGORITHM],
+                                options={"require": ["sub", "iat", "exp"], "verify_exp": False,
+                                         "verify_iat": False, "verify_nbf": False})
+        except jwt.PyJWTError:
+            raise AuthError(INVALID) from None
+        sub, exp, models, max_streams = (claims.get("sub"), claims.get("exp"),
+                                         claims.get("models"), claims.get("max_streams"))
+        if (not isinstance(sub, str) or not sub
+                or isinstance(exp, bool) or not isinstance(exp, (int, float))
+                or (models is not None and (not isinstance(models, list)
+                                            or not all(isinstance(m, str) for m in models)))
+                or (max_streams is not None and (isinstance(max_streams, bool)
+                                                 or not isinstance(max_streams, int)
+                                                 or max_streams < 1))):
+            raise AuthError(INVALID)
+        creds = Credentials(sub, "token",
+                            frozenset(models) if models is not None else None,
+                            max_streams, float(exp))
+        if self.expired(creds):
+            raise AuthError(EXPIRED)
+        return creds
+
+    def expired(self, creds: Credentials | None) -> bool:
+        return (creds is not None and creds.expires_at is not None
+                and self.clock() >= creds.expires_at)
+
+    # ------------------------------------------------------------------ admission
+
+    async def admit(self, ws: Any, hello: Hello, address_principal: str,
+                    session_id: str) -> tuple[Credentials, PrincipalState] | None:
+        """After ``hello``: authenticate (header first, else ``hello.token``), then move the
+        connection's accounting from its address to the principal. On failure the
+        connection is closed (4401, or 4429 over the principal's connection limit) and
+        None is returned."""
+        request = getattr(ws, "request", None)
+        try:
+            creds = self.check_header(request.headers) if request is not None else None
+            if creds is None:
+                if hello.token is None:
+                    raise AuthError(MISSING)
+                creds = self.authenticate(hello.token)
+        except AuthError as exc:
+            logger.info("authentication failed", extra={
+                "session_id": session_id, "address": address_principal, "reason": exc.reason})
+            await ws.close(CloseCode.NOT_AUTHENTICATED, exc.reason)
+            return None
+        principals = self._principals
+        assert principals is not None, "Authenticator.admit needs the server's Principals"
+        if principals.get(creds.principal).connections >= \
+                self._settings.max_connections_per_principal:
+            await ws.close(CloseCode.TOO_MANY, "too many connections for this principal")
+            return None
+        state = principals.connect(creds.principal)
+        principals.disconnect(address_principal)
+        logger.info("authenticated", extra={
+            "session_id": session_id, "principal": creds.principal, "auth": creds.method})
+        return creds, state
