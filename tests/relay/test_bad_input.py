@@ -7,6 +7,7 @@ providers against the loopback FakeUpstream."""
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import socket
 from pathlib import Path
@@ -199,6 +200,7 @@ def readme_rows() -> list[tuple[str, list[tuple[str, str]]]]:
     return rows
 
 
+@functools.cache
 def _test_functions(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     return {node.name for node in tree.body

@@ -34,7 +34,7 @@ from protocol import (
 from .helpers import SUBPROTOCOL, start_relay
 
 FUZZ_SETTINGS: dict = dict(
-    demo_tps=0,
+    demo_tps=150,  # streams live long enough for a later cancel in the batch to hit them
     # paced by awaiting each answer, but starts and frames must not hit the rate limits
     start_rate_per_minute=1e9, start_burst=1_000_000,
     frames_per_second=1e6, frame_burst=1_000_000,
@@ -88,12 +88,21 @@ valid_ping = st.just({"type": "ping"}) | st.builds(lambda d: {"type": "ping", "d
 valid_hello = st.builds(lambda c: {"type": "hello", "client": c},
                         st.fixed_dictionaries({"name": text, "version": text}))
 
-as_json = st.builds(lambda v: json.dumps(v, ensure_ascii=False),
-                    json_values | frame_like | valid_start | valid_cancel | valid_ping
-                    | valid_hello)
+def as_json(values: st.SearchStrategy) -> st.SearchStrategy:
+    return st.builds(lambda v: json.dumps(v, ensure_ascii=False), values)
+
+
 raw_text = text | st.sampled_from(["", " ", "{", "[]", "NaN", '{"type":"ping"} x', "\x00"])
-inbound = as_json | raw_text | st.binary(max_size=64)
-batches = st.lists(inbound, min_size=1, max_size=4)
+# Noise and valid frames in equal shares, so starts meet cancels of running streams.
+inbound = st.one_of(as_json(json_values), as_json(frame_like), raw_text, st.binary(max_size=64),
+                    as_json(valid_start), as_json(valid_cancel), as_json(valid_ping),
+                    as_json(valid_hello))
+# ... and a start directly followed by its cancel (cancel of a running stream)
+start_cancel = st.builds(lambda start: [json.dumps(start),
+                                        json.dumps({"type": "cancel", "id": start["id"]})],
+                         valid_start)
+batches = st.lists(inbound.map(lambda raw: [raw]) | start_cancel, min_size=1, max_size=5).map(
+    lambda groups: [raw for group in groups for raw in group])
 
 START_REFUSALS = {ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_MODEL, ErrorCode.DUPLICATE_ID,
                   ErrorCode.TOO_MANY_STREAMS, ErrorCode.RATE_LIMITED}
@@ -216,6 +225,7 @@ class FuzzConnection:
             expected: Any = decode_client_frame(raw)
         except FrameError as exc:
             expected = exc
+        was_running = isinstance(expected, Cancel) and expected.id in self.running
         try:
             answers = self.exchange(raw)
         except ConnectionClosed as exc:
@@ -241,7 +251,7 @@ class FuzzConnection:
         elif isinstance(expected, Cancel):
             # running: no direct answer (its finish follows); otherwise unknown_stream
             assert kinds in ([], [("error", "unknown_stream")]), (raw, answers)
-            self.note("cancel")
+            self.note("cancel:running" if was_running else "cancel:idle")
         elif isinstance(expected, Start):
             assert len(answers) == 1, (raw, answers)
             frame = answers[0]
@@ -308,8 +318,8 @@ def test_live_relay_answers_arbitrary_input_and_keeps_serving():
         # the fuzz saw every kind of answer, so the property was not vacuous
         stats = fuzz.stats
         print("fuzz answers:", dict(sorted(stats.items())))
-        for kind in ("bad_request", "pong", "started", "cancel", "finish:completed",
-                     "hello_again"):
+        for kind in ("bad_request", "pong", "started", "cancel:idle", "finish:completed",
+                     "finish:cancelled", "hello_again"):
             assert stats.get(kind), (kind, stats)
         assert rounds >= 100, rounds
         assert fuzz.ws.close_code == 1000 and good.close_code == 1000
