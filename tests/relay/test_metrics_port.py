@@ -82,3 +82,47 @@ def test_metrics_port_flag_and_env_reach_the_setting(monkeypatch):
     monkeypatch.setenv("RELAY_METRICS_PORT", "9100")
     assert RelaySettings().metrics_port == 9100
     assert RelaySettings(metrics_port=None).metrics_port is None
+
+
+class _Lines:
+    """A stdout stand-in that wakes a waiter when a line containing ``needle`` is printed."""
+
+    def __init__(self, needle: str) -> None:
+        self.text = ""
+        self.needle = needle
+        self.seen = asyncio.Event()
+
+    def write(self, data: str) -> int:
+        self.text += data
+        if self.needle in self.text:
+            self.seen.set()
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+async def test_serve_prints_metrics_url_and_serves_it(monkeypatch):
+    import os
+    import re
+    import signal
+    import sys
+
+    from relay.app import build_registry
+    from relay.cli import _run
+
+    out = _Lines("/metrics")
+    monkeypatch.setattr(sys, "stdout", out)
+    settings = RelaySettings(port=0, metrics_port=0, demo_tps=0)
+    serving = asyncio.create_task(_run(settings, build_registry(settings)))
+    try:
+        async with asyncio.timeout(10):
+            await out.seen.wait()
+        url = re.search(r"metrics on (http://127\.0\.0\.1:(\d+)/metrics)", out.text)
+        assert url, out.text
+        status, _, body = await get(int(url.group(2)), "/metrics")
+        assert status == 200 and "relay_connections 0.0" in body
+    finally:
+        if not serving.done():  # _run's own SIGTERM handler: drain (nothing), close
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert await asyncio.wait_for(serving, 10) == 0
