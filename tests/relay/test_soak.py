@@ -49,7 +49,11 @@ SEED = 20261124
 CONNECTIONS = 100
 STREAMS_PER_CONNECTION = 10
 UPSTREAM_SHARE = 0.1  # of streams through LiteLLM's openai provider -> FakeUpstream
-TIME_BUDGET = 30.0
+# The soak must take < 30 s on an idle 2-core machine. Asserted on this process's CPU time
+# (the relay, clients and fake share one loop), with a looser wall-clock bound, so other
+# processes loading the machine do not fail it.
+CPU_BUDGET = 30.0
+WALL_BUDGET = 60.0
 KEY_ENV = "SOAK_FAKE_PROVIDER_KEY"
 
 
@@ -189,7 +193,7 @@ async def test_soak_1000_streams_100_connections_no_leaks(monkeypatch, caplog):
     caplog.set_level(logging.WARNING, logger="relay")
     monkeypatch.setenv(KEY_ENV, "sk-soak")
     rng = random.Random(SEED)
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()
     fds_before = socket_fds()
     demo = demo_handler()
     async with FakeUpstream() as up:
@@ -236,7 +240,7 @@ async def test_soak_1000_streams_100_connections_no_leaks(monkeypatch, caplog):
         # pool may keep idle keep-alive connections to the (now stopped) upstream; those
         # belong to LiteLLM's process-wide client cache, not to the relay.
         pooled = sockets_to_port(up.port)
-    elapsed = time.monotonic() - t0
+    elapsed, cpu = time.monotonic() - t0, time.process_time() - cpu0
     leaked = socket_fds() - fds_before - pooled
     assert not leaked, f"sockets left open: {leaked}"
 
@@ -256,4 +260,8 @@ async def test_soak_1000_streams_100_connections_no_leaks(monkeypatch, caplog):
     errors = [r for r in caplog.records
               if r.levelno >= logging.ERROR and r.name.split(".")[0] == "relay"]
     assert not errors, [r.getMessage() for r in errors]
-    assert elapsed < TIME_BUDGET, f"soak took {elapsed:.1f} s"
+    print(f"soak: {elapsed:.1f} s wall, {cpu:.1f} s CPU; finishes {dict(out.statuses)}; "
+          f"abandoned {len(out.abandoned)}; disconnects {dict(out.disconnects)}; "
+          f"upstream requests {len(up.requests)}; demo streams opened {opened}")
+    assert cpu < CPU_BUDGET, f"soak used {cpu:.1f} s of CPU"
+    assert elapsed < WALL_BUDGET, f"soak took {elapsed:.1f} s"
