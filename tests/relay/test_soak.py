@@ -126,6 +126,7 @@ async def drive_connection(url: str, rng: random.Random, conn: int, out: Outcome
     tokens: Counter = Counter()
     cancelled: set[str] = set()
     finished: set[str] = set()
+    last_seq: dict[str, int] = {}
     async with connect(url, subprotocols=[SUBPROTOCOL]) as ws:
         send = ws.send
 
@@ -157,6 +158,10 @@ async def drive_connection(url: str, rng: random.Random, conn: int, out: Outcome
                     out.frames_after_finish.append(frame)
                 continue
             assert kind != "error", frame  # no start of the soak may be refused
+            # per stream: started first (seq 0), then seq grows by one per frame
+            assert (kind == "started") == (sid not in last_seq), frame
+            assert frame["seq"] == last_seq.get(sid, -1) + 1, frame
+            last_seq[sid] = frame["seq"]
             if kind == "finish":
                 out.finishes[sid] += 1
                 out.statuses[frame["status"]] += 1
