@@ -7,6 +7,7 @@ providers against the loopback FakeUpstream."""
 from __future__ import annotations
 
 import ast
+import asyncio
 import functools
 import re
 import socket
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from relay.app import load_models
 from relay.providers import ModelRegistry
@@ -124,6 +126,29 @@ async def test_oversize_first_frame_closes_1009_before_hello():
         assert code == 1009
         async with Client.connect(server.url) as c:  # the relay still serves others
             await assert_still_serving(c)
+
+
+async def test_upgrade_while_draining_is_http_503_and_start_is_draining():
+    async with start_relay(demo_tps=0.5, drain_timeout=30) as server:
+        async with Client.connect(server.url) as c:
+            await c.start("long")
+            assert (await c.next_for("long"))["type"] == "started"
+            shutdown = asyncio.create_task(server.shutdown())  # waits for "long" to end
+            await c.send({"type": "ping"})  # a round trip: the drain has begun
+            assert (await c.next_for(None))["type"] == "pong"
+            assert server.draining
+            with pytest.raises(InvalidStatus) as info:
+                async with connect(server.url, subprotocols=["llm-relay.v1"]):
+                    pass
+            assert info.value.response.status_code == 503
+            await c.start("late")
+            err = await c.next_for("late")
+            assert (err["type"], err["code"]) == ("error", "draining")
+            await c.send({"type": "cancel", "id": "long"})
+            assert (await c.collect("long"))[-1]["status"] == "cancelled"
+            await shutdown
+            code, _ = await _close_of(c.ws)
+        assert code == 1001
 
 
 # ---------------------------------------------------------------- upstream failures
