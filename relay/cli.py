@@ -23,6 +23,8 @@ def _build_parser() -> argparse.ArgumentParser:
                            "from the environment (flags win).")
     serve.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="TCP port (default 8765; 0 = any free port)")
+    serve.add_argument("--metrics-port", type=int,
+                       help="serve /metrics on this port only, not on --port (0 = any free)")
     serve.add_argument("--config", help="TOML file of model aliases (also RELAY_CONFIG)")
     serve.add_argument("--max-streams", type=int, help="concurrent streams per connection (8)")
     serve.add_argument("--max-frame-bytes", type=int, help="inbound frame limit (1048576)")
@@ -142,6 +144,9 @@ async def _run(settings, registry) -> int:
     async with RelayServer(settings, registry) as server:
         print(f"llm-relay listening on {server.url} (protocol llm-relay.v1); "
               f"models: {', '.join(registry.aliases)}", flush=True)
+        if server.metrics_port is not None:
+            print(f"llm-relay metrics on http://{settings.host}:{server.metrics_port}/metrics",
+                  flush=True)
         await stop.wait()
         print(f"llm-relay draining (up to {settings.drain_timeout:g} s), then closing",
               flush=True)

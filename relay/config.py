@@ -23,6 +23,8 @@ class RelaySettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=0, le=65535)
+    metrics_port: int | None = Field(None, ge=0, le=65535,
+                                     description="serve /metrics here, not on port (0 = any)")
     max_streams: int = Field(8, ge=1, description="concurrent streams per connection")
     max_frame_bytes: int = Field(1 << 20, ge=1024, description="inbound frame limit (1009 above)")
     hello_timeout: float = Field(10.0, gt=0)

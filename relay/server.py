@@ -27,6 +27,7 @@ from .config import RelaySettings
 from .hub import StreamHub
 from .limits import Principals
 from .metrics import CONTENT_TYPE_LATEST, RelayMetrics
+from .metrics_http import MetricsHTTPServer
 from .providers import ModelRegistry
 from .session import Session, StreamerFactory
 
@@ -61,6 +62,7 @@ class RelayServer:
         self._sessions: set[Session] = set()
         self.draining = False
         self.metrics = RelayMetrics()
+        self._metrics_http: MetricsHTTPServer | None = None
         self.principals = Principals(self.settings.start_rate_per_minute,
                                      self.settings.start_burst,
                                      self.settings.completion_token_budget_per_hour)
@@ -84,11 +86,24 @@ class RelayServer:
             compression=None,  # token frames gain little; it would cost ~50 KiB per socket
             server_header="llm-relay",
         )
+        if s.metrics_port is not None:
+            self._metrics_http = MetricsHTTPServer(self.metrics, s.host, s.metrics_port)
+            try:
+                await self._metrics_http.start()
+            except BaseException:  # e.g. metrics port in use: do not leave the main port open
+                self._metrics_http = None
+                await self.close()
+                raise
 
     @property
     def port(self) -> int:
         assert self._server is not None, "server not started"
         return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Bound port of the separate ``/metrics`` server; None when metrics share ``port``."""
+        return None if self._metrics_http is None else self._metrics_http.port
 
     @property
     def url(self) -> str:
@@ -125,6 +140,9 @@ class RelayServer:
         self._server.close(close_connections=True)
         await self._server.wait_closed()
         self._server = None
+        if self._metrics_http is not None:
+            await self._metrics_http.close()
+            self._metrics_http = None
 
     async def __aenter__(self) -> RelayServer:
         await self.start()
@@ -143,7 +161,7 @@ class RelayServer:
             if self.draining:
                 return _text(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
             return _text(connection, http.HTTPStatus.OK, "ready\n")
-        if path == "/metrics":
+        if path == "/metrics" and self.settings.metrics_port is None:  # else on its own port
             body = self.metrics.render()
             response = connection.respond(http.HTTPStatus.OK, "")
             del response.headers["Content-Type"], response.headers["Content-Length"]

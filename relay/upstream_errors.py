@@ -56,6 +56,10 @@ def classify_upstream_exception(exc: BaseException) -> UpstreamFailure:
         )
     if name in ("Timeout", "ReadTimeout", "ConnectTimeout", "APITimeoutError") or status == 408:
         return UpstreamFailure(ErrorCode.UPSTREAM_TIMEOUT, "the provider timed out")
+    if status in (None, 500) and _connect_failed(exc):
+        # LiteLLM reports a refused/unresolvable connection as an InternalServerError with
+        # status 500; no HTTP response ever came, so do not claim the provider said 500.
+        return UpstreamFailure(ErrorCode.UPSTREAM_ERROR, "could not reach the provider")
     if status in (400, 404, 413, 422) or name in ("BadRequestError", "NotFoundError",
                                                   "UnprocessableEntityError",
                                                   "ContextWindowExceededError",
@@ -72,6 +76,22 @@ def classify_upstream_exception(exc: BaseException) -> UpstreamFailure:
     return UpstreamFailure(
         ErrorCode.UPSTREAM_ERROR, "the provider's stream failed (cut off or malformed)"
     )
+
+
+_CONNECT_ERRORS = frozenset({"ConnectError", "APIConnectionError", "ClientConnectorError",
+                             "ConnectionRefusedError", "gaierror"})
+
+
+def _connect_failed(exc: BaseException) -> bool:
+    """True when the exception chain shows the connection to the provider never opened."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(seen) < 10:
+        seen.add(id(current))
+        if type(current).__name__ in _CONNECT_ERRORS:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _unwrap(exc: BaseException) -> BaseException:
