@@ -26,6 +26,11 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int,
                        help="serve /metrics on this port only, not on --port (0 = any free)")
     serve.add_argument("--config", help="TOML file of model aliases (also RELAY_CONFIG)")
+    serve.add_argument("--redis", dest="redis_url", metavar="URL",
+                       help="redis://host:port/db: relays share streams (resume and cancel "
+                            "across processes; SIGTERM closes 1012)")
+    serve.add_argument("--detach-grace", type=float,
+                       help="seconds a disconnected stream stays resumable (15; 0 = off)")
     serve.add_argument("--max-streams", type=int, help="concurrent streams per connection (8)")
     serve.add_argument("--max-frame-bytes", type=int, help="inbound frame limit (1048576)")
     serve.add_argument("--hello-timeout", type=float, help="seconds to wait for hello (10)")
@@ -135,13 +140,21 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _run(settings, registry) -> int:
+    from .redis_store import StoreUnavailable
     from .server import RelayServer
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with RelayServer(settings, registry) as server:
+    server = RelayServer(settings, registry)
+    try:
+        await server.start()
+    except StoreUnavailable as exc:
+        print(f"relay: cannot use Redis: {exc}", file=sys.stderr)
+        await server.close()
+        return 2
+    try:
         print(f"llm-relay listening on {server.url} (protocol llm-relay.v1); "
               f"models: {', '.join(registry.aliases)}", flush=True)
         if server.metrics_port is not None:
@@ -151,4 +164,6 @@ async def _run(settings, registry) -> int:
         print(f"llm-relay draining (up to {settings.drain_timeout:g} s), then closing",
               flush=True)
         await server.shutdown()
+    finally:
+        await server.close()
     return 0

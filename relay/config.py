@@ -72,6 +72,10 @@ class RelaySettings(BaseSettings):
     slow_consumer_bytes: int = Field(1 << 20, ge=1024,
                                      description="unsent backlog per connection tolerated...")
     slow_consumer_grace: float = Field(10.0, gt=0, description="...for this long, then 4008")
+    redis_url: str | None = Field(None, description="redis://... : relays share streams "
+                                  "(resume and cancel across processes)")
+    redis_prefix: str = Field("llmrelay:", min_length=1)
+    redis_max_frames: int = Field(100_000, ge=16, description="frames kept per stream in Redis")
     send_buffer_bytes: int | None = Field(None, ge=4096, description="kernel send buffer per "
                                           "connection (SO_SNDBUF); default: the OS's")
     log_level: str = "info"

@@ -48,6 +48,7 @@ from .streamer import (
 from .streamlog import FrameLog
 
 if TYPE_CHECKING:
+    from .replication import Replicator
     from .session import Attachment
 
 __all__ = ["HubStream", "StreamHub", "finish_frame"]
@@ -74,6 +75,11 @@ class HubStream:
     started_at: float = field(default_factory=time.monotonic)
     detached_at: float | None = None
     timer: asyncio.TimerHandle | None = None
+    #: A stream running on another relay, followed from Redis (see relay.replication).
+    remote: bool = False
+    #: Its log is being mirrored to Redis (resumable on other relays).
+    replicated: bool = False
+    mirror: asyncio.Task | None = None
 
     @property
     def running(self) -> bool:
@@ -91,6 +97,7 @@ class StreamHub:
         self.log_bytes = 0
         self.peak_log_bytes = 0
         self._on_stream_end = on_stream_end
+        self.replicator: Replicator | None = None
 
     # ------------------------------------------------------------------ queries
 
@@ -100,8 +107,20 @@ class StreamHub:
     def get(self, key: str) -> HubStream | None:
         return self._streams.get(key)
 
+    def streams(self) -> list[HubStream]:
+        return list(self._streams.values())
+
     def tasks(self) -> list[asyncio.Task]:
-        return [s.task for s in self._streams.values() if s.task is not None and s.running]
+        """Tasks of the upstream calls running in this process."""
+        return [s.task for s in self._streams.values()
+                if s.task is not None and s.running and not s.remote]
+
+    def adopt(self, stream: HubStream) -> None:
+        """Add a remote stream (followed from Redis) so control messages can find it."""
+        old = self._streams.get(stream.key)
+        if old is not None and old is not stream and old.remote:
+            self._release_remote(old)
+        self._streams[stream.key] = stream
 
     # ------------------------------------------------------------------ start
 
@@ -118,11 +137,14 @@ class StreamHub:
         principal_state.streams += 1
         stream.task = asyncio.create_task(self._produce(stream, request),
                                           name=f"stream {session_id}/{id}")
+        if self.replicator is not None and self.grace > 0:
+            self.replicator.mirror(stream)
         return stream
 
     # ------------------------------------------------------------------ attach / detach
 
-    def attach(self, stream: HubStream, attachment: Attachment) -> None:
+    def attach(self, stream: HubStream, attachment: Attachment, *, announce: bool = False) -> None:
+        """``announce``: a resume, which takes the stream over on every relay of a group."""
         old = stream.attachment
         if old is not None and old is not attachment:
             old.session.drop_attachment(old)      # takeover: the old one stops receiving
@@ -131,6 +153,8 @@ class StreamHub:
         if stream.timer is not None and stream.running:
             stream.timer.cancel()
             stream.timer = None
+        if announce and self.replicator is not None:
+            self.replicator.attached(stream)
 
     def detach(self, attachment: Attachment) -> asyncio.Task | None:
         """The connection holding ``attachment`` is gone. Returns the stream's task when the
@@ -140,6 +164,9 @@ class StreamHub:
             return None
         stream.attachment = None
         stream.detached_at = time.monotonic()
+        if stream.remote:
+            self._release_remote(stream)
+            return None
         if self.log_bytes > self.settings.max_log_bytes:
             self._evict()
             if self._streams.get(stream.key) is not stream:
@@ -185,6 +212,8 @@ class StreamHub:
 
     async def close(self, reason: str) -> None:
         """Cancel every running stream upstream with ``reason`` and await their tasks."""
+        for stream in [s for s in self._streams.values() if s.remote]:
+            self._release_remote(stream)
         running = [s for s in self._streams.values() if s.running]
         for stream in running:
             stream.streamer.cancel(reason)
@@ -196,10 +225,33 @@ class StreamHub:
 
     # ------------------------------------------------------------------ internals
 
+    def _release_remote(self, stream: HubStream) -> None:
+        if self._streams.get(stream.key) is stream:
+            del self._streams[stream.key]
+        if self.replicator is not None:
+            self.replicator.released(stream)
+
     def _grace_over(self, stream: HubStream) -> None:
         stream.timer = None
         if stream.attachment is not None:
             return
+        if stream.running and stream.replicated and self.replicator is not None:
+            self.replicator.spawn(self._grace_over_replicated(stream))
+            return
+        self._expire(stream)
+
+    async def _grace_over_replicated(self, stream: HubStream) -> None:
+        # A connection on another relay may be following it from Redis.
+        assert self.replicator is not None
+        if await self.replicator.attached_elsewhere(stream.key):
+            if stream.attachment is None and stream.running and stream.timer is None:
+                stream.timer = asyncio.get_running_loop().call_later(
+                    self.grace, self._grace_over, stream)
+            return
+        if stream.attachment is None:
+            self._expire(stream)
+
+    def _expire(self, stream: HubStream) -> None:
         if stream.running:
             logger.info("stream not resumed within %g s; cancelling upstream", self.grace,
                         extra={"stream_id": stream.id, "session_id": stream.session_id})

@@ -132,6 +132,7 @@ class StreamMeta:
     alias: str
     node: str          # node id that runs the upstream call
     state: str         # "running" | "finished" | "lost"
+    stream_id: str = ""  # the id of the start that created it (a resume's default id)
 
 
 class _ListenerStalled(Exception):
@@ -384,7 +385,8 @@ class RedisStore:
 
     # ------------------------------------------------------------------ stream records
 
-    async def create(self, key: str, *, principal: str, alias: str, node: str, ttl: float) -> None:
+    async def create(self, key: str, *, principal: str, alias: str, node: str, ttl: float,
+                     stream_id: str = "") -> None:
         """Record a new running stream owned by ``node``: meta hash (state ``running``) and
         owner key, both expiring after ``ttl``. Replaces any previous meta of ``key`` and
         deletes any previous log, so a reused key starts from seq 1."""
@@ -395,7 +397,8 @@ class RedisStore:
             async with self._cmd.pipeline(transaction=True) as pipe:
                 pipe.delete(meta, self._log_key(key))
                 pipe.hset(meta, mapping={"principal": principal, "alias": alias,
-                                         "node": node, "state": "running"})
+                                         "node": node, "state": "running",
+                                         "stream_id": stream_id})
                 pipe.pexpire(meta, ms)
                 pipe.set(self._owner_key(key), node, px=ms)
                 await pipe.execute()
@@ -446,7 +449,8 @@ class RedisStore:
         try:
             fields = {k.decode(): v.decode() for k, v in raw.items()}
             return StreamMeta(principal=fields["principal"], alias=fields["alias"],
-                              node=fields["node"], state=fields["state"])
+                              node=fields["node"], state=fields["state"],
+                              stream_id=fields.get("stream_id", ""))
         except KeyError:
             return None  # absent, or a hash not written by create()
 

@@ -25,6 +25,7 @@ from . import web
 from .auth import AuthError, Authenticator
 from .config import RelaySettings
 from .hub import StreamHub
+from .replication import Replicator
 from .limits import Principals
 from .metrics import CONTENT_TYPE_LATEST, RelayMetrics
 from .metrics_http import MetricsHTTPServer
@@ -67,12 +68,19 @@ class RelayServer:
                                      self.settings.start_burst,
                                      self.settings.completion_token_budget_per_hour)
         self.hub = StreamHub(self.settings, self.metrics)
+        self.replicator: Replicator | None = None
+        if self.settings.redis_url is not None:
+            self.replicator = Replicator(self.settings, self.hub)
+            self.hub.replicator = self.replicator
         self.auth = Authenticator(self.settings, self.principals)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        """Listen. With ``redis_url``, Redis must answer first (``StoreUnavailable``)."""
         s = self.settings
+        if self.replicator is not None:
+            await self.replicator.start()
         self._server = await serve(
             self._handler,
             s.host,
@@ -118,11 +126,20 @@ class RelayServer:
         (``draining``), let running streams finish for up to ``drain_timeout`` seconds
         (default: the setting), then cancel the rest (``server_shutdown``) and close every
         connection with 1001. websockets' ``Server.close()`` closes all connections at once,
-        so the draining happens before it."""
+        so the draining happens before it. With Redis, connections are closed 1012 at once
+        instead and the streams keep running (detached, resumable on any relay) for the
+        drain."""
         if self._server is None:
             return
         self.draining = True
         timeout = self.settings.drain_timeout if drain_timeout is None else drain_timeout
+        if self.replicator is not None:
+            # Relays share streams through Redis: clients reconnect (to another relay) and
+            # resume right away, while this one finishes its upstream calls into Redis.
+            logger.info("restarting: closing %d connection(s) with 1012", len(self._sessions))
+            for session in list(self._sessions):
+                session.close_soon(CloseCode.SERVICE_RESTART,
+                                   "relay restarting; reconnect and resume")
         tasks = self.hub.tasks()
         if tasks and timeout > 0:
             logger.info("draining %d stream(s) for up to %g s", len(tasks), timeout)
@@ -140,6 +157,8 @@ class RelayServer:
         self._server.close(close_connections=True)
         await self._server.wait_closed()
         self._server = None
+        if self.replicator is not None:
+            await self.replicator.close()
         if self._metrics_http is not None:
             await self._metrics_http.close()
             self._metrics_http = None

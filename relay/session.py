@@ -254,7 +254,7 @@ class Session:
             elif isinstance(msg, Cancel):
                 self._cancel(msg)
             elif isinstance(msg, Resume):
-                self._resume(msg)
+                await self._resume(msg)
             elif isinstance(msg, Ping):
                 self._send(frames.pong(msg.data))
             elif isinstance(msg, Hello):
@@ -326,17 +326,55 @@ class Session:
             raise UnknownStream(f"no running stream with id {msg.id!r}")
         self.hub.cancel(att.stream, FinishReason.CLIENT_CANCEL)
 
-    def _resume(self, msg: Resume) -> None:
-        stream = self.hub.find_for_resume(msg.stream_key, self.principal, msg.after_seq)
-        id = msg.id if msg.id is not None else stream.id
-        self._check_room(id)
+    async def _resume(self, msg: Resume) -> None:
+        hub = self.hub
+        try:
+            stream: HubStream | None = hub.find_for_resume(msg.stream_key, self.principal,
+                                                           msg.after_seq)
+        except UnknownStream:
+            if hub.replicator is None:
+                raise
+            stream = None                      # maybe it runs on another relay
+        if stream is None or stream.remote:
+            if stream is not None and stream.attachment is not None:
+                # Followed from Redis by another connection here: follow it afresh (its
+                # log only holds what that connection had not been sent yet).
+                old = stream.attachment
+                old.session.drop_attachment(old)
+                hub.detach(old)
+            assert hub.replicator is not None
+            stream = await hub.replicator.resume_remote(msg.stream_key, self.principal,
+                                                        msg.after_seq, self.session_id)
+            id = msg.id if msg.id is not None else stream.id
+            try:
+                self._check_room(id)
+            except RelayError:
+                hub.replicator.released(stream)
+                raise
+            hub.adopt(stream)
+        else:
+            id = msg.id if msg.id is not None else stream.id
+            self._check_room(id)
         self._send(frames.resumed(id, stream.key, msg.after_seq))
         # Registering attaches it in the hub, taking it over from any other connection.
         self._register(Attachment(self, stream, id, cursor=msg.after_seq,
-                                  offset=stream.log.offset_at(msg.after_seq)))
+                                  offset=stream.log.offset_at(msg.after_seq)), announce=True)
 
-    def _register(self, att: Attachment) -> None:
-        self.hub.attach(att.stream, att)
+    def attachment_failed(self, att: Attachment, code: str, message: str) -> None:
+        """A stream followed from another relay cannot go on: say so, with its id."""
+        if self._attachments.get(att.id) is not att:
+            return
+        self._unregister(att)
+        self.hub.detach(att)
+        self.metrics.errors.labels(code).inc()
+        self._send(frames.error(code, message, ref="resume", id=att.id))
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Close the connection (e.g. 1012 on a rolling restart); its streams detach."""
+        self._close_soon(code, reason)
+
+    def _register(self, att: Attachment, *, announce: bool = False) -> None:
+        self.hub.attach(att.stream, att, announce=announce)
         self._attachments[att.id] = att
         att.stream.log.listeners.add(self._on_append)
         self._notify()

@@ -117,7 +117,7 @@ def test_public_api_is_pinned() -> None:
         "start": "(self, on_control: 'Callable[[dict], None]') -> 'None'",
         "close": "(self) -> 'None'",
         "create": "(self, key: 'str', *, principal: 'str', alias: 'str', node: 'str', "
-                  "ttl: 'float') -> 'None'",
+                  "ttl: 'float', stream_id: 'str' = '') -> 'None'",
         "append": "(self, key: 'str', frames: 'list[tuple[int, bytes]]', *, ttl: 'float') -> 'None'",
         "finish": "(self, key: 'str', *, ttl: 'float') -> 'None'",
         "mark_lost": "(self, key: 'str', *, ttl: 'float') -> 'None'",
@@ -148,7 +148,8 @@ async def test_create_writes_meta_and_owner_with_ttl(store: RedisStore, raw: Red
     assert await store.owner_alive("s1")
     assert await raw.get(f"{prefix}owner:s1") == b"node-a"
     assert await raw.hgetall(f"{prefix}meta:s1") == {
-        b"principal": b"alice", b"alias": b"gpt", b"node": b"node-a", b"state": b"running"}
+        b"principal": b"alice", b"alias": b"gpt", b"node": b"node-a", b"state": b"running",
+        b"stream_id": b""}
     for key in (f"{prefix}meta:s1", f"{prefix}owner:s1"):
         assert 29_000 < await raw.pttl(key) <= 30_000
 

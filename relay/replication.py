@@ -1,0 +1,311 @@
+"""Several relay processes acting as one, through Redis (``--redis``).
+
+The node that runs a stream's upstream call (its *owner*) mirrors the stream's frame log into
+a Redis Stream (``RedisStore.append``, trimmed to ``redis_max_frames``) and keeps an owner key
+alive with a heartbeat. Any node can then serve a ``resume`` of that stream: it builds a
+*remote* ``HubStream`` whose log is fed by a follower task reading Redis (``XREAD BLOCK``),
+and its connection's writer sends it like any local stream. Control travels by pub/sub:
+
+* ``{"op": "cancel", "key": K}``: the owner cancels the upstream call (a ``cancel`` sent to
+  any node stops the request running on another);
+* ``{"op": "takeover", "key": K, "node": N}``: a connection on node N attached the stream;
+  every other node detaches its own attachment of it (the old one stops receiving frames).
+
+A node that serves a remote attachment refreshes an *attached* marker, which keeps the owner
+from cancelling the (locally detached) stream when its grace runs out.
+
+Failure policy: Redis is an add-on, never a dependency of local streams. If Redis fails, a
+local stream keeps running and finishing for its own connection (it just cannot be resumed
+elsewhere: the mirror stops and logs one warning); a remote attachment ends with an ``error``
+``store_unavailable``; a resume that needs Redis gets that error. Nothing crashes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from protocol import ErrorCode, FinishReason
+
+from .config import RelaySettings
+from .errors import RelayError, StreamLost, UnknownStream
+from .limits import PrincipalState
+from .redis_store import RedisStore, StoreUnavailable
+from .streamlog import FrameLog
+
+if TYPE_CHECKING:
+    from .hub import HubStream, StreamHub
+
+__all__ = ["Replicator", "StoreUnavailableError"]
+
+logger = logging.getLogger("relay.replication")
+
+# Owner key lifetime; the heartbeat refreshes it three times per period, so a node that
+# dies is noticed by resumers within this many seconds.
+_OWNER_TTL = 6.0
+_FOLLOW_BLOCK = 1.0
+
+
+class StoreUnavailableError(RelayError):
+    code = ErrorCode.STORE_UNAVAILABLE
+
+
+class _RemoteHandle:
+    """Stands in for the ``TokenStreamer`` of a stream that runs on another node."""
+
+    def __init__(self, replicator: Replicator, key: str) -> None:
+        self._replicator = replicator
+        self._key = key
+        self.cancelled = False
+
+    def cancel(self, reason: str = FinishReason.CLIENT_CANCEL) -> None:
+        if reason != FinishReason.CLIENT_CANCEL:
+            return              # disconnects and shutdowns of *this* node are not cancels
+        self.cancelled = True
+        self._replicator.spawn(self._replicator.publish_cancel(self._key))
+
+
+class Replicator:
+    def __init__(self, settings: RelaySettings, hub: StreamHub,
+                 store: RedisStore | None = None) -> None:
+        assert settings.redis_url is not None
+        self.settings = settings
+        self.hub = hub
+        self.store = store or RedisStore(settings.redis_url, prefix=settings.redis_prefix,
+                                         max_frames=settings.redis_max_frames)
+        self.node = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self.grace = settings.detach_grace
+        self._tasks: set[asyncio.Task] = set()
+        self._heartbeat: asyncio.Task | None = None
+        self._attach_tokens: dict[str, str] = {}   # remote key -> our attached token
+        self._warned = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await self.store.start(self._on_control)
+        self._heartbeat = asyncio.create_task(self._beat(), name="replication heartbeat")
+
+    async def close(self) -> None:
+        """After the hub closed: let mirrors write their last frames, then stop."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=2.0)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, *(t for t in [self._heartbeat] if t),
+                             return_exceptions=True)
+        await self.store.close()
+
+    def spawn(self, coro: Any, name: str | None = None) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ------------------------------------------------------------------ owner side
+
+    def mirror(self, stream: HubStream) -> None:
+        """Start copying ``stream``'s log to Redis (called at launch)."""
+        stream.mirror = self.spawn(self._mirror(stream), name=f"mirror {stream.key[:8]}")
+
+    async def _mirror(self, stream: HubStream) -> None:
+        store = self.store
+        log = stream.log
+        key = stream.key
+        ttl = max(_OWNER_TTL, self.grace)
+        wake = asyncio.Event()
+        listener = wake.set
+        log.listeners.add(listener)
+        cursor = 0
+        try:
+            await store.create(key, principal=stream.principal, alias=stream.alias,
+                               node=self.node, ttl=ttl, stream_id=stream.id)
+            stream.replicated = True
+            while True:
+                if log.trimmed_through > cursor:
+                    # The local cap dropped frames Redis never got: a remote replay would
+                    # have a hole, so say so instead.
+                    await store.mark_lost(key, ttl=max(self.grace, 1.0))
+                    return
+                entries = log.after(cursor, 512)
+                if entries:
+                    await store.append(key, [(e.seq, e.data) for e in entries], ttl=ttl)
+                    cursor = entries[-1].seq
+                    continue
+                if log.finished:
+                    await store.finish(key, ttl=max(self.grace, 1.0))
+                    return
+                wake.clear()
+                if not log.after(cursor, 1) and not log.finished:
+                    await wake.wait()
+        except StoreUnavailable as exc:
+            stream.replicated = False
+            self._warn(f"stream store unavailable ({exc}); streams keep running here but "
+                       "cannot be resumed on another relay")
+        finally:
+            log.listeners.discard(listener)
+
+    async def publish_cancel(self, key: str) -> None:
+        try:
+            await self.store.publish({"op": "cancel", "key": key})
+        except StoreUnavailable as exc:
+            self._warn(f"could not forward a cancel: {exc}")
+
+    async def attached_elsewhere(self, key: str) -> bool:
+        try:
+            return await self.store.get_attached(key) is not None
+        except StoreUnavailable:
+            return False
+
+    # ------------------------------------------------------------------ resumer side
+
+    async def resume_remote(self, key: str, principal: str, after_seq: int,
+                            session_id: str) -> HubStream:
+        """A ``HubStream`` for stream ``key`` running on another node, fed from Redis."""
+        from .hub import HubStream
+
+        store = self.store
+        try:
+            meta = await store.meta(key)
+            if meta is None or meta.principal != principal:
+                raise UnknownStream("no resumable stream with that stream_key")
+            if meta.state == "lost" or (meta.state == "running"
+                                        and not await store.owner_alive(key)):
+                raise StreamLost("this stream's log is gone (its relay stopped or dropped "
+                                 "it); its frames cannot be replayed")
+            first = await store.first_seq(key)
+        except StoreUnavailable as exc:
+            raise StoreUnavailableError(
+                "the relay's stream store is unavailable; resume again later") from exc
+        if first is not None and first > after_seq + 1:
+            raise StreamLost(f"frames after seq {after_seq} were trimmed from this stream's "
+                             "log; they cannot be replayed")
+        stream = HubStream(
+            key=key, id=meta.stream_id or "resumed", alias=meta.alias, principal=principal,
+            session_id=session_id, streamer=_RemoteHandle(self, key),  # type: ignore[arg-type]
+            log=FrameLog(max_bytes=self.settings.max_stream_log_bytes, keep=False),
+            principal_state=PrincipalState(), remote=True)
+        stream.log.trimmed_through = after_seq     # nothing before it will ever be needed
+        stream.task = self.spawn(self._follow(stream, after_seq), name=f"follow {key[:8]}")
+        return stream
+
+    def attached(self, stream: HubStream) -> None:
+        """A connection here attached ``stream`` (local or remote): tell the other nodes."""
+        self.spawn(self._announce(stream))
+
+    async def _announce(self, stream: HubStream) -> None:
+        try:
+            if stream.remote:
+                token = secrets.token_hex(8)
+                self._attach_tokens[stream.key] = token
+                await self.store.set_attached(stream.key, token, ttl=_OWNER_TTL)
+            await self.store.publish({"op": "takeover", "key": stream.key, "node": self.node})
+        except StoreUnavailable as exc:
+            self._warn(f"could not announce an attachment: {exc}")
+
+    def released(self, stream: HubStream) -> None:
+        """A remote stream is no longer attached here: stop following it."""
+        if stream.task is not None and not stream.task.done():
+            stream.task.cancel()
+        token = self._attach_tokens.pop(stream.key, None)
+        if token is not None:
+            self.spawn(self._clear_attached(stream.key, token))
+
+    async def _clear_attached(self, key: str, token: str) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.clear_attached(key, token)
+
+    async def _follow(self, stream: HubStream, after_seq: int) -> None:
+        store = self.store
+        key = stream.key
+        cursor = after_seq
+        failures = 0
+        try:
+            while True:
+                try:
+                    items = await store.read(key, cursor, block=_FOLLOW_BLOCK)
+                    failures = 0
+                except StoreUnavailable:
+                    failures += 1
+                    if failures >= 3:
+                        self._fail_remote(stream, ErrorCode.STORE_UNAVAILABLE,
+                                          "the relay's stream store became unavailable; "
+                                          "resume again later")
+                        return
+                    continue
+                for seq, data in items:
+                    frame = orjson.loads(data)
+                    stream.log.append(frame)
+                    cursor = seq
+                    if frame["type"] == "finish":
+                        stream.end = True      # type: ignore[assignment]
+                        return
+                if not items:
+                    try:
+                        meta = await store.meta(key)
+                        gone = meta is None or meta.state == "lost" or (
+                            meta.state == "running" and not await store.owner_alive(key))
+                    except StoreUnavailable:
+                        continue
+                    if gone:
+                        self._fail_remote(stream, ErrorCode.STREAM_LOST,
+                                          "the relay running this stream stopped before it "
+                                          "finished")
+                        return
+        except asyncio.CancelledError:
+            raise
+
+    def _fail_remote(self, stream: HubStream, code: str, message: str) -> None:
+        stream.end = True                      # type: ignore[assignment]
+        att = stream.attachment
+        if att is not None:
+            att.session.attachment_failed(att, code, message)
+
+    # ------------------------------------------------------------------ control
+
+    def _on_control(self, message: dict) -> None:
+        op = message.get("op")
+        key = message.get("key")
+        if not isinstance(key, str):
+            return
+        stream = self.hub.get(key)
+        if stream is None:
+            return
+        if op == "cancel" and not stream.remote:
+            stream.streamer.cancel(FinishReason.CLIENT_CANCEL)
+        elif op == "takeover" and message.get("node") != self.node:
+            att = stream.attachment
+            if att is not None:
+                att.session.drop_attachment(att)
+                self.hub.detach(att)
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(_OWNER_TTL / 3)     # a heartbeat period, not a wait for work
+            owned = [s.key for s in self.hub.streams() if not s.remote and s.running
+                     and getattr(s, "replicated", False)]
+            try:
+                if owned:
+                    await self.store.refresh(owned, ttl=max(_OWNER_TTL, self.grace))
+                for key, token in list(self._attach_tokens.items()):
+                    await self.store.set_attached(key, token, ttl=_OWNER_TTL)
+            except StoreUnavailable as exc:
+                self._warn(f"stream store heartbeat failed: {exc}")
+
+    def _warn(self, text: str) -> None:
+        # One warning per outage is enough; details go to debug.
+        if not self._warned:
+            self._warned = True
+            logger.warning(text)
+        else:
+            logger.debug(text)
