@@ -1,0 +1,230 @@
+"""Relays as one group through a real Redis: resume and cancel across relays, takeover,
+Redis failing mid-stream, and a rolling restart of one of two relay processes (1012)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import signal
+import subprocess
+import sys
+import uuid
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from relay.demo import demo_reply_tokens
+from relay.llm import demo_handler
+
+from ..redis_server import RedisServerProcess, redis_ping
+from .helpers import Client, start_relay, text_of
+from .test_limits import ROOT, _env
+
+SHARED_REDIS = "redis://127.0.0.1:6379/0"
+PROMPT = "carry this answer from one relay to the other without losing any word " * 2
+MESSAGES = [{"role": "user", "content": PROMPT}]
+FULL_TEXT = "".join(demo_reply_tokens(MESSAGES))
+
+
+@pytest.fixture
+def prefix():
+    assert redis_ping("127.0.0.1", 6379), "these tests need Redis on 127.0.0.1:6379 (.ci/run)"
+    return f"test:{uuid.uuid4().hex}:"
+
+
+@contextlib.asynccontextmanager
+async def two_relays(url: str, prefix: str, **settings):
+    settings.setdefault("detach_grace", 5)
+    async with start_relay(redis_url=url, redis_prefix=prefix, **settings) as a, \
+            start_relay(redis_url=url, redis_prefix=prefix, **settings) as b:
+        yield a, b
+
+
+async def _until_tokens(c: Client, id: str, n: int) -> tuple[dict, list[dict]]:
+    started = await c.next_for(id)
+    assert started["type"] == "started", started
+    seen: list[dict] = []
+    while sum(f["type"] == "token" for f in seen) < n:
+        seen.append(await c.next_for(id))
+    return started, seen
+
+
+def _assert_whole(before: list[dict], after: list[dict]) -> None:
+    seqs = [f["seq"] for f in before + after]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), seqs
+    assert [f["type"] for f in before + after].count("finish") == 1
+    assert after[-1]["type"] == "finish" and after[-1]["status"] == "completed"
+    assert text_of(before + after) == FULL_TEXT
+
+
+async def test_a_stream_started_on_one_relay_resumes_on_the_other(prefix):
+    async with two_relays(SHARED_REDIS, prefix, demo_tps=100) as (a, b):
+        async with Client.connect(a.url) as ca:
+            await ca.start("q1", messages=MESSAGES)
+            started, before = await _until_tokens(ca, "q1", 3)
+            ca.ws.transport.abort()
+        async with Client.connect(b.url) as cb:
+            last = before[-1]["seq"]
+            await cb.send({"type": "resume", "stream_key": started["stream_key"],
+                           "after_seq": last})
+            assert (await cb.next_for("q1")) == {
+                "type": "resumed", "id": "q1", "stream_key": started["stream_key"],
+                "after_seq": last}
+            after = await cb.collect("q1")
+        _assert_whole(before, after)
+        # The upstream call ran on relay A the whole time; B only followed it.
+        assert len(b.hub.tasks()) == 0
+
+
+async def test_resume_of_a_finished_stream_on_another_relay_replays_it(prefix):
+    async with two_relays(SHARED_REDIS, prefix) as (a, b):
+        async with Client.connect(a.url) as ca:
+            await ca.start("q1", messages=MESSAGES)
+            frames = await ca.collect("q1")
+        async with Client.connect(b.url) as cb:
+            await cb.send({"type": "resume", "stream_key": frames[0]["stream_key"],
+                           "after_seq": 0, "id": "r"})
+            assert (await cb.next_for("r"))["type"] == "resumed"
+            replay = await cb.collect("r")
+        assert text_of(replay) == FULL_TEXT and replay[-1]["seq"] == frames[-1]["seq"]
+
+
+async def test_a_cancel_sent_to_one_relay_stops_the_upstream_running_in_the_other(prefix):
+    handler = demo_handler()
+    before = handler.closed_early
+    async with two_relays(SHARED_REDIS, prefix, demo_tps=20) as (a, b):
+        async with Client.connect(a.url) as ca:
+            await ca.start("q1")
+            started, _ = await _until_tokens(ca, "q1", 1)
+            ca.ws.transport.abort()
+        async with Client.connect(b.url) as cb:
+            await cb.send({"type": "resume", "stream_key": started["stream_key"],
+                           "after_seq": 0})
+            assert (await cb.next_for("q1"))["type"] == "resumed"
+            await cb.send({"type": "cancel", "id": "q1"})
+            finish = (await cb.collect("q1"))[-1]
+            assert (finish["status"], finish["reason"]) == ("cancelled", "client_cancel")
+        await handler.wait_closed_early(before + 1)
+        assert a.hub.get(started["stream_key"]).streamer.cancelled
+
+
+async def test_unknown_and_foreign_keys_are_unknown_stream_on_every_relay(prefix):
+    async with two_relays(SHARED_REDIS, prefix, demo_tps=20,
+                          trusted_proxies=["127.0.0.1"]) as (a, b):
+        async with Client.connect(a.url) as ca, \
+                Client.connect(b.url, additional_headers={"X-Forwarded-For": "10.1.1.1"}) as m:
+            await ca.start("q1")
+            key = (await ca.next_for("q1"))["stream_key"]
+            for stream_key in (key, "nope-" + "x" * 30):
+                await m.send({"type": "resume", "stream_key": stream_key, "after_seq": 0,
+                              "id": "x"})
+                assert (await m.next_for("x"))["code"] == "unknown_stream"
+            await ca.send({"type": "cancel", "id": "q1"})
+            assert (await ca.collect("q1"))[-1]["status"] == "cancelled"
+
+
+async def test_a_resume_on_another_relay_takes_the_stream_over(prefix):
+    async with two_relays(SHARED_REDIS, prefix, demo_tps=60) as (a, b):
+        async with Client.connect(a.url) as old, Client.connect(b.url) as new:
+            await old.start("q1", messages=MESSAGES)
+            started, before = await _until_tokens(old, "q1", 2)
+            last = before[-1]["seq"]
+            await new.send({"type": "resume", "stream_key": started["stream_key"],
+                            "after_seq": last})
+            assert (await new.next_for("q1"))["type"] == "resumed"
+            after = await new.collect("q1")
+            _assert_whole(before, after)
+            # Relay A dropped the old attachment when B announced the takeover.
+            await old.send({"type": "ping"})
+            assert (await old.next_for(None))["type"] == "pong"
+            assert all(f["type"] != "finish" for f in old._stash.get("q1", []))
+
+
+async def test_redis_failing_mid_stream_local_streams_finish_and_resumes_get_a_clear_error(
+        caplog):
+    caplog.set_level(logging.WARNING, logger="relay")
+    redis = RedisServerProcess()
+    redis.start()
+    try:
+        async with two_relays(redis.url, "t:", demo_tps=50, detach_grace=5) as (a, b):
+            async with Client.connect(a.url) as ca, Client.connect(b.url) as cb:
+                await ca.start("local", messages=MESSAGES)
+                started, before = await _until_tokens(ca, "local", 2)
+                # B follows a second stream of A's from Redis when Redis goes away.
+                await ca.start("other", messages=MESSAGES)
+                other = await ca.next_for("other")
+                await cb.send({"type": "resume", "stream_key": other["stream_key"],
+                               "after_seq": 0, "id": "other"})
+                assert (await cb.next_for("other"))["type"] == "resumed"
+                redis.stop()
+                # The stream on relay A goes on for its own client.
+                after = await ca.collect("local")
+                _assert_whole(before, after)
+                # B's follower cannot go on: a clear error with the stream's id.
+                frame = await cb.next_for("other")
+                while frame["type"] != "error":
+                    frame = await cb.next_for("other")
+                assert (frame["code"], frame["ref"]) == ("store_unavailable", "resume")
+                # A resume that needs Redis gets the same clear error...
+                await cb.send({"type": "resume", "stream_key": started["stream_key"],
+                               "after_seq": 0, "id": "again"})
+                assert (await cb.next_for("again"))["code"] == "store_unavailable"
+                # ...and both relays keep serving.
+                await cb.start("fresh", content="still here", params={"max_tokens": 3})
+                assert (await cb.collect("fresh"))[-1]["status"] == "completed"
+                await ca.send({"type": "cancel", "id": "other"})
+                await ca.collect("other")
+    finally:
+        redis.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert any("unavailable" in r.getMessage() for r in caplog.records)
+
+
+async def _spawn_relay(redis_url: str, prefix: str, drain_timeout: float = 30.0):
+    env = {**_env(), "RELAY_REDIS_PREFIX": prefix}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "serve", "--port", "0", "--demo-tps", "40",
+        "--redis", redis_url, "--detach-grace", "10", "--drain-timeout", str(drain_timeout),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+    match = re.search(r"(ws://\S+/ws)", line)
+    assert match, line
+    return proc, match.group(1)
+
+
+async def test_rolling_restart_of_one_of_two_relay_processes_loses_nothing(prefix):
+    """SIGTERM to relay A mid-stream: A closes its sockets 1012 at once, keeps the upstream
+    call running into Redis; the client resumes on relay B and gets the whole answer."""
+    proc_a, url_a = await _spawn_relay(SHARED_REDIS, prefix)
+    proc_b, url_b = await _spawn_relay(SHARED_REDIS, prefix)
+    try:
+        async with Client.connect(url_a) as ca:
+            await ca.start("q1", messages=MESSAGES)
+            started, before = await _until_tokens(ca, "q1", 2)
+            proc_a.send_signal(signal.SIGTERM)
+            # Frames already on the way still arrive, then the 1012 close.
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    frame = await ca.next_for("q1")
+                    before.append(frame)
+            assert ca.ws.close_code == 1012
+        last = before[-1]["seq"]
+        async with Client.connect(url_b) as cb:
+            await cb.send({"type": "resume", "stream_key": started["stream_key"],
+                           "after_seq": last})
+            assert (await cb.next_for("q1"))["type"] == "resumed"
+            after = await cb.collect("q1")
+        _assert_whole(before, after)
+        # A exits once its upstream call is done (well within drain_timeout).
+        assert await asyncio.wait_for(proc_a.wait(), 30) == 0
+    finally:
+        for proc in (proc_a, proc_b):
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(proc.wait(), 30)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
