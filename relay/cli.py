@@ -31,6 +31,15 @@ def _build_parser() -> argparse.ArgumentParser:
                             "across processes; SIGTERM closes 1012)")
     serve.add_argument("--detach-grace", type=float,
                        help="seconds a disconnected stream stays resumable (15; 0 = off)")
+    serve.add_argument("--max-stream-log-bytes", type=int,
+                       help="frames kept per stream for resume (8 MiB)")
+    serve.add_argument("--max-log-bytes", type=int, help="all stream logs in total (256 MiB)")
+    serve.add_argument("--slow-consumer-bytes", type=int,
+                       help="unsent backlog per connection tolerated (1 MiB)...")
+    serve.add_argument("--slow-consumer-grace", type=float,
+                       help="...for this many seconds, then close 4008 (10)")
+    serve.add_argument("--send-buffer-bytes", type=int,
+                       help="kernel send buffer per connection (default: the OS's)")
     serve.add_argument("--max-streams", type=int, help="concurrent streams per connection (8)")
     serve.add_argument("--max-frame-bytes", type=int, help="inbound frame limit (1048576)")
     serve.add_argument("--hello-timeout", type=float, help="seconds to wait for hello (10)")
