@@ -14,7 +14,7 @@ from relay.config import RelaySettings
 from relay.providers import ModelRegistry
 from relay.streamer import Timeouts
 from tests.fakes.upstream import (
-    FakeUpstream, Usage, anthropic_stream, http_error, openai_stream, stream, tool_call,
+    FakeUpstream, Usage, http_error, stream, tool_call,
 )
 
 from .helpers import Client, start_relay, text_of

@@ -3,7 +3,6 @@ every frame after its last seq exactly once (in-process memory log)."""
 
 from __future__ import annotations
 
-import asyncio
 
 from relay.demo import demo_reply_tokens
 from relay.llm import demo_handler
