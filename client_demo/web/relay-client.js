@@ -90,6 +90,9 @@ export class RelayStream {
     this.status = "pending"; // pending | streaming | resuming | <finish.status> | error
     this.streamKey = null;
     this.lastSeq = -1;
+    this.seqs = []; // the seq of every frame delivered, in order (after dedupe)
+    this.resumes = 0; // successful resumes after dropped connections
+    this.lastResume = null; // {afterSeq, closeCode} of the latest one
     this.startedAt = null; // performance.now() when start was sent
     this.firstTokenAt = null;
     this.ttft = null; // ms from start sent to first token/reasoning/tool-call frame
@@ -546,7 +549,7 @@ export class RelayClient extends EventTarget {
     for (const stream of [...this._streams.values()]) {
       if (stream.status !== "resuming") continue;
       if (canResume && stream.streamKey) {
-        this._send({ type: "resume", stream_key: stream.streamKey, after_seq: stream.lastSeq, id: stream.id });
+        this._send({ type: "resume", stream_key: stream.streamKey, after_seq: Math.max(0, stream.lastSeq), id: stream.id });
       } else {
         this._drop(stream, new StreamError("connection lost and the server does not offer resume", {
           code: "connection_lost", id: stream.id, partialText: stream.text, closeCode: this.lastClose && this.lastClose.code,
@@ -585,6 +588,11 @@ export class RelayClient extends EventTarget {
     const stream = typeof frame.id === "string" ? this._streams.get(frame.id) : null;
     if (!stream) return;
     stream.status = "streaming";
+    stream.resumes += 1;
+    stream.lastResume = {
+      afterSeq: typeof frame.after_seq === "number" ? frame.after_seq : stream.lastSeq,
+      closeCode: this.lastClose ? this.lastClose.code : null,
+    };
     if (stream._cancelRequested) this._send({ type: "cancel", id: stream.id });
   }
 
@@ -594,6 +602,7 @@ export class RelayClient extends EventTarget {
     if (typeof frame.seq === "number") {
       if (frame.seq <= stream.lastSeq) return; // replayed after a resume: already seen
       stream.lastSeq = frame.seq;
+      stream.seqs.push(frame.seq);
     }
     if (stream.status === "resuming") stream.status = "streaming"; // live again
     stream._apply(frame);
