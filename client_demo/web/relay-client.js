@@ -10,7 +10,8 @@
 // * subprotocol "llm-relay.v1", hello (with the token) / welcome;
 // * many streams on one socket, client-chosen ids, frames routed by id, per-stream seq dedupe;
 // * app-level ping/pong on an interval: no pong in time = dead server, handled as a 1006 drop;
-// * reconnect with exponential backoff and jitter, on retryable close codes only;
+// * reconnect with exponential backoff and jitter, on retryable close codes only, plus once
+//   after 4401 "token expired" on a welcomed connection when `token` is a function;
 // * resume of unfinished streams after a reconnect when the server offers it
 //   (welcome.limits.detach_grace > 0 and started.stream_key), else their `done` rejects
 //   with StreamError code "connection_lost" and the text received so far;
@@ -273,6 +274,7 @@ export class RelayClient extends EventTarget {
     this._pingTimer = null;
     this._pongTimer = null;
     this._pingCounter = 0;
+    this._socketWelcomed = false; // the current socket got its welcome
     this.ready = new Promise((resolve, reject) => {
       this._readyResolve = resolve;
       this._readyReject = reject;
@@ -349,6 +351,7 @@ export class RelayClient extends EventTarget {
       return;
     }
     this._ws = ws;
+    this._socketWelcomed = false;
     ws.onopen = () => {
       if (ws.protocol !== PROTOCOL) {
         detach(ws);
@@ -372,9 +375,25 @@ export class RelayClient extends EventTarget {
     this._ws = null;
     this._stopPing();
     this.lastClose = { code, reason };
+    const welcomed = this._socketWelcomed;
+    this._socketWelcomed = false;
+    // A token that expired while the connection was open (4401 "token expired" after a
+    // welcome): with a token function, reconnect once with a fresh token. The relay left the
+    // start that hit the expiry unanswered, so starts without `started` are sent again.
+    // A fresh token refused too (4401 before any welcome) is final: no loop.
+    const refresh = code === 4401 && welcomed && typeof this.options.token === "function"
+      && /expired/i.test(reason || "") && !this._closedByUser;
+    if (refresh) {
+      for (const stream of this._streams.values()) {
+        if (stream._sent && !stream.streamKey && stream.status === "pending") {
+          stream._sent = false;
+          this._outbox.push(stream);
+        }
+      }
+    }
     const lost = this._handleLostStreams(code);
     if (this._closedByUser) return;
-    const retryable = retryableOverride ?? isRetryable(code);
+    const retryable = refresh || (retryableOverride ?? isRetryable(code));
     const detail = { code, reason, meaning: closeMeaning(code), retryable, lostStreams: lost };
     if (retryable && this.options.reconnect && this._attempt < this.options.maxRetries) {
       const exp = Math.min(this.options.backoffMax, this.options.backoffBase * 2 ** this._attempt);
@@ -540,6 +559,7 @@ export class RelayClient extends EventTarget {
 
   _onWelcome(frame) {
     this.welcome = frame;
+    this._socketWelcomed = true;
     this.models = Array.isArray(frame.models) ? frame.models.filter((m) => typeof m === "string") : [];
     this.limits = frame.limits && typeof frame.limits === "object" ? frame.limits : {};
     this.sessionId = frame.session_id || null;

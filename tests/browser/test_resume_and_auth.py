@@ -274,3 +274,65 @@ async def test_token_function_is_called_before_every_connect_and_resume_keeps_th
     assert out["status"] == "completed" and out["text"] == FULL_TEXT
     assert out["resumes"] == 1 and out["seqs"] == sorted(set(out["seqs"]))
     assert sockets[1]["sent"][1]["type"] == "resume"
+
+
+async def test_a_token_expiring_on_an_open_connection_is_refreshed_once_and_the_start_resent(
+        page):
+    """The relay closes 4401 `token expired` at the first start after `exp` and leaves that
+    start unanswered; a client with a token function reconnects once with a fresh token and
+    sends the start again. A refused fresh token ends it (`closed`, no loop)."""
+    minted: list[str] = []
+    ttl = [300]
+
+    def mint() -> str:
+        minted.append(mint_token(SECRET, "alice", ttl[0]))
+        return minted[-1]
+
+    async with start_relay(auth=True, token_secret=SECRET, demo_tps=0) as server:
+        await page.add_init_script(RECORD_WS)
+        await page.expose_function("mintToken", mint)
+        await page.goto(page_url(server, "relay-client.js"))
+        await page.evaluate("""async () => {
+            const m = await import('/relay-client.js');
+            window.__states = [];
+            window.__c = await m.RelayClient.connect(undefined, {
+                token: () => window.mintToken(), backoffBase: 20, backoffMax: 100});
+            window.__c.addEventListener('state', (e) => window.__states.push(
+                {state: e.detail.state, code: e.detail.code ?? null, reason: e.detail.reason}));
+        }""")
+        # Time passes on the relay: the first token (300 s) has expired, a fresh one
+        # (7200 s) has not.
+        real = server.auth.clock
+        server.auth.clock = lambda: real() + 3600
+        ttl[0] = 7200
+        out = await page.evaluate("""async (messages) => {
+            const s = window.__c.start({model: 'demo', messages, id: 'after-expiry'});
+            const finish = await s.done;
+            return {status: finish.status, text: s.text, state: window.__c.state};
+        }""", MESSAGES)
+        # Now every token is expired: the next refresh is refused before any welcome.
+        server.auth.clock = lambda: real() + 10 * 86400
+        final = await page.evaluate("""async () => {
+            const c = window.__c;
+            const s = c.start({model: 'demo', messages: [{role: 'user', content: 'x'}]});
+            let error = null;
+            try { await s.done; } catch (e) { error = e.code; }
+            if (c.state !== 'closed') await new Promise((resolve) => c.addEventListener(
+                'state', (e) => e.detail.state === 'closed' && resolve()));
+            return {error, states: window.__states};
+        }""")
+        sockets = await page.evaluate("() => window.__sockets")
+    assert out == {"status": "completed", "text": FULL_TEXT, "state": "open"}
+    first, second, third = sockets  # no fourth: the refused refresh was final
+    assert first["close"] == {"code": 4401, "reason": "token expired"}
+    starts = [[f for f in s["sent"] if f["type"] == "start"] for s in (first, second)]
+    assert starts[0] == [starts[1][0]]  # sent again, once, on the refreshed connection
+    assert not [f for f in first["received"] if f.get("id") == "after-expiry"]
+    assert second["received"][0]["type"] == "welcome"
+    assert second["close"] == {"code": 4401, "reason": "token expired"}
+    assert third["received"] == []  # refused at hello: no welcome, and no further attempt
+    assert third["close"] == {"code": 4401, "reason": "token expired"}
+    assert [s["sent"][0]["token"] for s in sockets] == minted and len(minted) == 3
+    assert final["error"] == "connection_lost"
+    names = [(s["state"], s["code"]) for s in final["states"]]
+    assert names[-1] == ("closed", 4401)
