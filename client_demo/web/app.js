@@ -105,6 +105,7 @@ function el(tag, className, text) {
 function renderPane(stream, label) {
   const pane = el("section", "answer");
   pane.dataset.streamId = stream.id;
+  pane.relayStream = stream; // for the console (and the tests): text, seqs, resumes, ...
   const head = el("div", "answer-head");
   head.append(el("span", "answer-model", label), el("span", "answer-status", "pending"));
   const parts = {
@@ -151,6 +152,10 @@ function describeEnd(stream) {
   if (stream.ttft !== null) bits.push(`time to first token: ${Math.round(stream.ttft)} ms`);
   if (stream.startedAt !== null) bits.push(`total: ${Math.round(performance.now() - stream.startedAt)} ms`);
   if (stream.finish && stream.finish.reason) bits.push(`reason: ${stream.finish.reason}`);
+  if (stream.resumes) {
+    const last = stream.lastResume;
+    bits.push(`resumed ${stream.resumes}× after a dropped connection (last: close ${last.closeCode}, after seq ${last.afterSeq})`);
+  }
   if (stream.finish && stream.finish.error) bits.push(`error: ${stream.finish.error.code}: ${stream.finish.error.message}`);
   return bits.join(" · ");
 }
@@ -170,6 +175,7 @@ async function follow(stream, parts) {
     const code = err instanceof StreamError ? err.code : "error";
     setStatus(parts, `error: ${code}`);
     parts.status.dataset.status = "error";
+    parts.status.dataset.error = code;
     parts.meta.textContent = `${err.message}${stream.text ? " · partial text kept above" : ""}`;
   } finally {
     running.delete(stream);

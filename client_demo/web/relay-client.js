@@ -10,7 +10,8 @@
 // * subprotocol "llm-relay.v1", hello (with the token) / welcome;
 // * many streams on one socket, client-chosen ids, frames routed by id, per-stream seq dedupe;
 // * app-level ping/pong on an interval: no pong in time = dead server, handled as a 1006 drop;
-// * reconnect with exponential backoff and jitter, on retryable close codes only;
+// * reconnect with exponential backoff and jitter, on retryable close codes only, plus once
+//   after 4401 "token expired" on a welcomed connection when `token` is a function;
 // * resume of unfinished streams after a reconnect when the server offers it
 //   (welcome.limits.detach_grace > 0 and started.stream_key), else their `done` rejects
 //   with StreamError code "connection_lost" and the text received so far;
@@ -90,6 +91,9 @@ export class RelayStream {
     this.status = "pending"; // pending | streaming | resuming | <finish.status> | error
     this.streamKey = null;
     this.lastSeq = -1;
+    this.seqs = []; // the seq of every frame delivered, in order (after dedupe)
+    this.resumes = 0; // successful resumes after dropped connections
+    this.lastResume = null; // {afterSeq, closeCode} of the latest one
     this.startedAt = null; // performance.now() when start was sent
     this.firstTokenAt = null;
     this.ttft = null; // ms from start sent to first token/reasoning/tool-call frame
@@ -270,6 +274,7 @@ export class RelayClient extends EventTarget {
     this._pingTimer = null;
     this._pongTimer = null;
     this._pingCounter = 0;
+    this._socketWelcomed = false; // the current socket got its welcome
     this.ready = new Promise((resolve, reject) => {
       this._readyResolve = resolve;
       this._readyReject = reject;
@@ -346,6 +351,7 @@ export class RelayClient extends EventTarget {
       return;
     }
     this._ws = ws;
+    this._socketWelcomed = false;
     ws.onopen = () => {
       if (ws.protocol !== PROTOCOL) {
         detach(ws);
@@ -369,9 +375,25 @@ export class RelayClient extends EventTarget {
     this._ws = null;
     this._stopPing();
     this.lastClose = { code, reason };
+    const welcomed = this._socketWelcomed;
+    this._socketWelcomed = false;
+    // A token that expired while the connection was open (4401 "token expired" after a
+    // welcome): with a token function, reconnect once with a fresh token. The relay left the
+    // start that hit the expiry unanswered, so starts without `started` are sent again.
+    // A fresh token refused too (4401 before any welcome) is final: no loop.
+    const refresh = code === 4401 && welcomed && typeof this.options.token === "function"
+      && /expired/i.test(reason || "") && !this._closedByUser;
+    if (refresh) {
+      for (const stream of this._streams.values()) {
+        if (stream._sent && !stream.streamKey && stream.status === "pending") {
+          stream._sent = false;
+          this._outbox.push(stream);
+        }
+      }
+    }
     const lost = this._handleLostStreams(code);
     if (this._closedByUser) return;
-    const retryable = retryableOverride ?? isRetryable(code);
+    const retryable = refresh || (retryableOverride ?? isRetryable(code));
     const detail = { code, reason, meaning: closeMeaning(code), retryable, lostStreams: lost };
     if (retryable && this.options.reconnect && this._attempt < this.options.maxRetries) {
       const exp = Math.min(this.options.backoffMax, this.options.backoffBase * 2 ** this._attempt);
@@ -537,6 +559,7 @@ export class RelayClient extends EventTarget {
 
   _onWelcome(frame) {
     this.welcome = frame;
+    this._socketWelcomed = true;
     this.models = Array.isArray(frame.models) ? frame.models.filter((m) => typeof m === "string") : [];
     this.limits = frame.limits && typeof frame.limits === "object" ? frame.limits : {};
     this.sessionId = frame.session_id || null;
@@ -546,7 +569,7 @@ export class RelayClient extends EventTarget {
     for (const stream of [...this._streams.values()]) {
       if (stream.status !== "resuming") continue;
       if (canResume && stream.streamKey) {
-        this._send({ type: "resume", stream_key: stream.streamKey, after_seq: stream.lastSeq, id: stream.id });
+        this._send({ type: "resume", stream_key: stream.streamKey, after_seq: Math.max(0, stream.lastSeq), id: stream.id });
       } else {
         this._drop(stream, new StreamError("connection lost and the server does not offer resume", {
           code: "connection_lost", id: stream.id, partialText: stream.text, closeCode: this.lastClose && this.lastClose.code,
@@ -585,6 +608,11 @@ export class RelayClient extends EventTarget {
     const stream = typeof frame.id === "string" ? this._streams.get(frame.id) : null;
     if (!stream) return;
     stream.status = "streaming";
+    stream.resumes += 1;
+    stream.lastResume = {
+      afterSeq: typeof frame.after_seq === "number" ? frame.after_seq : stream.lastSeq,
+      closeCode: this.lastClose ? this.lastClose.code : null,
+    };
     if (stream._cancelRequested) this._send({ type: "cancel", id: stream.id });
   }
 
@@ -594,6 +622,7 @@ export class RelayClient extends EventTarget {
     if (typeof frame.seq === "number") {
       if (frame.seq <= stream.lastSeq) return; // replayed after a resume: already seen
       stream.lastSeq = frame.seq;
+      stream.seqs.push(frame.seq);
     }
     if (stream.status === "resuming") stream.status = "streaming"; // live again
     stream._apply(frame);
