@@ -185,21 +185,17 @@ async def test_cancel_and_new_streams_while_reconnecting_wait_for_the_new_connec
     async with start_relay(detach_grace=5, demo_tps=50) as server, \
             RelayClient(server.url, **FAST) as c:
         s = c.stream("demo", MESSAGES)
-        seen = []
         async for ev in s:
-            seen.append(ev)
             if isinstance(ev, Token):
                 _kill(c)
-                break_now = True
-                break
-        assert break_now
+                break             # leaving the loop cancels the stream...
         # Let the client notice the drop (its connection task runs on the next await).
         while c.state == "open":
             await c._changed.wait()
         assert c.state == "reconnecting"
         # Neither waits for nor fails on the dead socket: both go to the new connection.
         other = asyncio.create_task(c.complete("demo", [{"role": "user", "content": "new"}]))
-        await s.aclose()          # the cancel is sent after the stream's resume
+        await s.aclose()          # ...with a cancel sent after the stream's resume
         assert s.finish is not None and s.finish.status == "cancelled"
         assert s.finish.reason == "client_cancel" and s.resumes == 1
         result = await other
@@ -214,7 +210,8 @@ async def test_without_detach_grace_a_drop_raises_connection_lost_then_the_clien
         with pytest.raises(ConnectionLost) as info:
             await _stream_killing_after(c, s, Token, 2, lambda: _kill(c))
         lost = info.value
-        assert lost.partial_text == s.text == "".join(demo_reply_tokens(MESSAGES)[:2])
+        assert lost.partial_text == s.text and FULL_TEXT.startswith(s.text)
+        assert "".join(demo_reply_tokens(MESSAGES)[:2]) in s.text
         assert lost.close_code == 1006 and lost.stream_id == s.id and lost.code is None
         assert "detach_grace" in str(lost)
         # Reconnected (no resume to do): new streams work.
@@ -223,23 +220,33 @@ async def test_without_detach_grace_a_drop_raises_connection_lost_then_the_clien
 
 
 async def test_resume_refused_by_the_relay_is_connection_lost_with_its_code():
-    """The relay forgets the stream while the client is away: unknown_stream."""
-    async with start_relay(detach_grace=5, demo_tps=50) as server:
+    """The client stays away longer than detach_grace: the relay dropped the stream, and
+    answers the resume with unknown_stream."""
+    async with start_relay(detach_grace=0.3, demo_tps=50) as server:
         calls = 0
+        key: list[str] = []
 
         async def token() -> None:
             nonlocal calls
             calls += 1
-            if calls > 1:   # before reconnecting, the relay loses every stream
-                await server.hub.close("server_shutdown")
+            if calls > 1:   # the reconnect: wait until the relay has dropped the stream
+                async with asyncio.timeout(10):
+                    while server.hub.get(key[0]) is not None:
+                        await asyncio.sleep(0.01)
 
         async with RelayClient(server.url, token=token, **FAST) as c:
             s = c.stream("demo", MESSAGES)
+
+            def kill() -> None:
+                key.append(s.stream_key)
+                _kill(c)
+
             with pytest.raises(ConnectionLost) as info:
-                await _stream_killing_after(c, s, Token, 2, lambda: _kill(c))
-            assert info.value.code == "unknown_stream"
+                await _stream_killing_after(c, s, Token, 2, kill)
+            assert info.value.code == "unknown_stream" and info.value.close_code == 1006
             assert info.value.partial_text == s.text and s.text
-            assert c.state == "open"
+            assert FULL_TEXT.startswith(s.text) and s.text != FULL_TEXT
+            assert c.state == "open" and await c.ping() >= 0
 
 
 async def test_a_non_retryable_close_ends_the_client_without_reconnecting():
@@ -323,3 +330,31 @@ async def test_reconnect_false_keeps_the_old_behaviour():
         assert c.state == "closed"
         with pytest.raises(ConnectionLost):
             await c.complete("demo", MESSAGES)
+
+
+async def test_a_client_closed_4008_for_reading_too_slowly_resumes():
+    """The relay's real slow-consumer path: the client stops reading (its transport paused)
+    until the relay closed it 4008 and detached the stream; then reads again, reconnects and
+    resumes the rest."""
+    content = " ".join(f"{'x' * 1000}{i}" for i in range(2000))    # a ~2 MB answer
+    messages = [{"role": "user", "content": content}]
+    async with start_relay(detach_grace=10, slow_consumer_bytes=256 * 1024,
+                           slow_consumer_grace=0.3, send_buffer_bytes=16 * 1024,
+                           max_messages_bytes=8 << 20, max_frame_bytes=8 << 20) as server, \
+            RelayClient(server.url, **FAST) as c:
+        slow = server.metrics.errors.labels("slow_consumer")
+
+        async def pause_until_closed_4008() -> None:
+            transport = c._ws.transport
+            transport.pause_reading()
+            async with asyncio.timeout(20):
+                while slow._value.get() < 1:          # a state no event announces
+                    await asyncio.sleep(0.01)
+            transport.resume_reading()
+
+        s = c.stream("demo", messages)
+        events = await _stream_killing_after(c, s, Token, 1, pause_until_closed_4008)
+        assert c.last_close[0] in (4008, 1006)    # 1006 if the relay gave up the handshake
+    _assert_uninterrupted(events, s)
+    assert s.text == "".join(demo_reply_tokens(messages))
+    assert s.resumes == 1 and c.reconnects == 1
