@@ -75,7 +75,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidMessage,
+    InvalidStatus,
+)
 
 from protocol import (
     PROTOCOL_VERSION,
@@ -679,20 +684,26 @@ class RelayClient:
     async def _run(self, ws: ClientConnection) -> None:
         """The connection task: read until the connection ends, then reconnect and resume
         (or give up), and read the new connection; until closed for good."""
-        while True:
-            code, reason = await self._read(ws)
-            if self._closing:
-                return
-            self.last_close = (code, reason)
-            retry = self.reconnect and is_retryable_close(code)
-            self._on_drop(code, reason, retry)
-            if not retry:
-                self._close_for_good(code, _close_text(code, reason))
-                return
-            new_ws = await self._reconnect(code, reason)
-            if new_ws is None:
-                return
-            ws = new_ws
+        try:
+            while True:
+                code, reason = await self._read(ws)
+                if self._closing:
+                    return
+                self.last_close = (code, reason)
+                retry = self.reconnect and is_retryable_close(code)
+                self._on_drop(code, reason, retry)
+                if not retry:
+                    self._close_for_good(code, _close_text(code, reason))
+                    return
+                new_ws = await self._reconnect(code, reason)
+                if new_ws is None:
+                    return
+                ws = new_ws
+        except Exception as exc:  # a bug here must not leave streams waiting forever
+            logger.exception("llm-relay client connection task failed")
+            if self._ws is not None:
+                self._ws.transport.abort()
+            self._close_for_good(None, f"client connection task failed: {exc!r}")
 
     async def _read(self, ws: ClientConnection) -> tuple[int, str]:
         """Dispatch frames until the connection ends; its close code and reason."""
@@ -759,12 +770,18 @@ class RelayClient:
                     self._close_for_good(last_code, last_text)
                     return None
                 continue
+            except InvalidMessage as exc:  # e.g. the socket closed during the upgrade
+                last_text = f"reconnect failed: {exc}"
+                continue
             except InvalidHandshake as exc:
                 self._close_for_good(last_code, f"reconnect failed: {exc}")
                 return None
             except (OSError, TimeoutError) as exc:
                 last_text = f"reconnect failed: {exc!r}"
                 continue
+            except Exception as exc:  # e.g. the token function raised: retrying won't help
+                self._close_for_good(last_code, f"reconnect failed: {exc!r}")
+                return None
             logger.info("reconnected to the relay (attempt %d)", attempt)
             self.welcome = welcome
             self.reconnects += 1
@@ -802,8 +819,8 @@ class RelayClient:
             return
         self._lost = text
         self._ws = None
-        if code is not None:
-            self.last_close = (code, self.last_close[1] if self.last_close else "")
+        if code is not None and (self.last_close is None or self.last_close[0] != code):
+            self.last_close = (code, text)
         for route in list(self._routes.values()):
             self._fail(route, _Lost(f"connection lost during stream {route.id!r} ({text})",
                                     close_code=code))

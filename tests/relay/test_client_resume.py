@@ -358,3 +358,21 @@ async def test_a_client_closed_4008_for_reading_too_slowly_resumes():
     _assert_uninterrupted(events, s)
     assert s.text == "".join(demo_reply_tokens(messages))
     assert s.resumes == 1 and c.reconnects == 1
+
+
+async def test_a_token_function_failing_on_reconnect_ends_the_stream_promptly():
+    async with start_relay(detach_grace=5, demo_tps=50) as server:
+        calls = 0
+
+        def token() -> None:
+            nonlocal calls
+            calls += 1
+            if calls > 1:
+                raise RuntimeError("token service down")
+
+        async with RelayClient(server.url, token=token, **FAST) as c:
+            s = c.stream("demo", MESSAGES)
+            with pytest.raises(ConnectionLost) as info:
+                await _stream_killing_after(c, s, Token, 2, lambda: _kill(c))
+            assert "token service down" in str(info.value) and calls == 2
+            assert info.value.partial_text == s.text and c.state == "closed"
