@@ -339,7 +339,7 @@ async def test_a_client_closed_4008_for_reading_too_slowly_resumes():
     content = " ".join(f"{'x' * 1000}{i}" for i in range(2000))    # a ~2 MB answer
     messages = [{"role": "user", "content": content}]
     async with start_relay(detach_grace=10, slow_consumer_bytes=256 * 1024,
-                           slow_consumer_grace=0.3, send_buffer_bytes=16 * 1024,
+                           slow_consumer_grace=1.0, send_buffer_bytes=16 * 1024,
                            max_messages_bytes=8 << 20, max_frame_bytes=8 << 20) as server, \
             RelayClient(server.url, **FAST) as c:
         slow = server.metrics.errors.labels("slow_consumer")
@@ -357,7 +357,8 @@ async def test_a_client_closed_4008_for_reading_too_slowly_resumes():
         assert c.last_close[0] in (4008, 1006)    # 1006 if the relay gave up the handshake
     _assert_uninterrupted(events, s)
     assert s.text == "".join(demo_reply_tokens(messages))
-    assert s.resumes == 1 and c.reconnects == 1
+    # A loaded machine may read the replay slowly enough for another 4008: resumed again.
+    assert s.resumes >= 1 and c.reconnects == s.resumes
 
 
 async def test_a_token_function_failing_on_reconnect_ends_the_stream_promptly():
