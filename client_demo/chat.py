@@ -5,6 +5,11 @@
 Type a line, the answer streams back; the conversation history is kept. Ctrl-C during an
 answer cancels that answer (the partial answer stays in the history); Ctrl-C or EOF
 (Ctrl-D) at the prompt exits.
+
+A dropped connection is reconnected and the answer resumed by ``RelayClient`` itself, so
+the answer just continues. If it cannot be resumed, the partial answer is kept, a
+``[connection lost: ...]`` line is printed, and the chat goes on if the client reconnected
+(it exits with status 1 if the client gave up).
 """
 
 from __future__ import annotations
@@ -18,7 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay.client import RelayClient, RelayClientError, RelayStream  # noqa: E402
+from relay.client import (  # noqa: E402
+    ConnectionLost,
+    RelayClient,
+    RelayClientError,
+    RelayStream,
+)
 
 
 async def chat(url: str, model: str, token: str | None = None) -> int:
@@ -58,18 +68,26 @@ async def chat(url: str, model: str, token: str | None = None) -> int:
                 history.append({"role": "user", "content": line})
                 stream = client.stream(model, history)
                 current[:] = [stream]
+                lost: ConnectionLost | None = None
                 try:
                     async for event in stream:
                         if event.type == "token":
                             print(event.text, end="", flush=True)
                         elif event.type == "tool_call_complete":
                             print(f"[tool call] {event.name}({event.arguments})", end="")
+                except ConnectionLost as exc:
+                    if client.state == "closed":
+                        raise
+                    lost = exc  # reconnected, but this answer could not be resumed
                 finally:
                     current.clear()
                     await asyncio.gather(*cancels)
                     cancels.clear()
                 finish = stream.finish
-                print(f"\n[{finish.status}: {finish.reason}]" if finish else "", flush=True)
+                if lost is not None:
+                    print(f"\n[connection lost: {lost}]", flush=True)
+                else:
+                    print(f"\n[{finish.status}: {finish.reason}]" if finish else "", flush=True)
                 if stream.text:
                     history.append({"role": "assistant", "content": stream.text})
                 else:

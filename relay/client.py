@@ -1,4 +1,5 @@
-"""Async Python client for the llm-relay.v1 WebSocket protocol.
+"""Async Python client for the llm-relay.v1 WebSocket protocol, with automatic reconnect and
+resume.
 
     async with RelayClient("ws://127.0.0.1:8765/ws") as client:
         stream = client.stream("demo", [{"role": "user", "content": "hi"}])
@@ -8,10 +9,11 @@
 
 Contracts:
 
-* One connection per client. Entering the context connects (offering subprotocol
-  ``llm-relay.v1``), sends ``hello`` and waits for ``welcome`` (``client.welcome``).
-  Leaving it cancels the background reader task and closes the socket; no task outlives it.
-* A single reader task decodes every server frame and routes it by ``id`` to the owning
+* One connection at a time per client. Entering the context connects (offering subprotocol
+  ``llm-relay.v1``), sends ``hello`` and waits for ``welcome`` (``client.welcome``); a failure
+  of this *first* connect raises at once (no retry). Leaving the context cancels the
+  background connection task and closes the socket; no task outlives it.
+* A single connection task reads every server frame and routes it by ``id`` to the owning
   stream's queue, so any number of streams (from any number of tasks) share the connection.
   Frames of unknown type are ignored, as the protocol requires. ``pong`` frames resolve
   :meth:`RelayClient.ping` waiters; an ``error`` frame without ``id`` is logged and kept in
@@ -19,15 +21,44 @@ Contracts:
 * :meth:`RelayClient.stream` is synchronous and returns a :class:`RelayStream`; the
   ``start`` frame is sent **lazily**, on the first iteration (or an explicit
   ``await stream.start()``).
-* A stream yields only its own events, in arrival (``seq``) order, and stops after
+* A stream yields only its own events, in ``seq`` order, each exactly once, and stops after
   ``Finish``. A start refused with an ``error`` frame raises :class:`StreamRejected`.
-  If the connection drops before ``Finish``, iteration raises :class:`ConnectionLost`
-  with the text received so far (resuming a stream is not supported yet).
 * ``await stream.cancel()`` asks the server to stop; iteration then ends with the
   cancelled ``Finish``. Leaving an ``async for`` early (``break``, exception) cancels the
   stream on the server too: the iterator is an async generator whose cleanup sends
   ``cancel`` (run by asyncio's async-generator finaliser right after the loop is left).
   ``await stream.aclose()`` does the same deterministically and waits for ``Finish``.
+
+Reconnect and resume (``reconnect=True``, the default; PROTOCOL.md "Resume and detached
+streams"):
+
+* The client remembers each stream's ``stream_key`` (from ``started``) and the last ``seq``
+  it received. When the connection ends with a *retryable* close (no close frame at all, i.e.
+  1006 = a network drop, or a code whose ``protocol.CloseCode(code).retryable`` is true:
+  1001, 1011, 1012, 4008, 4408, 4429), it reconnects with exponential backoff and jitter
+  (attempt ``n`` waits ``min(backoff_max, backoff * 2**n) * uniform(0.5, 1)`` seconds, at most
+  ``max_reconnect_attempts`` attempts), calls the token source again, does hello/welcome,
+  and sends ``{"type": "resume", "stream_key": K, "after_seq": LAST, "id": ID}`` for every
+  unfinished stream, but only when the *previous* and the new ``welcome.limits.detach_grace``
+  are > 0. After ``resumed`` the replay and then the live frames continue the same
+  iteration; frames whose ``seq`` is not above the last one seen are dropped, so the
+  application sees an uninterrupted stream. The relay may merge consecutive token frames in
+  a replay (one ``Token`` with the concatenated text and the last ``seq``): that is normal.
+* A stream that cannot be resumed raises :class:`ConnectionLost` from its iteration, carrying
+  the partial text, reasoning and completed tool calls, the close code and, when the relay
+  refused the resume, the error code (``unknown_stream``, ``stream_lost``...). That happens
+  when ``detach_grace`` is 0, when the stream had no ``stream_key`` yet (its ``started`` had
+  not arrived), when the close was not retryable (e.g. 4401, 4400, 1000), when the attempts
+  are exhausted, or when the relay answers the resume with an ``error``.
+* While reconnecting, new streams, ``cancel`` and ``ping`` **wait** for the new connection
+  (then run on it, after the resumes), or raise :class:`ConnectionLost` if the client gives
+  up. Pings in flight when the connection dropped raise :class:`ConnectionLost` (their answer
+  is gone with the connection); later pings work on the new connection.
+* After a non-retryable close, or when the attempts are exhausted, the client is closed for
+  good (``client.state == "closed"``): every unfinished stream raises :class:`ConnectionLost`
+  and further calls raise it at once.
+* With ``reconnect=False`` any connection loss closes the client for good and every
+  unfinished stream raises :class:`ConnectionLost` (the behaviour of earlier versions).
 """
 
 from __future__ import annotations
@@ -36,21 +67,29 @@ import asyncio
 import inspect
 import itertools
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidMessage,
+    InvalidStatus,
+)
 
 from protocol import (
     PROTOCOL_VERSION,
+    CloseCode,
     Error,
     Finish,
     Pong,
     Reasoning,
+    Resumed,
     Started,
     Token,
     ToolCallChunk,
@@ -64,12 +103,14 @@ from protocol import (
 __all__ = [
     "CompletionResult",
     "ConnectionLost",
+    "ConnectionState",
     "HandshakeFailed",
     "RelayClient",
     "RelayClientError",
     "RelayStream",
     "StreamEvent",
     "StreamRejected",
+    "is_retryable_close",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,12 +118,46 @@ logger = logging.getLogger(__name__)
 #: What a :class:`RelayStream` yields.
 StreamEvent: TypeAlias = Started | Token | Reasoning | ToolCallChunk | ToolCallComplete | Finish
 
-_LOST = object()  # queue sentinel: the connection is gone
+#: ``RelayClient.state``: ``idle`` (not connected yet), ``open``, ``reconnecting`` (the
+#: connection dropped; a new one is being made) or ``closed`` (for good).
+ConnectionState: TypeAlias = Literal["idle", "open", "reconnecting", "closed"]
 
 #: ``RelayClient(token=...)``: a token, or a zero-argument function (plain or async) that
 #: returns a fresh one; it is called before every connect, so a reconnect is not refused
 #: for a token that expired meanwhile.
 TokenSource: TypeAlias = str | Callable[[], str | None | Awaitable[str | None]] | None
+
+#: Close code of a connection that ended without a close frame (network drop).
+ABNORMAL_CLOSURE = 1006
+# HTTP statuses at the upgrade worth retrying (draining relay, overloaded proxy).
+_RETRYABLE_HTTP = frozenset({429, 500, 502, 503, 504})
+
+
+def is_retryable_close(code: int | None) -> bool:
+    """True when a connection that ended with ``code`` should be reconnected (and its streams
+    resumed): 1006 (no close frame: a network drop) or a ``protocol.CloseCode`` that is
+    ``retryable``. Unknown codes and 1000 (a deliberate normal close) are not."""
+    if code == ABNORMAL_CLOSURE:
+        return True
+    try:
+        return CloseCode(code).retryable
+    except ValueError:
+        return False
+
+
+def _close_text(code: int | None, reason: str | None) -> str:
+    if code is None:
+        return reason or "connection closed"
+    try:
+        meaning = CloseCode(code).meaning
+    except ValueError:
+        meaning = "network drop" if code == ABNORMAL_CLOSURE else ""
+    text = f"{code}"
+    if meaning:
+        text += f" ({meaning})"
+    if reason:
+        text += f": {reason}"
+    return text
 
 
 class RelayClientError(Exception):
@@ -90,12 +165,14 @@ class RelayClientError(Exception):
 
 
 class HandshakeFailed(RelayClientError):
-    """The relay answered ``hello`` with something other than ``welcome``."""
+    """The relay answered ``hello`` with something other than ``welcome``: an ``error`` frame
+    (``code`` set) or a close (``close_code`` set, e.g. 4401 for a refused token)."""
 
-    def __init__(self, code: str | None, message: str) -> None:
+    def __init__(self, code: str | None, message: str, close_code: int | None = None) -> None:
         super().__init__(f"{code}: {message}" if code else message)
         self.code = code
         self.message = message
+        self.close_code = close_code
 
 
 class StreamRejected(RelayClientError):
@@ -109,12 +186,32 @@ class StreamRejected(RelayClientError):
 
 
 class ConnectionLost(RelayClientError):
-    """The connection ended before the stream's ``Finish``. ``partial_text`` holds the answer
-    text received so far. Resuming is not supported yet: start a new stream to retry."""
+    """The connection ended and the stream could not be resumed (or the client is closed).
 
-    def __init__(self, message: str, partial_text: str = "") -> None:
+    ``partial_text``, ``reasoning`` and ``tool_calls`` hold what the stream delivered before
+    (for a call that is not a stream: empty). ``close_code`` is the WebSocket close code that
+    ended the connection (1006 for a network drop; ``None`` when the client itself closed or
+    the relay could not be reached); ``code`` is the relay's error code when it refused the
+    resume (``unknown_stream``, ``stream_lost``, ...); ``stream_id`` names the stream."""
+
+    def __init__(
+        self,
+        message: str,
+        partial_text: str = "",
+        *,
+        reasoning: str = "",
+        tool_calls: Sequence[ToolCallComplete] = (),
+        close_code: int | None = None,
+        code: str | None = None,
+        stream_id: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.partial_text = partial_text
+        self.reasoning = reasoning
+        self.tool_calls = list(tool_calls)
+        self.close_code = close_code
+        self.code = code
+        self.stream_id = stream_id
 
 
 @dataclass(frozen=True)
@@ -130,10 +227,27 @@ class CompletionResult:
     error: Any = None  # protocol.ErrorInfo for failed streams
 
 
+@dataclass(frozen=True)
+class _Lost:
+    """Queue item: the stream's connection is gone for good (becomes ConnectionLost)."""
+
+    message: str
+    close_code: int | None = None
+    code: str | None = None
+
+
 @dataclass
 class _Route:
+    """The client side of one stream, updated by the connection task as frames arrive."""
+
+    id: str
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
-    abandoned: bool = False  # iteration left early: the reader drops the route at its end
+    abandoned: bool = False  # iteration left early (an aclose() may still read the queue)
+    sent: bool = False       # the start frame was handed to a connection
+    stream_key: str | None = None
+    last_seq: int = -1       # largest seq received (queued); resume sends it as after_seq
+    resuming: bool = False   # a resume is due or sent, resumed not received yet
+    resumes: int = 0         # resumed frames received
 
 
 class RelayStream:
@@ -141,7 +255,8 @@ class RelayStream:
 
     Iterate it once (``async for``) to receive its events; accumulated state is exposed as
     ``text``, ``reasoning``, ``tool_calls``, ``usage`` and ``finish`` (``None`` until the
-    ``Finish`` was received)."""
+    ``Finish`` was received). A reconnect in the middle is invisible to the iteration
+    (``resumes`` counts them)."""
 
     def __init__(self, client: RelayClient, id: str, start_frame: dict[str, Any]) -> None:
         self._client = client
@@ -166,22 +281,34 @@ class RelayStream:
         """True once the stream ended (Finish, rejection, connection loss or abandon)."""
         return self._done
 
+    @property
+    def stream_key(self) -> str | None:
+        """The relay's name of the stream (from ``started``), used to resume it."""
+        return self._route.stream_key if self._route else None
+
+    @property
+    def resumes(self) -> int:
+        """How many times the stream was resumed on a new connection."""
+        return self._route.resumes if self._route else 0
+
     async def start(self) -> None:
-        """Send ``start`` now (idempotent). Iteration calls this itself."""
+        """Send ``start`` now (idempotent). Iteration calls this itself. While the client is
+        reconnecting this waits for the new connection."""
         if self._started:
             return
         self._started = True
         self._route = self._client._register(self.id)
         try:
-            await self._client._send(self._start_frame)
+            await self._client._send_start(self._route, self._start_frame)
         except BaseException:
-            self._client._unregister(self.id, self._route)
+            self._client._unregister(self._route)
             self._done = True
             raise
 
     async def cancel(self) -> None:
         """Ask the relay to stop this stream (idempotent). Iteration then ends with the
-        cancelled ``Finish``. Before the stream was started this just marks it done."""
+        cancelled ``Finish``. Before the stream was started this just marks it done. While
+        the client is reconnecting the cancel is sent after the stream's resume."""
         if not self._started:
             self._started = self._done = True
             return
@@ -221,6 +348,8 @@ class RelayStream:
             self._done = True
             return
         self._route.abandoned = True
+        if self._client._routes.get(self.id) is not self._route:
+            return  # already over (finish, rejection or loss queued)
         if not self._cancel_sent:
             self._cancel_sent = True
             try:
@@ -232,12 +361,13 @@ class RelayStream:
         await self.start()
         assert self._route is not None
         item = await self._route.queue.get()
-        if item is _LOST:
+        if isinstance(item, _Lost):
             self._done = True
-            raise ConnectionLost(f"connection lost during stream {self.id!r}", self.text)
+            raise ConnectionLost(item.message, self.text, reasoning=self.reasoning,
+                                 tool_calls=self.tool_calls, close_code=item.close_code,
+                                 code=item.code, stream_id=self.id)
         if isinstance(item, Error):
             self._done = True
-            self._client._unregister(self.id, self._route)
             raise StreamRejected(item.code, item.message, item.retry_after)
         self._apply(item)
         return item
@@ -252,14 +382,27 @@ class RelayStream:
         elif isinstance(event, Finish):
             self.finish = event
             self._done = True
-            self._client._unregister(self.id, self._route)
 
 
 class RelayClient:
     """A connection to an llm-relay server. Use as ``async with RelayClient(url) as c``.
 
-    ``welcome`` and ``models`` are available once entered. All methods may be called
-    concurrently from several tasks."""
+    ``welcome`` and ``models`` are available once entered (``welcome`` is replaced by each
+    reconnect's). All methods may be called concurrently from several tasks.
+
+    Options:
+
+    * ``token``: a token, or a function (plain or async) returning a fresh one, called before
+      every connect and reconnect.
+    * ``reconnect`` (default ``True``): reconnect and resume after a retryable close (see the
+      module docstring). ``False``: any connection loss ends the client.
+    * ``max_reconnect_attempts`` (default 6; ``None`` = unlimited): connection attempts after
+      one loss before giving up. The count starts again after each successful reconnect.
+    * ``backoff`` (default 0.5 s) and ``backoff_max`` (default 15 s): attempt ``n`` (from 0)
+      waits ``min(backoff_max, backoff * 2**n) * uniform(0.5, 1)`` seconds first.
+    * other keyword arguments go to ``websockets.asyncio.client.connect`` (e.g.
+      ``additional_headers``, ``open_timeout``).
+    """
 
     def __init__(
         self,
@@ -267,19 +410,39 @@ class RelayClient:
         token: TokenSource = None,
         client_name: str = "llm-relay-python",
         client_version: str = "1",
+        *,
+        reconnect: bool = True,
+        max_reconnect_attempts: int | None = 6,
+        backoff: float = 0.5,
+        backoff_max: float = 15.0,
         **connect_kwargs: Any,
     ) -> None:
+        if max_reconnect_attempts is not None and max_reconnect_attempts < 0:
+            raise ValueError("max_reconnect_attempts must be >= 0 or None")
+        if backoff < 0 or backoff_max < 0:
+            raise ValueError("backoff and backoff_max must be >= 0")
         self.url = url
         self.token = token
         self.client_name = client_name
         self.client_version = client_version
+        self.reconnect = reconnect
+        self.max_reconnect_attempts = max_reconnect_attempts
+        self.backoff = backoff
+        self.backoff_max = backoff_max
         self._connect_kwargs = connect_kwargs
         self._ws: ClientConnection | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None
         self._routes: dict[str, _Route] = {}
         self._pings: dict[int, asyncio.Future[float]] = {}
         self._ping_ids = itertools.count(1)
+        self._state: ConnectionState = "idle"
+        self._changed = asyncio.Event()   # replaced (after being set) on every state change
         self._lost: str | None = None
+        self._closing = False
+        #: ``(code, reason)`` of the last connection end (code 1006: no close frame).
+        self.last_close: tuple[int | None, str] | None = None
+        #: Successful reconnects so far.
+        self.reconnects = 0
         self.welcome: Welcome | None = None
         self.errors: list[Error] = []  # connection-level errors (error frames without id)
 
@@ -289,32 +452,47 @@ class RelayClient:
         return list(self.welcome.models) if self.welcome else []
 
     @property
+    def state(self) -> ConnectionState:
+        """``idle``, ``open``, ``reconnecting`` or ``closed``."""
+        return self._state
+
+    @property
     def connected(self) -> bool:
-        return self._ws is not None and self._lost is None
+        """True while a connection is open (False while reconnecting)."""
+        return self._state == "open"
 
     # ---------------------------------------------------------------- lifecycle
 
     async def connect(self) -> RelayClient:
-        """Open the socket, do the hello/welcome handshake and start the reader task.
-        Raises :class:`HandshakeFailed` if the relay does not welcome us."""
+        """Open the socket, do the hello/welcome handshake and start the connection task.
+        Raises :class:`HandshakeFailed` if the relay does not welcome us (and whatever
+        ``websockets`` raises if it cannot be reached); this first connect is not retried."""
+        if self._state != "idle":
+            raise RuntimeError(f"RelayClient.connect() called in state {self._state!r}")
+        ws, self.welcome = await self._open()
+        self._ws = ws
+        self._set_state("open")
+        self._task = asyncio.create_task(self._run(ws), name="llm-relay client connection")
+        return self
+
+    async def _open(self) -> tuple[ClientConnection, Welcome]:
+        """One connection: upgrade, hello (with a fresh token), welcome."""
         kwargs = {"subprotocols": [PROTOCOL_VERSION], **self._connect_kwargs}
-        self._ws = await connect(self.url, **kwargs)
+        token = await self._fresh_token()
+        ws = await connect(self.url, **kwargs)
         try:
             hello: dict[str, Any] = {
                 "type": "hello",
                 "client": {"name": self.client_name, "version": self.client_version},
             }
-            token = await self._fresh_token()
             if token is not None:
                 hello["token"] = token
-            await self._ws.send(encode_frame(hello).decode())
-            self.welcome = await self._await_welcome()
+            await ws.send(encode_frame(hello).decode())
+            welcome = await self._await_welcome(ws)
         except BaseException:
-            await self._ws.close()
-            self._ws = None
+            await ws.close()
             raise
-        self._reader = asyncio.create_task(self._read_loop(), name="llm-relay client reader")
-        return self
+        return ws, welcome
 
     async def _fresh_token(self) -> str | None:
         """The token for ``hello``: ``token`` itself, or what its function returns now."""
@@ -326,13 +504,16 @@ class RelayClient:
             token = await token
         return token
 
-    async def _await_welcome(self) -> Welcome:
-        assert self._ws is not None
+    @staticmethod
+    async def _await_welcome(ws: ClientConnection) -> Welcome:
         while True:
             try:
-                frame = decode_server_frame(await self._ws.recv())
+                frame = decode_server_frame(await ws.recv())
             except ConnectionClosed as exc:
-                raise HandshakeFailed(None, f"connection closed during handshake: {exc}") from exc
+                code = exc.rcvd.code if exc.rcvd is not None else ABNORMAL_CLOSURE
+                reason = exc.rcvd.reason if exc.rcvd is not None else ""
+                raise HandshakeFailed(None, "connection closed during handshake: "
+                                      + _close_text(code, reason), close_code=code) from exc
             if isinstance(frame, Welcome):
                 return frame
             if isinstance(frame, Error):
@@ -340,18 +521,21 @@ class RelayClient:
             # unknown frame types are ignored
 
     async def close(self) -> None:
-        """Cancel the reader task and close the socket. Idempotent. Streams still running
-        raise :class:`ConnectionLost` from their iteration."""
-        if self._reader is not None:
-            self._reader.cancel()
+        """Stop the connection task (also a reconnect in progress) and close the socket.
+        Idempotent. Streams still running raise :class:`ConnectionLost` from their
+        iteration."""
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
             try:
-                await self._reader
+                await self._task
             except asyncio.CancelledError:
                 pass
-            self._reader = None
+            self._task = None
         if self._ws is not None:
             await self._ws.close()
-        self._mark_lost("client closed")
+            self._ws = None
+        self._close_for_good(None, "client closed")
 
     async def __aenter__(self) -> RelayClient:
         return await self.connect()
@@ -406,46 +590,126 @@ class RelayClient:
                                 reason=finish.reason, error=finish.error)
 
     async def ping(self, timeout: float | None = 10.0) -> float:
-        """Application-level ping; returns the round-trip time in seconds."""
+        """Application-level ping; returns the round-trip time in seconds. While reconnecting
+        it waits for the new connection (within ``timeout``). Raises :class:`ConnectionLost`
+        if the connection drops before the ``pong``, ``TimeoutError`` after ``timeout``."""
         ping_id = next(self._ping_ids)
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        self._pings[ping_id] = future
         sent = time.monotonic()
         try:
-            await self._send({"type": "ping", "data": ping_id})
             async with asyncio.timeout(timeout):
+                ws = await self._wait_open()
+                sent = time.monotonic()
+                self._pings[ping_id] = future
+                try:
+                    await ws.send(encode_frame({"type": "ping", "data": ping_id}).decode())
+                except ConnectionClosed as exc:
+                    raise ConnectionLost(f"connection closed: {exc}") from exc
                 await future
         finally:
             self._pings.pop(ping_id, None)
         return time.monotonic() - sent
 
-    # ---------------------------------------------------------------- internals
+    # ---------------------------------------------------------------- internals: state
+
+    def _set_state(self, state: ConnectionState) -> None:
+        self._state = state
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _wait_open(self) -> ClientConnection:
+        """The open connection; waits while reconnecting. Raises ConnectionLost when the
+        client is (or becomes) closed for good, or was never connected."""
+        while True:
+            if self._state == "open" and self._ws is not None:
+                return self._ws
+            if self._state == "closed":
+                code = self.last_close[0] if self.last_close else None
+                raise ConnectionLost(f"not connected ({self._lost})", close_code=code)
+            if self._state == "idle":
+                raise ConnectionLost("not connected (never connected)")
+            await self._changed.wait()
 
     async def _send(self, frame: dict[str, Any]) -> None:
-        if self._ws is None or self._lost is not None:
-            raise ConnectionLost(f"not connected ({self._lost or 'never connected'})")
+        """Send a frame on the open connection, waiting through a reconnect; if the socket
+        turns out to be dead, wait for the next connection and send it there."""
+        data = encode_frame(frame).decode()
+        while True:
+            ws = await self._wait_open()
+            try:
+                await ws.send(data)
+                return
+            except ConnectionClosed as exc:
+                if not self.reconnect:
+                    raise ConnectionLost(f"connection closed: {exc}") from exc
+                while self._ws is ws and self._state == "open":
+                    await self._changed.wait()   # the connection task handles the loss
+
+    async def _send_start(self, route: _Route, frame: dict[str, Any]) -> None:
+        """Send a ``start``. Once handed to a connection the stream belongs to it: if that
+        connection dies, the connection task resumes the stream or fails it (never a second
+        ``start``, which could run the prompt twice)."""
+        data = encode_frame(frame).decode()
+        ws = await self._wait_open()
+        route.sent = True
         try:
-            await self._ws.send(encode_frame(frame).decode())
-        except ConnectionClosed as exc:
-            raise ConnectionLost(f"connection closed: {exc}") from exc
+            await ws.send(data)
+        except ConnectionClosed:
+            pass  # the loss reaches the stream through its queue
 
     def _register(self, sid: str) -> _Route:
-        if self._lost is not None or self._ws is None:
+        if self._state in ("closed", "idle"):
             raise ConnectionLost(f"not connected ({self._lost or 'never connected'})")
         if sid in self._routes:
             raise ValueError(f"stream id {sid!r} is already in use on this connection")
-        route = self._routes[sid] = _Route()
+        route = self._routes[sid] = _Route(sid)
         return route
 
-    def _unregister(self, sid: str, route: _Route | None) -> None:
-        if route is not None and self._routes.get(sid) is route:
-            del self._routes[sid]
+    def _unregister(self, route: _Route | None) -> None:
+        if route is not None and self._routes.get(route.id) is route:
+            del self._routes[route.id]
 
-    async def _read_loop(self) -> None:
-        assert self._ws is not None
-        reason = "connection closed"
+    def _fail(self, route: _Route, lost: _Lost) -> None:
+        self._unregister(route)
+        route.resuming = False
+        route.queue.put_nowait(lost)
+
+    def _fail_pings(self, message: str) -> None:
+        for future in self._pings.values():
+            if not future.done():
+                future.set_exception(ConnectionLost(message))
+
+    # ---------------------------------------------------------------- internals: connection
+
+    async def _run(self, ws: ClientConnection) -> None:
+        """The connection task: read until the connection ends, then reconnect and resume
+        (or give up), and read the new connection; until closed for good."""
         try:
-            async for raw in self._ws:
+            while True:
+                code, reason = await self._read(ws)
+                if self._closing:
+                    return
+                self.last_close = (code, reason)
+                retry = self.reconnect and is_retryable_close(code)
+                self._on_drop(code, reason, retry)
+                if not retry:
+                    self._close_for_good(code, _close_text(code, reason))
+                    return
+                new_ws = await self._reconnect(code, reason)
+                if new_ws is None:
+                    return
+                ws = new_ws
+        except Exception as exc:  # a bug here must not leave streams waiting forever
+            logger.exception("llm-relay client connection task failed")
+            if self._ws is not None:
+                self._ws.transport.abort()
+            self._close_for_good(None, f"client connection task failed: {exc!r}")
+
+    async def _read(self, ws: ClientConnection) -> tuple[int, str]:
+        """Dispatch frames until the connection ends; its close code and reason."""
+        try:
+            while True:
+                raw = await ws.recv()
                 try:
                     frame = decode_server_frame(raw)
                 except ValueError:
@@ -454,9 +718,117 @@ class RelayClient:
                 if frame is not None:
                     self._dispatch(frame)
         except ConnectionClosed as exc:
-            reason = f"connection closed: {exc}"
-        finally:
-            self._mark_lost(reason)
+            if exc.rcvd is None:
+                return ABNORMAL_CLOSURE, ""
+            return exc.rcvd.code, exc.rcvd.reason
+
+    def _on_drop(self, code: int, reason: str, retry: bool) -> None:
+        """The connection is gone: keep the streams that can be resumed, fail the others."""
+        self._ws = None
+        text = _close_text(code, reason)
+        grace = self.welcome.limits.detach_grace if self.welcome else 0
+        for route in list(self._routes.values()):
+            if not route.sent:
+                continue  # its start waits for the next connection (or fails with it)
+            if retry and grace > 0 and route.stream_key:
+                route.resuming = True
+                continue
+            why = ("the relay does not keep streams for resume (detach_grace 0)"
+                   if retry and grace <= 0 else
+                   "the stream had no stream_key yet" if retry else "not retryable")
+            self._fail(route, _Lost(f"connection lost during stream {route.id!r} "
+                                    f"({text}); cannot resume: {why}", close_code=code))
+        self._fail_pings(f"connection lost ({text})")
+        if retry:
+            self._set_state("reconnecting")
+
+    def _backoff_delay(self, attempt: int) -> float:
+        return min(self.backoff_max, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
+
+    async def _reconnect(self, code: int, reason: str) -> ClientConnection | None:
+        """Connect again with backoff; on welcome send the resumes and return the connection.
+        None when the client gave up (it is then closed for good)."""
+        last_code: int | None = code
+        last_text = _close_text(code, reason)
+        attempt = 0
+        while self.max_reconnect_attempts is None or attempt < self.max_reconnect_attempts:
+            await asyncio.sleep(self._backoff_delay(attempt))
+            attempt += 1
+            try:
+                ws, welcome = await self._open()
+            except HandshakeFailed as exc:
+                last_text = f"reconnect refused: {exc}"
+                if exc.close_code is None or not is_retryable_close(exc.close_code):
+                    self._close_for_good(exc.close_code, last_text)
+                    return None
+                last_code = exc.close_code
+                continue
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                last_text = f"reconnect refused: HTTP {status}"
+                if status not in _RETRYABLE_HTTP:
+                    self._close_for_good(last_code, last_text)
+                    return None
+                continue
+            except InvalidMessage as exc:  # e.g. the socket closed during the upgrade
+                last_text = f"reconnect failed: {exc}"
+                continue
+            except InvalidHandshake as exc:
+                self._close_for_good(last_code, f"reconnect failed: {exc}")
+                return None
+            except (OSError, TimeoutError) as exc:
+                last_text = f"reconnect failed: {exc!r}"
+                continue
+            except Exception as exc:  # e.g. the token function raised: retrying won't help
+                self._close_for_good(last_code, f"reconnect failed: {exc!r}")
+                return None
+            logger.info("reconnected to the relay (attempt %d)", attempt)
+            self.welcome = welcome
+            self.reconnects += 1
+            self._ws = ws
+            await self._resume_all(ws)
+            self._set_state("open")
+            return ws
+        self._close_for_good(last_code, f"gave up after {attempt} reconnect attempts "
+                                        f"({last_text})")
+        return None
+
+    async def _resume_all(self, ws: ClientConnection) -> None:
+        """Send a ``resume`` for every stream that waits for one (before anything else is
+        sent on the new connection, so a pending cancel follows its resume)."""
+        grace = self.welcome.limits.detach_grace if self.welcome else 0
+        for route in list(self._routes.values()):
+            if not route.resuming:
+                continue
+            if grace <= 0 or not route.stream_key:
+                self._fail(route, _Lost(
+                    f"connection lost during stream {route.id!r}; cannot resume: the relay "
+                    "no longer offers resume (detach_grace 0)",
+                    close_code=self.last_close[0] if self.last_close else None))
+                continue
+            frame = {"type": "resume", "stream_key": route.stream_key,
+                     "after_seq": max(route.last_seq, 0), "id": route.id}
+            try:
+                await ws.send(encode_frame(frame).decode())
+            except ConnectionClosed:
+                return  # the read loop sees the loss; the routes stay resumable
+
+    def _close_for_good(self, code: int | None, text: str) -> None:
+        """No connection any more and none coming: fail every stream and every waiter."""
+        if self._state == "closed":
+            return
+        self._lost = text
+        self._ws = None
+        if code is not None and (self.last_close is None or self.last_close[0] != code):
+            self.last_close = (code, text)
+        for route in list(self._routes.values()):
+            self._fail(route, _Lost(f"connection lost during stream {route.id!r} ({text})",
+                                    close_code=code))
+        self._routes.clear()
+        self._fail_pings(text)
+        self._set_state("closed")
+
+    # ---------------------------------------------------------------- internals: frames
 
     def _dispatch(self, frame: Any) -> None:
         if isinstance(frame, Pong):
@@ -467,24 +839,43 @@ class RelayClient:
         sid = getattr(frame, "id", None)
         if isinstance(frame, Error):
             if sid is None:
+                if frame.ref == "resume":
+                    # A relay that does not know resume answers without an id: every
+                    # pending resume failed.
+                    for route in [r for r in self._routes.values() if r.resuming]:
+                        self._fail(route, _Lost(f"resume of stream {route.id!r} refused: "
+                                                f"{frame.code}: {frame.message}",
+                                                code=frame.code))
+                    return
                 logger.warning("relay error: %s: %s", frame.code, frame.message)
                 self.errors.append(frame)
                 return
             if frame.ref == "cancel":
                 return  # cancel raced the finish: harmless
         route = self._routes.get(sid) if sid is not None else None
-        if route is not None:
-            route.queue.put_nowait(frame)
-            if route.abandoned and isinstance(frame, (Finish, Error)):
-                self._unregister(sid, route)
-
-    def _mark_lost(self, reason: str) -> None:
-        if self._lost is not None:
+        if route is None:
             return
-        self._lost = reason
-        for route in self._routes.values():
-            route.queue.put_nowait(_LOST)
-        self._routes.clear()
-        for future in self._pings.values():
-            if not future.done():
-                future.set_exception(ConnectionLost(reason))
+        if isinstance(frame, Resumed):
+            route.resuming = False
+            route.resumes += 1
+            return
+        if isinstance(frame, Error):
+            if frame.ref == "resume" or route.resuming:
+                self._fail(route, _Lost(f"resume of stream {route.id!r} refused: "
+                                        f"{frame.code}: {frame.message}", code=frame.code,
+                                        close_code=self.last_close[0] if self.last_close
+                                        else None))
+                return
+            self._unregister(route)       # the start was refused
+            route.queue.put_nowait(frame)
+            return
+        seq = getattr(frame, "seq", None)
+        if seq is not None:
+            if seq <= route.last_seq:
+                return  # replayed after a resume: already delivered
+            route.last_seq = seq
+        if isinstance(frame, Started):
+            route.stream_key = frame.stream_key
+        if isinstance(frame, Finish):
+            self._unregister(route)  # over: nothing to resume any more
+        route.queue.put_nowait(frame)

@@ -114,7 +114,7 @@ async def test_unknown_model_is_rejected():
 
 async def test_server_shutdown_mid_stream_gives_cancelled_finish():
     async with start_relay(demo_tps=20) as server:
-        async with RelayClient(server.url) as c:
+        async with RelayClient(server.url, max_reconnect_attempts=2, backoff=0.01) as c:
             s = c.stream("demo", HI)
             closing = None
             async for ev in s:
@@ -122,12 +122,15 @@ async def test_server_shutdown_mid_stream_gives_cancelled_finish():
                     closing = asyncio.create_task(server.close())
             await closing
             assert s.finish.status == "cancelled" and s.finish.reason == "server_shutdown"
-            with pytest.raises(ConnectionLost):
+            # 1001 is retryable, but nothing listens any more: the attempts run out.
+            with pytest.raises(ConnectionLost) as info:
                 await c.ping()
+            assert c.state == "closed" and info.value.close_code == 1001
 
 
-async def test_abrupt_disconnect_raises_connection_lost_with_partial_text():
-    async with start_relay(demo_tps=50) as server, RelayClient(server.url) as c:
+async def test_abrupt_disconnect_without_reconnect_raises_connection_lost_with_partial_text():
+    async with start_relay(demo_tps=50) as server, \
+            RelayClient(server.url, reconnect=False) as c:
         s = c.stream("demo", HI)
         tokens = 0
         with pytest.raises(ConnectionLost) as info:
@@ -137,7 +140,8 @@ async def test_abrupt_disconnect_raises_connection_lost_with_partial_text():
                     if tokens == 2:
                         c._ws.transport.abort()
         assert info.value.partial_text == s.text
-        assert info.value.partial_text == "".join(demo_reply_tokens(HI)[:2])
+        assert s.text.startswith("".join(demo_reply_tokens(HI)[:2]))
+        assert info.value.close_code == 1006 and info.value.stream_id == s.id
         with pytest.raises(ConnectionLost):
             await c.complete("demo", HI)
 
