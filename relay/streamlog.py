@@ -25,7 +25,11 @@ import orjson
 
 from protocol import encode_frame, frames
 
-__all__ = ["FrameLog", "LogEntry", "coalesce"]
+__all__ = ["FrameLog", "LogEntry", "MAX_MERGED_BYTES", "coalesce"]
+
+#: A merged token frame carries at most about this much text, far below any client's frame
+#: limit (websockets' default is 1 MiB), so merging never makes a frame a client refuses.
+MAX_MERGED_BYTES = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -132,8 +136,11 @@ def coalesce(entries: list[LogEntry], id: str) -> list[bytes]:
     and frames are re-addressed when the reader uses another id than the producer."""
     out: list[bytes] = []
     run: list[LogEntry] = []
+    run_bytes = 0
 
     def flush_run() -> None:
+        nonlocal run_bytes
+        run_bytes = 0
         if len(run) == 1 and run[0].frame["id"] == id:
             out.append(run[0].data)
         elif run:
@@ -143,7 +150,10 @@ def coalesce(entries: list[LogEntry], id: str) -> list[bytes]:
 
     for entry in entries:
         if entry.is_token:
+            if run and run_bytes + len(entry.data) > MAX_MERGED_BYTES:
+                flush_run()
             run.append(entry)
+            run_bytes += len(entry.data)
             continue
         flush_run()
         if entry.frame["id"] == id:

@@ -105,3 +105,19 @@ async def test_a_client_that_stops_reading_is_closed_4008_with_memory_bounded():
             except ConnectionClosed:
                 pass
             assert ws.close_code in (4008, 1006)
+
+
+def test_merged_token_frames_stay_small():
+    from relay.streamlog import MAX_MERGED_BYTES, FrameLog, coalesce
+
+    log = FrameLog(max_bytes=1 << 30, keep=True)
+    for seq in range(1, 3001):
+        log.append({"type": "token", "id": "a", "seq": seq, "text": "y" * 100})
+    log.append({"type": "finish", "id": "a", "seq": 3001, "status": "completed",
+                "usage": {"prompt_tokens": 1, "completion_tokens": 3000,
+                          "total_tokens": 3001, "estimated": False}})
+    out = [json.loads(b) for b in coalesce(log.after(0, 10_000), "a")]
+    assert all(len(json.dumps(f)) <= MAX_MERGED_BYTES + 200 for f in out)
+    assert 2 < len(out) < 3001
+    assert "".join(f.get("text", "") for f in out) == "y" * 300_000
+    assert [f["seq"] for f in out] == sorted(f["seq"] for f in out) and out[-1]["seq"] == 3001
