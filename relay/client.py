@@ -392,6 +392,9 @@ class RelayClient:
 
     Options:
 
+    * ``url``: the relay's ``ws://``/``wss://`` URL, or a list of URLs of relays that share
+      streams (``--redis``): each reconnect tries the next one, so a stream resumes on
+      another relay when its relay restarts (1012) or vanishes.
     * ``token``: a token, or a function (plain or async) returning a fresh one, called before
       every connect and reconnect.
     * ``reconnect`` (default ``True``): reconnect and resume after a retryable close (see the
@@ -406,7 +409,7 @@ class RelayClient:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         token: TokenSource = None,
         client_name: str = "llm-relay-python",
         client_version: str = "1",
@@ -421,7 +424,10 @@ class RelayClient:
             raise ValueError("max_reconnect_attempts must be >= 0 or None")
         if backoff < 0 or backoff_max < 0:
             raise ValueError("backoff and backoff_max must be >= 0")
-        self.url = url
+        self.urls: list[str] = [url] if isinstance(url, str) else list(url)
+        if not self.urls:
+            raise ValueError("at least one relay URL is needed")
+        self._url_index = 0
         self.token = token
         self.client_name = client_name
         self.client_version = client_version
@@ -445,6 +451,11 @@ class RelayClient:
         self.reconnects = 0
         self.welcome: Welcome | None = None
         self.errors: list[Error] = []  # connection-level errors (error frames without id)
+
+    @property
+    def url(self) -> str:
+        """The relay URL of the current (or next) connection."""
+        return self.urls[self._url_index]
 
     @property
     def models(self) -> list[str]:
@@ -754,6 +765,9 @@ class RelayClient:
         while self.max_reconnect_attempts is None or attempt < self.max_reconnect_attempts:
             await asyncio.sleep(self._backoff_delay(attempt))
             attempt += 1
+            # With several relay URLs (relays sharing streams through Redis), try the next
+            # one: the relay just lost may be restarting.
+            self._url_index = (self._url_index + 1) % len(self.urls)
             try:
                 ws, welcome = await self._open()
             except HandshakeFailed as exc:

@@ -228,3 +228,39 @@ async def test_rolling_restart_of_one_of_two_relay_processes_loses_nothing(prefi
                 except TimeoutError:
                     proc.kill()
                     await proc.wait()
+
+
+async def test_the_python_client_follows_its_streams_to_the_other_relay_on_a_restart(prefix):
+    """RelayClient([A, B]): relay A restarts (SIGTERM path with Redis: 1012 at once, upstream
+    calls keep running into Redis); the client reconnects to B and resumes both streams, so
+    the application sees the same text and tool calls as without the restart."""
+    from protocol import Token
+    from relay.client import RelayClient
+
+    from .test_client_resume import SEARCH_TOOL, TOOL_MESSAGES
+
+    async with two_relays(SHARED_REDIS, prefix, demo_tps=60) as (a, b):
+        async with RelayClient(b.url) as reference:
+            expected_text = (await reference.complete("demo", MESSAGES)).text
+            expected_tool = (await reference.complete("demo", TOOL_MESSAGES,
+                                                      tools=[SEARCH_TOOL])).tool_calls
+        async with RelayClient([a.url, b.url], backoff=0.01, backoff_max=0.05) as c:
+            text_stream = c.stream("demo", MESSAGES)
+            tool_stream = c.stream("demo", TOOL_MESSAGES, tools=[SEARCH_TOOL])
+            await tool_stream.start()
+            restart = None
+            seqs = []
+            async for ev in text_stream:
+                seqs.append(ev.seq)
+                if isinstance(ev, Token) and restart is None and len(seqs) >= 3:
+                    restart = asyncio.create_task(a.shutdown())
+            async for _ in tool_stream:
+                pass
+            assert c.url == b.url and c.reconnects == 1
+            assert text_stream.resumes == 1 and tool_stream.resumes == 1
+        await restart
+    assert text_stream.text == expected_text
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert text_stream.finish.status == "completed"
+    assert [(t.index, t.name, t.arguments) for t in tool_stream.tool_calls] == \
+        [(t.index, t.name, t.arguments) for t in expected_tool]
