@@ -211,14 +211,6 @@ class Session:
         return [a.stream.task for a in self._attachments.values()
                 if a.stream.task is not None and a.stream.running]
 
-    async def stop_streams(self, reason: str) -> None:
-        """Cancel every stream attached here upstream with ``reason``; await their tasks."""
-        tasks = self.stream_tasks()
-        for att in list(self._attachments.values()):
-            self.hub.cancel(att.stream, reason)
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-
     async def flush(self, timeout: float) -> None:
         """Wait (at most ``timeout`` s) until the writer has sent everything queued."""
         if self._writer is None or self._writer.done():
