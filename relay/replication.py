@@ -51,6 +51,7 @@ logger = logging.getLogger("relay.replication")
 # dies is noticed by resumers within this many seconds.
 _OWNER_TTL = 6.0
 _FOLLOW_BLOCK = 1.0
+_RECORD_WAIT = 0.25
 
 
 class StoreUnavailableError(RelayError):
@@ -177,6 +178,11 @@ class Replicator:
         store = self.store
         try:
             meta = await store.meta(key)
+            if meta is None:
+                # A stream started a moment ago may not have its record in Redis yet (its
+                # relay writes it as the stream starts); look once more before saying no.
+                await asyncio.sleep(_RECORD_WAIT)
+                meta = await store.meta(key)
             if meta is None or meta.principal != principal:
                 raise UnknownStream("no resumable stream with that stream_key")
             if meta.state == "lost" or (meta.state == "running"

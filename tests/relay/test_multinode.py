@@ -42,6 +42,13 @@ async def two_relays(url: str, prefix: str, **settings):
         yield a, b
 
 
+async def _eventually(condition, timeout: float = 10.0) -> None:
+    """Wait for relay state that no event announces (here: a stream's record in Redis)."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
 async def _until_tokens(c: Client, id: str, n: int) -> tuple[dict, list[dict]]:
     started = await c.next_for(id)
     assert started["type"] == "started", started
@@ -155,6 +162,7 @@ async def test_redis_failing_mid_stream_local_streams_finish_and_resumes_get_a_c
                 # B follows a second stream of A's from Redis when Redis goes away.
                 await ca.start("other", messages=MESSAGES)
                 other = await ca.next_for("other")
+                await _eventually(lambda: a.hub.get(other["stream_key"]).replicated)
                 await cb.send({"type": "resume", "stream_key": other["stream_key"],
                                "after_seq": 0, "id": "other"})
                 assert (await cb.next_for("other"))["type"] == "resumed"
