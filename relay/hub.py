@@ -203,7 +203,9 @@ class StreamHub:
     def delivered(self, stream: HubStream, seq: int) -> None:
         """An attachment sent everything through ``seq``; an unresumable log drops it."""
         if not stream.log.keep:
-            self.log_bytes -= stream.log.trim_through(seq)
+            freed = stream.log.trim_through(seq)
+            if self._streams.get(stream.key) is stream:
+                self.log_bytes -= freed
 
     # ------------------------------------------------------------------ cancel / close
 
@@ -267,6 +269,10 @@ class StreamHub:
                 stream.timer = None
 
     def _account(self, stream: HubStream, delta: int) -> None:
+        # log_bytes counts the logs of the streams in the table; a dropped stream's log was
+        # subtracted when it was dropped (its task may still append its finish).
+        if self._streams.get(stream.key) is not stream:
+            return
         self.log_bytes += delta
         if self.log_bytes > self.peak_log_bytes:
             self.peak_log_bytes = self.log_bytes
@@ -286,8 +292,7 @@ class StreamHub:
             if stream.running:
                 stream.streamer.cancel(FinishReason.CLIENT_DISCONNECT)
             self._drop(stream)
-            self.log_bytes -= stream.log.clear()
-            stream.log.bytes = 0
+            stream.log.clear()
             self._lost[stream.key] = (stream.principal, until)
         now = time.monotonic()
         for key in [k for k, (_, t) in self._lost.items() if t <= now]:

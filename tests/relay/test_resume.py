@@ -3,6 +3,8 @@ every frame after its last seq exactly once (in-process memory log)."""
 
 from __future__ import annotations
 
+import asyncio
+
 
 from relay.demo import demo_reply_tokens
 from relay.llm import demo_handler
@@ -260,3 +262,18 @@ async def test_two_resumes_in_a_row_still_deliver_everything_once():
         got.extend(await c.collect("q1"))
         await c_ctx.__aexit__(None, None, None)
         _assert_exactly_once(got[:1], got[1:])
+
+
+async def test_log_accounting_returns_to_zero_after_evictions_and_drops():
+    long = [{"role": "user", "content": _words(1500)}]
+    async with start_relay(detach_grace=0.2, demo_tps=0, max_log_bytes=32 * 1024) as server:
+        for round in range(3):
+            async with Client.connect(server.url) as c:
+                await c.start(f"r{round}", messages=long)
+                await c.collect(f"r{round}")
+        # Every stream finished and its grace ran out (or it was evicted): nothing is held,
+        # and the relay's count of held bytes agrees (no drift from evictions).
+        async with asyncio.timeout(10):
+            while len(server.hub):
+                await asyncio.sleep(0.02)
+        assert server.hub.log_bytes == 0
