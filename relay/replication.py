@@ -305,6 +305,8 @@ class Replicator:
                     await self.store.refresh(owned, ttl=max(_OWNER_TTL, self.grace))
                 for key, token in list(self._attach_tokens.items()):
                     await self.store.set_attached(key, token, ttl=_OWNER_TTL)
+                if owned or self._attach_tokens:
+                    self._warned = False         # Redis answers again: warn on the next outage
             except StoreUnavailable as exc:
                 self._warn(f"stream store heartbeat failed: {exc}")
 

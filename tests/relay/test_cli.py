@@ -75,3 +75,21 @@ def test_settings_from_relay_env_and_flags_win(monkeypatch):
     assert (settings.port, settings.max_streams) == (9999, 3)
     assert settings.allow_origins == ["https://a.example"]
     assert RelaySettings(port=1234).port == 1234
+
+
+def test_unreachable_redis_stops_startup_with_a_clear_message_and_no_password():
+    closed = socket_port_with_nothing_listening()
+    out = subprocess.run([sys.executable, "-m", "relay", "serve", "--port", "0", "--redis",
+                          f"redis://:s3cret-pw@127.0.0.1:{closed}/0"],
+                         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=60)
+    assert out.returncode == 2
+    assert "cannot use Redis" in out.stderr and "Traceback" not in out.stderr
+    assert "s3cret-pw" not in out.stderr + out.stdout
+
+
+def socket_port_with_nothing_listening() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
