@@ -92,5 +92,13 @@ class Client:
                 return out
 
 
+async def eventually(condition, timeout: float = 10.0) -> None:
+    """Wait until ``condition()`` holds, for relay state that no event announces (a stream
+    logged, replicated or dropped, a counter reached). Checks every 10 ms until ``timeout``."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
 def text_of(frames: list[dict]) -> str:
     return "".join(f["text"] for f in frames if f["type"] == "token")

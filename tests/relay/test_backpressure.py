@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from relay.demo import demo_reply_tokens
 from relay.llm import demo_handler
 
-from .helpers import SUBPROTOCOL, Client, start_relay, text_of
+from .helpers import SUBPROTOCOL, Client, eventually, start_relay, text_of
 
 BIG = {"max_messages_bytes": 8 << 20, "max_frame_bytes": 8 << 20,
        "send_buffer_bytes": 16 * 1024}
@@ -40,13 +40,6 @@ async def _lagging_client(port: int):
         yield ws
 
 
-async def _eventually(condition, timeout: float = 20.0) -> None:
-    """Wait for a condition of the relay's state that no event announces."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
-
-
 def _session(server):
     (session,) = server.sessions
     return session
@@ -59,7 +52,7 @@ async def test_a_lagging_client_gets_merged_token_frames_and_loses_nothing():
         async with _lagging_client(server.port) as ws:
             await ws.send(json.dumps({"type": "start", "id": "a", "model": "demo",
                                       "messages": [{"role": "user", "content": content}]}))
-            await _eventually(lambda: _session(server).backlog_bytes() > 128 * 1024)
+            await eventually(lambda: _session(server).backlog_bytes() > 128 * 1024, 20)
             got = []
             while not got or got[-1]["type"] != "finish":
                 got.append(json.loads(await ws.recv()))

@@ -15,7 +15,7 @@ from protocol import Finish, Started, Token, ToolCallChunk, ToolCallComplete
 from relay.client import ConnectionLost, HandshakeFailed, RelayClient, RelayStream
 from relay.demo import demo_reply_tokens
 
-from .helpers import start_relay
+from .helpers import eventually, start_relay
 
 PROMPT = "please resume this answer without losing a single word of it " * 3
 MESSAGES = [{"role": "user", "content": PROMPT}]
@@ -162,9 +162,7 @@ async def test_tokens_merged_in_the_replay_are_normal():
             nonlocal calls
             calls += 1
             if calls > 1:   # the reconnect: wait until the relay has logged the finish
-                async with asyncio.timeout(10):
-                    while server.hub.get(key[0]).end is None:
-                        await asyncio.sleep(0.01)
+                await eventually(lambda: server.hub.get(key[0]).end is not None)
             return None
 
         async with RelayClient(server.url, token=token, **FAST) as c:
@@ -230,9 +228,7 @@ async def test_resume_refused_by_the_relay_is_connection_lost_with_its_code():
             nonlocal calls
             calls += 1
             if calls > 1:   # the reconnect: wait until the relay has dropped the stream
-                async with asyncio.timeout(10):
-                    while server.hub.get(key[0]) is not None:
-                        await asyncio.sleep(0.01)
+                await eventually(lambda: server.hub.get(key[0]) is None)
 
         async with RelayClient(server.url, token=token, **FAST) as c:
             s = c.stream("demo", MESSAGES)
@@ -347,9 +343,7 @@ async def test_a_client_closed_4008_for_reading_too_slowly_resumes():
         async def pause_until_closed_4008() -> None:
             transport = c._ws.transport
             transport.pause_reading()
-            async with asyncio.timeout(20):
-                while slow._value.get() < 1:          # a state no event announces
-                    await asyncio.sleep(0.01)
+            await eventually(lambda: slow._value.get() >= 1, 20)
             transport.resume_reading()
 
         s = c.stream("demo", messages)

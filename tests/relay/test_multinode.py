@@ -19,7 +19,7 @@ from relay.demo import demo_reply_tokens
 from relay.llm import demo_handler
 
 from ..redis_server import RedisServerProcess, redis_ping
-from .helpers import Client, start_relay, text_of
+from .helpers import Client, eventually, start_relay, text_of
 from .test_limits import ROOT, _env
 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
@@ -40,13 +40,6 @@ async def two_relays(url: str, prefix: str, **settings):
     async with start_relay(redis_url=url, redis_prefix=prefix, **settings) as a, \
             start_relay(redis_url=url, redis_prefix=prefix, **settings) as b:
         yield a, b
-
-
-async def _eventually(condition, timeout: float = 10.0) -> None:
-    """Wait for relay state that no event announces (here: a stream's record in Redis)."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 async def _until_tokens(c: Client, id: str, n: int) -> tuple[dict, list[dict]]:
@@ -162,7 +155,7 @@ async def test_redis_failing_mid_stream_local_streams_finish_and_resumes_get_a_c
                 # B follows a second stream of A's from Redis when Redis goes away.
                 await ca.start("other", messages=MESSAGES)
                 other = await ca.next_for("other")
-                await _eventually(lambda: a.hub.get(other["stream_key"]).replicated)
+                await eventually(lambda: a.hub.get(other["stream_key"]).replicated)
                 await cb.send({"type": "resume", "stream_key": other["stream_key"],
                                "after_seq": 0, "id": "other"})
                 assert (await cb.next_for("other"))["type"] == "resumed"

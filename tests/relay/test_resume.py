@@ -3,13 +3,12 @@ every frame after its last seq exactly once (in-process memory log)."""
 
 from __future__ import annotations
 
-import asyncio
 
 
 from relay.demo import demo_reply_tokens
 from relay.llm import demo_handler
 
-from .helpers import Client, start_relay, text_of
+from .helpers import Client, eventually, start_relay, text_of
 
 PROMPT = "please resume this answer without losing a single word of it " * 3
 MESSAGES = [{"role": "user", "content": PROMPT}]
@@ -273,7 +272,5 @@ async def test_log_accounting_returns_to_zero_after_evictions_and_drops():
                 await c.collect(f"r{round}")
         # Every stream finished and its grace ran out (or it was evicted): nothing is held,
         # and the relay's count of held bytes agrees (no drift from evictions).
-        async with asyncio.timeout(10):
-            while len(server.hub):
-                await asyncio.sleep(0.02)
+        await eventually(lambda: len(server.hub) == 0)
         assert server.hub.log_bytes == 0
