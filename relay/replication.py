@@ -251,7 +251,7 @@ class Replicator:
                     continue
                 for seq, data in items:
                     frame = orjson.loads(data)
-                    stream.log.append(frame)
+                    stream.log.append(frame, data=data)
                     cursor = seq
                     if frame["type"] == "finish":
                         stream.end = True      # type: ignore[assignment]

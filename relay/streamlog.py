@@ -70,10 +70,13 @@ class FrameLog:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def append(self, frame: dict, received: float | None = None) -> int:
-        """Add ``frame`` (its ``seq`` larger than any before); returns the change in held
-        bytes (may be negative when the cap trims older entries)."""
-        data = encode_frame(frame)
+    def append(self, frame: dict, received: float | None = None,
+               data: bytes | None = None) -> int:
+        """Add ``frame`` (its ``seq`` larger than any before; ``data``: its encoding, when
+        the caller has it already); returns the change in held bytes (may be negative when
+        the cap trims older entries)."""
+        if data is None:
+            data = encode_frame(frame)
         self.end_offset += len(data)
         entry = LogEntry(frame["seq"], frame, data, self.end_offset)
         if received is not None:
