@@ -49,12 +49,22 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-origin", action="append", dest="allow_origins",
                        help="browser Origin allowed to connect (repeatable; '*' = any). "
                        "Default: only the relay's own origin; no Origin header = not a browser")
+    serve.add_argument("--public-url", metavar="URL",
+                       help="address browsers reach the relay at, e.g. https://relay.example; "
+                       "its origin is the relay's own (default: the listen address; "
+                       "0.0.0.0: only the loopback origins)")
     serve.add_argument("--trusted-proxy", action="append", dest="trusted_proxies",
-                       help="peer address whose X-Forwarded-For is honoured (repeatable)")
+                       help="peer address or CIDR whose X-Forwarded-For is honoured; the "
+                       "client is the rightmost entry that is not a trusted proxy (repeatable)")
     serve.add_argument("--drain-timeout", type=float,
                        help="on SIGTERM, seconds running streams may finish (30)")
     serve.add_argument("--max-connections", type=int, help="per server (10000)")
     serve.add_argument("--max-connections-per-principal", type=int, help="(100)")
+    serve.add_argument("--max-pending-per-address", type=int,
+                       help="connections without hello from one address (32)")
+    serve.add_argument("--max-pending-connections", type=int,
+                       help="connections without hello in total (a quarter of "
+                       "--max-connections)")
     serve.add_argument("--max-streams-per-principal", type=int, help="(32)")
     serve.add_argument("--start-rate-per-minute", type=float, help="per principal (60)")
     serve.add_argument("--start-burst", type=int, help="(10)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["RelaySettings"]
@@ -44,8 +44,41 @@ class RelaySettings(BaseSettings):
                                     description="JSON size of start.messages+tools")
     allow_origins: list[str] = Field(default_factory=list,
                                      description="browser Origins allowed; '*' = any")
+    public_url: str | None = Field(None, description="the address browsers use to reach the "
+                                   "relay (http(s):// or ws(s)://); its origin is the relay's "
+                                   "own. Default: the listen address (see relay/handshake.py)")
     trusted_proxies: list[str] = Field(default_factory=list,
-                                       description="peers whose X-Forwarded-For is honoured")
+                                       description="peer addresses or CIDRs whose "
+                                       "X-Forwarded-For is honoured")
+    max_pending_per_address: int = Field(32, ge=1, description="connections from one address "
+                                         "that have not completed hello (4429 above)")
+    max_pending_connections: int | None = Field(
+        None, ge=1, description="connections without hello, in total (4429 above); "
+        "default: a quarter of max_connections")
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        from .handshake import origin_of_public_url
+
+        if value is not None:
+            origin_of_public_url(value)  # ValueError names the problem
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_trusted_proxies(cls, value: list[str]) -> list[str]:
+        from .handshake import parse_networks
+
+        parse_networks(value)  # ValueError names the bad entry
+        return value
+
+    @property
+    def pending_connections_cap(self) -> int:
+        """Connections without a completed hello the relay holds at once, in total."""
+        if self.max_pending_connections is not None:
+            return self.max_pending_connections
+        return max(1, self.max_connections // 4)
     # --- authentication and token budget (issue: auth); see relay/auth.py
     auth: bool = Field(False, description="require an API key or a signed token")
     api_keys: list[str] = Field(default_factory=list, repr=False,

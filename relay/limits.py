@@ -4,6 +4,8 @@ A *principal* is who a connection acts for: the authenticated subject when auth 
 else the client's address (``X-Forwarded-For`` only from trusted proxies). Limits:
 
 * connections per server and per principal -> close 4429 after the handshake
+* connections that have not completed ``hello`` yet, per client address and in total
+  (:class:`PendingConnections`) -> close 4429 after the handshake
 * concurrent streams per principal -> ``too_many_streams``
 * ``start`` rate per principal (token bucket) -> ``rate_limited`` with ``retry_after``
 * inbound frames per connection (token bucket) -> close 4429
@@ -20,7 +22,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["CompletionBudget", "PrincipalState", "Principals", "TokenBucket"]
+__all__ = ["CompletionBudget", "PendingConnections", "PrincipalState", "Principals",
+           "TokenBucket"]
 
 
 class TokenBucket:
@@ -160,3 +163,44 @@ class Principals:
     def _prune(self) -> None:
         for principal, state in list(self._states.items()):
             self._prune_one(principal, state)
+
+
+class PendingConnections:
+    """Connections accepted but not yet past ``hello``, counted per client address and in
+    total, so that sockets which never authenticate cannot fill the relay: without this
+    they counted only toward ``max_connections``, and 3,000 of them from one address locked
+    every authenticated user out. :meth:`enter` takes a slot (or says why not); the release
+    it returns gives the slot back once (at ``hello`` or when the connection ends)."""
+
+    def __init__(self, per_address: int, total: int) -> None:
+        self.per_address = per_address
+        self.total_cap = total
+        self._by_address: dict[str, int] = {}
+        self.total = 0
+
+    def count(self, address: str) -> int:
+        return self._by_address.get(address, 0)
+
+    def enter(self, address: str) -> tuple[Callable[[], None] | None, str]:
+        """``(release, "")`` with a slot taken, or ``(None, reason)`` when a cap is reached."""
+        if self.total >= self.total_cap:
+            return None, "too many connections awaiting hello on this relay"
+        if self.count(address) >= self.per_address:
+            return None, "too many connections awaiting hello from this address"
+        self._by_address[address] = self.count(address) + 1
+        self.total += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self.total -= 1
+            left = self._by_address[address] - 1
+            if left:
+                self._by_address[address] = left
+            else:
+                del self._by_address[address]
+
+        return release, ""

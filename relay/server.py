@@ -14,6 +14,7 @@ import dataclasses
 import http
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -23,10 +24,12 @@ from protocol import SUPPORTED_VERSIONS, CloseCode, FinishReason
 
 from . import web
 from .auth import AuthError, Authenticator
+from .handshake import (OriginPolicy, RelayConnection, client_address, own_origins,
+                        parse_networks, repeated_header)
 from .config import RelaySettings
 from .hub import StreamHub
 from .replication import Replicator
-from .limits import Principals
+from .limits import PendingConnections, Principals
 from .metrics import CONTENT_TYPE_LATEST, RelayMetrics
 from .metrics_http import MetricsHTTPServer
 from .providers import ModelRegistry
@@ -67,6 +70,10 @@ class RelayServer:
         self.principals = Principals(self.settings.start_rate_per_minute,
                                      self.settings.start_burst,
                                      self.settings.completion_token_budget_per_hour)
+        self.pending = PendingConnections(self.settings.max_pending_per_address,
+                                          self.settings.pending_connections_cap)
+        self._trusted_proxies = parse_networks(self.settings.trusted_proxies)
+        self.origins: OriginPolicy | None = None  # known once the port is bound
         self.hub = StreamHub(self.settings, self.metrics)
         self.replicator: Replicator | None = None
         if self.settings.redis_url is not None:
@@ -93,7 +100,12 @@ class RelayServer:
             max_queue=16,
             compression=None,  # token frames gain little; it would cost ~50 KiB per socket
             server_header="llm-relay",
+            create_connection=RelayConnection,  # one request per connection (handshake.py)
         )
+        self.origins = OriginPolicy(own_origins(s, self.port), s.allow_origins)
+        if s.public_url is None and not self.origins.any and _all_interfaces(s.host):
+            logger.info("listening on all interfaces without --public-url: browsers may "
+                        "connect only from the loopback origins and --allow-origin")
         if s.metrics_port is not None:
             self._metrics_http = MetricsHTTPServer(self.metrics, s.host, s.metrics_port)
             try:
@@ -173,6 +185,40 @@ class RelayServer:
     # ------------------------------------------------------------------ connections
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Answer a plain HTTP request, refuse an upgrade, or return None to upgrade.
+        One request per connection; GET (and HEAD, without the body) only."""
+        refusal = self._refuse_malformed(connection, request)
+        if refusal is not None:
+            return refusal
+        response = self._route(connection, request)
+        if response is not None and _method(request) == "HEAD":
+            return dataclasses.replace(response, body=b"")  # headers as for GET
+        return response
+
+    def _refuse_malformed(self, connection: ServerConnection,
+                          request: Request) -> Response | None:
+        """400 for bytes after the request head (pipelining) or a header sent twice that
+        must appear once; 405 for a method other than GET/HEAD (GET only on the WebSocket
+        path). One INFO line each, never a traceback."""
+        if getattr(connection, "sent_data_early", False):
+            return _refuse(connection, http.HTTPStatus.BAD_REQUEST,
+                           "one request per connection: nothing may follow the request "
+                           "before its response")
+        repeated = repeated_header(request.headers)
+        if repeated is not None:
+            return _refuse(connection, http.HTTPStatus.BAD_REQUEST,
+                           f"header {repeated} appears more than once")
+        method = _method(request)
+        allowed = ("GET",) if request.path.split("?", 1)[0] == WS_PATH else ("GET", "HEAD")
+        if method not in allowed:
+            # The method is the client's text: logged escaped, never echoed.
+            response = _refuse(connection, http.HTTPStatus.METHOD_NOT_ALLOWED,
+                               "method not allowed", method=ascii(method[:20]))
+            response.headers["Allow"] = ", ".join(allowed)
+            return response
+        return None
+
+    def _route(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
             return _text(connection, http.HTTPStatus.OK, "ok\n")
@@ -194,7 +240,7 @@ class RelayServer:
         if self.draining:
             return _text(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
         origin = request.headers.get("Origin")
-        if origin is not None and not self._origin_allowed(origin, request.headers.get("Host")):
+        if origin is not None and not self._origin_allowed(origin):
             logger.warning("refused WebSocket upgrade from a disallowed Origin",
                            extra={"origin": origin[:200]})
             return _text(connection, http.HTTPStatus.FORBIDDEN, "origin not allowed\n")
@@ -214,31 +260,42 @@ class RelayServer:
             return response
         return None
 
-    def _origin_allowed(self, origin: str, host: str | None) -> bool:
+    def _origin_allowed(self, origin: str) -> bool:
         """Browsers always send Origin; servers, agents and IDE plugins usually do not and
-        are not restricted by it. Default: only the relay's own origin (its demo page)."""
-        allowed = self.settings.allow_origins
-        if "*" in allowed or origin in allowed:
-            return True
-        scheme, _, netloc = origin.partition("://")
-        return scheme in ("http", "https") and host is not None and netloc == host
+        are not restricted by it. Default: only the relay's own origins (its demo page),
+        which come from ``public_url`` or the listen address, never from the request's
+        ``Host`` (DNS rebinding); see relay/handshake.py."""
+        assert self.origins is not None, "server not started"
+        return self.origins.allows(origin)
 
     def _principal_of(self, ws: ServerConnection) -> str:
-        """The client's address; X-Forwarded-For only when the peer is a trusted proxy."""
-        peer = ws.remote_address[0] if ws.remote_address else "unknown"
-        if peer in self.settings.trusted_proxies and ws.request is not None:
-            forwarded = ws.request.headers.get("X-Forwarded-For")
-            if forwarded:
-                return forwarded.split(",")[0].strip() or peer
-        return str(peer)
+        """The client's address: the peer, or from a trusted proxy the rightmost
+        X-Forwarded-For entry that is not a trusted proxy (relay/handshake.py)."""
+        peer = ws.remote_address[0] if ws.remote_address else None
+        forwarded = ws.request.headers.get_all("X-Forwarded-For") if ws.request else []
+        return client_address(peer, forwarded, self._trusted_proxies)
 
     async def _handler(self, ws: ServerConnection) -> None:
         principal = self._principal_of(ws)
-        s = self.settings
-        state = self.principals.get(principal)
-        if self.principals.total_connections >= s.max_connections:
+        if self.principals.total_connections >= self.settings.max_connections:
             await ws.close(CloseCode.TOO_MANY, "too many connections to this relay")
             return
+        # Until its hello is accepted a connection holds a pending slot of its address, so
+        # sockets that never authenticate cannot take the whole relay.
+        release_pending, refusal = self.pending.enter(principal)
+        if release_pending is None:
+            logger.info("refused connection: %s", refusal, extra={"address": principal})
+            await ws.close(CloseCode.TOO_MANY, refusal)
+            return
+        try:
+            await self._serve_connection(ws, principal, release_pending)
+        finally:
+            release_pending()
+
+    async def _serve_connection(self, ws: ServerConnection, principal: str,
+                                release_pending: Callable[[], None]) -> None:
+        s = self.settings
+        state = self.principals.get(principal)
         # With auth on, the principal is known after hello (Authenticator.admit checks it).
         if state.connections >= s.max_connections_per_principal and not self.auth.enabled:
             await ws.close(CloseCode.TOO_MANY, "too many connections for this principal")
@@ -250,7 +307,7 @@ class RelayServer:
                           hub=self.hub, streamer_factory=self._streamer_factory,
                           draining=lambda: self.draining,
                           principal=principal, principal_state=state,
-                          metrics=self.metrics, auth=self.auth)
+                          metrics=self.metrics, auth=self.auth, on_hello=release_pending)
         self._sessions.add(session)
         self.metrics.connections.inc()
         try:
@@ -276,4 +333,20 @@ def _set_send_buffer(ws: ServerConnection, size: int) -> None:
 
 def _text(connection: ServerConnection, status: http.HTTPStatus, body: str) -> Response:
     return connection.respond(status, body)
+
+
+def _refuse(connection: ServerConnection, status: http.HTTPStatus, reason: str,
+            **extra: str) -> Response:
+    peer = connection.remote_address[0] if connection.remote_address else None
+    logger.info("refused HTTP request: %s", reason, extra={"peer": peer, **extra})
+    return _text(connection, status, reason + "\n")
+
+
+def _method(request: Request) -> str:
+    # websockets < 16 has no Request.method: its parser closes non-GET requests itself.
+    return getattr(request, "method", "GET")
+
+
+def _all_interfaces(host: str) -> bool:
+    return host.strip().strip("[]") in ("", "0.0.0.0", "::")
 

@@ -102,8 +102,10 @@ class Session:
         principal_state: PrincipalState | None = None,
         metrics: RelayMetrics | None = None,
         auth: Authenticator | None = None,
+        on_hello: Callable[[], None] | None = None,
     ) -> None:
         self.metrics = metrics or RelayMetrics()
+        self._on_hello = on_hello  # called once hello is accepted (pending-connection caps)
         self._auth = auth if auth is not None and auth.enabled else None
         self.credentials: Credentials | None = None  # set by _admit when auth is on
         self._expiry_close: asyncio.Task | None = None
@@ -185,6 +187,8 @@ class Session:
         if not await self._admit(hello):
             return False
         self._greeted = True
+        if self._on_hello is not None:
+            self._on_hello()
         limits = {"max_streams": self._stream_cap(),
                   "max_frame_bytes": self.settings.max_frame_bytes,
                   "detach_grace": self.settings.detach_grace}
