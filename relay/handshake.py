@@ -21,8 +21,9 @@ Identity never comes from the request: a client chooses every header it sends.
   pipelined request, a frame sent before the ``101``) are dropped and the request is answered
   400 (``RelayConnection.sent_data_early``), instead of being read as WebSocket frames, which
   failed the connection under the pending response (an ``AssertionError`` in websockets).
-* **Headers that must appear once** (:func:`repeated_header`): ``Host``, ``Origin``,
-  ``Authorization``; twice is 400, never an exception out of a header lookup.
+* **Headers that must appear once** (:func:`repeated_header`): ``Host`` and ``Origin``;
+  twice is 400, never an exception out of a header lookup (a repeated ``Authorization``
+  is auth's 401). Several ``X-Forwarded-For`` headers are one list (above).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 _WS_SCHEMES = {"ws": "http", "wss": "https"}
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
-SINGLE_VALUED_HEADERS = ("Host", "Origin", "Authorization")
+# Authorization is not here: relay/auth.py answers a repeated one with its own 401.
+SINGLE_VALUED_HEADERS = ("Host", "Origin")
 
 
 # ---------------------------------------------------------------------- origins

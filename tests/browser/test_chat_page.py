@@ -189,3 +189,14 @@ async def test_no_token_no_field_and_connection_state_on_server_shutdown(page):
         await page.wait_for_selector('#conn-state[data-state="reconnecting"]')
         detail = await page.text_content("#conn-detail")
         assert detail.startswith("1001: server going away"), detail
+
+
+async def test_page_connects_when_opened_via_127_0_0_1_and_localhost(page):
+    """The relay's own origin comes from its listen address (not from Host), and for a
+    loopback listener both loopback names are its own: the page works under either."""
+    async with start_relay() as server:
+        for name in ("127.0.0.1", "localhost"):
+            await page.goto(f"http://{name}:{server.port}/")
+            await page.wait_for_selector('#conn-state[data-state="open"]')
+            await send(page, "hi")
+            await page.wait_for_selector('.answer-status[data-status="completed"]')
