@@ -303,3 +303,21 @@ async def test_other_methods_are_405_with_allow(method, caplog):
                 p, upgrade(p).replace("GET /ws", f"{verb} /ws", 1))
             assert (status, headers["allow"]) == (405, "GET")
     no_errors_logged(caplog)
+
+
+@pytest.mark.parametrize("request_with_body", [
+    "POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+    "PUT / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+])
+async def test_a_request_with_a_body_is_closed_without_an_answer(request_with_body, caplog):
+    """websockets' request parser accepts no body (Content-Length other than 0, any
+    Transfer-Encoding): the connection is closed before any route runs. Quietly."""
+    caplog.set_level(logging.INFO)
+    async with start_relay() as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(request_with_body.encode())
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""
+        writer.close()
+        assert (await exchange(server.port, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))[0] == 200
+    no_errors_logged(caplog)
