@@ -187,10 +187,9 @@ class RelayServer:
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """Answer a plain HTTP request, refuse an upgrade, or return None to upgrade.
         One request per connection; GET (and HEAD, without the body) only."""
-        refusal = self._refuse_malformed(connection, request)
-        if refusal is not None:
-            return refusal
-        response = self._route(connection, request)
+        response = self._refuse_malformed(connection, request)
+        if response is None:
+            response = self._route(connection, request)
         if response is not None and _method(request) == "HEAD":
             return dataclasses.replace(response, body=b"")  # headers as for GET
         return response
@@ -343,10 +342,10 @@ def _refuse(connection: ServerConnection, status: http.HTTPStatus, reason: str,
 
 
 def _method(request: Request) -> str:
-    # websockets < 16 has no Request.method: its parser closes non-GET requests itself.
+    # Older websockets releases have no Request.method: their parser closes a non-GET
+    # request itself, without an answer.
     return getattr(request, "method", "GET")
 
 
 def _all_interfaces(host: str) -> bool:
     return host.strip().strip("[]") in ("", "0.0.0.0", "::")
-

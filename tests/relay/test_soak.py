@@ -39,6 +39,7 @@ SOAK_SETTINGS: dict = dict(
     max_streams=8,
     max_connections=1_000,
     max_connections_per_principal=1_000,
+    max_pending_per_address=1_000,  # 100 connections from one address open at once
     max_streams_per_principal=10_000,
     start_rate_per_minute=1e9,
     start_burst=100_000,
