@@ -321,3 +321,18 @@ async def test_a_request_with_a_body_is_closed_without_an_answer(request_with_bo
         writer.close()
         assert (await exchange(server.port, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))[0] == 200
     no_errors_logged(caplog)
+
+
+async def test_a_request_head_arriving_in_pieces_is_answered_normally():
+    """The end of the head is found across reads (the blank line split between them)."""
+    async with start_relay() as server:
+        head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        for cut in (1, len(head) - 3, len(head) - 2, len(head) - 1):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            for piece in (head[:cut], head[cut:]):
+                writer.write(piece)
+                await writer.drain()
+            async with asyncio.timeout(10):
+                answer = await reader.read()
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"ok\n"), cut
