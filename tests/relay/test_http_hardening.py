@@ -17,9 +17,9 @@ import pytest
 from pydantic import ValidationError
 from websockets.asyncio.client import connect
 
+from relay import web
 from relay.config import RelaySettings
 from relay.handshake import client_address, own_origins, parse_networks
-from relay import web
 
 from .helpers import SUBPROTOCOL, Client, eventually, start_relay
 from .test_core import _close_of
@@ -127,7 +127,8 @@ async def test_forwarded_for_uses_the_rightmost_untrusted_entry():
     """A client behind the proxy 127.0.0.1 prepends an address of its choice; the proxy
     appends the address it saw (10.0.0.5). Rotating the prepended address must not make a
     new principal: the second connection is over the per-principal limit of 1."""
-    async with start_relay(trusted_proxies=["127.0.0.1"], max_connections_per_principal=1) as server:
+    async with start_relay(trusted_proxies=["127.0.0.1"],
+                           max_connections_per_principal=1) as server:
         async with Client.connect(server.url, additional_headers={
                 "X-Forwarded-For": "1.1.1.1, 10.0.0.5"}) as first:
             assert [s.principal for s in server.sessions] == ["10.0.0.5"]
@@ -246,7 +247,7 @@ async def test_a_header_sent_twice_is_400_not_a_traceback(extra, caplog):
         p = server.port
         status, _, body = await exchange(p, upgrade(p, extra=extra.format(p=p)))
         assert status == 400 and b"more than once" in body
-        assert (await exchange(p, f"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))[0] == 200
+        assert (await exchange(p, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))[0] == 200
     no_errors_logged(caplog)
     refusals = [r for r in caplog.records if r.name == "relay.server"
                 and r.getMessage().startswith("refused HTTP request")]
@@ -263,7 +264,7 @@ async def test_pipelined_requests_are_400_not_a_traceback(second, caplog):
     caplog.set_level(logging.INFO)
     async with start_relay() as server:
         p = server.port
-        for first in (f"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", upgrade(p)):
+        for first in ("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", upgrade(p)):
             for _ in range(3):
                 status, headers, body = await exchange(p, first + second)
                 assert status == 400 and b"one request per connection" in body
@@ -319,7 +320,8 @@ async def test_a_request_with_a_body_is_closed_without_an_answer(request_with_bo
         async with asyncio.timeout(10):
             assert await reader.read() == b""
         writer.close()
-        assert (await exchange(server.port, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))[0] == 200
+        healthz = await exchange(server.port, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert healthz[0] == 200
     no_errors_logged(caplog)
 
 
