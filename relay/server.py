@@ -22,6 +22,7 @@ from websockets.http11 import Request, Response
 from protocol import SUPPORTED_VERSIONS, CloseCode, FinishReason
 
 from . import web
+from .aisdk import AI_SDK_PATH, AiSdkSession, ChatIndex
 from .auth import AuthError, Authenticator
 from .config import RelaySettings
 from .hub import StreamHub
@@ -68,6 +69,8 @@ class RelayServer:
                                      self.settings.start_burst,
                                      self.settings.completion_token_budget_per_hour)
         self.hub = StreamHub(self.settings, self.metrics)
+        #: /ai-sdk: the latest response of each (principal, chat id), for resume.
+        self.chats = ChatIndex()
         self.replicator: Replicator | None = None
         if self.settings.redis_url is not None:
             self.replicator = Replicator(self.settings, self.hub)
@@ -187,7 +190,7 @@ class RelayServer:
             response.headers["Content-Type"] = CONTENT_TYPE_LATEST
             response.headers["Content-Length"] = str(len(body))
             return dataclasses.replace(response, body=body)
-        if path != WS_PATH:
+        if path not in (WS_PATH, AI_SDK_PATH):
             # The browser chat page (client_demo/web/), static files only; see relay/web.py.
             return web.respond(connection, path) or _text(
                 connection, http.HTTPStatus.NOT_FOUND, "not found\n")
@@ -246,11 +249,15 @@ class RelayServer:
         state = self.principals.connect(principal)
         if s.send_buffer_bytes is not None:
             _set_send_buffer(ws, s.send_buffer_bytes)
-        session = Session(ws, self.settings, self.registry,
-                          hub=self.hub, streamer_factory=self._streamer_factory,
-                          draining=lambda: self.draining,
-                          principal=principal, principal_state=state,
-                          metrics=self.metrics, auth=self.auth)
+        common: dict[str, Any] = dict(
+            hub=self.hub, streamer_factory=self._streamer_factory,
+            draining=lambda: self.draining, principal=principal, principal_state=state,
+            metrics=self.metrics, auth=self.auth)
+        if ws.request is not None and ws.request.path.split("?", 1)[0] == AI_SDK_PATH:
+            session: Session = AiSdkSession(ws, self.settings, self.registry, chats=self.chats,
+                                            address_principal=principal, **common)
+        else:
+            session = Session(ws, self.settings, self.registry, **common)
         self._sessions.add(session)
         self.metrics.connections.inc()
         try:
