@@ -283,6 +283,14 @@ class AiSdkSession(Session):
                 out.append(orjson.dumps(frame))
         return out
 
+    def drop_attachment(self, att: Attachment) -> None:
+        """Another connection resumed this chat: this request ends with an ``error`` (the
+        transport then ends its stream) instead of waiting forever."""
+        was_attached = self._attachments.get(att.id) is att
+        super().drop_attachment(att)
+        if was_attached:
+            self._respond(error_frame(att.id, safe_error_text("stream_taken_over")))
+
     def _unregister(self, att: Attachment) -> None:
         super()._unregister(att)
         self._mappers.pop(att, None)

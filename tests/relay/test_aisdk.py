@@ -48,7 +48,7 @@ class AiClient:
         """Frames of request ``rid`` through its ``end``/``error``/``no-active``."""
         import asyncio
 
-        async with asyncio.timeout(RECV_TIMEOUT):
+        async with asyncio.timeout(RECV_TIMEOUT * 3):
             while True:
                 frames = self.by_request.get(rid, [])
                 if frames and frames[-1]["type"] in ("end", "error", "no-active"):
@@ -59,7 +59,7 @@ class AiClient:
     async def next_of(self, rid: str, n: int) -> list[dict]:
         import asyncio
 
-        async with asyncio.timeout(RECV_TIMEOUT):
+        async with asyncio.timeout(RECV_TIMEOUT * 3):
             while len(self.by_request.get(rid, [])) < n:
                 frame = json.loads(await self.ws.recv())
                 self.by_request.setdefault(frame["requestId"], []).append(frame)

@@ -1,0 +1,74 @@
+"""The real AI SDK ``WebSocketChatTransport`` (npm ``ai``, pinned with a lockfile in
+tests/aisdk/) against a real ``relay serve`` subprocess, through Node's test runner.
+
+The relay serves ``demo`` and ``oai`` (a loopback fake OpenAI upstream in this process,
+which records what reaches "the model"). Node and the installed packages are required:
+``.ci/run`` runs ``npm ci`` in tests/aisdk; missing ones fail this test, never skip it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.fakes.upstream import FakeUpstream, stream, tool_call
+
+ROOT = Path(__file__).resolve().parents[2]
+NODE_DIR = ROOT / "tests" / "aisdk"
+
+
+async def test_real_ai_sdk_transport_against_relay_serve(tmp_path):
+    node = shutil.which("node")
+    assert node, "node is required for the AI SDK tests"
+    assert (NODE_DIR / "node_modules" / "ai").is_dir(), \
+        "run `npm ci` in tests/aisdk (.ci/run does)"
+    async with FakeUpstream() as up:
+        # The tool test is the only one on `oai`: its first turn is a tool call, the second
+        # (the tool's output sent back) gets the fake's default answer.
+        up.enqueue(stream("openai", [], tool_calls=[
+            tool_call("get_weather", {"city": "Paris"}, id="call_w1")]))
+        config = tmp_path / "relay.toml"
+        config.write_text(
+            '[models.demo]\nmodel = "demo"\n\n'
+            f'[models.oai]\nmodel = "openai/gpt-x"\napi_base = "{up.openai_base}"\n'
+            'api_key_env = "FAKE_PROVIDER_KEY"\n')
+        env = {**os.environ, "FAKE_PROVIDER_KEY": "sk-fake", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+               "PYTHONPATH": str(ROOT)}
+        relay = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relay", "serve", "--port", "0", "--config", str(config),
+            "--demo-tps", "60", "--detach-grace", "10",
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+        try:
+            line = (await asyncio.wait_for(relay.stdout.readline(), 60)).decode()
+            match = re.search(r"ws://(\S+)/ws", line)
+            assert match, line
+            node_run = await asyncio.create_subprocess_exec(
+                node, "--test", "--test-reporter=spec", "transport.test.mjs",
+                cwd=NODE_DIR, env={**os.environ, "RELAY_HTTP": f"http://{match.group(1)}"},
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            out, _ = await asyncio.wait_for(node_run.communicate(), 120)
+            report = out.decode()
+            print(report)
+            assert node_run.returncode == 0, report
+            assert re.search(r"\bpass 7\b", report) and re.search(r"\bfail 0\b", report), report
+        finally:
+            relay.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(relay.wait(), 30)
+            except TimeoutError:
+                relay.kill()
+                await relay.wait()
+        # The tool's output reached the model as a tool message on the second turn.
+        second = up.requests[1].json["messages"]
+        tool_messages = [m for m in second if m["role"] == "tool"]
+        assert tool_messages == [{"role": "tool", "tool_call_id": "call_w1",
+                                  "content": json.dumps({"temp": 21}, separators=(",", ":"))}]
+        assistant = [m for m in second if m["role"] == "assistant"][0]
+        assert assistant["tool_calls"][0]["function"]["name"] == "get_weather"
