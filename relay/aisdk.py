@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from protocol import FinishReason, Start
+from protocol import FinishReason, Resume, Start
 from protocol.aisdk import (
     AbortRequest,
     AiSdkFrameError,
@@ -49,6 +49,8 @@ from protocol.aisdk import (
 
 from .auth import AuthError
 from .errors import RelayError, StreamLost, UnknownStream
+from .redis_store import StoreUnavailable
+from .replication import Replicator, StoreUnavailableError
 from .session import Attachment, Session, close_reason
 from .streamlog import LogEntry
 
@@ -69,18 +71,52 @@ class ChatResponse:
 
 
 class ChatIndex:
-    """The latest response of each (principal, chat id) on this relay: what ``resume`` and
-    the one-active-response rule look up. Entries whose stream left the hub are dropped
-    when looked up (the hub's retention decides how long a response stays resumable)."""
+    """The latest response of each (principal, chat id): what ``resume`` and the
+    one-active-response rule look up. Kept in this process and, with ``--redis``, in Redis
+    too, so a resume that lands on another relay finds the chat (and follows its stream
+    through the replication of v1 resume). The hub's retention decides how long a response
+    stays resumable; an entry whose stream is gone answers ``no-active``."""
 
     def __init__(self) -> None:
         self._chats: dict[tuple[str, str], ChatResponse] = {}
+        #: Set by the server when relays share Redis.
+        self.replicator: Replicator | None = None
+        self.ttl = 3600.0
 
-    def get(self, principal: str, chat_id: str) -> ChatResponse | None:
+    async def get(self, principal: str, chat_id: str) -> ChatResponse | None:
+        """Raises ``StoreUnavailableError`` when only Redis could know and cannot answer."""
+        local = self._chats.get((principal, chat_id))
+        if local is not None or self.replicator is None:
+            return local
+        try:
+            raw = await self.replicator.store.get_chat(principal, chat_id)
+        except StoreUnavailable:
+            raise StoreUnavailableError("cannot look the chat up: the shared store is "
+                                        "unavailable; try again") from None
+        if raw is None:
+            return None
+        stream_key, _, message_id = raw.partition(" ")
+        return ChatResponse(stream_key, message_id)
+
+    def local(self, principal: str, chat_id: str) -> ChatResponse | None:
         return self._chats.get((principal, chat_id))
 
     def set(self, principal: str, chat_id: str, response: ChatResponse) -> None:
         self._chats[(principal, chat_id)] = response
+        replicator = self.replicator
+        if replicator is not None:
+            replicator.spawn(self._publish(replicator, principal, chat_id, response),
+                             name="aisdk chat index")
+
+    async def _publish(self, replicator: Replicator, principal: str, chat_id: str,
+                       response: ChatResponse) -> None:
+        try:
+            await replicator.store.set_chat(
+                principal, chat_id, f"{response.stream_key} {response.message_id}",
+                ttl=self.ttl)
+        except StoreUnavailable:
+            logger.warning("ai-sdk: could not record a chat in Redis; it resumes on this "
+                           "relay only")
 
     def forget(self, principal: str, chat_id: str, response: ChatResponse) -> None:
         if self._chats.get((principal, chat_id)) == response:
@@ -197,7 +233,7 @@ class AiSdkSession(Session):
 
     async def _on_send(self, request: SendRequest) -> None:
         rid = request.requestId
-        current = self._chats.get(self.principal, request.id)
+        current = self._chats.local(self.principal, request.id)
         if current is not None:
             stream = self.hub.get(current.stream_key)
             if stream is not None and stream.running:
@@ -230,13 +266,17 @@ class AiSdkSession(Session):
         self._mappers[att] = ResponseMapper(rid, response.message_id)
 
     async def _on_resume(self, request: ResumeRequest) -> None:
+        """v1 resume of the chat's latest stream from its first frame (local, or followed
+        from Redis when it runs on another relay): ``resumed`` becomes ``start``, the whole
+        response is replayed through a fresh mapper, the live rest follows."""
         rid = request.requestId
-        response = self._chats.get(self.principal, request.id)
+        response = await self._chats.get(self.principal, request.id)
         if response is None:
             self._respond(no_active_frame(rid))
             return
         try:
-            stream = self.hub.find_for_resume(response.stream_key, self.principal, 0)
+            await self._resume(Resume(type="resume", stream_key=response.stream_key,
+                                      after_seq=0, id=rid))
         except UnknownStream:
             self._chats.forget(self.principal, request.id, response)
             self._respond(no_active_frame(rid))
@@ -244,12 +284,10 @@ class AiSdkSession(Session):
         except StreamLost:
             self._respond(error_frame(rid, safe_error_text("stream_lost")))
             return
-        self._check_room(rid)
-        self._respond(start_frame(rid))
-        att = Attachment(self, stream, rid)
+        att = self._attachments[rid]
+        # Registered just now and no await since: the writer has not read it yet.
         self._mappers[att] = ResponseMapper(rid, response.message_id,
                                             last_sequence=request.lastSequence)
-        self._register(att, announce=True)
 
     def _abort(self, request: AbortRequest) -> None:
         att = self._attachments.get(request.requestId)
@@ -267,6 +305,8 @@ class AiSdkSession(Session):
         response's own ``start`` chunk follows); the rest does not exist here."""
         if "requestId" in frame:
             return super()._send(frame)
+        if frame.get("type") == "resumed":
+            return super()._send(start_frame(frame["id"]))
         if frame.get("type") == "error" and frame.get("id") is not None:
             return super()._send(error_frame(frame["id"], safe_error_text(frame.get("code"))
                                              if frame.get("code") == "stream_taken_over"

@@ -74,6 +74,8 @@ class RelayServer:
         self.replicator: Replicator | None = None
         if self.settings.redis_url is not None:
             self.replicator = Replicator(self.settings, self.hub)
+            self.chats.replicator = self.replicator
+            self.chats.ttl = (self.settings.total_timeout or 3600.0) + self.settings.detach_grace
             self.hub.replicator = self.replicator
         self.auth = Authenticator(self.settings, self.principals)
 

@@ -4,6 +4,7 @@ endpoint in tests/relay/test_aisdk_transport.py."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from typing import Any
@@ -296,3 +297,38 @@ async def test_auth_per_request_header_and_only_the_same_principal_resumes(monke
                              "headers": {}, "body": {}})
             frames = await same.until_done("q2")
             assert text_of(chunks(frames[1:])) == "secret answer"
+
+
+async def test_resume_on_the_other_of_two_relays_on_redis():
+    """A chat running on relay A resumes on relay B: B finds it in Redis and follows the
+    stream A replicates, replaying the whole message with the same messageId."""
+    import uuid
+
+    from .test_multinode import SHARED_REDIS, two_relays
+
+    prefix = f"test:{uuid.uuid4().hex}:"
+    async with FakeUpstream() as up:
+        up.enqueue(stream("openai", [f"v{i} " for i in range(40)]).with_delay(0.02))
+        async with two_relays(SHARED_REDIS, prefix, registry=registry_for(up),
+                              detach_grace=10) as (a, b):
+            async with ai_client(a) as ca:
+                await ca.send(send_frame("r1", "chat", [ui_user("x")], model="oai"))
+                first = await ca.next_of("r1", 6)
+                message_id = first[0]["chunk"]["messageId"]
+                async with ai_client(b) as cb:
+                    resume = {"type": "resume", "requestId": "q1", "id": "chat",
+                              "headers": {}, "body": {}}
+                    await eventually(lambda: len(a.chats) == 1)
+                    principal = next(iter(a.chats._chats))[0]
+                    # the index reaches Redis asynchronously: wait until B can see it
+                    for _ in range(500):
+                        if await b.replicator.store.get_chat(principal, "chat"):
+                            break
+                        await asyncio.sleep(0.01)
+                    await cb.send(resume)
+                    frames = await cb.until_done("q1")
+                    assert frames[0] == {"type": "start", "requestId": "q1"}
+                    cs = chunks(frames[1:])
+                    assert cs[0] == {"type": "start", "messageId": message_id}
+                    assert text_of(cs) == "".join(f"v{i} " for i in range(40))
+                    assert frames[-1]["type"] == "end"
