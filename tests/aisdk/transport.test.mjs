@@ -11,8 +11,10 @@ import { WebSocketChatTransport, readUIMessageStream } from 'ai';
 const HTTP = process.env.RELAY_HTTP;
 assert.ok(HTTP, 'RELAY_HTTP must be set (run through pytest)');
 const URL_AI = HTTP.replace(/^http/, 'ws') + '/ai-sdk';
+// A second relay on the same Redis (RELAY_HTTP_B).
+const URL_AI_B = (process.env.RELAY_HTTP_B ?? '').replace(/^http/, 'ws') + '/ai-sdk';
 
-const transport = () => new WebSocketChatTransport({ url: URL_AI, webSocket: WebSocket });
+const transport = (url = URL_AI) => new WebSocketChatTransport({ url, webSocket: WebSocket });
 const user = (text, id = 'u-' + text.slice(0, 8)) => ({
   id, role: 'user', parts: [{ type: 'text', text }],
 });
@@ -113,6 +115,33 @@ test('resume from a second connection replays the whole message with the same me
     assert.equal(replay.at(-1).type, 'finish');
     // The first connection was taken over: its stream ends with an error, not a hang.
     await assert.rejects(async () => { for (;;) { if ((await reader.read()).done) return; } });
+  } finally {
+    a.close();
+    b.close();
+  }
+});
+
+test('resume on the other of two relays on Redis replays the whole message', async () => {
+  assert.ok(process.env.RELAY_HTTP_B, 'RELAY_HTTP_B must be set');
+  const a = transport();
+  const b = transport(URL_AI_B);
+  try {
+    const long = Array.from({ length: 60 }, (_, i) => `x${i}`).join(' ');
+    const stream = await send(a, 'cross-relay-chat', [user(long)], { model: 'demo' });
+    const reader = stream.getReader();
+    const first = [];
+    while (first.length < 5) first.push((await reader.read()).value);
+    // The chat index reaches Redis asynchronously; a resume before it lands is null.
+    let resumed = null;
+    for (let i = 0; i < 100 && resumed === null; i++) {
+      resumed = await b.reconnectToStream({ chatId: 'cross-relay-chat' });
+      if (resumed === null) await new Promise(r => setTimeout(r, 20));
+    }
+    assert.ok(resumed, 'relay B finds the chat running on relay A');
+    const replay = await readAll(resumed);
+    assert.equal(replay[0].messageId, first[0].messageId);
+    assert.match(textOf(replay), new RegExp(long.split(' ').slice(0, 5).join(' ')));
+    assert.equal(replay.at(-1).type, 'finish');
   } finally {
     a.close();
     b.close();

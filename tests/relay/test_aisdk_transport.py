@@ -16,9 +16,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 from tests.fakes.upstream import FakeUpstream, stream, tool_call
+
+from .test_multinode import SHARED_REDIS
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE_DIR = ROOT / "tests" / "aisdk"
@@ -41,30 +44,39 @@ async def test_real_ai_sdk_transport_against_relay_serve(tmp_path):
             'api_key_env = "FAKE_PROVIDER_KEY"\n')
         env = {**os.environ, "FAKE_PROVIDER_KEY": "sk-fake", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
                "PYTHONPATH": str(ROOT)}
-        relay = await asyncio.create_subprocess_exec(
+        # Two relays on one Redis: the resume test also resumes on the other relay.
+        env["RELAY_REDIS_PREFIX"] = f"test:{uuid.uuid4().hex}:"
+        relays = [await asyncio.create_subprocess_exec(
             sys.executable, "-m", "relay", "serve", "--port", "0", "--config", str(config),
-            "--demo-tps", "60", "--detach-grace", "10",
+            "--demo-tps", "60", "--detach-grace", "10", "--redis", SHARED_REDIS,
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+            for _ in range(2)]
         try:
-            line = (await asyncio.wait_for(relay.stdout.readline(), 60)).decode()
-            match = re.search(r"ws://(\S+)/ws", line)
-            assert match, line
+            addresses = []
+            for relay in relays:
+                line = (await asyncio.wait_for(relay.stdout.readline(), 90)).decode()
+                match = re.search(r"ws://(\S+)/ws", line)
+                assert match, line
+                addresses.append(f"http://{match.group(1)}")
             node_run = await asyncio.create_subprocess_exec(
                 node, "--test", "--test-reporter=spec", "transport.test.mjs",
-                cwd=NODE_DIR, env={**os.environ, "RELAY_HTTP": f"http://{match.group(1)}"},
+                cwd=NODE_DIR, env={**os.environ, "RELAY_HTTP": addresses[0],
+                                   "RELAY_HTTP_B": addresses[1]},
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             out, _ = await asyncio.wait_for(node_run.communicate(), 120)
             report = out.decode()
             print(report)
             assert node_run.returncode == 0, report
-            assert re.search(r"\bpass 7\b", report) and re.search(r"\bfail 0\b", report), report
+            assert re.search(r"\bpass 8\b", report) and re.search(r"\bfail 0\b", report), report
         finally:
-            relay.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(relay.wait(), 30)
-            except TimeoutError:
-                relay.kill()
-                await relay.wait()
+            for relay in relays:
+                relay.send_signal(signal.SIGTERM)
+            for relay in relays:
+                try:
+                    await asyncio.wait_for(relay.wait(), 30)
+                except TimeoutError:
+                    relay.kill()
+                    await relay.wait()
         # The tool's output reached the model as a tool message on the second turn.
         second = up.requests[1].json["messages"]
         tool_messages = [m for m in second if m["role"] == "tool"]
