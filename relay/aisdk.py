@@ -27,6 +27,7 @@ import hashlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -54,11 +55,14 @@ from .replication import Replicator, StoreUnavailableError
 from .session import Attachment, Session, close_reason
 from .streamlog import LogEntry
 
-__all__ = ["AI_SDK_PATH", "AiSdkSession", "ChatIndex"]
+__all__ = ["AI_SDK_EXAMPLE_PATH", "AI_SDK_EXAMPLE_ROOT", "AI_SDK_PATH", "AiSdkSession", "ChatIndex"]
 
 logger = logging.getLogger("relay.aisdk")
 
 AI_SDK_PATH = "/ai-sdk"
+#: Where the relay serves the useChat example page (client_demo/ai-sdk/, once built).
+AI_SDK_EXAMPLE_PATH = "/examples/ai-sdk/"
+AI_SDK_EXAMPLE_ROOT = Path(__file__).resolve().parent.parent / "client_demo" / "ai-sdk"
 
 #: Close code for a frame that cannot be answered (RFC 6455 policy violation).
 _POLICY_VIOLATION = 1008

@@ -22,7 +22,7 @@ from websockets.http11 import Request, Response
 from protocol import SUPPORTED_VERSIONS, CloseCode, FinishReason
 
 from . import web
-from .aisdk import AI_SDK_PATH, AiSdkSession, ChatIndex
+from .aisdk import AI_SDK_EXAMPLE_PATH, AI_SDK_EXAMPLE_ROOT, AI_SDK_PATH, AiSdkSession, ChatIndex
 from .auth import AuthError, Authenticator
 from .config import RelaySettings
 from .hub import StreamHub
@@ -192,6 +192,14 @@ class RelayServer:
             response.headers["Content-Type"] = CONTENT_TYPE_LATEST
             response.headers["Content-Length"] = str(len(body))
             return dataclasses.replace(response, body=body)
+        if path.startswith(AI_SDK_EXAMPLE_PATH):
+            # The useChat example (client_demo/ai-sdk/): its page and its built bundle only.
+            sub = path[len(AI_SDK_EXAMPLE_PATH) - 1:]
+            if sub in ("/", "/index.html", "/style.css") or sub.startswith("/dist/"):
+                found = web.respond(connection, sub, root=AI_SDK_EXAMPLE_ROOT)
+                if found is not None:
+                    return found
+            return _text(connection, http.HTTPStatus.NOT_FOUND, "not found\n")
         if path not in (WS_PATH, AI_SDK_PATH):
             # The browser chat page (client_demo/web/), static files only; see relay/web.py.
             return web.respond(connection, path) or _text(
