@@ -332,3 +332,21 @@ async def test_resume_on_the_other_of_two_relays_on_redis():
                     assert cs[0] == {"type": "start", "messageId": message_id}
                     assert text_of(cs) == "".join(f"v{i} " for i in range(40))
                     assert frames[-1]["type"] == "end"
+
+
+async def test_same_origin_check_and_connection_limit_as_ws():
+    from websockets.exceptions import InvalidStatus
+
+    async with relay(max_connections=1) as (up, server):
+        with pytest.raises(InvalidStatus) as info:
+            async with ai_client(server, origin="http://evil.example"):
+                pass
+        assert info.value.response.status_code == 403
+        async with ai_client(server) as first:
+            async with ai_client(server) as second:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await second.until_done("never")
+                assert closed.value.rcvd.code == 4429
+            up.enqueue(stream("openai", ["ok"]))
+            await first.send(send_frame("r1", "chat", [ui_user("x")], model="oai"))
+            assert text_of(chunks(await first.until_done("r1"))) == "ok"

@@ -84,3 +84,20 @@ async def test_real_ai_sdk_transport_against_relay_serve(tmp_path):
                                   "content": json.dumps({"temp": 21}, separators=(",", ":"))}]
         assistant = [m for m in second if m["role"] == "assistant"][0]
         assert assistant["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+def test_every_mapped_chunk_is_valid_for_the_ai_package():
+    """Every UIMessageChunk the mapping produces, in every scenario of the pure tests, passes
+    the `ai` package's own uiMessageChunkSchema (the transport closes the connection on an
+    invalid one)."""
+    from tests.protocol.test_aisdk import chunks_of, run, scenarios
+
+    node = shutil.which("node")
+    assert node, "node is required for the AI SDK tests"
+    every = [c for frames in scenarios().values() for c in chunks_of(run(frames))]
+    assert len({c["type"] for c in every}) >= 14
+    result = subprocess.run([node, "validate-chunks.mjs"], input=json.dumps(every),
+                            capture_output=True, text=True, cwd=NODE_DIR, timeout=60)
+    assert result.returncode == 0, result.stderr
+    bad = [(every[r["index"]], r["error"]) for r in json.loads(result.stdout) if not r["ok"]]
+    assert not bad, bad
