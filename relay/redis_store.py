@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import random
@@ -507,6 +508,24 @@ class RedisStore:
         entries = await self._run(
             "first_seq", lambda: self._cmd.xrange(self._log_key(key), "-", "+", count=1))
         return _seq_of(entries[0][0]) if entries else None
+
+    # ------------------------------------------------------------------ AI SDK chats
+
+    def _chat_key(self, principal: str, chat_id: str) -> str:
+        # Hashed: chat ids and principals are client-chosen; the key stays short and opaque.
+        digest = hashlib.sha256(f"{principal}\0{chat_id}".encode()).hexdigest()
+        return f"{self.prefix}aisdk-chat:{digest}"
+
+    async def set_chat(self, principal: str, chat_id: str, value: str, *, ttl: float) -> None:
+        """Record the latest response of an AI SDK chat (relay.aisdk.ChatIndex)."""
+        ms = _ms(ttl)
+        await self._run("set_chat", lambda: self._cmd.set(
+            self._chat_key(principal, chat_id), value, px=ms))
+
+    async def get_chat(self, principal: str, chat_id: str) -> str | None:
+        raw = await self._run("get_chat",
+                              lambda: self._cmd.get(self._chat_key(principal, chat_id)))
+        return None if raw is None else raw.decode()
 
     # ------------------------------------------------------------------ attachment
 

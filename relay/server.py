@@ -23,6 +23,7 @@ from websockets.http11 import Request, Response
 from protocol import SUPPORTED_VERSIONS, CloseCode, FinishReason
 
 from . import web
+from .aisdk import AI_SDK_EXAMPLE_PATH, AI_SDK_EXAMPLE_ROOT, AI_SDK_PATH, AiSdkSession, ChatIndex
 from .auth import AuthError, Authenticator
 from .handshake import (OriginPolicy, RelayConnection, client_address, own_origins,
                         parse_networks, repeated_header)
@@ -75,9 +76,13 @@ class RelayServer:
         self._trusted_proxies = parse_networks(self.settings.trusted_proxies)
         self.origins: OriginPolicy | None = None  # known once the port is bound
         self.hub = StreamHub(self.settings, self.metrics)
+        #: /ai-sdk: the latest response of each (principal, chat id), for resume.
+        self.chats = ChatIndex()
         self.replicator: Replicator | None = None
         if self.settings.redis_url is not None:
             self.replicator = Replicator(self.settings, self.hub)
+            self.chats.replicator = self.replicator
+            self.chats.ttl = (self.settings.total_timeout or 3600.0) + self.settings.detach_grace
             self.hub.replicator = self.replicator
         self.auth = Authenticator(self.settings, self.principals)
 
@@ -208,7 +213,8 @@ class RelayServer:
             return _refuse(connection, http.HTTPStatus.BAD_REQUEST,
                            f"header {repeated} appears more than once")
         method = _method(request)
-        allowed = ("GET",) if request.path.split("?", 1)[0] == WS_PATH else ("GET", "HEAD")
+        allowed = (("GET",) if request.path.split("?", 1)[0] in (WS_PATH, AI_SDK_PATH)
+                   else ("GET", "HEAD"))
         if method not in allowed:
             # The method is the client's text: logged escaped, never echoed.
             response = _refuse(connection, http.HTTPStatus.METHOD_NOT_ALLOWED,
@@ -232,7 +238,15 @@ class RelayServer:
             response.headers["Content-Type"] = CONTENT_TYPE_LATEST
             response.headers["Content-Length"] = str(len(body))
             return dataclasses.replace(response, body=body)
-        if path != WS_PATH:
+        if path.startswith(AI_SDK_EXAMPLE_PATH):
+            # The useChat example (client_demo/ai-sdk/): its page and its built bundle only.
+            sub = path[len(AI_SDK_EXAMPLE_PATH) - 1:]
+            if sub in ("/", "/index.html", "/style.css") or sub.startswith("/dist/"):
+                found = web.respond(connection, sub, root=AI_SDK_EXAMPLE_ROOT)
+                if found is not None:
+                    return found
+            return _text(connection, http.HTTPStatus.NOT_FOUND, "not found\n")
+        if path not in (WS_PATH, AI_SDK_PATH):
             # The browser chat page (client_demo/web/), static files only; see relay/web.py.
             return web.respond(connection, path) or _text(
                 connection, http.HTTPStatus.NOT_FOUND, "not found\n")
@@ -302,11 +316,15 @@ class RelayServer:
         state = self.principals.connect(principal)
         if s.send_buffer_bytes is not None:
             _set_send_buffer(ws, s.send_buffer_bytes)
-        session = Session(ws, self.settings, self.registry,
-                          hub=self.hub, streamer_factory=self._streamer_factory,
-                          draining=lambda: self.draining,
-                          principal=principal, principal_state=state,
-                          metrics=self.metrics, auth=self.auth, on_hello=release_pending)
+        common: dict[str, Any] = dict(
+            hub=self.hub, streamer_factory=self._streamer_factory,
+            draining=lambda: self.draining, principal=principal, principal_state=state,
+            metrics=self.metrics, auth=self.auth, on_hello=release_pending)
+        if ws.request is not None and ws.request.path.split("?", 1)[0] == AI_SDK_PATH:
+            session: Session = AiSdkSession(ws, self.settings, self.registry, chats=self.chats,
+                                            address_principal=principal, **common)
+        else:
+            session = Session(ws, self.settings, self.registry, **common)
         self._sessions.add(session)
         self.metrics.connections.inc()
         try:

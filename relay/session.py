@@ -27,7 +27,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +60,7 @@ from .limits import PrincipalState, TokenBucket
 from .metrics import RelayMetrics
 from .providers import ModelRegistry, ModelSpec
 from .streamer import TokenStreamer
-from .streamlog import coalesce
+from .streamlog import LogEntry, coalesce
 
 __all__ = ["Attachment", "Session", "StreamerFactory"]
 
@@ -511,7 +511,7 @@ class Session:
                         return
                     entries = log.after(att.cursor, _BATCH)
                     if entries:
-                        for data in coalesce(entries, att.id):
+                        for data in self._encode_entries(att, entries):
                             await ws.send(data, text=True)
                         sent = clock()
                         for entry in entries:
@@ -531,6 +531,12 @@ class Session:
             self._close_soon(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             self._idle.set()
+
+    def _encode_entries(self, att: Attachment, entries: list[LogEntry]) -> Iterable[bytes]:
+        """The bytes to send for ``entries`` of ``att``'s stream (v1: merged tokens,
+        re-addressed to the attachment's id). Other protocols on the same streams override
+        it (relay.aisdk)."""
+        return coalesce(entries, att.id)
 
     async def _stop_writer(self) -> None:
         if self._slow_timer is not None:

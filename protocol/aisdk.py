@@ -1,0 +1,447 @@
+"""The AI SDK's WebSocket chat protocol (``ai`` 7, ``WebSocketChatTransport``), sans I/O.
+
+The relay speaks this second protocol on ``/ai-sdk`` so ``useChat`` apps plug in with
+``new WebSocketChatTransport({url})``. This module owns everything that protocol means and
+nothing that does I/O:
+
+* the client frames, validated strictly (``decode_request``): ``send`` {requestId, id (chat
+  id), trigger, messageId, messages: UIMessage[], headers, body, metadata}, ``resume``
+  {requestId, id, lastSequence?, headers, body, metadata} and ``abort`` {requestId};
+* ``to_chat_messages``: UIMessages -> the OpenAI-format messages a v1 ``start`` carries
+  (text; images and files; assistant tool parts with an output become ``tool_calls`` plus
+  ``tool`` results, so client-side tools round-trip; reasoning is not sent back);
+* ``ResponseMapper``: the frames of one v1 stream (``token``, ``reasoning``,
+  ``tool_call_chunk``, ``tool_call_complete``, ``finish``) -> the server frames of one
+  response (``chunk`` {requestId, sequence 0, 1, 2, ..., chunk: UIMessageChunk}, then ``end``
+  or ``error``). Every chunk is valid for the package's ``uiMessageChunkSchema``: the
+  transport closes the whole connection on an invalid one.
+
+Rules of the mapping (the AI SDK's UI message stream):
+
+* a response opens with ``start`` {messageId} and ``start-step``; ``messageId`` is derived
+  from the stream, so a replay (resume) gives the same id and Chat replaces the partial
+  message instead of appending one;
+* text and reasoning come as ``*-start`` / ``*-delta`` / ``*-end`` blocks; a block is closed
+  when the other kind starts, and before the step finishes;
+* a tool call is ``tool-input-start`` {toolCallId, toolName}, ``tool-input-delta``s, then
+  ``tool-input-available`` {input: the parsed JSON arguments} or ``tool-input-error`` when the
+  arguments are not valid JSON (or not an object);
+* a completed stream ends ``finish-step``, ``finish`` {finishReason, messageMetadata.usage},
+  then the ``end`` frame; a cancelled one ends ``abort`` then ``end``; a failed or timed-out
+  one ends with the ``error`` response frame (a safe text, never provider detail) and nothing
+  after it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
+__all__ = [
+    "AbortRequest",
+    "AiSdkFrameError",
+    "ResponseMapper",
+    "ResumeRequest",
+    "SendRequest",
+    "UIMessage",
+    "decode_request",
+    "end_frame",
+    "error_frame",
+    "no_active_frame",
+    "start_frame",
+    "to_chat_messages",
+]
+
+#: ``requestId`` doubles as the v1 stream id inside the relay (at most 128 characters).
+RequestId = Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
+ChatId = Annotated[StrictStr, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
+class _Frame(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class UIMessage(BaseModel):
+    """One AI SDK ``UIMessage``. Parts stay plain dicts: ``to_chat_messages`` reads the kinds
+    it knows and ignores the rest (data parts, sources, step markers)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    id: StrictStr
+    role: Literal["system", "user", "assistant"]
+    parts: list[dict[str, Any]]
+    metadata: Any = None
+
+
+class SendRequest(_Frame):
+    type: Literal["send"]
+    requestId: RequestId
+    id: ChatId
+    trigger: Literal["submit-message", "regenerate-message"]
+    messageId: StrictStr | None = None
+    messages: Annotated[list[UIMessage], Field(min_length=1)]
+    headers: dict[str, StrictStr] = {}
+    body: dict[str, Any] = {}
+    metadata: Any = None
+
+
+class ResumeRequest(_Frame):
+    type: Literal["resume"]
+    requestId: RequestId
+    id: ChatId
+    lastSequence: Annotated[StrictInt, Field(ge=0)] | None = None
+    headers: dict[str, StrictStr] = {}
+    body: dict[str, Any] = {}
+    metadata: Any = None
+
+
+class AbortRequest(_Frame):
+    type: Literal["abort"]
+    requestId: RequestId
+
+
+_MODELS: dict[str, type[_Frame]] = {
+    "send": SendRequest, "resume": ResumeRequest, "abort": AbortRequest}
+
+
+class AiSdkFrameError(ValueError):
+    """A client frame that cannot be honoured. ``request_id`` is set when the frame named
+    one (the answer is then an ``error`` response frame for it); without one the frame
+    cannot be answered and the connection is closed 1008, as the AI SDK's own server
+    example does."""
+
+    def __init__(self, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.request_id = request_id
+
+
+def decode_request(data: str | bytes, *, max_messages: int = 2000,
+                   max_parts: int = 10_000) -> SendRequest | ResumeRequest | AbortRequest:
+    """Parse and validate one client frame; raises ``AiSdkFrameError``.
+
+    Counts are checked on the parsed JSON before the models validate it, so an absurd
+    frame costs one orjson parse (bounded by the socket's frame size), not a validation.
+    """
+    if not isinstance(data, str):
+        raise AiSdkFrameError("binary frames are not accepted; send JSON text frames")
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise AiSdkFrameError("frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise AiSdkFrameError("frame must be a JSON object")
+    raw_request_id = obj.get("requestId")
+    request_id = (raw_request_id if isinstance(raw_request_id, str)
+                  and 0 < len(raw_request_id) <= 128 and raw_request_id.isprintable()
+                  else None)
+    model = _MODELS.get(obj.get("type"))  # type: ignore[arg-type]
+    if model is None:
+        raise AiSdkFrameError("unknown frame type (expected send, resume or abort)",
+                              request_id)
+    messages = obj.get("messages")
+    if isinstance(messages, list):
+        if len(messages) > max_messages:
+            raise AiSdkFrameError(f"too many messages ({len(messages)}; the limit is "
+                                  f"{max_messages})", request_id)
+        parts = sum(len(m["parts"]) for m in messages
+                    if isinstance(m, dict) and isinstance(m.get("parts"), list))
+        if parts > max_parts:
+            raise AiSdkFrameError(f"too many message parts ({parts}; the limit is "
+                                  f"{max_parts})", request_id)
+    try:
+        return model.model_validate(obj)  # type: ignore[return-value]
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in err["loc"]) or "frame"
+        raise AiSdkFrameError(f"invalid {obj['type']} frame: field {where!r}: {err['msg']}",
+                              request_id) from None
+
+
+# ---------------------------------------------------------------- UIMessage -> messages
+
+def _text_of(parts: list[dict[str, Any]]) -> str:
+    return "".join(p["text"] for p in parts
+                   if p.get("type") == "text" and isinstance(p.get("text"), str))
+
+
+def _is_tool_part(part: dict[str, Any]) -> bool:
+    kind = part.get("type")
+    return isinstance(kind, str) and (kind.startswith("tool-") or kind == "dynamic-tool")
+
+
+def _tool_name(part: dict[str, Any]) -> str:
+    if part["type"] == "dynamic-tool":
+        return str(part.get("toolName", ""))
+    return part["type"][len("tool-"):]
+
+
+def _file_content(part: dict[str, Any]) -> dict[str, Any] | None:
+    url = part.get("url")
+    media_type = part.get("mediaType")
+    if not isinstance(url, str) or not isinstance(media_type, str):
+        raise ValueError("a file part needs string 'url' and 'mediaType'")
+    if media_type.startswith("image/"):
+        return {"type": "image_url", "image_url": {"url": url}}
+    file: dict[str, Any] = {"file_data": url} if url.startswith("data:") else {"file_id": url}
+    if isinstance(part.get("filename"), str):
+        file["filename"] = part["filename"]
+    return {"type": "file", "file": file}
+
+
+def _user_message(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    content: list[dict[str, Any]] = []
+    for part in parts:
+        kind = part.get("type")
+        if kind == "text" and isinstance(part.get("text"), str):
+            content.append({"type": "text", "text": part["text"]})
+        elif kind == "file":
+            item = _file_content(part)
+            if item is not None:
+                content.append(item)
+    if all(c["type"] == "text" for c in content):
+        return {"role": "user", "content": "".join(c["text"] for c in content)}
+    return {"role": "user", "content": content}
+
+
+def _assistant_messages(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One assistant message per step (a ``step-start`` after tool calls opens a new one),
+    each followed by the ``tool`` results of its calls."""
+    out: list[dict[str, Any]] = []
+    text: list[str] = []
+    calls: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        if not text and not calls:
+            return
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
+        if calls:
+            message["tool_calls"] = list(calls)
+        out.append(message)
+        out.extend(results)
+        text.clear()
+        calls.clear()
+        results.clear()
+
+    for part in parts:
+        kind = part.get("type")
+        if kind == "step-start":
+            if calls:
+                flush()
+        elif kind == "text" and isinstance(part.get("text"), str):
+            text.append(part["text"])
+        elif _is_tool_part(part):
+            state = part.get("state")
+            if state not in ("output-available", "output-error"):
+                continue  # a call with no result yet cannot be sent to a provider
+            call_id = part.get("toolCallId")
+            if not isinstance(call_id, str):
+                raise ValueError("a tool part needs a string 'toolCallId'")
+            calls.append({"id": call_id, "type": "function", "function": {
+                "name": _tool_name(part),
+                "arguments": orjson.dumps(part.get("input", {})).decode()}})
+            if state == "output-available":
+                output = part.get("output")
+                content = output if isinstance(output, str) else orjson.dumps(output).decode()
+            else:
+                content = f"Error: {part.get('errorText', 'the tool failed')}"
+            results.append({"role": "tool", "tool_call_id": call_id, "content": content})
+        # reasoning, sources, files, data-* parts: not sent back to the provider
+    flush()
+    return out
+
+
+def to_chat_messages(messages: list[UIMessage]) -> list[dict[str, Any]]:
+    """OpenAI-format chat messages for ``messages``; raises ``ValueError`` on a part that
+    cannot be converted (the relay answers it with an ``error`` response frame)."""
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        if message.role == "system":
+            out.append({"role": "system", "content": _text_of(message.parts)})
+        elif message.role == "user":
+            out.append(_user_message(message.parts))
+        else:
+            out.extend(_assistant_messages(message.parts))
+    if not out:
+        raise ValueError("the messages hold nothing to send to a model")
+    return out
+
+
+# ---------------------------------------------------------------- server frames
+
+def start_frame(request_id: str) -> dict[str, Any]:
+    """A resume found an active or retained response; its replay follows."""
+    return {"type": "start", "requestId": request_id}
+
+
+def end_frame(request_id: str) -> dict[str, Any]:
+    return {"type": "end", "requestId": request_id}
+
+
+def error_frame(request_id: str, error_text: str) -> dict[str, Any]:
+    return {"type": "error", "requestId": request_id, "errorText": error_text}
+
+
+def no_active_frame(request_id: str) -> dict[str, Any]:
+    return {"type": "no-active", "requestId": request_id}
+
+
+#: v1 error codes -> the text an end user sees. Never the provider's own words.
+SAFE_ERROR_TEXTS: dict[str, str] = {
+    "bad_request": "The relay could not accept this request.",
+    "unknown_model": "This model is not available on the relay.",
+    "duplicate_id": "A response with this request id is already running.",
+    "too_many_streams": "Too many answers are running at once. Wait for one to finish.",
+    "unknown_stream": "This response is not running.",
+    "stream_lost": "This response can no longer be replayed.",
+    "store_unavailable": "The response cannot be resumed right now. Try again shortly.",
+    "stream_taken_over": "This response is now being shown in another window.",
+    "upstream_error": "The model provider returned an error. Please try again.",
+    "upstream_timeout": "The model provider did not answer in time. Please try again.",
+    "upstream_rate_limited": "The model provider is busy. Please wait a moment and retry.",
+    "rate_limited": "Too many requests. Please wait a moment and try again.",
+    "draining": "The relay is restarting. Please try again in a moment.",
+    "first_token_timeout": "The model did not start answering in time.",
+    "idle_timeout": "The model stopped answering partway through.",
+    "total_timeout": "The answer took too long and was stopped.",
+}
+_GENERIC_ERROR = "Something went wrong while generating the answer."
+
+_FINISH_REASONS = {"stop": "stop", "length": "length", "tool_calls": "tool-calls",
+                   "content_filter": "content-filter"}
+
+
+def safe_error_text(code: str | None) -> str:
+    return SAFE_ERROR_TEXTS.get(code or "", _GENERIC_ERROR)
+
+
+class ResponseMapper:
+    """The server frames of one response (one ``requestId``) for the frames of one v1
+    stream, in order. Stateful: feed it every frame of the stream from the first one (a
+    replay feeds the whole log again, with a fresh mapper). ``last_sequence`` (from a
+    ``resume``) suppresses chunks the client already has.
+
+    ``frames(v1_frame)`` returns the response frames for one v1 frame; after the terminal
+    frame (``end`` or ``error``) it returns nothing more (``done``)."""
+
+    def __init__(self, request_id: str, message_id: str, *,
+                 last_sequence: int | None = None) -> None:
+        self.request_id = request_id
+        self.message_id = message_id
+        self.done = False
+        self._skip_through = -1 if last_sequence is None else last_sequence
+        self._sequence = 0
+        self._started = False
+        self._open: tuple[str, str] | None = None      # ("text" | "reasoning", part id)
+        self._parts = 0
+        self._tools: dict[int, tuple[str, str]] = {}    # index -> (toolCallId, toolName)
+
+    # -- helpers
+
+    def _chunk(self, out: list[dict[str, Any]], chunk: dict[str, Any]) -> None:
+        sequence = self._sequence
+        self._sequence += 1
+        if sequence > self._skip_through:
+            out.append({"type": "chunk", "requestId": self.request_id,
+                        "sequence": sequence, "chunk": chunk})
+
+    def _close_open(self, out: list[dict[str, Any]]) -> None:
+        if self._open is not None:
+            kind, part_id = self._open
+            self._chunk(out, {"type": f"{kind}-end", "id": part_id})
+            self._open = None
+
+    def _delta(self, out: list[dict[str, Any]], kind: str, text: str) -> None:
+        if self._open is None or self._open[0] != kind:
+            self._close_open(out)
+            self._parts += 1
+            self._open = (kind, f"{kind[0]}{self._parts}")
+            self._chunk(out, {"type": f"{kind}-start", "id": self._open[1]})
+        self._chunk(out, {"type": f"{kind}-delta", "id": self._open[1], "delta": text})
+
+    def begin(self) -> list[dict[str, Any]]:
+        """The opening chunks (``start``, ``start-step``); also emitted by the first
+        ``frames`` call when not called explicitly."""
+        out: list[dict[str, Any]] = []
+        if not self._started:
+            self._started = True
+            self._chunk(out, {"type": "start", "messageId": self.message_id})
+            self._chunk(out, {"type": "start-step"})
+        return out
+
+    def frames(self, frame: dict[str, Any]) -> list[dict[str, Any]]:
+        if self.done:
+            return []
+        out = self.begin()
+        kind = frame.get("type")
+        if kind == "token":
+            if frame["text"]:
+                self._delta(out, "text", frame["text"])
+        elif kind == "reasoning":
+            if frame["text"]:
+                self._delta(out, "reasoning", frame["text"])
+        elif kind == "tool_call_chunk":
+            self._tool_start(out, frame["index"], frame["call_id"], frame.get("name"))
+            if frame["arguments_delta"]:
+                call_id = self._tools[frame["index"]][0]
+                self._chunk(out, {"type": "tool-input-delta", "toolCallId": call_id,
+                                  "inputTextDelta": frame["arguments_delta"]})
+        elif kind == "tool_call_complete":
+            self._tool_done(out, frame)
+        elif kind == "finish":
+            self._finish(out, frame)
+        return out
+
+    def _tool_start(self, out: list[dict[str, Any]], index: int, call_id: str,
+                    name: str | None) -> None:
+        if index in self._tools:
+            return
+        self._close_open(out)
+        # The first chunk's call_id is the one the client keys the part by; later frames
+        # of the call (the relay may learn a better id) keep using it.
+        self._tools[index] = (call_id, name or "")
+        self._chunk(out, {"type": "tool-input-start", "toolCallId": call_id,
+                          "toolName": name or ""})
+
+    def _tool_done(self, out: list[dict[str, Any]], frame: dict[str, Any]) -> None:
+        self._tool_start(out, frame["index"], frame["call_id"], frame["name"])
+        call_id = self._tools[frame["index"]][0]
+        arguments = frame["arguments"]
+        try:
+            parsed = orjson.loads(arguments or "{}")
+        except orjson.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict):
+            self._chunk(out, {"type": "tool-input-available", "toolCallId": call_id,
+                              "toolName": frame["name"], "input": parsed})
+        else:
+            self._chunk(out, {"type": "tool-input-error", "toolCallId": call_id,
+                              "toolName": frame["name"], "input": arguments,
+                              "errorText": "the model's tool arguments are not a JSON object"})
+
+    def _finish(self, out: list[dict[str, Any]], frame: dict[str, Any]) -> None:
+        self.done = True
+        self._close_open(out)
+        status = frame.get("status")
+        if status == "completed":
+            usage = frame.get("usage") or {}
+            self._chunk(out, {"type": "finish-step"})
+            self._chunk(out, {
+                "type": "finish",
+                "finishReason": _FINISH_REASONS.get(frame.get("reason") or "", "other"),
+                "messageMetadata": {"usage": {
+                    "inputTokens": usage.get("prompt_tokens", 0),
+                    "outputTokens": usage.get("completion_tokens", 0),
+                    "totalTokens": usage.get("total_tokens", 0),
+                    "estimated": bool(usage.get("estimated", False))}}})
+            out.append(end_frame(self.request_id))
+        elif status == "cancelled":
+            self._chunk(out, {"type": "abort", "reason": frame.get("reason") or "cancelled"})
+            out.append(end_frame(self.request_id))
+        else:
+            error = frame.get("error") or {}
+            code = error.get("code") if status == "failed" else frame.get("reason")
+            out.append(error_frame(self.request_id, safe_error_text(code)))

@@ -1,0 +1,350 @@
+"""``/ai-sdk``: the AI SDK's ``WebSocketChatTransport`` protocol on the relay's own streams.
+
+A thin adapter: ``AiSdkSession`` is a ``Session`` (same writer, backlog and slow-consumer
+rules, limits, metrics, drain) whose inbound frames are AI SDK requests and whose outbound
+frames are AI SDK responses. The mapping itself is sans-I/O in ``protocol.aisdk``.
+
+* ``send`` becomes a v1 ``start`` (``requestId`` is the stream's id on this connection)
+  and goes through exactly the same admission as one (``Session._start``);
+* ``abort`` is a v1 ``cancel`` of that stream: the upstream request is closed at once;
+* ``resume`` looks the chat up in ``ChatIndex`` ((principal, chat id) -> the stream of its
+  latest response) and attaches the stream from its first frame: the whole response is
+  replayed (with the same ``messageId``) and the live rest follows.
+
+Auth (with ``--auth``): the upgrade's ``Authorization`` header authenticates the connection;
+otherwise each ``send``/``resume`` carries ``headers.authorization`` ("Bearer ...", the
+transport's ``headers`` option), checked per request: a missing or invalid one is an
+``error`` for that request, never a closed connection. A connection acts for one principal.
+
+A frame that cannot be parsed or names no ``requestId`` cannot be answered (the transport
+ignores responses it cannot correlate): the connection is closed 1008, as the AI SDK's own
+server example does. Any other bad frame gets an ``error`` response frame for its request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from protocol import FinishReason, Resume, Start
+from protocol.aisdk import (
+    AbortRequest,
+    AiSdkFrameError,
+    ResponseMapper,
+    ResumeRequest,
+    SendRequest,
+    decode_request,
+    error_frame,
+    no_active_frame,
+    safe_error_text,
+    start_frame,
+    to_chat_messages,
+)
+
+from .auth import AuthError
+from .errors import RelayError, StreamLost, UnknownStream
+from .redis_store import StoreUnavailable
+from .replication import Replicator, StoreUnavailableError
+from .session import Attachment, Session, close_reason
+from .streamlog import LogEntry
+
+__all__ = ["AI_SDK_EXAMPLE_PATH", "AI_SDK_EXAMPLE_ROOT", "AI_SDK_PATH", "AiSdkSession", "ChatIndex"]
+
+logger = logging.getLogger("relay.aisdk")
+
+AI_SDK_PATH = "/ai-sdk"
+#: Where the relay serves the useChat example page (client_demo/ai-sdk/, once built).
+AI_SDK_EXAMPLE_PATH = "/examples/ai-sdk/"
+AI_SDK_EXAMPLE_ROOT = Path(__file__).resolve().parent.parent / "client_demo" / "ai-sdk"
+
+#: Close code for a frame that cannot be answered (RFC 6455 policy violation).
+_POLICY_VIOLATION = 1008
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResponse:
+    stream_key: str
+    message_id: str
+
+
+class ChatIndex:
+    """The latest response of each (principal, chat id): what ``resume`` and the
+    one-active-response rule look up. Kept in this process and, with ``--redis``, in Redis
+    too, so a resume that lands on another relay finds the chat (and follows its stream
+    through the replication of v1 resume). The hub's retention decides how long a response
+    stays resumable; an entry whose stream is gone answers ``no-active``."""
+
+    def __init__(self) -> None:
+        self._chats: dict[tuple[str, str], ChatResponse] = {}
+        #: Set by the server when relays share Redis.
+        self.replicator: Replicator | None = None
+        self.ttl = 3600.0
+
+    async def get(self, principal: str, chat_id: str) -> ChatResponse | None:
+        """Raises ``StoreUnavailableError`` when only Redis could know and cannot answer."""
+        local = self._chats.get((principal, chat_id))
+        if local is not None or self.replicator is None:
+            return local
+        try:
+            raw = await self.replicator.store.get_chat(principal, chat_id)
+        except StoreUnavailable:
+            raise StoreUnavailableError("cannot look the chat up: the shared store is "
+                                        "unavailable; try again") from None
+        if raw is None:
+            return None
+        stream_key, _, message_id = raw.partition(" ")
+        return ChatResponse(stream_key, message_id)
+
+    def local(self, principal: str, chat_id: str) -> ChatResponse | None:
+        return self._chats.get((principal, chat_id))
+
+    def set(self, principal: str, chat_id: str, response: ChatResponse) -> None:
+        self._chats[(principal, chat_id)] = response
+        replicator = self.replicator
+        if replicator is not None:
+            replicator.spawn(self._publish(replicator, principal, chat_id, response),
+                             name="aisdk chat index")
+
+    async def _publish(self, replicator: Replicator, principal: str, chat_id: str,
+                       response: ChatResponse) -> None:
+        try:
+            await replicator.store.set_chat(
+                principal, chat_id, f"{response.stream_key} {response.message_id}",
+                ttl=self.ttl)
+        except StoreUnavailable:
+            logger.warning("ai-sdk: could not record a chat in Redis; it resumes on this "
+                           "relay only")
+
+    def forget(self, principal: str, chat_id: str, response: ChatResponse) -> None:
+        if self._chats.get((principal, chat_id)) == response:
+            del self._chats[(principal, chat_id)]
+
+    def __len__(self) -> int:
+        return len(self._chats)
+
+
+def _message_id(stream_key: str) -> str:
+    # Stable for the stream (a replay repeats it) but reveals nothing of its resume key.
+    return "msg_" + hashlib.sha256(stream_key.encode()).hexdigest()[:24]
+
+
+class AiSdkSession(Session):
+    """One ``/ai-sdk`` connection. See the module docstring for the rules."""
+
+    def __init__(self, *args: Any, chats: ChatIndex, address_principal: str,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._chats = chats
+        self._address_principal = address_principal
+        self._mappers: dict[Attachment, ResponseMapper] = {}
+        self._authenticated = self._auth is None
+
+    # ------------------------------------------------------------------ handshake
+
+    async def _handshake(self) -> bool:
+        """No hello: the transport starts with its first request. An ``Authorization``
+        header on the upgrade authenticates the whole connection (the server already
+        refused a malformed one with HTTP 401)."""
+        if self._auth is not None:
+            request = getattr(self.ws, "request", None)
+            try:
+                creds = self._auth.check_header(request.headers) if request else None
+            except AuthError:
+                creds = None
+            if creds is not None:
+                self._adopt_credentials(creds)
+        else:
+            self._admitted()
+        self._greeted = True
+        return True
+
+    def _admitted(self) -> None:
+        """The connection is past what ``hello`` proves on /ws (auth off, or credentials
+        accepted): it no longer counts as a pending connection."""
+        if self._on_hello is not None:
+            on_hello, self._on_hello = self._on_hello, None
+            on_hello()
+
+    def _adopt_credentials(self, creds: Any) -> None:
+        principals = self._auth._principals if self._auth is not None else None
+        self.credentials = creds
+        self.principal = creds.principal
+        if principals is not None:
+            self._principal_state = principals.connect(creds.principal)
+            principals.disconnect(self._address_principal)
+        self._authenticated = True
+        self._admitted()
+
+    def _authenticate_request(self, headers: dict[str, str]) -> None:
+        """Per-request credentials (``headers.authorization``); raises ``AuthError``."""
+        if self._auth is None:
+            return
+        value = next((v for k, v in headers.items() if k.lower() == "authorization"), None)
+        if value is None:
+            if self._authenticated and self.credentials is not None:
+                if self._auth.expired(self.credentials):
+                    raise AuthError("token expired")
+                return
+            raise AuthError("missing credentials")
+        scheme, _, credential = value.strip().partition(" ")
+        if scheme.lower() != "bearer" or not credential.strip():
+            raise AuthError("invalid credentials")
+        creds = self._auth.authenticate(credential.strip())
+        if self.credentials is None:
+            self._adopt_credentials(creds)
+        elif creds.principal != self.credentials.principal:
+            raise AuthError("these credentials are for another principal than this "
+                            "connection's")
+        else:
+            self.credentials = creds          # a refreshed token
+
+    # ------------------------------------------------------------------ inbound
+
+    async def _handle(self, raw: str | bytes) -> None:
+        """Answer one AI SDK frame: the single place its exceptions become answers."""
+        try:
+            request = decode_request(raw if isinstance(raw, str) else b"",
+                                     max_messages=getattr(self.settings, "max_messages", 2000))
+        except AiSdkFrameError as exc:
+            self.metrics.errors.labels("bad_request").inc()
+            if exc.request_id is None or not isinstance(raw, str):
+                logger.info("ai-sdk: closing a connection that sent an unanswerable frame",
+                            extra={"session_id": self.session_id})
+                self._close_soon(_POLICY_VIOLATION, close_reason(exc.message))
+                return
+            self._respond(error_frame(exc.request_id, exc.message))
+            return
+        try:
+            if isinstance(request, AbortRequest):
+                self._abort(request)
+                return
+            self._authenticate_request(request.headers)
+            if isinstance(request, SendRequest):
+                await self._on_send(request)
+            else:
+                await self._on_resume(request)
+        except AuthError as exc:
+            self.metrics.errors.labels("not_authenticated").inc()
+            logger.info("ai-sdk: request refused: %s", exc.reason,
+                        extra={"session_id": self.session_id})
+            self._respond(error_frame(request.requestId,
+                                      f"Not authenticated: {exc.reason}."))
+        except RelayError as exc:
+            self.metrics.errors.labels(exc.code).inc()
+            self._respond(error_frame(request.requestId, exc.message))
+        except Exception:
+            logger.exception("session %s: internal error handling an ai-sdk %s frame",
+                             self.session_id, request.type)
+            self.metrics.errors.labels("internal_error").inc()
+            self._respond(error_frame(request.requestId, safe_error_text(None)))
+
+    async def _on_send(self, request: SendRequest) -> None:
+        rid = request.requestId
+        current = self._chats.local(self.principal, request.id)
+        if current is not None:
+            stream = self.hub.get(current.stream_key)
+            if stream is not None and stream.running:
+                self._respond(error_frame(rid, "A response is already active for this chat."))
+                return
+        body = request.body
+        try:
+            messages = to_chat_messages(request.messages)
+            start = Start.model_validate({
+                "type": "start", "id": rid,
+                "model": body.get("model") or self.registry.aliases[0],
+                "messages": messages, "tools": body.get("tools"),
+                "tool_choice": body.get("toolChoice", body.get("tool_choice")),
+                "params": body.get("params") or {}})
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in err["loc"]) or "request"
+            self._respond(error_frame(rid, f"Invalid request: {where}: {err['msg']}"))
+            return
+        except ValueError as exc:
+            self._respond(error_frame(rid, f"Invalid messages: {exc}"))
+            return
+        await self._start(start)              # v1 admission; raises RelayError on refusal
+        att = self._attachments.get(rid)
+        if att is None:                      # refused without an error (token expired)
+            self._respond(error_frame(rid, "Not authenticated: token expired."))
+            return
+        response = ChatResponse(att.stream.key, _message_id(att.stream.key))
+        self._chats.set(self.principal, request.id, response)
+        self._mappers[att] = ResponseMapper(rid, response.message_id)
+
+    async def _on_resume(self, request: ResumeRequest) -> None:
+        """v1 resume of the chat's latest stream from its first frame (local, or followed
+        from Redis when it runs on another relay): ``resumed`` becomes ``start``, the whole
+        response is replayed through a fresh mapper, the live rest follows."""
+        rid = request.requestId
+        response = await self._chats.get(self.principal, request.id)
+        if response is None:
+            self._respond(no_active_frame(rid))
+            return
+        try:
+            await self._resume(Resume(type="resume", stream_key=response.stream_key,
+                                      after_seq=0, id=rid))
+        except UnknownStream:
+            self._chats.forget(self.principal, request.id, response)
+            self._respond(no_active_frame(rid))
+            return
+        except StreamLost:
+            self._respond(error_frame(rid, safe_error_text("stream_lost")))
+            return
+        att = self._attachments[rid]
+        # Registered just now and no await since: the writer has not read it yet.
+        self._mappers[att] = ResponseMapper(rid, response.message_id,
+                                            last_sequence=request.lastSequence)
+
+    def _abort(self, request: AbortRequest) -> None:
+        att = self._attachments.get(request.requestId)
+        if att is not None:      # an unknown or finished request: nothing left to stop
+            self.hub.cancel(att.stream, FinishReason.CLIENT_CANCEL)
+
+    # ------------------------------------------------------------------ outbound
+
+    def _respond(self, frame: dict[str, Any]) -> None:
+        super()._send(frame)
+
+    def _send(self, frame: dict) -> bool:
+        """v1 control frames raised by the shared ``Session`` code, in AI SDK terms:
+        ``error`` for a request -> its ``error`` response; ``started`` needs no answer (the
+        response's own ``start`` chunk follows); the rest does not exist here."""
+        if "requestId" in frame:
+            return super()._send(frame)
+        if frame.get("type") == "resumed":
+            return super()._send(start_frame(frame["id"]))
+        if frame.get("type") == "error" and frame.get("id") is not None:
+            return super()._send(error_frame(frame["id"], safe_error_text(frame.get("code"))
+                                             if frame.get("code") == "stream_taken_over"
+                                             else frame.get("message", safe_error_text(None))))
+        return True
+
+    def _encode_entries(self, att: Attachment, entries: list[LogEntry]) -> Iterable[bytes]:
+        mapper = self._mappers.get(att)
+        if mapper is None:
+            return []
+        out: list[bytes] = []
+        for entry in entries:
+            for frame in mapper.frames(entry.frame):
+                out.append(orjson.dumps(frame))
+        return out
+
+    def drop_attachment(self, att: Attachment) -> None:
+        """Another connection resumed this chat: this request ends with an ``error`` (the
+        transport then ends its stream) instead of waiting forever."""
+        was_attached = self._attachments.get(att.id) is att
+        super().drop_attachment(att)
+        if was_attached:
+            self._respond(error_frame(att.id, safe_error_text("stream_taken_over")))
+
+    def _unregister(self, att: Attachment) -> None:
+        super()._unregister(att)
+        self._mappers.pop(att, None)

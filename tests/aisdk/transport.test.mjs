@@ -1,0 +1,215 @@
+// The real AI SDK `WebSocketChatTransport` (package `ai`, pinned in package.json) against a
+// real `relay serve`. Run by tests/relay/test_aisdk_transport.py, which starts the relay
+// (aliases `demo` and `oai`, the latter a loopback fake OpenAI upstream) and passes:
+//   RELAY_HTTP  http://127.0.0.1:PORT   (the relay; /ai-sdk and /metrics live there)
+// Node's built-in test runner; `ws` is the WebSocket implementation (Node 20 has none).
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import WebSocket from 'ws';
+import { WebSocketChatTransport, readUIMessageStream } from 'ai';
+
+const HTTP = process.env.RELAY_HTTP;
+assert.ok(HTTP, 'RELAY_HTTP must be set (run through pytest)');
+const URL_AI = HTTP.replace(/^http/, 'ws') + '/ai-sdk';
+// A second relay on the same Redis (RELAY_HTTP_B).
+const URL_AI_B = (process.env.RELAY_HTTP_B ?? '').replace(/^http/, 'ws') + '/ai-sdk';
+
+const transport = (url = URL_AI) => new WebSocketChatTransport({ url, webSocket: WebSocket });
+const user = (text, id = 'u-' + text.slice(0, 8)) => ({
+  id, role: 'user', parts: [{ type: 'text', text }],
+});
+
+async function readAll(stream) {
+  const chunks = [];
+  const reader = stream.getReader();
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) return chunks;
+    chunks.push(value);
+  }
+}
+
+async function assemble(chunks) {
+  // readUIMessageStream: the SDK's own assembly of a UIMessage from chunks.
+  const source = new ReadableStream({
+    start(controller) { for (const c of chunks) controller.enqueue(c); controller.close(); },
+  });
+  let last;
+  for await (const message of readUIMessageStream({ stream: source })) last = message;
+  return last;
+}
+
+const textOf = chunks => chunks.filter(c => c.type === 'text-delta').map(c => c.delta).join('');
+
+async function metric(name) {
+  const body = await (await fetch(HTTP + '/metrics')).text();
+  const line = body.split('\n').find(l => l.startsWith(name + ' '));
+  return line ? Number(line.split(' ')[1]) : 0;
+}
+
+function send(t, chatId, messages, body = {}, abortSignal) {
+  return t.sendMessages({
+    chatId, messages, trigger: 'submit-message', messageId: undefined, abortSignal, body,
+  });
+}
+
+test('a text answer assembled with readUIMessageStream equals the deltas', async () => {
+  const t = transport();
+  try {
+    const chunks = await readAll(await send(t, 'text-chat', [user('hello there relay')], { model: 'demo' }));
+    assert.equal(chunks[0].type, 'start');
+    assert.equal(chunks.at(-1).type, 'finish');
+    assert.equal(chunks.at(-1).finishReason, 'stop');
+    assert.equal(chunks.at(-1).messageMetadata.usage.estimated, false);
+    const text = textOf(chunks);
+    assert.match(text, /hello there relay/);
+    const message = await assemble(chunks);
+    assert.equal(message.id, chunks[0].messageId);
+    assert.equal(message.role, 'assistant');
+    const parts = message.parts.filter(p => p.type === 'text');
+    assert.equal(parts.map(p => p.text).join(''), text);
+  } finally {
+    t.close();
+  }
+});
+
+test('abort mid-stream closes the upstream and the chat takes a new turn at once', async () => {
+  const t = transport();
+  try {
+    const before = await metric('relay_upstream_closed_on_cancel_total');
+    const controller = new AbortController();
+    const long = Array.from({ length: 200 }, (_, i) => `word${i}`).join(' ');
+    const stream = await send(t, 'abort-chat', [user(long)], { model: 'demo' }, controller.signal);
+    const reader = stream.getReader();
+    let got = 0;
+    while (got < 4) { await reader.read(); got++; }
+    controller.abort();
+    for (let i = 0; i < 100; i++) {
+      if (await metric('relay_upstream_closed_on_cancel_total') > before) break;
+      await new Promise(r => setTimeout(r, 50));   // polling the relay's metric, not a sync sleep
+    }
+    assert.ok(await metric('relay_upstream_closed_on_cancel_total') > before,
+      'the relay closed the upstream call after abort');
+    const next = await readAll(await send(t, 'abort-chat', [user('short one')], { model: 'demo' }));
+    assert.match(textOf(next), /short one/);
+  } finally {
+    t.close();
+  }
+});
+
+test('resume from a second connection replays the whole message with the same messageId', async () => {
+  const a = transport();
+  const b = transport();
+  try {
+    const long = Array.from({ length: 60 }, (_, i) => `r${i}`).join(' ');
+    const stream = await send(a, 'resume-chat', [user(long)], { model: 'demo' });
+    const reader = stream.getReader();
+    const first = [];
+    while (first.length < 5) first.push((await reader.read()).value);
+    const resumed = await b.reconnectToStream({ chatId: 'resume-chat' });
+    assert.ok(resumed, 'an active response is found');
+    const replay = await readAll(resumed);
+    assert.equal(replay[0].type, 'start');
+    assert.equal(replay[0].messageId, first[0].messageId);
+    assert.match(textOf(replay), new RegExp(long.split(' ').slice(0, 5).join(' ')));
+    assert.equal(replay.at(-1).type, 'finish');
+    // The first connection was taken over: its stream ends with an error, not a hang.
+    await assert.rejects(async () => { for (;;) { if ((await reader.read()).done) return; } });
+  } finally {
+    a.close();
+    b.close();
+  }
+});
+
+test('resume on the other of two relays on Redis replays the whole message', async () => {
+  assert.ok(process.env.RELAY_HTTP_B, 'RELAY_HTTP_B must be set');
+  const a = transport();
+  const b = transport(URL_AI_B);
+  try {
+    const long = Array.from({ length: 60 }, (_, i) => `x${i}`).join(' ');
+    const stream = await send(a, 'cross-relay-chat', [user(long)], { model: 'demo' });
+    const reader = stream.getReader();
+    const first = [];
+    while (first.length < 5) first.push((await reader.read()).value);
+    // The chat index reaches Redis asynchronously; a resume before it lands is null.
+    let resumed = null;
+    for (let i = 0; i < 100 && resumed === null; i++) {
+      resumed = await b.reconnectToStream({ chatId: 'cross-relay-chat' });
+      if (resumed === null) await new Promise(r => setTimeout(r, 20));
+    }
+    assert.ok(resumed, 'relay B finds the chat running on relay A');
+    const replay = await readAll(resumed);
+    assert.equal(replay[0].messageId, first[0].messageId);
+    assert.match(textOf(replay), new RegExp(long.split(' ').slice(0, 5).join(' ')));
+    assert.equal(replay.at(-1).type, 'finish');
+  } finally {
+    a.close();
+    b.close();
+  }
+});
+
+test('resume of an unknown chat is null', async () => {
+  const t = transport();
+  try {
+    assert.equal(await t.reconnectToStream({ chatId: 'never-seen' }), null);
+  } finally {
+    t.close();
+  }
+});
+
+test('a tool call yields tool-input-available; its output reaches the model as a tool message', async () => {
+  const t = transport();
+  try {
+    const tools = [{ type: 'function', function: {
+      name: 'get_weather',
+      parameters: { type: 'object', properties: { city: { type: 'string' } } },
+    } }];
+    const chunks = await readAll(await send(t, 'tool-chat', [user('weather in Paris?')], { model: 'oai', tools }));
+    const available = chunks.find(c => c.type === 'tool-input-available');
+    assert.ok(available, JSON.stringify(chunks));
+    assert.deepEqual(available.input, { city: 'Paris' });
+    assert.equal(chunks.at(-1).finishReason, 'tool-calls');
+    const message = await assemble(chunks);
+    const part = message.parts.find(p => p.type === 'tool-get_weather');
+    assert.equal(part.state, 'input-available');
+    // What Chat does after addToolOutput: the part carries the output; the next turn sends it.
+    const withOutput = {
+      ...message,
+      parts: message.parts.map(p => p === part ? { ...p, state: 'output-available', output: { temp: 21 } } : p),
+    };
+    const next = await readAll(await send(t, 'tool-chat', [user('weather in Paris?'), withOutput], { model: 'oai', tools }));
+    assert.equal(next.at(-1).type, 'finish');
+  } finally {
+    t.close();
+  }
+});
+
+test('four chats on one socket never mix', async () => {
+  const t = transport();
+  try {
+    const prompts = ['alpha one', 'bravo two', 'charlie three', 'delta four'];
+    const streams = await Promise.all(prompts.map((p, i) => send(t, `mix-${i}`, [user(p)], { model: 'demo' })));
+    const results = await Promise.all(streams.map(readAll));
+    results.forEach((chunks, i) => {
+      const text = textOf(chunks);
+      assert.match(text, new RegExp(prompts[i]));
+      for (const other of prompts.filter((_, j) => j !== i)) assert.doesNotMatch(text, new RegExp(other));
+    });
+  } finally {
+    t.close();
+  }
+});
+
+test('a malformed frame closes only that connection', async () => {
+  const raw = new WebSocket(URL_AI);
+  await new Promise((resolve, reject) => { raw.once('open', resolve); raw.once('error', reject); });
+  const closed = new Promise(resolve => raw.once('close', code => resolve(code)));
+  raw.send('{not json');
+  assert.equal(await closed, 1008);
+  const t = transport();
+  try {
+    assert.match(textOf(await readAll(await send(t, 'after-bad', [user('still fine')], { model: 'demo' }))), /still fine/);
+  } finally {
+    t.close();
+  }
+});

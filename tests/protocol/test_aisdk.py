@@ -1,0 +1,241 @@
+"""protocol.aisdk, purely: AI SDK request decoding, UIMessage -> chat messages, and the
+mapping of a v1 stream's frames to UIMessageChunks (no sockets, no event loop). The chunks
+of every scenario here are also validated with the real `ai` package's schema in
+tests/relay/test_aisdk_transport.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from protocol import frames
+from protocol.aisdk import (
+    AiSdkFrameError,
+    ResponseMapper,
+    SendRequest,
+    UIMessage,
+    decode_request,
+    to_chat_messages,
+)
+
+USAGE = frames.usage(5, 3, False)
+
+
+def run(v1: list[dict], last_sequence: int | None = None) -> list[dict]:
+    mapper = ResponseMapper("r1", "msg_1", last_sequence=last_sequence)
+    out: list[dict] = []
+    for frame in v1:
+        out.extend(mapper.frames(frame))
+    return out
+
+
+def chunks_of(out: list[dict]) -> list[dict]:
+    return [f["chunk"] for f in out if f["type"] == "chunk"]
+
+
+def scenarios() -> dict[str, list[dict]]:
+    """v1 frame sequences covering every branch of the mapping."""
+    s = "s"
+    return {
+        "text": [frames.token(s, 1, "Hel"), frames.token(s, 2, "lo"),
+                 frames.finish(s, 3, "completed", "stop", USAGE)],
+        "reasoning_then_text": [frames.reasoning(s, 1, "hmm"), frames.token(s, 2, "A"),
+                                frames.reasoning(s, 3, "more"), frames.token(s, 4, "B"),
+                                frames.finish(s, 5, "completed", "length", USAGE)],
+        "tools": [frames.tool_call_chunk(s, 1, 0, "c1", "get", '{"a":'),
+                  frames.tool_call_chunk(s, 2, 1, "c2", "put", '{"b":2}'),
+                  frames.tool_call_chunk(s, 3, 0, "c1", None, '1}'),
+                  frames.tool_call_complete(s, 4, 0, "c1", "get", '{"a":1}'),
+                  frames.tool_call_complete(s, 5, 1, "c2", "put", '{"b":2}'),
+                  frames.finish(s, 6, "completed", "tool_calls", USAGE)],
+        "bad_tool_arguments": [frames.tool_call_chunk(s, 1, 0, "c1", "get", "{nope"),
+                               frames.tool_call_complete(s, 2, 0, "c1", "get", "{nope"),
+                               frames.finish(s, 3, "completed", "tool_calls", USAGE)],
+        "cancelled": [frames.token(s, 1, "partial"),
+                      frames.finish(s, 2, "cancelled", "client_cancel",
+                                    frames.usage(5, 1, True))],
+        "failed": [frames.token(s, 1, "x"),
+                   frames.finish(s, 2, "failed", "upstream_error", frames.usage(5, 1, True),
+                                 frames.error("upstream_error", "provider said: key sk-123"))],
+        "timeout": [frames.finish(s, 1, "timeout", "first_token_timeout",
+                                  frames.usage(5, 0, True))],
+        "content_filter": [frames.token(s, 1, "x"),
+                           frames.finish(s, 2, "completed", "content_filter", USAGE)],
+    }
+
+
+def test_text_stream_maps_to_start_parts_finish_and_end():
+    out = run(scenarios()["text"])
+    assert [f["sequence"] for f in out if f["type"] == "chunk"] == list(range(len(out) - 1))
+    assert chunks_of(out) == [
+        {"type": "start", "messageId": "msg_1"}, {"type": "start-step"},
+        {"type": "text-start", "id": "t1"},
+        {"type": "text-delta", "id": "t1", "delta": "Hel"},
+        {"type": "text-delta", "id": "t1", "delta": "lo"},
+        {"type": "text-end", "id": "t1"},
+        {"type": "finish-step"},
+        {"type": "finish", "finishReason": "stop", "messageMetadata": {"usage": {
+            "inputTokens": 5, "outputTokens": 3, "totalTokens": 8, "estimated": False}}}]
+    assert out[-1] == {"type": "end", "requestId": "r1"}
+    assert all(f["requestId"] == "r1" for f in out)
+
+
+def test_reasoning_and_text_blocks_close_each_other():
+    kinds = [(c["type"], c.get("id")) for c in chunks_of(run(scenarios()["reasoning_then_text"]))]
+    assert kinds[2:-2] == [
+        ("reasoning-start", "r1"), ("reasoning-delta", "r1"), ("reasoning-end", "r1"),
+        ("text-start", "t2"), ("text-delta", "t2"), ("text-end", "t2"),
+        ("reasoning-start", "r3"), ("reasoning-delta", "r3"), ("reasoning-end", "r3"),
+        ("text-start", "t4"), ("text-delta", "t4"), ("text-end", "t4")]
+    assert chunks_of(run(scenarios()["reasoning_then_text"]))[-1]["finishReason"] == "length"
+
+
+def test_parallel_tool_calls_keep_their_ids_and_parse_inputs():
+    cs = chunks_of(run(scenarios()["tools"]))
+    assert [c for c in cs if c["type"] == "tool-input-start"] == [
+        {"type": "tool-input-start", "toolCallId": "c1", "toolName": "get"},
+        {"type": "tool-input-start", "toolCallId": "c2", "toolName": "put"}]
+    deltas = [(c["toolCallId"], c["inputTextDelta"]) for c in cs
+              if c["type"] == "tool-input-delta"]
+    assert deltas == [("c1", '{"a":'), ("c2", '{"b":2}'), ("c1", "1}")]
+    assert [c for c in cs if c["type"] == "tool-input-available"] == [
+        {"type": "tool-input-available", "toolCallId": "c1", "toolName": "get",
+         "input": {"a": 1}},
+        {"type": "tool-input-available", "toolCallId": "c2", "toolName": "put",
+         "input": {"b": 2}}]
+    assert cs[-1]["finishReason"] == "tool-calls"
+
+
+def test_arguments_that_are_not_json_give_tool_input_error():
+    cs = chunks_of(run(scenarios()["bad_tool_arguments"]))
+    [error] = [c for c in cs if c["type"] == "tool-input-error"]
+    assert error["input"] == "{nope" and error["toolCallId"] == "c1" and error["errorText"]
+    assert not [c for c in cs if c["type"] == "tool-input-available"]
+
+
+def test_cancel_ends_with_abort_then_end():
+    out = run(scenarios()["cancelled"])
+    assert chunks_of(out)[-2:] == [{"type": "text-end", "id": "t1"},
+                                   {"type": "abort", "reason": "client_cancel"}]
+    assert out[-1]["type"] == "end"
+
+
+@pytest.mark.parametrize("name, fragment", [("failed", "provider returned an error"),
+                                            ("timeout", "did not start answering")])
+def test_failures_end_with_a_safe_error_frame_and_nothing_after(name, fragment):
+    mapper = ResponseMapper("r1", "m")
+    out: list[dict] = []
+    for frame in scenarios()[name]:
+        out.extend(mapper.frames(frame))
+    assert out[-1]["type"] == "error" and fragment in out[-1]["errorText"]
+    assert "sk-123" not in json.dumps(out) and "provider said" not in json.dumps(out)
+    assert mapper.done and mapper.frames(frames.token("s", 9, "late")) == []
+
+
+def test_last_sequence_skips_chunks_the_client_has():
+    full = run(scenarios()["text"])
+    partial = run(scenarios()["text"], last_sequence=3)
+    assert [f["sequence"] for f in partial if f["type"] == "chunk"] == \
+        [f["sequence"] for f in full if f["type"] == "chunk"][4:]
+    assert partial[-1]["type"] == "end"
+
+
+def test_a_replay_repeats_the_same_message_id_and_sequences():
+    assert run(scenarios()["tools"]) == run(scenarios()["tools"])
+
+
+# ---------------------------------------------------------------- UIMessage -> messages
+
+def ui(role: str, *parts: dict, mid: str = "m") -> UIMessage:
+    return UIMessage(id=mid, role=role, parts=list(parts))
+
+
+def test_text_image_and_file_parts():
+    out = to_chat_messages([
+        ui("system", {"type": "text", "text": "be brief"}),
+        ui("user", {"type": "text", "text": "what is "}, {"type": "text", "text": "this?"}),
+        ui("user", {"type": "text", "text": "see"},
+           {"type": "file", "mediaType": "image/png", "url": "data:image/png;base64,AAAA"},
+           {"type": "file", "mediaType": "application/pdf", "url": "data:application/pdf;base64,BB",
+            "filename": "a.pdf"}),
+    ])
+    assert out[0] == {"role": "system", "content": "be brief"}
+    assert out[1] == {"role": "user", "content": "what is this?"}
+    assert out[2] == {"role": "user", "content": [
+        {"type": "text", "text": "see"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        {"type": "file", "file": {"file_data": "data:application/pdf;base64,BB",
+                                  "filename": "a.pdf"}}]}
+
+
+def test_assistant_steps_tool_results_and_no_reasoning():
+    out = to_chat_messages([ui(
+        "assistant",
+        {"type": "step-start"},
+        {"type": "reasoning", "text": "secret thoughts"},
+        {"type": "text", "text": "Let me look."},
+        {"type": "tool-weather", "toolCallId": "c1", "state": "output-available",
+         "input": {"city": "Paris"}, "output": {"t": 21}},
+        {"type": "dynamic-tool", "toolName": "db", "toolCallId": "c2",
+         "state": "output-error", "input": {}, "errorText": "down"},
+        {"type": "tool-pending", "toolCallId": "c3", "state": "input-available", "input": {}},
+        {"type": "step-start"},
+        {"type": "text", "text": "It is sunny."},
+    )])
+    assert out == [
+        {"role": "assistant", "content": "Let me look.", "tool_calls": [
+            {"id": "c1", "type": "function",
+             "function": {"name": "weather", "arguments": '{"city":"Paris"}'}},
+            {"id": "c2", "type": "function", "function": {"name": "db", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": '{"t":21}'},
+        {"role": "tool", "tool_call_id": "c2", "content": "Error: down"},
+        {"role": "assistant", "content": "It is sunny."},
+    ]
+    assert "secret" not in json.dumps(out)
+
+
+def test_messages_with_nothing_to_send_are_refused():
+    with pytest.raises(ValueError):
+        to_chat_messages([ui("assistant", {"type": "reasoning", "text": "x"})])
+
+
+# ---------------------------------------------------------------- decode_request
+
+def send(**over) -> str:
+    frame = {"type": "send", "requestId": "r1", "id": "chat", "trigger": "submit-message",
+             "messageId": None, "headers": {}, "body": {}, "metadata": None,
+             "messages": [{"id": "u", "role": "user", "parts": [{"type": "text", "text": "x"}]}]}
+    frame.update(over)
+    return json.dumps(frame)
+
+
+def test_decode_send_resume_abort():
+    assert isinstance(decode_request(send()), SendRequest)
+    assert decode_request('{"type": "abort", "requestId": "r1"}').requestId == "r1"
+    resume = decode_request('{"type": "resume", "requestId": "q", "id": "c", "headers": {},'
+                            ' "body": {}, "lastSequence": 4}')
+    assert resume.lastSequence == 4
+
+
+@pytest.mark.parametrize("data, request_id", [
+    ("nope", None), ("[]", None), ('{"type": "send"}', None),
+    ('{"type": "bogus", "requestId": "r1"}', "r1"),
+    (send(trigger="shout"), "r1"), (send(messages=[]), "r1"),
+    (send(headers={"a": 1}), "r1"), (send(requestId="a\nb"), None),
+    ('{"type": "resume", "requestId": "q", "id": "c", "headers": {}, "body": {},'
+     ' "lastSequence": -1}', "q"),
+])
+def test_bad_requests_name_their_request_when_they_can(data, request_id):
+    with pytest.raises(AiSdkFrameError) as info:
+        decode_request(data)
+    assert info.value.request_id == request_id and info.value.message
+
+
+def test_counts_are_refused_before_validation():
+    many = [{"id": str(i), "role": "user", "parts": []} for i in range(2001)]
+    with pytest.raises(AiSdkFrameError, match="too many messages"):
+        decode_request(send(messages=many))
+    parts = [{"id": "u", "role": "user", "parts": [{"type": "text", "text": ""}] * 10_001}]
+    with pytest.raises(AiSdkFrameError, match="too many message parts"):
+        decode_request(send(messages=parts))

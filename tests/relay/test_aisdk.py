@@ -1,0 +1,352 @@
+"""/ai-sdk: the AI SDK's WebSocket chat protocol against the real relay (real socket, real
+LiteLLM provider code, loopback fake upstreams). The real ``ai`` package drives the same
+endpoint in tests/relay/test_aisdk_transport.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from relay.auth import mint_token
+from tests.fakes.upstream import FakeUpstream, Usage, stream, tool_call
+
+from .helpers import RECV_TIMEOUT, eventually, start_relay
+from .test_providers import KEY, registry_for
+
+pytestmark = pytest.mark.usefixtures("provider_key")
+
+
+@pytest.fixture
+def provider_key(monkeypatch):
+    monkeypatch.setenv("FAKE_PROVIDER_KEY", KEY)
+
+
+def ui_user(text: str, mid: str = "u1") -> dict:
+    return {"id": mid, "role": "user", "parts": [{"type": "text", "text": text}]}
+
+
+def send_frame(rid: str, chat: str, messages: list[dict], **body: Any) -> dict:
+    return {"type": "send", "requestId": rid, "id": chat, "trigger": "submit-message",
+            "messageId": None, "messages": messages, "headers": {}, "body": body,
+            "metadata": None}
+
+
+class AiClient:
+    def __init__(self, ws) -> None:
+        self.ws = ws
+        self.by_request: dict[str, list[dict]] = {}
+
+    async def send(self, frame: dict) -> None:
+        await self.ws.send(json.dumps(frame))
+
+    async def until_done(self, rid: str) -> list[dict]:
+        """Frames of request ``rid`` through its ``end``/``error``/``no-active``."""
+        import asyncio
+
+        async with asyncio.timeout(RECV_TIMEOUT * 3):
+            while True:
+                frames = self.by_request.get(rid, [])
+                if frames and frames[-1]["type"] in ("end", "error", "no-active"):
+                    return frames
+                frame = json.loads(await self.ws.recv())
+                self.by_request.setdefault(frame["requestId"], []).append(frame)
+
+    async def next_of(self, rid: str, n: int) -> list[dict]:
+        import asyncio
+
+        async with asyncio.timeout(RECV_TIMEOUT * 3):
+            while len(self.by_request.get(rid, [])) < n:
+                frame = json.loads(await self.ws.recv())
+                self.by_request.setdefault(frame["requestId"], []).append(frame)
+        return self.by_request[rid]
+
+
+@contextlib.asynccontextmanager
+async def ai_client(server, **kwargs):
+    url = f"ws://127.0.0.1:{server.port}/ai-sdk"
+    async with connect(url, **kwargs) as ws:
+        yield AiClient(ws)
+
+
+@contextlib.asynccontextmanager
+async def relay(**settings):
+    async with FakeUpstream() as up:
+        async with start_relay(registry=registry_for(up), **settings) as server:
+            yield up, server
+
+
+def chunks(frames: list[dict]) -> list[dict]:
+    assert [f["sequence"] for f in frames if f["type"] == "chunk"] == \
+        list(range(sum(1 for f in frames if f["type"] == "chunk"))), "sequence has gaps"
+    return [f["chunk"] for f in frames if f["type"] == "chunk"]
+
+
+def text_of(cs: list[dict]) -> str:
+    return "".join(c["delta"] for c in cs if c["type"] == "text-delta")
+
+
+async def test_send_streams_text_chunks_then_finish_and_end():
+    async with relay() as (up, server), ai_client(server) as c:
+        script = up.enqueue(stream("openai", ["Hel", "lo ", "world"],
+                                   reasoning=["Think", "ing"], usage=Usage(11, 7)))
+        await c.send(send_frame("r1", "chat1", [ui_user("hi")], model="oai"))
+        frames = await c.until_done("r1")
+    cs = chunks(frames)
+    assert frames[-1] == {"type": "end", "requestId": "r1"}
+    kinds = [x["type"] for x in cs]
+    assert kinds[:2] == ["start", "start-step"]
+    assert kinds[-2:] == ["finish-step", "finish"]
+    assert cs[0]["messageId"].startswith("msg_")
+    assert text_of(cs) == script.text == "Hello world"
+    assert "".join(x["delta"] for x in cs if x["type"] == "reasoning-delta") == "Thinking"
+    # every delta sits between its part's start and end
+    for kind in ("text", "reasoning"):
+        ids = {x["id"] for x in cs if x["type"] == f"{kind}-delta"}
+        for pid in ids:
+            positions = [i for i, x in enumerate(cs) if x.get("id") == pid]
+            assert cs[positions[0]]["type"] == f"{kind}-start"
+            assert cs[positions[-1]]["type"] == f"{kind}-end"
+    finish = cs[-1]
+    assert finish["finishReason"] == "stop"
+    assert finish["messageMetadata"]["usage"] == {
+        "inputTokens": 11, "outputTokens": 7, "totalTokens": 18, "estimated": False}
+    sent = up.requests[0].json
+    assert sent["messages"] == [{"role": "user", "content": "hi"}]
+
+
+async def test_default_model_is_the_first_alias():
+    async with relay() as (up, server), ai_client(server) as c:
+        up.enqueue(stream("openai", ["x"]))
+        await c.send(send_frame("r1", "chat", [ui_user("hi")]))
+        frames = await c.until_done("r1")
+    assert frames[-1]["type"] == "end"
+    assert up.requests[0].path.endswith("/chat/completions")   # "oai" is the first alias
+
+
+async def test_tool_call_chunks_and_tool_result_round_trip():
+    async with relay() as (up, server), ai_client(server) as c:
+        up.enqueue(stream("openai", [], tool_calls=[
+            tool_call("get_weather", {"city": "Paris"}, id="call_1")],
+            ))
+        tools = [{"type": "function", "function": {
+            "name": "get_weather", "parameters": {"type": "object", "properties": {
+                "city": {"type": "string"}}}}}]
+        await c.send(send_frame("r1", "chat", [ui_user("weather?")], model="oai", tools=tools))
+        cs = chunks(await c.until_done("r1"))
+        starts = [x for x in cs if x["type"] == "tool-input-start"]
+        assert starts == [{"type": "tool-input-start", "toolCallId": "call_1",
+                           "toolName": "get_weather"}]
+        deltas = "".join(x["inputTextDelta"] for x in cs if x["type"] == "tool-input-delta")
+        assert json.loads(deltas) == {"city": "Paris"}
+        available = [x for x in cs if x["type"] == "tool-input-available"]
+        assert available == [{"type": "tool-input-available", "toolCallId": "call_1",
+                              "toolName": "get_weather", "input": {"city": "Paris"}}]
+        assert cs[-1]["finishReason"] == "tool-calls"
+        # next turn: the client ran the tool; its output reaches the model as a tool message
+        up.enqueue(stream("openai", ["Sunny."]))
+        assistant = {"id": cs[0]["messageId"], "role": "assistant", "parts": [
+            {"type": "step-start"},
+            {"type": "tool-get_weather", "toolCallId": "call_1", "state": "output-available",
+             "input": {"city": "Paris"}, "output": {"temp": 21}},
+            {"type": "reasoning", "text": "never sent back"}]}
+        await c.send(send_frame("r2", "chat", [ui_user("weather?"), assistant], model="oai",
+                                tools=tools))
+        assert text_of(chunks(await c.until_done("r2"))) == "Sunny."
+    sent = up.requests[1].json["messages"]
+    assert sent[1]["role"] == "assistant"
+    assert sent[1]["tool_calls"][0]["id"] == "call_1"
+    assert json.loads(sent[1]["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris"}
+    assert sent[2] == {"role": "tool", "tool_call_id": "call_1", "content": '{"temp":21}'}
+    assert "never sent back" not in json.dumps(sent)
+
+
+async def test_abort_closes_the_upstream_and_the_chat_takes_a_new_turn():
+    async with relay() as (up, server), ai_client(server) as c:
+        up.enqueue(stream("openai", [f"t{i} " for i in range(400)]).with_delay(0.01))
+        await c.send(send_frame("r1", "chat", [ui_user("long")], model="oai"))
+        await c.next_of("r1", 4)                     # start, start-step, text-start, delta
+        await c.send({"type": "abort", "requestId": "r1"})
+        await up.requests[0].wait_disconnected(timeout=2.0)
+        frames = await c.until_done("r1")
+        assert chunks(frames)[-1]["type"] == "abort"
+        assert not up.requests[0].completed
+        up.enqueue(stream("openai", ["again"]))
+        await c.send(send_frame("r2", "chat", [ui_user("again")], model="oai"))
+        assert text_of(chunks(await c.until_done("r2"))) == "again"
+    assert server.metrics.upstream_closed_on_cancel._value.get() >= 1
+
+
+async def test_second_send_while_a_response_runs_is_refused():
+    async with relay() as (up, server), ai_client(server) as c:
+        up.enqueue(stream("openai", ["a"]).silent_after(0))
+        await c.send(send_frame("r1", "chat", [ui_user("x")], model="oai"))
+        await up.wait_request()
+        await c.send(send_frame("r2", "chat", [ui_user("y")], model="oai"))
+        frames = await c.until_done("r2")
+        assert frames == [{"type": "error", "requestId": "r2",
+                           "errorText": "A response is already active for this chat."}]
+        await c.send({"type": "abort", "requestId": "r1"})
+        await c.until_done("r1")
+
+
+async def test_resume_replays_whole_message_with_same_id_then_live_rest():
+    async with relay(detach_grace=30) as (up, server):
+        up.enqueue(stream("openai", [f"w{i} " for i in range(30)]).with_delay(0.02))
+        async with ai_client(server) as a:
+            await a.send(send_frame("r1", "chat", [ui_user("x")], model="oai"))
+            first = await a.next_of("r1", 6)
+            message_id = first[0]["chunk"]["messageId"]
+        async with ai_client(server) as b:
+            await b.send({"type": "resume", "requestId": "q1", "id": "chat", "headers": {},
+                          "body": {}, "metadata": None})
+            frames = await b.until_done("q1")
+        assert frames[0] == {"type": "start", "requestId": "q1"}
+        cs = chunks(frames[1:])
+        assert cs[0] == {"type": "start", "messageId": message_id}
+        assert text_of(cs) == "".join(f"w{i} " for i in range(30))
+        assert frames[-1]["type"] == "end"
+        # and a finished, retained response replays too; an unknown chat is no-active
+        async with ai_client(server) as d:
+            await d.send({"type": "resume", "requestId": "q2", "id": "chat", "headers": {},
+                          "body": {}})
+            again = await d.until_done("q2")
+            assert text_of(chunks(again[1:])) == text_of(cs)
+            await d.send({"type": "resume", "requestId": "q3", "id": "nope", "headers": {},
+                          "body": {}})
+            assert await d.until_done("q3") == [{"type": "no-active", "requestId": "q3"}]
+
+
+async def test_failure_is_an_error_frame_with_a_safe_text_and_nothing_after():
+    from tests.fakes.upstream import http_error
+
+    async with relay() as (up, server), ai_client(server) as c:
+        up.enqueue(http_error("openai", 500, message=f"internal detail {KEY}"))
+        await c.send(send_frame("r1", "chat", [ui_user("x")], model="oai"))
+        frames = await c.until_done("r1")
+    assert frames[-1]["type"] == "error"
+    assert "detail" not in frames[-1]["errorText"] and KEY not in json.dumps(frames)
+    assert all(f["type"] != "end" for f in frames)
+
+
+async def test_four_chats_on_one_socket_never_mix():
+    async with relay() as (up, server), ai_client(server) as c:
+        for i in range(4):
+            up.enqueue(stream("openai", [f"c{i}-{j} " for j in range(20)]).with_delay(0.005))
+        for i in range(4):
+            await c.send(send_frame(f"r{i}", f"chat{i}", [ui_user(str(i))], model="oai"))
+        results = {f"r{i}": await c.until_done(f"r{i}") for i in range(4)}
+    texts = sorted(text_of(chunks(f)) for f in results.values())
+    assert texts == sorted("".join(f"c{i}-{j} " for j in range(20)) for i in range(4))
+
+
+@pytest.mark.parametrize("frame, closes", [
+    ("not json", True),
+    ('{"type": "send"}', True),                                   # no requestId
+    ('{"type": "bogus", "requestId": "r9"}', False),
+    ('{"type": "send", "requestId": "r9", "id": "c", "trigger": "submit-message",'
+     ' "messages": [], "headers": {}, "body": {}}', False),        # no messages
+    ('{"type": "send", "requestId": "r9", "id": "c", "trigger": "submit-message",'
+     ' "messages": [{"id": "u", "role": "user", "parts": [{"type": "text", "text": "x"}]}],'
+     ' "headers": {}, "body": {"model": "nope"}}', False),          # unknown alias
+])
+async def test_bad_frames(frame, closes):
+    async with relay() as (up, server):
+        async with ai_client(server) as bad, ai_client(server) as good:
+            await bad.ws.send(frame)
+            if closes:
+                with pytest.raises(ConnectionClosed) as info:
+                    await bad.until_done("never")
+                assert info.value.rcvd.code == 1008
+            else:
+                frames = await bad.until_done("r9")
+                assert frames[-1]["type"] == "error" and frames[-1]["errorText"]
+            up.enqueue(stream("openai", ["fine"]))
+            await good.send(send_frame("r1", "chat", [ui_user("x")], model="oai"))
+            assert text_of(chunks(await good.until_done("r1"))) == "fine"
+
+
+async def test_auth_per_request_header_and_only_the_same_principal_resumes(monkeypatch):
+    secret = "s" * 32
+    monkeypatch.setenv("RELAY_TOKEN_SECRET", secret)
+    alice = mint_token(secret, "alice", 600)
+    bob = mint_token(secret, "bob", 600)
+    async with relay(auth=True, detach_grace=30) as (up, server):
+        async with ai_client(server) as c:
+            await c.send(send_frame("r0", "chat", [ui_user("x")], model="oai"))
+            refused = await c.until_done("r0")
+            assert refused[-1]["type"] == "error"
+            assert "Not authenticated" in refused[-1]["errorText"]
+            up.enqueue(stream("openai", ["secret answer"]))
+            frame = send_frame("r1", "chat", [ui_user("x")], model="oai")
+            frame["headers"] = {"authorization": f"Bearer {alice}"}
+            await c.send(frame)
+            assert text_of(chunks(await c.until_done("r1"))) == "secret answer"
+        async with ai_client(server) as other:
+            await other.send({"type": "resume", "requestId": "q1", "id": "chat",
+                              "headers": {"authorization": f"Bearer {bob}"}, "body": {}})
+            assert await other.until_done("q1") == [{"type": "no-active", "requestId": "q1"}]
+        async with ai_client(server, additional_headers={
+                "Authorization": f"Bearer {alice}"}) as same:
+            await same.send({"type": "resume", "requestId": "q2", "id": "chat",
+                             "headers": {}, "body": {}})
+            frames = await same.until_done("q2")
+            assert text_of(chunks(frames[1:])) == "secret answer"
+
+
+async def test_resume_on_the_other_of_two_relays_on_redis():
+    """A chat running on relay A resumes on relay B: B finds it in Redis and follows the
+    stream A replicates, replaying the whole message with the same messageId."""
+    import uuid
+
+    from .test_multinode import SHARED_REDIS, two_relays
+
+    prefix = f"test:{uuid.uuid4().hex}:"
+    async with FakeUpstream() as up:
+        up.enqueue(stream("openai", [f"v{i} " for i in range(40)]).with_delay(0.02))
+        async with two_relays(SHARED_REDIS, prefix, registry=registry_for(up),
+                              detach_grace=10) as (a, b):
+            async with ai_client(a) as ca:
+                await ca.send(send_frame("r1", "chat", [ui_user("x")], model="oai"))
+                first = await ca.next_of("r1", 6)
+                message_id = first[0]["chunk"]["messageId"]
+                async with ai_client(b) as cb:
+                    resume = {"type": "resume", "requestId": "q1", "id": "chat",
+                              "headers": {}, "body": {}}
+                    await eventually(lambda: len(a.chats) == 1)
+                    principal = next(iter(a.chats._chats))[0]
+                    # the index reaches Redis asynchronously: wait until B can see it
+                    for _ in range(500):
+                        if await b.replicator.store.get_chat(principal, "chat"):
+                            break
+                        await asyncio.sleep(0.01)
+                    await cb.send(resume)
+                    frames = await cb.until_done("q1")
+                    assert frames[0] == {"type": "start", "requestId": "q1"}
+                    cs = chunks(frames[1:])
+                    assert cs[0] == {"type": "start", "messageId": message_id}
+                    assert text_of(cs) == "".join(f"v{i} " for i in range(40))
+                    assert frames[-1]["type"] == "end"
+
+
+async def test_same_origin_check_and_connection_limit_as_ws():
+    from websockets.exceptions import InvalidStatus
+
+    async with relay(max_connections=1) as (up, server):
+        with pytest.raises(InvalidStatus) as info:
+            async with ai_client(server, origin="http://evil.example"):
+                pass
+        assert info.value.response.status_code == 403
+        async with ai_client(server) as first:
+            async with ai_client(server) as second:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await second.until_done("never")
+                assert closed.value.rcvd.code == 4429
+            up.enqueue(stream("openai", ["ok"]))
+            await first.send(send_frame("r1", "chat", [ui_user("x")], model="oai"))
+            assert text_of(chunks(await first.until_done("r1"))) == "ok"
