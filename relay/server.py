@@ -26,7 +26,7 @@ from .auth import AuthError, Authenticator
 from .config import RelaySettings
 from .hub import StreamHub
 from .replication import Replicator
-from .limits import Principals
+from .limits import Principals, start_rate_limit
 from .metrics import CONTENT_TYPE_LATEST, RelayMetrics
 from .metrics_http import MetricsHTTPServer
 from .providers import ModelRegistry
@@ -64,8 +64,9 @@ class RelayServer:
         self.draining = False
         self.metrics = RelayMetrics()
         self._metrics_http: MetricsHTTPServer | None = None
-        self.principals = Principals(self.settings.start_rate_per_minute,
-                                     self.settings.start_burst,
+        self.principals = Principals(*start_rate_limit(self.settings.start_rate_per_minute,
+                                                       self.settings.start_burst,
+                                                       auth=self.settings.auth),
                                      self.settings.completion_token_budget_per_hour)
         self.hub = StreamHub(self.settings, self.metrics)
         self.replicator: Replicator | None = None
