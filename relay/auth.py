@@ -20,8 +20,15 @@ from its address to the authenticated principal. At each ``start``,
 ``Session._authorize_start`` calls :meth:`Authenticator.expired` (then close 4401
 ``token expired`` once the running streams have ended) and applies the claims.
 
-Credentials never reach a log, an error frame or a ``repr``: API keys are named by a label
-``key:<first 8 hex digits of sha256(key)>``, tokens by their ``sub``.
+Principals are namespaced by the kind of credential, so that no credential can act as
+another's principal (share its limits, resume its streams): ``key:<first 8 hex digits of
+sha256(key)>`` for an API key, ``jwt:<sub>`` for a token (a token whose ``sub`` is
+``key:1234abcd`` is ``jwt:key:1234abcd``, not that key), ``ip:<address>`` for a connection
+without auth (:func:`address_principal`). Every comparison of principals (stream ownership
+at resume, here and through Redis; per-principal limits) uses these values.
+
+Credentials never reach a log, an error frame or a ``repr``: API keys are named by their
+label, tokens by their principal.
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ if TYPE_CHECKING:
     from .limits import PrincipalState, Principals
 
 __all__ = [
-    "AuthError", "Authenticator", "Credentials", "api_key_label", "hash_api_key", "mint_token",
+    "AuthError", "Authenticator", "Credentials", "address_principal", "api_key_label",
+    "hash_api_key", "mint_token", "token_principal",
 ]
 
 logger = logging.getLogger("relay.auth")
@@ -81,7 +89,18 @@ def hash_api_key(key: str) -> str:
 
 
 def api_key_label(digest_hex: str) -> str:
+    """The principal of an API key (also how logs name it)."""
     return "key:" + digest_hex[:8]
+
+
+def token_principal(sub: str) -> str:
+    """The principal of a signed token with this ``sub``."""
+    return "jwt:" + sub
+
+
+def address_principal(address: str) -> str:
+    """The principal of a connection without auth: its client address."""
+    return "ip:" + address
 
 
 def mint_token(secret: str, sub: str, ttl: float, models: list[str] | None = None,
@@ -198,7 +217,7 @@ class Authenticator:
                                                  or not isinstance(max_streams, int)
                                                  or max_streams < 1))):
             raise AuthError(INVALID)
-        creds = Credentials(sub, "token",
+        creds = Credentials(token_principal(sub), "token",
                             frozenset(models) if models is not None else None,
                             max_streams, float(exp))
         if self.expired(creds):

@@ -22,7 +22,7 @@ from websockets.http11 import Request, Response
 from protocol import SUPPORTED_VERSIONS, CloseCode, FinishReason
 
 from . import web
-from .auth import AuthError, Authenticator
+from .auth import AuthError, Authenticator, address_principal
 from .config import RelaySettings
 from .hub import StreamHub
 from .replication import Replicator
@@ -234,7 +234,7 @@ class RelayServer:
         return str(peer)
 
     async def _handler(self, ws: ServerConnection) -> None:
-        principal = self._principal_of(ws)
+        principal = address_principal(self._principal_of(ws))
         s = self.settings
         state = self.principals.get(principal)
         if self.principals.total_connections >= s.max_connections:

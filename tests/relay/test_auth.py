@@ -160,7 +160,7 @@ async def test_auth_off_ignores_credentials_and_principal_is_address():
         async with Client.connect(server.url,
                                   additional_headers={"Authorization": "Basic nonsense"}) as c:
             assert c.welcome["type"] == "welcome"
-            assert principals(server) == ["127.0.0.1"]
+            assert principals(server) == ["ip:127.0.0.1"]
 
 
 # ---------------------------------------------------------------------- refusals (4401)
@@ -227,7 +227,7 @@ async def test_mint_token_claims_and_accepted_with_sub_as_principal():
             await c.send(hello(token))
             welcome = await c.recv()
             assert welcome["type"] == "welcome" and welcome["limits"]["max_streams"] == 3
-            assert principals(server) == ["alice"]
+            assert principals(server) == ["jwt:alice"]
             await c.start("a", params={"max_tokens": 2})
             assert (await c.collect("a"))[-1]["status"] == "completed"
 
@@ -252,7 +252,7 @@ async def test_cli_token_mint_prints_a_jwt_the_relay_accepts():
         async with Client.connect(server.url, hello=False) as c:
             await c.send(hello(token))
             assert (await c.recv())["models"] == ["demo"]
-            assert principals(server) == ["carol"]
+            assert principals(server) == ["jwt:carol"]
 
 
 def test_cli_token_mint_secret_flag_no_litellm_and_no_secret_is_an_error():
@@ -340,7 +340,7 @@ async def test_sub_is_the_principal_for_the_connection_limit():
             assert (await a1.recv())["type"] == "welcome"
             await b1.send(hello(mint_token(SECRET, "bob", 300)))  # same address, other sub
             assert (await b1.recv())["type"] == "welcome"
-            assert principals(server) == ["alice", "bob"]
+            assert principals(server) == ["jwt:alice", "jwt:bob"]
             code, reason, got = await refused(server.url, hello(alice))
             assert (code, got) == (4429, []) and "principal" in reason
             await a1.send({"type": "ping"})
@@ -404,10 +404,10 @@ async def test_client_token_callable_is_called_on_each_connect():
 
     async with auth_relay() as server:
         async with RelayClient(server.url, token=sync_source) as c:
-            assert principals(server) == ["erin"]
+            assert principals(server) == ["jwt:erin"]
             assert (await c.complete("demo", HI, max_tokens=2)).status == "completed"
         async with RelayClient(server.url, token=async_source) as c:
-            assert principals(server) == ["frank"]
+            assert principals(server) == ["jwt:frank"]
         async with RelayClient(server.url, token=sync_source) as c:  # a new connect: called again
             assert c.models == ["demo"]
         assert calls == ["sync", "async", "sync"]
@@ -416,6 +416,35 @@ async def test_client_token_callable_is_called_on_each_connect():
         with pytest.raises(HandshakeFailed, match="missing token"):
             async with RelayClient(server.url):
                 pass
+
+
+async def test_a_token_whose_sub_looks_like_a_key_label_is_not_that_keys_principal():
+    # Principals are namespaced by credential kind: a JWT with sub "key:<8 hex>" is
+    # "jwt:key:<8 hex>", so it can neither resume the key's stream nor use up its limits.
+    forged = mint_token(SECRET, label(KEY), 300)
+    async with auth_relay(detach_grace=5, demo_tps=2, max_connections_per_principal=1,
+                          max_streams_per_principal=1) as server:
+        async with Client.connect(server.url, hello=False) as owner, \
+                Client.connect(server.url, hello=False) as intruder:
+            await owner.send(hello(KEY))
+            assert (await owner.recv())["type"] == "welcome"
+            await owner.start("q1", content="a long answer please")
+            started = await owner.next_for("q1")
+            assert started["type"] == "started"
+            # Same-looking principal, other credential kind: its own connection slot ...
+            await intruder.send(hello(forged))
+            assert (await intruder.recv())["type"] == "welcome"
+            assert principals(server) == ["jwt:" + label(KEY), label(KEY)]
+            # ... no access to the key's stream (the answer for any foreign key) ...
+            await intruder.send({"type": "resume", "stream_key": started["stream_key"],
+                                 "after_seq": 0, "id": "q1"})
+            err = await intruder.next_for("q1")
+            assert (err["type"], err["code"]) == ("error", "unknown_stream")
+            # ... and its own stream count (the key already runs its one stream).
+            await intruder.start("mine", params={"max_tokens": 1})
+            assert (await intruder.collect("mine"))[-1]["status"] == "completed"
+            await owner.send({"type": "cancel", "id": "q1"})
+            assert (await owner.collect("q1"))[-1]["status"] == "cancelled"
 
 
 # ---------------------------------------------------------------------- token budget
