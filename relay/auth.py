@@ -10,7 +10,8 @@ client's address. With ``auth`` on, a connection presents one credential, either
 A credential is an API key from ``api_keys`` (plain, or stored as ``sha256:<hex>``; compared
 in constant time) or a token minted with :func:`mint_token` / ``relay token mint`` and
 signed with ``token_secret``. Claims of a token: ``sub`` (the principal), ``iat``, ``exp``,
-optional ``models`` (aliases it may use) and ``max_streams`` (concurrent streams).
+optional ``nbf`` (not valid before), ``models`` (aliases it may use) and ``max_streams``
+(concurrent streams). ``iat``, ``exp`` and ``nbf`` are integers in [0, ``MAX_TIMESTAMP``].
 
 Call order: ``RelayServer`` builds one :class:`Authenticator`. At the upgrade,
 ``RelayServer._refuse_bad_authorization`` (from ``_process_request``) calls
@@ -62,6 +63,12 @@ ALGORITHM = "HS256"
 MISSING = "missing token"
 INVALID = "invalid token"
 EXPIRED = "token expired"
+NOT_YET_VALID = "token not yet valid"
+
+#: Time claims (``iat``, ``exp``, ``nbf``) are integer Unix seconds in [0, this]: the end of
+#: year 9999. Floats (``1e30``, ``inf``, ``NaN``: a NaN ``exp`` would never expire, since
+#: every comparison with NaN is false) and absurd integers are invalid tokens.
+MAX_TIMESTAMP = 253_402_300_799
 
 
 class AuthError(Exception):
@@ -148,6 +155,12 @@ def check_auth_settings(auth: bool, api_keys: list[str], token_secret: Any) -> N
         raise ValueError("token_secret is empty")
 
 
+def _is_timestamp(value: Any) -> bool:
+    """An integer Unix time in [0, MAX_TIMESTAMP] (``bool`` is an int in Python: not one)."""
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and 0 <= value <= MAX_TIMESTAMP)
+
+
 class Authenticator:
     """Checks credentials against the settings; admits connections (see module docstring).
 
@@ -209,8 +222,10 @@ class Authenticator:
             raise AuthError(INVALID) from None
         sub, exp, models, max_streams = (claims.get("sub"), claims.get("exp"),
                                          claims.get("models"), claims.get("max_streams"))
+        nbf = claims.get("nbf")
         if (not isinstance(sub, str) or not sub
-                or isinstance(exp, bool) or not isinstance(exp, (int, float))
+                or not _is_timestamp(exp) or not _is_timestamp(claims.get("iat"))
+                or (nbf is not None and not _is_timestamp(nbf))
                 or (models is not None and (not isinstance(models, list)
                                             or not all(isinstance(m, str) for m in models)))
                 or (max_streams is not None and (isinstance(max_streams, bool)
@@ -222,6 +237,8 @@ class Authenticator:
                             max_streams, float(exp))
         if self.expired(creds):
             raise AuthError(EXPIRED)
+        if nbf is not None and self.clock() < nbf:
+            raise AuthError(NOT_YET_VALID)
         return creds
 
     def expired(self, creds: Credentials | None) -> bool:

@@ -212,6 +212,53 @@ async def test_expired_token_closes_4401_token_expired():
     assert (code, reason, got) == (4401, "token expired", [])
 
 
+def _bad_time_claims() -> dict[str, dict]:
+    now = int(time.time())
+    good = {"sub": "alice", "iat": now, "exp": now + 300}
+    return {
+        # A NaN exp never expired (every comparison with NaN is false); inf and 1e30 neither.
+        "exp NaN": {**good, "exp": float("nan")},
+        "exp inf": {**good, "exp": float("inf")},
+        "exp 1e30": {**good, "exp": 1e30},
+        "exp 1e30 as an integer": {**good, "exp": 10 ** 30},
+        "exp a float": {**good, "exp": now + 300.5},
+        "exp a string": {**good, "exp": str(now + 300)},
+        "exp negative": {**good, "exp": -1},
+        "nbf NaN": {**good, "nbf": float("nan")},
+        "nbf -inf": {**good, "nbf": float("-inf")},
+        "nbf 1e30": {**good, "nbf": 1e30},
+        "nbf a float": {**good, "nbf": now - 10.5},
+        "iat inf": {**good, "iat": float("inf")},
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_time_claims()))
+async def test_time_claims_must_be_integer_unix_seconds_else_invalid_token(case):
+    token = crafted(_bad_time_claims()[case])
+    async with auth_relay() as server:
+        code, reason, got = await refused(server.url, hello(token))
+        assert (code, reason, got) == (4401, "invalid token", [])
+        with pytest.raises(InvalidStatus) as info:  # the same in the Authorization header
+            async with connect(server.url, subprotocols=[SUBPROTOCOL],
+                               additional_headers={"Authorization": f"Bearer {token}"}):
+                pass
+        assert info.value.response.status_code == 401
+        assert info.value.response.body == b"invalid token\n"
+
+
+async def test_nbf_in_the_future_is_not_yet_valid_and_a_past_nbf_is_accepted():
+    now = int(time.time())
+    early = crafted({"sub": "alice", "iat": now, "nbf": now + 600, "exp": now + 900})
+    ready = crafted({"sub": "alice", "iat": now - 60, "nbf": now - 30, "exp": now + 300})
+    async with auth_relay() as server:
+        code, reason, got = await refused(server.url, hello(early))
+        assert (code, reason, got) == (4401, "token not yet valid", [])
+        async with Client.connect(server.url, hello=False) as c:
+            await c.send(hello(ready))
+            assert (await c.recv())["type"] == "welcome"
+            assert principals(server) == ["jwt:alice"]
+
+
 # ---------------------------------------------------------------------- signed tokens
 
 
