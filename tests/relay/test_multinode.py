@@ -166,6 +166,32 @@ async def test_a_resume_on_the_owner_takes_over_a_stream_followed_on_the_other_r
             await _taken_over_end(follower, "f1", token["seq"])
 
 
+async def test_a_second_follower_on_the_same_relay_takes_over_the_first(prefix):
+    # Both followers are on B, the stream runs on A: the first one's remote attachment is
+    # replaced (followed afresh from Redis for the second) and ends with stream_taken_over;
+    # a resume of it under an id already following it here is duplicate_id, not a takeover.
+    async with two_relays(SHARED_REDIS, prefix, demo_tps=20) as (a, b):
+        async with Client.connect(a.url) as starter:
+            await starter.start("q1", messages=MESSAGES)
+            started, before = await _until_tokens(starter, "q1", 1)
+        key, last = started["stream_key"], before[-1]["seq"]
+        async with Client.connect(b.url) as first, Client.connect(b.url) as second:
+            await first.send({"type": "resume", "stream_key": key, "after_seq": last,
+                              "id": "f1"})
+            assert (await first.next_for("f1"))["type"] == "resumed"
+            token = await first.next_for("f1")
+            assert token["type"] == "token"
+            await first.send({"type": "resume", "stream_key": key, "after_seq": last,
+                              "id": "f1"})
+            assert (await first.next_for("f1"))["code"] == "duplicate_id"
+            await second.send({"type": "resume", "stream_key": key, "after_seq": token["seq"],
+                               "id": "f2"})
+            assert (await second.next_for("f2"))["type"] == "resumed"
+            after = await second.collect("f2")
+            assert after[-1]["type"] == "finish" and after[-1]["status"] == "completed"
+            await _taken_over_end(first, "f1", token["seq"])
+
+
 async def test_redis_failing_mid_stream_local_streams_finish_and_resumes_get_a_clear_error(
         caplog):
     caplog.set_level(logging.WARNING, logger="relay")
