@@ -70,6 +70,7 @@ class ErrorCode(StrEnum):
     TOO_MANY_STREAMS = "too_many_streams"
     UNKNOWN_STREAM = "unknown_stream"
     STREAM_LOST = "stream_lost"
+    STREAM_TAKEN_OVER = "stream_taken_over"
     STORE_UNAVAILABLE = "store_unavailable"
     UPSTREAM_ERROR = "upstream_error"
     UPSTREAM_TIMEOUT = "upstream_timeout"

@@ -322,9 +322,11 @@ class AiSdkSession(Session):
         if frame.get("type") == "resumed":
             return super()._send(start_frame(frame["id"]))
         if frame.get("type") == "error" and frame.get("id") is not None:
-            return super()._send(error_frame(frame["id"], safe_error_text(frame.get("code"))
-                                             if frame.get("code") == "stream_taken_over"
-                                             else frame.get("message", safe_error_text(None))))
+            # The relay's own refusals explain themselves; a takeover (the chat was resumed
+            # elsewhere) ends this request with a plain-language text.
+            text = (safe_error_text(frame["code"]) if frame["code"] == "stream_taken_over"
+                    else frame["message"])
+            return super()._send(error_frame(frame["id"], text))
         return True
 
     def _encode_entries(self, att: Attachment, entries: list[LogEntry]) -> Iterable[bytes]:
@@ -336,14 +338,6 @@ class AiSdkSession(Session):
             for frame in mapper.frames(entry.frame):
                 out.append(orjson.dumps(frame))
         return out
-
-    def drop_attachment(self, att: Attachment) -> None:
-        """Another connection resumed this chat: this request ends with an ``error`` (the
-        transport then ends its stream) instead of waiting forever."""
-        was_attached = self._attachments.get(att.id) is att
-        super().drop_attachment(att)
-        if was_attached:
-            self._respond(error_frame(att.id, safe_error_text("stream_taken_over")))
 
     def _unregister(self, att: Attachment) -> None:
         super()._unregister(att)

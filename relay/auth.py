@@ -10,7 +10,8 @@ client's address. With ``auth`` on, a connection presents one credential, either
 A credential is an API key from ``api_keys`` (plain, or stored as ``sha256:<hex>``; compared
 in constant time) or a token minted with :func:`mint_token` / ``relay token mint`` and
 signed with ``token_secret``. Claims of a token: ``sub`` (the principal), ``iat``, ``exp``,
-optional ``models`` (aliases it may use) and ``max_streams`` (concurrent streams).
+optional ``nbf`` (not valid before), ``models`` (aliases it may use) and ``max_streams``
+(concurrent streams). ``iat``, ``exp`` and ``nbf`` are integers in [0, ``MAX_TIMESTAMP``].
 
 Call order: ``RelayServer`` builds one :class:`Authenticator`. At the upgrade,
 ``RelayServer._refuse_bad_authorization`` (from ``_process_request``) calls
@@ -20,8 +21,15 @@ from its address to the authenticated principal. At each ``start``,
 ``Session._authorize_start`` calls :meth:`Authenticator.expired` (then close 4401
 ``token expired`` once the running streams have ended) and applies the claims.
 
-Credentials never reach a log, an error frame or a ``repr``: API keys are named by a label
-``key:<first 8 hex digits of sha256(key)>``, tokens by their ``sub``.
+Principals are namespaced by the kind of credential, so that no credential can act as
+another's principal (share its limits, resume its streams): ``key:<first 8 hex digits of
+sha256(key)>`` for an API key, ``jwt:<sub>`` for a token (a token whose ``sub`` is
+``key:1234abcd`` is ``jwt:key:1234abcd``, not that key), ``ip:<address>`` for a connection
+without auth (:func:`address_principal`). Every comparison of principals (stream ownership
+at resume, here and through Redis; per-principal limits) uses these values.
+
+Credentials never reach a log, an error frame or a ``repr``: API keys are named by their
+label, tokens by their principal.
 """
 
 from __future__ import annotations
@@ -45,7 +53,8 @@ if TYPE_CHECKING:
     from .limits import PrincipalState, Principals
 
 __all__ = [
-    "AuthError", "Authenticator", "Credentials", "api_key_label", "hash_api_key", "mint_token",
+    "AuthError", "Authenticator", "Credentials", "address_principal", "api_key_label",
+    "hash_api_key", "mint_token", "token_principal",
 ]
 
 logger = logging.getLogger("relay.auth")
@@ -54,6 +63,12 @@ ALGORITHM = "HS256"
 MISSING = "missing token"
 INVALID = "invalid token"
 EXPIRED = "token expired"
+NOT_YET_VALID = "token not yet valid"
+
+#: Time claims (``iat``, ``exp``, ``nbf``) are integer Unix seconds in [0, this]: the end of
+#: year 9999. Floats (``1e30``, ``inf``, ``NaN``: a NaN ``exp`` would never expire, since
+#: every comparison with NaN is false) and absurd integers are invalid tokens.
+MAX_TIMESTAMP = 253_402_300_799
 
 
 class AuthError(Exception):
@@ -81,7 +96,18 @@ def hash_api_key(key: str) -> str:
 
 
 def api_key_label(digest_hex: str) -> str:
+    """The principal of an API key (also how logs name it)."""
     return "key:" + digest_hex[:8]
+
+
+def token_principal(sub: str) -> str:
+    """The principal of a signed token with this ``sub``."""
+    return "jwt:" + sub
+
+
+def address_principal(address: str) -> str:
+    """The principal of a connection without auth: its client address."""
+    return "ip:" + address
 
 
 def mint_token(secret: str, sub: str, ttl: float, models: list[str] | None = None,
@@ -127,6 +153,12 @@ def check_auth_settings(auth: bool, api_keys: list[str], token_secret: Any) -> N
                          "(--api-key or RELAY_API_KEYS) or a token secret (RELAY_TOKEN_SECRET)")
     if token_secret is not None and not token_secret.get_secret_value():
         raise ValueError("token_secret is empty")
+
+
+def _is_timestamp(value: Any) -> bool:
+    """An integer Unix time in [0, MAX_TIMESTAMP] (``bool`` is an int in Python: not one)."""
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and 0 <= value <= MAX_TIMESTAMP)
 
 
 class Authenticator:
@@ -190,19 +222,23 @@ class Authenticator:
             raise AuthError(INVALID) from None
         sub, exp, models, max_streams = (claims.get("sub"), claims.get("exp"),
                                          claims.get("models"), claims.get("max_streams"))
+        nbf = claims.get("nbf")
         if (not isinstance(sub, str) or not sub
-                or isinstance(exp, bool) or not isinstance(exp, (int, float))
+                or not _is_timestamp(exp) or not _is_timestamp(claims.get("iat"))
+                or (nbf is not None and not _is_timestamp(nbf))
                 or (models is not None and (not isinstance(models, list)
                                             or not all(isinstance(m, str) for m in models)))
                 or (max_streams is not None and (isinstance(max_streams, bool)
                                                  or not isinstance(max_streams, int)
                                                  or max_streams < 1))):
             raise AuthError(INVALID)
-        creds = Credentials(sub, "token",
+        creds = Credentials(token_principal(sub), "token",
                             frozenset(models) if models is not None else None,
                             max_streams, float(exp))
         if self.expired(creds):
             raise AuthError(EXPIRED)
+        if nbf is not None and self.clock() < nbf:
+            raise AuthError(NOT_YET_VALID)
         return creds
 
     def expired(self, creds: Credentials | None) -> bool:

@@ -66,8 +66,10 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="connections without hello in total (a quarter of "
                        "--max-connections)")
     serve.add_argument("--max-streams-per-principal", type=int, help="(32)")
-    serve.add_argument("--start-rate-per-minute", type=float, help="per principal (60)")
-    serve.add_argument("--start-burst", type=int, help="(10)")
+    serve.add_argument("--start-rate-per-minute", type=float,
+                       help="per principal (default: none without --auth, 600 with it)")
+    serve.add_argument("--start-burst", type=int,
+                       help="(default: ten seconds' worth of the rate; 100 with --auth)")
     serve.add_argument("--frames-per-second", type=float, help="inbound per connection (100)")
     serve.add_argument("--frame-burst", type=int, help="(200)")
     serve.add_argument("--max-messages-bytes", type=int, help="start.messages+tools (524288)")

@@ -59,6 +59,12 @@ streams"):
   and further calls raise it at once.
 * With ``reconnect=False`` any connection loss closes the client for good and every
   unfinished stream raises :class:`ConnectionLost` (the behaviour of earlier versions).
+
+Takeover: when another connection of the same principal (another client, another process)
+resumes one of this client's running streams by its ``stream_key``, the relay moves the
+stream there and ends it here with ``error`` ``stream_taken_over``; its iteration raises
+:class:`StreamTakenOver` (a :class:`ConnectionLost` with that ``code`` and the partial
+results), never waits forever. The connection and the other streams are unaffected.
 """
 
 from __future__ import annotations
@@ -86,6 +92,7 @@ from protocol import (
     PROTOCOL_VERSION,
     CloseCode,
     Error,
+    ErrorCode,
     Finish,
     Pong,
     Reasoning,
@@ -110,6 +117,7 @@ __all__ = [
     "RelayStream",
     "StreamEvent",
     "StreamRejected",
+    "StreamTakenOver",
     "is_retryable_close",
 ]
 
@@ -212,6 +220,12 @@ class ConnectionLost(RelayClientError):
         self.close_code = close_code
         self.code = code
         self.stream_id = stream_id
+
+
+class StreamTakenOver(ConnectionLost):
+    """Another connection resumed this stream (``error`` ``stream_taken_over``): it goes on
+    there, not here. ``code`` is ``"stream_taken_over"``; ``partial_text`` & co. hold what
+    this client received before; ``close_code`` is None (the connection is still open)."""
 
 
 @dataclass(frozen=True)
@@ -363,9 +377,11 @@ class RelayStream:
         item = await self._route.queue.get()
         if isinstance(item, _Lost):
             self._done = True
-            raise ConnectionLost(item.message, self.text, reasoning=self.reasoning,
-                                 tool_calls=self.tool_calls, close_code=item.close_code,
-                                 code=item.code, stream_id=self.id)
+            lost = (StreamTakenOver if item.code == ErrorCode.STREAM_TAKEN_OVER
+                    else ConnectionLost)
+            raise lost(item.message, self.text, reasoning=self.reasoning,
+                       tool_calls=self.tool_calls, close_code=item.close_code,
+                       code=item.code, stream_id=self.id)
         if isinstance(item, Error):
             self._done = True
             raise StreamRejected(item.code, item.message, item.retry_after)
@@ -874,6 +890,10 @@ class RelayClient:
             route.resumes += 1
             return
         if isinstance(frame, Error):
+            if frame.code == ErrorCode.STREAM_TAKEN_OVER:
+                self._fail(route, _Lost(f"stream {route.id!r} was taken over by another "
+                                        f"connection: {frame.message}", code=frame.code))
+                return
             if frame.ref == "resume" or route.resuming:
                 self._fail(route, _Lost(f"resume of stream {route.id!r} refused: "
                                         f"{frame.code}: {frame.message}", code=frame.code,

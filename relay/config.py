@@ -36,8 +36,12 @@ class RelaySettings(BaseSettings):
     max_connections: int = Field(10_000, ge=1, description="per server (4429 above)")
     max_connections_per_principal: int = Field(100, ge=1)
     max_streams_per_principal: int = Field(32, ge=1)
-    start_rate_per_minute: float = Field(60.0, gt=0, description="start token bucket rate")
-    start_burst: int = Field(10, ge=1)
+    # None = the mode's default (relay.limits.start_rate_limit): no start rate without auth,
+    # 600/min burst 100 per principal with auth.
+    start_rate_per_minute: float | None = Field(None, gt=0, description="start token bucket "
+                                                "rate per principal (None: the mode's default)")
+    start_burst: int | None = Field(None, ge=1, description="start token bucket size "
+                                    "(None: ten seconds' worth of the rate)")
     frames_per_second: float = Field(100.0, gt=0, description="inbound, per connection")
     frame_burst: int = Field(200, ge=1)
     max_messages_bytes: int = Field(512 * 1024, ge=1024,

@@ -12,7 +12,9 @@ Lifecycle rules (PROTOCOL.md, "Resume"):
   running and logging for ``detach_grace`` seconds; a ``resume`` of its ``stream_key`` by the
   same principal re-attaches it; nobody resuming means cancel upstream and drop the log;
 * a finished stream's log stays resumable for ``detach_grace`` seconds after its finish;
-* a ``resume`` of a stream attached elsewhere takes it over (the old attachment stops);
+* a ``resume`` of a stream attached elsewhere takes it over: the old attachment stops and
+  ends with ``error`` ``stream_taken_over`` (``Session.drop_attachment``), also when the old
+  one is on this same connection under another id, or on another relay (through Redis);
 * ``cancel`` always stops the upstream at once, attached or not;
 * memory: each log is capped (``max_stream_log_bytes``); past ``max_log_bytes`` in total, the
   oldest detached streams are dropped (cancelled upstream; a resume gets ``stream_lost``).

@@ -7,7 +7,8 @@ else the client's address (``X-Forwarded-For`` only from trusted proxies). Limit
 * connections that have not completed ``hello`` yet, per client address and in total
   (:class:`PendingConnections`) -> close 4429 after the handshake
 * concurrent streams per principal -> ``too_many_streams``
-* ``start`` rate per principal (token bucket) -> ``rate_limited`` with ``retry_after``
+* ``start`` rate per principal (token bucket; default by mode, :func:`start_rate_limit`) ->
+  ``rate_limited`` with ``retry_after``
 * inbound frames per connection (token bucket) -> close 4429
 * completion tokens per principal per hour (optional, :class:`CompletionBudget`) ->
   ``rate_limited`` with ``retry_after`` at ``start``
@@ -17,13 +18,39 @@ All state is in-process and only touched from the event loop thread.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = ["CompletionBudget", "PendingConnections", "PrincipalState", "Principals",
-           "TokenBucket"]
+           "TokenBucket", "start_rate_limit"]
+
+#: With ``--auth``, the start rate of a principal unless configured: generous, so that one
+#: well-behaved user (an agent fanning out into 100 parallel streams) is never refused.
+AUTH_START_RATE_PER_MINUTE = 600.0
+AUTH_START_BURST = 100
+
+
+def start_rate_limit(rate_per_minute: float | None, burst: int | None,
+                     auth: bool) -> tuple[float | None, int | None]:
+    """The start token bucket of every principal as ``(rate per minute, burst)``, from the
+    settings (``None`` = not configured); ``(None, None)`` means no start rate at all.
+
+    * nothing configured: no start rate without auth (the principal is an address, shared by
+      every user behind one NAT; the connection and stream caps still hold), and
+      600/min, burst 100 with auth;
+    * one of the two configured: the other follows from it, a burst being ten seconds' worth
+      of the rate (so rate 60/min gives burst 10, burst 10 gives 60/min)."""
+    if rate_per_minute is None and burst is None:
+        return (AUTH_START_RATE_PER_MINUTE, AUTH_START_BURST) if auth else (None, None)
+    if rate_per_minute is None:
+        assert burst is not None
+        rate_per_minute = burst * 6.0
+    if burst is None:
+        burst = max(1, math.ceil(rate_per_minute / 6.0))
+    return rate_per_minute, burst
 
 
 class TokenBucket:
@@ -118,12 +145,14 @@ class PrincipalState:
 
 
 class Principals:
-    """Per-principal counters; entries without connections are dropped."""
+    """Per-principal counters; entries without connections are dropped.
 
-    def __init__(self, start_rate_per_minute: float, start_burst: int,
+    ``start_rate_per_minute`` None: no start rate (``PrincipalState.starts`` is None)."""
+
+    def __init__(self, start_rate_per_minute: float | None, start_burst: int | None,
                  completion_token_budget_per_hour: int | None = None) -> None:
-        self._rate = start_rate_per_minute / 60.0
-        self._burst = start_burst
+        self._rate = start_rate_per_minute / 60.0 if start_rate_per_minute is not None else None
+        self._burst = start_burst if start_burst is not None else 1
         self._budget = completion_token_budget_per_hour
         self._states: dict[str, PrincipalState] = {}
         self.total_connections = 0
@@ -131,7 +160,8 @@ class Principals:
     def get(self, principal: str) -> PrincipalState:
         state = self._states.get(principal)
         if state is None:
-            state = PrincipalState(starts=TokenBucket(self._rate, self._burst))
+            state = PrincipalState(starts=TokenBucket(self._rate, self._burst)
+                                   if self._rate is not None else None)
             if self._budget is not None:
                 state.budget = CompletionBudget(self._budget)
             self._states[principal] = state
@@ -156,7 +186,8 @@ class Principals:
     def _prune_one(self, principal: str, state: PrincipalState) -> None:
         # Forget an idle principal only once its start bucket has refilled and its token
         # budget is unused, so that reconnecting is no way around either.
-        if (state.connections <= 0 and state.streams <= 0 and state.starts.full
+        if (state.connections <= 0 and state.streams <= 0
+                and (state.starts is None or state.starts.full)
                 and (state.budget is None or state.budget.idle)):
             del self._states[principal]
 

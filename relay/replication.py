@@ -9,7 +9,8 @@ and its connection's writer sends it like any local stream. Control travels by p
 * ``{"op": "cancel", "key": K}``: the owner cancels the upstream call (a ``cancel`` sent to
   any node stops the request running on another);
 * ``{"op": "takeover", "key": K, "node": N}``: a connection on node N attached the stream;
-  every other node detaches its own attachment of it (the old one stops receiving frames).
+  every other node detaches its own attachment of it (the old one stops receiving frames
+  and ends with ``error`` ``stream_taken_over``, as on a single relay).
 
 A node that serves a remote attachment refreshes an *attached* marker, which keeps the owner
 from cancelling the (locally detached) stream when its grace runs out.

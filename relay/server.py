@@ -24,13 +24,13 @@ from protocol import SUPPORTED_VERSIONS, CloseCode, FinishReason
 
 from . import web
 from .aisdk import AI_SDK_EXAMPLE_PATH, AI_SDK_EXAMPLE_ROOT, AI_SDK_PATH, AiSdkSession, ChatIndex
-from .auth import AuthError, Authenticator
+from .auth import AuthError, Authenticator, address_principal
 from .handshake import (OriginPolicy, RelayConnection, client_address, own_origins,
                         parse_networks, repeated_header)
 from .config import RelaySettings
 from .hub import StreamHub
 from .replication import Replicator
-from .limits import PendingConnections, Principals
+from .limits import PendingConnections, Principals, start_rate_limit
 from .metrics import CONTENT_TYPE_LATEST, RelayMetrics
 from .metrics_http import MetricsHTTPServer
 from .providers import ModelRegistry
@@ -68,8 +68,9 @@ class RelayServer:
         self.draining = False
         self.metrics = RelayMetrics()
         self._metrics_http: MetricsHTTPServer | None = None
-        self.principals = Principals(self.settings.start_rate_per_minute,
-                                     self.settings.start_burst,
+        self.principals = Principals(*start_rate_limit(self.settings.start_rate_per_minute,
+                                                       self.settings.start_burst,
+                                                       auth=self.settings.auth),
                                      self.settings.completion_token_budget_per_hour)
         self.pending = PendingConnections(self.settings.max_pending_per_address,
                                           self.settings.pending_connections_cap)
@@ -289,7 +290,7 @@ class RelayServer:
         return client_address(peer, forwarded, self._trusted_proxies)
 
     async def _handler(self, ws: ServerConnection) -> None:
-        principal = self._principal_of(ws)
+        principal = address_principal(self._principal_of(ws))
         if self.principals.total_connections >= self.settings.max_connections:
             await ws.close(CloseCode.TOO_MANY, "too many connections to this relay")
             return

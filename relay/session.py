@@ -332,12 +332,6 @@ class Session:
                 raise
             stream = None                      # maybe it runs on another relay
         if stream is None or stream.remote:
-            if stream is not None and stream.attachment is not None:
-                # Followed from Redis by another connection here: follow it afresh (its
-                # log only holds what that connection had not been sent yet).
-                old = stream.attachment
-                old.session.drop_attachment(old)
-                hub.detach(old)
             assert hub.replicator is not None
             stream = await hub.replicator.resume_remote(msg.stream_key, self.principal,
                                                         msg.after_seq, self.session_id)
@@ -345,8 +339,19 @@ class Session:
             try:
                 self._check_room(id)
             except RelayError:
-                hub.replicator.released(stream)
+                # Never attached nor announced: only its follower task is to stop (an
+                # attached marker for this key belongs to another attachment here, if any).
+                if stream.task is not None:
+                    stream.task.cancel()
                 raise
+            following = hub.get(msg.stream_key)
+            if following is not None and following.remote and following.attachment is not None:
+                # Followed from Redis by another attachment here: this resume takes it over
+                # and follows it afresh (that log only holds what the other one had not been
+                # sent yet). Only now, once the resume is sure to succeed.
+                old = following.attachment
+                old.session.drop_attachment(old)
+                hub.detach(old)
             hub.adopt(stream)
         else:
             id = msg.id if msg.id is not None else stream.id
@@ -381,8 +386,19 @@ class Session:
         att.stream.log.listeners.discard(self._on_append)
 
     def drop_attachment(self, att: Attachment) -> None:
-        """Another connection took ``att``'s stream over: stop sending its frames here."""
+        """A ``resume`` took ``att``'s stream over (on another connection, on another relay,
+        or on this connection under another id): stop sending its frames here and end the
+        attachment with ``error`` ``stream_taken_over`` naming the id it had here, so that a
+        client waiting on it learns that its frames now go elsewhere (it gets no ``finish``
+        here)."""
+        attached = self._attachments.get(att.id) is att
         self._unregister(att)
+        if attached:
+            self.metrics.errors.labels(ErrorCode.STREAM_TAKEN_OVER).inc()
+            self._send(frames.error(
+                ErrorCode.STREAM_TAKEN_OVER, f"stream {att.id!r} was taken over by a resume "
+                "of its stream_key; its frames go to that attachment from now on",
+                ref="resume", id=att.id))
         self._notify()
 
     # ------------------------------------------------------------------ auth and budget

@@ -55,8 +55,9 @@ export function isRetryable(code) {
 
 /**
  * A stream that did not end with a `finish`: refused start (`error` frame with its id),
- * a resume the server could not honour (`unknown_stream`, `stream_lost`), or a lost
- * connection without resume (`connection_lost`), or the client closed (`client_closed`).
+ * a resume the server could not honour (`unknown_stream`, `stream_lost`), a resume on
+ * another connection that took the stream over (`stream_taken_over`: it goes on there), a
+ * lost connection without resume (`connection_lost`), or the client closed (`client_closed`).
  */
 export class StreamError extends Error {
   constructor(message, { code, id = null, partialText = "", frame = null, closeCode = null } = {}) {
@@ -601,6 +602,8 @@ export class RelayClient extends EventTarget {
     }
     const stream = this._streams.get(id);
     if (!stream || frame.ref === "cancel") return; // e.g. cancel raced the finish: harmless
+    // Any other error with the stream's id ends it here: a refused start or resume, or
+    // (unprompted) `stream_taken_over` when another connection resumed it.
     this._drop(stream, new StreamError(message, { code, id, partialText: stream.text, frame }));
   }
 

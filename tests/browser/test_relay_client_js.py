@@ -419,6 +419,46 @@ async def test_module_api_against_the_live_relay(page):
     assert out["open"] == 0 and out["url"] == f"ws://127.0.0.1:{port}/ws"
 
 
+async def test_a_stream_taken_over_by_another_connection_rejects_done_with_its_code(page):
+    """Another connection of the same principal resumes the page's running stream: `done`
+    rejects with StreamError code `stream_taken_over` (the text so far in partialText),
+    instead of waiting forever; the page's connection stays open."""
+    from relay.demo import demo_reply_tokens
+
+    from ..relay.helpers import Client, text_of
+
+    messages = [{"role": "user", "content": "a long answer for two readers " * 3}]
+    async with start_relay(demo_tps=20, detach_grace=5) as server:
+        await page.goto(f"http://127.0.0.1:{server.port}/")
+        await run_js(page, """async (messages) => {""" + IMPORT + """
+            const c = await m.RelayClient.connect();
+            const s = c.start({model: 'demo', messages});
+            window.__c = c; window.__s = s;
+            (async () => { for await (const f of s) {} })().catch(() => {});  // a reader
+        }""", messages)
+        # started + 2 tokens delivered (leaving the loop early would cancel the stream)
+        await page.wait_for_function("() => window.__s.seqs.length >= 3")
+        seen = await run_js(page, """() => { const s = window.__s;
+            return {key: s.streamKey, lastSeq: s.lastSeq, id: s.id, text: s.text}; }""")
+        async with Client.connect(server.url) as other:
+            await other.send({"type": "resume", "stream_key": seen["key"],
+                              "after_seq": seen["lastSeq"], "id": "theirs"})
+            assert (await other.next_for("theirs"))["type"] == "resumed"
+            ended = await run_js(page, """async () => {
+                const s = window.__s;
+                try { await s.done; return {resolved: true}; }
+                catch (e) { return {code: e.code, id: e.id, partial: e.partialText,
+                                    status: s.status, state: window.__c.state}; }
+            }""")
+            rest = await other.collect("theirs")
+        await run_js(page, "() => window.__c.close()")
+    assert ended["code"] == "stream_taken_over" and ended["id"] == seen["id"], ended
+    assert (ended["status"], ended["state"]) == ("error", "open")
+    full = "".join(demo_reply_tokens(messages))
+    assert full.startswith(ended["partial"]) and ended["partial"].startswith(seen["text"])
+    assert seen["text"] + text_of(rest) == full and rest[-1]["status"] == "completed"
+
+
 async def test_chat_page_shows_a_final_close_with_its_meaning(page):
     """The chat page itself, served by the fake relay: the model picker lists welcome.models
     (as text), and a non-retryable close (4401) leaves it `closed` with the code's meaning."""

@@ -197,7 +197,7 @@ async def test_page_with_a_minted_token_streams_and_lists_only_its_models(page):
         assert "token" not in await page.evaluate("() => location.href")
         options = await page.eval_on_selector_all("#model option", "os => os.map(o => o.value)")
         assert options == ["demo"]  # welcome.models, filtered by the token's claim
-        assert [s.principal for s in server.sessions] == ["alice"]
+        assert [s.principal for s in server.sessions] == ["jwt:alice"]
         await send(page, "hello with a token")
         await page.wait_for_selector('.answer-status[data-status="completed"]')
         [pane] = await page.evaluate(PANES)
@@ -258,7 +258,7 @@ async def test_token_function_is_called_before_every_connect_and_resume_keeps_th
         }""", MESSAGES)
         await page.wait_for_function("() => window.__s.seqs.length >= 4")
         assert len(minted) == 1
-        assert [s.principal for s in server.sessions] == ["alice"]
+        assert [s.principal for s in server.sessions] == ["jwt:alice"]
         await drop_all(server, "abort")
         out = await page.evaluate("""async () => {
             const s = window.__s, c = window.__c;

@@ -160,7 +160,7 @@ async def test_auth_off_ignores_credentials_and_principal_is_address():
         async with Client.connect(server.url,
                                   additional_headers={"Authorization": "Basic nonsense"}) as c:
             assert c.welcome["type"] == "welcome"
-            assert principals(server) == ["127.0.0.1"]
+            assert principals(server) == ["ip:127.0.0.1"]
 
 
 # ---------------------------------------------------------------------- refusals (4401)
@@ -212,6 +212,53 @@ async def test_expired_token_closes_4401_token_expired():
     assert (code, reason, got) == (4401, "token expired", [])
 
 
+def _bad_time_claims() -> dict[str, dict]:
+    now = int(time.time())
+    good = {"sub": "alice", "iat": now, "exp": now + 300}
+    return {
+        # A NaN exp never expired (every comparison with NaN is false); inf and 1e30 neither.
+        "exp NaN": {**good, "exp": float("nan")},
+        "exp inf": {**good, "exp": float("inf")},
+        "exp 1e30": {**good, "exp": 1e30},
+        "exp 1e30 as an integer": {**good, "exp": 10 ** 30},
+        "exp a float": {**good, "exp": now + 300.5},
+        "exp a string": {**good, "exp": str(now + 300)},
+        "exp negative": {**good, "exp": -1},
+        "nbf NaN": {**good, "nbf": float("nan")},
+        "nbf -inf": {**good, "nbf": float("-inf")},
+        "nbf 1e30": {**good, "nbf": 1e30},
+        "nbf a float": {**good, "nbf": now - 10.5},
+        "iat inf": {**good, "iat": float("inf")},
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_time_claims()))
+async def test_time_claims_must_be_integer_unix_seconds_else_invalid_token(case):
+    token = crafted(_bad_time_claims()[case])
+    async with auth_relay() as server:
+        code, reason, got = await refused(server.url, hello(token))
+        assert (code, reason, got) == (4401, "invalid token", [])
+        with pytest.raises(InvalidStatus) as info:  # the same in the Authorization header
+            async with connect(server.url, subprotocols=[SUBPROTOCOL],
+                               additional_headers={"Authorization": f"Bearer {token}"}):
+                pass
+        assert info.value.response.status_code == 401
+        assert info.value.response.body == b"invalid token\n"
+
+
+async def test_nbf_in_the_future_is_not_yet_valid_and_a_past_nbf_is_accepted():
+    now = int(time.time())
+    early = crafted({"sub": "alice", "iat": now, "nbf": now + 600, "exp": now + 900})
+    ready = crafted({"sub": "alice", "iat": now - 60, "nbf": now - 30, "exp": now + 300})
+    async with auth_relay() as server:
+        code, reason, got = await refused(server.url, hello(early))
+        assert (code, reason, got) == (4401, "token not yet valid", [])
+        async with Client.connect(server.url, hello=False) as c:
+            await c.send(hello(ready))
+            assert (await c.recv())["type"] == "welcome"
+            assert principals(server) == ["jwt:alice"]
+
+
 # ---------------------------------------------------------------------- signed tokens
 
 
@@ -227,7 +274,7 @@ async def test_mint_token_claims_and_accepted_with_sub_as_principal():
             await c.send(hello(token))
             welcome = await c.recv()
             assert welcome["type"] == "welcome" and welcome["limits"]["max_streams"] == 3
-            assert principals(server) == ["alice"]
+            assert principals(server) == ["jwt:alice"]
             await c.start("a", params={"max_tokens": 2})
             assert (await c.collect("a"))[-1]["status"] == "completed"
 
@@ -252,7 +299,7 @@ async def test_cli_token_mint_prints_a_jwt_the_relay_accepts():
         async with Client.connect(server.url, hello=False) as c:
             await c.send(hello(token))
             assert (await c.recv())["models"] == ["demo"]
-            assert principals(server) == ["carol"]
+            assert principals(server) == ["jwt:carol"]
 
 
 def test_cli_token_mint_secret_flag_no_litellm_and_no_secret_is_an_error():
@@ -340,7 +387,7 @@ async def test_sub_is_the_principal_for_the_connection_limit():
             assert (await a1.recv())["type"] == "welcome"
             await b1.send(hello(mint_token(SECRET, "bob", 300)))  # same address, other sub
             assert (await b1.recv())["type"] == "welcome"
-            assert principals(server) == ["alice", "bob"]
+            assert principals(server) == ["jwt:alice", "jwt:bob"]
             code, reason, got = await refused(server.url, hello(alice))
             assert (code, got) == (4429, []) and "principal" in reason
             await a1.send({"type": "ping"})
@@ -404,10 +451,10 @@ async def test_client_token_callable_is_called_on_each_connect():
 
     async with auth_relay() as server:
         async with RelayClient(server.url, token=sync_source) as c:
-            assert principals(server) == ["erin"]
+            assert principals(server) == ["jwt:erin"]
             assert (await c.complete("demo", HI, max_tokens=2)).status == "completed"
         async with RelayClient(server.url, token=async_source) as c:
-            assert principals(server) == ["frank"]
+            assert principals(server) == ["jwt:frank"]
         async with RelayClient(server.url, token=sync_source) as c:  # a new connect: called again
             assert c.models == ["demo"]
         assert calls == ["sync", "async", "sync"]
@@ -416,6 +463,35 @@ async def test_client_token_callable_is_called_on_each_connect():
         with pytest.raises(HandshakeFailed, match="missing token"):
             async with RelayClient(server.url):
                 pass
+
+
+async def test_a_token_whose_sub_looks_like_a_key_label_is_not_that_keys_principal():
+    # Principals are namespaced by credential kind: a JWT with sub "key:<8 hex>" is
+    # "jwt:key:<8 hex>", so it can neither resume the key's stream nor use up its limits.
+    forged = mint_token(SECRET, label(KEY), 300)
+    async with auth_relay(detach_grace=5, demo_tps=2, max_connections_per_principal=1,
+                          max_streams_per_principal=1) as server:
+        async with Client.connect(server.url, hello=False) as owner, \
+                Client.connect(server.url, hello=False) as intruder:
+            await owner.send(hello(KEY))
+            assert (await owner.recv())["type"] == "welcome"
+            await owner.start("q1", content="a long answer please")
+            started = await owner.next_for("q1")
+            assert started["type"] == "started"
+            # Same-looking principal, other credential kind: its own connection slot ...
+            await intruder.send(hello(forged))
+            assert (await intruder.recv())["type"] == "welcome"
+            assert principals(server) == ["jwt:" + label(KEY), label(KEY)]
+            # ... no access to the key's stream (the answer for any foreign key) ...
+            await intruder.send({"type": "resume", "stream_key": started["stream_key"],
+                                 "after_seq": 0, "id": "q1"})
+            err = await intruder.next_for("q1")
+            assert (err["type"], err["code"]) == ("error", "unknown_stream")
+            # ... and its own stream count (the key already runs its one stream).
+            await intruder.start("mine", params={"max_tokens": 1})
+            assert (await intruder.collect("mine"))[-1]["status"] == "completed"
+            await owner.send({"type": "cancel", "id": "q1"})
+            assert (await owner.collect("q1"))[-1]["status"] == "cancelled"
 
 
 # ---------------------------------------------------------------------- token budget

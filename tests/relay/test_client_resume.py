@@ -12,10 +12,12 @@ import json
 import pytest
 
 from protocol import Finish, Started, Token, ToolCallChunk, ToolCallComplete
-from relay.client import ConnectionLost, HandshakeFailed, RelayClient, RelayStream
+from relay.client import (
+    ConnectionLost, HandshakeFailed, RelayClient, RelayStream, StreamTakenOver,
+)
 from relay.demo import demo_reply_tokens
 
-from .helpers import eventually, start_relay
+from .helpers import Client, eventually, start_relay, text_of
 
 PROMPT = "please resume this answer without losing a single word of it " * 3
 MESSAGES = [{"role": "user", "content": PROMPT}]
@@ -243,6 +245,38 @@ async def test_resume_refused_by_the_relay_is_connection_lost_with_its_code():
             assert info.value.partial_text == s.text and s.text
             assert FULL_TEXT.startswith(s.text) and s.text != FULL_TEXT
             assert c.state == "open" and await c.ping() >= 0
+
+
+async def test_a_stream_taken_over_by_another_connection_raises_instead_of_hanging():
+    """Another connection of the same principal resumes the client's running stream: the
+    client's iteration ends with StreamTakenOver (a ConnectionLost with the partial text),
+    its connection stays open, and the other connection gets the rest of the stream."""
+    async with start_relay(detach_grace=5, demo_tps=50) as server, \
+            RelayClient(server.url, **FAST) as c, Client.connect(server.url) as other:
+        s = c.stream("demo", MESSAGES)
+        tokens, text_at_resume, resumed_after = 0, "", -1
+        with pytest.raises(StreamTakenOver) as info:
+            async with asyncio.timeout(10):     # before the fix it waited forever
+                async for ev in s:
+                    if isinstance(ev, Token):
+                        tokens += 1
+                        if tokens == 2:
+                            text_at_resume, resumed_after = s.text, ev.seq
+                            await other.send({"type": "resume", "stream_key": s.stream_key,
+                                              "after_seq": ev.seq, "id": "theirs"})
+        lost = info.value
+        assert isinstance(lost, ConnectionLost) and lost.code == "stream_taken_over"
+        assert lost.stream_id == s.id and lost.close_code is None
+        assert lost.partial_text == s.text and FULL_TEXT.startswith(s.text)
+        assert s.done and s.finish is None
+        assert (await other.next_for("theirs"))["type"] == "resumed"
+        rest = await other.collect("theirs")
+        assert rest[-1]["type"] == "finish" and rest[-1]["status"] == "completed"
+        assert rest[0]["seq"] > resumed_after
+        assert text_at_resume + text_of(rest) == FULL_TEXT
+        # The client itself is unaffected: same connection, new streams work.
+        assert c.state == "open" and c.reconnects == 0
+        assert (await c.complete("demo", MESSAGES)).text == FULL_TEXT
 
 
 async def test_a_non_retryable_close_ends_the_client_without_reconnecting():

@@ -101,6 +101,64 @@ async def test_start_rate_limit_with_retry_after():
             assert (await c2.next_for("d"))["code"] == "rate_limited"
 
 
+async def _start_in_parallel(conns: list[Client], n: int) -> list[dict]:
+    """Send ``n`` starts spread over ``conns`` before reading any answer; each stream's
+    first answer (``started`` or ``error``), after every started stream has finished."""
+    ids = [f"p{i}" for i in range(n)]
+    for i, sid in enumerate(ids):
+        await conns[i % len(conns)].start(sid, params={"max_tokens": 3})
+    firsts = []
+    for i, sid in enumerate(ids):
+        c = conns[i % len(conns)]
+        first = await c.next_for(sid)
+        firsts.append(first)
+        if first["type"] == "started":
+            assert (await c.collect(sid))[-1]["status"] == "completed"
+    return firsts
+
+
+async def test_twelve_parallel_starts_without_auth_are_not_rate_limited():
+    # An agent fanning out into 12 streams (two connections: 8 per connection is a separate
+    # cap). Without --auth the principal is an address that a whole NAT may share, so no
+    # start rate applies unless configured (the old default, 60/min burst 10, refused two).
+    async with start_relay(demo_tps=20) as server:
+        async with Client.connect(server.url) as a, Client.connect(server.url) as b:
+            firsts = await _start_in_parallel([a, b], 12)
+            assert [f["type"] for f in firsts] == ["started"] * 12, firsts
+            assert [s._principal_state.starts for s in server.sessions] == [None, None]
+
+
+async def test_start_rate_configured_without_auth_still_applies_burst_from_rate():
+    # Only the rate given: the burst is ten seconds' worth of it (12/min -> 2).
+    async with start_relay(start_rate_per_minute=12) as server:
+        async with Client.connect(server.url) as c:
+            firsts = await _start_in_parallel([c], 3)
+            assert [f["type"] for f in firsts[:2]] == ["started", "started"]
+            assert firsts[2]["code"] == "rate_limited" and 0 < firsts[2]["retry_after"] <= 5
+
+
+async def test_auth_default_start_rate_is_600_per_minute_burst_100_and_configurable():
+    from .test_auth import KEY, auth_relay, hello, label
+
+    async with auth_relay(demo_tps=20) as server:
+        async with Client.connect(server.url, hello=False) as a, \
+                Client.connect(server.url, hello=False) as b:
+            for c in (a, b):
+                await c.send(hello(KEY))
+                assert (await c.recv())["type"] == "welcome"
+            firsts = await _start_in_parallel([a, b], 12)
+            assert [f["type"] for f in firsts] == ["started"] * 12, firsts
+            bucket = server.principals.get(label(KEY)).starts
+            assert bucket is not None and (bucket.rate, bucket.burst) == (10.0, 100)
+    async with auth_relay(start_burst=2, start_rate_per_minute=6) as server:
+        async with Client.connect(server.url, hello=False) as c:
+            await c.send(hello(KEY))
+            await c.recv()
+            firsts = await _start_in_parallel([c], 3)
+            assert [f["type"] for f in firsts[:2]] == ["started", "started"]
+            assert firsts[2]["code"] == "rate_limited"
+
+
 async def test_frame_flood_closes_4429_and_other_connections_keep_serving():
     async with start_relay(frames_per_second=100, frame_burst=200) as server:
         async with Client.connect(server.url) as good, Client.connect(server.url) as flood:

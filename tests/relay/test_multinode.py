@@ -20,6 +20,7 @@ from relay.llm import demo_handler
 
 from ..redis_server import RedisServerProcess, redis_ping
 from .helpers import Client, eventually, start_relay, text_of
+from .test_resume import _taken_over_end
 from .test_limits import ROOT, _env
 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
@@ -136,10 +137,59 @@ async def test_a_resume_on_another_relay_takes_the_stream_over(prefix):
             assert (await new.next_for("q1"))["type"] == "resumed"
             after = await new.collect("q1")
             _assert_whole(before, after)
-            # Relay A dropped the old attachment when B announced the takeover.
-            await old.send({"type": "ping"})
-            assert (await old.next_for(None))["type"] == "pong"
-            assert all(f["type"] != "finish" for f in old._stash.get("q1", []))
+            # Relay A ended the old attachment when B announced the takeover, with the same
+            # answer as a takeover on one relay: error stream_taken_over naming its id.
+            await _taken_over_end(old, "q1", last)
+
+
+async def test_a_resume_on_the_owner_takes_over_a_stream_followed_on_the_other_relay(prefix):
+    # The reverse direction: the stream runs on A, a connection on B follows it from Redis,
+    # then a connection on A resumes it locally; B's follower gets stream_taken_over.
+    # (20 tokens/s: the stream must still run when the second resume arrives.)
+    async with two_relays(SHARED_REDIS, prefix, demo_tps=20) as (a, b):
+        async with Client.connect(a.url) as starter:
+            await starter.start("q1", messages=MESSAGES)
+            started, before = await _until_tokens(starter, "q1", 1)
+        key = started["stream_key"]
+        async with Client.connect(b.url) as follower, Client.connect(a.url) as owner:
+            last = before[-1]["seq"]
+            await follower.send({"type": "resume", "stream_key": key, "after_seq": last,
+                                 "id": "f1"})
+            assert (await follower.next_for("f1"))["type"] == "resumed"
+            token = await follower.next_for("f1")
+            assert token["type"] == "token"
+            await owner.send({"type": "resume", "stream_key": key,
+                              "after_seq": token["seq"], "id": "o1"})
+            assert (await owner.next_for("o1"))["type"] == "resumed"
+            after = await owner.collect("o1")
+            assert after[-1]["type"] == "finish" and after[-1]["status"] == "completed"
+            await _taken_over_end(follower, "f1", token["seq"])
+
+
+async def test_a_second_follower_on_the_same_relay_takes_over_the_first(prefix):
+    # Both followers are on B, the stream runs on A: the first one's remote attachment is
+    # replaced (followed afresh from Redis for the second) and ends with stream_taken_over;
+    # a resume of it under an id already following it here is duplicate_id, not a takeover.
+    async with two_relays(SHARED_REDIS, prefix, demo_tps=20) as (a, b):
+        async with Client.connect(a.url) as starter:
+            await starter.start("q1", messages=MESSAGES)
+            started, before = await _until_tokens(starter, "q1", 1)
+        key, last = started["stream_key"], before[-1]["seq"]
+        async with Client.connect(b.url) as first, Client.connect(b.url) as second:
+            await first.send({"type": "resume", "stream_key": key, "after_seq": last,
+                              "id": "f1"})
+            assert (await first.next_for("f1"))["type"] == "resumed"
+            token = await first.next_for("f1")
+            assert token["type"] == "token"
+            await first.send({"type": "resume", "stream_key": key, "after_seq": last,
+                              "id": "f1"})
+            assert (await first.next_for("f1"))["code"] == "duplicate_id"
+            await second.send({"type": "resume", "stream_key": key, "after_seq": token["seq"],
+                               "id": "f2"})
+            assert (await second.next_for("f2"))["type"] == "resumed"
+            after = await second.collect("f2")
+            assert after[-1]["type"] == "finish" and after[-1]["status"] == "completed"
+            await _taken_over_end(first, "f1", token["seq"])
 
 
 async def test_redis_failing_mid_stream_local_streams_finish_and_resumes_get_a_clear_error(

@@ -145,6 +145,26 @@ async def test_with_detach_grace_zero_a_disconnect_cancels_at_once_and_nothing_r
             assert (await c2.next_for("q1"))["code"] == "unknown_stream"
 
 
+async def _taken_over_end(c: Client, id: str, after: int) -> list[dict]:
+    """The frames of ``id`` on a connection whose stream was taken over: frames that were
+    already in flight (``seq`` above ``after``), then ``error`` ``stream_taken_over`` naming
+    ``id``, and nothing more (a ping round-trip shows it)."""
+    frames = []
+    while True:
+        frame = await c.next_for(id)
+        frames.append(frame)
+        if frame["type"] in ("error", "finish"):
+            break
+    end = frames[-1]
+    assert (end["type"], end["code"], end["id"], end["ref"]) == (
+        "error", "stream_taken_over", id, "resume"), end
+    assert all(f["type"] == "token" and f["seq"] > after for f in frames[:-1]), frames
+    await c.send({"type": "ping", "data": 1})
+    assert (await c.next_for(None))["type"] == "pong"
+    assert not c._stash.get(id), c._stash.get(id)
+    return frames
+
+
 async def test_resume_takes_a_stream_over_from_a_half_open_connection():
     async with start_relay(detach_grace=5, demo_tps=100) as server:
         async with Client.connect(server.url) as old, Client.connect(server.url) as new:
@@ -157,13 +177,25 @@ async def test_resume_takes_a_stream_over_from_a_half_open_connection():
             assert (await new.next_for("q1"))["type"] == "resumed"
             after = await new.collect("q1")
             _assert_exactly_once(before, after)
-            # The old attachment got no finish: everything it still had was in flight
-            # before the takeover, and a ping round-trip shows nothing more came.
-            await old.send({"type": "ping", "data": 1})
-            assert (await old.next_for(None))["type"] == "pong"
-            leftovers = old._stash.get("q1", [])
-            assert all(f["type"] != "finish" for f in leftovers)
-            assert all(f["seq"] > last for f in leftovers)
+            # The old attachment ends with a defined answer, not silence: what was in flight
+            # before the takeover, then error stream_taken_over naming its id (no finish).
+            await _taken_over_end(old, "q1", last)
+
+
+async def test_resume_under_a_second_id_on_the_same_connection_ends_the_first_id():
+    async with start_relay(detach_grace=5, demo_tps=100) as server:
+        async with Client.connect(server.url) as c:
+            await c.start("q1", messages=MESSAGES)
+            started, before = await _read_until_token(c, "q1", 2)
+            last = before[-1]["seq"]
+            await c.send({"type": "resume", "stream_key": started["stream_key"],
+                          "after_seq": last, "id": "q2"})
+            resumed = await c.next_for("q2")
+            assert (resumed["type"], resumed["after_seq"]) == ("resumed", last)
+            after = await c.collect("q2")
+            _assert_exactly_once(before, after)
+            assert all(f["id"] == "q2" for f in after)
+            await _taken_over_end(c, "q1", last)
 
 
 async def test_cancel_after_resume_stops_the_upstream():
