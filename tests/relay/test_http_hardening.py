@@ -131,7 +131,7 @@ async def test_forwarded_for_uses_the_rightmost_untrusted_entry():
                            max_connections_per_principal=1) as server:
         async with Client.connect(server.url, additional_headers={
                 "X-Forwarded-For": "1.1.1.1, 10.0.0.5"}) as first:
-            assert [s.principal for s in server.sessions] == ["10.0.0.5"]
+            assert [s.principal for s in server.sessions] == ["ip:10.0.0.5"]
             async with connect(server.url, subprotocols=[SUBPROTOCOL], additional_headers={
                     "X-Forwarded-For": "2.2.2.2, 10.0.0.5"}) as second:
                 code, reason = await _close_of(second)
@@ -147,20 +147,20 @@ async def test_forwarded_for_trusted_cidrs_and_two_headers_as_one_list(caplog):
     async with start_relay(trusted_proxies=["127.0.0.0/8", "10.0.0.0/8"]) as server:
         async with Client.connect(server.url, additional_headers={
                 "X-Forwarded-For": "6.6.6.6, 203.0.113.7, 10.1.2.3"}):
-            assert [s.principal for s in server.sessions] == ["203.0.113.7"]
+            assert [s.principal for s in server.sessions] == ["ip:203.0.113.7"]
         await eventually(lambda: not server.sessions)
         async with Client.connect(server.url, additional_headers=[
                 ("X-Forwarded-For", "6.6.6.6, 198.51.100.9"),
                 ("X-Forwarded-For", "10.9.9.9")]) as c:
             assert c.welcome["type"] == "welcome"
-            assert [s.principal for s in server.sessions] == ["198.51.100.9"]
+            assert [s.principal for s in server.sessions] == ["ip:198.51.100.9"]
     no_errors_logged(caplog)
 
 
 async def test_forwarded_for_from_an_untrusted_peer_is_ignored():
     async with start_relay(trusted_proxies=["10.0.0.0/8"]) as server:
         async with Client.connect(server.url, additional_headers={"X-Forwarded-For": "6.6.6.6"}):
-            assert [s.principal for s in server.sessions] == ["127.0.0.1"]
+            assert [s.principal for s in server.sessions] == ["ip:127.0.0.1"]
 
 
 def test_client_address_walk():
@@ -203,14 +203,14 @@ async def test_sockets_without_hello_cannot_lock_out_an_authenticated_user():
                 closed.append(await _close_of(ws))
             assert {c for c, _ in closed} == {4429}
             assert all("awaiting hello from this address" in r for _, r in closed)
-            assert server.pending.count("127.0.0.2") == 4
+            assert server.pending.count("ip:127.0.0.2") == 4
             async with Client.connect(server.url, hello=False) as user:
                 await user.send({"type": "hello", "token": KEY,
                                  "client": {"name": "tests", "version": "0"}})
                 assert (await user.recv())["type"] == "welcome"
                 await user.start("1")
                 assert (await user.collect("1"))[-1]["type"] == "finish"
-            assert server.pending.count("127.0.0.1") == 0  # released at hello
+            assert server.pending.count("ip:127.0.0.1") == 0  # released at hello
         await eventually(lambda: server.pending.total == 0)  # and when a socket ends
 
 
