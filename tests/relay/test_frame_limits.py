@@ -19,6 +19,7 @@ import logging
 
 import pytest
 
+from protocol import DecodeLimits
 from relay.auth import mint_token
 from relay.logs import TextFormatter
 
@@ -193,5 +194,4 @@ def test_cli_flags_set_the_decode_limits():
             limits.max_start_keys, limits.max_json_depth, limits.max_json_containers,
             limits.max_messages_bytes) == (7, 3, 9, 99, 12, 999, 4096)
     defaults = RelaySettings().decode_limits()
-    from protocol import DecodeLimits
     assert defaults == DecodeLimits(), "the relay's defaults and the decoder's must agree"
