@@ -61,8 +61,9 @@ _SERVER_TYPES = frozenset(
 class DecodeLimits:
     """What one client frame may hold; each is checked before the work it bounds. The relay
     builds this from its settings (the flag names are in the refusal messages); the defaults
-    are the relay's defaults. At these defaults no frame of 1 MiB holds a thread for more than
-    a few milliseconds."""
+    are the relay's defaults. At these defaults the costliest frame of 1 MiB took 6-9 ms of
+    CPU to decode (a valid ``start`` at every limit; refusals cost less), measured on the
+    project's 2-core machine with LiteLLM loaded."""
 
     #: JSON size (bytes, compact UTF-8) of a start's ``messages`` + ``tools``.
     max_messages_bytes: int = 512 * 1024
