@@ -51,6 +51,7 @@ class RelaySettings(BaseSettings):
                                    "messages, together")
     max_start_keys: int = Field(20_000, ge=16, description="keys of one start's messages, "
                                 "content parts and tools, together")
+    # At most 254: orjson encodes no deeper, and a pong echoes the ping's data.
     max_json_depth: int = Field(32, ge=4, le=254, description="nesting of arrays/objects in "
                                 "a frame (the frame is level 1)")
     max_json_containers: int = Field(32_768, ge=64, description="'[' and '{' characters in a "
