@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
+)
 
 from .codes import FinishStatus
 
@@ -46,7 +48,23 @@ __all__ = [
     "Welcome",
 ]
 
-StreamId = Annotated[StrictStr, Field(min_length=1, max_length=128)]
+#: Control characters (C0, DEL, C1) and the Unicode line/paragraph separators: never in an id,
+#: so a client-chosen id cannot break a log line or a terminal.
+_CONTROL = frozenset(map(chr, [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]))
+_NO_CONTROL_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"
+
+
+def _no_control_characters(value: str) -> str:
+    if not _CONTROL.isdisjoint(value):
+        raise ValueError("must not contain control characters or line separators")
+    return value
+
+
+StreamId = Annotated[
+    StrictStr,
+    Field(min_length=1, max_length=128, json_schema_extra={"pattern": _NO_CONTROL_PATTERN}),
+    AfterValidator(_no_control_characters),
+]
 Seq = Annotated[StrictInt, Field(ge=0)]
 
 

@@ -73,6 +73,16 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--frames-per-second", type=float, help="inbound per connection (100)")
     serve.add_argument("--frame-burst", type=int, help="(200)")
     serve.add_argument("--max-messages-bytes", type=int, help="start.messages+tools (524288)")
+    serve.add_argument("--max-messages", type=int, help="messages in one start (2000)")
+    serve.add_argument("--max-tools", type=int, help="tools in one start (128)")
+    serve.add_argument("--max-content-parts", type=int,
+                       help="content parts of one start's messages, together (4000)")
+    serve.add_argument("--max-start-keys", type=int,
+                       help="keys of one start's messages, content parts and tools (20000)")
+    serve.add_argument("--max-json-depth", type=int,
+                       help="nesting of arrays/objects in an inbound frame (32)")
+    serve.add_argument("--max-json-containers", type=int,
+                       help="'[' and '{' characters in an inbound frame (32768)")
     serve.add_argument("--log-level", help="debug, info, warning, error (info)")
     serve.add_argument("--log-json", action="store_true", default=None,
                        help="log JSON lines instead of text")

@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from protocol import DecodeLimits
+
 __all__ = ["RelaySettings"]
 
 
@@ -46,6 +48,18 @@ class RelaySettings(BaseSettings):
     frame_burst: int = Field(200, ge=1)
     max_messages_bytes: int = Field(512 * 1024, ge=1024,
                                     description="JSON size of start.messages+tools")
+    # --- what one inbound frame may hold, checked before validation (protocol.DecodeLimits)
+    max_messages: int = Field(2000, ge=1, description="entries of start.messages")
+    max_tools: int = Field(128, ge=0, description="entries of start.tools")
+    max_content_parts: int = Field(4000, ge=0, description="content parts of one start's "
+                                   "messages, together")
+    max_start_keys: int = Field(20_000, ge=16, description="keys of one start's messages, "
+                                "content parts and tools, together")
+    # At most 254: orjson encodes no deeper, and a pong echoes the ping's data.
+    max_json_depth: int = Field(32, ge=4, le=254, description="nesting of arrays/objects in "
+                                "a frame (the frame is level 1)")
+    max_json_containers: int = Field(32_768, ge=64, description="'[' and '{' characters in a "
+                                     "frame's text, strings included")
     allow_origins: list[str] = Field(default_factory=list,
                                      description="browser Origins allowed; '*' = any")
     public_url: str | None = Field(None, description="the address browsers use to reach the "
@@ -91,6 +105,14 @@ class RelaySettings(BaseSettings):
                                            "(env RELAY_TOKEN_SECRET; never a CLI flag)")
     completion_token_budget_per_hour: int | None = Field(
         None, ge=1, description="completion tokens per principal per hour (rate_limited)")
+
+    def decode_limits(self) -> DecodeLimits:
+        """What one inbound frame may hold, for ``protocol.decode_client_frame``."""
+        return DecodeLimits(
+            max_messages_bytes=self.max_messages_bytes, max_messages=self.max_messages,
+            max_tools=self.max_tools, max_content_parts=self.max_content_parts,
+            max_start_keys=self.max_start_keys, max_json_depth=self.max_json_depth,
+            max_json_containers=self.max_json_containers)
 
     @model_validator(mode="after")
     def _check_auth(self) -> RelaySettings:

@@ -113,6 +113,7 @@ class Session:
         self.principal = principal
         self._principal_state = principal_state or PrincipalState()
         self._frames = TokenBucket(settings.frames_per_second, settings.frame_burst)
+        self._decode_limits = settings.decode_limits()
         self.settings = settings
         self.registry = registry
         self.hub = hub if hub is not None else StreamHub(settings, self.metrics)
@@ -177,7 +178,7 @@ class Session:
         except ConnectionClosed:
             return False
         try:
-            hello = decode_client_frame(raw)
+            hello = decode_client_frame(raw, self._decode_limits)
             if not isinstance(hello, Hello):
                 raise FrameError(f"expected hello, got {type(hello).__name__.lower()}")
         except FrameError as exc:
@@ -244,7 +245,7 @@ class Session:
         """Answer one frame. The single place where exceptions become ``error`` frames."""
         msg: Any = None
         try:
-            msg = decode_client_frame(raw)
+            msg = decode_client_frame(raw, self._decode_limits)
             if isinstance(msg, Start):
                 await self._start(msg)
             elif isinstance(msg, Cancel):
@@ -293,9 +294,9 @@ class Session:
         if principal.streams >= self.settings.max_streams_per_principal:
             raise TooManyStreams(f"at most {self.settings.max_streams_per_principal} "
                                  "concurrent streams per principal")
+        # Their size and counts were checked by decode_client_frame (DecodeLimits).
         messages = [m.model_dump(exclude_unset=True) for m in msg.messages]
         tools = [t.model_dump(exclude_unset=True) for t in msg.tools] if msg.tools else None
-        self._check_payload_size(messages, tools)
         spec = self.registry.resolve(msg.model)
         params = spec.request_params(msg.params.model_dump(exclude_none=True))
         streamer = self._streamer_factory(spec)
@@ -308,13 +309,6 @@ class Session:
         # control queue first, so started precedes every frame of the stream.
         self._send(frames.started(msg.id, msg.model, stream.key))
         self._register(Attachment(self, stream, msg.id))
-
-    def _check_payload_size(self, messages: list[dict], tools: list[dict] | None) -> None:
-        limit = self.settings.max_messages_bytes
-        size = len(encode_frame({"m": messages, "t": tools}))
-        if size > limit:
-            raise BadRequest(f"messages and tools are {size} bytes; the limit is {limit} "
-                             "(max_messages_bytes)")
 
     def _cancel(self, msg: Cancel) -> None:
         att = self._attachments.get(msg.id)
