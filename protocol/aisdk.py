@@ -39,6 +39,8 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
+from .codec import DecodeLimits, FrameError, parse_json_within
+
 __all__ = [
     "AbortRequest",
     "AiSdkFrameError",
@@ -118,19 +120,21 @@ class AiSdkFrameError(ValueError):
         self.request_id = request_id
 
 
-def decode_request(data: str | bytes, *, max_messages: int = 2000,
+def decode_request(data: str | bytes, limits: DecodeLimits | None = None, *,
                    max_parts: int = 10_000) -> SendRequest | ResumeRequest | AbortRequest:
     """Parse and validate one client frame; raises ``AiSdkFrameError``.
 
-    Counts are checked on the parsed JSON before the models validate it, so an absurd
-    frame costs one orjson parse (bounded by the socket's frame size), not a validation.
+    The same limits as a v1 frame apply before anything is validated (``DecodeLimits``: the
+    count of ``[``/``{``, the nesting depth, the message count; the v1 ``start`` a ``send``
+    becomes is checked again by the relay), so an absurd frame costs one bounded parse.
     """
+    limits = limits or DecodeLimits()
     if not isinstance(data, str):
         raise AiSdkFrameError("binary frames are not accepted; send JSON text frames")
     try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise AiSdkFrameError("frame is not valid JSON") from None
+        obj = parse_json_within(data, limits)
+    except FrameError as exc:
+        raise AiSdkFrameError(exc.message) from None
     if not isinstance(obj, dict):
         raise AiSdkFrameError("frame must be a JSON object")
     raw_request_id = obj.get("requestId")
@@ -143,9 +147,9 @@ def decode_request(data: str | bytes, *, max_messages: int = 2000,
                               request_id)
     messages = obj.get("messages")
     if isinstance(messages, list):
-        if len(messages) > max_messages:
+        if len(messages) > limits.max_messages:
             raise AiSdkFrameError(f"too many messages ({len(messages)}; the limit is "
-                                  f"{max_messages})", request_id)
+                                  f"{limits.max_messages})", request_id)
         parts = sum(len(m["parts"]) for m in messages
                     if isinstance(m, dict) and isinstance(m.get("parts"), list))
         if parts > max_parts:

@@ -46,6 +46,7 @@ from .messages import ALLOWED_PARAMS, ClientMessage, ServerMessage
 
 __all__ = [
     "DecodeLimits", "FrameError", "decode_client_frame", "decode_server_frame", "encode_frame",
+    "parse_json_within", "validate_client_object",
 ]
 
 _CLIENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(ClientMessage)
@@ -124,19 +125,32 @@ def decode_client_frame(data: str | bytes, limits: DecodeLimits = _DEFAULT_LIMIT
     bad input; a frame beyond a limit is refused before validation, naming the limit."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         raise FrameError("binary frames are not accepted; send one JSON object per text frame")
+    with _collector_paused():
+        return validate_client_object(_parse_within(data, limits), limits)
+
+
+def parse_json_within(data: str, limits: DecodeLimits = _DEFAULT_LIMITS) -> Any:
+    """Parse one JSON text frame within ``limits`` (its count of ``[``/``{`` first, then its
+    nesting depth in the same pass as the parse). Raises ``FrameError``. For other protocols
+    on the relay's sockets (protocol.aisdk), which then validate what they parsed."""
+    with _collector_paused():
+        return _parse_within(data, limits)
+
+
+def _parse_within(data: str, limits: DecodeLimits) -> Any:
     containers = data.count("[") + data.count("{")
     if containers > limits.max_json_containers:
         raise FrameError(
             f"frame has {containers} '[' and '{{' characters (strings included); the limit "
             f"is {limits.max_json_containers} (max_json_containers)")
-    with _collector_paused():
-        return _decode(data, containers, limits)
-
-
-def _decode(data: str, containers: int, limits: DecodeLimits) -> Any:
     depth = limits.max_json_depth
     # A frame with no more brackets than max_json_depth cannot be nested deeper.
-    obj = _parse(data, depth) if containers > depth else _loads(data, depth)
+    return _parse(data, depth) if containers > depth else _loads(data, depth)
+
+
+def validate_client_object(obj: Any, limits: DecodeLimits = _DEFAULT_LIMITS) -> Any:
+    """Validate a parsed client frame: its type, then (for ``start``) its size and counts
+    before the models validate it. Raises ``FrameError``."""
     if not isinstance(obj, dict):
         raise FrameError(f"frame must be a JSON object, got {_json_kind(obj)}")
     ftype = obj.get("type")

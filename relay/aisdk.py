@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 
-from protocol import FinishReason, Resume, Start
+from protocol import FinishReason, FrameError, Resume
+from protocol.codec import validate_client_object
 from protocol.aisdk import (
     AbortRequest,
     AiSdkFrameError,
@@ -211,7 +211,7 @@ class AiSdkSession(Session):
         """Answer one AI SDK frame: the single place its exceptions become answers."""
         try:
             request = decode_request(raw if isinstance(raw, str) else b"",
-                                     max_messages=getattr(self.settings, "max_messages", 2000))
+                                     self._decode_limits)
         except AiSdkFrameError as exc:
             self.metrics.errors.labels("bad_request").inc()
             if exc.request_id is None or not isinstance(raw, str):
@@ -256,16 +256,16 @@ class AiSdkSession(Session):
         body = request.body
         try:
             messages = to_chat_messages(request.messages)
-            start = Start.model_validate({
+            # The v1 start it becomes passes the same checks as one sent on /ws: its size
+            # and counts before validation (DecodeLimits), then the models.
+            start = validate_client_object({
                 "type": "start", "id": rid,
                 "model": body.get("model") or self.registry.aliases[0],
                 "messages": messages, "tools": body.get("tools"),
                 "tool_choice": body.get("toolChoice", body.get("tool_choice")),
-                "params": body.get("params") or {}})
-        except ValidationError as exc:
-            err = exc.errors(include_url=False)[0]
-            where = ".".join(str(p) for p in err["loc"]) or "request"
-            self._respond(error_frame(rid, f"Invalid request: {where}: {err['msg']}"))
+                "params": body.get("params") or {}}, self._decode_limits)
+        except FrameError as exc:
+            self._respond(error_frame(rid, f"Invalid request: {exc.message}"))
             return
         except ValueError as exc:
             self._respond(error_frame(rid, f"Invalid messages: {exc}"))

@@ -350,3 +350,22 @@ async def test_same_origin_check_and_connection_limit_as_ws():
             up.enqueue(stream("openai", ["ok"]))
             await first.send(send_frame("r1", "chat", [ui_user("x")], model="oai"))
             assert text_of(chunks(await first.until_done("r1"))) == "ok"
+
+
+async def test_a_send_gets_the_same_decode_limits_as_a_v1_start():
+    """Deep nesting is refused while parsing; the v1 start a send becomes is checked for its
+    size and counts (here max_tools) before validation, like one sent on /ws."""
+    async with relay() as (up, server), ai_client(server) as c:
+        deep = send_frame("r1", "chat", [ui_user("x")], model="oai")
+        deep["metadata"] = json.loads("[" * 40 + "1" + "]" * 40)
+        await c.ws.send(json.dumps(deep))
+        with pytest.raises(ConnectionClosed) as info:     # no requestId could be read
+            await c.until_done("r1")
+        assert info.value.rcvd.code == 1008 and "max_json_depth" in info.value.rcvd.reason
+    async with relay(max_tools=2) as (up, server), ai_client(server) as c:
+        tools = [{"type": "function", "function": {"name": f"t{i}"}} for i in range(3)]
+        await c.send(send_frame("r2", "chat", [ui_user("x")], model="oai", tools=tools))
+        frames = await c.until_done("r2")
+        assert frames == [{"type": "error", "requestId": "r2", "errorText":
+                           "Invalid request: 3 tools; the limit is 2 (max_tools)"}]
+        assert up.requests == []
