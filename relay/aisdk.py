@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,9 @@ AI_SDK_EXAMPLE_ROOT = Path(__file__).resolve().parent.parent / "client_demo" / "
 _POLICY_VIOLATION = 1008
 
 
+_FIRST_PRUNE = 1024
+
+
 @dataclass(frozen=True, slots=True)
 class ChatResponse:
     stream_key: str
@@ -81,8 +84,12 @@ class ChatIndex:
     through the replication of v1 resume). The hub's retention decides how long a response
     stays resumable; an entry whose stream is gone answers ``no-active``."""
 
-    def __init__(self) -> None:
+    def __init__(self, is_live: Callable[[str], bool] = lambda stream_key: True) -> None:
         self._chats: dict[tuple[str, str], ChatResponse] = {}
+        #: Whether a stream is still in the hub (running or retained); entries of streams
+        #: that are gone are pruned, so the index stays as small as the hub.
+        self._is_live = is_live
+        self._prune_at = _FIRST_PRUNE
         #: Set by the server when relays share Redis.
         self.replicator: Replicator | None = None
         self.ttl = 3600.0
@@ -107,6 +114,11 @@ class ChatIndex:
 
     def set(self, principal: str, chat_id: str, response: ChatResponse) -> None:
         self._chats[(principal, chat_id)] = response
+        if len(self._chats) >= self._prune_at:
+            # Amortised O(1) per set: a full pass only each time the index has doubled
+            # since the last one left it.
+            self._chats = {k: v for k, v in self._chats.items() if self._is_live(v.stream_key)}
+            self._prune_at = max(_FIRST_PRUNE, 2 * len(self._chats))
         replicator = self.replicator
         if replicator is not None:
             replicator.spawn(self._publish(replicator, principal, chat_id, response),

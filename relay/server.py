@@ -78,7 +78,7 @@ class RelayServer:
         self.origins: OriginPolicy | None = None  # known once the port is bound
         self.hub = StreamHub(self.settings, self.metrics)
         #: /ai-sdk: the latest response of each (principal, chat id), for resume.
-        self.chats = ChatIndex()
+        self.chats = ChatIndex(is_live=lambda key: self.hub.get(key) is not None)
         self.replicator: Replicator | None = None
         if self.settings.redis_url is not None:
             self.replicator = Replicator(self.settings, self.hub)

@@ -369,3 +369,15 @@ async def test_a_send_gets_the_same_decode_limits_as_a_v1_start():
         assert frames == [{"type": "error", "requestId": "r2", "errorText":
                            "Invalid request: 3 tools; the limit is 2 (max_tools)"}]
         assert up.requests == []
+
+
+def test_the_chat_index_forgets_chats_whose_stream_left_the_hub():
+    from relay.aisdk import ChatIndex, ChatResponse
+
+    live = {"k-live"}
+    index = ChatIndex(is_live=lambda key: key in live)
+    index.set("ip:x", "keep", ChatResponse("k-live", "m"))
+    for i in range(5000):
+        index.set("ip:x", f"gone{i}", ChatResponse(f"k{i}", "m"))
+    assert len(index) < 2100                     # pruned as it grew, not 5001
+    assert index.local("ip:x", "keep") == ChatResponse("k-live", "m")
