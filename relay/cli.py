@@ -28,6 +28,9 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis", dest="redis_url", metavar="URL",
                        help="redis://host:port/db: relays share streams (resume and cancel "
                             "across processes; SIGTERM closes 1012)")
+    serve.add_argument("--redis-owner-ttl", type=float,
+                       help="seconds a relay's heartbeat records live in Redis: a killed "
+                            "relay's streams are stream_lost elsewhere within this + 1 s (6)")
     serve.add_argument("--detach-grace", type=float,
                        help="seconds a disconnected stream stays resumable (15; 0 = off)")
     serve.add_argument("--max-stream-log-bytes", type=int,

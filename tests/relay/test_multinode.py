@@ -183,12 +183,13 @@ async def test_redis_failing_mid_stream_local_streams_finish_and_resumes_get_a_c
     assert any("unavailable" in r.getMessage() for r in caplog.records)
 
 
-async def _spawn_relay(redis_url: str, prefix: str, drain_timeout: float = 30.0):
+async def _spawn_relay(redis_url: str, prefix: str, drain_timeout: float = 30.0,
+                       *extra: str, demo_tps: float = 40):
     env = {**_env(), "RELAY_REDIS_PREFIX": prefix}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "relay", "serve", "--port", "0", "--demo-tps", "40",
+        sys.executable, "-m", "relay", "serve", "--port", "0", "--demo-tps", str(demo_tps),
         "--redis", redis_url, "--detach-grace", "10", "--drain-timeout", str(drain_timeout),
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+        *extra, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
     line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
     match = re.search(r"(ws://\S+/ws)", line)
     assert match, line
@@ -265,3 +266,48 @@ async def test_the_python_client_follows_its_streams_to_the_other_relay_on_a_res
     assert text_stream.finish.status == "completed"
     assert [(t.index, t.name, t.arguments) for t in tool_stream.tool_calls] == \
         [(t.index, t.name, t.arguments) for t in expected_tool]
+
+
+async def _stop(proc) -> None:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_a_resume_of_a_stream_whose_relay_was_killed_gets_stream_lost_within_the_owner_ttl(
+        prefix):
+    """kill -9 of the relay running a stream: a resume on another relay may still get
+    ``resumed`` (the owner's heartbeat key has not expired yet), and then ``stream_lost``
+    within the documented bound: ``--redis-owner-ttl`` + 1 s after the kill (the follower
+    checks the owner key after each empty 1 s read). The detach grace (10 s here) is longer
+    than that bound on purpose: it must not stretch it."""
+    owner_ttl = 2.0
+    bound = owner_ttl + 1.0
+    proc, url = await _spawn_relay(SHARED_REDIS, prefix, 30.0,
+                                   "--redis-owner-ttl", str(owner_ttl), demo_tps=2)
+    try:
+        async with two_relays(SHARED_REDIS, prefix, redis_owner_ttl=owner_ttl) as (b, _):
+            async with Client.connect(url) as ca:
+                await ca.start("q1", messages=MESSAGES)
+                started, before = await _until_tokens(ca, "q1", 1)
+                proc.kill()                      # SIGKILL: no drain, no finish, no cleanup
+                killed_at = asyncio.get_running_loop().time()
+                await proc.wait()
+            async with Client.connect(b.url) as cb:
+                await cb.send({"type": "resume", "stream_key": started["stream_key"],
+                               "after_seq": before[-1]["seq"]})
+                answer = await cb.next_for("q1")
+                if answer["type"] == "resumed":
+                    async with asyncio.timeout(bound + 5):
+                        while answer["type"] != "error":
+                            answer = await cb.next_for("q1")
+                lost_after = asyncio.get_running_loop().time() - killed_at
+            assert (answer["type"], answer["code"]) == ("error", "stream_lost"), answer
+            # A protocol deadline with a generous margin for a loaded machine, not a CPU budget.
+            assert lost_after < bound + 5, lost_after
+    finally:
+        await _stop(proc)
