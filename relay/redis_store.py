@@ -519,6 +519,23 @@ class RedisStore:
             "first_seq", lambda: self._cmd.xrange(self._log_key(key), "-", "+", count=1))
         return _seq_of(entries[0][0]) if entries else None
 
+    # ------------------------------------------------------------------ other modules' keys
+
+    def key(self, name: str) -> str:
+        """``name`` under this store's prefix (for modules keeping their own keys here)."""
+        return f"{self.prefix}{name}"
+
+    def script(self, name: str, source: str) -> Callable[[list[str], list[Any]], Awaitable[Any]]:
+        """A Lua script on the command connections: ``await run(keys, args)`` returns its
+        reply, with this store's contracts (deadline ``op_timeout``, every failure raised as
+        ``StoreUnavailable`` naming ``name``)."""
+        script = self._cmd.register_script(source)
+
+        async def run(keys: list[str], args: list[Any]) -> Any:
+            return await self._run(name, lambda: script(keys=keys, args=args))
+
+        return run
+
     # ------------------------------------------------------------------ attachment
 
     async def set_attached(self, key: str, token: str, *, ttl: float) -> None:

@@ -31,6 +31,7 @@ from .metrics import CONTENT_TYPE_LATEST, RelayMetrics
 from .metrics_http import MetricsHTTPServer
 from .providers import ModelRegistry
 from .session import Session, StreamerFactory
+from .shared_limits import SharedLimits
 
 __all__ = ["RelayServer", "WS_PATH"]
 
@@ -69,9 +70,13 @@ class RelayServer:
                                      self.settings.completion_token_budget_per_hour)
         self.hub = StreamHub(self.settings, self.metrics)
         self.replicator: Replicator | None = None
+        self.shared_limits: SharedLimits | None = None
         if self.settings.redis_url is not None:
             self.replicator = Replicator(self.settings, self.hub)
             self.hub.replicator = self.replicator
+            self.shared_limits = SharedLimits(self.replicator.store, self.replicator.node,
+                                              lease=self.settings.redis_owner_ttl)
+            self.hub.shared_limits = self.shared_limits
         self.auth = Authenticator(self.settings, self.principals)
 
     # ------------------------------------------------------------------ lifecycle
@@ -81,6 +86,8 @@ class RelayServer:
         s = self.settings
         if self.replicator is not None:
             await self.replicator.start()
+        if self.shared_limits is not None:
+            await self.shared_limits.start()
         self._server = await serve(
             self._handler,
             s.host,
@@ -157,6 +164,8 @@ class RelayServer:
         self._server.close(close_connections=True)
         await self._server.wait_closed()
         self._server = None
+        if self.shared_limits is not None:
+            await self.shared_limits.close()     # every stream has ended: last writes
         if self.replicator is not None:
             await self.replicator.close()
         if self._metrics_http is not None:
