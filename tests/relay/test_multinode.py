@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
 import signal
@@ -278,36 +279,54 @@ async def _stop(proc) -> None:
             await proc.wait()
 
 
-async def test_a_resume_of_a_stream_whose_relay_was_killed_gets_stream_lost_within_the_owner_ttl(
+async def test_a_relay_killed_mid_stream_is_stream_lost_on_resume_and_stops_counting_in_time(
         prefix):
-    """kill -9 of the relay running a stream: a resume on another relay may still get
-    ``resumed`` (the owner's heartbeat key has not expired yet), and then ``stream_lost``
-    within the documented bound: ``--redis-owner-ttl`` + 1 s after the kill (the follower
-    checks the owner key after each empty 1 s read). The detach grace (10 s here) is longer
-    than that bound on purpose: it must not stretch it."""
+    """kill -9 of the relay running a stream. (1) A resume on another relay may still get
+    ``resumed`` (the owner's heartbeat key has not expired yet), then ``stream_lost`` within
+    the documented bound: ``--redis-owner-ttl`` + 1 s after the kill (the follower checks the
+    owner key after each empty 1 s read). The detach grace (10 s here) is longer than that
+    bound on purpose: it must not stretch it. (2) The killed relay's stream counted toward
+    the principal's shared stream cap (1) and stops counting within the owner TTL: its lease
+    is no longer refreshed."""
     owner_ttl = 2.0
-    bound = owner_ttl + 1.0
-    proc, url = await _spawn_relay(SHARED_REDIS, prefix, 30.0,
-                                   "--redis-owner-ttl", str(owner_ttl), demo_tps=2)
+    lost_bound = owner_ttl + 1.0
+    loop = asyncio.get_running_loop()
+    proc, url = await _spawn_relay(SHARED_REDIS, prefix, 30.0, "--redis-owner-ttl",
+                                   str(owner_ttl), "--max-streams-per-principal", "1",
+                                   demo_tps=2)
     try:
-        async with two_relays(SHARED_REDIS, prefix, redis_owner_ttl=owner_ttl) as (b, _):
-            async with Client.connect(url) as ca:
+        async with start_relay(redis_url=SHARED_REDIS, redis_prefix=prefix, detach_grace=10,
+                               redis_owner_ttl=owner_ttl, max_streams_per_principal=1,
+                               start_rate_per_minute=6000, start_burst=1000) as b:
+            async with Client.connect(url) as ca, Client.connect(b.url) as cb:
                 await ca.start("q1", messages=MESSAGES)
                 started, before = await _until_tokens(ca, "q1", 1)
+                await cb.start("other")
+                assert (await cb.next_for("other"))["code"] == "too_many_streams"
                 proc.kill()                      # SIGKILL: no drain, no finish, no cleanup
-                killed_at = asyncio.get_running_loop().time()
+                killed_at = loop.time()
                 await proc.wait()
             async with Client.connect(b.url) as cb:
                 await cb.send({"type": "resume", "stream_key": started["stream_key"],
                                "after_seq": before[-1]["seq"]})
                 answer = await cb.next_for("q1")
                 if answer["type"] == "resumed":
-                    async with asyncio.timeout(bound + 5):
+                    async with asyncio.timeout(lost_bound + 5):
                         while answer["type"] != "error":
                             answer = await cb.next_for("q1")
-                lost_after = asyncio.get_running_loop().time() - killed_at
-            assert (answer["type"], answer["code"]) == ("error", "stream_lost"), answer
-            # A protocol deadline with a generous margin for a loaded machine, not a CPU budget.
-            assert lost_after < bound + 5, lost_after
+                lost_after = loop.time() - killed_at
+                assert (answer["type"], answer["code"]) == ("error", "stream_lost"), answer
+                # A protocol deadline with a generous margin for a loaded machine, not a CPU
+                # budget.
+                assert lost_after < lost_bound + 5, lost_after
+                for attempt in itertools.count():
+                    await cb.start(f"s{attempt}", params={"max_tokens": 1})
+                    frame = await cb.next_for(f"s{attempt}")
+                    if frame["type"] == "started":
+                        break
+                    assert frame["code"] == "too_many_streams", frame
+                    assert loop.time() - killed_at < owner_ttl + 5, "the lease did not expire"
+                    await asyncio.sleep(0.2)     # retry pace of a bounded wait
+                assert (await cb.collect(f"s{attempt}"))[-1]["status"] == "completed"
     finally:
         await _stop(proc)
