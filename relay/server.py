@@ -86,8 +86,6 @@ class RelayServer:
         s = self.settings
         if self.replicator is not None:
             await self.replicator.start()
-        if self.shared_limits is not None:
-            await self.shared_limits.start()
         self._server = await serve(
             self._handler,
             s.host,
@@ -101,6 +99,8 @@ class RelayServer:
             compression=None,  # token frames gain little; it would cost ~50 KiB per socket
             server_header="llm-relay",
         )
+        if self.shared_limits is not None:
+            await self.shared_limits.start()     # after serve: close() stops it
         if s.metrics_port is not None:
             self._metrics_http = MetricsHTTPServer(self.metrics, s.host, s.metrics_port)
             try:

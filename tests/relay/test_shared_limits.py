@@ -4,8 +4,10 @@ for the principal across relays; while Redis is down each relay falls back to it
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
+import pytest
 from redis.asyncio import Redis
 
 from relay.auth import mint_token
@@ -174,3 +176,44 @@ async def test_redis_down_each_relay_falls_back_to_its_own_limits_and_warns_once
     assert len({id(r) for r in warnings}) == len(warnings)
     assert any("shared again" in r.getMessage() for r in records)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+async def test_budget_charges_leave_the_window_slot_by_slot(prefix):
+    """The shared sliding window itself, with a 1.2 s window (60 slots of 20 ms) instead of
+    the hour: used up -> refused with a retry_after within the window plus one slot, and
+    admitted again once the charges have left it."""
+    from relay.errors import RateLimited
+    from relay.limits import CompletionBudget
+    from relay.redis_store import RedisStore
+    from relay.shared_limits import SharedLimits
+
+    store = RedisStore(SHARED_REDIS, prefix=prefix)
+    limits = SharedLimits(store, "node-t", lease=5, budget_window=1.2)
+    budget = CompletionBudget(10)
+
+    async def admit():
+        return await limits.admit("p", stream_cap=100, scope="per principal", starts=None,
+                                  budget=budget)
+
+    try:
+        first = await admit()
+        first.charge(4)
+        first.release(10)                 # topped up to the finish's 10
+        await limits.flush()
+        loop = asyncio.get_running_loop()
+        charged_at = loop.time()
+        with pytest.raises(RateLimited) as refused:
+            await admit()
+        assert 0 < refused.value.retry_after <= 1.22
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    (await admit()).release(None)
+                    break
+                except RateLimited:
+                    await asyncio.sleep(0.05)    # retry pace of a bounded wait
+        assert loop.time() - charged_at >= 1.0   # not before (about) the window has passed
+        await limits.flush()
+    finally:
+        await limits.close()
+        await store.close()
