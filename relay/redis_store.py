@@ -236,6 +236,23 @@ class RedisStore:
         except (RedisError, OSError, TimeoutError) as exc:
             raise self._unavailable(what, exc) from exc
 
+    # ------------------------------------------------------------------ other modules' keys
+
+    def key(self, name: str) -> str:
+        """``name`` under this store's prefix (for modules keeping their own keys here)."""
+        return f"{self.prefix}{name}"
+
+    def script(self, name: str, source: str) -> Callable[[list[str], list[Any]], Awaitable[Any]]:
+        """A Lua script on the command connections: ``await run(keys, args)`` returns its
+        reply, with this store's contracts (deadline ``op_timeout``, every failure raised as
+        ``StoreUnavailable`` naming ``name``)."""
+        script = self._cmd.register_script(source)
+
+        async def run(keys: list[str], args: list[Any]) -> Any:
+            return await self._run(name, lambda: script(keys=keys, args=args))
+
+        return run
+
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, on_control: Callable[[dict], None]) -> None:
@@ -518,23 +535,6 @@ class RedisStore:
         entries = await self._run(
             "first_seq", lambda: self._cmd.xrange(self._log_key(key), "-", "+", count=1))
         return _seq_of(entries[0][0]) if entries else None
-
-    # ------------------------------------------------------------------ other modules' keys
-
-    def key(self, name: str) -> str:
-        """``name`` under this store's prefix (for modules keeping their own keys here)."""
-        return f"{self.prefix}{name}"
-
-    def script(self, name: str, source: str) -> Callable[[list[str], list[Any]], Awaitable[Any]]:
-        """A Lua script on the command connections: ``await run(keys, args)`` returns its
-        reply, with this store's contracts (deadline ``op_timeout``, every failure raised as
-        ``StoreUnavailable`` naming ``name``)."""
-        script = self._cmd.register_script(source)
-
-        async def run(keys: list[str], args: list[Any]) -> Any:
-            return await self._run(name, lambda: script(keys=keys, args=args))
-
-        return run
 
     # ------------------------------------------------------------------ attachment
 

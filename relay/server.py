@@ -99,8 +99,6 @@ class RelayServer:
             compression=None,  # token frames gain little; it would cost ~50 KiB per socket
             server_header="llm-relay",
         )
-        if self.shared_limits is not None:
-            await self.shared_limits.start()     # after serve: close() stops it
         if s.metrics_port is not None:
             self._metrics_http = MetricsHTTPServer(self.metrics, s.host, s.metrics_port)
             try:
@@ -109,6 +107,8 @@ class RelayServer:
                 self._metrics_http = None
                 await self.close()
                 raise
+        if self.shared_limits is not None:
+            await self.shared_limits.start()     # listening: close() stops it from now on
 
     @property
     def port(self) -> int:
