@@ -39,6 +39,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="...for this many seconds, then close 4008 (10)")
     serve.add_argument("--send-buffer-bytes", type=int,
                        help="kernel send buffer per connection (default: the OS's)")
+    serve.add_argument("--redis-owner-ttl", type=float,
+                       help="seconds a relay's heartbeat records live in Redis: a killed "
+                            "relay's streams are stream_lost elsewhere within this + 1 s (6)")
     serve.add_argument("--max-streams", type=int, help="concurrent streams per connection (8)")
     serve.add_argument("--max-frame-bytes", type=int, help="inbound frame limit (1048576)")
     serve.add_argument("--hello-timeout", type=float, help="seconds to wait for hello (10)")

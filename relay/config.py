@@ -135,6 +135,9 @@ class RelaySettings(BaseSettings):
                                   "(resume and cancel across processes)")
     redis_prefix: str = Field("llmrelay:", min_length=1)
     redis_max_frames: int = Field(100_000, ge=16, description="frames kept per stream in Redis")
+    redis_owner_ttl: float = Field(6.0, ge=1.0, description="seconds a relay's heartbeat "
+                                   "records live: a killed relay's streams are stream_lost, "
+                                   "and stop counting toward shared limits, within this + 1 s")
     send_buffer_bytes: int | None = Field(None, ge=4096, description="kernel send buffer per "
                                           "connection (SO_SNDBUF); default: the OS's")
     log_level: str = "info"

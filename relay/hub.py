@@ -52,6 +52,7 @@ from .streamlog import FrameLog
 if TYPE_CHECKING:
     from .replication import Replicator
     from .session import Attachment
+    from .shared_limits import SharedLimits, SharedStream
 
 __all__ = ["HubStream", "StreamHub", "finish_frame"]
 
@@ -82,6 +83,8 @@ class HubStream:
     #: Its log is being mirrored to Redis (resumable on other relays).
     replicated: bool = False
     mirror: asyncio.Task | None = None
+    #: Its share of the group's per-principal limits (relays on Redis; relay.shared_limits).
+    shared: SharedStream | None = None
 
     @property
     def running(self) -> bool:
@@ -100,6 +103,8 @@ class StreamHub:
         self.peak_log_bytes = 0
         self._on_stream_end = on_stream_end
         self.replicator: Replicator | None = None
+        #: Set by the server with ``--redis``; ``Session`` admits starts through it.
+        self.shared_limits: SharedLimits | None = None
 
     # ------------------------------------------------------------------ queries
 
@@ -128,17 +133,23 @@ class StreamHub:
 
     def launch(self, *, id: str, alias: str, principal: str, session_id: str,
                principal_state: PrincipalState, streamer: TokenStreamer,
-               request: dict[str, Any]) -> HubStream:
+               request: dict[str, Any], shared: SharedStream | None = None) -> HubStream:
         """Create the stream and its task. ``request`` holds the streamer's ``events()``
-        arguments. The caller attaches a connection before yielding to the loop."""
+        arguments; ``shared``: its admission to the group's limits (charged per streamed
+        chunk, released when it ends). The caller attaches a connection before yielding to
+        the loop."""
         stream = HubStream(
             key=secrets.token_urlsafe(24), id=id, alias=alias, principal=principal,
             session_id=session_id, streamer=streamer, principal_state=principal_state,
-            log=FrameLog(max_bytes=self.settings.max_stream_log_bytes, keep=self.grace > 0))
+            log=FrameLog(max_bytes=self.settings.max_stream_log_bytes, keep=self.grace > 0),
+            shared=shared)
         self._streams[stream.key] = stream
         principal_state.streams += 1
         stream.task = asyncio.create_task(self._produce(stream, request),
                                           name=f"stream {session_id}/{id}")
+        if shared is not None:
+            # Released when the stream ends (_finished); this catches a task that never ran.
+            stream.task.add_done_callback(lambda _: shared.release(None))
         if self.replicator is not None and self.grace > 0:
             self.replicator.mirror(stream)
         return stream
@@ -305,6 +316,9 @@ class StreamHub:
         budget = stream.principal_state.budget
         if budget is not None and stream.end is not _NO_END:
             budget.charge(stream.end.usage.completion_tokens)
+        if stream.shared is not None:
+            stream.shared.release(stream.end.usage.completion_tokens
+                                  if stream.end is not _NO_END else None)
         if self._on_stream_end is not None:
             self._on_stream_end(stream)
         if not stream.log.keep:
@@ -362,6 +376,8 @@ class StreamHub:
                     else:
                         seq -= 1
                         continue
+                    if stream.shared is not None and not isinstance(event, ToolCallDone):
+                        stream.shared.charge(1)    # one per streamed chunk; topped up at the end
                     self._account(stream, log.append(frame, received))
         finally:
             metrics.active_streams.dec()

@@ -9,6 +9,8 @@ Key layout (``P`` = ``prefix``, default ``"llmrelay:"``; ``K`` = the caller's st
 
     P meta:K      hash    principal, alias, node, state ("running" | "finished" | "lost")
     P owner:K     string  node id of the node running the upstream call; its TTL is the heartbeat
+                          (``owner_ttl``, usually shorter than the other keys' ``ttl``, so a
+                          dead owner is noticed quickly while its record stays readable)
     P log:K       stream  entry id "0-<seq>", one field b"f" = frame bytes
     P attached:K  string  token of the connection currently attached to the stream
     P control     pub/sub channel, orjson-encoded dicts
@@ -235,6 +237,23 @@ class RedisStore:
         except (RedisError, OSError, TimeoutError) as exc:
             raise self._unavailable(what, exc) from exc
 
+    # ------------------------------------------------------------------ other modules' keys
+
+    def key(self, name: str) -> str:
+        """``name`` under this store's prefix (for modules keeping their own keys here)."""
+        return f"{self.prefix}{name}"
+
+    def script(self, name: str, source: str) -> Callable[[list[str], list[Any]], Awaitable[Any]]:
+        """A Lua script on the command connections: ``await run(keys, args)`` returns its
+        reply, with this store's contracts (deadline ``op_timeout``, every failure raised as
+        ``StoreUnavailable`` naming ``name``)."""
+        script = self._cmd.register_script(source)
+
+        async def run(keys: list[str], args: list[Any]) -> Any:
+            return await self._run(name, lambda: script(keys=keys, args=args))
+
+        return run
+
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, on_control: Callable[[dict], None]) -> None:
@@ -387,11 +406,13 @@ class RedisStore:
     # ------------------------------------------------------------------ stream records
 
     async def create(self, key: str, *, principal: str, alias: str, node: str, ttl: float,
-                     stream_id: str = "") -> None:
-        """Record a new running stream owned by ``node``: meta hash (state ``running``) and
-        owner key, both expiring after ``ttl``. Replaces any previous meta of ``key`` and
-        deletes any previous log, so a reused key starts from seq 1."""
+                     stream_id: str = "", owner_ttl: float | None = None) -> None:
+        """Record a new running stream owned by ``node``: meta hash (state ``running``)
+        expiring after ``ttl`` and owner key expiring after ``owner_ttl`` (default ``ttl``).
+        Replaces any previous meta of ``key`` and deletes any previous log, so a reused key
+        starts from seq 1."""
         ms = _ms(ttl)
+        owner_ms = ms if owner_ttl is None else _ms(owner_ttl)
         meta = self._meta_key(key)
 
         async def call() -> None:
@@ -401,16 +422,19 @@ class RedisStore:
                                          "node": node, "state": "running",
                                          "stream_id": stream_id})
                 pipe.pexpire(meta, ms)
-                pipe.set(self._owner_key(key), node, px=ms)
+                pipe.set(self._owner_key(key), node, px=owner_ms)
                 await pipe.execute()
 
         await self._run("create", call)
 
-    async def append(self, key: str, frames: list[tuple[int, bytes]], *, ttl: float) -> None:
+    async def append(self, key: str, frames: list[tuple[int, bytes]], *, ttl: float,
+                     owner_ttl: float | None = None) -> None:
         """Append ``(seq, frame)`` pairs (increasing seq) to the log in one MULTI/EXEC, trim
-        it to exactly ``max_frames`` entries, and extend log, meta and owner to ``ttl``.
-        Entries whose seq is not above the log's last seq are skipped (no-op), as is seq 0."""
+        it to exactly ``max_frames`` entries, and extend log and meta to ``ttl``, the owner
+        key to ``owner_ttl`` (default ``ttl``). Entries whose seq is not above the log's last
+        seq are skipped (no-op), as is seq 0."""
         ms = _ms(ttl)
+        owner_ms = ms if owner_ttl is None else _ms(owner_ttl)
         log = self._log_key(key)
 
         async def call() -> list[Any]:
@@ -418,8 +442,9 @@ class RedisStore:
                 for seq, frame in frames:
                     pipe.xadd(log, {b"f": frame}, id=f"0-{int(seq)}",
                               maxlen=self.max_frames, approximate=False)
-                for k in (log, self._meta_key(key), self._owner_key(key)):
-                    pipe.pexpire(k, ms)
+                pipe.pexpire(log, ms)
+                pipe.pexpire(self._meta_key(key), ms)
+                pipe.pexpire(self._owner_key(key), owner_ms)
                 return await pipe.execute(raise_on_error=False)
 
         results = await self._run("append", call)
@@ -461,20 +486,23 @@ class RedisStore:
         n = await self._run("owner_alive", lambda: self._cmd.exists(self._owner_key(key)))
         return n == 1
 
-    async def refresh(self, keys: list[str], *, ttl: float) -> None:
-        """Owner heartbeat: extend meta, log and owner key of each given key to ``ttl`` in
-        one pipeline. Only extends keys that still exist: a key that already expired (or a
-        stream finished or marked lost) is not resurrected. Call it only for keys this node
-        runs."""
+    async def refresh(self, keys: list[str], *, ttl: float,
+                      owner_ttl: float | None = None) -> None:
+        """Owner heartbeat: extend meta and log of each given key to ``ttl`` and its owner
+        key to ``owner_ttl`` (default ``ttl``), in one pipeline. Only extends keys that still
+        exist: a key that already expired (or a stream finished or marked lost) is not
+        resurrected. Call it only for keys this node runs."""
         if not keys:
             return
         ms = _ms(ttl)
+        owner_ms = ms if owner_ttl is None else _ms(owner_ttl)
 
         async def call() -> None:
             async with self._cmd.pipeline(transaction=False) as pipe:
                 for key in keys:
-                    for k in (self._meta_key(key), self._log_key(key), self._owner_key(key)):
-                        pipe.pexpire(k, ms)
+                    pipe.pexpire(self._meta_key(key), ms)
+                    pipe.pexpire(self._log_key(key), ms)
+                    pipe.pexpire(self._owner_key(key), owner_ms)
                 await pipe.execute()
 
         await self._run("refresh", call)

@@ -48,9 +48,11 @@ __all__ = ["Replicator", "StoreUnavailableError"]
 
 logger = logging.getLogger("relay.replication")
 
-# Owner key lifetime; the heartbeat refreshes it three times per period, so a node that
-# dies is noticed by resumers within this many seconds.
-_OWNER_TTL = 6.0
+# A stream's owner key lives ``redis_owner_ttl`` seconds (6 by default) and the owner's
+# heartbeat refreshes it three times per TTL. Its meta and log live ``max(owner_ttl,
+# detach_grace)``: a resume shortly after the owner died still finds the record and gets
+# ``stream_lost``. A follower looks at the owner key after every empty read, so a dead
+# owner is noticed within owner_ttl + _FOLLOW_BLOCK seconds of its death.
 _FOLLOW_BLOCK = 1.0
 _RECORD_WAIT = 0.25
 
@@ -84,6 +86,8 @@ class Replicator:
                                          max_frames=settings.redis_max_frames)
         self.node = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self.grace = settings.detach_grace
+        self.owner_ttl = settings.redis_owner_ttl
+        self.record_ttl = max(self.owner_ttl, self.grace)
         self._tasks: set[asyncio.Task] = set()
         self._heartbeat: asyncio.Task | None = None
         self._attach_tokens: dict[str, str] = {}   # remote key -> our attached token
@@ -124,14 +128,15 @@ class Replicator:
         store = self.store
         log = stream.log
         key = stream.key
-        ttl = max(_OWNER_TTL, self.grace)
+        ttl, owner_ttl = self.record_ttl, self.owner_ttl
         wake = asyncio.Event()
         listener = wake.set
         log.listeners.add(listener)
         cursor = 0
         try:
             await store.create(key, principal=stream.principal, alias=stream.alias,
-                               node=self.node, ttl=ttl, stream_id=stream.id)
+                               node=self.node, ttl=ttl, stream_id=stream.id,
+                               owner_ttl=owner_ttl)
             stream.replicated = True
             while True:
                 if log.trimmed_through > cursor:
@@ -141,7 +146,8 @@ class Replicator:
                     return
                 entries = log.after(cursor, 512)
                 if entries:
-                    await store.append(key, [(e.seq, e.data) for e in entries], ttl=ttl)
+                    await store.append(key, [(e.seq, e.data) for e in entries], ttl=ttl,
+                                       owner_ttl=owner_ttl)
                     cursor = entries[-1].seq
                     continue
                 if log.finished:
@@ -215,7 +221,7 @@ class Replicator:
             if stream.remote:
                 token = secrets.token_hex(8)
                 self._attach_tokens[stream.key] = token
-                await self.store.set_attached(stream.key, token, ttl=_OWNER_TTL)
+                await self.store.set_attached(stream.key, token, ttl=self.owner_ttl)
             await self.store.publish({"op": "takeover", "key": stream.key, "node": self.node})
         except StoreUnavailable as exc:
             self._warn(f"could not announce an attachment: {exc}")
@@ -298,14 +304,15 @@ class Replicator:
 
     async def _beat(self) -> None:
         while True:
-            await asyncio.sleep(_OWNER_TTL / 3)     # a heartbeat period, not a wait for work
+            await asyncio.sleep(self.owner_ttl / 3)  # a heartbeat period, not a wait for work
             owned = [s.key for s in self.hub.streams() if not s.remote and s.running
                      and getattr(s, "replicated", False)]
             try:
                 if owned:
-                    await self.store.refresh(owned, ttl=max(_OWNER_TTL, self.grace))
+                    await self.store.refresh(owned, ttl=self.record_ttl,
+                                             owner_ttl=self.owner_ttl)
                 for key, token in list(self._attach_tokens.items()):
-                    await self.store.set_attached(key, token, ttl=_OWNER_TTL)
+                    await self.store.set_attached(key, token, ttl=self.owner_ttl)
                 if owned or self._attach_tokens:
                     self._warned = False         # Redis answers again: warn on the next outage
             except StoreUnavailable as exc:

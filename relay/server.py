@@ -35,6 +35,7 @@ from .metrics import CONTENT_TYPE_LATEST, RelayMetrics
 from .metrics_http import MetricsHTTPServer
 from .providers import ModelRegistry
 from .session import Session, StreamerFactory
+from .shared_limits import SharedLimits
 
 __all__ = ["RelayServer", "WS_PATH"]
 
@@ -80,11 +81,15 @@ class RelayServer:
         #: /ai-sdk: the latest response of each (principal, chat id), for resume.
         self.chats = ChatIndex(is_live=lambda key: self.hub.get(key) is not None)
         self.replicator: Replicator | None = None
+        self.shared_limits: SharedLimits | None = None
         if self.settings.redis_url is not None:
             self.replicator = Replicator(self.settings, self.hub)
             self.chats.replicator = self.replicator
             self.chats.ttl = (self.settings.total_timeout or 3600.0) + self.settings.detach_grace
             self.hub.replicator = self.replicator
+            self.shared_limits = SharedLimits(self.replicator.store, self.replicator.node,
+                                              lease=self.settings.redis_owner_ttl)
+            self.hub.shared_limits = self.shared_limits
         self.auth = Authenticator(self.settings, self.principals)
 
     # ------------------------------------------------------------------ lifecycle
@@ -120,6 +125,8 @@ class RelayServer:
                 self._metrics_http = None
                 await self.close()
                 raise
+        if self.shared_limits is not None:
+            await self.shared_limits.start()     # listening: close() stops it from now on
 
     @property
     def port(self) -> int:
@@ -175,6 +182,8 @@ class RelayServer:
         self._server.close(close_connections=True)
         await self._server.wait_closed()
         self._server = None
+        if self.shared_limits is not None:
+            await self.shared_limits.close()     # every stream has ended: last writes
         if self.replicator is not None:
             await self.replicator.close()
         if self._metrics_http is not None:

@@ -59,6 +59,7 @@ from .hub import HubStream, StreamHub
 from .limits import PrincipalState, TokenBucket
 from .metrics import RelayMetrics
 from .providers import ModelRegistry, ModelSpec
+from .shared_limits import SharedStream
 from .streamer import TokenStreamer
 from .streamlog import LogEntry, coalesce
 
@@ -300,11 +301,12 @@ class Session:
         spec = self.registry.resolve(msg.model)
         params = spec.request_params(msg.params.model_dump(exclude_none=True))
         streamer = self._streamer_factory(spec)
+        shared = await self._admit_shared()
         stream = self.hub.launch(
             id=msg.id, alias=msg.model, principal=self.principal,
             session_id=self.session_id, principal_state=principal, streamer=streamer,
             request={"messages": messages, "tools": tools, "tool_choice": msg.tool_choice,
-                     **params})
+                     **params}, shared=shared)
         # started is queued before the stream's task first runs, and the writer sends the
         # control queue first, so started precedes every frame of the stream.
         self._send(frames.started(msg.id, msg.model, stream.key))
@@ -448,6 +450,22 @@ class Session:
                 raise RateLimited(f"completion token budget of {budget.limit} per hour used up",
                                   retry_after=wait)
         return True
+
+    async def _admit_shared(self) -> SharedStream | None:
+        """With relays on Redis, the last check of a ``start``: the principal's stream cap
+        (the setting, lowered by a token's ``max_streams``), start rate and token budget
+        across every relay of the group (relay.shared_limits; raises its refusal). None
+        without Redis."""
+        shared = self.hub.shared_limits
+        if shared is None:
+            return None
+        cap, scope = self.settings.max_streams_per_principal, "per principal"
+        claim = self.credentials.max_streams if self.credentials is not None else None
+        if claim is not None and claim <= cap:
+            cap, scope = claim, "for this token"
+        state = self._principal_state
+        return await shared.admit(self.principal, stream_cap=cap, scope=scope,
+                                  starts=state.starts, budget=state.budget)
 
     def _close_when_expired(self) -> None:
         if self._expiry_close is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
 import signal
@@ -233,12 +234,13 @@ async def test_redis_failing_mid_stream_local_streams_finish_and_resumes_get_a_c
     assert any("unavailable" in r.getMessage() for r in caplog.records)
 
 
-async def _spawn_relay(redis_url: str, prefix: str, drain_timeout: float = 30.0):
+async def _spawn_relay(redis_url: str, prefix: str, drain_timeout: float = 30.0,
+                       *extra: str, demo_tps: float = 40):
     env = {**_env(), "RELAY_REDIS_PREFIX": prefix}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "relay", "serve", "--port", "0", "--demo-tps", "40",
+        sys.executable, "-m", "relay", "serve", "--port", "0", "--demo-tps", str(demo_tps),
         "--redis", redis_url, "--detach-grace", "10", "--drain-timeout", str(drain_timeout),
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+        *extra, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
     line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
     match = re.search(r"(ws://\S+/ws)", line)
     assert match, line
@@ -315,3 +317,66 @@ async def test_the_python_client_follows_its_streams_to_the_other_relay_on_a_res
     assert text_stream.finish.status == "completed"
     assert [(t.index, t.name, t.arguments) for t in tool_stream.tool_calls] == \
         [(t.index, t.name, t.arguments) for t in expected_tool]
+
+
+async def _stop(proc) -> None:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_a_relay_killed_mid_stream_is_stream_lost_on_resume_and_stops_counting_in_time(
+        prefix):
+    """kill -9 of the relay running a stream. (1) A resume on another relay may still get
+    ``resumed`` (the owner's heartbeat key has not expired yet), then ``stream_lost`` within
+    the documented bound: ``--redis-owner-ttl`` + 1 s after the kill (the follower checks the
+    owner key after each empty 1 s read). The detach grace (10 s here) is longer than that
+    bound on purpose: it must not stretch it. (2) The killed relay's stream counted toward
+    the principal's shared stream cap (1) and stops counting within the owner TTL: its lease
+    is no longer refreshed."""
+    owner_ttl = 2.0
+    lost_bound = owner_ttl + 1.0
+    loop = asyncio.get_running_loop()
+    proc, url = await _spawn_relay(SHARED_REDIS, prefix, 30.0, "--redis-owner-ttl",
+                                   str(owner_ttl), "--max-streams-per-principal", "1",
+                                   demo_tps=2)
+    try:
+        async with start_relay(redis_url=SHARED_REDIS, redis_prefix=prefix, detach_grace=10,
+                               redis_owner_ttl=owner_ttl, max_streams_per_principal=1,
+                               start_rate_per_minute=6000, start_burst=1000) as b:
+            async with Client.connect(url) as ca, Client.connect(b.url) as cb:
+                await ca.start("q1", messages=MESSAGES)
+                started, before = await _until_tokens(ca, "q1", 1)
+                await cb.start("other")
+                assert (await cb.next_for("other"))["code"] == "too_many_streams"
+                proc.kill()                      # SIGKILL: no drain, no finish, no cleanup
+                killed_at = loop.time()
+                await proc.wait()
+            async with Client.connect(b.url) as cb:
+                await cb.send({"type": "resume", "stream_key": started["stream_key"],
+                               "after_seq": before[-1]["seq"]})
+                answer = await cb.next_for("q1")
+                if answer["type"] == "resumed":
+                    async with asyncio.timeout(lost_bound + 5):
+                        while answer["type"] != "error":
+                            answer = await cb.next_for("q1")
+                lost_after = loop.time() - killed_at
+                assert (answer["type"], answer["code"]) == ("error", "stream_lost"), answer
+                # A protocol deadline with a generous margin for a loaded machine, not a CPU
+                # budget.
+                assert lost_after < lost_bound + 5, lost_after
+                for attempt in itertools.count():
+                    await cb.start(f"s{attempt}", params={"max_tokens": 1})
+                    frame = await cb.next_for(f"s{attempt}")
+                    if frame["type"] == "started":
+                        break
+                    assert frame["code"] == "too_many_streams", frame
+                    assert loop.time() - killed_at < owner_ttl + 5, "the lease did not expire"
+                    await asyncio.sleep(0.2)     # retry pace of a bounded wait
+                assert (await cb.collect(f"s{attempt}"))[-1]["status"] == "completed"
+    finally:
+        await _stop(proc)

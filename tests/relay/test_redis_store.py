@@ -117,13 +117,15 @@ def test_public_api_is_pinned() -> None:
         "start": "(self, on_control: 'Callable[[dict], None]') -> 'None'",
         "close": "(self) -> 'None'",
         "create": "(self, key: 'str', *, principal: 'str', alias: 'str', node: 'str', "
-                  "ttl: 'float', stream_id: 'str' = '') -> 'None'",
-        "append": "(self, key: 'str', frames: 'list[tuple[int, bytes]]', *, ttl: 'float') -> 'None'",
+                  "ttl: 'float', stream_id: 'str' = '', owner_ttl: 'float | None' = None) -> 'None'",
+        "append": "(self, key: 'str', frames: 'list[tuple[int, bytes]]', *, ttl: 'float', "
+                  "owner_ttl: 'float | None' = None) -> 'None'",
         "finish": "(self, key: 'str', *, ttl: 'float') -> 'None'",
         "mark_lost": "(self, key: 'str', *, ttl: 'float') -> 'None'",
         "meta": "(self, key: 'str') -> 'StreamMeta | None'",
         "owner_alive": "(self, key: 'str') -> 'bool'",
-        "refresh": "(self, keys: 'list[str]', *, ttl: 'float') -> 'None'",
+        "refresh": "(self, keys: 'list[str]', *, ttl: 'float', "
+                   "owner_ttl: 'float | None' = None) -> 'None'",
         "read": "(self, key: 'str', after_seq: 'int', *, block: 'float', count: 'int' = 512) "
                 "-> 'list[tuple[int, bytes]]'",
         "first_seq": "(self, key: 'str') -> 'int | None'",
@@ -283,6 +285,23 @@ async def test_refresh_extends_running_keys_and_resurrects_nothing(store: RedisS
     assert not await store.owner_alive("done")
     assert not await raw.exists(f"{prefix}meta:never", f"{prefix}log:never", f"{prefix}owner:never")
     await store.refresh([], ttl=60)
+
+
+async def test_the_owner_key_has_its_own_shorter_ttl(store: RedisStore, raw: Redis,
+                                                     prefix: str) -> None:
+    """The owner key is the heartbeat (a dead owner must be noticed within its TTL); meta and
+    log live longer, so a resume after the owner's death still finds the record."""
+    await store.create("s", principal="p", alias="x", node="n", ttl=60, owner_ttl=5)
+    owner, meta = f"{prefix}owner:s", f"{prefix}meta:s"
+    assert 4_000 < await raw.pttl(owner) <= 5_000 and 59_000 < await raw.pttl(meta) <= 60_000
+    await store.append("s", [(1, b"f")], ttl=50, owner_ttl=4)
+    assert 3_000 < await raw.pttl(owner) <= 4_000
+    for kind in ("meta", "log"):
+        assert 49_000 < await raw.pttl(f"{prefix}{kind}:s") <= 50_000
+    await store.refresh(["s"], ttl=40, owner_ttl=3)
+    assert 2_000 < await raw.pttl(owner) <= 3_000
+    for kind in ("meta", "log"):
+        assert 39_000 < await raw.pttl(f"{prefix}{kind}:s") <= 40_000
 
 
 async def test_attached_set_get_and_compare_and_clear(store: RedisStore) -> None:
