@@ -2,7 +2,8 @@
 
     python client_demo/chat.py --model demo [--url ws://127.0.0.1:8765/ws] [--token TOKEN]
 
-(``--token`` defaults to the environment variable ``RELAY_TOKEN``.) A relay that is not
+(``--url`` and ``--token`` default to the environment variables ``RELAY_URL`` and
+``RELAY_TOKEN``.) A relay that is not
 running, refuses the token or is not a relay at all gets one line and exit status 1.
 
 Type a line, the answer streams back; the conversation history is kept. Ctrl-C during an
@@ -136,7 +137,9 @@ async def chat(url: str, model: str, token: str | None = None) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="llm-relay terminal chat")
-    parser.add_argument("--url", default="ws://127.0.0.1:8765/ws")
+    parser.add_argument("--url", default=os.environ.get("RELAY_URL") or "ws://127.0.0.1:8765/ws",
+                        help="the relay's WebSocket URL (default: env RELAY_URL, else "
+                        "ws://127.0.0.1:8765/ws)")
     parser.add_argument("--model", default="demo")
     parser.add_argument("--token", default=os.environ.get("RELAY_TOKEN") or None,
                         help="API key or signed token, when the relay requires one "

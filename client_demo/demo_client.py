@@ -1,7 +1,8 @@
 """Minimal llm-relay.v1 client: sends one prompt and prints the answer as it streams.
 
     python client_demo/demo_client.py "hello there" [--url ws://127.0.0.1:8765/ws] [--model demo]
-                                      [--token TOKEN]        (or the environment: RELAY_TOKEN)
+                                      [--token TOKEN]
+    (defaults from the environment: RELAY_URL for --url, RELAY_TOKEN for --token)
 
 Unknown frame types are ignored, as the protocol requires of clients. When the relay cannot
 be reached or refuses the connection (no relay running, a token required or refused), it
@@ -85,7 +86,9 @@ def describe_failure(exc: BaseException, url: str) -> str | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description="llm-relay demo client")
     parser.add_argument("prompt", nargs="?", default="Tell me about llm-relay")
-    parser.add_argument("--url", default="ws://127.0.0.1:8765/ws")
+    parser.add_argument("--url", default=os.environ.get("RELAY_URL") or "ws://127.0.0.1:8765/ws",
+                        help="the relay's WebSocket URL (default: env RELAY_URL, else "
+                        "ws://127.0.0.1:8765/ws)")
     parser.add_argument("--model", default="demo")
     parser.add_argument("--token", default=os.environ.get("RELAY_TOKEN") or None,
                         help="API key or signed token, when the relay requires one "

@@ -109,10 +109,13 @@ export class MarkdownView {
     this._pending = false;
   }
 
-  /** Show `text` (the answer so far; it only ever grows). Rendered on the next frame. */
+  /** Show `text`: the answer so far, which only ever grows (a shorter text starts over).
+   *  Rendered by the next `schedule` callback (the next animation frame by default). */
   update(text) {
-    if (text === this.text) return;
-    if (!text.startsWith(this.text)) this._reset();
+    // Only lengths are compared: a startsWith() per token would copy the whole text (V8
+    // flattens a string built by +=), which is the O(n^2) this module exists to avoid.
+    if (text.length === this.text.length) return;
+    if (text.length < this.text.length) this._reset();
     this.text = text;
     if (!this._pending) {
       this._pending = true;
