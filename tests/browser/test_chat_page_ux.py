@@ -250,10 +250,9 @@ async def test_follows_the_answer_until_the_reader_scrolls_up_then_offers_jump_t
                 && m.scrollHeight - m.scrollTop - m.clientHeight <= 4; }""")
         assert await page.is_hidden("#jump-latest")
         # The reader scrolls up: the page stops following and offers the jump.
-        box = await page.query_selector("#answers")
-        bounds = await box.bounding_box()
-        await page.mouse.move(bounds["x"] + bounds["width"] / 2, bounds["y"] + 100)
-        await page.mouse.wheel(0, -600)
+        # (An instant scroll, as a wheel or a scrollbar drag would end: a smooth wheel
+        # animation could still be moving when the position is read below.)
+        await page.evaluate("() => document.getElementById('answers').scrollBy(0, -600)")
         await page.wait_for_selector("#jump-latest", state="visible")
         top = await page.evaluate("() => document.getElementById('answers').scrollTop")
         length = await page.evaluate("() => document.querySelector('.answer').relayStream.text.length")
@@ -283,11 +282,14 @@ async def test_follows_the_answer_until_the_reader_scrolls_up_then_offers_jump_t
 # ---------------------------------------------------------------------- composer
 
 
+LONG = " ".join(f"w{i}" for i in range(80))  # long replies: they are still streaming below
+
+
 async def test_send_becomes_stop_and_enter_starts_no_second_answer_unless_comparing(page):
     async with start_relay(demo_tps=20) as server:
         await open_chat(page, server)
         assert await page.is_visible("#send") and await page.is_hidden("#stop")
-        await send(page, "first question")
+        await send(page, f"first question {LONG}")
         await page.wait_for_selector('.answer-status[data-status="streaming"]')
         assert await page.is_hidden("#send") and await page.is_visible("#stop")
         # Enter while an answer streams: nothing is sent, the typed text stays.
@@ -303,10 +305,10 @@ async def test_send_becomes_stop_and_enter_starts_no_second_answer_unless_compar
         await wait_completed(page)
         # With Compare on, Enter may start another answer while one streams.
         await page.check("#compare")
-        await send(page, "compare one")
+        await send(page, f"compare one {LONG}")
         await page.wait_for_selector('.turn:nth-of-type(3) .answer-status[data-status="streaming"]')
         assert await page.is_visible("#send") and await page.is_visible("#stop")
-        await page.fill("#prompt", "compare two")
+        await page.fill("#prompt", f"compare two {LONG}")
         await page.press("#prompt", "Enter")
         await page.wait_for_function("() => document.querySelectorAll('.turn').length === 4")
         await page.click("#stop")
@@ -365,8 +367,11 @@ async def test_connection_lost_and_relay_restarted_are_said_in_words_with_codes_
         await page.evaluate(WATCH_MESSAGES)
         await send(page, "please keep streaming while the relay restarts under this page")
         await wait_seqs(page, 5)
-        await drop_all(server, "abort")  # the page sees 1006
-        await server.close()  # ... and the relay that held the stream is gone
+        # The relay refuses new upgrades (503) from here on, so the page cannot reconnect
+        # to it before it is gone, then drops the page (1006) and shuts down.
+        server.draining = True
+        await drop_all(server, "abort")
+        await server.close()
     async with start_relay(port=port, detach_grace=5, demo_tps=30):
         await page.wait_for_selector('.answer-status[data-status="error"]')
         await page.wait_for_selector('#conn-state[data-state="open"]')
