@@ -19,7 +19,7 @@ from relay.llm import set_demo_tps
 from relay.providers import ModelRegistry, demo_spec
 from relay.streamer import Timeouts
 
-from ..fakes.upstream import FakeUpstream, openai_stream
+from ..fakes.upstream import FakeUpstream, http_error, openai_stream
 from ..relay.helpers import start_relay
 from .test_chat_page import PANES, RECORD_SENT, open_chat, page_url, send
 from .test_resume_and_auth import drop_all, wait_seqs
@@ -384,6 +384,31 @@ async def test_connection_lost_and_relay_restarted_are_said_in_words_with_codes_
                               "partial answer kept.")
     assert pane["error"] == "unknown_stream" and "unknown_stream" in pane["meta"]
     assert pane["text"] and pane["raw"].startswith(pane["text"].strip())
+
+
+async def test_refused_and_failed_answers_are_explained_with_the_code_in_details(page):
+    """A start the relay refuses (too many streams on the connection, here with Compare on
+    and max_streams 1) and a provider failure (429) each say what happened in words."""
+    async with relay_with_writer(max_streams=1, demo_tps=20) as (up, server):
+        up.enqueue(http_error("openai", 429, retry_after=7))
+        await open_chat(page, server)
+        await page.check("#compare")
+        await page.select_option("#model2", "writer")
+        await send(page, f"two at once {LONG}")
+        await page.wait_for_selector('.answer-status[data-error="too_many_streams"]')
+        await page.click("#stop")
+        await page.wait_for_selector('.answer-status[data-status="cancelled"]')
+        await page.uncheck("#compare")
+        await page.select_option("#model", "writer")
+        await send(page, "provider says no")
+        await page.wait_for_selector('.turn:nth-of-type(2) .answer-status[data-status="failed"]')
+        panes = await page.evaluate(PANES)
+    cancelled, refused, failed = panes  # A runs, B (the second start) is refused
+    assert refused["notice"] == "Too many answers at once: wait for one to finish, then try again."
+    assert "too_many_streams" in refused["meta"] and refused["status"] == "error"
+    assert cancelled["notice"] == "" and "reason: client_cancel" in cancelled["meta"]
+    assert failed["notice"] == "The model provider is rate limiting the relay: try again later."
+    assert "error: upstream_rate_limited" in failed["meta"]
 
 
 async def test_token_field_only_when_the_relay_requires_one(page):
