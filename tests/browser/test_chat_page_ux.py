@@ -57,9 +57,9 @@ def chunks(text: str, size: int = 4) -> list[str]:
 
 @contextlib.asynccontextmanager
 async def relay_with_writer(**settings):
-    """A relay serving `demo` (as fast as it can) and `writer`, a fake OpenAI upstream
-    (enqueue its scripts on `up`)."""
-    set_demo_tps(0)
+    """A relay serving `demo` (at `demo_tps`, default as fast as it can) and `writer`, a
+    fake OpenAI upstream (enqueue its scripts on `up`)."""
+    set_demo_tps(settings.get("demo_tps", 0))  # a given registry skips build_registry's
     async with FakeUpstream() as up:
         registry = ModelRegistry([demo_spec(), *load_models({"models": {
             "writer": {"model": "openai/gpt-writer", "api_base": up.openai_base}}},
@@ -393,8 +393,7 @@ async def test_refused_and_failed_answers_are_explained_with_the_code_in_details
         up.enqueue(http_error("openai", 429, retry_after=7))
         await open_chat(page, server)
         await page.check("#compare")
-        await page.select_option("#model2", "writer")
-        await send(page, f"two at once {LONG}")
+        await send(page, f"two at once {LONG}")  # demo twice: the second start is refused
         await page.wait_for_selector('.answer-status[data-error="too_many_streams"]')
         await page.click("#stop")
         await page.wait_for_selector('.answer-status[data-status="cancelled"]')
