@@ -43,12 +43,14 @@ async def test_a_model_string_without_provider_fails_naming_the_right_form():
 async def test_every_final_reason_is_a_plain_string():
     cancelled = TokenStreamer("demo")
     cancelled.cancel()
-    async with FakeUpstream() as up:
-        up.enqueue(openai_stream(["a"]).silent_after(0))
-        timed_out = TokenStreamer("openai/gpt-x", api_key="k", base_url=up.openai_base,
-                                  timeouts=Timeouts(first_token=0.2, idle=0.2, total=5))
-        up.enqueue(openai_stream(["a", "b"]).cut_after(1))
-        failed = TokenStreamer("openai/gpt-x", api_key="k", base_url=up.openai_base)
+    # One fake upstream each: a timeout that fires before its request is even sent (a
+    # loaded machine) must not leave its script to the next stream.
+    async with FakeUpstream() as silent, FakeUpstream() as cut:
+        silent.enqueue(openai_stream(["a"]).silent_after(0))
+        timed_out = TokenStreamer("openai/gpt-x", api_key="k", base_url=silent.openai_base,
+                                  timeouts=Timeouts(first_token=0.5, idle=0.5, total=5))
+        cut.enqueue(openai_stream(["a", "b"]).cut_after(1))
+        failed = TokenStreamer("openai/gpt-x", api_key="k", base_url=cut.openai_base)
         ends = {"cancelled": await _end(cancelled), "timeout": await _end(timed_out),
                 "failed": await _end(failed)}
     for status, end in ends.items():
