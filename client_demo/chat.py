@@ -1,6 +1,10 @@
 """Terminal chat over llm-relay, built on ``relay.client.RelayClient``.
 
-    python client_demo/chat.py --model demo [--url ws://127.0.0.1:8765/ws]
+    python client_demo/chat.py --model demo [--url ws://127.0.0.1:8765/ws] [--token TOKEN]
+
+(``--url`` and ``--token`` default to the environment variables ``RELAY_URL`` and
+``RELAY_TOKEN``.) A relay that is not
+running, refuses the token or is not a relay at all gets one line and exit status 1.
 
 Type a line, the answer streams back; the conversation history is kept. Ctrl-C during an
 answer cancels that answer (the partial answer stays in the history); Ctrl-C or EOF
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -23,12 +28,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from websockets.exceptions import InvalidHandshake, InvalidURI  # noqa: E402
+
 from relay.client import (  # noqa: E402
     ConnectionLost,
+    HandshakeFailed,
     RelayClient,
     RelayClientError,
     RelayStream,
 )
+
+
+def describe_connect_failure(exc: BaseException, url: str) -> str:
+    """One line for a first connect that failed (the client does not retry it)."""
+    if isinstance(exc, HandshakeFailed) and exc.close_code == 4401:
+        reason = exc.message.removeprefix("connection closed during handshake: ")
+        return (f"the relay at {url} requires a valid token ({reason}): pass --token TOKEN "
+                "or set RELAY_TOKEN")
+    if isinstance(exc, HandshakeFailed):
+        return f"the relay at {url} refused the connection ({exc})"
+    if isinstance(exc, InvalidURI):
+        return f"not a WebSocket URL: {url} (expected ws://host:port/ws)"
+    if isinstance(exc, InvalidHandshake):  # e.g. an HTTP server that is not a relay
+        return f"{url} did not accept the WebSocket connection ({exc}); is it an llm-relay?"
+    return (f"no relay reachable at {url} ({getattr(exc, 'strerror', None) or exc}); "
+            "is it running? Start one with `relay serve`")
 
 
 async def chat(url: str, model: str, token: str | None = None) -> int:
@@ -48,7 +72,13 @@ async def chat(url: str, model: str, token: str | None = None) -> int:
     history: list[dict[str, str]] = []
     interrupted = False
     try:
-        async with RelayClient(url, token=token, client_name="chat.py") as client:
+        try:
+            client = await RelayClient(url, token=token, client_name="chat.py").connect()
+        except (OSError, HandshakeFailed, InvalidHandshake, InvalidURI) as exc:
+            print(f"chat: {describe_connect_failure(exc, url)}", file=sys.stderr)
+            return 1
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(client.close)
             print(f"connected; models: {', '.join(client.models)}", flush=True)
             while True:
                 task = loop.create_task(asyncio.to_thread(input, "> "))
@@ -107,9 +137,13 @@ async def chat(url: str, model: str, token: str | None = None) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="llm-relay terminal chat")
-    parser.add_argument("--url", default="ws://127.0.0.1:8765/ws")
+    parser.add_argument("--url", default=os.environ.get("RELAY_URL") or "ws://127.0.0.1:8765/ws",
+                        help="the relay's WebSocket URL (default: env RELAY_URL, else "
+                        "ws://127.0.0.1:8765/ws)")
     parser.add_argument("--model", default="demo")
-    parser.add_argument("--token", default=None)
+    parser.add_argument("--token", default=os.environ.get("RELAY_TOKEN") or None,
+                        help="API key or signed token, when the relay requires one "
+                        "(default: env RELAY_TOKEN)")
     args = parser.parse_args()
     return asyncio.run(chat(args.url, args.model, args.token))
 

@@ -28,6 +28,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis", dest="redis_url", metavar="URL",
                        help="redis://host:port/db: relays share streams (resume and cancel "
                             "across processes; SIGTERM closes 1012)")
+    serve.add_argument("--redis-max-frames", type=int,
+                       help="frames kept per stream in Redis (100000)")
     serve.add_argument("--detach-grace", type=float,
                        help="seconds a disconnected stream stays resumable (15; 0 = off)")
     serve.add_argument("--max-stream-log-bytes", type=int,
@@ -172,6 +174,30 @@ def _serve(args: argparse.Namespace) -> int:
     return asyncio.run(_run(settings, registry))
 
 
+def _bind_failure_message(exc: OSError, settings) -> str:
+    """One line saying which address could not be bound and what to do (no traceback).
+    asyncio names the address it failed on ("... on address ('host', port): ..."); the main
+    port is the fallback when it does not."""
+    import errno
+    import re
+
+    found = re.search(r"\('([^']*)', (\d+)", str(exc))
+    host, port = (found.group(1), int(found.group(2))) if found else (settings.host,
+                                                                      settings.port)
+    flag = "--metrics-port" if port == settings.metrics_port and port != settings.port \
+        else "--port"
+    if exc.errno == errno.EADDRINUSE:
+        return (f"relay: port {port} on {host} is already in use (another relay?): stop "
+                f"that process, or pick another port with {flag} N (0 = any free port)")
+    if exc.errno == errno.EACCES:
+        return (f"relay: not allowed to listen on port {port} on {host} (ports below 1024 "
+                f"need privileges): pick another port with {flag} N")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"relay: cannot listen on {host}: not an address of this machine; "
+                "pick another with --host")
+    return f"relay: cannot listen on {host}:{port}: {exc.strerror or exc}"
+
+
 async def _run(settings, registry) -> int:
     from .redis_store import StoreUnavailable
     from .server import RelayServer
@@ -186,6 +212,10 @@ async def _run(settings, registry) -> int:
     except StoreUnavailable as exc:
         print(f"relay: cannot use Redis: {exc}", file=sys.stderr)
         await server.close()
+        return 2
+    except OSError as exc:  # the port is taken, or the host is not ours to bind
+        await server.close()
+        print(_bind_failure_message(exc, settings), file=sys.stderr)
         return 2
     try:
         print(f"llm-relay listening on {server.url} (protocol llm-relay.v1); "

@@ -15,9 +15,12 @@ import os
 import threading
 from typing import Any
 
-__all__ = ["DEMO_PROVIDER", "acompletion", "get_litellm", "set_demo_tps"]
+__all__ = ["DEMO_MODEL", "DEMO_PROVIDER", "acompletion", "get_litellm", "set_demo_tps"]
 
 DEMO_PROVIDER = "llm-relay-demo"
+# The embedded demo model's LiteLLM model string. Library users may just say "demo"
+# (TokenStreamer and the TOML config translate it).
+DEMO_MODEL = f"{DEMO_PROVIDER}/demo"
 
 _lock = threading.Lock()
 _litellm: Any = None

@@ -38,6 +38,7 @@ from typing import Any
 
 from protocol import ErrorCode, FinishReason, FinishStatus
 
+from .llm import DEMO_MODEL
 from .upstream_errors import UpstreamFailure, classify_upstream_exception
 
 __all__ = [
@@ -180,6 +181,9 @@ def _default_completion() -> CompletionFn:
 class TokenStreamer:
     """Streams one completion at a time from ``model`` through LiteLLM.
 
+    ``model`` is a LiteLLM model string (``"openai/gpt-4o-mini"``), or ``"demo"`` for the
+    embedded demo model (no key, no network). A string LiteLLM cannot route ends the stream
+    ``failed``/``bad_request`` with a message saying how to name the model.
     ``completion`` (keyword) injects the ``acompletion``-compatible callable; tests pass a
     scripted one. ``completion_kwargs`` are extra server-side LiteLLM arguments (never from
     a client). ``on_token`` is called with a ``TokenChunk`` for every text delta.
@@ -197,7 +201,7 @@ class TokenStreamer:
         completion_kwargs: dict[str, Any] | None = None,
         retries_before_first_token: int = 0,
     ) -> None:
-        self.model = model
+        self.model = DEMO_MODEL if model == "demo" else model
         self.api_key = api_key
         self.base_url = base_url
         self.on_token = on_token
@@ -426,7 +430,7 @@ class TokenStreamer:
         except _Interrupted:
             end = StreamEnd(
                 FinishStatus.CANCELLED,
-                self._cancel_reason or FinishReason.CLIENT_CANCEL,
+                self._cancel_reason or str(FinishReason.CLIENT_CANCEL),
                 self._estimate(kwargs, text_parts, other_parts),
             )
         except TimeoutError:
@@ -450,7 +454,7 @@ class TokenStreamer:
                            failure.code, type(exc).__name__)
             end = StreamEnd(
                 FinishStatus.FAILED,
-                failure.code,
+                str(failure.code),  # a plain string, like the completed reasons
                 self._estimate(kwargs, text_parts, other_parts),
                 failure,
             )

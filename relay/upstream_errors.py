@@ -8,7 +8,9 @@ here are fixed sentences, so a key echoed in an upstream error body can never le
                                     any other provider failure
             upstream_rate_limited   429 (retry_after: seconds, when the provider says)
             upstream_timeout        a transport timeout inside LiteLLM/httpx
-            bad_request             the provider rejected the request itself (400/404/422)
+            bad_request             the provider rejected the request itself (400/404/422),
+                                    or LiteLLM cannot tell which provider serves the model
+                                    string (the message says how to write one)
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from dataclasses import dataclass
 
 from protocol import ErrorCode
 
-__all__ = ["UpstreamFailure", "classify_upstream_exception"]
+__all__ = ["UNROUTABLE_MODEL_MESSAGE", "UpstreamFailure", "classify_upstream_exception"]
+
+UNROUTABLE_MODEL_MESSAGE = (
+    "LiteLLM cannot tell which provider serves this model: write it as 'provider/model' "
+    "(e.g. 'openai/gpt-4o-mini', 'anthropic/claude-sonnet-4-5'), or use 'demo' for the "
+    "built-in demo model"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +35,11 @@ class UpstreamFailure:
     code: str
     message: str
     retry_after: float | None = None
+
+    def __post_init__(self) -> None:
+        # A plain ``str`` (not the ErrorCode member): reasons and error codes read the same
+        # in library use (``repr``, ``==``, JSON) whichever path produced them.
+        object.__setattr__(self, "code", str(self.code))
 
     def as_error(self) -> dict:
         out: dict = {"code": self.code, "message": self.message}
@@ -43,6 +56,9 @@ def classify_upstream_exception(exc: BaseException) -> UpstreamFailure:
                                "the provider's stream ended before it finished")
     status = _status_code(exc)
     name = type(exc).__name__
+    if name == "BadRequestError" and "LLM Provider NOT provided" in str(exc):
+        # LiteLLM refuses a model string without a provider before any request is made.
+        return UpstreamFailure(ErrorCode.BAD_REQUEST, UNROUTABLE_MODEL_MESSAGE)
     if status in (401, 403) or name in ("AuthenticationError", "PermissionDeniedError"):
         return UpstreamFailure(
             ErrorCode.UPSTREAM_ERROR,

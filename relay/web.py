@@ -13,7 +13,8 @@ not one of its own routes. The rules, each one tested (``tests/relay/test_web.py
   small; an edited file shows up on reload), ``X-Content-Type-Options: nosniff`` and a
   Content-Security-Policy that allows only the relay's own scripts and styles.
 
-No build step: the files are plain HTML, CSS and ES modules, read from disk per request.
+No build step: the files are plain HTML, CSS and ES modules, read from disk per request
+(the page's two Markdown libraries are checked in under ``vendor/``, a sub-directory).
 """
 
 from __future__ import annotations

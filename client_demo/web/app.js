@@ -1,14 +1,18 @@
-// The chat page: UI only; the protocol lives in relay-client.js.
-// Model text is untrusted: it only ever reaches the DOM through textContent.
+// The chat page: UI only; the protocol lives in relay-client.js, Markdown in markdown.js.
+// Model text is untrusted: it reaches the DOM only as sanitised Markdown (markdown.js) or
+// through textContent (reasoning, tool calls, the user's own messages).
 
 import { RelayClient, StreamError } from "./relay-client.js";
+import { MarkdownView, copyCodeFromClick } from "./markdown.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
-  state: $("conn-state"), detail: $("conn-detail"), token: $("token"), reconnect: $("reconnect"),
+  state: $("conn-state"), message: $("conn-message"), details: $("conn-details"), detail: $("conn-detail"),
+  tokenGroup: $("token-group"), token: $("token"), reconnect: $("reconnect"),
   model: $("model"), compare: $("compare"), model2: $("model2"), useTool: $("use-tool"),
-  answers: $("answers"), composer: $("composer"), prompt: $("prompt"), send: $("send"),
-  stop: $("stop"), clear: $("clear"),
+  answers: $("answers"), empty: $("empty-state"), emptyModels: $("empty-models"),
+  composer: $("composer"), prompt: $("prompt"), send: $("send"), stop: $("stop"), clear: $("clear"),
+  jump: $("jump-latest"),
 };
 
 // A sample tool: with it the demo model answers with one get_weather call.
@@ -24,6 +28,8 @@ const SAMPLE_TOOL = {
 let client = null;
 const running = new Map(); // RelayStream -> its pane
 const chatHistory = []; // earlier turns: user + first answer, when it completed with text
+let lastTurn = null; // {turn, prompt, historyLength}: what Regenerate asks again
+let authRequired = false; // learnt from a 4401, or assumed while a token is in use
 
 // ------------------------------------------------------------------ token (never in the query)
 
@@ -47,8 +53,30 @@ function takeTokenFromFragment() {
 
 // ------------------------------------------------------------------ connection
 
+const BADGE = { idle: "idle", connecting: "connecting", open: "connected", reconnecting: "reconnecting", closed: "disconnected" };
+
+/** What a person should read about the connection; the codes go to the details. */
+function connectionMessage(state, detail) {
+  if (state === "connecting" || state === "idle") return "Connecting to the relay…";
+  if (state === "open") return detail.reconnected ? "Reconnected." : "";
+  const retry = detail.delay !== undefined ? ` (next try in ${(detail.delay / 1000).toFixed(1)} s)` : "";
+  if (state === "reconnecting") {
+    if (detail.code === 1001 || detail.code === 1012) return `The relay is restarting, reconnecting…${retry}`;
+    if (detail.code === 4429) return `The relay is busy, reconnecting…${retry}`;
+    return `Connection lost, reconnecting…${retry}`;
+  }
+  // closed
+  if (detail.code === 4401) {
+    return ui.token.value.trim()
+      ? "The relay did not accept this token. Enter a valid one and press Connect."
+      : "This relay requires a token. Enter it above and press Connect.";
+  }
+  if (detail.code === 1000) return "Disconnected.";
+  return "Disconnected from the relay. Press Connect to try again.";
+}
+
 function showState(state, detail = {}) {
-  ui.state.textContent = state;
+  ui.state.textContent = BADGE[state] || state;
   ui.state.dataset.state = state;
   let text = "";
   if (state === "open") {
@@ -62,7 +90,34 @@ function showState(state, detail = {}) {
   }
   ui.detail.textContent = text;
   ui.detail.dataset.code = detail.code ?? "";
-  ui.send.disabled = state !== "open";
+  ui.details.hidden = !text;
+  ui.message.textContent = connectionMessage(state, detail);
+  if (state === "closed" && detail.code === 4401) authRequired = true;
+  if (state === "open" && !ui.token.value.trim()) authRequired = false; // welcomed without one
+  showTokenField(state);
+  showEmptyState(state);
+  updateButtons();
+}
+
+/** The Token field only when the relay wants one (a 4401) or one is in use. */
+function showTokenField(state) {
+  const wanted = authRequired || Boolean(ui.token.value.trim());
+  ui.tokenGroup.hidden = !wanted;
+  ui.reconnect.hidden = !wanted && state !== "closed";
+  if (state === "closed" && authRequired) ui.token.focus();
+}
+
+function showEmptyState(state) {
+  const models = client ? client.models : [];
+  if (state === "open" && models.length) {
+    const names = models.join(", ");
+    const demo = models.includes("demo") ? " (demo is the built-in demo model: it answers by echoing your message, no API key needed)" : "";
+    ui.emptyModels.textContent = `This relay serves: ${names}${demo}. Pick one above and type a message.`;
+  } else if (state === "open") {
+    ui.emptyModels.textContent = "Connected, but this relay serves no models you may use.";
+  } else if (state === "closed" || state === "reconnecting") {
+    ui.emptyModels.textContent = "Not connected to a relay right now (see above).";
+  }
 }
 
 function fillModels(models) {
@@ -85,13 +140,47 @@ function connect() {
   window.relayClient = c; // handy from the console
   c.onstate = (state, detail) => {
     if (client !== c) return;
-    showState(state, detail);
     if (state === "open") fillModels(c.models);
+    showState(state, detail);
     // A drop changes running streams without a frame (e.g. to "resuming"): redraw them.
-    for (const [stream, parts] of running) update(parts, stream);
+    for (const [stream, parts] of running) draw(parts, stream);
   };
   showState(c.state);
 }
+
+// ------------------------------------------------------------------ scrolling
+
+// Follow the newest text while the reader is at the bottom; stop following as soon as they
+// scroll up (content growing never moves scrollTop up, only the reader does), and offer
+// "Jump to latest" until they are back at the bottom.
+let following = true;
+let lastScrollTop = 0;
+
+function atBottom() {
+  const el = ui.answers;
+  return el.scrollHeight - el.scrollTop - el.clientHeight <= 4;
+}
+
+function scrollToLatest() {
+  ui.answers.scrollTop = ui.answers.scrollHeight;
+  following = true;
+  lastScrollTop = ui.answers.scrollTop;
+  ui.jump.hidden = true;
+}
+
+function afterContentChange() {
+  if (following) scrollToLatest();
+  else ui.jump.hidden = atBottom();
+}
+
+ui.answers.addEventListener("scroll", () => {
+  const top = ui.answers.scrollTop;
+  if (top < lastScrollTop - 1) following = false;
+  if (atBottom()) following = true;
+  lastScrollTop = top;
+  ui.jump.hidden = following || atBottom();
+}, { passive: true });
+ui.jump.addEventListener("click", scrollToLatest);
 
 // ------------------------------------------------------------------ rendering
 
@@ -107,23 +196,39 @@ function renderPane(stream, label) {
   pane.dataset.streamId = stream.id;
   pane.relayStream = stream; // for the console (and the tests): text, seqs, resumes, ...
   const head = el("div", "answer-head");
-  head.append(el("span", "answer-model", label), el("span", "answer-status", "pending"));
+  head.append(el("span", "answer-model", label), el("span", "answer-status", "waiting…"));
   const parts = {
     pane,
     status: head.lastChild,
     reasoning: el("div", "answer-reasoning"),
     text: el("div", "answer-text"),
     tools: el("ul", "tool-calls"),
+    notice: el("div", "answer-notice"),
     meta: el("div", "answer-meta"),
+    pending: false,
   };
+  parts.markdown = new MarkdownView(parts.text, { schedule: (fn) => fn() });
   parts.status.dataset.status = "pending";
-  pane.append(head, parts.reasoning, parts.text, parts.tools, parts.meta);
+  pane.append(head, parts.reasoning, parts.text, parts.tools, parts.notice, parts.meta);
   return parts;
 }
 
-function update(parts, stream) {
-  parts.text.textContent = stream.text;
-  parts.reasoning.textContent = stream.reasoning;
+/** Redraw a pane from its stream at most once per animation frame (tokens come faster). */
+function drawSoon(parts, stream) {
+  if (parts.pending) return;
+  parts.pending = true;
+  const run = () => {
+    if (!parts.pending) return;
+    draw(parts, stream);
+  };
+  requestAnimationFrame(run);
+  setTimeout(run, 250); // hidden tabs get no animation frames
+}
+
+function draw(parts, stream) {
+  parts.pending = false;
+  parts.markdown.update(stream.text); // renders now: this function is already once per frame
+  if (parts.reasoning.textContent.length !== stream.reasoning.length) parts.reasoning.textContent = stream.reasoning;
   setStatus(parts, stream.status === "resuming" ? "resuming" : stream.status);
   while (parts.tools.children.length < stream.toolCalls.length) {
     const li = el("li", "tool-call");
@@ -136,11 +241,55 @@ function update(parts, stream) {
     state.textContent = call.complete ? "complete" : "streaming…";
     args.textContent = call.arguments;
   });
+  afterContentChange();
 }
 
+const STATUS_TEXT = {
+  pending: "waiting…", streaming: "answering…", resuming: "resuming…", completed: "done",
+  cancelled: "stopped", failed: "failed", timeout: "timed out", error: "interrupted",
+};
+
 function setStatus(parts, status) {
-  parts.status.textContent = status;
+  parts.status.textContent = STATUS_TEXT[status] || status;
   parts.status.dataset.status = status;
+}
+
+/** A sentence for a person about why an answer ended early; codes stay in the details. */
+function humanEnding(code, { partial, frame, finish } = {}) {
+  const kept = partial ? "; partial answer kept" : "";
+  switch (code) {
+    case "connection_lost":
+      return `The connection was lost and this answer could not be resumed${kept}.`;
+    case "unknown_stream":
+    case "stream_lost":
+      return `The relay restarted and this answer could not be resumed${kept}.`;
+    case "stream_taken_over":
+      return "This answer is now being followed somewhere else (another tab or window).";
+    case "client_closed":
+      return `The page closed its connection${kept}.`;
+    case "unknown_model":
+      return "This relay does not serve that model. Pick another one above.";
+    case "too_many_streams":
+      return "Too many answers at once: wait for one to finish, then try again.";
+    case "rate_limited": {
+      const wait = frame && typeof frame.retry_after === "number" ? ` in ${Math.ceil(frame.retry_after)} s` : " later";
+      return `Too many requests: try again${wait}.`;
+    }
+    case "draining":
+      return "The relay is shutting down: try again in a moment.";
+    case "bad_request":
+      return finish
+        ? "The model provider rejected this request."
+        : "The relay refused this request (see details).";
+    case "upstream_rate_limited":
+      return "The model provider is rate limiting the relay: try again later.";
+    case "upstream_timeout":
+      return `The model provider took too long to answer${kept}.`;
+    case "upstream_error":
+      return `The model provider failed${kept}.`;
+    default:
+      return `The answer ended with an error${kept}.`;
+  }
 }
 
 function describeEnd(stream) {
@@ -160,58 +309,110 @@ function describeEnd(stream) {
   return bits.join(" · ");
 }
 
+function technicalDetails(text) {
+  const details = el("details");
+  details.append(el("summary", "", "details"), el("span", "", text));
+  return details;
+}
+
 async function follow(stream, parts) {
   running.set(stream, parts);
-  ui.stop.disabled = false;
+  updateButtons();
   try {
     for await (const frame of stream) {
       void frame; // the stream keeps text/toolCalls/usage; draw from them
-      update(parts, stream);
+      drawSoon(parts, stream);
     }
-    update(parts, stream);
+    draw(parts, stream);
     parts.meta.textContent = describeEnd(stream);
+    const finish = stream.finish;
+    if (finish && finish.status !== "completed" && finish.status !== "cancelled") {
+      const code = finish.error ? finish.error.code : finish.reason;
+      parts.notice.textContent = humanEnding(finish.status === "timeout" ? "upstream_timeout" : code, { partial: Boolean(stream.text), finish: true });
+    }
   } catch (err) {
-    update(parts, stream);
+    draw(parts, stream);
     const code = err instanceof StreamError ? err.code : "error";
-    setStatus(parts, `error: ${code}`);
-    parts.status.dataset.status = "error";
+    setStatus(parts, "error");
     parts.status.dataset.error = code;
-    parts.meta.textContent = `${err.message}${stream.text ? " · partial text kept above" : ""}`;
+    parts.notice.textContent = humanEnding(code, { partial: Boolean(stream.text), frame: err.frame });
+    const close = err.closeCode !== undefined && err.closeCode !== null ? ` · close ${err.closeCode}` : "";
+    parts.meta.replaceChildren(technicalDetails(`${code}${close} · ${err.message}`));
   } finally {
     running.delete(stream);
-    ui.stop.disabled = running.size === 0;
+    updateButtons();
+    afterContentChange();
   }
   return stream;
 }
 
 // ------------------------------------------------------------------ actions
 
-async function send(event) {
-  event.preventDefault();
-  const prompt = ui.prompt.value.trim();
-  if (!prompt || !client || client.state !== "open") return;
-  ui.prompt.value = "";
-  const messages = [...chatHistory, { role: "user", content: prompt }];
+/** Send while idle; while an answer streams Send becomes Stop (both with Compare on). */
+function updateButtons() {
+  const open = Boolean(client) && client.state === "open";
+  const busy = running.size > 0;
+  const canSendMore = !busy || ui.compare.checked;
+  ui.send.hidden = !canSendMore;
+  ui.send.disabled = !open || !canSendMore;
+  ui.stop.hidden = !busy;
+  ui.stop.disabled = !busy;
+  for (const button of ui.answers.querySelectorAll(".regenerate")) {
+    button.disabled = busy || !open;
+  }
+}
+
+function startTurn(prompt, history, turn) {
+  const messages = [...history, { role: "user", content: prompt }];
   const tools = ui.useTool.checked ? [SAMPLE_TOOL] : undefined;
   const models = ui.compare.checked ? [ui.model.value, ui.model2.value] : [ui.model.value];
-
-  const turn = el("article", "turn");
-  turn.append(el("div", "user", prompt));
   const row = el("div", "answers-row");
-  turn.append(row);
-  ui.answers.append(turn);
-
+  const actions = el("div", "answer-actions");
+  turn.replaceChildren(el("div", "user", prompt), row, actions);
   const follows = models.map((model, i) => {
     const stream = client.start({ model, messages, tools });
     const parts = renderPane(stream, models.length > 1 ? `${model} (${"AB"[i]})` : model);
     row.append(parts.pane);
     return follow(stream, parts);
   });
-  turn.scrollIntoView({ block: "end" });
-  const [first] = await Promise.all(follows);
+  for (const old of ui.answers.querySelectorAll(".regenerate")) old.remove(); // only the last answer
+  const regenerate = el("button", "regenerate", "Regenerate");
+  regenerate.type = "button";
+  regenerate.title = "Ask the same question again";
+  regenerate.addEventListener("click", () => regenerateLast());
+  actions.append(regenerate);
+  lastTurn = { turn, prompt, historyLength: history.length };
+  scrollToLatest();
+  updateButtons();
+  return Promise.all(follows);
+}
+
+async function send(event) {
+  event.preventDefault();
+  const prompt = ui.prompt.value.trim();
+  if (!prompt || !client || client.state !== "open") return;
+  if (running.size && !ui.compare.checked) return; // one answer at a time (Stop first)
+  ui.prompt.value = "";
+  ui.empty.hidden = true;
+  const turn = el("article", "turn");
+  ui.answers.append(turn);
+  const history = [...chatHistory];
+  const [first] = await startTurn(prompt, history, turn);
+  remember(prompt, first);
+}
+
+function remember(prompt, first) {
   if (first.status === "completed" && first.text && !first.toolCalls.length) {
     chatHistory.push({ role: "user", content: prompt }, { role: "assistant", content: first.text });
   }
+}
+
+async function regenerateLast() {
+  if (!lastTurn || running.size || !client || client.state !== "open") return;
+  const { turn, prompt, historyLength } = lastTurn;
+  chatHistory.length = historyLength; // forget the answer being replaced
+  const [first] = await startTurn(prompt, [...chatHistory], turn);
+  remember(prompt, first);
 }
 
 function stopAll() {
@@ -220,17 +421,25 @@ function stopAll() {
 
 ui.composer.addEventListener("submit", send);
 ui.prompt.addEventListener("keydown", (e) => {
-  if (e.key === "Enter" && !e.shiftKey) {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
     e.preventDefault();
-    ui.composer.requestSubmit();
+    if (!ui.send.hidden && !ui.send.disabled) ui.composer.requestSubmit();
   }
 });
 ui.stop.addEventListener("click", stopAll);
 ui.clear.addEventListener("click", () => {
-  ui.answers.replaceChildren();
+  stopAll();
+  ui.answers.replaceChildren(ui.empty);
+  ui.empty.hidden = false;
   chatHistory.length = 0;
+  lastTurn = null;
+  scrollToLatest();
 });
-ui.compare.addEventListener("change", () => { ui.model2.disabled = !ui.compare.checked; });
+ui.compare.addEventListener("change", () => {
+  ui.model2.disabled = !ui.compare.checked;
+  updateButtons();
+});
+ui.answers.addEventListener("click", copyCodeFromClick);
 ui.reconnect.addEventListener("click", connect);
 ui.token.addEventListener("keydown", (e) => {
   if (e.key === "Enter") {

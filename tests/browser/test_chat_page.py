@@ -15,9 +15,14 @@ from relay.llm import demo_handler
 
 from ..relay.helpers import start_relay
 
+# `text` is the rendered answer (Markdown; for the demo's plain prose, the same characters as
+# the stream's text); `raw` the text the stream received.
 PANES = """() => [...document.querySelectorAll('.answer')].map(p => ({
     text: p.querySelector('.answer-text').textContent,
+    raw: p.relayStream.text,
     status: p.querySelector('.answer-status').dataset.status,
+    error: p.querySelector('.answer-status').dataset.error ?? null,
+    notice: p.querySelector('.answer-notice').textContent,
     meta: p.querySelector('.answer-meta').textContent,
     tools: [...p.querySelectorAll('.tool-call')].map(t => ({
         name: t.querySelector('.tool-name').textContent,
@@ -90,7 +95,9 @@ async def test_stop_cancels_the_stream_and_closes_the_upstream(page):
         assert pane["status"] == "cancelled" and "reason: client_cancel" in pane["meta"]
         full = "".join(demo_reply_tokens([{"role": "user", "content": "a long answer please"}]))
         assert pane["text"] and len(pane["text"]) < len(full)
-        await page.wait_for_selector("#stop:disabled")
+        # Stop turns back into Send once nothing streams.
+        await page.wait_for_selector("#stop", state="hidden")
+        assert await page.is_disabled("#stop") and await page.is_visible("#send")
 
 
 async def test_tool_call_streams_with_name_and_arguments(page):
@@ -146,7 +153,11 @@ async def test_model_text_is_escaped(page):
         await open_chat(page, server)
         await send(page, prompt)
         await page.wait_for_selector('.answer-status[data-status="completed"]')
-        assert await page.eval_on_selector(".answer-text", "e => e.children.length") == 0
+        # Rendered as Markdown, the HTML in the text stays text: one paragraph, no element
+        # from the model's text.
+        tags = await page.eval_on_selector(
+            ".answer-text", "e => [...e.querySelectorAll('*')].map(n => n.tagName)")
+        assert tags == ["DIV", "P"], tags  # the growing block's wrapper and the paragraph
         assert prompt in await page.text_content(".answer-text")
         assert await page.evaluate("() => window.__pwned") is None
 

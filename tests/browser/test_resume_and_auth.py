@@ -170,10 +170,14 @@ async def test_without_detach_grace_a_drop_ends_the_stream_with_its_partial_text
 
     assert error["name"] == "StreamError" and error["code"] == "connection_lost"
     assert error["closeCode"] == 1006
-    assert error["partialText"] == error["text"] == pane["text"]
+    assert error["partialText"] == error["text"] == pane["raw"] == pane["text"]
     assert pane["text"] and FULL_TEXT.startswith(pane["text"]) and pane["text"] != FULL_TEXT
-    assert status_text == "error: connection_lost"
-    assert "connection lost (1006" in pane["meta"] and "partial text kept above" in pane["meta"]
+    # A sentence for people; the code and the close code in the details.
+    assert status_text == "interrupted" and pane["error"] == "connection_lost"
+    assert pane["notice"] == ("The connection was lost and this answer could not be resumed; "
+                              "partial answer kept.")
+    assert "connection_lost · close 1006" in pane["meta"]
+    assert "connection lost (1006" in pane["meta"]
     assert len(sockets) == 2
     assert not any(f["type"] == "resume" for f in sockets[1]["sent"])
 

@@ -1,0 +1,261 @@
+"""Every Python and shell block in README.md and client_demo/README.md runs as written
+(issue 14, items 6 and 8), and every flag README documents exists.
+
+How the blocks run: each fenced ```python / ```sh block is one test. A `relay serve` on the
+demo model (a real subprocess, `--demo-tps 0`) stands in for the relay the README assumes on
+127.0.0.1:8765. Three substitutions, and only these, are made to the text before it runs:
+
+* `127.0.0.1:8765` -> the test relay's address (`8765` -> a fresh free port in a block
+  marked `serves`, which starts a relay of its own);
+* `.venv/bin/` -> the bin directory of the virtualenv running the tests (README's `.venv`);
+* nothing else: the blocks run from the repository root, with that bin directory first on
+  PATH (so `python` and `relay` are the project's), `PYTHONPATH` = the repository,
+  `RELAY_URL` = the test relay's URL (the demo clients' default for `--url`, as 8765 is when
+  it is unset) and `RELAY_TOKEN_SECRET` set as the README's earlier `export` would have set
+  it.
+
+Python blocks run as `python -c BLOCK`. Shell blocks run with `bash -e -o pipefail`, in a
+process group of their own that is killed afterwards (a block may start `relay serve &`),
+and `RELAY_PORT` pointing at a free port so a relay they start never takes 8765. Each must
+exit 0 without a traceback.
+
+Markers, an HTML comment on the line before the fence (invisible on GitHub):
+
+* `<!-- snippet: serves -->`: the block starts a relay in the foreground. It passes when the
+  relay prints its `llm-relay listening on` line; then it is stopped (SIGTERM).
+* `<!-- snippet: skip (reason) -->`: not run. Kept for the four blocks that install the
+  project, run the whole test suite, or run one of the two multi-minute benchmarks; the
+  reason is required.
+
+Other fences (```text, ```toml, ```js) are documentation, not commands, and are not run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+READMES = [ROOT / "README.md", ROOT / "client_demo" / "README.md"]
+VENV_BIN = str(Path(sys.executable).parent)
+SECRET = "readme-examples-secret-0123456789abcdef0123"
+RUN_TIMEOUT = 120
+
+_FENCE = re.compile(r"^```(\w*)\s*$")
+_MARKER = re.compile(r"^<!--\s*snippet:\s*(serves|skip)\b\s*(.*?)\s*-->\s*$")
+
+
+@dataclass(frozen=True)
+class Snippet:
+    file: str
+    line: int
+    lang: str  # "python" or "sh"
+    code: str
+    marker: str | None  # None, "serves" or "skip"
+    reason: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+def extract(path: Path) -> list[Snippet]:
+    """The ```python and ```sh/```bash blocks of a Markdown file, with their markers."""
+    snippets: list[Snippet] = []
+    lines = path.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        fence = _FENCE.match(lines[i])
+        if not fence:
+            i += 1
+            continue
+        lang = fence.group(1)
+        start = i
+        i += 1
+        body: list[str] = []
+        while i < len(lines) and lines[i].rstrip() != "```":
+            body.append(lines[i])
+            i += 1
+        i += 1
+        if lang in ("sh", "bash", "shell", "console"):
+            lang = "sh"
+        elif lang not in ("python", "py"):
+            continue
+        marker = _MARKER.match(lines[start - 1]) if start else None
+        snippets.append(Snippet(
+            str(path.relative_to(ROOT)), start + 1, "python" if lang == "py" else lang,
+            "\n".join(body) + "\n", marker.group(1) if marker else None,
+            marker.group(2).strip("() ") if marker else ""))
+    return snippets
+
+
+SNIPPETS = [s for readme in READMES for s in extract(readme)]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env(relay_port: int, relay_url: str | None = None) -> dict:
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONUNBUFFERED": "1",
+           "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
+           "PYTHONPATH": str(ROOT), "RELAY_TOKEN_SECRET": SECRET,
+           "RELAY_PORT": str(relay_port)}
+    for name in ("RELAY_TOKEN", "RELAY_URL", "RELAY_AUTH", "RELAY_API_KEYS", "RELAY_CONFIG",
+                 "RELAY_REDIS_URL"):
+        env.pop(name, None)
+    if relay_url:
+        env["RELAY_URL"] = relay_url
+    return env
+
+
+@pytest.fixture(scope="module")
+def relay_address():
+    """`relay serve` on the demo model, as README's reader runs it; yields 127.0.0.1:PORT."""
+    proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "--port", "0",
+                             "--demo-tps", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(0), cwd=ROOT)
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"listening on ws://(127\.0\.0\.1:\d+)/ws", line)
+        assert match, line + (proc.stderr.read() if proc.poll() is not None else "")
+        yield match.group(1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _run(snippet: Snippet, relay_address: str, tmp_path: Path) -> None:
+    own_port = _free_port()
+    code = snippet.code.replace(".venv/bin/", VENV_BIN + "/")
+    if snippet.marker == "serves":
+        code = code.replace("8765", str(own_port))
+    else:
+        code = code.replace("127.0.0.1:8765", relay_address)
+    if snippet.lang == "python":
+        argv = [sys.executable, "-c", code]
+    else:
+        argv = ["bash", "-e", "-o", "pipefail", "-c", code]
+    if snippet.marker == "serves":
+        _run_server_block(snippet, argv, own_port)
+        return
+    # Output to a file, not a pipe: a relay the block leaves running in the background
+    # would hold a pipe open, and the block's end is its own process exiting.
+    log = tmp_path / "output.txt"
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=_env(own_port, f"ws://{relay_address}/ws"),
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    try:
+        try:
+            proc.wait(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{snippet.id} did not finish within {RUN_TIMEOUT} s:\n{log.read_text()}")
+        output = log.read_text()
+        assert proc.returncode == 0, f"{snippet.id} exited {proc.returncode}:\n{output}"
+        assert "Traceback" not in output, f"{snippet.id}:\n{output}"
+    finally:
+        _kill_group(proc)
+
+
+def _run_server_block(snippet: Snippet, argv: list[str], port: int) -> None:
+    """A block that runs a relay in the foreground: it passes once the relay prints its
+    listening line (read line by line from a pipe; EOF first means the block ended)."""
+    proc = subprocess.Popen(argv, cwd=ROOT, env=_env(port), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    seen: list[str] = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "llm-relay listening on" in line:
+                return
+        pytest.fail(f"{snippet.id} ended without starting a relay:\n{''.join(seen)}")
+    finally:
+        _kill_group(proc)
+        proc.stdout.close()
+
+
+@pytest.mark.parametrize("snippet", [s for s in SNIPPETS if s.marker != "skip"],
+                         ids=lambda s: s.id)
+def test_readme_snippet_runs_as_written(snippet, relay_address, tmp_path):
+    _run(snippet, relay_address, tmp_path)
+
+
+def test_the_readmes_have_runnable_snippets_and_few_skipped_ones():
+    """The extraction finds the blocks (a broken fence regex would silently test nothing),
+    and every skip names its reason."""
+    by_lang = {lang: [s for s in SNIPPETS if s.lang == lang] for lang in ("python", "sh")}
+    assert len(by_lang["python"]) >= 3 and len(by_lang["sh"]) >= 5, SNIPPETS
+    skipped = [s for s in SNIPPETS if s.marker == "skip"]
+    assert all(s.reason for s in skipped), skipped
+    assert len(skipped) <= 4, [s.id for s in skipped]
+    # The terminal chat is documented as a command that runs.
+    assert any("client_demo/chat.py" in s.code for s in SNIPPETS if s.marker is None)
+
+
+# ---------------------------------------------------------------------------- flags
+
+
+def _help_flags(*argv: str) -> set[str]:
+    out = subprocess.run([sys.executable, *argv, "--help"], capture_output=True, text=True,
+                         cwd=ROOT, env=_env(0), timeout=60)
+    assert out.returncode == 0, out.stderr
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", out.stdout))
+
+
+def _doc_flags(text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
+
+
+def test_every_flag_readme_documents_exists():
+    """README's flags against the commands' own `--help`: the Configuration section is all
+    `relay serve` flags; anywhere else a flag must belong to one of the commands README
+    shows (serve, token mint, the demo clients, the benchmarks, the schema generator)."""
+    serve = _help_flags("-m", "relay", "serve")
+    known = serve | _help_flags("-m", "relay", "token", "mint")
+    # The schema generator reads its one flag by hand (no --help): take it from its source.
+    known |= _doc_flags((ROOT / "protocol" / "schema.py").read_text())
+    for script in ("client_demo/demo_client.py", "client_demo/chat.py",
+                   "bench/relay_vs_litellm.py", "bench/render_markdown.py"):
+        known |= _help_flags(script)
+    readme = (ROOT / "README.md").read_text()
+    configuration = readme[readme.index("## Configuration"):readme.index("\n## ", readme.index(
+        "## Configuration") + 1)]
+    # A flag of another command named in the section, on the same line as that command.
+    other_commands = re.compile(r"relay token mint[^\n]*")
+    serve_text = other_commands.sub("", configuration)
+    assert _doc_flags(serve_text) - serve == set(), "README Configuration flags missing " \
+        "from `relay serve --help`"
+    for path in READMES:
+        missing = _doc_flags(path.read_text()) - known
+        assert not missing, f"{path.name} documents flags no command has: {sorted(missing)}"
+    assert "--redis-max-frames" in serve
