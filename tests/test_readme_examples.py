@@ -245,7 +245,8 @@ def test_every_flag_readme_documents_exists():
     # The schema generator reads its one flag by hand (no --help): take it from its source.
     known |= _doc_flags((ROOT / "protocol" / "schema.py").read_text())
     for script in ("client_demo/demo_client.py", "client_demo/chat.py",
-                   "bench/relay_vs_litellm.py", "bench/render_markdown.py"):
+                   "bench/relay_vs_litellm.py", "bench/render_markdown.py",
+                   "bench/attack_latency.py"):
         known |= _help_flags(script)
     readme = (ROOT / "README.md").read_text()
     configuration = readme[readme.index("## Configuration"):readme.index("\n## ", readme.index(
