@@ -159,10 +159,23 @@ class _Malformed(ValueError):
     """A data line that is not the JSON object the format requires."""
 
 
+class _EndedUnfinished(Exception):
+    """An OpenAI-format stream ended cleanly without a finish_reason (a transport failure:
+    classified like LiteLLM's ``RemoteProtocolError`` for it)."""
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    import httpx
+
+    return (httpx.ReadError, httpx.RemoteProtocolError)
+
+
 class _OpenAIDecoder:
     """OpenAI ``chat.completion.chunk`` events -> deltas; ``[DONE]`` ends the stream."""
 
     __slots__ = ("done", "finish_reason", "usage", "_map_finish", "_stream_error")
+    requires_finish = True
+    tolerates_cut_after_finish = False
 
     def __init__(self, map_finish, stream_error) -> None:
         self.done = False
@@ -239,17 +252,22 @@ class _AnthropicDecoder:
     """Anthropic Messages events -> deltas, as LiteLLM's Anthropic stream parser reads them.
 
     Tool calls are numbered 0, 1, ... in ``tool_use`` block order; a ``tool_use`` block whose
-    input stayed empty completes with arguments ``{}``. A data line that is not JSON makes the
-    parser ignore the rest of the stream, as LiteLLM's does (the stream then ends truncated).
+    input stayed empty completes with arguments ``{}``. A data line that is not a JSON object
+    fails the stream (``_Malformed``), except before any valid event, where LiteLLM's parser
+    swallows the rest and the stream ends empty (the relay reports it truncated).
     """
 
-    __slots__ = ("done", "finish_reason", "broken", "_usage", "_tool_index", "_block_type",
-                 "_block_args", "_names", "_map_finish", "_stream_error", "_calculate_usage")
+    __slots__ = ("done", "finish_reason", "broken", "_seen", "_usage", "_tool_index",
+                 "_block_type", "_block_args", "_names", "_map_finish", "_stream_error",
+                 "_calculate_usage")
+    requires_finish = False
+    tolerates_cut_after_finish = True
 
     def __init__(self, map_finish, stream_error, calculate_usage, reverse_names) -> None:
         self.done = False  # Anthropic ends at EOF, like LiteLLM's reader
         self.finish_reason: str | None = None
         self.broken = False
+        self._seen = False
         self._usage: dict | None = None
         self._tool_index = -1
         self._block_type: str | None = None
@@ -262,16 +280,18 @@ class _AnthropicDecoder:
     def decode(self, events: list[tuple[bytes | None, bytes]]) -> list[tuple]:
         deltas = []
         for _event, data in events:
-            if self.broken:
-                break
             try:
                 obj = orjson.loads(data)
             except orjson.JSONDecodeError:
-                self.broken = True
-                break
+                obj = None
             if type(obj) is not dict:
-                self.broken = True
+                if self._seen:
+                    raise _Malformed("malformed JSON in the provider's stream")
+                # Before any valid event LiteLLM's parser swallows the rest and its wrapper
+                # ends the stream with nothing in it: the relay reports it truncated.
+                self.broken = self.done = True
                 break
+            self._seen = True
             kind = obj.get("type")
             if kind == "content_block_delta":
                 delta = obj.get("delta") or {}
@@ -364,7 +384,18 @@ class _FastStream:
                 chunk = await chunks.__anext__()
             except StopAsyncIteration:
                 self._ended = True
+                if self._decoder.requires_finish and decoder.finish_reason is None:
+                    # LiteLLM's wrapper fails an OpenAI-format stream that ends cleanly
+                    # without a finish_reason the same way.
+                    raise _EndedUnfinished("the stream ended before a finish_reason") from None
                 return None
+            except _TRANSPORT_ERRORS:
+                if decoder.tolerates_cut_after_finish and decoder.finish_reason is not None:
+                    # LiteLLM reads Anthropic's stream with httpx and ends it normally when
+                    # the connection breaks after the finish reason (message_delta) arrived.
+                    self._ended = True
+                    return None
+                raise
             events = feed(chunk)
             if events:
                 deltas = decoder.decode(events)
@@ -395,6 +426,7 @@ class _FastStream:
         await self._response.aclose()
 
 
+_TRANSPORT_ERRORS = _transport_errors()
 _clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -460,8 +492,21 @@ class FastRoute:
             self.litellm_model, api_base=self.api_base)
         api_key = kwargs.get("api_key") or dynamic_key
         api_base = kwargs.get("api_base") or self.api_base or dynamic_base
-        messages = copy.deepcopy(kwargs["messages"])
+        from litellm.utils import (
+            validate_and_fix_openai_messages, validate_and_fix_openai_tools,
+            validate_chat_completion_tool_choice, validate_openai_optional_params,
+        )
+
+        # What litellm.completion() does first, for every provider.
+        messages = validate_and_fix_openai_messages(copy.deepcopy(kwargs["messages"]))
         params = {k: v for k, v in kwargs.items() if k not in _NOT_PARAMS}
+        if "tools" in params:
+            params["tools"] = validate_and_fix_openai_tools(params["tools"])
+        if "tool_choice" in params:
+            params["tool_choice"] = validate_chat_completion_tool_choice(
+                tool_choice=params["tool_choice"], model=self.litellm_model)
+        if "stop" in params:
+            params["stop"] = validate_openai_optional_params(stop=params["stop"])
         optional = litellm.get_optional_params(
             model=self.model, custom_llm_provider=self.provider, messages=messages, **params)
         litellm_params: dict[str, Any] = {"custom_llm_provider": self.provider,

@@ -443,7 +443,7 @@ class TokenStreamer:
                                 f"the provider exceeded the {what} limit"),
             )
         except Exception as exc:  # any provider failure ends the stream, never the caller
-            failure = classify_upstream_exception(exc)
+            failure = classify_upstream_exception(exc, mid_stream=self._response is not None)
             logger.warning("upstream failure for model %s: %s (%s)", self.model,
                            failure.code, type(exc).__name__)
             end = StreamEnd(
