@@ -7,6 +7,7 @@ through ``get_litellm()``. Settings the relay applies (documented in README):
 * ``litellm.num_retries = 0`` (and ``max_retries=0`` per request): no hidden retries.
 * no success/failure callbacks, telemetry off, debug info suppressed: nothing per chunk.
 * the embedded ``demo`` provider registered through ``litellm.custom_provider_map``.
+* no post-stream response assembly (``lean_streaming``): see ``_skip_stream_assembly``.
 """
 
 from __future__ import annotations
@@ -46,8 +47,28 @@ def get_litellm() -> Any:
                 item for item in litellm.custom_provider_map if item["provider"] != DEMO_PROVIDER
             ] + [{"provider": DEMO_PROVIDER, "custom_handler": _demo_handler}]
             litellm.utils.custom_llm_setup()
+            _install_lean_streaming(litellm)
             _litellm = litellm
     return _litellm
+
+
+def _skip_stream_assembly(*args: Any, **kwargs: Any) -> None:
+    """Stands in for ``litellm.stream_chunk_builder`` in a relay process.
+
+    After every stream, LiteLLM's ``CustomStreamWrapper`` rebuilds the whole response from
+    its chunks (``stream_chunk_builder``, in a worker thread holding the GIL), and its async
+    success handler does it again, for logging callbacks, cost tracking and caching: about a
+    quarter of the LiteLLM path's CPU per token here. The relay uses none of it (it reads the
+    provider's usage from the chunks and estimates the rest itself), and LiteLLM 1.110 has no
+    switch for the async path (``disable_streaming_logging`` only guards its sync iterator).
+    ``None`` is the builder's own "nothing assembled" answer, which both callers handle.
+    """
+    return None
+
+
+def _install_lean_streaming(litellm: Any) -> None:
+    # The relay is the only LiteLLM user in its process; nothing here calls the builder.
+    litellm.stream_chunk_builder = _skip_stream_assembly
 
 
 def set_demo_tps(tps: float) -> None:

@@ -595,7 +595,8 @@ class _LiteLLMUpstream:
     """LiteLLM's stream wrapper (or an injected look-alike) as an upstream of the loop in
     ``TokenStreamer.events()``: ``next_batch()`` turns one chunk into a tuple of deltas
     ``(reasoning, content, tool_calls, finish_reason)`` (``None`` at the end), tool calls as
-    ``(index, id, name, arguments)``."""
+    ``(index, id, name, arguments)``.
+    """
 
     __slots__ = ("response", "_iterator")
 
