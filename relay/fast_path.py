@@ -226,8 +226,10 @@ class _OpenAIDecoder:
                     calls.append((tc.get("index"), tc.get("id") or None, fn.get("name"),
                                   fn.get("arguments") or ""))
                 tool_calls = calls
-            deltas.append((reasoning if type(reasoning) is str else None, delta.get("content"),
-                           tool_calls, finish))
+            content = delta.get("content")
+            if reasoning or content or tool_calls or finish:
+                deltas.append((reasoning if type(reasoning) is str else None, content,
+                               tool_calls, finish))
         return deltas
 
     def _take_usage(self, usage: Any) -> None:
@@ -359,8 +361,10 @@ class _AnthropicDecoder:
 class _FastStream:
     """One open provider response, read by ``TokenStreamer.events()``.
 
-    ``next_batch()`` reads the network until at least one SSE event arrived and returns its
-    deltas (possibly none: a ping, a usage-only event), or ``None`` at the end of the stream.
+    ``next_batch()`` reads the network until the events that arrived carry at least one delta
+    and returns them, or ``None`` at the end of the stream. Events without a delta (Anthropic
+    pings, ``message_start``, usage-only chunks) do not end the wait, so they do not reset the
+    streamer's idle timer: LiteLLM's wrapper does not hand such chunks on either.
     ``aclose()`` closes the HTTP response (and with it the connection) at once.
     """
 
@@ -401,7 +405,9 @@ class _FastStream:
                 deltas = decoder.decode(events)
                 if decoder.done:
                     await self._drain()
-                return deltas
+                    return deltas or None
+                if deltas:
+                    return deltas
 
     async def _drain(self) -> None:
         """After ``[DONE]``: read the rest of the body (connection reuse), as the OpenAI SDK

@@ -13,6 +13,7 @@ was closed (or not) the same way. Only what names the run is left out (stream id
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 
 import pytest
@@ -21,7 +22,7 @@ from relay.app import load_models
 from relay.providers import ModelRegistry
 from relay.streamer import Timeouts
 from tests.fakes.upstream import (
-    FakeUpstream, Usage, http_error, stream, tool_call,
+    FakeUpstream, SSEEvent, Usage, http_error, stream, tool_call,
 )
 
 from .helpers import Client, start_relay, text_of
@@ -280,6 +281,24 @@ async def test_timeouts_same_frames_and_upstream_closed(fmt, kind, timeouts):
         script = script.silent_after(3 if fmt == "openai" else 4)
     frames = assert_same(await both_paths(fmt, script, timeouts=timeouts), closed=True)
     assert frames[-1]["status"] == "timeout"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_keepalive_events_do_not_reset_the_idle_timer(fmt):
+    """Events without content (Anthropic pings; OpenAI chunks with an empty delta) after the
+    first token, paced past the idle timeout: both paths time out the same way."""
+    base = stream(fmt, ["a", "b"])
+    keepalive = (SSEEvent('{"type": "ping"}', event="ping") if fmt == "anthropic" else
+                 SSEEvent('{"id":"x","object":"chat.completion.chunk","created":1,'
+                          '"model":"gpt-x","choices":[{"index":0,"delta":{},'
+                          '"finish_reason":null}]}'))
+    first_text = 2 if fmt == "openai" else 4  # index of the event after the first text delta
+    events = list(base.events)
+    events[first_text:first_text] = [keepalive] * 6
+    script = dataclasses.replace(base, events=tuple(events)).with_delay(0.1)
+    frames = assert_same(await both_paths(fmt, script, timeouts={"idle": 0.35}), closed=True)
+    assert (frames[-1]["status"], frames[-1]["reason"]) == ("timeout", "idle_timeout")
+    assert text_of(frames) == "a"
 
 
 async def _cancel(c: Client, sid: str, request) -> None:
