@@ -159,6 +159,10 @@ class _Malformed(ValueError):
     """A data line that is not the JSON object the format requires."""
 
 
+class _ProviderStreamError(Exception):
+    """An error event inside an OpenAI-format stream (no HTTP status)."""
+
+
 class _EndedUnfinished(Exception):
     """An OpenAI-format stream ended cleanly without a finish_reason (a transport failure:
     classified like LiteLLM's ``RemoteProtocolError`` for it)."""
@@ -605,12 +609,10 @@ class FastRoute:
             error_message=message, status_code=status, headers=headers))
 
     def _openai_stream_error(self, error: Any) -> Exception:
-        """An ``{"error": ...}`` event inside an OpenAI-format stream (the SDK's APIError)."""
-        message = error.get("message") if isinstance(error, dict) else None
-        if not isinstance(message, str) or not message:
-            message = "An error occurred during streaming"
-        return self._mapped(self.config.get_error_class(
-            error_message=message, status_code=500, headers={}))
+        """An ``{"error": ...}`` event inside an OpenAI-format stream. The SDK raises an
+        ``APIError`` without a status, which LiteLLM reports as a broken stream; so does
+        this (``classify_upstream_exception``: "the provider's stream failed")."""
+        return _ProviderStreamError("the provider reported an error inside the stream")
 
     def _anthropic_stream_error(self, error: Any) -> Exception:
         """An ``event: error`` inside an Anthropic stream (LiteLLM: status 500)."""

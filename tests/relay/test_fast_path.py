@@ -261,6 +261,22 @@ async def test_cut_or_malformed_stream(fmt, fault):
     assert frames[-1]["status"] in ("failed", "completed")
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_error_event_mid_stream(fmt):
+    """The provider reports an error inside the stream (OpenAI: a chunk with ``error``;
+    Anthropic: ``event: error``) after the first token."""
+    base = stream(fmt, ["a", "b", "c"])
+    error = (SSEEvent('{"error":{"message":"boom sk-secret","type":"server_error"}}')
+             if fmt == "openai" else
+             SSEEvent('{"type":"error","error":{"type":"overloaded_error",'
+                      '"message":"Overloaded sk-secret"}}', event="error"))
+    at = 2 if fmt == "openai" else 4
+    events = list(base.events)
+    events.insert(at, error)
+    frames = assert_same(await both_paths(fmt, dataclasses.replace(base, events=tuple(events))))
+    assert frames[-1]["status"] == "failed" and "sk-secret" not in str(frames)
+
+
 # ------------------------------------------------------------------------- timers and cancel
 
 
@@ -395,3 +411,25 @@ async def test_path_in_startup_log_and_metrics(caplog):
         "(provider anthropic))"])
     assert 'relay_model_path{alias="openai-fast",path="fast"} 1.0' in metrics
     assert 'relay_model_path{alias="anthropic-litellm",path="litellm"} 1.0' in metrics
+
+
+# ------------------------------------------------------------------------- the SSE parser
+
+
+def test_sse_parser_same_events_whatever_the_chunking():
+    from relay.fast_path import SSEParser
+
+    wire = (b": comment\r\nevent: ping\r\ndata: {\"type\": \"ping\"}\r\n\r\n"
+            b"data: {\"a\":\n"           # two data lines: joined with a newline
+            b"data: 1}\n\n"
+            b"id: 7\nretry: 10\ndata:[DONE]\n\n"
+            b"data: {\"cut\": true}\n")     # no blank line: never dispatched
+    expected = [(b"ping", b'{"type": "ping"}'), (None, b'{"a":\n1}'), (None, b"[DONE]")]
+    whole = SSEParser()
+    assert whole.feed(wire) == expected
+    for size in (1, 2, 3, 7):
+        parser = SSEParser()
+        events = []
+        for i in range(0, len(wire), size):
+            events += parser.feed(wire[i:i + size])
+        assert events == expected, size
