@@ -80,7 +80,8 @@ class ModelSpec:
             timeouts=self.timeouts,
             completion_kwargs=self.extra,
             retries_before_first_token=self.retries_before_first_token,
-            fast_route=self.path.route,
+            # An injected completion (tests, scripted upstreams) is what the caller wants.
+            fast_route=self.path.route if completion is None else None,
         )
 
 
