@@ -8,7 +8,7 @@ counted) serves ``--tokens`` content chunks per request as fast as it can. This 
   fast         TokenStreamer on the fast path (relay/fast_path.py): events() consumed
   litellm      TokenStreamer through LiteLLM (fast = false), with the relay's lean setup
   litellm-full the same with LiteLLM's post-stream response assembly left on (the "before"
-               of the lean LiteLLM path: litellm.stream_chunk_builder restored)
+               of the lean LiteLLM path: LiteLLM's own stream_chunk_builder restored)
 
 and prints CPU us per token (this process's CPU, worker threads included, after LiteLLM's
 post-stream tasks settled) and tokens/s, min/median/max over rounds, and the ratios.
@@ -117,13 +117,12 @@ async def main(args) -> None:
         base = f"http://127.0.0.1:{port}/v1"
         os.environ["BENCH_KEY"] = "sk-bench"
         from relay.app import load_models
-        from relay.llm import _skip_stream_assembly, get_litellm
+        from relay.llm import get_litellm
         from relay.streamer import Timeouts
 
         litellm = get_litellm()
-        from litellm.litellm_core_utils.streaming_chunk_builder_utils import (
-            stream_chunk_builder as real_builder,
-        )
+        lean_builder = litellm.stream_chunk_builder  # the relay's (relay/llm.py)
+        real_builder = lean_builder.__wrapped__      # LiteLLM's own
 
         fast, slow = load_models({"models": {
             "fast": {"model": "openai/gpt-x", "api_base": base, "api_key_env": "BENCH_KEY"},
@@ -132,7 +131,7 @@ async def main(args) -> None:
         assert fast.path.path == "fast" and slow.path.path == "litellm"
 
         def lean(on: bool) -> None:
-            litellm.stream_chunk_builder = _skip_stream_assembly if on else real_builder
+            litellm.stream_chunk_builder = lean_builder if on else real_builder
 
         paths = {
             "raw": (lambda s: run_raw(base, s), True),

@@ -356,6 +356,8 @@ class TokenStreamer:
         applies: the stream then ends ``cancelled`` without contacting the provider.
         """
         self._clear_stream_state()
+        from .llm import begin_relay_stream, end_relay_stream
+
         loop = asyncio.get_running_loop()
         started = loop.time()
         tm = self.timeouts
@@ -370,6 +372,7 @@ class TokenStreamer:
         got_first = False
         last_chunk_at = started
         end: StreamEnd | None = None
+        relay_stream = begin_relay_stream()  # lean LiteLLM: no post-stream assembly
         try:
             upstream = await self._open(kwargs, loop, total_deadline, first_deadline)
             self._response = upstream
@@ -457,6 +460,7 @@ class TokenStreamer:
             # is being cancelled from outside or the consumer stopped iterating.
             await self._close_response()
             self._response = None
+            end_relay_stream(relay_stream)
         self._usage = end.usage
         yield end
 

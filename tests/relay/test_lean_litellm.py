@@ -48,3 +48,15 @@ async def test_litellm_path_does_not_assemble_the_response_after_a_stream(fmt, m
     assert (end.usage.prompt_tokens, end.usage.completion_tokens, end.usage.estimated) == (
         11, 7, False)
     assert assembled == [], "LiteLLM rebuilt the streamed response"
+
+
+def test_other_litellm_use_in_the_process_still_assembles(monkeypatch):
+    """Only relay streams skip the assembly: a direct LiteLLM user gets the real builder."""
+    from litellm.litellm_core_utils import streaming_chunk_builder_utils as builder_utils
+
+    litellm = get_litellm()
+    assembled = []
+    monkeypatch.setattr(builder_utils, "_assembled_stream_response",
+                        lambda *a, **k: assembled.append(1))
+    litellm.stream_chunk_builder(chunks=[])
+    assert assembled == [1]
