@@ -23,6 +23,11 @@ Contract of ``events()``:
 * It never retries once anything was yielded. ``retries_before_first_token`` (default 0)
   is the one explicit opt-in for retrying a failed *connect*.
 
+Two upstreams feed the same loop (timers, cancel, tool-call assembly, usage): LiteLLM's
+stream wrapper (``_LiteLLMUpstream``), or, with a ``fast_route``, the provider's SSE read
+directly (``relay/fast_path.py``). While ``events()`` runs, LiteLLM skips its post-stream
+response assembly (``relay.llm.begin_relay_stream``).
+
 Concurrency: one ``events()`` iteration at a time per instance; ``cancel()`` may be called
 from any task of the same event loop.
 """
