@@ -164,8 +164,8 @@ class _ProviderStreamError(Exception):
 
 
 class _EndedUnfinished(Exception):
-    """An OpenAI-format stream ended cleanly without a finish_reason (a transport failure:
-    classified like LiteLLM's ``RemoteProtocolError`` for it)."""
+    """The stream ended without a finish reason (LiteLLM raises a ``RemoteProtocolError``
+    for it; both classify as "the provider's stream failed")."""
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -178,7 +178,7 @@ class _OpenAIDecoder:
     """OpenAI ``chat.completion.chunk`` events -> deltas; ``[DONE]`` ends the stream."""
 
     __slots__ = ("done", "finish_reason", "usage", "_map_finish", "_stream_error")
-    requires_finish = True
+    broken = False
     tolerates_cut_after_finish = False
 
     def __init__(self, map_finish, stream_error) -> None:
@@ -266,7 +266,6 @@ class _AnthropicDecoder:
     __slots__ = ("done", "finish_reason", "broken", "_seen", "_usage", "_tool_index",
                  "_block_type", "_block_args", "_names", "_map_finish", "_stream_error",
                  "_calculate_usage")
-    requires_finish = False
     tolerates_cut_after_finish = True
 
     def __init__(self, map_finish, stream_error, calculate_usage, reverse_names) -> None:
@@ -382,9 +381,10 @@ class _FastStream:
         self._ended = False
 
     async def next_batch(self) -> list[tuple] | None:
-        if self._ended:
-            return None
         decoder = self._decoder
+        if self._ended:
+            self._check_finished()
+            return None
         feed = self._parser.feed
         chunks = self._chunks
         while True:
@@ -392,10 +392,7 @@ class _FastStream:
                 chunk = await chunks.__anext__()
             except StopAsyncIteration:
                 self._ended = True
-                if self._decoder.requires_finish and decoder.finish_reason is None:
-                    # LiteLLM's wrapper fails an OpenAI-format stream that ends cleanly
-                    # without a finish_reason the same way.
-                    raise _EndedUnfinished("the stream ended before a finish_reason") from None
+                self._check_finished()
                 return None
             except _TRANSPORT_ERRORS:
                 if decoder.tolerates_cut_after_finish and decoder.finish_reason is not None:
@@ -409,13 +406,24 @@ class _FastStream:
                 deltas = decoder.decode(events)
                 if decoder.done:
                     await self._drain()
-                    return deltas or None
+                    if not deltas:
+                        self._check_finished()
+                        return None
+                    return deltas
                 if deltas:
                     return deltas
 
+    def _check_finished(self) -> None:
+        decoder = self._decoder
+        if decoder.finish_reason is None and not decoder.broken:
+            # LiteLLM's wrapper fails a stream that ends (cleanly, or with [DONE]) without a
+            # finish reason the same way. (After Anthropic garbage before any event it has
+            # nothing at all, and the relay reports the stream truncated.)
+            raise _EndedUnfinished("the stream ended before a finish reason")
+
     async def _drain(self) -> None:
-        """After ``[DONE]``: read the rest of the body (connection reuse), as the OpenAI SDK
-        does; a failure there no longer matters to the stream."""
+        """After ``[DONE]`` (or Anthropic garbage before any event): read the rest of the
+        body (connection reuse), as the OpenAI SDK does; a failure there no longer matters."""
         self._ended = True
         try:
             async for _ in self._chunks:
@@ -427,7 +435,7 @@ class _FastStream:
 
     @property
     def truncated(self) -> bool:
-        return getattr(self._decoder, "broken", False)
+        return self._decoder.broken
 
     def provider_usage(self) -> UsageInfo | None:
         return self._decoder.provider_usage()

@@ -262,6 +262,22 @@ async def test_cut_or_malformed_stream(fmt, fault):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("end", ["eof", "done"])
+async def test_stream_without_a_finish_reason(fmt, end):
+    """The provider's stream ends (cleanly, or OpenAI's ``[DONE]``) without ever saying it
+    finished: no finish_reason chunk / no ``message_delta``."""
+    base = stream(fmt, ["a", "b"])
+    if fmt == "openai":
+        keep = [e for e in base.events if '"finish_reason":"stop"' not in e.data]
+        if end == "eof":
+            keep = [e for e in keep if e.data != "[DONE]"]
+    else:
+        keep = [e for e in base.events if e.event not in ("message_delta", "message_stop")]
+    frames = assert_same(await both_paths(fmt, dataclasses.replace(base, events=tuple(keep))))
+    assert frames[-1]["status"] == "failed" and text_of(frames) == "ab"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 async def test_error_event_mid_stream(fmt):
     """The provider reports an error inside the stream (OpenAI: a chunk with ``error``;
     Anthropic: ``event: error``) after the first token."""
