@@ -162,7 +162,8 @@ async def main(args) -> None:
                       f"{tps[0]:8.0f} {statistics.median(tps):8.0f} {tps[-1]:8.0f}")
             print(f"fast / raw CPU per token:            {med['fast'] / med['raw']:.2f}x")
             print(f"litellm / fast CPU per token:        {med['litellm'] / med['fast']:.2f}x")
-            print(f"litellm-full / litellm (lean gain):  {med['litellm-full'] / med['litellm']:.2f}x")
+            lean_gain = med["litellm-full"] / med["litellm"]
+            print(f"litellm-full / litellm (lean gain):  {lean_gain:.2f}x")
     finally:
         proc.terminate()
         proc.wait()

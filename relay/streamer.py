@@ -192,8 +192,9 @@ class TokenStreamer:
     scripted one. ``fast_route`` (a ``relay.fast_path.FastRoute``) makes the streamer read the
     provider's SSE itself instead of going through LiteLLM's chunk objects (same events, same
     timers, cancel and errors; see ``relay/fast_path.py``); a request the route does not
-    accept still goes through ``completion``. ``completion_kwargs`` are extra server-side LiteLLM arguments (never from
-    a client). ``on_token`` is called with a ``TokenChunk`` for every text delta.
+    accept still goes through ``completion``. ``completion_kwargs`` are extra server-side
+    LiteLLM arguments (never from a client). ``on_token`` is called with a ``TokenChunk`` for
+    every text delta.
     """
 
     def __init__(
