@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import logging
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -56,7 +55,6 @@ __all__ = [
     "select_route",
 ]
 
-logger = logging.getLogger(__name__)
 
 #: LiteLLM providers whose chat streaming is the plain OpenAI Chat Completions SSE format.
 OPENAI_FORMAT_PROVIDERS = frozenset({
