@@ -6,7 +6,8 @@ provider speaks one of two streaming formats, the relay therefore reads the wire
 
 * ``openai``: OpenAI Chat Completions SSE (``data: {chat.completion.chunk}`` ... ``data: [DONE]``),
   for the LiteLLM providers in ``OPENAI_FORMAT_PROVIDERS`` (OpenAI and any OpenAI-compatible
-  ``api_base`` via ``openai/``, vLLM, Groq, Together, DeepSeek, OpenRouter);
+  ``api_base`` via ``openai/``, vLLM, Together, DeepSeek; Groq and OpenRouter as soon as
+  LiteLLM reads their streams with its generic parser);
 * ``anthropic``: Anthropic Messages SSE (``event: X`` + ``data: {...}``), provider ``anthropic``.
 
 Every other provider stays on LiteLLM's path. ``select_route()`` decides once per alias, at
@@ -56,7 +57,9 @@ __all__ = [
 ]
 
 
-#: LiteLLM providers whose chat streaming is the plain OpenAI Chat Completions SSE format.
+#: LiteLLM providers whose chat streaming is the OpenAI Chat Completions SSE format; each
+#: takes the fast path only while LiteLLM reads its stream with the generic OpenAI parser
+#: (``_generic_openai_stream_parser``: not Groq's or OpenRouter's own, in LiteLLM 1.110).
 OPENAI_FORMAT_PROVIDERS = frozenset({
     "openai", "custom_openai", "hosted_vllm", "groq", "together_ai", "deepseek", "openrouter",
 })
@@ -104,6 +107,9 @@ def select_route(model: str, api_base: str | None, *, fast: bool = True,
         config = None
     if config is None:
         return PathChoice("litellm", f"LiteLLM has no chat config for provider {provider}")
+    if wire == "openai" and not _generic_openai_stream_parser(config):
+        return PathChoice("litellm", f"LiteLLM reads {provider}'s stream with a parser of "
+                                     "its own")
     try:
         if config.should_fake_stream(model=name, stream=True, custom_llm_provider=provider):
             return PathChoice("litellm", f"LiteLLM fakes streaming for {model}")
@@ -114,6 +120,16 @@ def select_route(model: str, api_base: str | None, *, fast: bool = True,
     route = FastRoute(wire=wire, provider=provider, model=name, litellm_model=model,
                       api_base=api_base, config=config)
     return PathChoice("fast", f"{wire} streaming format (provider {provider})", route)
+
+
+def _generic_openai_stream_parser(config: Any) -> bool:
+    """True when LiteLLM reads this provider's stream with its plain OpenAI chunk parser, so
+    the stream has no provider quirks the fast path would have to know (OpenRouter's
+    ``reasoning`` field, Groq's handler, ...)."""
+    from litellm.llms.openai.chat.gpt_transformation import OpenAIGPTConfig
+
+    return (type(config).get_model_response_iterator
+            is OpenAIGPTConfig.get_model_response_iterator)
 
 
 class SSEParser:
