@@ -12,6 +12,7 @@ Config format (``relay serve --config relay.toml`` or ``RELAY_CONFIG``)::
     total_timeout = 300
     params = { temperature = 0.2 }     # optional default params (same allowlist as clients)
     retries_before_first_token = 0     # optional, explicit opt-in (connect failures only)
+    fast = false                       # optional: never use the fast path for this alias
 
 Startup fails with ``ConfigError`` naming the alias and what is missing; secrets are never
 printed (only env var names).
@@ -32,7 +33,7 @@ from .streamer import Timeouts
 __all__ = ["ConfigError", "build_registry", "load_models"]
 
 _ALIAS_KEYS = {"model", "api_key_env", "api_base", "max_tokens", "first_token_timeout",
-               "idle_timeout", "total_timeout", "params", "retries_before_first_token"}
+               "idle_timeout", "total_timeout", "params", "retries_before_first_token", "fast"}
 
 
 class ConfigError(ValueError):
@@ -125,9 +126,12 @@ def _load_alias(alias: str, entry: Any, defaults: Timeouts) -> ModelSpec:
     api_base = entry.get("api_base")
     if api_base is not None and not isinstance(api_base, str):
         raise ConfigError(f"{where}: api_base must be a string URL")
+    fast = entry.get("fast", True)
+    if not isinstance(fast, bool):
+        raise ConfigError(f"{where}: fast must be true or false")
     return ModelSpec(alias=alias, model=model, api_base=api_base, api_key_env=key_env,
                      timeouts=timeouts, default_params=dict(params), max_tokens=max_tokens,
-                     retries_before_first_token=retries)
+                     retries_before_first_token=retries, fast=fast)
 
 
 def _seconds(entry: dict, key: str, default: float | None, where: str) -> float | None:

@@ -27,6 +27,10 @@ class RelayMetrics:
         self.upstream_closed_on_cancel = Counter(
             "relay_upstream_closed_on_cancel",
             "Upstream requests closed because a stream was cancelled", registry=r)
+        self.model_path = Gauge(
+            "relay_model_path", "Streaming path of each model alias (1 = the one in use): "
+            "fast = the relay reads the provider's SSE itself, litellm = through LiteLLM",
+            ["alias", "path"], registry=r)
         self.time_to_first_token = Histogram(
             "relay_time_to_first_token_seconds", "From start to the first token frame sent",
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60), registry=r)

@@ -4,13 +4,17 @@ where and with which credentials the relay calls lives here, server-side.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import BadRequest, UnknownModel
 from .llm import DEMO_PROVIDER
 from .streamer import CompletionFn, Timeouts, TokenStreamer
+
+if TYPE_CHECKING:
+    from .fast_path import PathChoice
 
 __all__ = ["DEMO_ALIAS", "ModelRegistry", "ModelSpec"]
 
@@ -20,7 +24,11 @@ DEMO_ALIAS = "demo"
 @dataclass(frozen=True)
 class ModelSpec:
     """One alias. ``api_key_env`` names the environment variable holding the key; the key
-    itself is read when a stream starts and never stored in config, frames or logs."""
+    itself is read when a stream starts and never stored in config, frames or logs.
+
+    ``fast`` (default true) lets the alias use the fast path when its provider streams an
+    OpenAI- or Anthropic-format SSE (``relay/fast_path.py``); ``path`` says what was chosen.
+    """
 
     alias: str
     model: str
@@ -31,6 +39,16 @@ class ModelSpec:
     max_tokens: int | None = None
     retries_before_first_token: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    fast: bool = True
+
+    @functools.cached_property
+    def path(self) -> PathChoice:
+        """The streaming path of this alias (decided once; imports LiteLLM)."""
+        from .fast_path import PathChoice, select_route
+
+        if self.model.startswith(f"{DEMO_PROVIDER}/"):
+            return PathChoice("litellm", "the embedded demo model is a LiteLLM custom provider")
+        return select_route(self.model, self.api_base, fast=self.fast, extra=self.extra)
 
     def request_params(self, client_params: dict[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with the client's params; enforces the ``max_tokens`` ceiling."""
@@ -62,6 +80,8 @@ class ModelSpec:
             timeouts=self.timeouts,
             completion_kwargs=self.extra,
             retries_before_first_token=self.retries_before_first_token,
+            # An injected completion (tests, scripted upstreams) is what the caller wants.
+            fast_route=self.path.route if completion is None else None,
         )
 
 
@@ -78,6 +98,10 @@ class ModelRegistry:
     @property
     def aliases(self) -> list[str]:
         return list(self._specs)
+
+    @property
+    def specs(self) -> list[ModelSpec]:
+        return list(self._specs.values())
 
     def resolve(self, alias: str) -> ModelSpec:
         spec = self._specs.get(alias)

@@ -97,6 +97,7 @@ class RelayServer:
     async def start(self) -> None:
         """Listen. With ``redis_url``, Redis must answer first (``StoreUnavailable``)."""
         s = self.settings
+        self._announce_model_paths()
         if self.replicator is not None:
             await self.replicator.start()
         self._server = await serve(
@@ -127,6 +128,15 @@ class RelayServer:
                 raise
         if self.shared_limits is not None:
             await self.shared_limits.start()     # listening: close() stops it from now on
+
+    def _announce_model_paths(self) -> None:
+        """One log line per alias naming its streaming path (fast or litellm) and why; the
+        same in ``/metrics`` as ``relay_model_path{alias,path} 1``."""
+        for spec in self.registry.specs:
+            choice = spec.path
+            self.metrics.model_path.labels(spec.alias, choice.path).set(1)
+            logger.info("model alias %s: %s path (%s)", spec.alias, choice.path, choice.reason,
+                        extra={"model": spec.alias, "path": choice.path})
 
     @property
     def port(self) -> int:

@@ -23,6 +23,11 @@ Contract of ``events()``:
 * It never retries once anything was yielded. ``retries_before_first_token`` (default 0)
   is the one explicit opt-in for retrying a failed *connect*.
 
+Two upstreams feed the same loop (timers, cancel, tool-call assembly, usage): LiteLLM's
+stream wrapper (``_LiteLLMUpstream``), or, with a ``fast_route``, the provider's SSE read
+directly (``relay/fast_path.py``). While ``events()`` runs, LiteLLM skips its post-stream
+response assembly (``relay.llm.begin_relay_stream``).
+
 Concurrency: one ``events()`` iteration at a time per instance; ``cancel()`` may be called
 from any task of the same event loop.
 """
@@ -34,12 +39,15 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protocol import ErrorCode, FinishReason, FinishStatus
 
 from .llm import DEMO_MODEL
 from .upstream_errors import UpstreamFailure, classify_upstream_exception
+
+if TYPE_CHECKING:
+    from .fast_path import FastRoute
 
 __all__ = [
     "ReasoningDelta",
@@ -185,8 +193,12 @@ class TokenStreamer:
     embedded demo model (no key, no network). A string LiteLLM cannot route ends the stream
     ``failed``/``bad_request`` with a message saying how to name the model.
     ``completion`` (keyword) injects the ``acompletion``-compatible callable; tests pass a
-    scripted one. ``completion_kwargs`` are extra server-side LiteLLM arguments (never from
-    a client). ``on_token`` is called with a ``TokenChunk`` for every text delta.
+    scripted one. ``fast_route`` (a ``relay.fast_path.FastRoute``) makes the streamer read the
+    provider's SSE itself instead of going through LiteLLM's chunk objects (same events, same
+    timers, cancel and errors; see ``relay/fast_path.py``); a request the route does not
+    accept still goes through ``completion``. ``completion_kwargs`` are extra server-side
+    LiteLLM arguments (never from a client). ``on_token`` is called with a ``TokenChunk`` for
+    every text delta.
     """
 
     def __init__(
@@ -200,6 +212,7 @@ class TokenStreamer:
         timeouts: Timeouts | None = None,
         completion_kwargs: dict[str, Any] | None = None,
         retries_before_first_token: int = 0,
+        fast_route: FastRoute | None = None,
     ) -> None:
         self.model = DEMO_MODEL if model == "demo" else model
         self.api_key = api_key
@@ -209,6 +222,7 @@ class TokenStreamer:
         self._completion = completion
         self._completion_kwargs = dict(completion_kwargs or {})
         self._retries_before_first_token = retries_before_first_token
+        self._fast_route = fast_route
         self.reset()
 
     # ------------------------------------------------------------------ seed API
@@ -352,6 +366,8 @@ class TokenStreamer:
         applies: the stream then ends ``cancelled`` without contacting the provider.
         """
         self._clear_stream_state()
+        from .llm import begin_relay_stream, end_relay_stream
+
         loop = asyncio.get_running_loop()
         started = loop.time()
         tm = self.timeouts
@@ -366,59 +382,50 @@ class TokenStreamer:
         got_first = False
         last_chunk_at = started
         end: StreamEnd | None = None
+        relay_stream = begin_relay_stream()  # lean LiteLLM: no post-stream assembly
         try:
-            response = await self._open(kwargs, loop, total_deadline, first_deadline)
-            self._response = response
+            upstream = await self._open(kwargs, loop, total_deadline, first_deadline)
+            self._response = upstream
             if self._cancel_reason is not None:
                 raise _Interrupted
-            iterator = response.__aiter__()
+            next_batch = upstream.next_batch
             while True:
                 if got_first:
                     deadline = _min(total_deadline,
                                     last_chunk_at + tm.idle if tm.idle is not None else None)
                 else:
                     deadline = _min(total_deadline, first_deadline)
-                try:
-                    chunk = await self._wait(iterator.__anext__(), deadline)
-                except StopAsyncIteration:
+                batch = await self._wait(next_batch(), deadline)
+                if batch is None:
                     break
                 last_chunk_at = loop.time()
-                choices = chunk.choices
-                if not choices:
-                    continue
-                choice = choices[0]
-                if choice.finish_reason:
-                    finish_reason = choice.finish_reason
-                delta = choice.delta
-                if delta is None:
-                    continue
-                reasoning = getattr(delta, "reasoning_content", None)
-                if reasoning:
-                    got_first = True
-                    other_parts.append(reasoning)
-                    yield ReasoningDelta(reasoning)
-                content = delta.content
-                if content:
-                    got_first = True
-                    text_parts.append(content)
-                    self._accumulated_content += content
-                    yield TextDelta(content)
-                tool_calls = delta.tool_calls
-                if tool_calls:
-                    got_first = True
-                    for tc in tool_calls:
-                        event = _merge_tool_delta(calls, tc)
-                        if event.arguments_delta:
-                            other_parts.append(event.arguments_delta)
-                        yield event
-                if self._cancel_reason is not None:
-                    raise _Interrupted
-            if finish_reason is None or getattr(response, "chunks", None) == []:
+                for reasoning, content, tool_calls, finish in batch:
+                    if finish:
+                        finish_reason = finish
+                    if reasoning:
+                        got_first = True
+                        other_parts.append(reasoning)
+                        yield ReasoningDelta(reasoning)
+                    if content:
+                        got_first = True
+                        text_parts.append(content)
+                        self._accumulated_content += content
+                        yield TextDelta(content)
+                    if tool_calls:
+                        got_first = True
+                        for index, call_id, name, args in tool_calls:
+                            event = _merge_tool_delta(calls, index, call_id, name, args)
+                            if event.arguments_delta:
+                                other_parts.append(event.arguments_delta)
+                            yield event
+                    if self._cancel_reason is not None:
+                        raise _Interrupted
+            if finish_reason is None or upstream.truncated:
                 # The provider's stream ended without saying it finished, or without a single
                 # parseable chunk: truncated. (LiteLLM's Anthropic parser swallows a malformed
                 # event and everything after it, and its wrapper then makes up a "stop".)
                 raise _Truncated
-            usage = self._final_usage(response, kwargs, text_parts, other_parts)
+            usage = self._final_usage(upstream, kwargs, text_parts, other_parts)
             reason = _FINISH_REASONS.get(finish_reason, FinishReason.STOP)
             if calls and reason == FinishReason.STOP:
                 # Some providers report "stop" after tool calls; the calls still complete.
@@ -449,7 +456,7 @@ class TokenStreamer:
                                 f"the provider exceeded the {what} limit"),
             )
         except Exception as exc:  # any provider failure ends the stream, never the caller
-            failure = classify_upstream_exception(exc)
+            failure = classify_upstream_exception(exc, mid_stream=self._response is not None)
             logger.warning("upstream failure for model %s: %s (%s)", self.model,
                            failure.code, type(exc).__name__)
             end = StreamEnd(
@@ -463,6 +470,7 @@ class TokenStreamer:
             # is being cancelled from outside or the consumer stopped iterating.
             await self._close_response()
             self._response = None
+            end_relay_stream(relay_stream)
         self._usage = end.usage
         yield end
 
@@ -489,12 +497,19 @@ class TokenStreamer:
         return kwargs
 
     async def _open(self, kwargs, loop, total_deadline, first_deadline):
+        """Start the request; returns an upstream (``next_batch``/``aclose``/usage, below)."""
+        fast = self._fast_route
+        if fast is not None and not fast.accepts(kwargs):
+            fast = None  # this request needs something only LiteLLM's own path does
         completion = self._completion or _default_completion()
         attempts = 1 + max(0, self._retries_before_first_token)
         for attempt in range(attempts):
             try:
-                return await self._wait(completion(**kwargs),
-                                        _min(total_deadline, first_deadline))
+                if fast is not None:
+                    return await self._wait(fast.open(kwargs), _min(total_deadline, first_deadline))
+                response = await self._wait(completion(**kwargs),
+                                            _min(total_deadline, first_deadline))
+                return _LiteLLMUpstream(response)
             except (_Interrupted, TimeoutError):
                 raise
             except Exception as exc:
@@ -549,8 +564,8 @@ class TokenStreamer:
             logger.debug("closing upstream response failed: %s", type(exc).__name__)
         self._response = None
 
-    def _final_usage(self, response, kwargs, text_parts, other_parts) -> UsageInfo:
-        provider = _provider_usage(response)
+    def _final_usage(self, upstream, kwargs, text_parts, other_parts) -> UsageInfo:
+        provider = upstream.provider_usage()
         if provider is not None:
             return provider
         return self._estimate(kwargs, text_parts, other_parts)
@@ -573,23 +588,72 @@ def _min(a: float | None, b: float | None) -> float | None:
     return a if a < b else b
 
 
-def _merge_tool_delta(calls: dict[int, _ToolCallState], tc: Any) -> ToolCallDelta:
-    index = tc.index if isinstance(getattr(tc, "index", None), int) else len(calls)
+def _merge_tool_delta(calls: dict[int, _ToolCallState], index: int | None,
+                      provider_id: str | None, name: str | None, args: str) -> ToolCallDelta:
+    if not isinstance(index, int):
+        index = len(calls)
     state = calls.get(index)
-    provider_id = getattr(tc, "id", None) or None
     if state is None:
         state = _ToolCallState(index, provider_id or "call_" + secrets.token_hex(12))
         calls[index] = state
     if provider_id and state.provider_id is None:
         state.provider_id = provider_id
-    fn = getattr(tc, "function", None)
-    name = getattr(fn, "name", None) if fn is not None else None
-    args = (getattr(fn, "arguments", None) if fn is not None else None) or ""
     if name and not state.name:
         state.name = name
     if args:
         state.arguments.append(args)
     return ToolCallDelta(index, state.provider_id or state.call_id, name or None, args)
+
+
+class _LiteLLMUpstream:
+    """LiteLLM's stream wrapper (or an injected look-alike) as an upstream of the loop in
+    ``TokenStreamer.events()``: ``next_batch()`` turns one chunk into a tuple of deltas
+    ``(reasoning, content, tool_calls, finish_reason)`` (``None`` at the end), tool calls as
+    ``(index, id, name, arguments)``.
+    """
+
+    __slots__ = ("response", "_iterator")
+
+    def __init__(self, response: Any) -> None:
+        self.response = response
+        self._iterator = response.__aiter__()
+
+    async def next_batch(self) -> tuple | None:
+        try:
+            chunk = await self._iterator.__anext__()
+        except StopAsyncIteration:
+            return None
+        choices = chunk.choices
+        if not choices:
+            return ()
+        choice = choices[0]
+        delta = choice.delta
+        if delta is None:
+            return ((None, None, None, choice.finish_reason),)
+        tool_calls = delta.tool_calls
+        if tool_calls:
+            calls = []
+            for tc in tool_calls:
+                fn = getattr(tc, "function", None)
+                calls.append((getattr(tc, "index", None), getattr(tc, "id", None) or None,
+                              getattr(fn, "name", None) if fn is not None else None,
+                              (getattr(fn, "arguments", None) if fn is not None else None) or ""))
+            tool_calls = calls
+        return ((getattr(delta, "reasoning_content", None), delta.content, tool_calls,
+                 choice.finish_reason),)
+
+    @property
+    def truncated(self) -> bool:
+        # Without a single parseable chunk, LiteLLM's wrapper still makes up a finish.
+        return getattr(self.response, "chunks", None) == []
+
+    def provider_usage(self) -> UsageInfo | None:
+        return _provider_usage(self.response)
+
+    async def aclose(self) -> None:
+        aclose = getattr(self.response, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def _provider_usage(response: Any) -> UsageInfo | None:

@@ -48,8 +48,13 @@ class UpstreamFailure:
         return out
 
 
-def classify_upstream_exception(exc: BaseException) -> UpstreamFailure:
-    """Map any exception raised while calling or reading the provider to a safe failure."""
+def classify_upstream_exception(exc: BaseException, *, mid_stream: bool = False) -> UpstreamFailure:
+    """Map any exception raised while calling or reading the provider to a safe failure.
+
+    ``mid_stream``: the provider's response had already started (headers received). A
+    transport failure then means the stream was cut or garbled, not that the provider could
+    not be reached (LiteLLM reports both as a connection error).
+    """
     exc = _unwrap(exc)
     if type(exc).__name__ == "_Truncated":
         return UpstreamFailure(ErrorCode.UPSTREAM_ERROR,
@@ -59,6 +64,9 @@ def classify_upstream_exception(exc: BaseException) -> UpstreamFailure:
     if name == "BadRequestError" and "LLM Provider NOT provided" in str(exc):
         # LiteLLM refuses a model string without a provider before any request is made.
         return UpstreamFailure(ErrorCode.BAD_REQUEST, UNROUTABLE_MODEL_MESSAGE)
+    if mid_stream and status in (None, 500) and (
+            _connect_failed(exc) or name in _TRANSPORT_ERRORS):
+        return _STREAM_FAILED
     if status in (401, 403) or name in ("AuthenticationError", "PermissionDeniedError"):
         return UpstreamFailure(
             ErrorCode.UPSTREAM_ERROR,
@@ -89,11 +97,13 @@ def classify_upstream_exception(exc: BaseException) -> UpstreamFailure:
         )
     if name in ("APIConnectionError", "ServiceUnavailableError", "ConnectError"):
         return UpstreamFailure(ErrorCode.UPSTREAM_ERROR, "could not reach the provider")
-    return UpstreamFailure(
-        ErrorCode.UPSTREAM_ERROR, "the provider's stream failed (cut off or malformed)"
-    )
+    return _STREAM_FAILED
 
 
+_STREAM_FAILED = UpstreamFailure(ErrorCode.UPSTREAM_ERROR,
+                                 "the provider's stream failed (cut off or malformed)")
+_TRANSPORT_ERRORS = frozenset({"ReadError", "RemoteProtocolError", "ClientPayloadError",
+                               "TransferEncodingError"})
 _CONNECT_ERRORS = frozenset({"ConnectError", "APIConnectionError", "ClientConnectorError",
                              "ConnectionRefusedError", "gaierror"})
 

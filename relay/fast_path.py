@@ -1,0 +1,643 @@
+"""The fast streaming path: the relay reads the provider's SSE itself.
+
+LiteLLM turns every streamed chunk into OpenAI SDK and LiteLLM objects (~600-1,000 us of CPU per
+token here); reading the same Server-Sent Events with httpx costs ~50 us. For aliases whose
+provider speaks one of two streaming formats, the relay therefore reads the wire itself:
+
+* ``openai``: OpenAI Chat Completions SSE (``data: {chat.completion.chunk}`` ... ``data: [DONE]``),
+  for the LiteLLM providers in ``OPENAI_FORMAT_PROVIDERS`` (OpenAI and any OpenAI-compatible
+  ``api_base`` via ``openai/``, vLLM, Together, DeepSeek; Groq and OpenRouter as soon as
+  LiteLLM reads their streams with its generic parser);
+* ``anthropic``: Anthropic Messages SSE (``event: X`` + ``data: {...}``), provider ``anthropic``.
+
+Every other provider stays on LiteLLM's path. ``select_route()`` decides once per alias, at
+startup (``fast = false`` in the alias's config opts out); the choice is logged and exported
+in ``/metrics`` (``relay_model_path``).
+
+What LiteLLM still does (its provider knowledge, once per stream, never per chunk):
+
+* the request: ``get_llm_provider`` (provider, key and base URL), ``get_optional_params``
+  (parameter mapping), the provider config's ``validate_environment`` (headers),
+  ``get_complete_url`` and ``transform_request`` (body; for Anthropic the message and tool
+  translation and beta-header filtering, exactly as LiteLLM's Anthropic handler calls them);
+* the meaning of an HTTP error: status, headers and body become the provider's exception
+  (``config.get_error_class``) and then LiteLLM's (``exception_type``), so
+  ``classify_upstream_exception`` answers exactly as on the LiteLLM path (Retry-After too);
+* finish reasons (``map_finish_reason``) and Anthropic usage arithmetic (``calculate_usage``).
+
+What the relay does: one shared ``httpx.AsyncClient`` per event loop, ``SSEParser`` (bytes in,
+``(event, data)`` out), ``orjson``, and a decoder per format that yields the deltas
+``TokenStreamer.events()`` consumes: ``(reasoning, content, tool_calls, finish_reason)`` with
+tool calls as ``(index, id, name, arguments)``. Timers, cancel (``aclose`` of the response),
+usage decisions and estimates are the streamer's, shared with the LiteLLM path.
+
+Requests a route does not take (``FastRoute.accepts``) go through LiteLLM: on Anthropic a
+``response_format`` (LiteLLM rewrites it into a tool and the tool call back into text).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .streamer import UsageInfo
+
+__all__ = [
+    "ANTHROPIC_FORMAT_PROVIDERS",
+    "OPENAI_FORMAT_PROVIDERS",
+    "FastRoute",
+    "PathChoice",
+    "SSEParser",
+    "select_route",
+]
+
+
+#: LiteLLM providers whose chat streaming is the OpenAI Chat Completions SSE format; each
+#: takes the fast path only while LiteLLM reads its stream with the generic OpenAI parser
+#: (``_generic_openai_stream_parser``: not Groq's or OpenRouter's own, in LiteLLM 1.110).
+OPENAI_FORMAT_PROVIDERS = frozenset({
+    "openai", "custom_openai", "hosted_vllm", "groq", "together_ai", "deepseek", "openrouter",
+})
+#: LiteLLM providers that stream Anthropic Messages SSE.
+ANTHROPIC_FORMAT_PROVIDERS = frozenset({"anthropic"})
+
+# kwargs of a TokenStreamer request that are not model parameters
+_NOT_PARAMS = frozenset({"model", "messages", "api_key", "api_base", "num_retries"})
+
+
+@dataclass(frozen=True)
+class PathChoice:
+    """Which path an alias streams through, and why (for the startup log)."""
+
+    path: str  # "fast" or "litellm"
+    reason: str
+    route: FastRoute | None = None
+
+
+def select_route(model: str, api_base: str | None, *, fast: bool = True,
+                 extra: dict[str, Any] | None = None) -> PathChoice:
+    """Decide the path of one alias (imports LiteLLM). Never raises: on any doubt, LiteLLM."""
+    if not fast:
+        return PathChoice("litellm", "fast = false in the alias config")
+    if extra:
+        return PathChoice("litellm", "extra LiteLLM arguments configured")
+    from .llm import get_litellm
+
+    litellm = get_litellm()
+    try:
+        name, provider, _key, _base = litellm.get_llm_provider(model, api_base=api_base)
+    except Exception:
+        return PathChoice("litellm", "LiteLLM does not know the provider")
+    if provider in ANTHROPIC_FORMAT_PROVIDERS:
+        wire = "anthropic"
+    elif provider in OPENAI_FORMAT_PROVIDERS:
+        wire = "openai"
+    else:
+        return PathChoice("litellm", f"provider {provider} does not stream an OpenAI or "
+                                     "Anthropic format the relay reads itself")
+    try:
+        config = litellm.ProviderConfigManager.get_provider_chat_config(
+            model=name, provider=litellm.LlmProviders(provider))
+    except Exception:
+        config = None
+    if config is None:
+        return PathChoice("litellm", f"LiteLLM has no chat config for provider {provider}")
+    if wire == "openai" and not _generic_openai_stream_parser(config):
+        return PathChoice("litellm", f"LiteLLM reads {provider}'s stream with a parser of "
+                                     "its own")
+    try:
+        if config.should_fake_stream(model=name, stream=True, custom_llm_provider=provider):
+            return PathChoice("litellm", f"LiteLLM fakes streaming for {model}")
+        if config.has_custom_stream_wrapper:
+            return PathChoice("litellm", f"LiteLLM has a custom stream wrapper for {provider}")
+    except Exception:
+        return PathChoice("litellm", f"LiteLLM cannot describe streaming for {model}")
+    route = FastRoute(wire=wire, provider=provider, model=name, litellm_model=model,
+                      api_base=api_base, config=config)
+    return PathChoice("fast", f"{wire} streaming format (provider {provider})", route)
+
+
+def _generic_openai_stream_parser(config: Any) -> bool:
+    """True when LiteLLM reads this provider's stream with its plain OpenAI chunk parser, so
+    the stream has no provider quirks the fast path would have to know (OpenRouter's
+    ``reasoning`` field, Groq's handler, ...)."""
+    from litellm.llms.openai.chat.gpt_transformation import OpenAIGPTConfig
+
+    return (type(config).get_model_response_iterator
+            is OpenAIGPTConfig.get_model_response_iterator)
+
+
+class SSEParser:
+    """Incremental Server-Sent Events parser: ``feed(bytes)`` -> completed ``(event, data)``.
+
+    Lines end with LF or CRLF; an event is dispatched at a blank line; ``data`` lines of one
+    event are joined with LF; comments (``:``) and other fields are ignored; a trailing
+    event without its blank line is discarded at the end of the stream (as the SSE spec and
+    the OpenAI SDK do). Bytes stay bytes (orjson parses them directly).
+    """
+
+    __slots__ = ("_tail", "_event", "_data")
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self._event: bytes | None = None
+        self._data: bytes | None = None
+
+    def feed(self, chunk: bytes) -> list[tuple[bytes | None, bytes]]:
+        if self._tail:
+            chunk = self._tail + chunk
+        lines = chunk.split(b"\n")
+        self._tail = lines.pop()
+        out: list[tuple[bytes | None, bytes]] = []
+        for line in lines:
+            if line[-1:] == b"\r":
+                line = line[:-1]
+            if not line:
+                if self._data is not None:
+                    out.append((self._event, self._data))
+                self._event = self._data = None
+            elif line[:5] == b"data:":
+                value = line[6:] if line[5:6] == b" " else line[5:]
+                self._data = value if self._data is None else self._data + b"\n" + value
+            elif line[:6] == b"event:":
+                self._event = line[7:] if line[6:7] == b" " else line[6:]
+        return out
+
+
+class _Malformed(ValueError):
+    """A data line that is not the JSON object the format requires."""
+
+
+class _ProviderStreamError(Exception):
+    """An error event inside an OpenAI-format stream (no HTTP status)."""
+
+
+class _EndedUnfinished(Exception):
+    """The stream ended without a finish reason (LiteLLM raises a ``RemoteProtocolError``
+    for it; both classify as "the provider's stream failed")."""
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    import httpx
+
+    return (httpx.ReadError, httpx.RemoteProtocolError)
+
+
+class _OpenAIDecoder:
+    """OpenAI ``chat.completion.chunk`` events -> deltas; ``[DONE]`` ends the stream."""
+
+    __slots__ = ("done", "finish_reason", "usage", "_map_finish", "_stream_error")
+    broken = False
+    tolerates_cut_after_finish = False
+
+    def __init__(self, map_finish, stream_error) -> None:
+        self.done = False
+        self.finish_reason: str | None = None
+        self.usage: tuple[int | None, int | None] = (None, None)
+        self._map_finish = map_finish
+        self._stream_error = stream_error
+
+    def decode(self, events: list[tuple[bytes | None, bytes]]) -> list[tuple]:
+        deltas = []
+        for _event, data in events:
+            if self.done:
+                break
+            if data[:6] == b"[DONE]":
+                self.done = True
+                break
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                raise _Malformed("malformed JSON in the provider's stream") from None
+            if type(obj) is not dict:
+                raise _Malformed("a stream event that is not a JSON object")
+            if obj.get("error"):
+                raise self._stream_error(obj["error"])
+            usage = obj.get("usage")
+            if usage:
+                self._take_usage(usage)
+            choices = obj.get("choices")
+            if not choices:
+                continue
+            choice = choices[0]
+            finish = choice.get("finish_reason")
+            if finish:
+                finish = self.finish_reason = self._map_finish(finish)
+            delta = choice.get("delta")
+            if not delta:
+                if finish:
+                    deltas.append((None, None, None, finish))
+                continue
+            reasoning = delta.get("reasoning_content")
+            if reasoning is None:
+                reasoning = delta.get("reasoning")  # vLLM, Groq, Cerebras name (as LiteLLM maps)
+            tool_calls = delta.get("tool_calls")
+            if tool_calls:
+                calls = []
+                for tc in tool_calls:
+                    fn = tc.get("function") or {}
+                    calls.append((tc.get("index"), tc.get("id") or None, fn.get("name"),
+                                  fn.get("arguments") or ""))
+                tool_calls = calls
+            content = delta.get("content")
+            if reasoning or content or tool_calls or finish:
+                deltas.append((reasoning if type(reasoning) is str else None, content,
+                               tool_calls, finish))
+        return deltas
+
+    def _take_usage(self, usage: Any) -> None:
+        if type(usage) is not dict:
+            return
+        p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        prompt, completion = self.usage
+        if type(p) is int and p > 0:
+            prompt = max(prompt or 0, p)
+        if type(c) is int and c > 0:
+            completion = max(completion or 0, c)
+        self.usage = (prompt, completion)
+
+    def provider_usage(self) -> UsageInfo | None:
+        prompt, completion = self.usage
+        if prompt is None and completion is None:
+            return None
+        return UsageInfo(prompt or 0, completion or 0, estimated=False)
+
+
+class _AnthropicDecoder:
+    """Anthropic Messages events -> deltas, as LiteLLM's Anthropic stream parser reads them.
+
+    Tool calls are numbered 0, 1, ... in ``tool_use`` block order; a ``tool_use`` block whose
+    input stayed empty completes with arguments ``{}``. A data line that is not a JSON object
+    fails the stream (``_Malformed``), except before any valid event, where LiteLLM's parser
+    swallows the rest and the stream ends empty (the relay reports it truncated).
+    """
+
+    __slots__ = ("done", "finish_reason", "broken", "_seen", "_usage", "_tool_index",
+                 "_block_type", "_block_args", "_names", "_map_finish", "_stream_error",
+                 "_calculate_usage")
+    tolerates_cut_after_finish = True
+
+    def __init__(self, map_finish, stream_error, calculate_usage, reverse_names) -> None:
+        self.done = False  # Anthropic ends at EOF, like LiteLLM's reader
+        self.finish_reason: str | None = None
+        self.broken = False
+        self._seen = False
+        self._usage: dict | None = None
+        self._tool_index = -1
+        self._block_type: str | None = None
+        self._block_args = False
+        self._names = reverse_names or {}
+        self._map_finish = map_finish
+        self._stream_error = stream_error
+        self._calculate_usage = calculate_usage
+
+    def decode(self, events: list[tuple[bytes | None, bytes]]) -> list[tuple]:
+        deltas = []
+        for _event, data in events:
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                obj = None
+            if type(obj) is not dict:
+                if self._seen:
+                    raise _Malformed("malformed JSON in the provider's stream")
+                # Before any valid event LiteLLM's parser swallows the rest and its wrapper
+                # ends the stream with nothing in it: the relay reports it truncated.
+                self.broken = self.done = True
+                break
+            self._seen = True
+            kind = obj.get("type")
+            if kind == "content_block_delta":
+                delta = obj.get("delta") or {}
+                if "text" in delta:
+                    deltas.append((None, delta["text"], None, None))
+                elif "partial_json" in delta:
+                    if self._block_type == "tool_use":
+                        piece = delta["partial_json"]
+                        if piece:
+                            self._block_args = True
+                        deltas.append((None, None, ((self._tool_index, None, None, piece),),
+                                       None))
+                elif "thinking" in delta:
+                    thinking = delta["thinking"]
+                    if type(thinking) is str and thinking:
+                        deltas.append((thinking, None, None, None))
+            elif kind == "content_block_start":
+                block = obj.get("content_block") or {}
+                block_type = self._block_type = block.get("type")
+                self._block_args = False
+                if block_type == "text":
+                    text = block.get("text")
+                    if text:
+                        deltas.append((None, text, None, None))
+                elif block_type == "tool_use":
+                    self._tool_index += 1
+                    name = block.get("name")
+                    name = self._names.get(name, name)
+                    deltas.append((None, None, ((self._tool_index, block.get("id"), name, ""),),
+                                   None))
+            elif kind == "content_block_stop":
+                if self._block_type == "tool_use" and not self._block_args:
+                    deltas.append((None, None, ((self._tool_index, None, None, "{}"),), None))
+                self._block_type = None
+            elif kind == "message_delta":
+                delta = obj.get("delta") or {}
+                finish = self.finish_reason = self._map_finish(delta.get("stop_reason") or "stop")
+                if "usage" in obj:
+                    self._take_usage(obj["usage"])
+                deltas.append((None, None, None, finish))
+            elif kind == "message_start":
+                message = obj.get("message") or {}
+                if "usage" in message:
+                    self._take_usage(message["usage"])
+            elif kind == "error":
+                raise self._stream_error(obj.get("error") or {})
+        return deltas
+
+    def _take_usage(self, usage: Any) -> None:
+        if type(usage) is dict:
+            self._usage = {**(self._usage or {}), **usage}
+
+    def provider_usage(self) -> UsageInfo | None:
+        if self._usage is None:
+            return None
+        usage = self._calculate_usage(self._usage)
+        p, c = usage.prompt_tokens, usage.completion_tokens
+        prompt = p if isinstance(p, int) and p > 0 else None
+        completion = c if isinstance(c, int) and c > 0 else None
+        if prompt is None and completion is None:
+            return None
+        return UsageInfo(prompt or 0, completion or 0, estimated=False)
+
+
+class _FastStream:
+    """One open provider response, read by ``TokenStreamer.events()``.
+
+    ``next_batch()`` reads the network until the events that arrived carry at least one delta
+    and returns them, or ``None`` at the end of the stream. Events without a delta (Anthropic
+    pings, ``message_start``, usage-only chunks) do not end the wait, so they do not reset the
+    streamer's idle timer: LiteLLM's wrapper does not hand such chunks on either.
+    ``aclose()`` closes the HTTP response (and with it the connection) at once.
+    """
+
+    __slots__ = ("_response", "_chunks", "_parser", "_decoder", "_ended")
+
+    def __init__(self, response, decoder) -> None:
+        self._response = response
+        self._chunks = response.aiter_bytes().__aiter__()
+        self._parser = SSEParser()
+        self._decoder = decoder
+        self._ended = False
+
+    async def next_batch(self) -> list[tuple] | None:
+        decoder = self._decoder
+        if self._ended:
+            self._check_finished()
+            return None
+        feed = self._parser.feed
+        chunks = self._chunks
+        while True:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                self._ended = True
+                self._check_finished()
+                return None
+            except _TRANSPORT_ERRORS:
+                if decoder.tolerates_cut_after_finish and decoder.finish_reason is not None:
+                    # LiteLLM reads Anthropic's stream with httpx and ends it normally when
+                    # the connection breaks after the finish reason (message_delta) arrived.
+                    self._ended = True
+                    return None
+                raise
+            events = feed(chunk)
+            if events:
+                deltas = decoder.decode(events)
+                if decoder.done:
+                    await self._drain()
+                    if not deltas:
+                        self._check_finished()
+                        return None
+                    return deltas
+                if deltas:
+                    return deltas
+
+    def _check_finished(self) -> None:
+        decoder = self._decoder
+        if decoder.finish_reason is None and not decoder.broken:
+            # LiteLLM's wrapper fails a stream that ends (cleanly, or with [DONE]) without a
+            # finish reason the same way. (After Anthropic garbage before any event it has
+            # nothing at all, and the relay reports the stream truncated.)
+            raise _EndedUnfinished("the stream ended before a finish reason")
+
+    async def _drain(self) -> None:
+        """After ``[DONE]`` (or Anthropic garbage before any event): read the rest of the
+        body (connection reuse), as the OpenAI SDK does; a failure there no longer matters."""
+        self._ended = True
+        try:
+            async for _ in self._chunks:
+                pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            pass
+
+    @property
+    def truncated(self) -> bool:
+        return self._decoder.broken
+
+    def provider_usage(self) -> UsageInfo | None:
+        return self._decoder.provider_usage()
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+_TRANSPORT_ERRORS = _transport_errors()
+_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _http_client():
+    """The event loop's shared ``httpx.AsyncClient`` (pooled keep-alive connections)."""
+    import httpx
+
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
+    if client is None or client.is_closed:
+        from .llm import get_litellm
+
+        timeout = float(getattr(get_litellm(), "request_timeout", 600) or 600)
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout),
+            # One connection per concurrent stream: a pool cap would queue streams silently.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256,
+                                keepalive_expiry=30.0),
+            follow_redirects=False,
+        )
+        _clients[loop] = client
+    return client
+
+
+@dataclass(frozen=True)
+class FastRoute:
+    """How to call one alias's provider directly. Built by ``select_route`` at startup."""
+
+    wire: str            # "openai" or "anthropic"
+    provider: str        # LiteLLM provider name
+    model: str           # the provider's model name
+    litellm_model: str   # the alias's LiteLLM model string
+    api_base: str | None
+    config: Any          # LiteLLM's provider chat config
+
+    def accepts(self, kwargs: dict[str, Any]) -> bool:
+        """False for a request only LiteLLM's own path handles (see the module docstring)."""
+        return not (self.wire == "anthropic" and kwargs.get("response_format") is not None)
+
+    async def open(self, kwargs: dict[str, Any]) -> _FastStream:
+        """Send the request; return the open stream or raise LiteLLM's exception for it."""
+        url, headers, body, decoder = self.build_request(kwargs)
+        client = _http_client()
+        request = client.build_request("POST", url, headers=headers, content=body)
+        response = await client.send(request, stream=True)
+        if response.status_code >= 400:
+            try:
+                error_body = await response.aread()
+            finally:
+                await response.aclose()
+            raise self._http_error(response.status_code, response.headers, error_body)
+        return _FastStream(response, decoder)
+
+    # ------------------------------------------------------------------ LiteLLM knowledge
+
+    def build_request(self, kwargs: dict[str, Any]) -> tuple[str, dict, bytes, Any]:
+        """URL, headers, JSON body and a fresh decoder for one request, built by LiteLLM's
+        provider code the way its own handler for this provider builds them."""
+        from .llm import get_litellm
+
+        litellm = get_litellm()
+        _name, _provider, dynamic_key, dynamic_base = litellm.get_llm_provider(
+            self.litellm_model, api_base=self.api_base)
+        api_key = kwargs.get("api_key") or dynamic_key
+        api_base = kwargs.get("api_base") or self.api_base or dynamic_base
+        from litellm.utils import (
+            validate_and_fix_openai_messages, validate_and_fix_openai_tools,
+            validate_chat_completion_tool_choice, validate_openai_optional_params,
+        )
+
+        # What litellm.completion() does first, for every provider.
+        messages = validate_and_fix_openai_messages(copy.deepcopy(kwargs["messages"]))
+        params = {k: v for k, v in kwargs.items() if k not in _NOT_PARAMS}
+        if "tools" in params:
+            params["tools"] = validate_and_fix_openai_tools(params["tools"])
+        if "tool_choice" in params:
+            params["tool_choice"] = validate_chat_completion_tool_choice(
+                tool_choice=params["tool_choice"], model=self.litellm_model)
+        if "stop" in params:
+            params["stop"] = validate_openai_optional_params(stop=params["stop"])
+        optional = litellm.get_optional_params(
+            model=self.model, custom_llm_provider=self.provider, messages=messages, **params)
+        litellm_params: dict[str, Any] = {"custom_llm_provider": self.provider,
+                                          "api_base": api_base}
+        if self.wire == "anthropic":
+            return self._anthropic_request(litellm, api_key, api_base, messages, optional,
+                                           litellm_params)
+        return self._openai_request(litellm, api_key, api_base, messages, optional,
+                                    litellm_params)
+
+    def _openai_request(self, litellm, api_key, api_base, messages, optional, litellm_params):
+        config = self.config
+        if api_base is None:
+            api_base = litellm.OpenAIConfig.get_api_base()
+        if api_key is None and self.provider == "openai":
+            api_key = litellm.OpenAIConfig.get_api_key()
+        extra_body = optional.pop("extra_body", None)
+        headers = config.validate_environment(
+            headers={}, model=self.model, messages=messages, optional_params=optional,
+            litellm_params=litellm_params, api_key=api_key, api_base=api_base)
+        url = config.get_complete_url(api_base=api_base, api_key=api_key, model=self.model,
+                                      optional_params=optional, litellm_params=litellm_params,
+                                      stream=True)
+        body = config.transform_request(model=self.model, messages=messages,
+                                        optional_params=optional,
+                                        litellm_params=litellm_params, headers=headers)
+        if extra_body:
+            body = {**body, **extra_body}
+        body["stream"] = True
+        from litellm.litellm_core_utils.core_helpers import map_finish_reason
+
+        decoder = _OpenAIDecoder(map_finish_reason, self._openai_stream_error)
+        return url, headers, orjson.dumps(body), decoder
+
+    def _anthropic_request(self, litellm, api_key, api_base, messages, optional,
+                           litellm_params):
+        import os
+
+        from litellm.anthropic_beta_gated_fields import strip_beta_gated_request_body
+        from litellm.anthropic_beta_headers_manager import update_request_with_filtered_beta
+        from litellm.litellm_core_utils.core_helpers import map_finish_reason
+        from litellm.litellm_core_utils.url_utils import ensure_api_route
+        from litellm.llms.anthropic.chat.transformation import (
+            ANTHROPIC_TOOL_NAME_REVERSE_MAP_KEY, AnthropicConfig,
+        )
+
+        # As litellm.main's Anthropic branch resolves them.
+        api_key = (api_key or litellm.anthropic_key or litellm.api_key
+                   or os.environ.get("ANTHROPIC_API_KEY"))
+        api_base = ensure_api_route(
+            api_base or litellm.api_base or os.environ.get("ANTHROPIC_API_BASE")
+            or os.environ.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com/v1/messages",
+            "v1/messages")
+        optional.pop("stream", None)
+        optional.pop("json_mode", None)
+        optional.pop("vertex_count_tokens_location", None)
+        transform_params = {**optional, "is_vertex_request": False}
+        headers = AnthropicConfig().validate_environment(
+            api_key=api_key, headers={}, model=self.model, messages=messages,
+            optional_params=transform_params, litellm_params=litellm_params, api_base=api_base)
+        data = self.config.transform_request(model=self.model, messages=messages,
+                                             optional_params=transform_params,
+                                             litellm_params=litellm_params, headers=headers)
+        headers, data = update_request_with_filtered_beta(
+            headers=headers, request_data=data, provider=self.provider, api_base=api_base)
+        data = dict(strip_beta_gated_request_body(data, headers, drop_params=None,
+                                                  model=self.model, provider=self.provider))
+        data["stream"] = True
+        config = AnthropicConfig()
+        decoder = _AnthropicDecoder(
+            map_finish_reason, self._anthropic_stream_error,
+            lambda usage: config.calculate_usage(usage_object=usage, reasoning_content=None),
+            litellm_params.get(ANTHROPIC_TOOL_NAME_REVERSE_MAP_KEY))
+        return api_base, headers, orjson.dumps(data), decoder
+
+    def _mapped(self, error: Exception) -> Exception:
+        """The exception LiteLLM raises for ``error`` (its provider exception mapping)."""
+        from litellm.litellm_core_utils.exception_mapping_utils import exception_type
+
+        try:
+            exception_type(model=self.model, original_exception=error,
+                           custom_llm_provider=self.provider)
+        except Exception as mapped:
+            return mapped
+        return error
+
+    def _http_error(self, status: int, headers, body: bytes) -> Exception:
+        message = body.decode("utf-8", errors="replace")
+        return self._mapped(self.config.get_error_class(
+            error_message=message, status_code=status, headers=headers))
+
+    def _openai_stream_error(self, error: Any) -> Exception:
+        """An ``{"error": ...}`` event inside an OpenAI-format stream. The SDK raises an
+        ``APIError`` without a status, which LiteLLM reports as a broken stream; so does
+        this (``classify_upstream_exception``: "the provider's stream failed")."""
+        return _ProviderStreamError("the provider reported an error inside the stream")
+
+    def _anthropic_stream_error(self, error: Any) -> Exception:
+        """An ``event: error`` inside an Anthropic stream (LiteLLM: status 500)."""
+        message = error.get("message") if isinstance(error, dict) else None
+        return self._mapped(self.config.get_error_class(
+            error_message=message or "error event", status_code=500, headers={}))

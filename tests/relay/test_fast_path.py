@@ -1,0 +1,494 @@
+"""The fast path against the LiteLLM path: every fake-upstream scenario, both formats, both
+paths, through the whole relay (client -> relay -> fake provider), identical frames.
+
+Each test runs one scenario twice against the same loopback fake: once through an alias with
+``fast = false`` (LiteLLM's real openai/ and anthropic/ provider code) and once through the
+same alias on the fast path, and asserts the frames are equal (text, reasoning, tool calls
+byte-exact, usage and its ``estimated`` flag, finish status/reason, error codes and messages,
+``seq``), that the provider received the same request body, and that the upstream connection
+was closed (or not) the same way. Only what names the run is left out (stream id, alias,
+``started.stream_key``), and consecutive token frames are compared joined, as the relay's
+writer joins them when it runs late (``relay/streamlog.py::coalesce``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+
+import pytest
+
+from relay.app import load_models
+from relay.providers import ModelRegistry
+from relay.streamer import Timeouts
+from tests.fakes.upstream import (
+    FakeUpstream, SSEEvent, Usage, http_error, stream, tool_call,
+)
+
+from .helpers import Client, start_relay, text_of
+
+FORMATS = ["openai", "anthropic"]
+PATHS = ["litellm", "fast"]
+KEY = "sk-test-SECRET-do-not-leak-0123456789"
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+             "type": "object", "properties": {"city": {"type": "string"}}}}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {}}}]
+
+
+@pytest.fixture(autouse=True)
+def provider_key(monkeypatch):
+    monkeypatch.setenv("FAKE_PROVIDER_KEY", KEY)
+
+
+def alias(fmt: str, path: str) -> str:
+    return f"{fmt}-{path}"
+
+
+def registry_for(up: FakeUpstream, **timeouts: float) -> ModelRegistry:
+    defaults = Timeouts(**{"first_token": 10.0, "idle": 10.0, "total": 30.0, **timeouts})
+    models = {}
+    for fmt in FORMATS:
+        for path in PATHS:
+            models[alias(fmt, path)] = {
+                "model": "openai/gpt-x" if fmt == "openai" else "anthropic/claude-x",
+                "api_base": up.openai_base if fmt == "openai" else up.anthropic_base,
+                "api_key_env": "FAKE_PROVIDER_KEY", "fast": path == "fast"}
+    return ModelRegistry(load_models({"models": models}, defaults))
+
+
+@contextlib.asynccontextmanager
+async def relay_with_upstream(**timeouts: float):
+    async with FakeUpstream() as up:
+        registry = registry_for(up, **timeouts)
+        for fmt in FORMATS:  # the premise of every comparison below
+            assert registry.resolve(alias(fmt, "fast")).path.path == "fast"
+            assert registry.resolve(alias(fmt, "litellm")).path.path == "litellm"
+        async with start_relay(registry=registry) as server:
+            async with Client.connect(server.url) as client:
+                yield up, client
+
+
+def comparable(frames: list[dict]) -> list[dict]:
+    """Frames without what names the run (the stream id, the alias, the random stream_key),
+    with every run of consecutive token frames joined as the relay's writer may join them
+    (text concatenated, last seq: lossless, and depends only on when the writer ran)."""
+    out: list[dict] = []
+    for frame in frames:
+        frame = {k: v for k, v in frame.items() if k not in ("id", "stream_key", "model")}
+        if frame["type"] == "token" and out and out[-1]["type"] == "token":
+            out[-1] = {**frame, "text": out[-1]["text"] + frame["text"]}
+        else:
+            out.append(frame)
+    return out
+
+
+async def both_paths(fmt: str, script, *, action=None, timeouts: dict | None = None,
+                     **start_fields) -> list[tuple[list[dict], object]]:
+    """Run ``script`` through the LiteLLM path, then the fast path; return
+    ``[(frames, recorded_request), ...]`` in that order. ``action(client, up, request)`` runs
+    after ``started`` (e.g. a cancel)."""
+    results = []
+    async with relay_with_upstream(**(timeouts or {})) as (up, c):
+        if timeouts:
+            # One stream per path first: the LiteLLM path's first request in a process sets
+            # up clients and tokenizers, which can outlast a short first-token timer before
+            # anything is sent.
+            for path in PATHS:
+                up.enqueue(stream(fmt, ["warm"]))
+                await c.start(f"warm-{path}", model=alias(fmt, path))
+                await c.collect(f"warm-{path}")  # may itself time out, but warms up
+                up._queue.clear()
+        for path in PATHS:
+            before = len(up.requests)
+            up.enqueue(script)
+            sid = f"s-{path}"
+            await c.start(sid, model=alias(fmt, path), **start_fields)
+            frames = []
+            if action is not None:
+                frames.append(await c.next_for(sid))
+                assert frames[0]["type"] == "started", frames
+                await action(c, sid, await up.wait_request(before + 1))
+            frames += await c.collect(sid)
+            assert len(up.requests) <= before + 1  # no retries on either path
+            request = up.requests[before] if len(up.requests) > before else None
+            if request is None:
+                up._queue.clear()  # the script nobody asked for
+            elif request.disconnected_at is None and not request.completed:
+                with contextlib.suppress(TimeoutError):  # a close in flight: let it land
+                    await request.wait_disconnected(timeout=1.0)
+            results.append((frames, request))
+    return results
+
+
+def assert_same(results, *, closed: bool | None = None) -> list[dict]:
+    (slow_frames, slow_req), (fast_frames, fast_req) = results
+    assert comparable(fast_frames) == comparable(slow_frames)
+    assert (fast_req is None) == (slow_req is None), "only one path called the provider"
+    if fast_req is None:
+        return fast_frames
+    assert fast_req.json == slow_req.json, "the provider got a different request body"
+    auth = "Authorization" if fast_req.path.endswith("completions") else "x-api-key"
+    assert fast_req.headers.get(auth) == slow_req.headers.get(auth)
+    for req in (slow_req, fast_req):
+        assert (req.disconnected_at is not None) == (slow_req.disconnected_at is not None)
+        if closed is not None:
+            assert (req.disconnected_at is not None) is closed
+    return fast_frames
+
+
+def of_type(frames: list[dict], kind: str) -> list[dict]:
+    return [f for f in frames if f["type"] == kind]
+
+
+# ------------------------------------------------------------------------- completed streams
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_text_reasoning_and_provider_usage(fmt):
+    script = stream(fmt, ["Hel", "lo ", "wör", "ld ✓"], reasoning=["Let me ", "think."],
+                    usage=Usage(17, 23))
+    frames = assert_same(await both_paths(fmt, script, params={"temperature": 0.3,
+                                                               "max_tokens": 99}))
+    assert text_of(frames) == script.text
+    assert "".join(f["text"] for f in of_type(frames, "reasoning")) == script.reasoning
+    assert frames[-1]["usage"] == {"prompt_tokens": 17, "completion_tokens": 23,
+                                   "total_tokens": 40, "estimated": False}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_no_provider_usage_gives_the_same_estimate(fmt):
+    script = stream(fmt, ["some ", "answer ", "text"], usage=None)
+    frames = assert_same(await both_paths(fmt, script))
+    assert frames[-1]["usage"]["estimated"] is True
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("n_calls", [1, 2])
+async def test_parallel_tool_calls_byte_exact(fmt, n_calls):
+    calls = [tool_call("get_weather", {"city": "Paris", "unit": "celsius"}),
+             tool_call("get_time", {"tz": "Europe/Paris", "fmt": "%H:%M \"q\""})][:n_calls]
+    script = stream(fmt, ["Checking."] if fmt == "anthropic" else [], tool_calls=calls)
+    frames = assert_same(await both_paths(fmt, script, tools=TOOLS, tool_choice="auto"))
+    complete = of_type(frames, "tool_call_complete")
+    assert [(f["call_id"], f["name"], f["arguments"]) for f in complete] == [
+        (c.id, c.name, c.arguments) for c in calls]
+    assert frames[-1]["reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_tool_call_without_arguments(fmt):
+    script = stream(fmt, [], tool_calls=[tool_call("get_time", "", pieces=[""])])
+    frames = assert_same(await both_paths(fmt, script, tools=TOOLS))
+    assert len(of_type(frames, "tool_call_complete")) == 1
+
+
+@pytest.mark.parametrize(("fmt", "reason"), [
+    ("openai", "length"), ("openai", "content_filter"), ("openai", "stop"),
+    ("anthropic", "max_tokens"), ("anthropic", "stop_sequence"), ("anthropic", "end_turn"),
+])
+async def test_finish_reasons(fmt, reason):
+    key = "finish_reason" if fmt == "openai" else "stop_reason"
+    assert_same(await both_paths(fmt, stream(fmt, ["a", "b"], **{key: reason})))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_tool_round_trip_request_is_built_the_same(fmt):
+    call = tool_call("get_weather", {"city": "Paris"})
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.id, "type": "function",
+             "function": {"name": call.name, "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 21}'},
+    ]
+    params = {"temperature": 0, "stop": ["\n\n"], "top_p": 0.5, "max_tokens": 300}
+    if fmt == "openai":
+        params.update(seed=3, presence_penalty=0.1, frequency_penalty=0.2,
+                      response_format={"type": "json_object"})
+    frames = assert_same(await both_paths(fmt, stream(fmt, ["It is 21 C."]),
+                                          messages=messages, tools=TOOLS, params=params))
+    assert frames[-1]["status"] == "completed"
+
+
+async def test_param_the_provider_does_not_take_fails_the_same_without_a_request():
+    """LiteLLM refuses ``seed`` for Anthropic before sending anything; so does the fast path
+    (it uses LiteLLM's parameter mapping)."""
+    frames = assert_same(await both_paths("anthropic", stream("anthropic", ["x"]),
+                                          params={"seed": 3}))
+    assert frames[-1]["error"]["code"] == "bad_request"
+
+
+async def test_anthropic_response_format_goes_through_litellm():
+    """LiteLLM turns ``response_format`` into a tool for Anthropic and the tool call back into
+    text; the fast path leaves such a request to LiteLLM (``FastRoute.accepts``)."""
+    script = stream("anthropic", [], tool_calls=[tool_call("json_tool_call", {"a": 1})])
+    frames = assert_same(await both_paths("anthropic", script, params={
+        "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}}))
+    assert frames[-1]["status"] == "completed"
+
+
+# ------------------------------------------------------------------------- failures
+
+
+ERRORS = [400, 401, 403, 404, 422, 429, 500, 503]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("status", ERRORS + [529])
+async def test_http_errors_same_code_message_and_retry_after(fmt, status):
+    script = http_error(fmt, status, retry_after=7 if status in (429, 503) else None,
+                        message=f"invalid key {KEY} body-echo-marker")
+    frames = assert_same(await both_paths(fmt, script))
+    assert [f["type"] for f in frames] == ["started", "finish"]
+    assert frames[-1]["status"] == "failed"
+    assert KEY not in str(frames) and "body-echo-marker" not in str(frames)
+    if status == 429:
+        assert frames[-1]["error"]["retry_after"] == 7
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_rate_limit_default_retry_after(fmt):
+    frames = assert_same(await both_paths(fmt, http_error(fmt, 429)))
+    assert frames[-1]["error"]["retry_after"] == 20
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fault", ["cut", "cut_reset", "cut_before_end", "malformed",
+                                   "malformed_first"])
+async def test_cut_or_malformed_stream(fmt, fault):
+    base = stream(fmt, ["a", "b", "c", "d"])
+    last = len(base.events) - 1  # OpenAI: before [DONE]; Anthropic: before message_stop
+    script = {"cut": base.cut_after(4), "cut_reset": base.cut_after(4, reset=True),
+              "cut_before_end": base.cut_after(last), "malformed": base.malformed_at(4),
+              "malformed_first": base.malformed_at(0)}[fault]
+    frames = assert_same(await both_paths(fmt, script))
+    assert frames[-1]["status"] in ("failed", "completed")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("end", ["eof", "done"])
+async def test_stream_without_a_finish_reason(fmt, end):
+    """The provider's stream ends (cleanly, or OpenAI's ``[DONE]``) without ever saying it
+    finished: no finish_reason chunk / no ``message_delta``."""
+    base = stream(fmt, ["a", "b"])
+    if fmt == "openai":
+        keep = [e for e in base.events if '"finish_reason":"stop"' not in e.data]
+        if end == "eof":
+            keep = [e for e in keep if e.data != "[DONE]"]
+    else:
+        keep = [e for e in base.events if e.event not in ("message_delta", "message_stop")]
+    frames = assert_same(await both_paths(fmt, dataclasses.replace(base, events=tuple(keep))))
+    assert frames[-1]["status"] == "failed" and text_of(frames) == "ab"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_error_event_mid_stream(fmt):
+    """The provider reports an error inside the stream (OpenAI: a chunk with ``error``;
+    Anthropic: ``event: error``) after the first token."""
+    base = stream(fmt, ["a", "b", "c"])
+    error = (SSEEvent('{"error":{"message":"boom sk-secret","type":"server_error"}}')
+             if fmt == "openai" else
+             SSEEvent('{"type":"error","error":{"type":"overloaded_error",'
+                      '"message":"Overloaded sk-secret"}}', event="error"))
+    at = 2 if fmt == "openai" else 4
+    events = list(base.events)
+    events.insert(at, error)
+    frames = assert_same(await both_paths(fmt, dataclasses.replace(base, events=tuple(events))))
+    assert frames[-1]["status"] == "failed" and "sk-secret" not in str(frames)
+
+
+# ------------------------------------------------------------------------- timers and cancel
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("kind", "timeouts"), [
+    ("before_headers", {"first_token": 0.3}),
+    ("after_headers", {"first_token": 0.3}),
+    ("mid_stream", {"idle": 0.3}),
+    ("mid_stream", {"total": 0.4}),
+])
+async def test_timeouts_same_frames_and_upstream_closed(fmt, kind, timeouts):
+    script = stream(fmt, ["a", "b", "c"])
+    if kind == "before_headers":
+        script = script.silent_before_headers()
+    elif kind == "after_headers":
+        script = script.silent_after(0)
+    else:  # the first text delta is out, then silence
+        script = script.silent_after(3 if fmt == "openai" else 4)
+    frames = assert_same(await both_paths(fmt, script, timeouts=timeouts), closed=True)
+    assert frames[-1]["status"] == "timeout"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_keepalive_events_do_not_reset_the_idle_timer(fmt):
+    """Events without content (Anthropic pings; OpenAI chunks with an empty delta) after the
+    first token, paced past the idle timeout: both paths time out the same way."""
+    base = stream(fmt, ["a", "b"])
+    keepalive = (SSEEvent('{"type": "ping"}', event="ping") if fmt == "anthropic" else
+                 SSEEvent('{"id":"x","object":"chat.completion.chunk","created":1,'
+                          '"model":"gpt-x","choices":[{"index":0,"delta":{},'
+                          '"finish_reason":null}]}'))
+    first_text = 2 if fmt == "openai" else 4  # index of the event after the first text delta
+    events = list(base.events)
+    events[first_text:first_text] = [keepalive] * 6
+    script = dataclasses.replace(base, events=tuple(events)).with_delay(0.1)
+    frames = assert_same(await both_paths(fmt, script, timeouts={"idle": 0.35}), closed=True)
+    assert (frames[-1]["status"], frames[-1]["reason"]) == ("timeout", "idle_timeout")
+    assert text_of(frames) == "a"
+
+
+async def _cancel(c: Client, sid: str, request) -> None:
+    await c.send({"type": "cancel", "id": sid})
+
+
+async def _first_token_then_cancel(c: Client, sid: str, request) -> None:
+    frame = await c.next_for(sid)
+    assert frame["type"] == "token"
+    c._stash[sid].insert(0, frame)
+    await c.send({"type": "cancel", "id": sid})
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("when", ["silent_before_first_token", "mid_stream_silent"])
+async def test_cancel_on_a_silent_upstream(fmt, when):
+    base = stream(fmt, [f"t{i} " for i in range(50)])
+    script = base.silent_after(0) if when == "silent_before_first_token" else base.silent_after(5)
+    action = _cancel if when == "silent_before_first_token" else _first_token_then_cancel
+    frames = assert_same(await both_paths(fmt, script, action=action), closed=True)
+    assert frames[-1]["status"] == "cancelled" and frames[-1]["usage"]["estimated"] is True
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_cancel_a_flowing_stream(fmt):
+    """Paced stream, cancel after the first token: how many tokens precede the cancel depends
+    on timing, so this compares the shape, not every frame."""
+    script = stream(fmt, [f"t{i} " for i in range(400)]).with_delay(0.01)
+    results = await both_paths(fmt, script, action=_first_token_then_cancel)
+    for frames, request in results:
+        assert request.disconnected_at is not None and not request.completed
+        finish = frames[-1]
+        assert (finish["status"], finish["reason"]) == ("cancelled", "client_cancel")
+        assert finish["usage"]["estimated"] is True and "error" not in finish
+        assert script.text.startswith(text_of(frames)) and text_of(frames)
+        seqs = [f["seq"] for f in frames]
+        assert seqs == sorted(set(seqs)) and seqs[0] == 0  # (merged tokens skip seqs)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_client_disconnect_closes_upstream_on_both_paths(fmt):
+    async with FakeUpstream() as up:
+        async with start_relay(registry=registry_for(up)) as server:
+            for n, path in enumerate(PATHS, start=1):
+                up.enqueue(stream(fmt, [f"t{i} " for i in range(400)]).with_delay(0.01))
+                async with Client.connect(server.url) as c:
+                    await c.start("s", model=alias(fmt, path))
+                    await c.next_for("s")
+                    request = await up.wait_request(n)
+                    c.ws.transport.abort()
+                await request.wait_disconnected(timeout=2.0)
+                assert not request.completed
+
+
+# ------------------------------------------------------------------------- selection
+
+
+def test_selection_is_automatic_for_the_two_formats_and_fast_false_opts_out():
+    registry = ModelRegistry(load_models({"models": {
+        "gpt": {"model": "openai/gpt-4o-mini"},
+        "local": {"model": "openai/llama", "api_base": "http://127.0.0.1:1/v1"},
+        "vllm": {"model": "hosted_vllm/qwen", "api_base": "http://127.0.0.1:1/v1"},
+        "claude": {"model": "anthropic/claude-x"},
+        "groq": {"model": "groq/llama-3.1-8b-instant"},
+        "openrouter": {"model": "openrouter/openai/gpt-4o-mini"},
+        "together": {"model": "together_ai/meta-llama/Llama-3-8b-chat-hf"},
+        "deepseek": {"model": "deepseek/deepseek-chat"},
+        "slow": {"model": "openai/gpt-4o-mini", "fast": False},
+        "gemini": {"model": "gemini/gemini-2.0-flash"},
+        "demo": {"model": "demo"},
+    }}, Timeouts()))
+    paths = {spec.alias: spec.path.path for spec in registry.specs}
+    assert paths == {"gpt": "fast", "local": "fast", "vllm": "fast", "claude": "fast",
+                     "together": "fast", "deepseek": "fast",
+                     "groq": "litellm", "openrouter": "litellm",
+                     "slow": "litellm", "gemini": "litellm", "demo": "litellm"}
+    assert "fast = false" in registry.resolve("slow").path.reason
+    # LiteLLM parses these two providers' streams with handlers of its own (OpenRouter's
+    # reasoning field differs): the fast path would not behave the same.
+    assert "parser of its own" in registry.resolve("openrouter").path.reason
+
+
+def test_fast_must_be_a_boolean():
+    from relay.app import ConfigError
+
+    with pytest.raises(ConfigError, match="fast must be true or false"):
+        load_models({"models": {"x": {"model": "openai/gpt", "fast": "no"}}}, Timeouts())
+
+
+async def test_path_in_startup_log_and_metrics(caplog):
+    async with FakeUpstream() as up:
+        with caplog.at_level(logging.INFO, logger="relay.server"):
+            async with start_relay(registry=registry_for(up)) as server:
+                async with Client.connect(server.url):
+                    metrics = server.metrics.render().decode()
+    lines = [r.getMessage() for r in caplog.records if "model alias" in r.getMessage()]
+    assert sorted(lines) == sorted([
+        "model alias openai-litellm: litellm path (fast = false in the alias config)",
+        "model alias openai-fast: fast path (openai streaming format (provider openai))",
+        "model alias anthropic-litellm: litellm path (fast = false in the alias config)",
+        "model alias anthropic-fast: fast path (anthropic streaming format "
+        "(provider anthropic))"])
+    assert 'relay_model_path{alias="openai-fast",path="fast"} 1.0' in metrics
+    assert 'relay_model_path{alias="anthropic-litellm",path="litellm"} 1.0' in metrics
+
+
+# ------------------------------------------------------------------------- the SSE parser
+
+
+def test_sse_parser_same_events_whatever_the_chunking():
+    from relay.fast_path import SSEParser
+
+    wire = (b": comment\r\nevent: ping\r\ndata: {\"type\": \"ping\"}\r\n\r\n"
+            b"data: {\"a\":\n"           # two data lines: joined with a newline
+            b"data: 1}\n\n"
+            b"id: 7\nretry: 10\ndata:[DONE]\n\n"
+            b"data: {\"cut\": true}\n")     # no blank line: never dispatched
+    expected = [(b"ping", b'{"type": "ping"}'), (None, b'{"a":\n1}'), (None, b"[DONE]")]
+    whole = SSEParser()
+    assert whole.feed(wire) == expected
+    for size in (1, 2, 3, 7):
+        parser = SSEParser()
+        events = []
+        for i in range(0, len(wire), size):
+            events += parser.feed(wire[i:i + size])
+        assert events == expected, size
+
+
+# ------------------------------------------------------------------------- other providers
+
+
+@pytest.mark.parametrize("model", ["hosted_vllm/qwen", "deepseek/deepseek-chat",
+                                   "together_ai/meta-llama/x"])
+async def test_openai_format_providers_same_as_litellm(model):
+    """OpenAI-compatible providers LiteLLM knows, pointed at the fake's OpenAI endpoint: the
+    provider gets the same request from both paths, the client the same frames."""
+    calls = [tool_call("get_weather", {"city": "Paris"})]
+    results = []
+    async with FakeUpstream() as up:
+        registry = ModelRegistry(load_models({"models": {
+            path: {"model": model, "api_base": up.openai_base,
+                   "api_key_env": "FAKE_PROVIDER_KEY", "fast": path == "fast"}
+            for path in PATHS}}, Timeouts(10.0, 10.0, 30.0)))
+        assert registry.resolve("fast").path.path == "fast"
+        async with start_relay(registry=registry) as server:
+            async with Client.connect(server.url) as c:
+                for path in PATHS:
+                    up.enqueue(stream("openai", ["Hel", "lo"], reasoning=["hm"],
+                                      tool_calls=calls, usage=Usage(5, 6)))
+                    await c.start(path, model=path, tools=TOOLS,
+                                  params={"temperature": 0.2, "max_tokens": 50})
+                    results.append((await c.collect(path), up.requests[-1]))
+    frames = assert_same(results)
+    assert frames[-1]["status"] == "completed" and text_of(frames) == "Hello"
