@@ -97,7 +97,6 @@ class RelayServer:
     async def start(self) -> None:
         """Listen. With ``redis_url``, Redis must answer first (``StoreUnavailable``)."""
         s = self.settings
-        self._announce_model_paths()
         if self.replicator is not None:
             await self.replicator.start()
         self._server = await serve(
@@ -115,6 +114,7 @@ class RelayServer:
             create_connection=RelayConnection,  # one request per connection (handshake.py)
         )
         self.origins = OriginPolicy(own_origins(s, self.port), s.allow_origins)
+        self._announce_model_paths()   # once listening: a refused bind prints one line only
         if s.public_url is None and not self.origins.any and _all_interfaces(s.host):
             logger.info("listening on all interfaces without --public-url: browsers may "
                         "connect only from the loopback origins and --allow-origin")
