@@ -51,7 +51,9 @@ def _metric(base: str, name: str) -> float:
 
 
 async def _one_stream(url: str, index: int, tokens: int) -> None:
-    async with connect(url, subprotocols=[SUBPROTOCOL], max_size=None) as ws:
+    # A relay busy with hundreds of unthrottled streams may take a while to accept.
+    async with connect(url, subprotocols=[SUBPROTOCOL], max_size=None,
+                       open_timeout=120) as ws:
         await ws.send(json.dumps({"type": "hello"}))
         assert json.loads(await ws.recv())["type"] == "welcome"
         await ws.send(json.dumps({
