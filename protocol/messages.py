@@ -13,14 +13,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
+import orjson
 from pydantic import (
     AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
+    field_validator,
 )
 
 from .codes import FinishStatus
 
 __all__ = [
     "ALLOWED_PARAMS",
+    "MAX_PING_DATA_BYTES",
     "ChatMessage",
     "ClientInfo",
     "ClientMessage",
@@ -161,11 +164,30 @@ class Cancel(_Frame):
     id: StreamId
 
 
+#: Most bytes ``ping.data`` may take as JSON. The pong echoes it, so it is queued for the
+#: client: a bound keeps what a client can make the relay hold per frame small.
+MAX_PING_DATA_BYTES = 1024
+
+
 class Ping(_Frame):
-    """Application-level ping (browsers cannot send protocol pings). Answered by ``pong``."""
+    """Application-level ping (browsers cannot send protocol pings). Answered by ``pong``,
+    which echoes ``data``: at most 1024 bytes as JSON (``MAX_PING_DATA_BYTES``), larger is
+    ``bad_request``."""
 
     type: Literal["ping"]
     data: Any = None
+
+    @field_validator("data")
+    @classmethod
+    def _small_enough_to_echo(cls, value: Any) -> Any:
+        try:
+            size = len(orjson.dumps(value))
+        except orjson.JSONEncodeError:
+            raise ValueError("ping data cannot be echoed as JSON (nested too deeply)") from None
+        if size > MAX_PING_DATA_BYTES:
+            raise ValueError(f"ping data is {size} bytes as JSON; "
+                             f"at most {MAX_PING_DATA_BYTES} are echoed")
+        return value
 
 
 class Resume(_Frame):

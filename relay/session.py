@@ -9,11 +9,18 @@ stream: with ``detach_grace == 0`` that cancels them upstream and awaits their t
 otherwise the hub keeps them resumable for the grace.
 
 Outbound: every frame goes through the writer. Frames that belong to no stream (``pong``,
-``error``, ``started``, ``resumed``) wait in a small control queue, sent first; stream frames
+``error``, ``started``, ``resumed``) wait in a control queue, sent first; stream frames
 are read from each stream's ``FrameLog`` past the attachment's cursor, so a client that lags
-costs no copy, and its pending ``token`` frames are merged (losslessly) when sent. If the
-backlog stays above ``slow_consumer_bytes`` for ``slow_consumer_grace`` seconds, or a log had
-to drop frames this client has not been sent, the connection is closed 4008.
+costs no copy, and its pending ``token`` frames are merged (losslessly) when sent.
+
+Backlog rule (4008): every byte queued for the client counts, control frames included,
+whatever produced it. Each change of the backlog is checked (a control frame queued, a
+stream frame logged, a writer pass), not only stream appends, so a connection with no
+stream is checked too. Above ``slow_consumer_bytes`` for ``slow_consumer_grace`` seconds:
+close 4008. Two cases close 4008 at once: a log had to drop frames this client has not been
+sent, or the control queue alone grew past twice ``slow_consumer_bytes`` (only a client that
+keeps sending frames and never reads their answers gets there; the stream backlog is
+bounded by the logs' caps, the control queue only by this).
 
 Every inbound frame gets a defined answer; exceptions become ``error`` frames in exactly one
 place, ``_handle``.
@@ -75,6 +82,11 @@ _CLOSE_TIMEOUT = 2.0
 
 # Frames read from one log per writer pass: keeps streams of one connection fair.
 _BATCH = 256
+
+# What a queued control frame costs besides its bytes: the ``bytes`` object's header (33)
+# and its deque slot (8), rounded up to the allocator's 16-byte granularity. Counted in the
+# backlog so that many tiny frames count what they really hold.
+_CONTROL_FRAME_OVERHEAD = 48
 
 
 @dataclass(eq=False)
@@ -487,13 +499,17 @@ class Session:
     # ------------------------------------------------------------------ outbound
 
     def _send(self, frame: dict) -> bool:
-        """Queue one frame that belongs to no stream's log; False once the writer is gone."""
-        if self._writer is not None and self._writer.done():
+        """Queue one frame that belongs to no stream's log; False once the writer is gone
+        (or is being stopped). The frame counts toward the backlog (4008 rule) at once."""
+        writer = self._writer
+        if writer is not None and (writer.done() or writer.cancelling()):
             return False
-        data = encode_frame(frame)
+        # A copy: orjson's result keeps a ~4 KiB allocation whatever the JSON's length.
+        data = bytes(memoryview(encode_frame(frame)))
         self._control.append(data)
-        self._control_bytes += len(data)
+        self._control_bytes += len(data) + _CONTROL_FRAME_OVERHEAD
         self._notify()
+        self._check_lag()
         return True
 
     def _notify(self) -> None:
@@ -527,7 +543,7 @@ class Session:
                     continue
                 while self._control:
                     data = self._control.popleft()
-                    self._control_bytes -= len(data)
+                    self._control_bytes -= len(data) + _CONTROL_FRAME_OVERHEAD
                     await ws.send(data, text=True)
                 for att in list(self._attachments.values()):
                     if self._attachments.get(att.id) is not att:
@@ -575,12 +591,20 @@ class Session:
                 await self._writer
 
     def backlog_bytes(self) -> int:
-        """Bytes queued for this client and not yet handed to the socket."""
+        """Bytes queued for this client and not yet handed to the socket: control frames
+        (with their per-frame overhead) and every attached stream's unsent log frames."""
         return self._control_bytes + sum(a.stream.log.end_offset - a.offset
                                          for a in self._attachments.values())
 
     def _check_lag(self) -> None:
-        if self.backlog_bytes() > self.settings.slow_consumer_bytes:
+        """Apply the backlog rule (module docstring) after any change of the backlog."""
+        if self._closing is not None:
+            return
+        limit = self.settings.slow_consumer_bytes
+        if self._control_bytes > 2 * limit:
+            self._close_slow(f"slow consumer: more than {2 * limit} bytes of replies unread")
+            return
+        if self.backlog_bytes() > limit:
             if self._lagging_since is None:
                 self._lagging_since = time.monotonic()
                 self._slow_timer = asyncio.get_running_loop().call_later(
@@ -593,6 +617,8 @@ class Session:
 
     def _lag_timeout(self) -> None:
         self._slow_timer = None
+        if self._closing is not None:
+            return
         if self._lagging_since is not None and \
                 self.backlog_bytes() > self.settings.slow_consumer_bytes:
             self._close_slow(f"slow consumer: more than {self.settings.slow_consumer_bytes} "
@@ -606,6 +632,12 @@ class Session:
                        extra={"session_id": self.session_id, "principal": self.principal})
         if self._writer is not None and self._writer is not asyncio.current_task():
             self._writer.cancel()
+        if self._slow_timer is not None:
+            self._slow_timer.cancel()
+            self._slow_timer = None
+        # Nothing queued will be sent any more: free it now, not when the session ends.
+        self._control.clear()
+        self._control_bytes = 0
         # Its streams are detached now, like on any disconnect, not once the close
         # handshake (which a client that does not read may never answer) is over.
         self._detach_now()

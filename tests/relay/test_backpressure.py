@@ -4,9 +4,11 @@ the backlog stays too large, with memory bounded and other clients unaffected.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
+import tracemalloc
 from contextlib import asynccontextmanager
 
 from websockets.asyncio.client import connect
@@ -114,3 +116,73 @@ def test_merged_token_frames_stay_small():
     assert 2 < len(out) < 3001
     assert "".join(f.get("text", "") for f in out) == "y" * 300_000
     assert [f["seq"] for f in out] == sorted(f["seq"] for f in out) and out[-1]["seq"] == 3001
+
+
+async def _flood_pings_until_closed(server, ws, data: str) -> None:
+    """Send ``ping`` frames carrying ``data``, paced under the frame-rate limit, never
+    reading a pong, until the relay has closed the connection as a slow consumer."""
+    slow = server.metrics.errors.labels("slow_consumer")
+    before = slow._value.get()
+    frame = json.dumps({"type": "ping", "data": data})
+    async with asyncio.timeout(30):
+        while slow._value.get() == before:
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(frame)
+            await asyncio.sleep(1 / 80)     # pace: 80 frames/s, under frames_per_second=100
+
+
+async def _close_code_after_draining(ws) -> int | None:
+    """Read what the kernel held for the client, then the close (4008, or 1006 when the relay
+    had to give up on the close handshake)."""
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            await ws.recv()
+    return ws.close_code
+
+
+async def test_a_client_flooding_pings_without_reading_is_closed_4008_with_memory_bounded():
+    """No stream at all: the pongs alone are the backlog, and the 4008 rule applies."""
+    limit = 64 * 1024
+    data = "x" * 1000                    # the largest ping data allowed is 1 KiB as JSON
+    async with start_relay(slow_consumer_bytes=limit, slow_consumer_grace=0.5,
+                           send_buffer_bytes=16 * 1024) as server:
+        async with Client.connect(server.url) as other, _lagging_client(server.port) as ws:
+            tracemalloc.start()
+            try:
+                baseline = tracemalloc.get_traced_memory()[0]
+                await _flood_pings_until_closed(server, ws, data)
+                peak = tracemalloc.get_traced_memory()[1] - baseline
+            finally:
+                tracemalloc.stop()
+            assert await _close_code_after_draining(ws) in (4008, 1006)
+            # The relay never held much more than the limit for this client (the queue, the
+            # kernel and websockets' buffers); unbounded it grew ~100 KB/s for as long as
+            # the client kept sending.
+            assert peak < 1024 * 1024, peak
+            await other.send({"type": "ping", "data": data})
+            assert (await other.next_for(None)) == {"type": "pong", "data": data}
+
+
+async def test_a_control_backlog_past_twice_the_limit_closes_4008_without_waiting_the_grace():
+    limit = 32 * 1024
+    async with start_relay(slow_consumer_bytes=limit, slow_consumer_grace=3600,
+                           send_buffer_bytes=16 * 1024) as server:
+        async with _lagging_client(server.port) as ws:
+            # With an hour of grace only the hard bound on the control queue can close it.
+            await _flood_pings_until_closed(server, ws, "y" * 1000)
+            assert await _close_code_after_draining(ws) in (4008, 1006)
+            await eventually(lambda: not server.sessions)
+
+
+async def test_ping_data_over_1_kib_is_bad_request_and_1_kib_is_echoed():
+    async with start_relay() as server, Client.connect(server.url) as client:
+        await client.send({"type": "ping", "data": "z" * 1022})       # 1,024 bytes as JSON
+        assert (await client.next_for(None)) == {"type": "pong", "data": "z" * 1022}
+        await client.send({"type": "ping", "data": "z" * 1023})
+        error = await client.next_for(None)
+        assert error["type"] == "error" and error["code"] == "bad_request", error
+        assert error["ref"] == "ping" and "1025 bytes" in error["message"], error
+        await client.send({"type": "ping", "data": {"a": ["b" * 600, "c" * 600]}})
+        assert (await client.next_for(None))["code"] == "bad_request"
+        await client.send({"type": "ping", "data": 1})
+        assert (await client.next_for(None)) == {"type": "pong", "data": 1}
