@@ -247,13 +247,14 @@ def test_every_flag_readme_documents_exists():
     known |= _doc_flags((ROOT / "protocol" / "schema.py").read_text())
     for script in ("client_demo/demo_client.py", "client_demo/chat.py",
                    "bench/relay_vs_litellm.py", "bench/render_markdown.py",
-                   "bench/attack_latency.py", "bench/fast_path.py"):
+                   "bench/attack_latency.py", "bench/fast_path.py",
+                   "bench/detached_streams_rss.py"):
         known |= _help_flags(script)
     readme = (ROOT / "README.md").read_text()
     configuration = readme[readme.index("## Configuration"):readme.index("\n## ", readme.index(
         "## Configuration") + 1)]
     # A flag of another command named in the section, on the same line as that command.
-    other_commands = re.compile(r"relay token mint[^\n]*")
+    other_commands = re.compile(r"(relay token mint|bench/\w+\.py)[^\n]*")
     serve_text = other_commands.sub("", configuration)
     assert _doc_flags(serve_text) - serve == set(), "README Configuration flags missing " \
         "from `relay serve --help`"
