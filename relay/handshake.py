@@ -28,6 +28,8 @@ Identity never comes from the request: a client chooses every header it sends.
 
 from __future__ import annotations
 
+import re
+
 import ipaddress
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -186,6 +188,26 @@ def repeated_header(headers: Headers) -> str | None:
     return None
 
 
+_MAX_HEAD_BYTES = 64 * 1024
+_BODY_HEADER = re.compile(rb"(?im)^(content-length|transfer-encoding)[ \t]*:[ \t]*([^\r\n]*)\r\n")
+
+
+def _without_body_headers(head: bytes) -> tuple[bytes, bool]:
+    """``head`` without the headers announcing a body, and whether it announced one
+    (``Content-Length`` other than 0, or any ``Transfer-Encoding``)."""
+    had_body = False
+
+    def drop(match: re.Match[bytes]) -> bytes:
+        nonlocal had_body
+        if match.group(1).lower() == b"transfer-encoding" or match.group(2).strip() != b"0":
+            had_body = True
+        return b""
+
+    first_line_end = head.find(b"\r\n") + 2
+    rest = _BODY_HEADER.sub(drop, head[first_line_end:])
+    return head[:first_line_end] + rest, had_body
+
+
 class RelayConnection(ServerConnection):
     """websockets' server connection, fed only the request head until the response is sent.
 
@@ -199,8 +221,12 @@ class RelayConnection(ServerConnection):
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         self.sent_data_early = False
+        #: The request announced a body (websockets' parser takes none): its body headers
+        #: were removed before parsing, so ``process_request`` can still answer it (405 for
+        #: a method other than GET/HEAD, else 400) instead of the connection just closing.
+        self.had_body = False
         self._head_done = False
-        self._tail = b""  # the last 3 bytes seen, to find the blank line across reads
+        self._head = b""   # the request head, buffered until its blank line
 
     def data_received(self, data: bytes) -> None:
         if self.protocol.state is not CONNECTING or self.protocol.handshake_exc is not None:
@@ -209,14 +235,18 @@ class RelayConnection(ServerConnection):
         if self._head_done:
             self.sent_data_early = True
             return
-        window = self._tail + data
-        end = window.find(b"\r\n\r\n")
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
         if end < 0:
-            self._tail = window[-3:]
-            super().data_received(data)
+            if len(self._head) > _MAX_HEAD_BYTES:   # let the parser refuse it, as before
+                self._head_done = True
+                head, self._head = self._head, b""
+                super().data_received(head)
             return
         self._head_done = True
-        cut = end + 4 - len(self._tail)
-        if cut < len(data):
+        head, rest = self._head[:end + 4], self._head[end + 4:]
+        self._head = b""
+        head, self.had_body = _without_body_headers(head)
+        if rest:
             self.sent_data_early = True
-        super().data_received(data[:cut])
+        super().data_received(head)

@@ -224,14 +224,6 @@ class RelayServer:
         """400 for bytes after the request head (pipelining) or a header sent twice that
         must appear once; 405 for a method other than GET/HEAD (GET only on the WebSocket
         path). One INFO line each, never a traceback."""
-        if getattr(connection, "sent_data_early", False):
-            return _refuse(connection, http.HTTPStatus.BAD_REQUEST,
-                           "one request per connection: nothing may follow the request "
-                           "before its response")
-        repeated = repeated_header(request.headers)
-        if repeated is not None:
-            return _refuse(connection, http.HTTPStatus.BAD_REQUEST,
-                           f"header {repeated} appears more than once")
         method = _method(request)
         allowed = (("GET",) if request.path.split("?", 1)[0] in (WS_PATH, AI_SDK_PATH)
                    else ("GET", "HEAD"))
@@ -241,6 +233,17 @@ class RelayServer:
                                "method not allowed", method=ascii(method[:20]))
             response.headers["Allow"] = ", ".join(allowed)
             return response
+        if getattr(connection, "had_body", False):
+            return _refuse(connection, http.HTTPStatus.BAD_REQUEST,
+                           "a request body is not accepted here")
+        if getattr(connection, "sent_data_early", False):
+            return _refuse(connection, http.HTTPStatus.BAD_REQUEST,
+                           "one request per connection: nothing may follow the request "
+                           "before its response")
+        repeated = repeated_header(request.headers)
+        if repeated is not None:
+            return _refuse(connection, http.HTTPStatus.BAD_REQUEST,
+                           f"header {repeated} appears more than once")
         return None
 
     def _route(self, connection: ServerConnection, request: Request) -> Response | None:
