@@ -77,26 +77,27 @@ class UIMessage(BaseModel):
     metadata: Any = None
 
 
-class SendRequest(_Frame):
-    type: Literal["send"]
+class _ChatRequest(_Frame):
+    """What ``send`` and ``resume`` share: the request, its chat, and the transport's
+    ``headers`` / ``body`` / ``metadata`` options."""
+
     requestId: RequestId
     id: ChatId
+    headers: dict[str, StrictStr] = {}
+    body: dict[str, Any] = {}
+    metadata: Any = None
+
+
+class SendRequest(_ChatRequest):
+    type: Literal["send"]
     trigger: Literal["submit-message", "regenerate-message"]
     messageId: StrictStr | None = None
     messages: Annotated[list[UIMessage], Field(min_length=1)]
-    headers: dict[str, StrictStr] = {}
-    body: dict[str, Any] = {}
-    metadata: Any = None
 
 
-class ResumeRequest(_Frame):
+class ResumeRequest(_ChatRequest):
     type: Literal["resume"]
-    requestId: RequestId
-    id: ChatId
     lastSequence: Annotated[StrictInt, Field(ge=0)] | None = None
-    headers: dict[str, StrictStr] = {}
-    body: dict[str, Any] = {}
-    metadata: Any = None
 
 
 class AbortRequest(_Frame):
