@@ -13,6 +13,12 @@ server listens: it counts tokens once (loads the encoding through LiteLLM's publ
 paths a client's first stream would. It never raises: a failure is logged and the relay
 serves as before (the first stream then pays the cost itself).
 
+Then it calls ``gc.freeze()``: the ~400,000 objects LiteLLM and its imports leave behind
+live as long as the process, and a full collection walking them took 0.6-0.7 s here, on the
+event loop, whenever the streams' garbage triggered one; frozen, they are skipped (it also
+shortens the exit). Objects alive at that moment are never collected as cyclic garbage:
+at startup that is what the process keeps anyway.
+
 Call order: ``get_litellm()`` first (``build_registry`` does it), then ``start_warm_up()``
 once per process; ``WarmUp.done`` is set when it has finished (either way).
 """
@@ -20,6 +26,7 @@ once per process; ``WarmUp.done`` is set when it has finished (either way).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 import time
@@ -76,6 +83,7 @@ def start_warm_up() -> WarmUp:
     def run() -> None:
         try:
             state.seconds = warm_up()
+            gc.freeze()
             logger.info("LiteLLM warmed up in %.2f s (tokenizer and stream path loaded)",
                         state.seconds)
         except Exception as exc:  # the relay works without it; the first stream pays
