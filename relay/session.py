@@ -469,8 +469,12 @@ class Session:
         self._wake.set()
 
     def _on_append(self) -> None:
+        # A writer that was idle sends this frame at its next turn (and checks the lag
+        # then); only a busy one can be falling behind.
+        busy = not self._idle.is_set()
         self._notify()
-        self._check_lag()
+        if busy:
+            self._check_lag()
 
     def _pending(self) -> bool:
         if self._control:
@@ -488,7 +492,7 @@ class Session:
         try:
             while True:
                 if not self._pending():
-                    self._check_lag()
+                    # (the lag was checked at the end of the last pass)
                     self._idle.set()
                     await self._wake.wait()
                     self._wake.clear()

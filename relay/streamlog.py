@@ -19,7 +19,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import orjson
 
@@ -40,7 +40,7 @@ class LogEntry:
     #: Total bytes appended to the log through this entry (offsets measure a reader's lag).
     end: int
     #: When the producer received the event (for the relay-added latency metric).
-    received: float = field(default_factory=time.perf_counter)
+    received: float
 
     @property
     def is_token(self) -> bool:
@@ -76,11 +76,10 @@ class FrameLog:
         the caller has it already); returns the change in held bytes (may be negative when
         the cap trims older entries)."""
         if data is None:
-            data = encode_frame(frame)
+            data = orjson.dumps(frame)       # encode_frame's dict case, once per frame
         self.end_offset += len(data)
-        entry = LogEntry(frame["seq"], frame, data, self.end_offset)
-        if received is not None:
-            entry.received = received
+        entry = LogEntry(frame["seq"], frame, data, self.end_offset,
+                         time.perf_counter() if received is None else received)
         self._entries.append(entry)
         self._seqs.append(entry.seq)
         self.last_seq = entry.seq
@@ -137,6 +136,8 @@ def coalesce(entries: list[LogEntry], id: str) -> list[bytes]:
     """Encoded frames for ``entries`` as sent to a reader that calls the stream ``id``:
     runs of consecutive ``token`` entries become one token frame (text joined, last seq),
     and frames are re-addressed when the reader uses another id than the producer."""
+    if len(entries) == 1 and entries[0].frame["id"] == id:
+        return [entries[0].data]     # the usual case: a reader that keeps up, one frame
     out: list[bytes] = []
     run: list[LogEntry] = []
     run_bytes = 0
