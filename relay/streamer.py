@@ -421,7 +421,7 @@ class TokenStreamer:
                 # parseable chunk: truncated. (LiteLLM's Anthropic parser swallows a malformed
                 # event and everything after it, and its wrapper then makes up a "stop".)
                 raise _Truncated
-            usage = self._final_usage(response, kwargs, text_parts, other_parts)
+            usage = await self._final_usage(response, kwargs, text_parts, other_parts)
             reason = _FINISH_REASONS.get(finish_reason, FinishReason.STOP)
             if calls and reason == FinishReason.STOP:
                 # Some providers report "stop" after tool calls; the calls still complete.
@@ -434,7 +434,7 @@ class TokenStreamer:
             end = StreamEnd(
                 FinishStatus.CANCELLED,
                 self._cancel_reason or FinishReason.CLIENT_CANCEL,
-                self._estimate(kwargs, text_parts, other_parts),
+                await self._estimate(kwargs, text_parts, other_parts),
             )
         except TimeoutError:
             now = loop.time()
@@ -447,7 +447,7 @@ class TokenStreamer:
             end = StreamEnd(
                 FinishStatus.TIMEOUT,
                 str(reason),
-                self._estimate(kwargs, text_parts, other_parts),
+                await self._estimate(kwargs, text_parts, other_parts),
                 UpstreamFailure(ErrorCode.UPSTREAM_TIMEOUT,
                                 f"the provider exceeded the {what} limit"),
             )
@@ -458,7 +458,7 @@ class TokenStreamer:
             end = StreamEnd(
                 FinishStatus.FAILED,
                 failure.code,
-                self._estimate(kwargs, text_parts, other_parts),
+                await self._estimate(kwargs, text_parts, other_parts),
                 failure,
             )
         finally:
@@ -584,17 +584,24 @@ class TokenStreamer:
             logger.debug("closing upstream response failed: %s", type(exc).__name__)
         self._response = None
 
-    def _final_usage(self, response, kwargs, text_parts, other_parts) -> UsageInfo:
+    async def _final_usage(self, response, kwargs, text_parts, other_parts) -> UsageInfo:
         provider = _provider_usage(response)
         if provider is not None:
             return provider
-        return self._estimate(kwargs, text_parts, other_parts)
+        return await self._estimate(kwargs, text_parts, other_parts)
 
-    def _estimate(self, kwargs, text_parts, other_parts) -> UsageInfo:
-        prompt = _estimate_prompt_tokens(self.model, kwargs.get("messages") or [],
-                                         kwargs.get("tools"))
-        completion = _estimate_text_tokens(self.model, "".join(text_parts) + "".join(other_parts))
-        return UsageInfo(prompt, completion, estimated=True)
+    async def _estimate(self, kwargs, text_parts, other_parts) -> UsageInfo:
+        """Usage by the tokenizer, counted in a worker thread: a long prompt or answer takes
+        milliseconds to count (8.5 ms per 20,000 words here), which must not hold the loop
+        that serves every other stream (tiktoken releases the GIL while it encodes)."""
+        messages, tools = kwargs.get("messages") or [], kwargs.get("tools")
+        text = "".join(text_parts) + "".join(other_parts)
+
+        def count() -> UsageInfo:
+            return UsageInfo(_estimate_prompt_tokens(self.model, messages, tools),
+                             _estimate_text_tokens(self.model, text), estimated=True)
+
+        return await asyncio.to_thread(count)
 
 
 _CANCEL_MSG = "llm-relay: TokenStreamer.cancel()"

@@ -1,6 +1,7 @@
 """Per-token work the relay no longer does (issue 11 item 4), asserted as work counted, never
 as time: the streamer's deadlines are one lazy watchdog per stream, not a timer per chunk,
-and they still fire on time after the deadline moved with every chunk."""
+and they still fire on time after the deadline moved with every chunk; a usage estimate
+is counted in a worker thread, not on the event loop."""
 
 from __future__ import annotations
 
@@ -71,3 +72,23 @@ async def test_deadlines_moved_by_every_chunk_still_fire(timeouts, reason):
     assert resp.closed.is_set()
     if reason == "idle_timeout":
         assert len(events) == 11                 # every chunk before the silence, then end
+
+
+async def test_usage_estimate_is_counted_off_the_event_loop(monkeypatch):
+    import threading
+
+    import relay.streamer as streamer_module
+
+    threads = []
+    original = streamer_module._estimate_text_tokens
+
+    def recording(model, text):
+        threads.append(threading.current_thread())
+        return original(model, text)
+
+    monkeypatch.setattr(streamer_module, "_estimate_text_tokens", recording)
+    items = [chunk("no "), chunk("usage "), chunk("here", finish="stop")]   # and no usage
+    streamer = TokenStreamer("openai/x", completion=scripted(ScriptedResponse(items)))
+    end = [e async for e in streamer.events(MSGS)][-1]
+    assert end.status == "completed" and end.usage.estimated is True
+    assert threads and threading.main_thread() not in threads, threads
