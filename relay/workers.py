@@ -16,8 +16,9 @@ Lifecycle::
                 start N workers, each with the supervisor's resolved settings in RELAY_*
                 environment variables; wait for each to print its ready line
                 -> print "llm-relay listening on ..." (one line, as a single relay does)
-    running:    a worker that exits is started again (after 1 s); a worker that fails
-                before it was ever ready stops the whole start (its exit code, e.g. 2)
+    running:    a worker that exits is started again (after 1 s, also if the new one fails
+                before it is ready, e.g. while Redis is down); a worker that fails before
+                the first start completed stops the whole start (its exit code, e.g. 2)
     SIGTERM/SIGINT: sent on to every worker, each drains as a single relay does (with Redis:
                 closes its connections 1012, finishes its upstream calls into Redis, for up
                 to drain_timeout), then the supervisor exits 0. Workers still running
@@ -148,6 +149,7 @@ class Supervisor:
         self._stopping = False
         self._failed_start: int | None = None
         self._fatal = asyncio.Event()
+        self._started = False     # every worker was ready once; from then on: restart
 
     # ------------------------------------------------------------------ run
 
@@ -188,6 +190,7 @@ class Supervisor:
                 await self._stop_all()
                 return code
             fatal_wait.cancel()
+            self._started = True
             if s.metrics_port is not None:
                 metrics_http = _AggregateMetricsServer(self, s.host, s.metrics_port)
                 try:
@@ -278,9 +281,9 @@ class Supervisor:
         code = await process.wait()
         if self._stopping:
             return
-        if not ready.done():
-            # Never became ready: a configuration or environment problem (the worker said
-            # why on stderr); restarting would fail the same way. run() stops the start.
+        if not ready.done() and not self._started:
+            # Never became ready at startup: a configuration or environment problem (the
+            # worker said why on stderr); restarting would fail the same way. run() stops.
             if self._failed_start is None:
                 self._failed_start = code if code else 1
                 self._fatal.set()

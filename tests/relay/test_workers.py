@@ -214,3 +214,15 @@ def test_more_than_one_worker_without_redis_is_refused():
         out = subprocess.run([sys.executable, "-m", "relay", "serve", "--workers", value],
                              capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=60)
         assert out.returncode == 2 and "--workers must be" in out.stderr, out
+
+
+def test_a_worker_that_cannot_start_stops_the_start_with_its_exit_code():
+    from .test_cli import socket_port_with_nothing_listening
+
+    url = f"redis://127.0.0.1:{socket_port_with_nothing_listening()}/0"
+    out = subprocess.run([sys.executable, "-m", "relay", "serve", "--port", "0", "--workers",
+                          "2", "--redis", url], capture_output=True, text=True, env=_env(),
+                         cwd=ROOT, timeout=300)
+    assert out.returncode == 2, out
+    assert "cannot use Redis" in out.stderr, out.stderr
+    assert "listening on" not in out.stdout
