@@ -222,14 +222,13 @@ async def _run(settings, registry, *, worker_index: int | None = None) -> int:
     try:
         # LiteLLM's lazy imports and tokenizer, in a thread: not on the first stream.
         start_warm_up()
-        if worker_index is not None:
-            _announce_worker(server, registry, worker_index)
-        else:
-            print(f"llm-relay listening on {server.url} (protocol llm-relay.v1); "
-                  f"models: {', '.join(registry.aliases)}", flush=True)
-        if server.metrics_port is not None and worker_index is None:
+        print(f"llm-relay listening on {server.url} (protocol llm-relay.v1); "
+              f"models: {', '.join(registry.aliases)}", flush=True)
+        if server.metrics_port is not None:
             print(f"llm-relay metrics on http://{settings.host}:{server.metrics_port}/metrics",
                   flush=True)
+        if worker_index is not None:
+            _announce_worker(server, registry, worker_index)
         await stop.wait()
         print(f"llm-relay draining (up to {settings.drain_timeout:g} s), then closing",
               flush=True)

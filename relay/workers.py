@@ -271,11 +271,13 @@ class Supervisor:
         ready = worker.ready
         async for raw in process.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
-            if line.startswith(READY_PREFIX) and not ready.done():
-                info = json.loads(line[len(READY_PREFIX):])
-                worker.metrics_port = info.get("metrics_port")
-                self.models = self.models or list(info.get("models") or [])
-                ready.set_result(None)
+            if not ready.done():
+                # Its own "listening" lines: the supervisor prints one for all workers.
+                if line.startswith(READY_PREFIX):
+                    info = json.loads(line[len(READY_PREFIX):])
+                    worker.metrics_port = info.get("metrics_port")
+                    self.models = self.models or list(info.get("models") or [])
+                    ready.set_result(None)
                 continue
             print(f"[worker {worker.index}] {line}", flush=True)
         code = await process.wait()
