@@ -9,6 +9,7 @@ It starts a fake OpenAI-format upstream (bench/fake_upstream.py, a process of it
 one at a time, each *path* as a process of its own, then drives it from this process:
 
   raw       the upstream's SSE read with httpx and parsed (orjson), no relaying: the floor
+            (10x the tokens per round, so its CPU spans enough of /proc's 10 ms ticks)
   fast      ``relay serve``, alias on the relay's direct SSE path (when this build has one:
             the config key ``fast``; an alias selects it unless ``fast = false``)
   litellm   ``relay serve``, alias with ``fast = false`` (on builds without a fast path:
@@ -65,6 +66,7 @@ PY = sys.executable
 KEY_ENV = "BENCH_UPSTREAM_KEY"
 REDIS = "redis://127.0.0.1:6379/0"
 TPS = 10.0                      # paced streams: tokens per second each
+RAW_SCALE = 10                  # the raw path reads this many times the tokens per round
 CANCEL_TPS = 2.0                # streams of the cancel test
 CANCEL_WAIT = 5.0               # an upstream not closed this long after cancel: "not closed"
 
@@ -266,7 +268,7 @@ async def ws_paced(ws, sid: str, model: str, tokens: int, delay: float, deadline
 # ------------------------------------------------------------------------ paths
 
 @dataclass
-class Path_:
+class Served:
     """One way of serving the upstream's tokens."""
 
     name: str
@@ -296,6 +298,9 @@ class Path_:
         return cpu / total * 1e6, total / wall
 
     async def _reader_round(self, streams: int, tokens: int) -> tuple[float, float]:
+        # 10x the tokens: the raw read is so cheap that the round would otherwise last a
+        # few of /proc's 10 ms CPU ticks (the per-token figures are what is compared).
+        tokens *= RAW_SCALE
         p = self.proc.popen
         cpu0, t0 = tree_cpu(self.proc.pid), time.perf_counter()
         p.stdin.write(f"{streams} {tokens}\n")
@@ -517,7 +522,7 @@ async def run(args: argparse.Namespace) -> Results:
     up_port = _port_of(upstream.line)
     base = f"http://127.0.0.1:{up_port}/v1"
     procs: list[Proc] = [upstream]
-    paths: list[Path_] = []
+    paths: list[Served] = []
     try:
         # Does this build have the fast path (the per-alias ``fast`` key)?
         config = tmp / "relay.toml"
@@ -538,22 +543,22 @@ async def run(args: argparse.Namespace) -> Results:
             procs.append(relay)
             url = _relay_url(relay)
             if has_fast and "fast" in modes:
-                paths.append(Path_("fast", "llm-relay, fast path", relay, url, "bench"))
+                paths.append(Served("fast", "llm-relay, fast path", relay, url, "bench"))
             if "litellm" in modes:
-                paths.append(Path_("litellm", "llm-relay, LiteLLM path" if has_fast else
+                paths.append(Served("litellm", "llm-relay, LiteLLM path" if has_fast else
                                    "llm-relay (LiteLLM path)", relay, url,
                                    "bench-litellm" if has_fast else "bench"))
         if "raw" in modes:
             reader = Proc("raw", [PY, str(Path(__file__)), "--raw-reader", base],
                           "raw-reader ready", stdin=True)
             procs.append(reader)
-            paths.insert(0, Path_("raw", "raw SSE read (httpx + orjson), no relay", reader,
+            paths.insert(0, Served("raw", "raw SSE read (httpx + orjson), no relay", reader,
                                   kind="reader"))
         if "naive" in modes:
             naive = Proc("naive", [PY, str(BENCH / "naive_relay.py"), "--config",
                                    str(config)], "naive-relay", env={KEY_ENV: "sk-bench"})
             procs.append(naive)
-            paths.append(Path_("naive", "seed-style naive relay", naive,
+            paths.append(Served("naive", "seed-style naive relay", naive,
                                f"ws://127.0.0.1:{_port_of(naive.line)}", "bench"))
         if "proxy" in modes:
             if _proxy_available():
@@ -566,7 +571,7 @@ async def run(args: argparse.Namespace) -> Results:
                 proxy = Proc("proxy", ["litellm", "--config", str(yaml), "--port", str(port),
                                        "--num_workers", "1"], "Uvicorn running")
                 procs.append(proxy)
-                paths.append(Path_("proxy", "LiteLLM proxy (SSE out)", proxy,
+                paths.append(Served("proxy", "LiteLLM proxy (SSE out)", proxy,
                                    f"http://127.0.0.1:{port}/v1/chat/completions", "bench",
                                    kind="sse"))
             else:
@@ -662,7 +667,7 @@ async def _workers(res: Results, config: Path, has_fast: bool, shapes, reps,
                     env={KEY_ENV: "sk-bench", "RELAY_REDIS_PREFIX": prefix})
         procs.append(proc)
         name = f"workers{count}"
-        path = Path_(name, f"llm-relay --workers {count} --redis", proc, _relay_url(proc),
+        path = Served(name, f"llm-relay --workers {count} --redis", proc, _relay_url(proc),
                      "bench")
         res.labels[name] = path.label + (" (fast path)" if has_fast else " (LiteLLM path)")
         await path.throughput(streams, 20)
@@ -817,7 +822,6 @@ def render(res: Results, markdown: bool) -> str:
 
 
 def machine() -> str:
-    import litellm  # noqa: F401  (version only)
     from importlib.metadata import version
 
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
