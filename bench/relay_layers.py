@@ -191,6 +191,8 @@ async def main() -> None:
     ScriptedResponse(tokens)
     ScriptedResponse(tokens * args.streams)
     settings = RelaySettings(port=0, demo_tps=0, max_streams=max(8, args.streams),
+                             max_streams_per_principal=max(32, args.streams),
+                             start_rate_per_minute=1e9, start_burst=10**9,
                              frames_per_second=1e9, frame_burst=10**9)
     server = RelayServer(settings, ModelRegistry.demo_only(),
                          streamer_factory=lambda spec: scripted_streamer(tokens))
