@@ -99,8 +99,17 @@ def _build_parser() -> argparse.ArgumentParser:
                        "RELAY_API_KEYS, flags show up in ps)")
     serve.add_argument("--token-budget", type=int, dest="completion_token_budget_per_hour",
                        help="completion tokens per principal per hour (default: no budget)")
+    _add_worker_arguments(serve)
     _add_token_parser(sub)
     return parser
+
+
+def _add_worker_arguments(serve: Any) -> None:
+    serve.add_argument("--workers", metavar="N",
+                       help="relay processes sharing the port (SO_REUSEPORT), for more cores; "
+                       "'auto' = one per CPU; above 1 needs --redis (1)")
+    # Set by the supervisor (relay.workers) on the processes it starts; not for users.
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
 
 
 def _add_token_parser(sub: Any) -> None:
@@ -154,7 +163,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides: dict[str, Any] = {
         key: value for key, value in vars(args).items()
-        if key != "command" and value is not None
+        if key not in ("command", "workers", "worker_index") and value is not None
     }
     try:
         settings = RelaySettings(**overrides)
@@ -164,6 +173,13 @@ def _serve(args: argparse.Namespace) -> int:
     from .logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
+    workers = _worker_count(args, settings)
+    if workers is None:
+        return 2
+    if workers > 1:
+        from .workers import Supervisor
+
+        return asyncio.run(Supervisor(settings, workers).run())
     from .app import ConfigError, build_registry
 
     try:
@@ -171,7 +187,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"relay: configuration error: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(_run(settings, registry))
+    return asyncio.run(_run(settings, registry, worker_index=args.worker_index))
 
 
 def _bind_failure_message(exc: OSError, settings) -> str:
@@ -198,15 +214,56 @@ def _bind_failure_message(exc: OSError, settings) -> str:
     return f"relay: cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
-async def _run(settings, registry) -> int:
+def _worker_count(args: argparse.Namespace, settings: Any) -> int | None:
+    """Processes ``relay serve`` runs (``--workers``, else ``RELAY_WORKERS``, else 1); None
+    after printing why the value is refused (the caller exits 2)."""
+    from .workers import parse_workers
+
+    if args.worker_index is not None:
+        return 1                                   # a worker of a supervisor
+    value = args.workers or os.environ.get("RELAY_WORKERS") or "1"
+    try:
+        count = parse_workers(value.strip())
+    except ValueError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return None
+    if count > 1 and settings.redis_url is None:
+        print(f"relay: --workers {value} needs --redis URL: a reconnect may land on any "
+              "worker, and only through Redis can it resume or cancel a stream another "
+              "worker runs (or use --workers 1)", file=sys.stderr)
+        return None
+    return count
+
+
+def _worker_server_options(worker_index: int | None) -> dict[str, Any]:
+    """RelayServer options of a worker: the shared port, its metrics on loopback only."""
+    if worker_index is None:
+        return {}
+    return {"reuse_port": True, "metrics_host": "127.0.0.1"}
+
+
+def _announce_worker(server: Any, registry: Any, worker_index: int) -> None:
+    """A worker's ``relay_worker_info`` metric and its ready line for the supervisor."""
+    from prometheus_client import Gauge
+
+    from .workers import worker_ready_line
+
+    info = Gauge("relay_worker_info", "This worker process (value 1)", ["worker", "pid"],
+                 registry=server.metrics.registry)
+    info.labels(str(worker_index), str(os.getpid())).set(1)
+    print(worker_ready_line(worker_index, server.metrics_port, registry.aliases), flush=True)
+
+
+async def _run(settings, registry, *, worker_index: int | None = None) -> int:
     from .redis_store import StoreUnavailable
     from .server import RelayServer
+    from .warmup import start_warm_up
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = RelayServer(settings, registry)
+    server = RelayServer(settings, registry, **_worker_server_options(worker_index))
     try:
         await server.start()
     except StoreUnavailable as exc:
@@ -218,11 +275,15 @@ async def _run(settings, registry) -> int:
         print(_bind_failure_message(exc, settings), file=sys.stderr)
         return 2
     try:
+        # LiteLLM's lazy imports and tokenizer, in a thread: not on the first stream.
+        start_warm_up()
         print(f"llm-relay listening on {server.url} (protocol llm-relay.v1); "
               f"models: {', '.join(registry.aliases)}", flush=True)
         if server.metrics_port is not None:
             print(f"llm-relay metrics on http://{settings.host}:{server.metrics_port}/metrics",
                   flush=True)
+        if worker_index is not None:
+            _announce_worker(server, registry, worker_index)
         await stop.wait()
         print(f"llm-relay draining (up to {settings.drain_timeout:g} s), then closing",
               flush=True)

@@ -60,8 +60,15 @@ class RelayServer:
         registry: ModelRegistry | None = None,
         *,
         streamer_factory: StreamerFactory | None = None,
+        reuse_port: bool = False,
+        metrics_host: str | None = None,
     ) -> None:
+        """``reuse_port``: bind with SO_REUSEPORT, so several worker processes share the
+        port (relay.workers). ``metrics_host``: interface of the separate ``/metrics``
+        server (default: ``settings.host``)."""
         self.settings = settings or RelaySettings()
+        self._reuse_port = reuse_port
+        self._metrics_host = metrics_host
         self.registry = registry or ModelRegistry.demo_only()
         self._streamer_factory = streamer_factory
         self._server: Server | None = None
@@ -112,6 +119,7 @@ class RelayServer:
             compression=None,  # token frames gain little; it would cost ~50 KiB per socket
             server_header="llm-relay",
             create_connection=RelayConnection,  # one request per connection (handshake.py)
+            reuse_port=self._reuse_port,
         )
         self.origins = OriginPolicy(own_origins(s, self.port), s.allow_origins)
         self._announce_model_paths()   # once listening: a refused bind prints one line only
@@ -119,7 +127,8 @@ class RelayServer:
             logger.info("listening on all interfaces without --public-url: browsers may "
                         "connect only from the loopback origins and --allow-origin")
         if s.metrics_port is not None:
-            self._metrics_http = MetricsHTTPServer(self.metrics, s.host, s.metrics_port)
+            self._metrics_http = MetricsHTTPServer(self.metrics, self._metrics_host or s.host,
+                                                   s.metrics_port)
             try:
                 await self._metrics_http.start()
             except BaseException:  # e.g. metrics port in use: do not leave the main port open

@@ -517,8 +517,12 @@ class Session:
         self._wake.set()
 
     def _on_append(self) -> None:
+        # A writer that was idle sends this frame at its next turn (and checks the lag
+        # then); only a busy one can be falling behind.
+        busy = not self._idle.is_set()
         self._notify()
-        self._check_lag()
+        if busy:
+            self._check_lag()
 
     def _pending(self) -> bool:
         if self._control:
@@ -536,7 +540,7 @@ class Session:
         try:
             while True:
                 if not self._pending():
-                    self._check_lag()
+                    # (the lag was checked at the end of the last pass)
                     self._idle.set()
                     await self._wake.wait()
                     self._wake.clear()
@@ -580,7 +584,9 @@ class Session:
         """The bytes to send for ``entries`` of ``att``'s stream (v1: merged tokens,
         re-addressed to the attachment's id). Other protocols on the same streams override
         it (relay.aisdk)."""
-        return coalesce(entries, att.id)
+        stream = att.stream
+        # A local stream's frames all carry its id; a followed one's come from elsewhere.
+        return coalesce(entries, att.id, None if stream.remote else stream.id)
 
     async def _stop_writer(self) -> None:
         if self._slow_timer is not None:

@@ -214,10 +214,18 @@ class FrameLog:
             self.trim_through(self._seqs[drop - 1])
 
 
-def coalesce(entries: list[LogEntry], id: str) -> list[bytes]:
+def coalesce(entries: list[LogEntry], id: str, producer_id: str | None = None) -> list[bytes]:
     """Encoded frames for ``entries`` as sent to a reader that calls the stream ``id``:
     runs of consecutive ``token`` entries become one token frame (text joined, last seq),
-    and frames are re-addressed when the reader uses another id than the producer."""
+    and frames are re-addressed when the reader uses another id than the producer.
+    ``producer_id`` (the id every frame of the stream carries, when the caller knows it)
+    spares decoding a frame just to compare its id."""
+
+    def addressed(entry: LogEntry) -> bool:
+        return producer_id == id if producer_id is not None else entry.frame["id"] == id
+
+    if len(entries) == 1 and addressed(entries[0]):
+        return [entries[0].data]     # the usual case: a reader that keeps up, one frame
     out: list[bytes] = []
     run: list[LogEntry] = []
     run_bytes = 0
@@ -225,7 +233,7 @@ def coalesce(entries: list[LogEntry], id: str) -> list[bytes]:
     def flush_run() -> None:
         nonlocal run_bytes
         run_bytes = 0
-        if len(run) == 1 and run[0].frame["id"] == id:
+        if len(run) == 1 and addressed(run[0]):
             out.append(run[0].data)
         elif run:
             text = "".join(e.frame["text"] for e in run)
@@ -240,10 +248,9 @@ def coalesce(entries: list[LogEntry], id: str) -> list[bytes]:
             run_bytes += len(entry.data)
             continue
         flush_run()
-        frame = entry.frame
-        if frame["id"] == id:
+        if addressed(entry):
             out.append(entry.data)
         else:
-            out.append(orjson.dumps({**frame, "id": id}))
+            out.append(orjson.dumps({**entry.frame, "id": id}))
     flush_run()
     return out

@@ -1,0 +1,94 @@
+"""Per-token work the relay no longer does (issue 11 item 4), asserted as work counted, never
+as time: the streamer's deadlines are one lazy watchdog per stream, not a timer per chunk,
+and they still fire on time after the deadline moved with every chunk; a usage estimate
+is counted in a worker thread, not on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from relay.streamer import StreamEnd, Timeouts, TokenStreamer
+
+from .test_streamer import MSGS, ScriptedResponse, chunk, scripted
+
+CHUNKS = 300
+
+
+class _PacedResponse(ScriptedResponse):
+    """Each chunk after a real wait (a timer of its own), then silence."""
+
+    def __init__(self, items, gap: float, hang_after=None):
+        super().__init__(items, hang_after=hang_after)
+        self.gap = gap
+
+    async def __anext__(self):
+        if self._i < len(self.items) and (self.hang_after is None or self._i < self.hang_after):
+            await asyncio.sleep(self.gap)        # the provider's pace
+        return await super().__anext__()
+
+
+@pytest.fixture
+async def timers_scheduled(monkeypatch):
+    """Counts ``call_at`` on the running loop (asyncio.timeout and call_later use it)."""
+    loop = asyncio.get_running_loop()
+    counted = {"n": 0}
+    original = loop.call_at
+
+    def call_at(when, callback, *args, **kwargs):
+        counted["n"] += 1
+        return original(when, callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_at", call_at)
+    return counted
+
+
+async def test_a_stream_of_many_chunks_schedules_a_constant_number_of_timers(timers_scheduled):
+    items = [chunk(f"t{i} ") for i in range(CHUNKS)] + [chunk(finish="stop")]
+    streamer = TokenStreamer("openai/x", completion=scripted(ScriptedResponse(items)),
+                             timeouts=Timeouts(first_token=60, idle=30, total=600))
+    events = [e async for e in streamer.events(MSGS)]
+    assert isinstance(events[-1], StreamEnd) and events[-1].status == "completed"
+    assert len(events) == CHUNKS + 1
+    # Old code: one asyncio.timeout_at (a timer scheduled and cancelled) per chunk.
+    assert timers_scheduled["n"] <= 3, timers_scheduled["n"]
+
+
+@pytest.mark.parametrize(("timeouts", "reason"), [
+    (Timeouts(first_token=5, idle=0.15, total=30), "idle_timeout"),
+    (Timeouts(first_token=5, idle=5, total=0.4), "total_timeout"),
+])
+async def test_deadlines_moved_by_every_chunk_still_fire(timeouts, reason):
+    # Chunks every 20 ms keep the idle deadline moving (the watchdog re-arms lazily);
+    # then the provider goes silent (idle) or the stream outlives its total budget.
+    items = [chunk(f"t{i} ") for i in range(100)]
+    hang_after = 10 if reason == "idle_timeout" else None
+    resp = _PacedResponse(items, gap=0.02, hang_after=hang_after)
+    streamer = TokenStreamer("openai/x", completion=scripted(resp), timeouts=timeouts)
+    events = [e async for e in streamer.events(MSGS)]
+    end = events[-1]
+    assert (end.status, end.reason) == ("timeout", reason)
+    assert resp.closed.is_set()
+    if reason == "idle_timeout":
+        assert len(events) == 11                 # every chunk before the silence, then end
+
+
+async def test_usage_estimate_is_counted_off_the_event_loop(monkeypatch):
+    import threading
+
+    import relay.streamer as streamer_module
+
+    threads = []
+    original = streamer_module._estimate_text_tokens
+
+    def recording(model, text):
+        threads.append(threading.current_thread())
+        return original(model, text)
+
+    monkeypatch.setattr(streamer_module, "_estimate_text_tokens", recording)
+    items = [chunk("no "), chunk("usage "), chunk("here", finish="stop")]   # and no usage
+    streamer = TokenStreamer("openai/x", completion=scripted(ScriptedResponse(items)))
+    end = [e async for e in streamer.events(MSGS)][-1]
+    assert end.status == "completed" and end.usage.estimated is True
+    assert threads and threading.main_thread() not in threads, threads

@@ -1,0 +1,70 @@
+"""The first stream after ``relay serve`` starts must not load LiteLLM's lazy parts on the
+event loop (issue: it stalled the loop 0.5-1 s for tiktoken and ~80 modules): the relay
+warms them up in a thread at startup. Checked in fresh interpreters, since any earlier test
+in this process has loaded them already. Asserts what was loaded, never a duration."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from .test_limits import ROOT, _env
+
+# Runs in a fresh interpreter: which lazy parts of LiteLLM does a first stream load, before
+# and after the warm-up?
+_PROBE = r"""
+import asyncio, gc, json, sys
+from relay.llm import get_litellm, set_demo_tps
+from relay.streamer import TokenStreamer
+from relay.warmup import start_warm_up
+
+get_litellm()
+set_demo_tps(0)
+LAZY = "litellm.litellm_core_utils.default_encoding"   # the tiktoken encoding
+before = LAZY in sys.modules
+state = start_warm_up()
+assert state.done.wait(300), "warm-up did not finish"
+after = LAZY in sys.modules
+loaded_before_stream = set(sys.modules)
+
+async def first_stream():
+    streamer = TokenStreamer("llm-relay-demo/demo")
+    events = [e async for e in streamer.events([{"role": "user", "content": "first"}])]
+    return str(events[-1].status)
+
+status = asyncio.run(first_stream())
+print(json.dumps({"before": before, "after": after, "error": state.error,
+                  "frozen": gc.get_freeze_count(), "status": status,
+                  "first_stream_imported": sorted(set(sys.modules) - loaded_before_stream)}))
+"""
+
+
+def test_warm_up_loads_litellm_lazy_parts_so_the_first_stream_imports_nothing():
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
+                         env=_env(), cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["before"] is False            # lazy indeed: not loaded by the import
+    assert result["error"] is None
+    assert result["after"] is True              # the tokenizer, loaded by the warm-up
+    assert result["frozen"] > 100_000           # startup objects moved out of the GC's way
+    assert result["status"] == "completed"
+    assert result["first_stream_imported"] == []
+
+
+def test_relay_serve_warms_up_at_startup():
+    proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "--port", "0",
+                             "--log-level", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+    try:
+        assert "listening on" in proc.stdout.readline()
+        for line in proc.stderr:
+            if "relay.warmup" in line:
+                assert "LiteLLM warmed up" in line, line
+                break
+        else:
+            raise AssertionError("relay serve never logged its warm-up")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
