@@ -74,6 +74,7 @@ __all__ = [
     "FrameDecision",
     "LossOutcome",
     "MAX_RECONNECT_ATTEMPTS",
+    "ReconnectSchedule",
     "NO_STATUS",
     "NORMAL_CLOSURE",
     "RETRYABLE_UPGRADE_STATUSES",
@@ -199,6 +200,29 @@ class Backoff:
 
 BACKOFF = Backoff()
 MAX_RECONNECT_ATTEMPTS = BACKOFF.max_attempts
+
+
+@dataclass
+class ReconnectSchedule:
+    """Rule 2 over time: after a loss the policy retries, :meth:`next_delay` gives each
+    attempt's delay until ``max_attempts`` attempts were made (then ``None``: give up);
+    :meth:`welcomed` (a connection was welcomed) starts the count again. ``max_attempts``
+    ``None`` is unlimited."""
+
+    backoff: Backoff = BACKOFF
+    max_attempts: int | None = MAX_RECONNECT_ATTEMPTS
+    attempt: int = 0
+
+    def next_delay(self, r: float) -> float | None:
+        """The delay before the next attempt (``r`` uniform in [0, 1)), or ``None``."""
+        if self.max_attempts is not None and self.attempt >= self.max_attempts:
+            return None
+        delay = self.backoff.delay(self.attempt, r)
+        self.attempt += 1
+        return delay
+
+    def welcomed(self) -> None:
+        self.attempt = 0
 
 
 def local_cancel_finish(stream_id: str) -> dict[str, Any]:

@@ -119,6 +119,7 @@ from protocol.client_policy import (
     ABNORMAL_CLOSURE,
     MAX_RECONNECT_ATTEMPTS,
     RETRYABLE_UPGRADE_STATUSES,
+    ReconnectSchedule,
     BACKOFF,
     Backoff,
     CancelAction,
@@ -812,19 +813,21 @@ class RelayClient:
         if decision.retry:
             self._set_state("reconnecting")
 
-    def _backoff_delay(self, attempt: int) -> float:
+    def _schedule(self) -> ReconnectSchedule:
+        """The policy's attempt schedule with this client's options (a new one per loss:
+        the count starts again after each welcome)."""
         backoff = dataclasses.replace(BACKOFF, base=self.backoff, cap=self.backoff_max)
-        return backoff.delay(attempt, random.random())
+        return ReconnectSchedule(backoff, self.max_reconnect_attempts)
 
     async def _reconnect(self, code: int, reason: str) -> ClientConnection | None:
         """Connect again with backoff; on welcome send the resumes and return the connection.
         None when the client gave up (it is then closed for good)."""
         last_code: int | None = code
         last_text = _close_text(code, reason)
-        attempt = 0
-        while self.max_reconnect_attempts is None or attempt < self.max_reconnect_attempts:
-            await asyncio.sleep(self._backoff_delay(attempt))
-            attempt += 1
+        schedule = self._schedule()
+        while (delay := schedule.next_delay(random.random())) is not None:
+            await asyncio.sleep(delay)
+            attempt = schedule.attempt
             # With several relay URLs (relays sharing streams through Redis), try the next
             # one: the relay just lost may be restarting.
             self._url_index = (self._url_index + 1) % len(self.urls)
@@ -832,7 +835,11 @@ class RelayClient:
                 ws, welcome = await self._open()
             except HandshakeFailed as exc:
                 last_text = f"reconnect refused: {exc}"
-                if exc.close_code is None or not is_retryable_close(exc.close_code):
+                # Refused before any welcome: a 4401 here is final even for "token expired"
+                # (a fresh token was refused), so the policy cannot loop.
+                if exc.close_code is None or not close_decision(
+                        exc.close_code, "", welcomed=False,
+                        token_refreshable=callable(self.token)).retry:
                     self._close_for_good(exc.close_code, last_text)
                     return None
                 last_code = exc.close_code
@@ -863,7 +870,7 @@ class RelayClient:
             await self._resume_all(ws)
             self._set_state("open")
             return ws
-        self._close_for_good(last_code, f"gave up after {attempt} reconnect attempts "
+        self._close_for_good(last_code, f"gave up after {schedule.attempt} reconnect attempts "
                                         f"({last_text})")
         return None
 
