@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
+from protocol.client_policy import TOKEN_EXPIRED_REASON
 from relay.auth import EXPIRED
 from relay.client import ConnectionLost, RelayClient, StreamRejected
-from protocol.client_policy import TOKEN_EXPIRED_REASON
 
 from .helpers import eventually
 
