@@ -24,7 +24,9 @@ Contracts:
 * A stream yields only its own events, in ``seq`` order, each exactly once, and stops after
   ``Finish``. A start refused with an ``error`` frame raises :class:`StreamRejected`.
 * ``await stream.cancel()`` asks the server to stop; iteration then ends with the
-  cancelled ``Finish``. Leaving an ``async for`` early (``break``, exception) cancels the
+  cancelled ``Finish`` (the relay's). A stream cancelled before its ``start`` was sent ends
+  with ``protocol.client_policy.local_cancel_finish``: a valid ``Finish`` (cancelled,
+  ``client_cancel``, zero usage flagged ``estimated``); nothing is sent. Leaving an ``async for`` early (``break``, exception) cancels the
   stream on the server too: the iterator is an async generator whose cleanup sends
   ``cancel`` (run by asyncio's async-generator finaliser right after the loop is left).
   ``await stream.aclose()`` does the same deterministically and waits for ``Finish``.
@@ -32,27 +34,35 @@ Contracts:
 Reconnect and resume (``reconnect=True``, the default; PROTOCOL.md "Resume and detached
 streams"):
 
-* The client remembers each stream's ``stream_key`` (from ``started``) and the last ``seq``
-  it received. When the connection ends with a *retryable* close (no close frame at all, i.e.
-  1006 = a network drop, or a code whose ``protocol.CloseCode(code).retryable`` is true:
-  1001, 1011, 1012, 4008, 4408, 4429), it reconnects with exponential backoff and jitter
-  (attempt ``n`` waits ``min(backoff_max, backoff * 2**n) * uniform(0.5, 1)`` seconds, at most
-  ``max_reconnect_attempts`` attempts), calls the token source again, does hello/welcome,
-  and sends ``{"type": "resume", "stream_key": K, "after_seq": LAST, "id": ID}`` for every
-  unfinished stream, but only when the *previous* and the new ``welcome.limits.detach_grace``
-  are > 0. After ``resumed`` the replay and then the live frames continue the same
-  iteration; frames whose ``seq`` is not above the last one seen are dropped, so the
-  application sees an uninterrupted stream. The relay may merge consecutive token frames in
-  a replay (one ``Token`` with the concatenated text and the last ``seq``): that is normal.
+The policy (which close is retried, the backoff, what is resumed, which frames are
+replays, what a cancel does) is :mod:`protocol.client_policy`, shared with relay-client.js;
+this module carries out its decisions (a :class:`protocol.client_policy.ClientStreamTracker`
+holds every stream's phase, ``stream_key`` and last ``seq``).
+
+* When the connection ends with a close the policy retries (1006 = no close frame, 1005,
+  1001, 1011, 1012, 4008, 4408, 4429; and 4401 ``token expired`` after a welcome when
+  ``token`` is a function), the client reconnects with exponential backoff and jitter
+  (attempt ``n`` waits ``min(backoff_max, backoff * 2**n) * uniform(0.5, 1)`` seconds, at
+  most ``max_reconnect_attempts`` attempts, default
+  ``protocol.client_policy.MAX_RECONNECT_ATTEMPTS`` = 8), calls the token source again,
+  does hello/welcome, and sends ``{"type": "resume", "stream_key": K, "after_seq": LAST,
+  "id": ID}`` for every stream that had ``started`` and no ``finish``, but only when the
+  *previous* and the new ``welcome.limits.detach_grace`` are > 0. After ``resumed`` the
+  replay and then the live frames continue the same iteration; frames whose ``seq`` is not
+  above the last one seen are dropped, so the application sees an uninterrupted stream. The
+  relay may merge consecutive token frames in a replay (one ``Token`` with the concatenated
+  text and the last ``seq``): that is normal.
 * A stream that cannot be resumed raises :class:`ConnectionLost` from its iteration, carrying
   the partial text, reasoning and completed tool calls, the close code and, when the relay
   refused the resume, the error code (``unknown_stream``, ``stream_lost``...). That happens
-  when ``detach_grace`` is 0, when the stream had no ``stream_key`` yet (its ``started`` had
-  not arrived), when the close was not retryable (e.g. 4401, 4400, 1000), when the attempts
-  are exhausted, or when the relay answers the resume with an ``error``.
-* While reconnecting, new streams, ``cancel`` and ``ping`` **wait** for the new connection
-  (then run on it, after the resumes), or raise :class:`ConnectionLost` if the client gives
-  up. Pings in flight when the connection dropped raise :class:`ConnectionLost` (their answer
+  when ``detach_grace`` is 0, when the stream's ``start`` had no answer yet (it is never
+  sent twice: the relay may be running it), when the close is final (e.g. 4401, 4400,
+  1000), when the attempts are exhausted, or when the relay answers the resume with an
+  ``error``. The one exception: after 4401 ``token expired`` (refreshed as above) starts
+  without an answer are sent again, because the relay guarantees it did not run them.
+* While reconnecting, new streams and ``ping`` **wait** for the new connection (then run on
+  it, after the resumes), or raise :class:`ConnectionLost` if the client gives up; a
+  ``cancel`` of a stream being resumed is sent right after its ``resumed``. Pings in flight when the connection dropped raise :class:`ConnectionLost` (their answer
   is gone with the connection); later pings work on the new connection.
 * After a non-retryable close, or when the attempts are exhausted, the client is closed for
   good (``client.state == "closed"``): every unfinished stream raises :class:`ConnectionLost`
@@ -70,6 +80,7 @@ results), never waits forever. The connection and the other streams are unaffect
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import itertools
 import logging
@@ -90,13 +101,11 @@ from websockets.exceptions import (
 
 from protocol import (
     PROTOCOL_VERSION,
-    CloseCode,
     Error,
     ErrorCode,
     Finish,
     Pong,
     Reasoning,
-    Resumed,
     Started,
     Token,
     ToolCallChunk,
@@ -105,6 +114,24 @@ from protocol import (
     Welcome,
     decode_server_frame,
     encode_frame,
+)
+from protocol.client_policy import (
+    ABNORMAL_CLOSURE,
+    MAX_RECONNECT_ATTEMPTS,
+    RETRYABLE_UPGRADE_STATUSES,
+    ReconnectSchedule,
+    BACKOFF,
+    Backoff,
+    CancelAction,
+    ClientStreamTracker,
+    CloseDecision,
+    FrameAction,
+    StreamFailure,
+    StreamPhase,
+    close_decision,
+    close_meaning,
+    is_retryable_close,
+    local_cancel_finish,
 )
 
 __all__ = [
@@ -135,34 +162,12 @@ ConnectionState: TypeAlias = Literal["idle", "open", "reconnecting", "closed"]
 #: for a token that expired meanwhile.
 TokenSource: TypeAlias = str | Callable[[], str | None | Awaitable[str | None]] | None
 
-#: Close code of a connection that ended without a close frame (network drop).
-ABNORMAL_CLOSURE = 1006
-# HTTP statuses at the upgrade worth retrying (draining relay, overloaded proxy).
-_RETRYABLE_HTTP = frozenset({429, 500, 502, 503, 504})
-
-
-def is_retryable_close(code: int | None) -> bool:
-    """True when a connection that ended with ``code`` should be reconnected (and its streams
-    resumed): 1006 (no close frame: a network drop) or a ``protocol.CloseCode`` that is
-    ``retryable``. Unknown codes and 1000 (a deliberate normal close) are not."""
-    if code == ABNORMAL_CLOSURE:
-        return True
-    try:
-        return CloseCode(code).retryable
-    except ValueError:
-        return False
 
 
 def _close_text(code: int | None, reason: str | None) -> str:
     if code is None:
         return reason or "connection closed"
-    try:
-        meaning = CloseCode(code).meaning
-    except ValueError:
-        meaning = "network drop" if code == ABNORMAL_CLOSURE else ""
-    text = f"{code}"
-    if meaning:
-        text += f" ({meaning})"
+    text = f"{code} ({close_meaning(code)})"
     if reason:
         text += f": {reason}"
     return text
@@ -252,15 +257,14 @@ class _Lost:
 
 @dataclass
 class _Route:
-    """The client side of one stream, updated by the connection task as frames arrive."""
+    """The I/O side of one stream: its queue. Its policy state (phase, stream_key, last seq)
+    lives in the client's ClientStreamTracker; the two copies below outlive the stream."""
 
     id: str
+    start_frame: dict[str, Any]
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     abandoned: bool = False  # iteration left early (an aclose() may still read the queue)
-    sent: bool = False       # the start frame was handed to a connection
     stream_key: str | None = None
-    last_seq: int = -1       # largest seq received (queued); resume sends it as after_seq
-    resuming: bool = False   # a resume is due or sent, resumed not received yet
     resumes: int = 0         # resumed frames received
 
 
@@ -280,6 +284,7 @@ class RelayStream:
         self._started = False
         self._done = False
         self._cancel_sent = False
+        self._local_finish: Finish | None = None  # cancelled before start: yielded once
         self.text = ""
         self.reasoning = ""
         self.tool_calls: list[ToolCallComplete] = []
@@ -311,7 +316,7 @@ class RelayStream:
         if self._started:
             return
         self._started = True
-        self._route = self._client._register(self.id)
+        self._route = self._client._register(self.id, self._start_frame)
         try:
             await self._client._send_start(self._route, self._start_frame)
         except BaseException:
@@ -321,18 +326,18 @@ class RelayStream:
 
     async def cancel(self) -> None:
         """Ask the relay to stop this stream (idempotent). Iteration then ends with the
-        cancelled ``Finish``. Before the stream was started this just marks it done. While
-        the client is reconnecting the cancel is sent after the stream's resume."""
+        cancelled ``Finish``. Before the ``start`` was sent nothing is sent: iteration yields
+        ``protocol.client_policy.local_cancel_finish`` (a valid cancelled ``Finish`` with
+        zero usage flagged estimated). While the stream is being resumed the cancel is sent
+        right after its ``resumed``."""
         if not self._started:
-            self._started = self._done = True
+            self._started = True
+            self._local_finish = Finish.model_validate(local_cancel_finish(self.id))
             return
-        if self._done or self._cancel_sent:
+        if self._done or self._cancel_sent or self._local_finish is not None:
             return
         self._cancel_sent = True
-        try:
-            await self._client._send({"type": "cancel", "id": self.id})
-        except ConnectionLost:
-            pass  # the stream's iteration reports the loss
+        await self._client._cancel(self._route)
 
     async def aclose(self) -> None:
         """Cancel if still running and wait for the ``Finish`` (connection loss is ignored)."""
@@ -367,12 +372,15 @@ class RelayStream:
         if not self._cancel_sent:
             self._cancel_sent = True
             try:
-                await self._client._send({"type": "cancel", "id": self.id})
-            except (ConnectionLost, ConnectionClosed):
+                await self._client._cancel(self._route)
+            except ConnectionClosed:
                 pass
 
     async def _next(self) -> StreamEvent:
         await self.start()
+        if self._local_finish is not None and self._route is None:
+            self._apply(self._local_finish)
+            return self._local_finish
         assert self._route is not None
         item = await self._route.queue.get()
         if isinstance(item, _Lost):
@@ -415,10 +423,12 @@ class RelayClient:
       every connect and reconnect.
     * ``reconnect`` (default ``True``): reconnect and resume after a retryable close (see the
       module docstring). ``False``: any connection loss ends the client.
-    * ``max_reconnect_attempts`` (default 6; ``None`` = unlimited): connection attempts after
-      one loss before giving up. The count starts again after each successful reconnect.
-    * ``backoff`` (default 0.5 s) and ``backoff_max`` (default 15 s): attempt ``n`` (from 0)
-      waits ``min(backoff_max, backoff * 2**n) * uniform(0.5, 1)`` seconds first.
+    * ``max_reconnect_attempts`` (default ``protocol.client_policy.MAX_RECONNECT_ATTEMPTS``
+      = 8, as relay-client.js; ``None`` = unlimited): connection attempts after one loss
+      before giving up. The count starts again after each successful reconnect.
+    * ``backoff`` (default 0.5 s) and ``backoff_max`` (default 15 s), from
+      ``protocol.client_policy.BACKOFF``: attempt ``n`` (from 0) waits
+      ``min(backoff_max, backoff * 2**n) * uniform(0.5, 1)`` seconds first.
     * other keyword arguments go to ``websockets.asyncio.client.connect`` (e.g.
       ``additional_headers``, ``open_timeout``).
     """
@@ -431,9 +441,9 @@ class RelayClient:
         client_version: str = "1",
         *,
         reconnect: bool = True,
-        max_reconnect_attempts: int | None = 6,
-        backoff: float = 0.5,
-        backoff_max: float = 15.0,
+        max_reconnect_attempts: int | None = MAX_RECONNECT_ATTEMPTS,
+        backoff: float = BACKOFF.base,
+        backoff_max: float = BACKOFF.cap,
         **connect_kwargs: Any,
     ) -> None:
         if max_reconnect_attempts is not None and max_reconnect_attempts < 0:
@@ -455,6 +465,7 @@ class RelayClient:
         self._ws: ClientConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self._routes: dict[str, _Route] = {}
+        self._tracker = ClientStreamTracker()  # the policy's view of the same streams
         self._pings: dict[int, asyncio.Future[float]] = {}
         self._ping_ids = itertools.count(1)
         self._state: ConnectionState = "idle"
@@ -675,31 +686,69 @@ class RelayClient:
     async def _send_start(self, route: _Route, frame: dict[str, Any]) -> None:
         """Send a ``start``. Once handed to a connection the stream belongs to it: if that
         connection dies, the connection task resumes the stream or fails it (never a second
-        ``start``, which could run the prompt twice)."""
-        data = encode_frame(frame).decode()
-        ws = await self._wait_open()
-        route.sent = True
+        ``start``, which could run the prompt twice; the policy's one exception, a token
+        refresh, is sent by the connection task). A start still queued when a reconnect
+        welcomes is sent by the connection task after the resumes; then nothing is left."""
+        await self._wait_open()
+        if self._tracker.phase(route.id) is not StreamPhase.QUEUED:
+            return  # sent by the reconnect, or cancelled locally meanwhile
+        await self._send_start_now(route)
+
+    async def _send_start_now(self, route: _Route) -> None:
+        ws = self._ws
+        assert ws is not None
+        self._tracker.start_sent(route.id)
         try:
-            await ws.send(data)
+            await ws.send(encode_frame(route.start_frame).decode())
         except ConnectionClosed:
             pass  # the loss reaches the stream through its queue
 
-    def _register(self, sid: str) -> _Route:
+    async def _cancel(self, route: _Route | None) -> None:
+        """Carry out the policy's answer to a local cancel of a started stream."""
+        if route is None:
+            return
+        action = self._tracker.cancel(route.id)
+        if action is CancelAction.LOCAL_FINISH:  # its start never left: end it here
+            self._unregister(route)
+            route.queue.put_nowait(Finish.model_validate(local_cancel_finish(route.id)))
+        elif action is CancelAction.SEND:
+            try:
+                await self._send({"type": "cancel", "id": route.id})
+            except ConnectionLost:
+                pass  # the stream's iteration reports the loss
+        # AFTER_RESUME: _dispatch sends it when `resumed` arrives; NONE: nothing to do
+
+    def _register(self, sid: str, start_frame: dict[str, Any]) -> _Route:
         if self._state in ("closed", "idle"):
             raise ConnectionLost(f"not connected ({self._lost or 'never connected'})")
         if sid in self._routes:
             raise ValueError(f"stream id {sid!r} is already in use on this connection")
-        route = self._routes[sid] = _Route(sid)
+        self._tracker.add(sid)
+        route = self._routes[sid] = _Route(sid, start_frame)
         return route
 
     def _unregister(self, route: _Route | None) -> None:
         if route is not None and self._routes.get(route.id) is route:
             del self._routes[route.id]
+            self._tracker.forget(route.id)
 
     def _fail(self, route: _Route, lost: _Lost) -> None:
         self._unregister(route)
-        route.resuming = False
         route.queue.put_nowait(lost)
+
+    def _apply_failures(self, failures: Sequence[StreamFailure]) -> None:
+        """Streams the policy ended without a finish: each gets its exception."""
+        for failure in failures:
+            route = self._routes.get(failure.id)
+            if route is None:
+                continue
+            if failure.kind == "rejected":     # the start was refused: StreamRejected
+                self._unregister(route)
+                route.queue.put_nowait(failure.frame)
+                continue
+            code = None if failure.kind == "connection_lost" else failure.code
+            self._fail(route, _Lost(failure.message, close_code=failure.close_code,
+                                    code=code))
 
     def _fail_pings(self, message: str) -> None:
         for future in self._pings.values():
@@ -717,9 +766,13 @@ class RelayClient:
                 if self._closing:
                     return
                 self.last_close = (code, reason)
-                retry = self.reconnect and is_retryable_close(code)
-                self._on_drop(code, reason, retry)
-                if not retry:
+                decision = close_decision(code, reason, welcomed=True,
+                                          token_refreshable=callable(self.token))
+                if not self.reconnect:
+                    decision = dataclasses.replace(decision, retry=False,
+                                                   resend_unanswered_starts=False)
+                self._on_drop(decision)
+                if not decision.retry:
                     self._close_for_good(code, _close_text(code, reason))
                     return
                 new_ws = await self._reconnect(code, reason)
@@ -743,44 +796,38 @@ class RelayClient:
                     logger.warning("ignoring undecodable frame from relay: %.200r", raw)
                     continue
                 if frame is not None:
-                    self._dispatch(frame)
+                    await self._dispatch(ws, frame)
         except ConnectionClosed as exc:
             if exc.rcvd is None:
                 return ABNORMAL_CLOSURE, ""
             return exc.rcvd.code, exc.rcvd.reason
 
-    def _on_drop(self, code: int, reason: str, retry: bool) -> None:
-        """The connection is gone: keep the streams that can be resumed, fail the others."""
+    def _on_drop(self, decision: CloseDecision) -> None:
+        """The connection is gone: keep the streams the policy resumes (or starts again),
+        fail the others."""
         self._ws = None
-        text = _close_text(code, reason)
         grace = self.welcome.limits.detach_grace if self.welcome else 0
-        for route in list(self._routes.values()):
-            if not route.sent:
-                continue  # its start waits for the next connection (or fails with it)
-            if retry and grace > 0 and route.stream_key:
-                route.resuming = True
-                continue
-            why = ("the relay does not keep streams for resume (detach_grace 0)"
-                   if retry and grace <= 0 else
-                   "the stream had no stream_key yet" if retry else "not retryable")
-            self._fail(route, _Lost(f"connection lost during stream {route.id!r} "
-                                    f"({text}); cannot resume: {why}", close_code=code))
-        self._fail_pings(f"connection lost ({text})")
-        if retry:
+        outcome = self._tracker.connection_lost(decision, grace)
+        self._apply_failures(outcome.failed)
+        self._fail_pings(f"connection lost ({_close_text(decision.code, decision.reason)})")
+        if decision.retry:
             self._set_state("reconnecting")
 
-    def _backoff_delay(self, attempt: int) -> float:
-        return min(self.backoff_max, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
+    def _schedule(self) -> ReconnectSchedule:
+        """The policy's attempt schedule with this client's options (a new one per loss:
+        the count starts again after each welcome)."""
+        backoff = dataclasses.replace(BACKOFF, base=self.backoff, cap=self.backoff_max)
+        return ReconnectSchedule(backoff, self.max_reconnect_attempts)
 
     async def _reconnect(self, code: int, reason: str) -> ClientConnection | None:
         """Connect again with backoff; on welcome send the resumes and return the connection.
         None when the client gave up (it is then closed for good)."""
         last_code: int | None = code
         last_text = _close_text(code, reason)
-        attempt = 0
-        while self.max_reconnect_attempts is None or attempt < self.max_reconnect_attempts:
-            await asyncio.sleep(self._backoff_delay(attempt))
-            attempt += 1
+        schedule = self._schedule()
+        while (delay := schedule.next_delay(random.random())) is not None:
+            await asyncio.sleep(delay)
+            attempt = schedule.attempt
             # With several relay URLs (relays sharing streams through Redis), try the next
             # one: the relay just lost may be restarting.
             self._url_index = (self._url_index + 1) % len(self.urls)
@@ -788,7 +835,11 @@ class RelayClient:
                 ws, welcome = await self._open()
             except HandshakeFailed as exc:
                 last_text = f"reconnect refused: {exc}"
-                if exc.close_code is None or not is_retryable_close(exc.close_code):
+                # Refused before any welcome: a 4401 here is final even for "token expired"
+                # (a fresh token was refused), so the policy cannot loop.
+                if exc.close_code is None or not close_decision(
+                        exc.close_code, "", welcomed=False,
+                        token_refreshable=callable(self.token)).retry:
                     self._close_for_good(exc.close_code, last_text)
                     return None
                 last_code = exc.close_code
@@ -796,7 +847,7 @@ class RelayClient:
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 last_text = f"reconnect refused: HTTP {status}"
-                if status not in _RETRYABLE_HTTP:
+                if status not in RETRYABLE_UPGRADE_STATUSES:
                     self._close_for_good(last_code, last_text)
                     return None
                 continue
@@ -819,29 +870,27 @@ class RelayClient:
             await self._resume_all(ws)
             self._set_state("open")
             return ws
-        self._close_for_good(last_code, f"gave up after {attempt} reconnect attempts "
+        self._close_for_good(last_code, f"gave up after {schedule.attempt} reconnect attempts "
                                         f"({last_text})")
         return None
 
     async def _resume_all(self, ws: ClientConnection) -> None:
-        """Send a ``resume`` for every stream that waits for one (before anything else is
-        sent on the new connection, so a pending cancel follows its resume)."""
+        """On the new connection, before anything else: a ``resume`` for every stream that
+        waits for one, then the starts the policy sends now (queued ones, and after a token
+        refresh the unanswered ones)."""
         grace = self.welcome.limits.detach_grace if self.welcome else 0
-        for route in list(self._routes.values()):
-            if not route.resuming:
-                continue
-            if grace <= 0 or not route.stream_key:
-                self._fail(route, _Lost(
-                    f"connection lost during stream {route.id!r}; cannot resume: the relay "
-                    "no longer offers resume (detach_grace 0)",
-                    close_code=self.last_close[0] if self.last_close else None))
-                continue
-            frame = {"type": "resume", "stream_key": route.stream_key,
-                     "after_seq": max(route.last_seq, 0), "id": route.id}
-            try:
+        outcome = self._tracker.welcomed(grace)
+        self._apply_failures(outcome.failed)
+        try:
+            for frame in outcome.resumes:
                 await ws.send(encode_frame(frame).decode())
-            except ConnectionClosed:
-                return  # the read loop sees the loss; the routes stay resumable
+            for sid in outcome.starts:
+                route = self._routes.get(sid)
+                if route is not None and self._tracker.phase(sid) is StreamPhase.QUEUED:
+                    self._tracker.start_sent(sid)
+                    await ws.send(encode_frame(route.start_frame).decode())
+        except ConnectionClosed:
+            return  # the read loop sees the loss and applies the policy again
 
     def _close_for_good(self, code: int | None, text: str) -> None:
         """No connection any more and none coming: fail every stream and every waiter."""
@@ -855,61 +904,41 @@ class RelayClient:
             self._fail(route, _Lost(f"connection lost during stream {route.id!r} ({text})",
                                     close_code=code))
         self._routes.clear()
+        self._tracker.streams.clear()
         self._fail_pings(text)
         self._set_state("closed")
 
     # ---------------------------------------------------------------- internals: frames
 
-    def _dispatch(self, frame: Any) -> None:
+    async def _dispatch(self, ws: ClientConnection, frame: Any) -> None:
+        """Route one server frame by the policy's decision (protocol.client_policy)."""
         if isinstance(frame, Pong):
             future = self._pings.get(frame.data) if isinstance(frame.data, int) else None
             if future is not None and not future.done():
                 future.set_result(0.0)
             return
-        sid = getattr(frame, "id", None)
-        if isinstance(frame, Error):
-            if sid is None:
-                if frame.ref == "resume":
-                    # A relay that does not know resume answers without an id: every
-                    # pending resume failed.
-                    for route in [r for r in self._routes.values() if r.resuming]:
-                        self._fail(route, _Lost(f"resume of stream {route.id!r} refused: "
-                                                f"{frame.code}: {frame.message}",
-                                                code=frame.code))
-                    return
-                logger.warning("relay error: %s: %s", frame.code, frame.message)
-                self.errors.append(frame)
-                return
-            if frame.ref == "cancel":
-                return  # cancel raced the finish: harmless
-        route = self._routes.get(sid) if sid is not None else None
-        if route is None:
+        decision = self._tracker.frame(frame)
+        action = decision.action
+        if action is FrameAction.CONNECTION_ERROR:
+            logger.warning("relay error: %s: %s", frame.code, frame.message)
+            self.errors.append(frame)
             return
-        if isinstance(frame, Resumed):
-            route.resuming = False
+        if action is FrameAction.FAIL:
+            self._apply_failures(decision.failures)
+            return
+        route = self._routes.get(decision.id) if decision.id is not None else None
+        if route is None or action in (FrameAction.IGNORE, FrameAction.DUPLICATE):
+            return
+        if action is FrameAction.RESUMED:
             route.resumes += 1
+            if decision.send_cancel:  # cancelled while it was being resumed
+                try:
+                    await ws.send(encode_frame({"type": "cancel", "id": route.id}).decode())
+                except ConnectionClosed:
+                    pass  # the read loop sees the loss
             return
-        if isinstance(frame, Error):
-            if frame.code == ErrorCode.STREAM_TAKEN_OVER:
-                self._fail(route, _Lost(f"stream {route.id!r} was taken over by another "
-                                        f"connection: {frame.message}", code=frame.code))
-                return
-            if frame.ref == "resume" or route.resuming:
-                self._fail(route, _Lost(f"resume of stream {route.id!r} refused: "
-                                        f"{frame.code}: {frame.message}", code=frame.code,
-                                        close_code=self.last_close[0] if self.last_close
-                                        else None))
-                return
-            self._unregister(route)       # the start was refused
-            route.queue.put_nowait(frame)
-            return
-        seq = getattr(frame, "seq", None)
-        if seq is not None:
-            if seq <= route.last_seq:
-                return  # replayed after a resume: already delivered
-            route.last_seq = seq
         if isinstance(frame, Started):
             route.stream_key = frame.stream_key
-        if isinstance(frame, Finish):
+        if action is FrameAction.END:
             self._unregister(route)  # over: nothing to resume any more
         route.queue.put_nowait(frame)

@@ -17,29 +17,30 @@
 //   with StreamError code "connection_lost" and the text received so far;
 // * unknown frame types and unknown fields are ignored (protocol forward compatibility).
 //
+// The policy (which close is retried, the backoff and attempt limit, what is resumed, which
+// frames are replays, what a cancel does) is protocol/client_policy.py, shared with the
+// Python client: its tables arrive generated in ./client-policy.js (never edit that file;
+// run `python -m protocol.client_policy --write`), and the same JSON test vectors
+// (tests/vectors/client_policy.json) run against both clients. In short: retry 1005, 1006
+// and the relay's retryable codes; 4401 "token expired" after a welcome (token function)
+// refreshes once and re-sends the starts the relay left unanswered; everything else is
+// final; at most `maxRetries` (8) attempts per loss; a start is never sent twice otherwise;
+// a stream cancelled before its start left ends with a schema-valid local finish.
+//
 // Connection states: "connecting" -> "open" -> ("reconnecting" -> "open")* -> "closed".
 // Listen with `c.onstate = (state, detail) => ...` or
 // `c.addEventListener("state", e => e.detail)`; detail is {state, code, reason, meaning,
 // retryable, attempt, delay}.
 
+import POLICY from "./client-policy.js";
+
+export { POLICY };
+
 export const PROTOCOL = "llm-relay.v1";
 
-// Close codes: the server's (protocol/codes.py, one list) plus the browser's own.
-export const CLOSE_CODES = Object.freeze({
-  1000: { name: "NORMAL", retryable: false, meaning: "closed normally" },
-  1001: { name: "GOING_AWAY", retryable: true, meaning: "server going away (shutdown); reconnect" },
-  1005: { name: "NO_STATUS", retryable: true, meaning: "closed without a status code" },
-  1006: { name: "ABNORMAL", retryable: true, meaning: "connection lost (network drop, server unreachable, or handshake refused)" },
-  1009: { name: "MESSAGE_TOO_BIG", retryable: false, meaning: "a frame exceeded max_frame_bytes; do not resend it" },
-  1011: { name: "INTERNAL_ERROR", retryable: true, meaning: "internal server error; reconnect with backoff" },
-  1012: { name: "SERVICE_RESTART", retryable: true, meaning: "server restarting; reconnect and resume" },
-  4008: { name: "SLOW_CONSUMER", retryable: true, meaning: "client read too slowly; reconnect and resume" },
-  4400: { name: "PROTOCOL_VIOLATION", retryable: false, meaning: "protocol violation; fix the client" },
-  4401: { name: "NOT_AUTHENTICATED", retryable: false, meaning: "not authenticated; get new credentials first" },
-  4406: { name: "UNSUPPORTED_VERSION", retryable: false, meaning: "unsupported protocol version" },
-  4408: { name: "HELLO_TIMEOUT", retryable: true, meaning: "no hello in time; reconnect" },
-  4429: { name: "TOO_MANY", retryable: true, meaning: "too many connections or frames; reconnect with backoff" },
-});
+// Close codes: the server's (protocol/codes.py) plus 1000/1005/1006, from the shared policy.
+export const CLOSE_CODES = Object.freeze(Object.fromEntries(
+  Object.entries(POLICY.close_codes).map(([code, entry]) => [Number(code), Object.freeze({ ...entry })])));
 
 /** One line a UI can show for a close code. */
 export function closeMeaning(code) {
@@ -51,6 +52,30 @@ export function closeMeaning(code) {
 export function isRetryable(code) {
   const known = CLOSE_CODES[code];
   return known ? known.retryable : false;
+}
+
+/**
+ * The policy's answer to a close (protocol/client_policy.py `close_decision`): {code,
+ * reason, retry, meaning, refreshToken, resendUnansweredStarts}. `welcomed`: the closed
+ * socket had received `welcome`; `tokenRefreshable`: the `token` option is a function.
+ */
+export function closeDecision(code, reason, { welcomed, tokenRefreshable }) {
+  const refresh = POLICY.token_refresh;
+  const r = reason || "";
+  if (code === refresh.close_code && r === refresh.reason
+      && (welcomed || !refresh.requires_welcome) && (tokenRefreshable || !refresh.requires_token_function)) {
+    return { code, reason: r, retry: true, meaning: closeMeaning(code), refreshToken: true,
+             resendUnansweredStarts: refresh.resend_unanswered_starts };
+  }
+  return { code, reason: r, retry: isRetryable(code), meaning: closeMeaning(code), refreshToken: false,
+           resendUnansweredStarts: false };
+}
+
+/** Delay in ms of reconnect attempt `attempt` (0-based) for `r` in [0, 1) (policy rule 2). */
+export function backoffDelay(attempt, r, base = POLICY.backoff.base_ms, cap = POLICY.backoff.cap_ms) {
+  const b = POLICY.backoff;
+  const exp = base > 0 ? Math.min(cap, base * b.factor ** attempt) : 0;
+  return exp * (b.jitter_min + (b.jitter_max - b.jitter_min) * r);
 }
 
 /**
@@ -91,8 +116,9 @@ export class RelayStream {
     this.finish = null;
     this.status = "pending"; // pending | streaming | resuming | <finish.status> | error
     this.streamKey = null;
-    this.lastSeq = -1;
-    this.seqs = []; // the seq of every frame delivered, in order (after dedupe)
+    this.lastSeq = -1; // the policy's dedupe state: a frame whose seq is not above it is a replay
+    this.seqs = []; // the seqs of the last POLICY.recent_seqs_kept frames delivered (debugging)
+    this.framesDelivered = 0; // frames delivered in all (after dedupe)
     this.resumes = 0; // successful resumes after dropped connections
     this.lastResume = null; // {afterSeq, closeCode} of the latest one
     this.startedAt = null; // performance.now() when start was sent
@@ -102,7 +128,7 @@ export class RelayStream {
     this._sent = false;
     this._cancelRequested = false;
     this._queue = [];
-    this._waiter = null;
+    this._waiters = []; // pending next() calls, oldest first: any number may wait at once
     this._ended = false;
     this.done = new Promise((resolve, reject) => {
       this._resolve = resolve;
@@ -132,7 +158,7 @@ export class RelayStream {
       return this.error ? Promise.reject(this.error) : Promise.resolve({ value: undefined, done: true });
     }
     return new Promise((resolve, reject) => {
-      this._waiter = { resolve, reject };
+      this._waiters.push({ resolve, reject });
     });
   }
 
@@ -143,21 +169,26 @@ export class RelayStream {
   }
 
   _push(frame) {
-    if (this._waiter) {
-      const w = this._waiter;
-      this._waiter = null;
-      w.resolve({ value: frame, done: false });
-    } else {
-      this._queue.push(frame);
+    if (typeof frame.seq === "number") {
+      this.seqs.push(frame.seq);
+      if (this.seqs.length > POLICY.recent_seqs_kept) this.seqs.shift();
     }
+    this.framesDelivered += 1;
+    const w = this._waiters.shift();
+    if (w) w.resolve({ value: frame, done: false });
+    else this._queue.push(frame);
   }
 
   _wakeEnd() {
-    if (!this._waiter || this._queue.length) return;
-    const w = this._waiter;
-    this._waiter = null;
-    if (this.error) w.reject(this.error);
-    else w.resolve({ value: undefined, done: true });
+    // Every waiter left once the queue is empty gets the end (the queue is empty whenever
+    // someone waits: a frame goes to a waiter before it is queued).
+    if (this._queue.length) return;
+    const waiters = this._waiters;
+    this._waiters = [];
+    for (const w of waiters) {
+      if (this.error) w.reject(this.error);
+      else w.resolve({ value: undefined, done: true });
+    }
   }
 
   _apply(frame) {
@@ -239,9 +270,9 @@ const DEFAULTS = {
   pingInterval: 15000, // ms between app-level pings (0 = none)
   pingTimeout: 10000, // ms without pong before the connection counts as dead
   reconnect: true,
-  maxRetries: Infinity, // consecutive failed attempts before giving up ("closed")
-  backoffBase: 500, // ms; delay = min(backoffMax, base * 2^attempt) * (0.5 .. 1.0)
-  backoffMax: 15000,
+  maxRetries: POLICY.backoff.max_attempts, // attempts after one loss before giving up ("closed")
+  backoffBase: POLICY.backoff.base_ms, // ms; delay = min(backoffMax, base * 2^attempt) * (0.5 .. 1.0)
+  backoffMax: POLICY.backoff.cap_ms,
   WebSocket: undefined, // override for tests
 };
 
@@ -378,13 +409,14 @@ export class RelayClient extends EventTarget {
     this.lastClose = { code, reason };
     const welcomed = this._socketWelcomed;
     this._socketWelcomed = false;
-    // A token that expired while the connection was open (4401 "token expired" after a
-    // welcome): with a token function, reconnect once with a fresh token. The relay left the
-    // start that hit the expiry unanswered, so starts without `started` are sent again.
-    // A fresh token refused too (4401 before any welcome) is final: no loop.
-    const refresh = code === 4401 && welcomed && typeof this.options.token === "function"
-      && /expired/i.test(reason || "") && !this._closedByUser;
-    if (refresh) {
+    // The shared policy decides (protocol/client_policy.py rule 1). Its one special case: a
+    // token that expired while the connection was open (4401 "token expired" after a
+    // welcome) with a token function reconnects with a fresh token; the relay left the
+    // starts that hit the expiry unanswered (PROTOCOL.md), so they are sent again. A fresh
+    // token refused too (4401 before any welcome) is final: no loop.
+    let decision = closeDecision(code, reason, { welcomed, tokenRefreshable: typeof this.options.token === "function" });
+    if (retryableOverride !== undefined) decision = { ...decision, retry: retryableOverride, resendUnansweredStarts: false };
+    if (decision.resendUnansweredStarts && !this._closedByUser) {
       for (const stream of this._streams.values()) {
         if (stream._sent && !stream.streamKey && stream.status === "pending") {
           stream._sent = false;
@@ -394,11 +426,10 @@ export class RelayClient extends EventTarget {
     }
     const lost = this._handleLostStreams(code);
     if (this._closedByUser) return;
-    const retryable = refresh || (retryableOverride ?? isRetryable(code));
+    const retryable = decision.retry;
     const detail = { code, reason, meaning: closeMeaning(code), retryable, lostStreams: lost };
     if (retryable && this.options.reconnect && this._attempt < this.options.maxRetries) {
-      const exp = Math.min(this.options.backoffMax, this.options.backoffBase * 2 ** this._attempt);
-      const delay = Math.round(exp * (0.5 + Math.random() * 0.5));
+      const delay = Math.round(backoffDelay(this._attempt, Math.random(), this.options.backoffBase, this.options.backoffMax));
       this._attempt += 1;
       this._setState("reconnecting", { ...detail, attempt: this._attempt, delay });
       this._reconnectTimer = setTimeout(() => this._open("reconnecting"), delay);
@@ -456,10 +487,13 @@ export class RelayClient extends EventTarget {
 
   _cancel(stream) {
     if (!stream._sent) {
-      // Never left this page: end it locally, as the server would have.
+      // Its start never left this page: the relay does not know it, so it ends here with
+      // the policy's local finish (schema-valid: cancelled, client_cancel, zero usage
+      // flagged estimated). A stream the relay knows always ends with the relay's finish.
       this._streams.delete(stream.id);
       this._outbox = this._outbox.filter((s) => s !== stream);
-      const finish = { type: "finish", id: stream.id, status: "cancelled", reason: "client_cancel", usage: null, local: true };
+      const local = POLICY.local_cancel_finish;
+      const finish = { ...local, id: stream.id, usage: { ...local.usage } };
       stream._apply(finish);
       stream._push(finish);
       stream._end(finish);
@@ -594,7 +628,8 @@ export class RelayClient extends EventTarget {
       if (frame.ref === "resume") {
         for (const stream of [...this._streams.values()]) {
           if (stream.status === "resuming") {
-            this._drop(stream, new StreamError(`resume refused: ${message}`, { code, id: stream.id, partialText: stream.text, frame }));
+            this._drop(stream, new StreamError(`resume refused: ${message}`, {
+              code, id: stream.id, partialText: stream.text, frame, closeCode: this._lastCloseCode() }));
           }
         }
       }
@@ -603,13 +638,20 @@ export class RelayClient extends EventTarget {
     const stream = this._streams.get(id);
     if (!stream || frame.ref === "cancel") return; // e.g. cancel raced the finish: harmless
     // Any other error with the stream's id ends it here: a refused start or resume, or
-    // (unprompted) `stream_taken_over` when another connection resumed it.
-    this._drop(stream, new StreamError(message, { code, id, partialText: stream.text, frame }));
+    // (unprompted) `stream_taken_over` when another connection resumed it. A refused resume
+    // keeps the close code of the loss that made it necessary.
+    const resumeRefused = code !== POLICY.taken_over_code && (frame.ref === "resume" || stream.status === "resuming");
+    this._drop(stream, new StreamError(message, {
+      code, id, partialText: stream.text, frame, closeCode: resumeRefused ? this._lastCloseCode() : null }));
+  }
+
+  _lastCloseCode() {
+    return this.lastClose ? this.lastClose.code : null;
   }
 
   _onResumed(frame) {
     const stream = typeof frame.id === "string" ? this._streams.get(frame.id) : null;
-    if (!stream) return;
+    if (!stream || stream.status !== "resuming") return;
     stream.status = "streaming";
     stream.resumes += 1;
     stream.lastResume = {
@@ -625,9 +667,7 @@ export class RelayClient extends EventTarget {
     if (typeof frame.seq === "number") {
       if (frame.seq <= stream.lastSeq) return; // replayed after a resume: already seen
       stream.lastSeq = frame.seq;
-      stream.seqs.push(frame.seq);
     }
-    if (stream.status === "resuming") stream.status = "streaming"; // live again
     stream._apply(frame);
     stream._push(frame);
     if (frame.type === "finish") {

@@ -301,9 +301,10 @@ async def test_resume_after_1012_replays_once_then_resume_refused(page):
                               "id": start_id}]
     hellos = [f for f in fake.frames["resume"] if f["type"] == "hello"]
     assert [h["token"] for h in hellos] == ["t1", "t2"]
-    # Refused (stream_lost): done rejects with the typed error keeping the partial text.
+    # Refused (stream_lost): done rejects with the typed error keeping the partial text and
+    # the close code of the loss that made the resume necessary (as the Python client).
     assert lost["error"] == {"isStreamError": True, "code": "stream_lost",
-                             "partialText": "partial", "closeCode": None}
+                             "partialText": "partial", "closeCode": 1012}
     assert lost["text"] == "partial"
 
 

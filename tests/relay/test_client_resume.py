@@ -405,3 +405,49 @@ async def test_a_token_function_failing_on_reconnect_ends_the_stream_promptly():
                 await _stream_killing_after(c, s, Token, 2, lambda: _kill(c))
             assert "token service down" in str(info.value) and calls == 2
             assert info.value.partial_text == s.text and c.state == "closed"
+
+
+async def test_a_token_expiring_on_an_open_connection_is_refreshed_and_the_start_sent_again():
+    """The relay closes 4401 `token expired` at the first start after `exp`, leaving that
+    start unanswered (PROTOCOL.md). With a token function the client reconnects with a fresh
+    token and sends the start again (protocol.client_policy rule 1, as relay-client.js); a
+    fresh token refused too (4401 before any welcome) is final: no loop."""
+    from relay.auth import mint_token
+
+    secret = "client-tests-secret-0123456789abcdef"
+    minted: list[str] = []
+    ttl = [300]
+
+    def mint() -> str:
+        minted.append(mint_token(secret, "alice", ttl[0]))
+        return minted[-1]
+
+    async with start_relay(auth=True, token_secret=secret, demo_tps=0) as server:
+        async with RelayClient(server.url, token=mint, **FAST) as c:
+            real = server.auth.clock
+            server.auth.clock = lambda: real() + 3600   # the 300 s token has expired
+            ttl[0] = 7200
+            result = await c.complete("demo", MESSAGES)
+            assert result.text == FULL_TEXT and result.status == "completed"
+            assert c.reconnects == 1 and c.last_close == (4401, "token expired")
+            assert len(minted) == 2 and c.state == "open"
+            server.auth.clock = lambda: real() + 10 * 86400   # every token has expired
+            with pytest.raises(ConnectionLost) as info:
+                await c.complete("demo", [{"role": "user", "content": "x"}])
+            assert info.value.close_code == 4401 and c.state == "closed"
+            assert len(minted) == 3   # one refresh refused, no further attempt
+
+
+async def test_a_stream_cancelled_before_its_start_ends_with_a_valid_local_finish():
+    """protocol.client_policy rule 6: nothing reaches the relay, and the stream still ends
+    with a schema-valid cancelled Finish (zero usage flagged estimated)."""
+    async with start_relay() as server:
+        async with RelayClient(server.url) as c:
+            s = c.stream("demo", MESSAGES)
+            await s.cancel()
+            events = [event async for event in s]
+            assert [type(e) for e in events] == [Finish] and s.finish is events[0]
+            assert (s.finish.status, s.finish.reason) == ("cancelled", "client_cancel")
+            assert s.usage.total_tokens == 0 and s.usage.estimated is True
+            assert s.done
+            assert (await c.complete("demo", MESSAGES)).text == FULL_TEXT
