@@ -248,7 +248,8 @@ def test_every_flag_readme_documents_exists():
     for script in ("client_demo/demo_client.py", "client_demo/chat.py",
                    "bench/relay_vs_litellm.py", "bench/render_markdown.py",
                    "bench/attack_latency.py", "bench/fast_path.py",
-                   "bench/detached_streams_rss.py"):
+                   "bench/detached_streams_rss.py", "bench/capacity.py",
+                   "bench/relay_layers.py", "bench/first_stream.py"):
         known |= _help_flags(script)
     readme = (ROOT / "README.md").read_text()
     configuration = readme[readme.index("## Configuration"):readme.index("\n## ", readme.index(
