@@ -487,7 +487,9 @@ def _config(upstream: int, with_fast_key: bool) -> str:
 RELAY_FLAGS = ["--log-level", "warning", "--max-connections", "100000",
                "--max-connections-per-principal", "100000",
                "--max-streams-per-principal", "100000", "--start-rate-per-minute", "1e9",
-               "--start-burst", "1000000"]
+               "--start-burst", "1000000",
+               # every benchmark client connects from 127.0.0.1, all at once
+               "--max-pending-per-address", "100000", "--max-pending-connections", "100000"]
 
 
 def start_relay(config: Path, *extra: str) -> Proc:
