@@ -13,11 +13,17 @@ Lifecycle rules (PROTOCOL.md, "Resume"):
   same principal re-attaches it; nobody resuming means cancel upstream and drop the log;
 * a finished stream's log stays resumable for ``detach_grace`` seconds after its finish;
 * a ``resume`` of a stream attached elsewhere takes it over: the old attachment stops and
-  ends with ``error`` ``stream_taken_over`` (``Session.drop_attachment``), also when the old
+  ends with ``error`` ``stream_taken_over`` (``Subscriber.taken_over``), also when the old
   one is on this same connection under another id, or on another relay (through Redis);
 * ``cancel`` always stops the upstream at once, attached or not;
 * memory: each log is capped (``max_stream_log_bytes``); past ``max_log_bytes`` in total, the
   oldest detached streams are dropped (cancelled upstream; a resume gets ``stream_lost``).
+
+Ports: the hub imports neither the connections nor the replication; it defines what it needs
+from them (``Subscriber``: a connection it notifies about its attachments; ``StreamSource``:
+what produces a stream's frames, a local upstream call or a follower of a stream running on
+another relay; ``ReplicationHook``: the Redis side, ``relay.replication.Replicator``) and they
+implement it.
 
 Everything here runs on the event loop thread; no locks.
 """
@@ -29,9 +35,9 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from protocol import FinishReason, frames
 
@@ -50,16 +56,78 @@ from .streamer import (
 from .streamlog import FrameLog
 
 if TYPE_CHECKING:
-    from .replication import Replicator
-    from .session import Attachment
     from .shared_limits import SharedLimits, SharedStream
 
-__all__ = ["HubStream", "StreamHub", "finish_frame"]
+__all__ = ["Attachment", "HubStream", "ReplicationHook", "StreamHub", "StreamSource",
+           "Subscriber", "finish_frame"]
 
 logger = logging.getLogger("relay.hub")
 
 # Time a stream task gets to end by itself after cancel() before it is cancelled hard.
 _STOP_GRACE = 5.0
+
+
+class StreamSource(Protocol):
+    """What produces a stream's frames, as far as the hub is concerned: something it can
+    stop. A local stream's source is its ``TokenStreamer`` (the upstream call, driven by the
+    hub's ``_produce`` task); a remote one's is ``relay.replication``'s handle on the stream
+    running on another relay (its task follows it in Redis)."""
+
+    #: Set once ``cancel`` took effect (nothing but the finish follows).
+    cancelled: bool
+
+    def cancel(self, reason: str = FinishReason.CLIENT_CANCEL) -> None:
+        """Stop producing: the stream ends with a ``finish`` saying ``reason``."""
+
+
+class Subscriber(Protocol):
+    """A connection that holds attachments of the hub's streams (``relay.session.Session``).
+    The hub tells it when one of them ends without its ``finish`` reaching it; each method
+    also detaches ``att`` from the hub (``StreamHub.detach``, a no-op once the stream is
+    attached elsewhere)."""
+
+    def taken_over(self, att: Attachment) -> None:
+        """A ``resume`` attached ``att``'s stream elsewhere: stop sending it here and end
+        ``att`` with ``error`` ``stream_taken_over``."""
+
+    def failed(self, att: Attachment, code: str, message: str) -> None:
+        """``att``'s stream cannot go on (followed from another relay that stopped, or
+        Redis failed): end ``att`` with ``error`` ``code``."""
+
+
+class ReplicationHook(Protocol):
+    """The hub's side of relays sharing Redis (``relay.replication.Replicator``)."""
+
+    def mirror(self, stream: HubStream) -> None:
+        """Start copying a local stream's log to Redis (at launch)."""
+
+    def attached(self, stream: HubStream) -> None:
+        """A connection here attached ``stream`` by a resume: the other relays detach theirs."""
+
+    def released(self, stream: HubStream) -> None:
+        """A remote stream is no longer attached here: stop following it."""
+
+    async def attached_elsewhere(self, key: str) -> bool:
+        """Whether a connection on another relay follows stream ``key``."""
+
+    async def resume_remote(self, key: str, principal: str, after_seq: int,
+                            session_id: str) -> HubStream:
+        """A remote ``HubStream`` for stream ``key`` running on another relay."""
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task:
+        """Run ``coro`` as a task the replication awaits on close."""
+
+
+@dataclass(eq=False)
+class Attachment:
+    """Stream ``stream`` as seen by one connection (``subscriber``): the ``id`` it uses there
+    and the last ``seq`` sent (``cursor``; ``offset`` is the log's byte count through it)."""
+
+    subscriber: Subscriber
+    stream: HubStream
+    id: str
+    cursor: int = 0
+    offset: int = 0
 
 
 @dataclass(eq=False)
@@ -69,7 +137,7 @@ class HubStream:
     alias: str
     principal: str
     session_id: str
-    streamer: TokenStreamer
+    source: StreamSource
     log: FrameLog
     principal_state: PrincipalState
     task: asyncio.Task | None = None
@@ -102,7 +170,7 @@ class StreamHub:
         self.log_bytes = 0
         self.peak_log_bytes = 0
         self._on_stream_end = on_stream_end
-        self.replicator: Replicator | None = None
+        self.replicator: ReplicationHook | None = None
         #: Set by the server with ``--redis``; ``Session`` admits starts through it.
         self.shared_limits: SharedLimits | None = None
 
@@ -140,12 +208,12 @@ class StreamHub:
         the loop."""
         stream = HubStream(
             key=secrets.token_urlsafe(24), id=id, alias=alias, principal=principal,
-            session_id=session_id, streamer=streamer, principal_state=principal_state,
+            session_id=session_id, source=streamer, principal_state=principal_state,
             log=FrameLog(max_bytes=self.settings.max_stream_log_bytes, keep=self.grace > 0),
             shared=shared)
         self._streams[stream.key] = stream
         principal_state.streams += 1
-        stream.task = asyncio.create_task(self._produce(stream, request),
+        stream.task = asyncio.create_task(self._produce(stream, streamer, request),
                                           name=f"stream {session_id}/{id}")
         if shared is not None:
             # Released when the stream ends (_finished); this catches a task that never ran.
@@ -159,10 +227,10 @@ class StreamHub:
     def attach(self, stream: HubStream, attachment: Attachment, *, announce: bool = False) -> None:
         """``announce``: a resume, which takes the stream over on every relay of a group."""
         old = stream.attachment
-        if old is not None and old is not attachment:
-            old.session.drop_attachment(old)      # takeover: the old one stops receiving
         stream.attachment = attachment
         stream.detached_at = None
+        if old is not None and old is not attachment:
+            old.subscriber.taken_over(old)      # takeover: the old one stops receiving
         if stream.timer is not None and stream.running:
             stream.timer.cancel()
             stream.timer = None
@@ -189,7 +257,7 @@ class StreamHub:
                 self._drop(stream)
             return None
         if self.grace <= 0:
-            stream.streamer.cancel(FinishReason.CLIENT_DISCONNECT)
+            stream.source.cancel(FinishReason.CLIENT_DISCONNECT)
             return stream.task
         stream.timer = asyncio.get_running_loop().call_later(
             self.grace, self._grace_over, stream)
@@ -223,7 +291,7 @@ class StreamHub:
     # ------------------------------------------------------------------ cancel / close
 
     def cancel(self, stream: HubStream, reason: str) -> None:
-        stream.streamer.cancel(reason)
+        stream.source.cancel(reason)
 
     async def close(self, reason: str) -> None:
         """Cancel every running stream upstream with ``reason`` and await their tasks."""
@@ -231,7 +299,7 @@ class StreamHub:
             self._release_remote(stream)
         running = [s for s in self._streams.values() if s.running]
         for stream in running:
-            stream.streamer.cancel(reason)
+            stream.source.cancel(reason)
         await _await_stopped([s.task for s in running if s.task is not None])
         for stream in list(self._streams.values()):
             if stream.timer is not None:
@@ -270,7 +338,7 @@ class StreamHub:
         if stream.running:
             logger.info("stream not resumed within %g s; cancelling upstream", self.grace,
                         extra={"stream_id": stream.id, "session_id": stream.session_id})
-            stream.streamer.cancel(FinishReason.CLIENT_DISCONNECT)
+            stream.source.cancel(FinishReason.CLIENT_DISCONNECT)
         self._drop(stream)
 
     def _drop(self, stream: HubStream) -> None:
@@ -303,7 +371,7 @@ class StreamHub:
             logger.warning("log budget exceeded; dropping a detached stream",
                            extra={"stream_id": stream.id, "session_id": stream.session_id})
             if stream.running:
-                stream.streamer.cancel(FinishReason.CLIENT_DISCONNECT)
+                stream.source.cancel(FinishReason.CLIENT_DISCONNECT)
             self._drop(stream)
             stream.log.clear()
             self._lost[stream.key] = (stream.principal, until)
@@ -331,9 +399,9 @@ class StreamHub:
         # its connection just before the finish reached it).
         stream.timer = asyncio.get_running_loop().call_later(self.grace, self._drop, stream)
 
-    async def _produce(self, stream: HubStream, request: dict[str, Any]) -> None:
+    async def _produce(self, stream: HubStream, streamer: TokenStreamer,
+                       request: dict[str, Any]) -> None:
         sid = stream.id
-        streamer = stream.streamer
         log = stream.log
         metrics = self.metrics
         clock = time.perf_counter

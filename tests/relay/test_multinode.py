@@ -109,7 +109,7 @@ async def test_a_cancel_sent_to_one_relay_stops_the_upstream_running_in_the_othe
             finish = (await cb.collect("q1"))[-1]
             assert (finish["status"], finish["reason"]) == ("cancelled", "client_cancel")
         await handler.wait_closed_early(before + 1)
-        assert a.hub.get(started["stream_key"]).streamer.cancelled
+        assert a.hub.get(started["stream_key"]).source.cancelled
 
 
 async def test_unknown_and_foreign_keys_are_unknown_stream_on_every_relay(prefix):
