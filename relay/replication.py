@@ -124,7 +124,7 @@ class Replicator:
 
     def mirror(self, stream: HubStream) -> None:
         """Start copying ``stream``'s log to Redis (called at launch)."""
-        stream.mirror = self.spawn(self._mirror(stream), name=f"mirror {stream.key[:8]}")
+        self.spawn(self._mirror(stream), name=f"mirror {stream.key[:8]}")
 
     async def _mirror(self, stream: HubStream) -> None:
         store = self.store
@@ -258,10 +258,10 @@ class Replicator:
                     continue
                 for seq, data in items:
                     frame = orjson.loads(data)
-                    stream.log.append(frame, data=data)
+                    stream.append(frame, data=data)     # charged to the hub's budget
                     cursor = seq
                     if frame["type"] == "finish":
-                        stream.end = True      # type: ignore[assignment]
+                        self.hub.remote_finished(stream)
                         return
                 if not items:
                     try:
@@ -279,10 +279,7 @@ class Replicator:
             raise
 
     def _fail_remote(self, stream: HubStream, code: str, message: str) -> None:
-        stream.end = True                      # type: ignore[assignment]
-        att = stream.attachment
-        if att is not None:
-            att.subscriber.failed(att, code, message)
+        self.hub.remote_failed(stream, code, message)
 
     # ------------------------------------------------------------------ control
 
