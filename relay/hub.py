@@ -44,7 +44,7 @@ from protocol import FinishReason, frames
 
 from .config import RelaySettings
 from .errors import BadRequest, StreamLost, UnknownStream
-from .lifecycle import TERMINAL, ByteBudget, Effect, Event, State, Timer, transition
+from .lifecycle import ByteBudget, Effect, Event, State, Timer, transition
 from .limits import PrincipalState
 from .metrics import RelayMetrics
 from .streamer import (
@@ -304,10 +304,8 @@ class StreamHub:
         stream.attachment = None
         stream.detached_at = time.monotonic()
         self._apply(stream, Event.DETACH, reason=FinishReason.CLIENT_DISCONNECT)
-        if stream.state in TERMINAL:
-            return None
         if self.budget.over:
-            self._evict()
+            self._evict()               # now that it is detached, it may be dropped too
         if stream.state is State.RUNNING_DETACHED and self.grace <= 0:
             return stream.task                  # cancelled just now
         return None
