@@ -52,7 +52,8 @@ from .auth import AuthError
 from .errors import RelayError, StreamLost, UnknownStream
 from .redis_store import StoreUnavailable
 from .replication import Replicator, StoreUnavailableError
-from .session import Attachment, Session, close_reason
+from .hub import Attachment
+from .session import Session, close_reason
 from .streamlog import LogEntry
 
 __all__ = ["AI_SDK_EXAMPLE_PATH", "AI_SDK_EXAMPLE_ROOT", "AI_SDK_PATH", "AiSdkSession", "ChatIndex"]

@@ -40,16 +40,17 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jwt
 
 from protocol import CloseCode
 
 if TYPE_CHECKING:
+    from pydantic import SecretStr
+
     from protocol import Hello
 
-    from .config import RelaySettings
     from .limits import PrincipalState, Principals
 
 __all__ = [
@@ -58,6 +59,17 @@ __all__ = [
 ]
 
 logger = logging.getLogger("relay.auth")
+
+
+class AuthSettings(Protocol):
+    """The settings auth reads (``relay.config.RelaySettings`` has them). A port rather than
+    an import: config calls ``check_auth_settings`` from its validator, so auth importing
+    config would be a cycle."""
+
+    auth: bool
+    api_keys: list[str]
+    token_secret: SecretStr | None
+    max_connections_per_principal: int
 
 ALGORITHM = "HS256"
 MISSING = "missing token"
@@ -166,7 +178,7 @@ class Authenticator:
 
     ``clock`` (Unix time) is used for token expiry; tests may replace it."""
 
-    def __init__(self, settings: RelaySettings, principals: Principals | None = None,
+    def __init__(self, settings: AuthSettings, principals: Principals | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.enabled = settings.auth
         self.clock = clock

@@ -32,7 +32,7 @@ import re
 
 import ipaddress
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import ServerConnection
@@ -40,8 +40,6 @@ from websockets.protocol import CONNECTING
 
 if TYPE_CHECKING:
     from websockets.datastructures import Headers
-
-    from .config import RelaySettings
 
 __all__ = ["OriginPolicy", "RelayConnection", "SINGLE_VALUED_HEADERS", "client_address",
            "normalize_origin", "origin_of_public_url", "own_origins", "parse_networks",
@@ -97,7 +95,15 @@ def origin_of_public_url(url: str) -> str:
     return _origin(scheme, parts.hostname, port)
 
 
-def own_origins(settings: RelaySettings, bound_port: int) -> frozenset[str]:
+class AddressSettings(Protocol):
+    """The settings ``own_origins`` reads (``relay.config.RelaySettings`` has them). A port,
+    not an import: config's validators call this module, so importing config is a cycle."""
+
+    public_url: str | None
+    host: str
+
+
+def own_origins(settings: AddressSettings, bound_port: int) -> frozenset[str]:
     """The origins that are the relay's own (see the module docstring)."""
     if settings.public_url is not None:
         return frozenset({origin_of_public_url(settings.public_url)})

@@ -29,7 +29,7 @@ import logging
 import os
 import secrets
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
@@ -37,12 +37,10 @@ from protocol import ErrorCode, FinishReason
 
 from .config import RelaySettings
 from .errors import RelayError, StreamLost, UnknownStream
+from .hub import HubStream, StreamHub
 from .limits import PrincipalState
 from .redis_store import RedisStore, StoreUnavailable
 from .streamlog import FrameLog
-
-if TYPE_CHECKING:
-    from .hub import HubStream, StreamHub
 
 __all__ = ["Replicator", "StoreUnavailableError"]
 
@@ -62,7 +60,8 @@ class StoreUnavailableError(RelayError):
 
 
 class _RemoteHandle:
-    """Stands in for the ``TokenStreamer`` of a stream that runs on another node."""
+    """The ``StreamSource`` of a stream that runs on another node: a cancel is forwarded to
+    its owner (the frames come from the follower task, ``Replicator._follow``)."""
 
     def __init__(self, replicator: Replicator, key: str) -> None:
         self._replicator = replicator
@@ -77,6 +76,9 @@ class _RemoteHandle:
 
 
 class Replicator:
+    """The hub's ``ReplicationHook``: mirrors local streams to Redis, follows remote ones,
+    and carries cancel/takeover between relays (module docstring)."""
+
     def __init__(self, settings: RelaySettings, hub: StreamHub,
                  store: RedisStore | None = None) -> None:
         assert settings.redis_url is not None
@@ -122,7 +124,7 @@ class Replicator:
 
     def mirror(self, stream: HubStream) -> None:
         """Start copying ``stream``'s log to Redis (called at launch)."""
-        stream.mirror = self.spawn(self._mirror(stream), name=f"mirror {stream.key[:8]}")
+        self.spawn(self._mirror(stream), name=f"mirror {stream.key[:8]}")
 
     async def _mirror(self, stream: HubStream) -> None:
         store = self.store
@@ -180,8 +182,6 @@ class Replicator:
     async def resume_remote(self, key: str, principal: str, after_seq: int,
                             session_id: str) -> HubStream:
         """A ``HubStream`` for stream ``key`` running on another node, fed from Redis."""
-        from .hub import HubStream
-
         store = self.store
         try:
             meta = await store.meta(key)
@@ -205,7 +205,7 @@ class Replicator:
                              "log; they cannot be replayed")
         stream = HubStream(
             key=key, id=meta.stream_id or "resumed", alias=meta.alias, principal=principal,
-            session_id=session_id, streamer=_RemoteHandle(self, key),  # type: ignore[arg-type]
+            session_id=session_id, source=_RemoteHandle(self, key),
             log=FrameLog(max_bytes=self.settings.max_stream_log_bytes, keep=False),
             principal_state=PrincipalState(), remote=True)
         stream.log.trimmed_through = after_seq     # nothing before it will ever be needed
@@ -258,10 +258,10 @@ class Replicator:
                     continue
                 for seq, data in items:
                     frame = orjson.loads(data)
-                    stream.log.append(frame, data=data)
+                    stream.append(frame, data=data)     # charged to the hub's budget
                     cursor = seq
                     if frame["type"] == "finish":
-                        stream.end = True      # type: ignore[assignment]
+                        self.hub.remote_finished(stream)
                         return
                 if not items:
                     try:
@@ -279,10 +279,7 @@ class Replicator:
             raise
 
     def _fail_remote(self, stream: HubStream, code: str, message: str) -> None:
-        stream.end = True                      # type: ignore[assignment]
-        att = stream.attachment
-        if att is not None:
-            att.session.attachment_failed(att, code, message)
+        self.hub.remote_failed(stream, code, message)
 
     # ------------------------------------------------------------------ control
 
@@ -295,12 +292,11 @@ class Replicator:
         if stream is None:
             return
         if op == "cancel" and not stream.remote:
-            stream.streamer.cancel(FinishReason.CLIENT_CANCEL)
+            stream.source.cancel(FinishReason.CLIENT_CANCEL)
         elif op == "takeover" and message.get("node") != self.node:
             att = stream.attachment
             if att is not None:
-                att.session.drop_attachment(att)
-                self.hub.detach(att)
+                att.subscriber.taken_over(att)
 
     async def _beat(self) -> None:
         while True:

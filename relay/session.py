@@ -35,7 +35,6 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed
@@ -62,7 +61,7 @@ from .errors import (
     BadRequest, Draining, DuplicateId, RateLimited, RelayError, TooManyStreams, UnknownModel,
     UnknownStream,
 )
-from .hub import HubStream, StreamHub
+from .hub import Attachment, HubStream, StreamHub
 from .limits import PrincipalState, TokenBucket
 from .metrics import RelayMetrics
 from .providers import ModelRegistry, ModelSpec
@@ -89,19 +88,9 @@ _BATCH = 256
 _CONTROL_FRAME_OVERHEAD = 48
 
 
-@dataclass(eq=False)
-class Attachment:
-    """Stream ``stream`` as seen by one connection: the ``id`` it uses there and the last
-    ``seq`` sent (``cursor``; ``offset`` is the log's byte count through it)."""
-
-    session: Session
-    stream: HubStream
-    id: str
-    cursor: int = 0
-    offset: int = 0
-
-
 class Session:
+    """One connection; the hub's ``Subscriber`` for the streams attached to it."""
+
     def __init__(
         self,
         ws: Any,
@@ -239,8 +228,7 @@ class Session:
 
     def _detach_now(self) -> None:
         for att in list(self._attachments.values()):
-            self._unregister(att)
-            task = self.hub.detach(att)
+            task = self._release(att)
             if task is not None:
                 self._cancelled_on_detach.append(task)
 
@@ -358,8 +346,7 @@ class Session:
                 # and follows it afresh (that log only holds what the other one had not been
                 # sent yet). Only now, once the resume is sure to succeed.
                 old = following.attachment
-                old.session.drop_attachment(old)
-                hub.detach(old)
+                old.subscriber.taken_over(old)
             hub.adopt(stream)
         else:
             id = msg.id if msg.id is not None else stream.id
@@ -369,12 +356,12 @@ class Session:
         self._register(Attachment(self, stream, id, cursor=msg.after_seq,
                                   offset=stream.log.offset_at(msg.after_seq)), announce=True)
 
-    def attachment_failed(self, att: Attachment, code: str, message: str) -> None:
-        """A stream followed from another relay cannot go on: say so, with its id."""
+    def failed(self, att: Attachment, code: str, message: str) -> None:
+        """``Subscriber``: a stream followed from another relay cannot go on: say so, with
+        its id."""
         if self._attachments.get(att.id) is not att:
             return
-        self._unregister(att)
-        self.hub.detach(att)
+        self._release(att)
         self.metrics.errors.labels(code).inc()
         self._send(frames.error(code, message, ref="resume", id=att.id))
 
@@ -393,14 +380,21 @@ class Session:
             del self._attachments[att.id]
         att.stream.log.listeners.discard(self._on_append)
 
-    def drop_attachment(self, att: Attachment) -> None:
-        """A ``resume`` took ``att``'s stream over (on another connection, on another relay,
-        or on this connection under another id): stop sending its frames here and end the
-        attachment with ``error`` ``stream_taken_over`` naming the id it had here, so that a
-        client waiting on it learns that its frames now go elsewhere (it gets no ``finish``
-        here)."""
-        attached = self._attachments.get(att.id) is att
+    def _release(self, att: Attachment) -> asyncio.Task | None:
+        """``att`` ends on this connection: stop sending it and detach it from the hub.
+        Returns the stream's task when the detach cancelled the stream (``detach_grace``
+        0), for the caller to await."""
         self._unregister(att)
+        return self.hub.detach(att)
+
+    def taken_over(self, att: Attachment) -> None:
+        """``Subscriber``: a ``resume`` took ``att``'s stream over (on another connection, on
+        another relay, or on this connection under another id): stop sending its frames here
+        and end the attachment with ``error`` ``stream_taken_over`` naming the id it had
+        here, so that a client waiting on it learns that its frames now go elsewhere (it gets
+        no ``finish`` here)."""
+        attached = self._attachments.get(att.id) is att
+        self._release(att)
         if attached:
             self.metrics.errors.labels(ErrorCode.STREAM_TAKEN_OVER).inc()
             self._send(frames.error(
@@ -569,8 +563,7 @@ class Session:
                         att.offset = entries[-1].end
                         self.hub.delivered(att.stream, att.cursor)
                     if log.finished and att.cursor >= log.last_seq:
-                        self._unregister(att)          # its finish is sent: done here
-                        self.hub.detach(att)
+                        self._release(att)             # its finish is sent: done here
                 self._check_lag()
         except ConnectionClosed:
             pass

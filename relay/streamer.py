@@ -39,15 +39,13 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from protocol import ErrorCode, FinishReason, FinishStatus
 
 from .llm import DEMO_MODEL
 from .upstream_errors import UpstreamFailure, classify_upstream_exception
 
-if TYPE_CHECKING:
-    from .fast_path import FastRoute
 
 __all__ = [
     "ReasoningDelta",
@@ -91,6 +89,19 @@ class ToolCallDone:
     call_id: str
     name: str
     arguments: str
+
+
+class DirectRoute(Protocol):
+    """A way to call a provider without LiteLLM's chunk objects (``relay.fast_path.FastRoute``
+    implements it). A port: fast_path builds on this module's events, so the streamer names
+    what it needs instead of importing fast_path."""
+
+    def accepts(self, kwargs: dict[str, Any]) -> bool:
+        """False for a request only LiteLLM's own path handles."""
+
+    async def open(self, kwargs: dict[str, Any]) -> Any:
+        """Send the request; return the open upstream (``next_batch``/``aclose``/usage, as
+        ``_LiteLLMUpstream``) or raise LiteLLM's exception for it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +223,7 @@ class TokenStreamer:
         timeouts: Timeouts | None = None,
         completion_kwargs: dict[str, Any] | None = None,
         retries_before_first_token: int = 0,
-        fast_route: FastRoute | None = None,
+        fast_route: DirectRoute | None = None,
     ) -> None:
         self.model = DEMO_MODEL if model == "demo" else model
         self.api_key = api_key

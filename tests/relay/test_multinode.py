@@ -80,6 +80,30 @@ async def test_a_stream_started_on_one_relay_resumes_on_the_other(prefix):
         assert len(b.hub.tasks()) == 0
 
 
+async def test_following_a_stream_from_redis_charges_its_frames_and_gives_them_back(prefix):
+    """The relay that follows a stream from Redis counts the frames it holds for it in its
+    log budget and gives exactly those back: the budget never goes negative and returns to
+    zero (issue 12: the follower's frames were not charged but were subtracted once sent,
+    so ``log_bytes`` went below zero on every relay that followed a stream)."""
+    async with two_relays(SHARED_REDIS, prefix, demo_tps=100) as (a, b):
+        async with Client.connect(a.url) as ca:
+            await ca.start("q1", messages=MESSAGES)
+            started, before = await _until_tokens(ca, "q1", 3)
+            ca.ws.transport.abort()
+        async with Client.connect(b.url) as cb:
+            await cb.send({"type": "resume", "stream_key": started["stream_key"],
+                           "after_seq": before[-1]["seq"]})
+            assert (await cb.next_for("q1"))["type"] == "resumed"
+            after: list[dict] = []
+            while not after or after[-1]["type"] != "finish":
+                after.append(await cb.next_for("q1"))
+                assert b.hub.log_bytes >= 0, b.hub.log_bytes
+        _assert_whole(before, after)
+        assert b.hub.peak_log_bytes > 0        # the followed frames were charged on B
+        await eventually(lambda: len(b.hub) == 0)
+        assert b.hub.log_bytes == 0
+
+
 async def test_resume_of_a_finished_stream_on_another_relay_replays_it(prefix):
     async with two_relays(SHARED_REDIS, prefix) as (a, b):
         async with Client.connect(a.url) as ca:
@@ -109,7 +133,7 @@ async def test_a_cancel_sent_to_one_relay_stops_the_upstream_running_in_the_othe
             finish = (await cb.collect("q1"))[-1]
             assert (finish["status"], finish["reason"]) == ("cancelled", "client_cancel")
         await handler.wait_closed_early(before + 1)
-        assert a.hub.get(started["stream_key"]).streamer.cancelled
+        assert a.hub.get(started["stream_key"]).source.cancelled
 
 
 async def test_unknown_and_foreign_keys_are_unknown_stream_on_every_relay(prefix):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from relay.demo import demo_reply_tokens
 from relay.llm import demo_handler
+from relay.streamer import TextDelta, TokenStreamer
 
 from .helpers import Client, eventually, start_relay, text_of
 
@@ -293,6 +294,33 @@ async def test_two_resumes_in_a_row_still_deliver_everything_once():
         got.extend(await c.collect("q1"))
         await c_ctx.__aexit__(None, None, None)
         _assert_exactly_once(got[:1], got[1:])
+
+
+class _StreamerThatBreaks(TokenStreamer):
+    """One token, then a bug in the streamer itself: the hub ends the stream with its
+    fallback ``finish`` (failed, internal_error)."""
+
+    async def events(self, messages, **kwargs):
+        yield TextDelta("partial")
+        raise RuntimeError("a bug in the streamer")
+
+
+async def test_the_fallback_finish_is_charged_and_given_back_with_the_log():
+    """A stream whose task dies without a StreamEnd still ends with a finish; that finish is
+    charged to the log budget like any frame, so dropping the retained log at the end of
+    its grace brings the budget back to exactly zero (issue 12: it was appended
+    unaccounted, and the drop then drove ``log_bytes`` below zero)."""
+    async with start_relay(detach_grace=0.2,
+                           streamer_factory=lambda spec: _StreamerThatBreaks("demo")) as server:
+        async with Client.connect(server.url) as c:
+            await c.start("q1", messages=[{"role": "user", "content": "hi"}])
+            frames = await c.collect("q1")
+        assert frames[-1]["type"] == "finish" and frames[-1]["status"] == "failed"
+        assert frames[-1]["error"]["code"] == "internal_error"
+        stream = server.hub.get(frames[0]["stream_key"])
+        assert stream is None or server.hub.log_bytes == stream.log.bytes
+        await eventually(lambda: len(server.hub) == 0)
+        assert server.hub.log_bytes == 0
 
 
 async def test_log_accounting_returns_to_zero_after_evictions_and_drops():
