@@ -219,6 +219,9 @@ class StreamHub:
         self.grace = settings.detach_grace
         self._streams: dict[str, HubStream] = {}
         self._lost: dict[str, tuple[str, float]] = {}   # key -> (principal, until)
+        #: Every stream task until it is done, also once its stream left the table (dropped
+        #: or evicted while its upstream call winds down), so close() awaits them all.
+        self._tasks: set[asyncio.Task] = set()
         #: Bytes held by the logs of the streams in the table (``max_log_bytes``).
         self.budget = ByteBudget(settings.max_log_bytes, on_over=self._evict)
         self._on_stream_end = on_stream_end
@@ -246,9 +249,17 @@ class StreamHub:
         return list(self._streams.values())
 
     def tasks(self) -> list[asyncio.Task]:
-        """Tasks of the upstream calls running in this process."""
-        return [s.task for s in self._streams.values()
-                if s.task is not None and s.running and not s.remote]
+        """Tasks of the upstream calls running in this process (also those of streams that
+        already left the table and are winding down)."""
+        return [t for t in self._tasks if not t.done()]
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        # _produce ends every stream with a finish itself; an exception escaping it is a
+        # relay bug: retrieve and log it rather than leave it to the garbage collector.
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("stream task failed", exc_info=task.exception(),
+                         extra={"task": task.get_name()})
 
     def adopt(self, stream: HubStream) -> None:
         """Add a remote stream (followed from Redis) so control messages can find it."""
@@ -277,6 +288,8 @@ class StreamHub:
         principal_state.streams += 1
         stream.task = asyncio.create_task(self._produce(stream, streamer, request),
                                           name=f"stream {session_id}/{id}")
+        self._tasks.add(stream.task)
+        stream.task.add_done_callback(self._task_done)
         if shared is not None:
             # Released when the stream ends (_finished); this catches a task that never ran.
             stream.task.add_done_callback(lambda _: shared.release(None))
@@ -356,7 +369,9 @@ class StreamHub:
         running = [s for s in self._streams.values() if s.running]
         for stream in running:
             self._apply(stream, Event.CLOSE, reason=reason)
-        await _await_stopped([s.task for s in running if s.task is not None])
+        # The tasks of streams already dropped from the table (cancelled upstream, winding
+        # down) are awaited too: no stream task outlives the hub.
+        await _await_stopped(self.tasks())
         for stream in list(self._streams.values()):
             self._apply(stream, Event.CLOSE, reason=reason)   # disarms retention timers
         self._lost.clear()

@@ -3,11 +3,12 @@ every frame after its last seq exactly once (in-process memory log)."""
 
 from __future__ import annotations
 
+import asyncio
 
-
+from protocol import FinishStatus
 from relay.demo import demo_reply_tokens
 from relay.llm import demo_handler
-from relay.streamer import TextDelta, TokenStreamer
+from relay.streamer import StreamEnd, TextDelta, TokenStreamer, UsageInfo
 
 from .helpers import Client, eventually, start_relay, text_of
 
@@ -334,3 +335,46 @@ async def test_log_accounting_returns_to_zero_after_evictions_and_drops():
         # and the relay's count of held bytes agrees (no drift from evictions).
         await eventually(lambda: len(server.hub) == 0)
         assert server.hub.log_bytes == 0
+
+
+class _StreamerSlowToWindDown(TokenStreamer):
+    """Tokens until cancelled; then its upstream takes a while to close (``release`` lets it
+    end): the stream leaves the hub's table at the end of its grace while its task is still
+    running."""
+
+    release: asyncio.Event
+
+    async def events(self, messages, **kwargs):
+        while not self.cancelled:
+            yield TextDelta("t ")
+            await asyncio.sleep(0.01)    # a paced upstream
+        await self.release.wait()
+        yield StreamEnd(FinishStatus.CANCELLED, str(self._cancel_reason),
+                        UsageInfo(1, 1, estimated=True))
+
+
+async def test_close_awaits_the_tasks_of_streams_that_already_left_the_table():
+    """Issue 12: a stream dropped at the end of its grace while its task still winds down is
+    no longer in the hub's table, yet the hub still knows its task: ``close`` awaits it (and
+    start_relay fails on any stream task that outlives the server)."""
+    release = asyncio.Event()
+
+    def factory(spec):
+        streamer = _StreamerSlowToWindDown("demo")
+        streamer.release = release
+        return streamer
+
+    async with start_relay(detach_grace=0.1, streamer_factory=factory) as server:
+        async with Client.connect(server.url) as c:
+            await c.start("q1", messages=[{"role": "user", "content": "hi"}])
+            await c.next_for("q1")
+            await c.next_for("q1")
+        await eventually(lambda: len(server.hub) == 0)     # dropped: the grace ran out
+        [task] = server.hub.tasks()
+        assert not task.done()                             # ...but still winding down
+        closing = asyncio.create_task(server.hub.close("server_shutdown"))
+        await asyncio.sleep(0)
+        assert not closing.done()                          # close waits for it
+        release.set()
+        await closing
+        assert task.done() and server.hub.tasks() == []
