@@ -67,7 +67,9 @@ async def test_frames_sent_right_after_hello_are_handled_in_order_after_welcome(
         order = []
         while not order or order[-1] != "finish":
             frame = await c.recv()
-            order.append(frame["type"] if frame["type"] != "pong" else f"pong{frame['data']}")
+            if frame["type"] != "token":        # stream frames interleave freely
+                order.append(frame["type"] if frame["type"] != "pong"
+                             else f"pong{frame['data']}")
         assert order[:4] == ["welcome", "pong1", "started", "pong2"], order
         assert order.count("finish") == 1
 
@@ -107,7 +109,7 @@ async def test_seqs_are_consecutive_without_merging_and_only_stream_frames_carry
 async def test_tool_call_events_after_a_cancel_take_no_seq():
     """A cancel while the provider streams a tool call: the tool-call events the relay no
     longer sends take no seq, so the finish follows the last sent frame without a gap."""
-    async with start_relay(demo_tps=20) as server, Client.connect(server.url) as c:
+    async with start_relay(demo_tps=5) as server, Client.connect(server.url) as c:
         await c.start("tool", messages=[{"role": "user", "content": "weather in Paris"}],
                       tools=[SEARCH_TOOL], tool_choice="auto")
         frames = [await c.next_for("tool")]
