@@ -12,13 +12,17 @@ __all__ = ["CloseCode", "ErrorCode", "FinishStatus", "FinishReason"]
 
 
 class CloseCode(IntEnum):
-    """WebSocket close codes the relay uses, with whether a client should reconnect."""
+    """WebSocket close codes of llm-relay.v1, with whether a client should reconnect. The relay
+    sends every one of them except ``PROTOCOL_VIOLATION`` (see there)."""
 
     GOING_AWAY = 1001
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     SERVICE_RESTART = 1012
     SLOW_CONSUMER = 4008
+    #: Never sent by the relay (a bad frame after ``welcome`` gets ``error`` ``bad_request``,
+    #: a bad first frame closes 4401). Kept for the clients, which report a connection
+    #: they cannot even attempt (an invalid URL) with it; final, like any unknown code.
     PROTOCOL_VIOLATION = 4400
     NOT_AUTHENTICATED = 4401
     UNSUPPORTED_VERSION = 4406

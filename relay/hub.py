@@ -40,7 +40,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from protocol import FinishReason, frames
+from protocol import ErrorCode, FinishReason, frames
 
 from .config import RelaySettings
 from .errors import BadRequest, StreamLost, UnknownStream
@@ -536,8 +536,8 @@ class StreamHub:
                 # Only a hard cancel or a bug gets here; the stream still ends with a finish
                 # (logged and charged like any other frame).
                 stream.append(frames.finish(
-                    sid, seq + 1, "failed", None, frames.usage(0, 0, True),
-                    {"code": "internal_error", "message": "the stream ended unexpectedly"}))
+                    sid, seq + 1, "failed", ErrorCode.INTERNAL_ERROR, frames.usage(0, 0, True),
+                    {"code": ErrorCode.INTERNAL_ERROR, "message": "the stream ended unexpectedly"}))
                 self._apply(stream, Event.FINISH)
             _log_stream_end(stream, end)
             self._finished(stream)

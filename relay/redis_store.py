@@ -537,6 +537,12 @@ class RedisStore:
             "first_seq", lambda: self._cmd.xrange(self._log_key(key), "-", "+", count=1))
         return _seq_of(entries[0][0]) if entries else None
 
+    async def last_seq(self, key: str) -> int | None:
+        """Seq of the newest frame in the log; ``None`` if the log is empty or absent."""
+        entries = await self._run(
+            "last_seq", lambda: self._cmd.xrevrange(self._log_key(key), "+", "-", count=1))
+        return _seq_of(entries[0][0]) if entries else None
+
     # ------------------------------------------------------------------ AI SDK chats
 
     def _chat_key(self, principal: str, chat_id: str) -> str:

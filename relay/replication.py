@@ -36,7 +36,7 @@ import orjson
 from protocol import ErrorCode, FinishReason
 
 from .config import RelaySettings
-from .errors import RelayError, StreamLost, UnknownStream
+from .errors import BadRequest, RelayError, StreamLost, UnknownStream
 from .hub import HubStream, StreamHub
 from .limits import PrincipalState
 from .redis_store import RedisStore, StoreUnavailable
@@ -53,6 +53,11 @@ logger = logging.getLogger("relay.replication")
 # owner is noticed within owner_ttl + _FOLLOW_BLOCK seconds of its death.
 _FOLLOW_BLOCK = 1.0
 _RECORD_WAIT = 0.25
+
+
+def _beyond_last_seq(after_seq: int, last_seq: int) -> str:
+    """The ``bad_request`` message of a resume past the stream's end (the owner's words)."""
+    return f"after_seq {after_seq} is beyond the stream's last seq {last_seq}"
 
 
 class StoreUnavailableError(RelayError):
@@ -197,9 +202,14 @@ class Replicator:
                 raise StreamLost("this stream's log is gone (its relay stopped or dropped "
                                  "it); its frames cannot be replayed")
             first = await store.first_seq(key)
+            # A finished stream's log in Redis is complete (its owner marks it finished
+            # after the last append), so its last seq is the stream's, as on the owner.
+            last = await store.last_seq(key) if meta.state == "finished" else None
         except StoreUnavailable as exc:
             raise StoreUnavailableError(
                 "the relay's stream store is unavailable; resume again later") from exc
+        if last is not None and after_seq > last:
+            raise BadRequest(_beyond_last_seq(after_seq, last))
         if first is not None and first > after_seq + 1:
             raise StreamLost(f"frames after seq {after_seq} were trimmed from this stream's "
                              "log; they cannot be replayed")
@@ -243,10 +253,12 @@ class Replicator:
         key = stream.key
         cursor = after_seq
         failures = 0
+        owner_done = False      # an empty read saw the stream finished in Redis
         try:
             while True:
                 try:
-                    items = await store.read(key, cursor, block=_FOLLOW_BLOCK)
+                    items = await store.read(key, cursor,
+                                             block=0 if owner_done else _FOLLOW_BLOCK)
                     failures = 0
                 except StoreUnavailable:
                     failures += 1
@@ -275,6 +287,25 @@ class Replicator:
                                           "the relay running this stream stopped before it "
                                           "finished")
                         return
+                    if meta is not None and meta.state == "finished":
+                        if owner_done:
+                            # Finished, its log complete, nothing after the cursor: either
+                            # the client already has the finish (after_seq is its seq), or
+                            # the resume asked for an after_seq the stream never reached.
+                            # (For a stream still running at resume time that could not be
+                            # told then: the owner's mirror may lag what its client saw.)
+                            try:
+                                last = await store.last_seq(key) or 0
+                            except StoreUnavailable:
+                                continue
+                            if last >= after_seq:
+                                self.hub.remote_finished(stream)
+                            else:
+                                self._fail_remote(stream, ErrorCode.BAD_REQUEST,
+                                                  _beyond_last_seq(after_seq, last))
+                            return
+                        owner_done = True   # read once more: the last frames may have
+                                            # landed between the read and the meta
         except asyncio.CancelledError:
             raise
 

@@ -151,6 +151,51 @@ async def test_unknown_and_foreign_keys_are_unknown_stream_on_every_relay(prefix
             assert (await ca.collect("q1"))[-1]["status"] == "cancelled"
 
 
+async def test_after_seq_beyond_a_finished_stream_is_bad_request_on_the_other_relay(prefix):
+    """The same answer as on the owner (test_resume.py::
+    test_after_seq_beyond_the_stream_is_bad_request): a finished stream's log in Redis is
+    complete, so relay B refuses at once, with no ``resumed`` (issue 12: B answered
+    ``resumed`` and the stream then hung until its record expired)."""
+    async with two_relays(SHARED_REDIS, prefix) as (a, b):
+        async with Client.connect(a.url) as ca:
+            await ca.start("q1", messages=MESSAGES)
+            frames = await ca.collect("q1")
+        last = frames[-1]["seq"]
+        async with Client.connect(b.url) as cb:
+            await cb.send({"type": "resume", "stream_key": frames[0]["stream_key"],
+                           "after_seq": last + 1, "id": "x"})
+            assert (await cb.next_for("x")) == {
+                "type": "error", "code": "bad_request", "ref": "resume", "id": "x",
+                "message": f"after_seq {last + 1} is beyond the stream's last seq {last}"}
+            # The stream itself is untouched: resuming at its very end is still fine (the
+            # client has everything; nothing follows ``resumed``, and B stops following).
+            await cb.send({"type": "resume", "stream_key": frames[0]["stream_key"],
+                           "after_seq": last, "id": "y"})
+            assert (await cb.next_for("y"))["type"] == "resumed"
+            await eventually(lambda: not any(s.running for s in b.hub.streams()))
+            await cb.send({"type": "ping", "data": "after"})
+            assert (await cb.recv()) == {"type": "pong", "data": "after"}
+
+
+async def test_after_seq_beyond_a_running_stream_ends_in_bad_request_on_the_other_relay(prefix):
+    """Relay B cannot tell at resume time how far a stream still running on relay A has got
+    (the Redis copy may lag what A's client was sent), so it answers ``resumed``; when the
+    stream finishes short of ``after_seq`` the attachment ends with ``error`` ``bad_request``
+    naming the stream's last seq, never silence (issue 12: it waited until the record
+    expired and then said ``stream_lost``)."""
+    async with two_relays(SHARED_REDIS, prefix, demo_tps=50) as (a, b):
+        async with Client.connect(a.url) as ca, Client.connect(b.url) as cb:
+            await ca.start("q1", messages=MESSAGES)
+            started = await ca.next_for("q1")
+            await cb.send({"type": "resume", "stream_key": started["stream_key"],
+                           "after_seq": 10_000, "id": "x"})
+            assert (await cb.next_for("x"))["type"] == "resumed"
+            end = await cb.next_for("x")
+            assert end["type"] == "error" and end["code"] == "bad_request", end
+            assert end["ref"] == "resume" and end["id"] == "x"
+            assert end["message"].startswith("after_seq 10000 is beyond the stream's last seq")
+
+
 async def test_a_resume_on_another_relay_takes_the_stream_over(prefix):
     async with two_relays(SHARED_REDIS, prefix, demo_tps=60) as (a, b):
         async with Client.connect(a.url) as old, Client.connect(b.url) as new:
