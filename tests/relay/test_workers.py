@@ -12,28 +12,20 @@ import re
 import signal
 import subprocess
 import sys
-import uuid
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.demo import demo_reply_tokens
 
-from ..redis_server import redis_ping
 from .helpers import Client, eventually, text_of
 from .test_limits import ROOT, _env
+from .test_multinode import SHARED_REDIS, prefix  # noqa: F401 (a fixture)
 
-SHARED_REDIS = "redis://127.0.0.1:6379/0"
 START_TIMEOUT = 180.0   # two workers importing LiteLLM on a loaded 2-core machine
 PROMPT = "one worker starts this answer and another one carries it on " * 3
 MESSAGES = [{"role": "user", "content": PROMPT}]
 FULL_TEXT = "".join(demo_reply_tokens(MESSAGES))
-
-
-@pytest.fixture
-def prefix():
-    assert redis_ping("127.0.0.1", 6379), "these tests need Redis on 127.0.0.1:6379 (.ci/run)"
-    return f"test:{uuid.uuid4().hex}:"
 
 
 class Supervised:
