@@ -24,6 +24,9 @@ from tests.fakes.upstream import FakeUpstream, stream, tool_call
 from .test_multinode import SHARED_REDIS
 
 ROOT = Path(__file__).resolve().parents[2]
+#: One line per Node run, printed in pytest's terminal summary (tests/conftest.py), so a CI
+#: log shows what Node's runner counted, not only that the wrapping test passed.
+NODE_REPORTS: list[str] = []
 NODE_DIR = ROOT / "tests" / "aisdk"
 
 
@@ -66,6 +69,7 @@ async def test_real_ai_sdk_transport_against_relay_serve(tmp_path):
             out, _ = await asyncio.wait_for(node_run.communicate(), 120)
             report = out.decode()
             print(report)
+            NODE_REPORTS.append(_summary(report))
             assert node_run.returncode == 0, report
             assert re.search(r"\bpass 8\b", report) and re.search(r"\bfail 0\b", report), report
         finally:
@@ -101,3 +105,11 @@ def test_every_mapped_chunk_is_valid_for_the_ai_package():
     assert result.returncode == 0, result.stderr
     bad = [(every[r["index"]], r["error"]) for r in json.loads(result.stdout) if not r["ok"]]
     assert not bad, bad
+
+
+def _summary(report: str) -> str:
+    counts = dict(re.findall(r"^\S*\s*(tests|pass|fail|skipped) (\d+)$", report, re.M))
+    names = re.findall(r"^[✔✖] (.+?) \(\d", report, re.M)
+    return (f"tests/aisdk/transport.test.mjs under Node's test runner: "
+            f"{counts.get('tests', '?')} tests (pass {counts.get('pass', '?')}, "
+            f"fail {counts.get('fail', '?')}): {'; '.join(names)}")
