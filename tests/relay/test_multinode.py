@@ -343,13 +343,7 @@ async def test_rolling_restart_of_one_of_two_relay_processes_loses_nothing(prefi
         assert await asyncio.wait_for(proc_a.wait(), 30) == 0
     finally:
         for proc in (proc_a, proc_b):
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(proc.wait(), 30)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+            await _stop(proc)
 
 
 async def test_the_python_client_follows_its_streams_to_the_other_relay_on_a_restart(prefix):
