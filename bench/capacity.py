@@ -14,7 +14,7 @@ one at a time, each *path* as a process of its own, then drives it from this pro
             the config key ``fast``; an alias selects it unless ``fast = false``)
   litellm   ``relay serve``, alias with ``fast = false`` (on builds without a fast path:
             every alias, which is this path)
-  naive     bench/naive_relay.py: the seed's TokenStreamer (litellm stream -> one JSON frame
+  naive     bench/naive_relay.py: the seed's EventStreamer (litellm stream -> one JSON frame
             per chunk) behind a plain websockets server
   proxy     LiteLLM's own proxy (``litellm --config``), SSE out: only when installed
             (``pip install -e '.[bench]'``), else a printed note

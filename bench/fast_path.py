@@ -5,8 +5,8 @@ counted) serves ``--tokens`` content chunks per request as fast as it can. This 
 ``--streams`` such streams at once, ``--rounds`` times, through each path:
 
   raw          httpx + the relay's SSE parser + orjson.loads per event: the parsing floor
-  fast         TokenStreamer on the fast path (relay/fast_path.py): events() consumed
-  litellm      TokenStreamer through LiteLLM (fast = false), with the relay's lean setup
+  fast         EventStreamer on the fast path (relay/upstream/fast_path.py): events() consumed
+  litellm      EventStreamer through LiteLLM (fast = false), with the relay's lean setup
   litellm-full the same with LiteLLM's post-stream response assembly left on (the "before"
                of the lean LiteLLM path: LiteLLM's own stream_chunk_builder restored)
 
@@ -59,7 +59,7 @@ async def run_raw(base: str, streams: int) -> int:
     import httpx
     import orjson
 
-    from relay.fast_path import SSEParser
+    from relay.upstream.fast_path import SSEParser
 
     async def one(client) -> int:
         n = 0
@@ -83,7 +83,7 @@ async def run_raw(base: str, streams: int) -> int:
 
 
 async def run_streamer(spec, streams: int) -> int:
-    from relay.streamer import TextDelta
+    from relay.upstream.streamer import TextDelta
 
     async def one() -> int:
         n = 0
@@ -117,11 +117,11 @@ async def main(args) -> None:
         base = f"http://127.0.0.1:{port}/v1"
         os.environ["BENCH_KEY"] = "sk-bench"
         from relay.app import load_models
-        from relay.llm import get_litellm
-        from relay.streamer import Timeouts
+        from relay.upstream.llm import get_litellm
+        from relay.upstream.streamer import Timeouts
 
         litellm = get_litellm()
-        lean_builder = litellm.stream_chunk_builder  # the relay's (relay/llm.py)
+        lean_builder = litellm.stream_chunk_builder  # the relay's (relay/upstream/llm.py)
         real_builder = lean_builder.__wrapped__      # LiteLLM's own
 
         fast, slow = load_models({"models": {

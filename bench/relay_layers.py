@@ -4,13 +4,13 @@ no LiteLLM and no network upstream.
     python bench/relay_layers.py [--tokens 20000] [--streams 1] [--reps 5]
 
 A scripted upstream (an ``acompletion``-compatible callable yielding OpenAI-shaped chunk
-objects, injected through ``TokenStreamer(completion=...)`` and the server's
+objects, injected through ``EventStreamer(completion=...)`` and the server's
 ``streamer_factory``) feeds a real ``RelayServer`` in this process; a websockets client in
 a separate process reads the frames over loopback (so its CPU is not counted here). CPU is
 this process's (``time.process_time``), per token frame. Layers, measured one on top of the
 other in the same run and subtracted:
 
-  streamer   TokenStreamer.events(): chunk -> TextDelta (timers, cancel checks)
+  streamer   EventStreamer.events(): chunk -> TextDelta (timers, cancel checks)
   hub + log  StreamHub: event -> frame dict -> orjson bytes -> FrameLog.append, metrics
   wake-up    asyncio alone: one task waking another through an Event, per frame
   writer     Session's writer: log -> coalesce -> ws.send (latency metric, cursor, lag check)
@@ -39,11 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from relay.config import RelaySettings  # noqa: E402
-from relay.hub import StreamHub  # noqa: E402
+from relay.runtime.hub import StreamHub  # noqa: E402
 from relay.metrics import RelayMetrics  # noqa: E402
-from relay.providers import ModelRegistry  # noqa: E402
-from relay.server import RelayServer  # noqa: E402
-from relay.streamer import Timeouts, TokenStreamer  # noqa: E402
+from relay.upstream.providers import ModelRegistry  # noqa: E402
+from relay.runtime.server import RelayServer  # noqa: E402
+from relay.upstream.streamer import EventStreamer, Timeouts  # noqa: E402
 
 BUDGET_US = 15.0
 TIMEOUTS = Timeouts()
@@ -110,12 +110,12 @@ class ScriptedResponse:
         pass
 
 
-def scripted_streamer(tokens: int) -> TokenStreamer:
+def scripted_streamer(tokens: int) -> EventStreamer:
     async def completion(**kwargs):
         return ScriptedResponse(tokens)
 
     # The relay's default timeouts (first token, idle, total), armed as in production.
-    return TokenStreamer("scripted", completion=completion, timeouts=TIMEOUTS)
+    return EventStreamer("scripted", completion=completion, timeouts=TIMEOUTS)
 
 
 async def streamer_only(tokens: int) -> float:
@@ -162,7 +162,7 @@ async def wake_up(count: int) -> float:
 async def hub_and_log(tokens: int, settings: RelaySettings) -> float:
     """Streamer + hub + frame log, no connection attached (the log keeps everything)."""
     hub = StreamHub(settings, RelayMetrics())
-    from relay.limits import PrincipalState
+    from relay.core.limits import PrincipalState
 
     cpu = time.process_time()
     stream = hub.launch(id="s", alias="demo", principal="p", session_id="x",

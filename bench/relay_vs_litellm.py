@@ -32,7 +32,7 @@ def _messages(tokens: int) -> list[dict]:
 
 async def bench_litellm(tokens: int) -> tuple[float, float]:
     """(tokens/s, CPU µs per chunk) for LiteLLM alone."""
-    from relay.llm import get_litellm, set_demo_tps
+    from relay.upstream.llm import get_litellm, set_demo_tps
 
     litellm = get_litellm()
     set_demo_tps(0)

@@ -1,5 +1,5 @@
 """``python -m relay serve`` is the same as ``relay serve``."""
 
-from .cli import main
+from relay.cli import main
 
 raise SystemExit(main())

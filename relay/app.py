@@ -26,9 +26,9 @@ from typing import Any
 
 from protocol.messages import ALLOWED_PARAMS
 
-from .config import RelaySettings
-from .providers import DEMO_ALIAS, ModelRegistry, ModelSpec, demo_spec
-from .streamer import Timeouts
+from relay.config import RelaySettings
+from relay.upstream.providers import DEMO_ALIAS, ModelRegistry, ModelSpec, demo_spec
+from relay.upstream.streamer import Timeouts
 
 __all__ = ["ConfigError", "build_registry", "load_models"]
 
@@ -42,7 +42,7 @@ class ConfigError(ValueError):
 
 def build_registry(settings: RelaySettings, *, check_providers: bool = True) -> ModelRegistry:
     """The registry for ``settings``: the config file's aliases, else the demo model."""
-    from .llm import get_litellm, set_demo_tps
+    from relay.upstream.llm import get_litellm, set_demo_tps
 
     set_demo_tps(settings.demo_tps)
     defaults = Timeouts(settings.first_token_timeout, settings.idle_timeout,

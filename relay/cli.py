@@ -108,7 +108,7 @@ def _add_worker_arguments(serve: Any) -> None:
     serve.add_argument("--workers", metavar="N",
                        help="relay processes sharing the port (SO_REUSEPORT), for more cores; "
                        "'auto' = one per CPU; above 1 needs --redis (1)")
-    # Set by the supervisor (relay.workers) on the processes it starts; not for users.
+    # Set by the supervisor (relay.runtime.workers) on the processes it starts; not for users.
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
 
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _token_mint(args: argparse.Namespace) -> int:
-    from .auth import mint_token
+    from relay.http.auth import mint_token
 
     secret = args.secret or os.environ.get("RELAY_TOKEN_SECRET")
     if not secret:
@@ -159,7 +159,7 @@ def _token_mint(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from .config import RelaySettings
+    from relay.config import RelaySettings
 
     overrides: dict[str, Any] = {
         key: value for key, value in vars(args).items()
@@ -170,17 +170,17 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"relay: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    from .logs import configure_logging
+    from relay.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
     workers = _worker_count(args, settings)
     if workers is None:
         return 2
     if workers > 1:
-        from .workers import Supervisor
+        from relay.runtime.workers import Supervisor
 
         return asyncio.run(Supervisor(settings, workers).run())
-    from .app import ConfigError, build_registry
+    from relay.app import ConfigError, build_registry
 
     try:
         registry = build_registry(settings)
@@ -217,7 +217,7 @@ def _bind_failure_message(exc: OSError, settings) -> str:
 def _worker_count(args: argparse.Namespace, settings: Any) -> int | None:
     """Processes ``relay serve`` runs (``--workers``, else ``RELAY_WORKERS``, else 1); None
     after printing why the value is refused (the caller exits 2)."""
-    from .workers import parse_workers
+    from relay.runtime.workers import parse_workers
 
     if args.worker_index is not None:
         return 1                                   # a worker of a supervisor
@@ -246,7 +246,7 @@ def _announce_worker(server: Any, registry: Any, worker_index: int) -> None:
     """A worker's ``relay_worker_info`` metric and its ready line for the supervisor."""
     from prometheus_client import Gauge
 
-    from .workers import worker_ready_line
+    from relay.runtime.workers import worker_ready_line
 
     info = Gauge("relay_worker_info", "This worker process (value 1)", ["worker", "pid"],
                  registry=server.metrics.registry)
@@ -255,9 +255,9 @@ def _announce_worker(server: Any, registry: Any, worker_index: int) -> None:
 
 
 async def _run(settings, registry, *, worker_index: int | None = None) -> int:
-    from .redis_store import StoreUnavailable
-    from .server import RelayServer
-    from .warmup import start_warm_up
+    from relay.cluster.redis_store import StoreUnavailable
+    from relay.runtime.server import RelayServer
+    from relay.runtime.warmup import start_warm_up
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

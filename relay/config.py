@@ -38,7 +38,7 @@ class RelaySettings(BaseSettings):
     max_connections: int = Field(10_000, ge=1, description="per server (4429 above)")
     max_connections_per_principal: int = Field(100, ge=1)
     max_streams_per_principal: int = Field(32, ge=1)
-    # None = the mode's default (relay.limits.start_rate_limit): no start rate without auth,
+    # None = the mode's default (relay.core.limits.start_rate_limit): no start rate without auth,
     # 600/min burst 100 per principal with auth.
     start_rate_per_minute: float | None = Field(None, gt=0, description="start token bucket "
                                                 "rate per principal (None: the mode's default)")
@@ -64,7 +64,7 @@ class RelaySettings(BaseSettings):
                                      description="browser Origins allowed; '*' = any")
     public_url: str | None = Field(None, description="the address browsers use to reach the "
                                    "relay (http(s):// or ws(s)://); its origin is the relay's "
-                                   "own. Default: the listen address (see relay/handshake.py)")
+                                   "own. Default: the listen address (see relay/http/handshake.py)")
     trusted_proxies: list[str] = Field(default_factory=list,
                                        description="peer addresses or CIDRs whose "
                                        "X-Forwarded-For is honoured")
@@ -77,7 +77,7 @@ class RelaySettings(BaseSettings):
     @field_validator("public_url")
     @classmethod
     def _check_public_url(cls, value: str | None) -> str | None:
-        from .handshake import origin_of_public_url
+        from relay.http.handshake import origin_of_public_url
 
         if value is not None:
             origin_of_public_url(value)  # ValueError names the problem
@@ -86,7 +86,7 @@ class RelaySettings(BaseSettings):
     @field_validator("trusted_proxies")
     @classmethod
     def _check_trusted_proxies(cls, value: list[str]) -> list[str]:
-        from .handshake import parse_networks
+        from relay.http.handshake import parse_networks
 
         parse_networks(value)  # ValueError names the bad entry
         return value
@@ -97,7 +97,7 @@ class RelaySettings(BaseSettings):
         if self.max_pending_connections is not None:
             return self.max_pending_connections
         return max(1, self.max_connections // 4)
-    # --- authentication and token budget (issue: auth); see relay/auth.py
+    # --- authentication and token budget (issue: auth); see relay/http/auth.py
     auth: bool = Field(False, description="require an API key or a signed token")
     api_keys: list[str] = Field(default_factory=list, repr=False,
                                 description="static API keys, plain or 'sha256:<hex>'")
@@ -116,7 +116,7 @@ class RelaySettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_auth(self) -> RelaySettings:
-        from .auth import check_auth_settings
+        from relay.http.auth import check_auth_settings
 
         check_auth_settings(self.auth, self.api_keys, self.token_secret)
         return self

@@ -1,140 +1,31 @@
-"""TokenStreamer: one LiteLLM streaming completion turned into typed stream events.
-
-Public surface kept from the seed: ``TokenStreamer(model, api_key, base_url, on_token)``,
+"""The seed's public API, kept: ``TokenStreamer(model, api_key, base_url, on_token)`` with
 ``stream_completion``, ``stream_with_tools``, ``cancel()``, ``get_accumulated_content()``,
-``get_total_tokens()``, ``reset()``. The core is ``events()``; the two seed methods are thin
-views of it, so both behave the same way on errors: they never raise for a provider failure,
-they end with a final item whose status is ``failed`` and whose error is safe to show.
+``get_total_tokens()`` and ``reset()``.
 
-Contract of ``events()``:
-
-* It yields ``TextDelta``, ``ReasoningDelta``, ``ToolCallDelta``, then on a normal end one
-  ``ToolCallDone`` per assembled call (whatever finish_reason the provider gave), and always
-  exactly one ``StreamEnd`` last, whatever happened.
-* ``cancel()`` takes effect at once: if the consumer is waiting for the provider, that wait
-  is interrupted; the upstream HTTP response is closed (``aclose``) before ``StreamEnd``
-  (status ``cancelled``) is yielded, and no text follows a cancel.
-* Timeouts are timers, not checks between chunks: first token, idle between chunks and
-  total duration each interrupt a silent provider and end with status ``timeout``.
-* Usage is the provider's own when it sent any (``estimated=False``); otherwise an estimate
-  by LiteLLM's token counter (``estimated=True``). LiteLLM's stream wrapper strips the
-  provider's usage chunks and always synthesises a usage of its own, so the decision is
-  made from what the provider actually sent (the wrapper's recorded raw chunks).
-* It never retries once anything was yielded. ``retries_before_first_token`` (default 0)
-  is the one explicit opt-in for retrying a failed *connect*.
-
-Two upstreams feed the same loop (timers, cancel, tool-call assembly, usage): LiteLLM's
-stream wrapper (``_LiteLLMUpstream``), or, with a ``fast_route``, the provider's SSE read
-directly (``relay/fast_path.py``). While ``events()`` runs, LiteLLM skips its post-stream
-response assembly (``relay.llm.begin_relay_stream``).
-
-Concurrency: one ``events()`` iteration at a time per instance; ``cancel()`` may be called
-from any task of the same event loop.
+It is a thin view of ``relay.upstream.streamer.EventStreamer`` (whose ``events()`` the relay
+itself consumes), so both seed methods behave the same way on errors: they never raise for a
+provider failure; they end with a final item whose status is ``failed`` and whose error is
+safe to show. Nothing in the relay imports this module; it exists for library users.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
 
-from protocol import ErrorCode, FinishReason, FinishStatus
+from relay.upstream.streamer import (
+    EventStreamer,
+    ReasoningDelta,
+    StreamEnd,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallDone,
+    UsageInfo,
+    _estimate_text_tokens,
+)
 
-from .llm import DEMO_MODEL
-from .upstream_errors import UpstreamFailure, classify_upstream_exception
-
-
-__all__ = [
-    "ReasoningDelta",
-    "StreamEnd",
-    "StreamEvent",
-    "TextDelta",
-    "Timeouts",
-    "TokenChunk",
-    "TokenStreamer",
-    "ToolCallDelta",
-    "ToolCallDone",
-    "UsageInfo",
-]
-
-logger = logging.getLogger(__name__)
-
-# ------------------------------------------------------------------------------ events
-
-
-@dataclass(frozen=True, slots=True)
-class TextDelta:
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class ReasoningDelta:
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class ToolCallDelta:
-    index: int
-    call_id: str
-    name: str | None
-    arguments_delta: str
-
-
-@dataclass(frozen=True, slots=True)
-class ToolCallDone:
-    index: int
-    call_id: str
-    name: str
-    arguments: str
-
-
-class DirectRoute(Protocol):
-    """A way to call a provider without LiteLLM's chunk objects (``relay.fast_path.FastRoute``
-    implements it). A port: fast_path builds on this module's events, so the streamer names
-    what it needs instead of importing fast_path."""
-
-    def accepts(self, kwargs: dict[str, Any]) -> bool:
-        """False for a request only LiteLLM's own path handles."""
-
-    async def open(self, kwargs: dict[str, Any]) -> Any:
-        """Send the request; return the open upstream (``next_batch``/``aclose``/usage, as
-        ``_LiteLLMUpstream``) or raise LiteLLM's exception for it."""
-
-
-@dataclass(frozen=True, slots=True)
-class UsageInfo:
-    prompt_tokens: int
-    completion_tokens: int
-    estimated: bool
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass(frozen=True, slots=True)
-class StreamEnd:
-    """Always the last event. ``reason`` is a documented ``FinishReason`` or error code."""
-
-    status: FinishStatus
-    reason: str
-    usage: UsageInfo
-    error: UpstreamFailure | None = None
-
-
-StreamEvent = TextDelta | ReasoningDelta | ToolCallDelta | ToolCallDone | StreamEnd
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    """Seconds; ``None`` disables one. Defaults are the relay's documented defaults."""
-
-    first_token: float | None = 60.0
-    idle: float | None = 30.0
-    total: float | None = 600.0
+__all__ = ["TokenChunk", "TokenStreamer"]
 
 
 @dataclass
@@ -152,147 +43,24 @@ class TokenChunk:
     error: dict | None = None
 
 
-# Provider finish reasons (after LiteLLM's mapping) -> the documented completed reasons.
-_FINISH_REASONS = {
-    "stop": FinishReason.STOP,
-    "end_turn": FinishReason.STOP,
-    "stop_sequence": FinishReason.STOP,
-    "length": FinishReason.LENGTH,
-    "max_tokens": FinishReason.LENGTH,
-    "tool_calls": FinishReason.TOOL_CALLS,
-    "function_call": FinishReason.TOOL_CALLS,
-    "tool_use": FinishReason.TOOL_CALLS,
-    "content_filter": FinishReason.CONTENT_FILTER,
-    "safety": FinishReason.CONTENT_FILTER,
-}
+class TokenStreamer(EventStreamer):
+    """``EventStreamer`` with the seed's methods. ``on_token`` is called with a
+    ``TokenChunk`` for every text delta of ``stream_completion``/``stream_with_tools``;
+    every other argument is ``EventStreamer``'s."""
 
-_CANCEL_REASONS = frozenset(
-    (FinishReason.CLIENT_CANCEL, FinishReason.CLIENT_DISCONNECT, FinishReason.SERVER_SHUTDOWN)
-)
-
-
-class _Truncated(Exception):
-    """The provider's stream ended without a finish reason."""
-
-
-class _Interrupted(Exception):
-    """Raised inside ``events()`` when our own ``cancel()`` interrupted a provider wait."""
-
-
-@dataclass
-class _ToolCallState:
-    index: int
-    call_id: str
-    provider_id: str | None = None
-    name: str | None = None
-    arguments: list[str] = field(default_factory=list)
-
-
-CompletionFn = Callable[..., Awaitable[Any]]
-
-
-def _default_completion() -> CompletionFn:
-    from .llm import acompletion  # lazy: importing LiteLLM costs seconds
-
-    return acompletion
-
-
-class TokenStreamer:
-    """Streams one completion at a time from ``model`` through LiteLLM.
-
-    ``model`` is a LiteLLM model string (``"openai/gpt-4o-mini"``), or ``"demo"`` for the
-    embedded demo model (no key, no network). A string LiteLLM cannot route ends the stream
-    ``failed``/``bad_request`` with a message saying how to name the model.
-    ``completion`` (keyword) injects the ``acompletion``-compatible callable; tests pass a
-    scripted one. ``fast_route`` (a ``relay.fast_path.FastRoute``) makes the streamer read the
-    provider's SSE itself instead of going through LiteLLM's chunk objects (same events, same
-    timers, cancel and errors; see ``relay/fast_path.py``); a request the route does not
-    accept still goes through ``completion``. ``completion_kwargs`` are extra server-side
-    LiteLLM arguments (never from a client). ``on_token`` is called with a ``TokenChunk`` for
-    every text delta.
-    """
-
-    def __init__(
-        self,
-        model: str,
-        api_key: str | None = None,
-        base_url: str | None = None,
-        on_token: Callable[[TokenChunk], None] | None = None,
-        *,
-        completion: CompletionFn | None = None,
-        timeouts: Timeouts | None = None,
-        completion_kwargs: dict[str, Any] | None = None,
-        retries_before_first_token: int = 0,
-        fast_route: DirectRoute | None = None,
-    ) -> None:
-        self.model = DEMO_MODEL if model == "demo" else model
-        self.api_key = api_key
-        self.base_url = base_url
+    def __init__(self, model: str, api_key: str | None = None, base_url: str | None = None,
+                 on_token: Callable[[TokenChunk], None] | None = None, **kwargs: Any) -> None:
+        super().__init__(model, api_key, base_url, **kwargs)
         self.on_token = on_token
-        self.timeouts = timeouts or Timeouts()
-        self._completion = completion
-        self._completion_kwargs = dict(completion_kwargs or {})
-        self._retries_before_first_token = retries_before_first_token
-        self._fast_route = fast_route
-        self.reset()
-
-    # ------------------------------------------------------------------ seed API
-
-    def reset(self) -> None:
-        """Forget the previous stream's state, including a cancel (not while a stream runs)."""
-        self._cancel_reason: str | None = None
-        self._clear_stream_state()
-
-    def _clear_stream_state(self) -> None:
-        self._accumulated_content = ""
-        self._usage: UsageInfo | None = None
-        self._waiting_task: asyncio.Task | None = None
-        self._deadline: float | None = None
-        self._watchdog: asyncio.TimerHandle | None = None
-        self._interrupted = False       # an interrupt of the current wait was sent
-        self._response: Any = None
-        self._close_task: asyncio.Task | None = None
-
-    def cancel(self, reason: str = FinishReason.CLIENT_CANCEL) -> None:
-        """Stop the running stream now and close the upstream request. Idempotent.
-
-        ``reason`` is ``client_cancel`` (default), ``client_disconnect`` or
-        ``server_shutdown``; it becomes the final event's ``reason``.
-        """
-        if reason not in _CANCEL_REASONS:
-            raise ValueError(f"not a cancel reason: {reason!r}")
-        if self._cancel_reason is not None:
-            return
-        self._cancel_reason = str(reason)
-        task = self._waiting_task
-        if task is not None:
-            # The consumer is blocked on the provider: interrupt that wait (unless the
-            # deadline watchdog just did: one interrupt per wait, so exactly one
-            # cancellation request is ours to consume).
-            if not self._interrupted:
-                self._interrupted = True
-                task.cancel(msg=_CANCEL_MSG)
-        elif self._response is not None:
-            # The consumer is busy elsewhere: close the upstream now, not at its next read.
-            self._close_task = asyncio.ensure_future(self._close_response())
 
     def get_accumulated_content(self) -> str:
-        return self._accumulated_content
+        return self.accumulated_content
 
     def get_total_tokens(self) -> int:
         """Completion tokens: the provider's count once the stream ended (else an estimate)."""
-        if self._usage is not None:
-            return self._usage.completion_tokens
-        return _estimate_text_tokens(self.model, self._accumulated_content)
-
-    @property
-    def usage(self) -> UsageInfo | None:
-        """Usage of the last finished stream."""
-        return self._usage
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel_reason is not None
+        if self.usage is not None:
+            return self.usage.completion_tokens
+        return _estimate_text_tokens(self.model, self.accumulated_content)
 
     async def stream_completion(
         self,
@@ -313,7 +81,7 @@ class TokenStreamer:
                     token_count=0,
                     finish_reason=event.reason,
                     model=self.model,
-                    accumulated_content=self._accumulated_content,
+                    accumulated_content=self.accumulated_content,
                     total_tokens=event.usage.completion_tokens,
                     status=str(event.status),
                     usage=event.usage,
@@ -351,7 +119,7 @@ class TokenStreamer:
                     "type": "finish",
                     "status": str(event.status),
                     "reason": event.reason,
-                    "accumulated": self._accumulated_content,
+                    "accumulated": self.accumulated_content,
                     "usage": {
                         "prompt_tokens": event.usage.prompt_tokens,
                         "completion_tokens": event.usage.completion_tokens,
@@ -363,399 +131,8 @@ class TokenStreamer:
 
     def _text_chunk(self, text: str) -> TokenChunk:
         chunk = TokenChunk(content=text, model=self.model,
-                           accumulated_content=self._accumulated_content)
+                           accumulated_content=self.accumulated_content)
         if self.on_token is not None:
             self.on_token(chunk)
         return chunk
 
-    # ------------------------------------------------------------------ core
-
-    async def events(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        tools: list[dict[str, Any]] | None = None,
-        tool_choice: Any = None,
-        **params: Any,
-    ) -> AsyncIterator[StreamEvent]:
-        """Run one streaming completion; see the module docstring for the contract.
-
-        A ``cancel()`` that came before this call (and after the last ``reset()``) still
-        applies: the stream then ends ``cancelled`` without contacting the provider.
-        """
-        self._clear_stream_state()
-        from .llm import begin_relay_stream, end_relay_stream
-
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        tm = self.timeouts
-        total_deadline = started + tm.total if tm.total is not None else None
-        first_deadline = started + tm.first_token if tm.first_token is not None else None
-        kwargs = self._request_kwargs(messages, tools, tool_choice, params)
-
-        text_parts: list[str] = []
-        other_parts: list[str] = []  # reasoning and tool arguments, for estimates
-        calls: dict[int, _ToolCallState] = {}
-        finish_reason: str | None = None
-        got_first = False
-        last_chunk_at = started
-        end: StreamEnd | None = None
-        relay_stream = begin_relay_stream()  # lean LiteLLM: no post-stream assembly
-        try:
-            upstream = await self._open(kwargs, loop, total_deadline, first_deadline)
-            self._response = upstream
-            if self._cancel_reason is not None:
-                raise _Interrupted
-            next_batch = upstream.next_batch
-            while True:
-                if got_first:
-                    deadline = _min(total_deadline,
-                                    last_chunk_at + tm.idle if tm.idle is not None else None)
-                else:
-                    deadline = _min(total_deadline, first_deadline)
-                batch = await self._wait(next_batch(), deadline)
-                if batch is None:
-                    break
-                last_chunk_at = loop.time()
-                for reasoning, content, tool_calls, finish in batch:
-                    if finish:
-                        finish_reason = finish
-                    if reasoning:
-                        got_first = True
-                        other_parts.append(reasoning)
-                        yield ReasoningDelta(reasoning)
-                    if content:
-                        got_first = True
-                        text_parts.append(content)
-                        self._accumulated_content += content
-                        yield TextDelta(content)
-                    if tool_calls:
-                        got_first = True
-                        for index, call_id, name, args in tool_calls:
-                            event = _merge_tool_delta(calls, index, call_id, name, args)
-                            if event.arguments_delta:
-                                other_parts.append(event.arguments_delta)
-                            yield event
-                    if self._cancel_reason is not None:
-                        raise _Interrupted
-            if finish_reason is None or upstream.truncated:
-                # The provider's stream ended without saying it finished, or without a single
-                # parseable chunk: truncated. (LiteLLM's Anthropic parser swallows a malformed
-                # event and everything after it, and its wrapper then makes up a "stop".)
-                raise _Truncated
-            usage = await self._final_usage(upstream, kwargs, text_parts, other_parts)
-            reason = _FINISH_REASONS.get(finish_reason, FinishReason.STOP)
-            if calls and reason == FinishReason.STOP:
-                # Some providers report "stop" after tool calls; the calls still complete.
-                reason = FinishReason.TOOL_CALLS
-            for state in sorted(calls.values(), key=lambda s: s.index):
-                yield ToolCallDone(state.index, state.provider_id or state.call_id,
-                                   state.name or "", "".join(state.arguments))
-            end = StreamEnd(FinishStatus.COMPLETED, str(reason), usage)
-        except _Interrupted:
-            end = StreamEnd(
-                FinishStatus.CANCELLED,
-                self._cancel_reason or str(FinishReason.CLIENT_CANCEL),
-                await self._estimate(kwargs, text_parts, other_parts),
-            )
-        except TimeoutError:
-            now = loop.time()
-            if total_deadline is not None and now >= total_deadline:
-                reason, what = FinishReason.TOTAL_TIMEOUT, "total stream duration"
-            elif not got_first:
-                reason, what = FinishReason.FIRST_TOKEN_TIMEOUT, "first token"
-            else:
-                reason, what = FinishReason.IDLE_TIMEOUT, "idle time between chunks"
-            end = StreamEnd(
-                FinishStatus.TIMEOUT,
-                str(reason),
-                await self._estimate(kwargs, text_parts, other_parts),
-                UpstreamFailure(ErrorCode.UPSTREAM_TIMEOUT,
-                                f"the provider exceeded the {what} limit"),
-            )
-        except Exception as exc:  # any provider failure ends the stream, never the caller
-            failure = classify_upstream_exception(exc, mid_stream=self._response is not None)
-            logger.warning("upstream failure for model %s: %s (%s)", self.model,
-                           failure.code, type(exc).__name__)
-            end = StreamEnd(
-                FinishStatus.FAILED,
-                str(failure.code),  # a plain string, like the completed reasons
-                await self._estimate(kwargs, text_parts, other_parts),
-                failure,
-            )
-        finally:
-            self._stop_watchdog()
-            # Close the upstream HTTP response on every path, also when our consumer's task
-            # is being cancelled from outside or the consumer stopped iterating.
-            await self._close_response()
-            self._response = None
-            end_relay_stream(relay_stream)
-        self._usage = end.usage
-        yield end
-
-    # ------------------------------------------------------------------ internals
-
-    def _request_kwargs(self, messages, tools, tool_choice, params) -> dict[str, Any]:
-        kwargs: dict[str, Any] = dict(self._completion_kwargs)
-        kwargs.update({k: v for k, v in params.items() if v is not None})
-        kwargs["model"] = self.model
-        kwargs["messages"] = messages
-        kwargs["stream"] = True
-        kwargs["stream_options"] = {"include_usage": True}
-        # LiteLLM and the OpenAI SDK both retry by default; a relay must not.
-        kwargs["num_retries"] = 0
-        kwargs["max_retries"] = 0
-        if tools:
-            kwargs["tools"] = tools
-            if tool_choice is not None:
-                kwargs["tool_choice"] = tool_choice
-        if self.api_key is not None:
-            kwargs["api_key"] = self.api_key
-        if self.base_url is not None:
-            kwargs["api_base"] = self.base_url
-        return kwargs
-
-    async def _open(self, kwargs, loop, total_deadline, first_deadline):
-        """Start the request; returns an upstream (``next_batch``/``aclose``/usage, below)."""
-        fast = self._fast_route
-        if fast is not None and not fast.accepts(kwargs):
-            fast = None  # this request needs something only LiteLLM's own path does
-        completion = self._completion or _default_completion()
-        attempts = 1 + max(0, self._retries_before_first_token)
-        for attempt in range(attempts):
-            try:
-                if fast is not None:
-                    return await self._wait(fast.open(kwargs), _min(total_deadline, first_deadline))
-                response = await self._wait(completion(**kwargs),
-                                            _min(total_deadline, first_deadline))
-                return _LiteLLMUpstream(response)
-            except (_Interrupted, TimeoutError):
-                raise
-            except Exception as exc:
-                code = classify_upstream_exception(exc).code
-                retryable = code in (ErrorCode.UPSTREAM_ERROR, ErrorCode.UPSTREAM_RATE_LIMITED)
-                if attempt + 1 >= attempts or not retryable:
-                    raise
-                logger.info("retrying connect to %s (%s), attempt %d", self.model, code,
-                            attempt + 2)
-        raise AssertionError("unreachable")
-
-    async def _wait(self, awaitable, deadline: float | None):
-        """Await a provider operation, interruptible by ``cancel()`` and by ``deadline``.
-
-        The deadline is enforced by one lazy watchdog timer per stream, not a timer per
-        chunk: it is armed at the earliest deadline, and when it fires early (the deadline
-        moved on with each chunk) it re-arms itself at the current one. So a chunk costs
-        no timer scheduling and cancelling, which was a measurable share of a token's CPU.
-        """
-        if self._cancel_reason is not None:
-            if asyncio.iscoroutine(awaitable):
-                awaitable.close()
-            raise _Interrupted
-        task = asyncio.current_task()
-        self._waiting_task = task
-        self._deadline = deadline
-        if deadline is not None:
-            watchdog = self._watchdog
-            if watchdog is None or watchdog.when() > deadline:
-                if watchdog is not None:
-                    watchdog.cancel()
-                self._watchdog = asyncio.get_running_loop().call_at(deadline, self._on_watchdog)
-        try:
-            return await awaitable
-        except asyncio.CancelledError as exc:
-            if self._interrupted and exc.args in ((_CANCEL_MSG,), (_TIMEOUT_MSG,)):
-                # Our own interrupt: consume exactly that one cancellation request. Anyone
-                # else's pending cancellation still propagates.
-                if task is not None and task.uncancel() > 0:
-                    raise
-                if exc.args == (_TIMEOUT_MSG,):
-                    raise TimeoutError from None
-                raise _Interrupted from None
-            raise
-        finally:
-            self._waiting_task = None
-            self._deadline = None
-            self._interrupted = False
-
-    def _on_watchdog(self) -> None:
-        self._watchdog = None
-        task, deadline = self._waiting_task, self._deadline
-        if task is None or deadline is None:
-            return                        # between waits: the next wait arms it again
-        loop = asyncio.get_running_loop()
-        if loop.time() < deadline:
-            self._watchdog = loop.call_at(deadline, self._on_watchdog)
-        elif not self._interrupted:
-            self._interrupted = True
-            task.cancel(msg=_TIMEOUT_MSG)
-
-    def _stop_watchdog(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-
-    async def _close_response(self) -> None:
-        response = self._response
-        if response is None:
-            return
-        if self._close_task is not None and self._close_task is not asyncio.current_task():
-            task, self._close_task = self._close_task, None
-            await task
-            return
-        aclose = getattr(response, "aclose", None)
-        if aclose is None:
-            return
-        try:
-            await aclose()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # closing is best effort; the stream has ended anyway
-            logger.debug("closing upstream response failed: %s", type(exc).__name__)
-        self._response = None
-
-    async def _final_usage(self, upstream, kwargs, text_parts, other_parts) -> UsageInfo:
-        provider = upstream.provider_usage()
-        if provider is not None:
-            return provider
-        return await self._estimate(kwargs, text_parts, other_parts)
-
-    async def _estimate(self, kwargs, text_parts, other_parts) -> UsageInfo:
-        """Usage by the tokenizer, counted in a worker thread: a long prompt or answer takes
-        milliseconds to count (8.5 ms per 20,000 words here), which must not hold the loop
-        that serves every other stream (tiktoken releases the GIL while it encodes)."""
-        messages, tools = kwargs.get("messages") or [], kwargs.get("tools")
-        text = "".join(text_parts) + "".join(other_parts)
-
-        def count() -> UsageInfo:
-            return UsageInfo(_estimate_prompt_tokens(self.model, messages, tools),
-                             _estimate_text_tokens(self.model, text), estimated=True)
-
-        return await asyncio.to_thread(count)
-
-
-_CANCEL_MSG = "llm-relay: TokenStreamer.cancel()"
-_TIMEOUT_MSG = "llm-relay: TokenStreamer deadline"
-
-
-def _min(a: float | None, b: float | None) -> float | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a if a < b else b
-
-
-def _merge_tool_delta(calls: dict[int, _ToolCallState], index: int | None,
-                      provider_id: str | None, name: str | None, args: str) -> ToolCallDelta:
-    if not isinstance(index, int):
-        index = len(calls)
-    state = calls.get(index)
-    if state is None:
-        state = _ToolCallState(index, provider_id or "call_" + secrets.token_hex(12))
-        calls[index] = state
-    if provider_id and state.provider_id is None:
-        state.provider_id = provider_id
-    if name and not state.name:
-        state.name = name
-    if args:
-        state.arguments.append(args)
-    return ToolCallDelta(index, state.provider_id or state.call_id, name or None, args)
-
-
-class _LiteLLMUpstream:
-    """LiteLLM's stream wrapper (or an injected look-alike) as an upstream of the loop in
-    ``TokenStreamer.events()``: ``next_batch()`` turns one chunk into a tuple of deltas
-    ``(reasoning, content, tool_calls, finish_reason)`` (``None`` at the end), tool calls as
-    ``(index, id, name, arguments)``.
-    """
-
-    __slots__ = ("response", "_iterator")
-
-    def __init__(self, response: Any) -> None:
-        self.response = response
-        self._iterator = response.__aiter__()
-
-    async def next_batch(self) -> tuple | None:
-        try:
-            chunk = await self._iterator.__anext__()
-        except StopAsyncIteration:
-            return None
-        choices = chunk.choices
-        if not choices:
-            return ()
-        choice = choices[0]
-        delta = choice.delta
-        if delta is None:
-            return ((None, None, None, choice.finish_reason),)
-        tool_calls = delta.tool_calls
-        if tool_calls:
-            calls = []
-            for tc in tool_calls:
-                fn = getattr(tc, "function", None)
-                calls.append((getattr(tc, "index", None), getattr(tc, "id", None) or None,
-                              getattr(fn, "name", None) if fn is not None else None,
-                              (getattr(fn, "arguments", None) if fn is not None else None) or ""))
-            tool_calls = calls
-        return ((getattr(delta, "reasoning_content", None), delta.content, tool_calls,
-                 choice.finish_reason),)
-
-    @property
-    def truncated(self) -> bool:
-        # Without a single parseable chunk, LiteLLM's wrapper still makes up a finish.
-        return getattr(self.response, "chunks", None) == []
-
-    def provider_usage(self) -> UsageInfo | None:
-        return _provider_usage(self.response)
-
-    async def aclose(self) -> None:
-        aclose = getattr(self.response, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-def _provider_usage(response: Any) -> UsageInfo | None:
-    """The provider's own usage, or ``None`` when it sent none.
-
-    LiteLLM's ``CustomStreamWrapper`` keeps a copy of every processed chunk in ``.chunks``;
-    only chunks built from a provider payload that had usage carry a usage object there.
-    The usage it emits to us at the end is computed and may be its own estimate.
-    """
-    chunks = getattr(response, "chunks", None)
-    if not chunks:
-        return None
-    prompt = completion = None
-    for chunk in chunks:
-        usage = getattr(chunk, "usage", None)
-        if usage is None:
-            continue
-        p = getattr(usage, "prompt_tokens", None)
-        c = getattr(usage, "completion_tokens", None)
-        if isinstance(p, int) and p > 0:
-            prompt = max(prompt or 0, p)
-        if isinstance(c, int) and c > 0:
-            completion = max(completion or 0, c)
-    if prompt is None and completion is None:
-        return None
-    return UsageInfo(prompt or 0, completion or 0, estimated=False)
-
-
-def _estimate_prompt_tokens(model: str, messages: list, tools: list | None) -> int:
-    try:
-        from litellm import token_counter
-
-        return int(token_counter(model=model, messages=messages, tools=tools))
-    except Exception:
-        text = " ".join(str(m.get("content") or "") for m in messages if isinstance(m, dict))
-        return max(1, len(text) // 4)
-
-
-def _estimate_text_tokens(model: str, text: str) -> int:
-    if not text:
-        return 0
-    try:
-        from litellm import token_counter
-
-        return int(token_counter(model=model, text=text, count_response_tokens=True))
-    except Exception:
-        return max(1, len(text) // 4)

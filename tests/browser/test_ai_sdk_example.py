@@ -6,9 +6,9 @@ fails these tests."""
 
 from __future__ import annotations
 
-from relay.aisdk import AI_SDK_EXAMPLE_ROOT
-from relay.demo import demo_reply_tokens
-from relay.llm import demo_handler
+from relay.runtime.aisdk import AI_SDK_EXAMPLE_ROOT
+from relay.upstream.demo import demo_reply_tokens
+from relay.upstream.llm import demo_handler
 
 from ..relay.helpers import start_relay
 

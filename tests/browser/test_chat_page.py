@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 
-from relay.demo import demo_reply_tokens
-from relay.llm import demo_handler
+from relay.upstream.demo import demo_reply_tokens
+from relay.upstream.llm import demo_handler
 
 from ..relay.helpers import start_relay
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 import contextlib
 
 from relay.app import load_models
-from relay.auth import mint_token
-from relay.llm import set_demo_tps
-from relay.providers import ModelRegistry, demo_spec
-from relay.streamer import Timeouts
+from relay.http.auth import mint_token
+from relay.upstream.llm import set_demo_tps
+from relay.upstream.providers import ModelRegistry, demo_spec
+from relay.upstream.streamer import Timeouts
 
 from ..fakes.upstream import FakeUpstream, http_error, openai_stream
 from ..relay.helpers import start_relay

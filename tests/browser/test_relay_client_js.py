@@ -1,7 +1,7 @@
 """relay-client.js in a real Chromium against a scripted fake llm-relay server.
 
 The fake server (websockets, in the test's event loop) serves relay-client.js itself (through
-relay/web.py) so the page and the module share its origin; each WebSocket path is a scenario
+relay/http/web.py) so the page and the module share its origin; each WebSocket path is a scenario
 written frame by frame: unknown frame types and fields, duplicated seq, refused starts,
 resume after a 1012 (the server side of resume lands on another branch; this pins the client
 to the spec), resume refused, no resume offered, a non-retryable close, a dead server that
@@ -18,7 +18,7 @@ from collections import defaultdict
 
 from websockets.asyncio.server import ServerConnection, serve
 
-from relay import web
+from relay.http import web
 
 from ..relay.helpers import start_relay
 
@@ -377,8 +377,8 @@ async def test_origin_check_admits_the_relay_page_and_refuses_other_origins(page
 async def test_module_api_against_the_live_relay(page):
     """The README's usage, in the page, against a real relay: stream, usage, ttft, tool
     call, `break` and cancel() both end with a cancelled finish and close the upstream."""
-    from relay.demo import demo_reply_tokens
-    from relay.llm import demo_handler
+    from relay.upstream.demo import demo_reply_tokens
+    from relay.upstream.llm import demo_handler
 
     handler = demo_handler()
     before = handler.closed_early
@@ -424,7 +424,7 @@ async def test_a_stream_taken_over_by_another_connection_rejects_done_with_its_c
     """Another connection of the same principal resumes the page's running stream: `done`
     rejects with StreamError code `stream_taken_over` (the text so far in partialText),
     instead of waiting forever; the page's connection stays open."""
-    from relay.demo import demo_reply_tokens
+    from relay.upstream.demo import demo_reply_tokens
 
     from ..relay.helpers import Client, text_of
 

@@ -17,10 +17,10 @@ import dataclasses
 import pytest
 
 from protocol import CloseCode
-from relay.auth import mint_token
-from relay.demo import demo_reply_tokens
-from relay.llm import demo_handler, set_demo_tps
-from relay.providers import ModelRegistry, demo_spec
+from relay.http.auth import mint_token
+from relay.upstream.demo import demo_reply_tokens
+from relay.upstream.llm import demo_handler, set_demo_tps
+from relay.upstream.providers import ModelRegistry, demo_spec
 
 from ..relay.helpers import start_relay
 from .test_chat_page import PANES, open_chat, page_url, send

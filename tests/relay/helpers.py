@@ -12,7 +12,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from relay.app import build_registry
 from relay.config import RelaySettings
-from relay.server import RelayServer
+from relay.runtime.server import RelayServer
 
 SUBPROTOCOL = "llm-relay.v1"
 RECV_TIMEOUT = 10.0

@@ -13,7 +13,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from relay.auth import mint_token
+from relay.http.auth import mint_token
 from tests.fakes.upstream import FakeUpstream, Usage, stream, tool_call
 
 from .helpers import RECV_TIMEOUT, eventually, start_relay
@@ -372,7 +372,7 @@ async def test_a_send_gets_the_same_decode_limits_as_a_v1_start():
 
 
 def test_the_chat_index_forgets_chats_whose_stream_left_the_hub():
-    from relay.aisdk import ChatIndex, ChatResponse
+    from relay.runtime.aisdk import ChatIndex, ChatResponse
 
     live = {"k-live"}
     index = ChatIndex(is_live=lambda key: key in live)

@@ -21,12 +21,12 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from relay.auth import mint_token
+from relay.http.auth import mint_token
 from relay.client import HandshakeFailed, RelayClient
 from relay.config import RelaySettings
-from relay.llm import set_demo_tps
-from relay.providers import ModelRegistry, demo_spec
-from relay.server import RelayServer
+from relay.upstream.llm import set_demo_tps
+from relay.upstream.providers import ModelRegistry, demo_spec
+from relay.runtime.server import RelayServer
 
 from .helpers import SUBPROTOCOL, Client, start_relay
 from .test_core import _close_of
@@ -524,7 +524,7 @@ async def test_completion_token_budget_rate_limits_principal_others_unaffected()
 
 
 def test_completion_budget_sliding_window_retry_after():
-    from relay.limits import CompletionBudget
+    from relay.core.limits import CompletionBudget
 
     now = [1000.0]
     budget = CompletionBudget(10, window=3600, clock=lambda: now[0])

@@ -14,8 +14,8 @@ from contextlib import asynccontextmanager
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from relay.demo import demo_reply_tokens
-from relay.llm import demo_handler
+from relay.upstream.demo import demo_reply_tokens
+from relay.upstream.llm import demo_handler
 
 from .helpers import SUBPROTOCOL, Client, eventually, start_relay, text_of
 
@@ -103,7 +103,7 @@ async def test_a_client_that_stops_reading_is_closed_4008_with_memory_bounded():
 
 
 def test_merged_token_frames_stay_small():
-    from relay.streamlog import MAX_MERGED_BYTES, FrameLog, coalesce
+    from relay.core.streamlog import MAX_MERGED_BYTES, FrameLog, coalesce
 
     log = FrameLog(max_bytes=1 << 30, keep=True)
     for seq in range(1, 3001):

@@ -18,8 +18,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from relay.app import load_models
-from relay.providers import ModelRegistry
-from relay.streamer import Timeouts
+from relay.upstream.providers import ModelRegistry
+from relay.upstream.streamer import Timeouts
 from tests.fakes.upstream import FakeUpstream, http_error, stream
 
 from .helpers import Client, start_relay

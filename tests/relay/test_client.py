@@ -11,8 +11,8 @@ import pytest
 
 from protocol import Finish, Started, Token, ToolCallChunk, ToolCallComplete
 from relay.client import ConnectionLost, RelayClient, StreamRejected
-from relay.demo import demo_reply_tokens
-from relay.llm import demo_handler
+from relay.upstream.demo import demo_reply_tokens
+from relay.upstream.llm import demo_handler
 
 from .helpers import start_relay
 

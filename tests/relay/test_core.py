@@ -10,8 +10,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from relay.demo import demo_reply_tokens, demo_tool_arguments
-from relay.llm import demo_handler
+from relay.upstream.demo import demo_reply_tokens, demo_tool_arguments
+from relay.upstream.llm import demo_handler
 
 from .helpers import Client, start_relay, text_of
 

@@ -8,7 +8,7 @@ byte-exact, usage and its ``estimated`` flag, finish status/reason, error codes 
 ``seq``), that the provider received the same request body, and that the upstream connection
 was closed (or not) the same way. Only what names the run is left out (stream id, alias,
 ``started.stream_key``), and consecutive token frames are compared joined, as the relay's
-writer joins them when it runs late (``relay/streamlog.py::coalesce``).
+writer joins them when it runs late (``relay/core/streamlog.py::coalesce``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import logging
 import pytest
 
 from relay.app import load_models
-from relay.providers import ModelRegistry
-from relay.streamer import Timeouts
+from relay.upstream.providers import ModelRegistry
+from relay.upstream.streamer import Timeouts
 from tests.fakes.upstream import (
     FakeUpstream, SSEEvent, Usage, http_error, stream, tool_call,
 )
@@ -429,7 +429,7 @@ def test_fast_must_be_a_boolean():
 
 async def test_path_in_startup_log_and_metrics(caplog):
     async with FakeUpstream() as up:
-        with caplog.at_level(logging.INFO, logger="relay.server"):
+        with caplog.at_level(logging.INFO, logger="relay.runtime.server"):
             async with start_relay(registry=registry_for(up)) as server:
                 async with Client.connect(server.url):
                     metrics = server.metrics.render().decode()
@@ -448,7 +448,7 @@ async def test_path_in_startup_log_and_metrics(caplog):
 
 
 def test_sse_parser_same_events_whatever_the_chunking():
-    from relay.fast_path import SSEParser
+    from relay.upstream.fast_path import SSEParser
 
     wire = (b": comment\r\nevent: ping\r\ndata: {\"type\": \"ping\"}\r\n\r\n"
             b"data: {\"a\":\n"           # two data lines: joined with a newline

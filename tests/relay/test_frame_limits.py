@@ -20,7 +20,7 @@ import logging
 import pytest
 
 from protocol import DecodeLimits
-from relay.auth import mint_token
+from relay.http.auth import mint_token
 from relay.logs import TextFormatter
 
 from .helpers import Client, start_relay
@@ -139,7 +139,7 @@ async def test_deeply_nested_json_is_bad_request_without_a_traceback(caplog, pla
     assert errors_logged(caplog) == []
 
 
-@pytest.mark.parametrize("bad_id", ["s\n2026-12-01 00:00:00,000 ERROR relay.hub: forged",
+@pytest.mark.parametrize("bad_id", ["s\n2026-12-01 00:00:00,000 ERROR relay.runtime.hub: forged",
                                     "s\r\nx", "s\x1b[2J", "s\u2028x", "s\x00"])
 async def test_stream_id_with_control_characters_is_bad_request_and_never_logged(caplog,
                                                                                    bad_id):
@@ -163,7 +163,7 @@ async def test_text_log_escapes_control_characters_in_client_chosen_strings(capl
     """A signed token's ``sub`` is the client's principal name and is logged with every
     stream: in the text log it stays on its one line, its control characters escaped."""
     caplog.set_level(logging.INFO, logger="relay")
-    sub = "alice\n2026-12-01 00:00:00,000 ERROR relay.hub: forged\x1b[2J"
+    sub = "alice\n2026-12-01 00:00:00,000 ERROR relay.runtime.hub: forged\x1b[2J"
     async with start_relay(auth=True, token_secret=SECRET) as server, \
             Client.connect(server.url, hello=False) as c:
         await c.send({"type": "hello", "token": mint_token(SECRET, sub, 300)})

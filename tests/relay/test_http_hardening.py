@@ -17,9 +17,9 @@ import pytest
 from pydantic import ValidationError
 from websockets.asyncio.client import connect
 
-from relay import web
+from relay.http import web
 from relay.config import RelaySettings
-from relay.handshake import client_address, own_origins, parse_networks
+from relay.http.handshake import client_address, own_origins, parse_networks
 
 from .helpers import SUBPROTOCOL, Client, eventually, start_relay
 from .test_core import _close_of
@@ -249,7 +249,7 @@ async def test_a_header_sent_twice_is_400_not_a_traceback(extra, caplog):
         assert status == 400 and b"more than once" in body
         assert (await exchange(p, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))[0] == 200
     no_errors_logged(caplog)
-    refusals = [r for r in caplog.records if r.name == "relay.server"
+    refusals = [r for r in caplog.records if r.name == "relay.runtime.server"
                 and r.getMessage().startswith("refused HTTP request")]
     assert len(refusals) == 1
 

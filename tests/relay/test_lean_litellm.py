@@ -2,7 +2,7 @@
 
 LiteLLM's stream wrapper rebuilds every finished stream's whole response
 (``stream_chunk_builder``) for its logging, cost and cache machinery; the relay disables that
-in its LiteLLM setup (``relay.llm._install_lean_streaming``). Proven by counting calls of the
+in its LiteLLM setup (``relay.upstream.llm._install_lean_streaming``). Proven by counting calls of the
 real assembly function during a stream through LiteLLM's real openai/ and anthropic/ code,
 not by timing."""
 
@@ -13,8 +13,8 @@ import asyncio
 import pytest
 
 from relay.app import load_models
-from relay.llm import get_litellm
-from relay.streamer import Timeouts
+from relay.upstream.llm import get_litellm
+from relay.upstream.streamer import Timeouts
 from tests.fakes.upstream import FakeUpstream, Usage, stream
 
 

@@ -9,7 +9,9 @@ import asyncio
 
 import pytest
 
-from relay.streamer import StreamEnd, Timeouts, TokenStreamer
+from relay.upstream.streamer import StreamEnd, Timeouts
+
+from relay.streamer import TokenStreamer
 
 from .test_streamer import MSGS, ScriptedResponse, chunk, scripted
 
@@ -77,7 +79,7 @@ async def test_deadlines_moved_by_every_chunk_still_fire(timeouts, reason):
 async def test_usage_estimate_is_counted_off_the_event_loop(monkeypatch):
     import threading
 
-    import relay.streamer as streamer_module
+    import relay.upstream.streamer as streamer_module
 
     threads = []
     original = streamer_module._estimate_text_tokens

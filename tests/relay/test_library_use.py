@@ -5,8 +5,9 @@ cancelled, timeout and failed alike)."""
 
 from __future__ import annotations
 
-from relay.demo import demo_reply_tokens
-from relay.streamer import StreamEnd, Timeouts, TokenStreamer
+from relay.upstream.demo import demo_reply_tokens
+from relay.upstream.streamer import StreamEnd, Timeouts
+from relay.streamer import TokenStreamer
 
 from ..fakes.upstream import FakeUpstream, openai_stream
 

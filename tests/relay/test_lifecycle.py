@@ -1,4 +1,4 @@
-"""The stream lifecycle table (relay.lifecycle), driven without sockets or an event loop.
+"""The stream lifecycle table (relay.core.lifecycle), driven without sockets or an event loop.
 
 ``EXPECTED`` restates every rule of the module's header as (state, event) -> outcome, for
 resumable relays (``detach_grace > 0``) and unresumable ones; the table must match it
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.hub import HubStream
-from relay.lifecycle import (
+from relay.runtime.hub import HubStream
+from relay.core.lifecycle import (
     TERMINAL,
     ByteBudget,
     Effect,
@@ -26,8 +26,8 @@ from relay.lifecycle import (
     legal_pairs,
     transition,
 )
-from relay.limits import PrincipalState
-from relay.streamlog import FrameLog
+from relay.core.limits import PrincipalState
+from relay.core.streamlog import FrameLog
 
 S, E, X = State, Event, Effect
 DROP = (X.DISARM_TIMER, X.RELEASE)
@@ -218,9 +218,9 @@ def test_the_budget_refuses_to_go_negative():
 
 def test_the_lifecycle_module_is_sans_io():
     """It imports only the standard library's data tools: no asyncio, no sockets, no relay."""
-    import relay.lifecycle
+    import relay.core.lifecycle
 
-    tree = ast.parse(Path(relay.lifecycle.__file__).read_text(encoding="utf-8"))
+    tree = ast.parse(Path(relay.core.lifecycle.__file__).read_text(encoding="utf-8"))
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
     imported |= {node.module for node in ast.walk(tree)

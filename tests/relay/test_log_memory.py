@@ -18,7 +18,7 @@ import orjson
 import protocol
 import relay
 from protocol import frames
-from relay.streamlog import FrameLog, coalesce
+from relay.core.streamlog import FrameLog, coalesce
 
 from .helpers import Client, eventually, start_relay
 

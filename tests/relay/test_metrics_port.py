@@ -12,7 +12,7 @@ import pytest
 
 from relay.cli import _build_parser
 from relay.config import RelaySettings
-from relay.server import RelayServer
+from relay.runtime.server import RelayServer
 
 from .helpers import Client, start_relay
 

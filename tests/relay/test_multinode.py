@@ -16,8 +16,8 @@ import uuid
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from relay.demo import demo_reply_tokens
-from relay.llm import demo_handler
+from relay.upstream.demo import demo_reply_tokens
+from relay.upstream.llm import demo_handler
 
 from ..redis_server import RedisServerProcess, redis_ping
 from .helpers import Client, eventually, start_relay, text_of

@@ -11,8 +11,8 @@ import pytest
 
 from relay.app import build_registry, load_models
 from relay.config import RelaySettings
-from relay.providers import ModelRegistry
-from relay.streamer import Timeouts
+from relay.upstream.providers import ModelRegistry
+from relay.upstream.streamer import Timeouts
 from tests.fakes.upstream import (
     FakeUpstream, Usage, http_error, stream, tool_call,
 )

@@ -1,4 +1,4 @@
-"""relay.redis_store against real Redis servers.
+"""relay.cluster.redis_store against real Redis servers.
 
 Most tests use the shared server at 127.0.0.1:6379 under a random key prefix (deleted after
 each test); a missing shared server FAILS these tests, it never skips them. Tests that need to
@@ -20,8 +20,8 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-import relay.redis_store as redis_store
-from relay.redis_store import RedisStore, StoreUnavailable, StreamMeta
+import relay.cluster.redis_store as redis_store
+from relay.cluster.redis_store import RedisStore, StoreUnavailable, StreamMeta
 
 from ..redis_server import RedisServerProcess, redis_ping
 
@@ -444,14 +444,14 @@ async def test_listener_survives_bad_messages_and_a_raising_callback(
 
 async def test_listener_resubscribes_after_restart(private: RedisServerProcess,
                                                    caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="relay.redis_store")
+    caplog.set_level(logging.DEBUG, logger="relay.cluster.redis_store")
     async with started(private.url, "t:", op_timeout=0.5) as (store, inbox):
         await store.publish({"n": 1})
         await wait_for(lambda: inbox == [{"n": 1}], "the first message")
         private.stop()
         await wait_for(lambda: store._reconnect_attempts >= 3, "several resubscribe attempts")
         warnings = [r for r in caplog.records
-                    if r.name == "relay.redis_store" and r.levelno >= logging.WARNING]
+                    if r.name == "relay.cluster.redis_store" and r.levelno >= logging.WARNING]
         assert len(warnings) == 1, [r.getMessage() for r in warnings]  # once per outage
         assert store._listener is not None and not store._listener.done()
         private.start()   # same port, empty data set
@@ -472,7 +472,7 @@ async def test_listener_resubscribes_after_restart(private: RedisServerProcess,
 
 async def test_listener_detects_a_frozen_server(private: RedisServerProcess,
                                                 caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="relay.redis_store")
+    caplog.set_level(logging.INFO, logger="relay.cluster.redis_store")
     inbox: list[dict] = []
     store = RedisStore(private.url, prefix="t:", op_timeout=0.3)
     store._idle_ping = 0.1  # idle PING period; default is far too slow for a test

@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 
 from protocol import FinishStatus
-from relay.demo import demo_reply_tokens
-from relay.llm import demo_handler
-from relay.streamer import StreamEnd, TextDelta, TokenStreamer, UsageInfo
+from relay.upstream.demo import demo_reply_tokens
+from relay.upstream.llm import demo_handler
+from relay.upstream.streamer import StreamEnd, TextDelta, UsageInfo
+from relay.streamer import TokenStreamer
 
 from .helpers import Client, eventually, start_relay, text_of
 

@@ -1,4 +1,4 @@
-"""Per-principal limits shared by two relays on a real Redis (relay.shared_limits): the
+"""Per-principal limits shared by two relays on a real Redis (relay.cluster.shared_limits): the
 stream cap (setting and token claim), the start rate and the completion token budget hold
 for the principal across relays; while Redis is down each relay falls back to its own."""
 
@@ -10,7 +10,7 @@ import logging
 import pytest
 from redis.asyncio import Redis
 
-from relay.auth import mint_token
+from relay.http.auth import mint_token
 
 from ..redis_server import RedisServerProcess
 from .helpers import Client, eventually
@@ -42,8 +42,8 @@ async def _cancel(c: Client, *ids: str) -> None:
 async def _released(*relays) -> None:
     """Every stream admitted on these relays has ended and its lease removal is in Redis."""
     for relay in relays:
-        await eventually(lambda: relay.shared_limits.leases == 0)
-        await relay.shared_limits.flush()
+        await eventually(lambda: relay.cluster.shared_limits.leases == 0)
+        await relay.cluster.shared_limits.flush()
 
 
 async def test_token_max_streams_claim_holds_across_two_relays(prefix):
@@ -170,7 +170,7 @@ async def test_redis_down_each_relay_falls_back_to_its_own_limits_and_warns_once
                 await _cancel(ca, "a1", "a2")
     finally:
         redis.close()
-    records = [r for r in caplog.records if r.name == "relay.shared_limits"]
+    records = [r for r in caplog.records if r.name == "relay.cluster.shared_limits"]
     warnings = [r for r in records if r.levelno == logging.WARNING]
     assert 1 <= len(warnings) <= 2, [r.getMessage() for r in warnings]   # one per relay
     assert len({id(r) for r in warnings}) == len(warnings)
@@ -182,10 +182,10 @@ async def test_budget_charges_leave_the_window_slot_by_slot(prefix):
     """The shared sliding window itself, with a 1.2 s window (60 slots of 20 ms) instead of
     the hour: used up -> refused with a retry_after within the window plus one slot, and
     admitted again once the charges have left it."""
-    from relay.errors import RateLimited
-    from relay.limits import CompletionBudget
-    from relay.redis_store import RedisStore
-    from relay.shared_limits import SharedLimits
+    from relay.core.errors import RateLimited
+    from relay.core.limits import CompletionBudget
+    from relay.cluster.redis_store import RedisStore
+    from relay.cluster.shared_limits import SharedLimits
 
     store = RedisStore(SHARED_REDIS, prefix=prefix)
     limits = SharedLimits(store, "node-t", lease=5, budget_window=1.2)

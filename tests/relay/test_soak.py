@@ -24,9 +24,9 @@ from websockets.asyncio.client import connect
 
 from protocol import FinishStatus
 from relay.app import load_models
-from relay.llm import demo_handler, set_demo_tps
-from relay.providers import ModelRegistry, demo_spec
-from relay.streamer import Timeouts
+from relay.upstream.llm import demo_handler, set_demo_tps
+from relay.upstream.providers import ModelRegistry, demo_spec
+from relay.upstream.streamer import Timeouts
 from tests.fakes.upstream import FakeUpstream, stream
 
 from .helpers import SUBPROTOCOL, start_relay

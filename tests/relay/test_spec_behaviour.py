@@ -15,7 +15,7 @@ import pytest
 
 import protocol
 from protocol import decode_server_frame
-from relay.demo import demo_reply_tokens
+from relay.upstream.demo import demo_reply_tokens
 
 from .helpers import Client, start_relay
 from .test_core import SEARCH_TOOL

@@ -9,9 +9,16 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from relay.streamer import (
-    ReasoningDelta, StreamEnd, TextDelta, Timeouts, TokenStreamer, ToolCallDelta, ToolCallDone,
+from relay.upstream.streamer import (
+    ReasoningDelta,
+    StreamEnd,
+    TextDelta,
+    Timeouts,
+    ToolCallDelta,
+    ToolCallDone,
 )
+
+from relay.streamer import TokenStreamer
 
 
 def chunk(content=None, *, reasoning=None, tool_calls=None, finish=None, usage=None):

@@ -15,9 +15,9 @@ from .test_limits import ROOT, _env
 # and after the warm-up?
 _PROBE = r"""
 import asyncio, gc, json, sys
-from relay.llm import get_litellm, set_demo_tps
+from relay.upstream.llm import get_litellm, set_demo_tps
 from relay.streamer import TokenStreamer
-from relay.warmup import start_warm_up
+from relay.runtime.warmup import start_warm_up
 
 get_litellm()
 set_demo_tps(0)
@@ -60,7 +60,7 @@ def test_relay_serve_warms_up_at_startup():
     try:
         assert "listening on" in proc.stdout.readline()
         for line in proc.stderr:
-            if "relay.warmup" in line:
+            if "relay.runtime.warmup" in line:
                 assert "LiteLLM warmed up" in line, line
                 break
         else:

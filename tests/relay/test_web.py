@@ -1,4 +1,4 @@
-"""The relay's static route for the browser chat page (relay/web.py): content types,
+"""The relay's static route for the browser chat page (relay/http/web.py): content types,
 Cache-Control, and nothing outside client_demo/web/ (path traversal, hidden files,
 unknown extensions, directories and symlinks all answer 404)."""
 
@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from relay import web
+from relay.http import web
 
 from .helpers import start_relay
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.demo import demo_reply_tokens
+from relay.upstream.demo import demo_reply_tokens
 
 from .helpers import Client, eventually, text_of
 from .test_limits import ROOT, _env

@@ -22,7 +22,7 @@ __all__ = ["DEMO_MODEL", "DEMO_PROVIDER", "acompletion", "begin_relay_stream",
 
 DEMO_PROVIDER = "llm-relay-demo"
 # The embedded demo model's LiteLLM model string. Library users may just say "demo"
-# (TokenStreamer and the TOML config translate it).
+# (EventStreamer and the TOML config translate it).
 DEMO_MODEL = f"{DEMO_PROVIDER}/demo"
 
 _lock = threading.Lock()
@@ -41,7 +41,7 @@ def get_litellm() -> Any:
             os.environ.setdefault("LITELLM_LOG", "ERROR")
             import litellm
 
-            from .demo import DemoLLM
+            from relay.upstream.demo import DemoLLM
 
             litellm.telemetry = False
             litellm.suppress_debug_info = True

@@ -48,22 +48,22 @@ from protocol.aisdk import (
     to_chat_messages,
 )
 
-from .auth import AuthError
-from .errors import RelayError, StreamLost, UnknownStream
-from .redis_store import StoreUnavailable
-from .replication import Replicator, StoreUnavailableError
-from .hub import Attachment
-from .session import Session, close_reason
-from .streamlog import LogEntry
+from relay.http.auth import AuthError
+from relay.core.errors import RelayError, StreamLost, UnknownStream
+from relay.cluster.redis_store import StoreUnavailable
+from relay.cluster.replication import Replicator, StoreUnavailableError
+from relay.runtime.hub import Attachment
+from relay.runtime.session import Session, close_reason
+from relay.core.streamlog import LogEntry
 
 __all__ = ["AI_SDK_EXAMPLE_PATH", "AI_SDK_EXAMPLE_ROOT", "AI_SDK_PATH", "AiSdkSession", "ChatIndex"]
 
-logger = logging.getLogger("relay.aisdk")
+logger = logging.getLogger("relay.runtime.aisdk")
 
 AI_SDK_PATH = "/ai-sdk"
 #: Where the relay serves the useChat example page (client_demo/ai-sdk/, once built).
 AI_SDK_EXAMPLE_PATH = "/examples/ai-sdk/"
-AI_SDK_EXAMPLE_ROOT = Path(__file__).resolve().parent.parent / "client_demo" / "ai-sdk"
+AI_SDK_EXAMPLE_ROOT = Path(__file__).resolve().parents[2] / "client_demo" / "ai-sdk"
 
 #: Close code for a frame that cannot be answered (RFC 6455 policy violation).
 _POLICY_VIOLATION = 1008

@@ -551,7 +551,7 @@ class RedisStore:
         return f"{self.prefix}aisdk-chat:{digest}"
 
     async def set_chat(self, principal: str, chat_id: str, value: str, *, ttl: float) -> None:
-        """Record the latest response of an AI SDK chat (relay.aisdk.ChatIndex)."""
+        """Record the latest response of an AI SDK chat (relay.runtime.aisdk.ChatIndex)."""
         ms = _ms(ttl)
         await self._run("set_chat", lambda: self._cmd.set(
             self._chat_key(principal, chat_id), value, px=ms))

@@ -1,6 +1,6 @@
 """Per-principal limits shared by the relays of a group on Redis (``--redis``).
 
-Without Redis each limit of relay.limits lives in one process, so a principal talking to N
+Without Redis each limit of relay.core.limits lives in one process, so a principal talking to N
 relays got each limit N times. With ``--redis``, ``Session`` calls :meth:`SharedLimits.admit`
 at every ``start`` that passed the local checks, right before the stream is launched. One
 atomic Lua script then checks, in this order, for the principal:
@@ -62,16 +62,16 @@ import itertools
 import logging
 from typing import TYPE_CHECKING
 
-from .errors import RateLimited, TooManyStreams
-from .redis_store import StoreUnavailable
+from relay.core.errors import RateLimited, TooManyStreams
+from relay.cluster.redis_store import StoreUnavailable
 
 if TYPE_CHECKING:
-    from .limits import CompletionBudget, TokenBucket
-    from .redis_store import RedisStore
+    from relay.core.limits import CompletionBudget, TokenBucket
+    from relay.cluster.redis_store import RedisStore
 
 __all__ = ["SharedLimits", "SharedStream"]
 
-logger = logging.getLogger("relay.shared_limits")
+logger = logging.getLogger("relay.cluster.shared_limits")
 
 # Charges of the next 0.1 s go out in one write (token rates are far above 10/s).
 _FLUSH_INTERVAL = 0.1

@@ -22,7 +22,7 @@ import http
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from .metrics import CONTENT_TYPE_LATEST, RelayMetrics
+from relay.metrics import CONTENT_TYPE_LATEST, RelayMetrics
 
 __all__ = ["MetricsHTTPServer", "metrics_response"]
 

@@ -9,12 +9,12 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import BadRequest, UnknownModel
-from .llm import DEMO_PROVIDER
-from .streamer import CompletionFn, Timeouts, TokenStreamer
+from relay.core.errors import BadRequest, UnknownModel
+from relay.upstream.llm import DEMO_PROVIDER
+from relay.upstream.streamer import CompletionFn, EventStreamer, Timeouts
 
 if TYPE_CHECKING:
-    from .fast_path import PathChoice
+    from relay.upstream.fast_path import PathChoice
 
 __all__ = ["DEMO_ALIAS", "ModelRegistry", "ModelSpec"]
 
@@ -27,7 +27,7 @@ class ModelSpec:
     itself is read when a stream starts and never stored in config, frames or logs.
 
     ``fast`` (default true) lets the alias use the fast path when its provider streams an
-    OpenAI- or Anthropic-format SSE (``relay/fast_path.py``); ``path`` says what was chosen.
+    OpenAI- or Anthropic-format SSE (``relay/upstream/fast_path.py``); ``path`` says what was chosen.
     """
 
     alias: str
@@ -44,7 +44,7 @@ class ModelSpec:
     @functools.cached_property
     def path(self) -> PathChoice:
         """The streaming path of this alias (decided once; imports LiteLLM)."""
-        from .fast_path import PathChoice, select_route
+        from relay.upstream.fast_path import PathChoice, select_route
 
         if self.model.startswith(f"{DEMO_PROVIDER}/"):
             return PathChoice("litellm", "the embedded demo model is a LiteLLM custom provider")
@@ -66,13 +66,13 @@ class ModelSpec:
                 )
         return params
 
-    def streamer(self, completion: CompletionFn | None = None) -> TokenStreamer:
+    def streamer(self, completion: CompletionFn | None = None) -> EventStreamer:
         api_key = os.environ.get(self.api_key_env) if self.api_key_env else None
         if api_key is None and self.api_base is not None:
             # Local OpenAI-compatible servers (vLLM, llama.cpp, Ollama) need no key, but the
             # OpenAI SDK insists on one.
             api_key = "unused"
-        return TokenStreamer(
+        return EventStreamer(
             self.model,
             api_key=api_key,
             base_url=self.api_base,

@@ -27,7 +27,7 @@ What LiteLLM still does (its provider knowledge, once per stream, never per chun
 
 What the relay does: one shared ``httpx.AsyncClient`` per event loop, ``SSEParser`` (bytes in,
 ``(event, data)`` out), ``orjson``, and a decoder per format that yields the deltas
-``TokenStreamer.events()`` consumes: ``(reasoning, content, tool_calls, finish_reason)`` with
+``EventStreamer.events()`` consumes: ``(reasoning, content, tool_calls, finish_reason)`` with
 tool calls as ``(index, id, name, arguments)``. Timers, cancel (``aclose`` of the response),
 usage decisions and estimates are the streamer's, shared with the LiteLLM path.
 
@@ -45,7 +45,7 @@ from typing import Any
 
 import orjson
 
-from .streamer import UsageInfo
+from relay.upstream.streamer import UsageInfo
 
 __all__ = [
     "ANTHROPIC_FORMAT_PROVIDERS",
@@ -66,7 +66,7 @@ OPENAI_FORMAT_PROVIDERS = frozenset({
 #: LiteLLM providers that stream Anthropic Messages SSE.
 ANTHROPIC_FORMAT_PROVIDERS = frozenset({"anthropic"})
 
-# kwargs of a TokenStreamer request that are not model parameters
+# kwargs of a EventStreamer request that are not model parameters
 _NOT_PARAMS = frozenset({"model", "messages", "api_key", "api_base", "num_retries"})
 
 
@@ -86,7 +86,7 @@ def select_route(model: str, api_base: str | None, *, fast: bool = True,
         return PathChoice("litellm", "fast = false in the alias config")
     if extra:
         return PathChoice("litellm", "extra LiteLLM arguments configured")
-    from .llm import get_litellm
+    from relay.upstream.llm import get_litellm
 
     litellm = get_litellm()
     try:
@@ -376,7 +376,7 @@ class _AnthropicDecoder:
 
 
 class _FastStream:
-    """One open provider response, read by ``TokenStreamer.events()``.
+    """One open provider response, read by ``EventStreamer.events()``.
 
     ``next_batch()`` reads the network until the events that arrived carry at least one delta
     and returns them, or ``None`` at the end of the stream. Events without a delta (Anthropic
@@ -469,7 +469,7 @@ def _http_client():
     loop = asyncio.get_running_loop()
     client = _clients.get(loop)
     if client is None or client.is_closed:
-        from .llm import get_litellm
+        from relay.upstream.llm import get_litellm
 
         timeout = float(getattr(get_litellm(), "request_timeout", 600) or 600)
         client = httpx.AsyncClient(
@@ -517,7 +517,7 @@ class FastRoute:
     def build_request(self, kwargs: dict[str, Any]) -> tuple[str, dict, bytes, Any]:
         """URL, headers, JSON body and a fresh decoder for one request, built by LiteLLM's
         provider code the way its own handler for this provider builds them."""
-        from .llm import get_litellm
+        from relay.upstream.llm import get_litellm
 
         litellm = get_litellm()
         _name, _provider, dynamic_key, dynamic_base = litellm.get_llm_provider(

@@ -35,16 +35,16 @@ import orjson
 
 from protocol import ErrorCode, FinishReason
 
-from .config import RelaySettings
-from .errors import BadRequest, RelayError, StreamLost, UnknownStream
-from .hub import HubStream, StreamHub
-from .limits import PrincipalState
-from .redis_store import RedisStore, StoreUnavailable
-from .streamlog import FrameLog
+from relay.config import RelaySettings
+from relay.core.errors import BadRequest, RelayError, StreamLost, UnknownStream
+from relay.runtime.hub import HubStream, StreamHub
+from relay.core.limits import PrincipalState
+from relay.cluster.redis_store import RedisStore, StoreUnavailable
+from relay.core.streamlog import FrameLog
 
 __all__ = ["Replicator", "StoreUnavailableError"]
 
-logger = logging.getLogger("relay.replication")
+logger = logging.getLogger("relay.cluster.replication")
 
 # A stream's owner key lives ``redis_owner_ttl`` seconds (6 by default) and the owner's
 # heartbeat refreshes it three times per TTL. Its meta and log live ``max(owner_ttl,

@@ -51,14 +51,14 @@ if TYPE_CHECKING:
 
     from protocol import Hello
 
-    from .limits import PrincipalState, Principals
+    from relay.core.limits import PrincipalState, Principals
 
 __all__ = [
     "AuthError", "Authenticator", "Credentials", "address_principal", "api_key_label",
     "hash_api_key", "mint_token", "token_principal",
 ]
 
-logger = logging.getLogger("relay.auth")
+logger = logging.getLogger("relay.http.auth")
 
 
 class AuthSettings(Protocol):

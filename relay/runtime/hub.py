@@ -1,11 +1,11 @@
 """Streams beyond their connection: the relay-wide table of running and resumable streams.
 
 Each accepted ``start`` becomes a ``HubStream``: one supervised task (``_produce``) that
-drives the ``TokenStreamer`` and appends every frame to the stream's ``FrameLog``. A
+drives the ``EventStreamer`` and appends every frame to the stream's ``FrameLog``. A
 connection *attaches* to a stream (``Session`` holds an ``Attachment``: the id it uses and a
 cursor into the log) and its writer sends what the log holds past the cursor.
 
-Lifecycle rules (PROTOCOL.md, "Resume"; as a transition table in ``relay.lifecycle``, whose
+Lifecycle rules (PROTOCOL.md, "Resume"; as a transition table in ``relay.core.lifecycle``, whose
 effects the hub carries out in ``_apply``):
 
 * a connection that closes *detaches* its streams. With ``detach_grace == 0`` a detached
@@ -23,7 +23,7 @@ effects the hub carries out in ``_apply``):
 Ports: the hub imports neither the connections nor the replication; it defines what it needs
 from them (``Subscriber``: a connection it notifies about its attachments; ``StreamSource``:
 what produces a stream's frames, a local upstream call or a follower of a stream running on
-another relay; ``ReplicationHook``: the Redis side, ``relay.replication.Replicator``) and they
+another relay; ``ReplicationHook``: the Redis side, ``relay.cluster.replication.Replicator``) and they
 implement it.
 
 Everything here runs on the event loop thread; no locks.
@@ -42,28 +42,28 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from protocol import ErrorCode, FinishReason, frames
 
-from .config import RelaySettings
-from .errors import BadRequest, StreamLost, UnknownStream
-from .lifecycle import ByteBudget, Effect, Event, State, Timer, transition
-from .limits import PrincipalState
-from .metrics import RelayMetrics
-from .streamer import (
+from relay.config import RelaySettings
+from relay.core.errors import BadRequest, StreamLost, UnknownStream
+from relay.core.lifecycle import ByteBudget, Effect, Event, State, Timer, transition
+from relay.core.limits import PrincipalState
+from relay.metrics import RelayMetrics
+from relay.upstream.streamer import (
+    EventStreamer,
     ReasoningDelta,
     StreamEnd,
     TextDelta,
-    TokenStreamer,
     ToolCallDelta,
     ToolCallDone,
 )
-from .streamlog import FrameLog
+from relay.core.streamlog import FrameLog
 
 if TYPE_CHECKING:
-    from .shared_limits import SharedLimits, SharedStream
+    from relay.cluster.shared_limits import SharedLimits, SharedStream
 
 __all__ = ["Attachment", "HubStream", "ReplicationHook", "StreamHub", "StreamSource",
            "Subscriber", "finish_frame"]
 
-logger = logging.getLogger("relay.hub")
+logger = logging.getLogger("relay.runtime.hub")
 
 # Time a stream task gets to end by itself after cancel() before it is cancelled hard.
 _STOP_GRACE = 5.0
@@ -71,8 +71,8 @@ _STOP_GRACE = 5.0
 
 class StreamSource(Protocol):
     """What produces a stream's frames, as far as the hub is concerned: something it can
-    stop. A local stream's source is its ``TokenStreamer`` (the upstream call, driven by the
-    hub's ``_produce`` task); a remote one's is ``relay.replication``'s handle on the stream
+    stop. A local stream's source is its ``EventStreamer`` (the upstream call, driven by the
+    hub's ``_produce`` task); a remote one's is ``relay.cluster.replication``'s handle on the stream
     running on another relay (its task follows it in Redis)."""
 
     #: Set once ``cancel`` took effect (nothing but the finish follows).
@@ -83,7 +83,7 @@ class StreamSource(Protocol):
 
 
 class Subscriber(Protocol):
-    """A connection that holds attachments of the hub's streams (``relay.session.Session``).
+    """A connection that holds attachments of the hub's streams (``relay.runtime.session.Session``).
     The hub tells it when one of them ends without its ``finish`` reaching it; each method
     also detaches ``att`` from the hub (``StreamHub.detach``, a no-op once the stream is
     attached elsewhere)."""
@@ -98,7 +98,7 @@ class Subscriber(Protocol):
 
 
 class ReplicationHook(Protocol):
-    """The hub's side of relays sharing Redis (``relay.replication.Replicator``)."""
+    """The hub's side of relays sharing Redis (``relay.cluster.replication.Replicator``)."""
 
     def mirror(self, stream: HubStream) -> None:
         """Start copying a local stream's log to Redis (at launch)."""
@@ -135,7 +135,7 @@ class Attachment:
 @dataclass(eq=False)
 class HubStream:
     """One stream in the hub: its identity, its source, its log, its lifecycle ``state``
-    (``relay.lifecycle``; only ``StreamHub._apply`` changes it) and its one timer. The
+    (``relay.core.lifecycle``; only ``StreamHub._apply`` changes it) and its one timer. The
     record owns its byte accounting: from the moment it enters the hub's table until it
     leaves it, every change of its log's bytes is charged to the hub's ``ByteBudget``
     through ``append``/``trim_through``, and ``release`` gives back exactly what it
@@ -149,7 +149,7 @@ class HubStream:
     source: StreamSource
     log: FrameLog
     principal_state: PrincipalState
-    #: A stream running on another relay, followed from Redis (see relay.replication).
+    #: A stream running on another relay, followed from Redis (see relay.cluster.replication).
     remote: bool = False
     task: asyncio.Task | None = None
     attachment: Attachment | None = None
@@ -163,7 +163,7 @@ class HubStream:
     timer_kind: Timer | None = None
     #: Its log is being mirrored to Redis (resumable on other relays).
     replicated: bool = False
-    #: Its share of the group's per-principal limits (relays on Redis; relay.shared_limits).
+    #: Its share of the group's per-principal limits (relays on Redis; relay.cluster.shared_limits).
     shared: SharedStream | None = None
     #: The budget its log is charged to while it is in the hub's table, and how much.
     budget: ByteBudget | None = None
@@ -272,7 +272,7 @@ class StreamHub:
     # ------------------------------------------------------------------ start
 
     def launch(self, *, id: str, alias: str, principal: str, session_id: str,
-               principal_state: PrincipalState, streamer: TokenStreamer,
+               principal_state: PrincipalState, streamer: EventStreamer,
                request: dict[str, Any], shared: SharedStream | None = None) -> HubStream:
         """Create the stream and its task. ``request`` holds the streamer's ``events()``
         arguments; ``shared``: its admission to the group's limits (charged per streamed
@@ -380,7 +380,7 @@ class StreamHub:
 
     def _apply(self, stream: HubStream, event: Event, *, reason: str = FinishReason.CLIENT_CANCEL,
                previous: Attachment | None = None, code: str = "", message: str = "") -> None:
-        """Move ``stream`` by ``event`` (relay.lifecycle) and carry out the effects."""
+        """Move ``stream`` by ``event`` (relay.core.lifecycle) and carry out the effects."""
         outcome = transition(stream.state, event, self.grace > 0)
         stream.state = outcome.state
         for effect in outcome.effects:
@@ -479,7 +479,7 @@ class StreamHub:
         if self._on_stream_end is not None:
             self._on_stream_end(stream)
 
-    async def _produce(self, stream: HubStream, streamer: TokenStreamer,
+    async def _produce(self, stream: HubStream, streamer: EventStreamer,
                        request: dict[str, Any]) -> None:
         sid = stream.id
         metrics = self.metrics

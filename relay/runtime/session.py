@@ -55,26 +55,26 @@ from protocol import (
     frames,
 )
 
-from .auth import Authenticator, Credentials
-from .config import RelaySettings
-from .errors import (
+from relay.http.auth import Authenticator, Credentials
+from relay.config import RelaySettings
+from relay.core.errors import (
     BadRequest, Draining, DuplicateId, RateLimited, RelayError, TooManyStreams, UnknownModel,
     UnknownStream,
 )
-from .hub import Attachment, HubStream, StreamHub
-from .limits import PrincipalState, TokenBucket
-from .metrics import RelayMetrics
-from .providers import ModelRegistry, ModelSpec
-from .shared_limits import SharedStream
-from .streamer import TokenStreamer
-from .streamlog import LogEntry, coalesce
+from relay.runtime.hub import Attachment, HubStream, StreamHub
+from relay.core.limits import PrincipalState, TokenBucket
+from relay.metrics import RelayMetrics
+from relay.upstream.providers import ModelRegistry, ModelSpec
+from relay.cluster.shared_limits import SharedStream
+from relay.upstream.streamer import EventStreamer
+from relay.core.streamlog import LogEntry, coalesce
 
 __all__ = ["Attachment", "Session", "StreamerFactory"]
 
-logger = logging.getLogger("relay.session")
+logger = logging.getLogger("relay.runtime.session")
 
 #: Builds the streamer for a start; tests inject scripted ones.
-StreamerFactory = Callable[[ModelSpec], TokenStreamer]
+StreamerFactory = Callable[[ModelSpec], EventStreamer]
 
 # How long a close we initiate may take before the socket is dropped.
 _CLOSE_TIMEOUT = 2.0
@@ -406,7 +406,7 @@ class Session:
     # ------------------------------------------------------------------ auth and budget
 
     async def _admit(self, hello: Hello) -> bool:
-        """Handshake hook, after ``hello``: with auth on, authenticate (relay.auth) and act
+        """Handshake hook, after ``hello``: with auth on, authenticate (relay.http.auth) and act
         for the authenticated principal from now on; False when the connection was closed
         (4401 missing/invalid/expired credentials, 4429 principal's connection limit)."""
         if self._auth is None:
@@ -460,7 +460,7 @@ class Session:
     async def _admit_shared(self) -> SharedStream | None:
         """With relays on Redis, the last check of a ``start``: the principal's stream cap
         (the setting, lowered by a token's ``max_streams``), start rate and token budget
-        across every relay of the group (relay.shared_limits; raises its refusal). None
+        across every relay of the group (relay.cluster.shared_limits; raises its refusal). None
         without Redis."""
         shared = self.hub.shared_limits
         if shared is None:
@@ -576,7 +576,7 @@ class Session:
     def _encode_entries(self, att: Attachment, entries: list[LogEntry]) -> Iterable[bytes]:
         """The bytes to send for ``entries`` of ``att``'s stream (v1: merged tokens,
         re-addressed to the attachment's id). Other protocols on the same streams override
-        it (relay.aisdk)."""
+        it (relay.runtime.aisdk)."""
         stream = att.stream
         # A local stream's frames all carry its id; a followed one's come from elsewhere.
         return coalesce(entries, att.id, None if stream.remote else stream.id)

@@ -29,7 +29,7 @@ from websockets.http11 import Response
 
 __all__ = ["WEB_ROOT", "CONTENT_TYPES", "respond"]
 
-WEB_ROOT = Path(__file__).resolve().parent.parent / "client_demo" / "web"
+WEB_ROOT = Path(__file__).resolve().parents[2] / "client_demo" / "web"
 
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",

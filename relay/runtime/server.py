@@ -22,24 +22,24 @@ from websockets.http11 import Request, Response
 
 from protocol import SUPPORTED_VERSIONS, CloseCode, FinishReason
 
-from . import web
-from .aisdk import AI_SDK_EXAMPLE_PATH, AI_SDK_EXAMPLE_ROOT, AI_SDK_PATH, AiSdkSession, ChatIndex
-from .auth import AuthError, Authenticator, address_principal
-from .handshake import (OriginPolicy, RelayConnection, client_address, own_origins,
+from relay.http import web
+from relay.runtime.aisdk import AI_SDK_EXAMPLE_PATH, AI_SDK_EXAMPLE_ROOT, AI_SDK_PATH, AiSdkSession, ChatIndex
+from relay.http.auth import AuthError, Authenticator, address_principal
+from relay.http.handshake import (OriginPolicy, RelayConnection, client_address, own_origins,
                         parse_networks, repeated_header)
-from .config import RelaySettings
-from .hub import StreamHub
-from .replication import Replicator
-from .limits import PendingConnections, Principals, start_rate_limit
-from .metrics import CONTENT_TYPE_LATEST, RelayMetrics
-from .metrics_http import MetricsHTTPServer
-from .providers import ModelRegistry
-from .session import Session, StreamerFactory
-from .shared_limits import SharedLimits
+from relay.config import RelaySettings
+from relay.runtime.hub import StreamHub
+from relay.cluster.replication import Replicator
+from relay.core.limits import PendingConnections, Principals, start_rate_limit
+from relay.metrics import CONTENT_TYPE_LATEST, RelayMetrics
+from relay.http.metrics_http import MetricsHTTPServer
+from relay.upstream.providers import ModelRegistry
+from relay.runtime.session import Session, StreamerFactory
+from relay.cluster.shared_limits import SharedLimits
 
 __all__ = ["RelayServer", "WS_PATH"]
 
-logger = logging.getLogger("relay.server")
+logger = logging.getLogger("relay.runtime.server")
 
 WS_PATH = "/ws"
 
@@ -64,7 +64,7 @@ class RelayServer:
         metrics_host: str | None = None,
     ) -> None:
         """``reuse_port``: bind with SO_REUSEPORT, so several worker processes share the
-        port (relay.workers). ``metrics_host``: interface of the separate ``/metrics``
+        port (relay.runtime.workers). ``metrics_host``: interface of the separate ``/metrics``
         server (default: ``settings.host``)."""
         self.settings = settings or RelaySettings()
         self._reuse_port = reuse_port
@@ -279,7 +279,7 @@ class RelayServer:
                     return found
             return _text(connection, http.HTTPStatus.NOT_FOUND, "not found\n")
         if path not in (WS_PATH, AI_SDK_PATH):
-            # The browser chat page (client_demo/web/), static files only; see relay/web.py.
+            # The browser chat page (client_demo/web/), static files only; see relay/http/web.py.
             return web.respond(connection, path) or _text(
                 connection, http.HTTPStatus.NOT_FOUND, "not found\n")
         if self.draining:
@@ -309,13 +309,13 @@ class RelayServer:
         """Browsers always send Origin; servers, agents and IDE plugins usually do not and
         are not restricted by it. Default: only the relay's own origins (its demo page),
         which come from ``public_url`` or the listen address, never from the request's
-        ``Host`` (DNS rebinding); see relay/handshake.py."""
+        ``Host`` (DNS rebinding); see relay/http/handshake.py."""
         assert self.origins is not None, "server not started"
         return self.origins.allows(origin)
 
     def _principal_of(self, ws: ServerConnection) -> str:
         """The client's address: the peer, or from a trusted proxy the rightmost
-        X-Forwarded-For entry that is not a trusted proxy (relay/handshake.py)."""
+        X-Forwarded-For entry that is not a trusted proxy (relay/http/handshake.py)."""
         peer = ws.remote_address[0] if ws.remote_address else None
         forwarded = ws.request.headers.get_all("X-Forwarded-For") if ws.request else []
         return client_address(peer, forwarded, self._trusted_proxies)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["WarmUp", "start_warm_up", "warm_up"]
 
-logger = logging.getLogger("relay.warmup")
+logger = logging.getLogger("relay.runtime.warmup")
 
 _PROMPT = [{"role": "user", "content": "warm up"}]
 
@@ -53,7 +53,7 @@ class WarmUp:
 def warm_up() -> float:
     """Load LiteLLM's lazy parts in the calling thread (it must not be running an event
     loop). Returns the seconds it took; raises what LiteLLM raised."""
-    from .llm import DEMO_PROVIDER, get_litellm
+    from relay.upstream.llm import DEMO_PROVIDER, get_litellm
 
     started = time.perf_counter()
     litellm = get_litellm()

@@ -5,7 +5,7 @@ One relay process is one event loop on one core. The supervisor (this module, th
 (``python -m relay serve --worker-index I``) that each bind the same port with
 SO_REUSEPORT, so the kernel spreads new connections over them. A stream lives in the worker
 that accepted its ``start``; since a reconnect may land on any worker, workers need
-``--redis``: through it they share streams (relay.replication), so ``resume`` and
+``--redis``: through it they share streams (relay.cluster.replication), so ``resume`` and
 ``cancel`` work whichever worker a connection lands on. Without ``--redis`` more than one
 worker is refused (exit 2).
 
@@ -53,7 +53,7 @@ from typing import Any
 __all__ = ["READY_PREFIX", "Supervisor", "parse_workers", "settings_environment",
            "worker_ready_line"]
 
-logger = logging.getLogger("relay.workers")
+logger = logging.getLogger("relay.runtime.workers")
 
 #: A worker announces it listens with this prefix and a JSON object on one stdout line.
 READY_PREFIX = "llm-relay-worker "

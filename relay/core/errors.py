@@ -13,7 +13,7 @@ exceptions.
       RateLimited                        rate_limited (with retry_after)
 
 Provider failures are not exceptions at this level: the streamer ends the stream with a
-``finish`` whose error comes from ``relay.upstream_errors``.
+``finish`` whose error comes from ``relay.upstream.errors``.
 """
 
 from __future__ import annotations

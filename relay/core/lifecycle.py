@@ -2,7 +2,7 @@
 
 This module owns the rules of PROTOCOL.md "Resume" as data. It imports nothing of the event
 loop: ``transition(state, event, resumable)`` returns the new state and the *effects* the hub
-(``relay.hub.StreamHub``) carries out (cancel the upstream call, arm or disarm the stream's
+(``relay.runtime.hub.StreamHub``) carries out (cancel the upstream call, arm or disarm the stream's
 one named timer, notify an attachment, give the stream's bytes back). ``ByteBudget`` is the
 relay-wide count of bytes the streams' logs hold, charged only by the stream records
 (``HubStream.append``/``trim_through``/``release``), so it is right by construction.

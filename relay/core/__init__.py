@@ -1,0 +1,9 @@
+"""The sans-I/O cores of the relay: decisions and data structures with no sockets, no event
+loop, no LiteLLM and no Redis (tests/test_import_cycles.py checks that nothing here imports
+them). Each is driven by the asyncio glue in ``relay.runtime``.
+
+- ``lifecycle``: a stream's states and the one transition table the hub carries out;
+- ``streamlog``: a stream's compact frame log (the only buffer between producer and readers);
+- ``limits``: token buckets and per-principal accounting;
+- ``errors``: the relay's own refusals, each carrying its wire code.
+"""

@@ -1,0 +1,10 @@
+"""Adapters to LLM providers: everything that knows a provider exists.
+
+- ``streamer``: ``EventStreamer``, one completion as typed events (timers, cancel, tool-call
+  assembly, usage) over either upstream below;
+- ``fast_path``: reads OpenAI- and Anthropic-format SSE directly (httpx + orjson);
+- ``llm``: LiteLLM, imported once and configured for a relay (the path for every provider);
+- ``providers``: model aliases -> how and with which credentials to call;
+- ``errors``: provider exceptions -> safe wire error codes (the one place);
+- ``demo``: the embedded ``demo`` model (a LiteLLM custom provider, no network).
+"""
