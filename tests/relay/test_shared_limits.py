@@ -42,8 +42,8 @@ async def _cancel(c: Client, *ids: str) -> None:
 async def _released(*relays) -> None:
     """Every stream admitted on these relays has ended and its lease removal is in Redis."""
     for relay in relays:
-        await eventually(lambda: relay.cluster.shared_limits.leases == 0)
-        await relay.cluster.shared_limits.flush()
+        await eventually(lambda: relay.shared_limits.leases == 0)
+        await relay.shared_limits.flush()
 
 
 async def test_token_max_streams_claim_holds_across_two_relays(prefix):
