@@ -45,8 +45,8 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from . import frames
 from .codes import ErrorCode
+from .frames import error as _error_frame
 from .messages import (
     ADDRESSED_CLIENT_FRAME_TYPES, ALLOWED_PARAMS, CLIENT_FRAME_TYPES, RELAY_OPS,
     SERVER_FRAME_TYPES, ClientMessage, RelayMessage, ServerMessage,
@@ -117,7 +117,7 @@ class FrameError(ValueError):
         self.id = id
 
     def frame(self) -> dict[str, Any]:
-        return frames.error(self.code, self.message, ref=self.ref, id=self.id)
+        return _error_frame(self.code, self.message, ref=self.ref, id=self.id)
 
 
 def decode_client_frame(data: str | bytes, limits: DecodeLimits = _DEFAULT_LIMITS) -> Any:

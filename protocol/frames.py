@@ -20,13 +20,12 @@ chunk), client -> server, relay -> relay.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
     # server -> client
     "error", "error_info", "finish", "pong", "readdressed", "reasoning", "resumed", "started",
-    "token", "tool_call_chunk", "tool_call_complete", "usage", "welcome",
+    "limits", "token", "tool_call_chunk", "tool_call_complete", "usage", "welcome",
     # client -> server
     "cancel", "client_info", "hello", "ping", "resume", "start",
     # relay -> relay
@@ -36,7 +35,14 @@ __all__ = [
 # ---------------------------------------------------------------- server -> client
 
 
+def limits(max_streams: int, max_frame_bytes: int, detach_grace: float) -> dict:
+    """The ``limits`` object of ``welcome`` (``protocol.Limits``)."""
+    return {"max_streams": max_streams, "max_frame_bytes": max_frame_bytes,
+            "detach_grace": detach_grace}
+
+
 def welcome(session_id: str, models: list[str], limits: dict[str, Any], protocol: str) -> dict:
+    """``limits`` from :func:`limits` (a relay may add keys; clients ignore unknown ones)."""
     return {"type": "welcome", "protocol": protocol, "session_id": session_id,
             "models": models, "limits": limits}
 
@@ -147,14 +153,15 @@ def hello(token: str | None = None, client: dict | None = None) -> dict:
 
 
 def start(
-    id: str, model: str, messages: Sequence[Any], *, tools: Sequence[Any] | None = None,
+    id: str, model: str, messages: list[Any], *, tools: list[Any] | None = None,
     tool_choice: Any = None, params: dict | None = None,
 ) -> dict:
-    """Begin stream ``id``. ``params``: sampling parameters (the relay's allowlist)."""
-    frame: dict[str, Any] = {"type": "start", "id": id, "model": model,
-                             "messages": list(messages)}
+    """Begin stream ``id``. ``params``: sampling parameters (the relay's allowlist). Values
+    go in as given (the relay validates what it receives; a wrong type must reach it as
+    sent, so the builder converts nothing)."""
+    frame: dict[str, Any] = {"type": "start", "id": id, "model": model, "messages": messages}
     if tools is not None:
-        frame["tools"] = list(tools)
+        frame["tools"] = tools
     if tool_choice is not None:
         frame["tool_choice"] = tool_choice
     if params is not None:

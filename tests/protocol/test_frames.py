@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
 
 USAGE = frames.usage(12, 30, False)
-LIMITS = {"max_streams": 8, "max_frame_bytes": 1 << 20, "detach_grace": 15.0}
+LIMITS = frames.limits(8, 1 << 20, 15.0)
 
 # (builder output, the model that must accept it)
 CASES: list[tuple[str, dict[str, Any], type[pydantic.BaseModel]]] = [
@@ -103,7 +103,7 @@ CLIENT_CASES: list[tuple[str, dict[str, Any], type[pydantic.BaseModel]]] = [
     ("hello-full", frames.hello("tok", frames.client_info("py", "1.0")), Hello),
     ("start", frames.start("q1", "demo", [{"role": "user", "content": "hi"}]), Start),
     ("start-full", frames.start(
-        "q1", "demo", ({"role": "user", "content": "hi"},),
+        "q1", "demo", [{"role": "user", "content": "hi"}],
         tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
         tool_choice="auto", params={"temperature": 0.5, "max_tokens": 9}), Start),
     ("cancel", frames.cancel("q1"), Cancel),
@@ -188,6 +188,10 @@ def test_error_info_and_local_cancel_finish_are_valid():
     assert _schema_errors("server_to_client", local_cancel_finish("q")) == []
 
 
+def test_limits_are_the_welcome_limits():
+    assert LIMITS == {"max_streams": 8, "max_frame_bytes": 1 << 20, "detach_grace": 15.0}
+
+
 def test_readdressed_changes_only_the_id():
     frame = frames.tool_call_chunk("old", 3, 0, "c", "f", "{")
     assert frames.readdressed(frame, "new") == {**frame, "id": "new"}
@@ -214,7 +218,7 @@ def test_every_builder_and_frame_type_is_covered():
     assert {c[1]["type"] for c in CASES} == server_types
     assert {c[1]["type"] for c in CLIENT_CASES} == client_types
     assert {c[1]["op"] for c in RELAY_CASES} == {"cancel", "takeover"}
-    helpers = {"usage", "error_info", "readdressed", "client_info"}
+    helpers = {"usage", "error_info", "readdressed", "client_info", "limits"}
     assert set(frames.__all__) == (server_types | client_types | helpers
                                    | {"relay_cancel", "relay_takeover"})
 
