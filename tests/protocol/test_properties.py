@@ -13,17 +13,18 @@ from hypothesis import strategies as st
 
 from protocol import (
     ALLOWED_PARAMS,
-    Cancel,
+    CLIENT_FRAME_TYPES,
+    ClientMessage,
     Error,
     FrameError,
-    Hello,
-    Ping,
     Start,
     decode_client_frame,
+    union_members,
 )
 
-CLIENT_MESSAGES = (Hello, Start, Cancel, Ping)
-CLIENT_TYPES = ("hello", "start", "cancel", "ping")
+# Every client frame, derived from the union (these lists had left out resume).
+CLIENT_MESSAGES = union_members(ClientMessage)
+CLIENT_TYPES = CLIENT_FRAME_TYPES
 
 FAST = settings(max_examples=250, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -43,6 +44,7 @@ json_values = st.recursive(
 # Values shaped like our frames, so validation (not only JSON parsing) is exercised deeply.
 FIELD_NAMES = ["type", "id", "model", "messages", "tools", "tool_choice", "params", "token",
                "client", "data", "role", "content", "function", "name", "version",
+               "stream_key", "after_seq",
                *ALLOWED_PARAMS, "api_key", "api_base", "n", "stream_options"]
 field_value = st.deferred(lambda: (
     json_scalars
