@@ -24,8 +24,8 @@ from typing import Any
 
 __all__ = [
     # server -> client
-    "error", "error_info", "finish", "pong", "readdressed", "reasoning", "resumed", "started",
-    "limits", "token", "tool_call_chunk", "tool_call_complete", "usage", "welcome",
+    "error", "error_info", "finish", "limits", "pong", "readdressed", "reasoning", "resumed",
+    "started", "token", "tool_call_chunk", "tool_call_complete", "usage", "welcome",
     # client -> server
     "cancel", "client_info", "hello", "ping", "resume", "start",
     # relay -> relay
