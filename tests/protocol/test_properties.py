@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol import (
+    ADDRESSED_CLIENT_FRAME_TYPES,
     ALLOWED_PARAMS,
     CLIENT_FRAME_TYPES,
     ClientMessage,
@@ -94,7 +95,7 @@ def check(data: str | bytes) -> Any:
         if "ref" in frame:
             assert isinstance(frame["ref"], str) and len(frame["ref"]) <= 64
         if "id" in frame:
-            assert frame.get("ref") in ("start", "cancel") and isinstance(frame["id"], str)
+            assert frame.get("ref") in ADDRESSED_CLIENT_FRAME_TYPES and isinstance(frame["id"], str)
         orjson.dumps(frame)  # the answer itself is always serialisable
         return None
     assert isinstance(msg, CLIENT_MESSAGES)
