@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -425,3 +426,16 @@ def test_decode_server_frame_welcome_with_extra_limits():
 def test_decode_server_frame_rejects_a_malformed_known_frame():
     with pytest.raises(pydantic.ValidationError):
         decode_server_frame(b'{"type":"token","id":"q","seq":1}')
+
+
+def test_relay_client_js_builds_no_client_frame_by_hand():
+    """relay-client.js builds its frames with clientFrame() from the generated table and
+    routes stream frames by the generated list (tests/browser checks what it builds)."""
+    js = (ROOT / "client_demo" / "web" / "relay-client.js").read_text(encoding="utf-8")
+    literal = re.compile(r"""type\s*:\s*["'](\w+)["']""")
+    assert [t for t in literal.findall(js) if t in messages.CLIENT_FRAME_TYPES] == []
+    # A list of types spelled out as fall-through cases (``case "a": case "b": ...``).
+    fallthrough = re.findall(r"""(?:case\s+["']\w+["']\s*:\s*){3,}""", js)
+    assert fallthrough == []
+    for ftype in messages.CLIENT_FRAME_TYPES:
+        assert f'clientFrame("{ftype}"' in js, ftype
