@@ -5,7 +5,10 @@ client or server, sync or async, can use it. The written spec is ``PROTOCOL.md``
 """
 
 from . import frames
-from .codec import DecodeLimits, FrameError, decode_client_frame, decode_server_frame, encode_frame
+from .codec import (
+    DecodeLimits, FrameError, decode_client_frame, decode_relay_message, decode_server_frame,
+    encode_frame,
+)
 from .codes import CloseCode, ErrorCode, FinishReason, FinishStatus
 from .messages import *  # noqa: F403
 from .messages import __all__ as _messages_all
@@ -13,6 +16,7 @@ from .version import PROTOCOL_VERSION, SUPPORTED_VERSIONS
 
 __all__ = [
     "CloseCode", "DecodeLimits", "ErrorCode", "FinishReason", "FinishStatus", "FrameError",
-    "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "decode_client_frame", "decode_server_frame",
+    "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "decode_client_frame", "decode_relay_message",
+    "decode_server_frame",
     "encode_frame", "frames", *_messages_all,
 ]

@@ -60,7 +60,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from . import frames
 from .codes import CloseCode, ErrorCode, FinishReason, FinishStatus
+from .messages import (
+    CLIENT_FRAME_TYPES, SERVER_FRAME_TYPES, STREAM_FRAME_TYPES, ClientMessage, model_tag,
+    union_members,
+)
 
 __all__ = [
     "ABNORMAL_CLOSURE",
@@ -230,10 +235,8 @@ class ReconnectSchedule:
 def local_cancel_finish(stream_id: str) -> dict[str, Any]:
     """Rule 6: the ``finish`` of a stream cancelled before its ``start`` left the client.
     Valid against the schema (``protocol.Finish``): seq 0, zero usage flagged estimated."""
-    return {"type": "finish", "id": stream_id, "seq": 0, "status": str(FinishStatus.CANCELLED),
-            "reason": str(FinishReason.CLIENT_CANCEL),
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
-                      "estimated": True}}
+    return frames.finish(stream_id, 0, str(FinishStatus.CANCELLED),
+                         str(FinishReason.CLIENT_CANCEL), frames.usage(0, 0, True))
 
 
 # ---------------------------------------------------------------------------- streams
@@ -332,8 +335,7 @@ def _get(frame: Any, name: str) -> Any:
     return getattr(frame, name, None)
 
 
-_STREAM_FRAMES = frozenset({"started", "token", "reasoning", "tool_call_chunk",
-                            "tool_call_complete", "finish"})
+_STREAM_FRAMES = frozenset(STREAM_FRAME_TYPES)
 
 
 @dataclass
@@ -512,8 +514,7 @@ class ClientStreamTracker:
         for s in list(self.streams.values()):
             if s.phase is StreamPhase.RESUMING:
                 if detach_grace > 0 and s.stream_key:
-                    resumes.append({"type": "resume", "stream_key": s.stream_key,
-                                    "after_seq": max(s.last_seq, 0), "id": s.id})
+                    resumes.append(frames.resume(s.stream_key, max(s.last_seq, 0), s.id))
                 else:
                     failed.append(self._fail(
                         s, CONNECTION_LOST, CONNECTION_LOST,
@@ -549,7 +550,26 @@ def policy_tables() -> dict[str, Any]:
         "taken_over_code": str(ErrorCode.STREAM_TAKEN_OVER),
         "local_cancel_finish": local_cancel_finish("<id>"),
         "recent_seqs_kept": RECENT_SEQS_KEPT,
+        "frames": frame_tables(),
     }
+
+
+def frame_tables() -> dict[str, Any]:
+    """What relay-client.js needs to build and route frames, derived from the models of
+    ``protocol.messages``: each client frame type with its ``required`` and ``optional``
+    fields in the models' order (relay-client.js builds ``hello``/``start``/``cancel``/
+    ``ping``/``resume`` from it and refuses a field the model does not have), every server
+    frame type, and the server frames of a stream's sequence (those carrying ``seq``)."""
+    client: dict[str, Any] = {}
+    for model in union_members(ClientMessage):
+        fields = {name: info for name, info in model.model_fields.items() if name != "type"}
+        client[model_tag(model)] = {
+            "required": [name for name, info in fields.items() if info.is_required()],
+            "optional": [name for name, info in fields.items() if not info.is_required()],
+        }
+    return {"client": client, "client_types": list(CLIENT_FRAME_TYPES),
+            "server_types": list(SERVER_FRAME_TYPES),
+            "stream_types": list(STREAM_FRAME_TYPES)}
 
 
 def render_js_module() -> str:

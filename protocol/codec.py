@@ -28,6 +28,10 @@ to UTF-8 JSON bytes, ready to be sent as a *text* frame.
 
 ``decode_server_frame`` is for clients: it returns ``None`` for frame types it does not know,
 because receivers must ignore them (forward compatibility).
+
+``decode_relay_message`` parses a relay -> relay control message (``{"op": ...}``) into its
+model, raising ``ValueError`` for anything else; ``RelayCancel(...).encode()`` (any
+``RelayMessage``) is the other direction.
 """
 
 from __future__ import annotations
@@ -42,20 +46,21 @@ import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from .codes import ErrorCode
-from .messages import ALLOWED_PARAMS, ClientMessage, ServerMessage
+from .frames import error as _error_frame
+from .messages import (
+    ADDRESSED_CLIENT_FRAME_TYPES, ALLOWED_PARAMS, CLIENT_FRAME_TYPES, RELAY_OPS,
+    SERVER_FRAME_TYPES, ClientMessage, RelayMessage, ServerMessage,
+)
 
 __all__ = [
-    "DecodeLimits", "FrameError", "decode_client_frame", "decode_server_frame", "encode_frame",
-    "parse_json_within", "validate_client_object",
+    "DecodeLimits", "FrameError", "decode_client_frame", "decode_relay_message",
+    "decode_server_frame", "encode_frame", "parse_json_within", "validate_client_object",
 ]
 
 _CLIENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(ClientMessage)
 _SERVER_ADAPTER: TypeAdapter[Any] = TypeAdapter(ServerMessage)
-_CLIENT_TYPES = ("hello", "start", "cancel", "ping", "resume")
-_SERVER_TYPES = frozenset(
-    ("welcome", "started", "resumed", "token", "reasoning", "tool_call_chunk", "tool_call_complete",
-     "finish", "error", "pong")
-)
+_RELAY_ADAPTER: TypeAdapter[Any] = TypeAdapter(RelayMessage)
+_SERVER_TYPES = frozenset(SERVER_FRAME_TYPES)
 
 
 @dataclass(frozen=True)
@@ -112,12 +117,7 @@ class FrameError(ValueError):
         self.id = id
 
     def frame(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"type": "error", "code": self.code, "message": self.message}
-        if self.ref is not None:
-            out["ref"] = self.ref
-        if self.id is not None:
-            out["id"] = self.id
-        return out
+        return _error_frame(self.code, self.message, ref=self.ref, id=self.id)
 
 
 def decode_client_frame(data: str | bytes, limits: DecodeLimits = _DEFAULT_LIMITS) -> Any:
@@ -157,10 +157,11 @@ def validate_client_object(obj: Any, limits: DecodeLimits = _DEFAULT_LIMITS) -> 
     if not isinstance(ftype, str):
         raise FrameError("frame has no string field 'type'")
     raw_id = obj.get("id")
-    sid = raw_id if isinstance(raw_id, str) and ftype in ("start", "cancel", "resume") else None
-    if ftype not in _CLIENT_TYPES:
+    sid = raw_id if isinstance(raw_id, str) and ftype in ADDRESSED_CLIENT_FRAME_TYPES else None
+    if ftype not in CLIENT_FRAME_TYPES:
         raise FrameError(
-            f"unknown frame type {ftype[:64]!r} (expected one of: {', '.join(_CLIENT_TYPES)})",
+            f"unknown frame type {ftype[:64]!r} "
+            f"(expected one of: {', '.join(CLIENT_FRAME_TYPES)})",
             ref=ftype[:64],
         )
     if ftype == "start":
@@ -279,6 +280,30 @@ def decode_server_frame(data: str | bytes) -> Any | None:
     if not isinstance(obj, dict) or obj.get("type") not in _SERVER_TYPES:
         return None
     return _SERVER_ADAPTER.validate_python(obj)
+
+
+def decode_relay_message(data: str | bytes | dict[str, Any]) -> Any:
+    """A relay -> relay control message (JSON text or an already parsed object) as its
+    ``RelayMessage`` model. Raises ``ValueError`` naming the problem for anything else: not
+    JSON, not an object, an unknown ``op`` (a receiver drops those: a newer relay may send
+    ops an older one does not know), a missing or mistyped field."""
+    if isinstance(data, dict):
+        obj: Any = data
+    else:
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"relay message is not valid JSON: {exc.msg}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"relay message must be a JSON object, got {_json_kind(obj)}")
+    op = obj.get("op")
+    if op not in RELAY_OPS:
+        raise ValueError(f"unknown relay message op {str(op)[:64]!r} "
+                         f"(expected one of: {', '.join(RELAY_OPS)})")
+    try:
+        return _RELAY_ADAPTER.validate_python(obj)
+    except ValidationError as exc:
+        raise ValueError(f"relay message {op!r}: {_describe(exc)}") from None
 
 
 def encode_frame(frame: dict[str, Any] | BaseModel) -> bytes:

@@ -1,9 +1,21 @@
-"""Builders of server frames as plain dicts: the relay's hot path.
+"""The one place every outbound frame is built, as a plain dict: the frames the relay sends
+its clients, the frames a client sends the relay, and the messages relays send each other.
+
+Nothing else assembles a frame by hand: the relay (``relay.hub``, ``relay.session``,
+``relay.streamlog``, ``protocol.codec.FrameError``), the Python client (``relay.client``,
+``protocol.client_policy``) and the relay-to-relay control channel (``relay.replication``)
+call these builders; the browser client builds its frames from the field table generated
+from the same models (``protocol.client_policy.policy_tables()["frames"]``).
 
 Validating every outbound frame with pydantic would cost more than the relay's whole
-per-frame budget (see GUIDE: LiteLLM already spends ~600 µs a chunk), so the relay builds
-dicts here and ``encode_frame`` serialises them. The shapes match ``protocol.messages``;
-``tests/protocol`` checks each builder against its model.
+per-frame budget (see GUIDE: LiteLLM already spends ~600 µs a chunk), so builders return
+dicts (a literal each, no validation) and ``encode_frame`` serialises them with orjson. The
+shapes match the models of ``protocol.messages``: ``tests/protocol/test_frames.py`` checks
+every builder's output against its model and against ``protocol/schema.json``. Optional
+fields given as ``None`` are left out, as the models' encoding leaves them out.
+
+Sections: server -> client (the hot path: ``token`` and friends run once per streamed
+chunk), client -> server, relay -> relay.
 """
 
 from __future__ import annotations
@@ -11,12 +23,26 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "error", "finish", "pong", "reasoning", "resumed", "started", "token", "tool_call_chunk",
-    "tool_call_complete", "usage", "welcome",
+    # server -> client
+    "error", "error_info", "finish", "limits", "pong", "readdressed", "reasoning", "resumed",
+    "started", "token", "tool_call_chunk", "tool_call_complete", "usage", "welcome",
+    # client -> server
+    "cancel", "client_info", "hello", "ping", "resume", "start",
+    # relay -> relay
+    "relay_cancel", "relay_takeover",
 ]
+
+# ---------------------------------------------------------------- server -> client
+
+
+def limits(max_streams: int, max_frame_bytes: int, detach_grace: float) -> dict:
+    """The ``limits`` object of ``welcome`` (``protocol.Limits``)."""
+    return {"max_streams": max_streams, "max_frame_bytes": max_frame_bytes,
+            "detach_grace": detach_grace}
 
 
 def welcome(session_id: str, models: list[str], limits: dict[str, Any], protocol: str) -> dict:
+    """``limits`` from :func:`limits` (a relay may add keys; clients ignore unknown ones)."""
     return {"type": "welcome", "protocol": protocol, "session_id": session_id,
             "models": models, "limits": limits}
 
@@ -60,10 +86,19 @@ def usage(prompt_tokens: int, completion_tokens: int, estimated: bool) -> dict:
             "total_tokens": prompt_tokens + completion_tokens, "estimated": estimated}
 
 
+def error_info(code: str, message: str, retry_after: float | None = None) -> dict:
+    """The ``error`` object of a failed or timed-out ``finish`` (``protocol.ErrorInfo``)."""
+    info: dict[str, Any] = {"code": str(code), "message": message}
+    if retry_after is not None:
+        info["retry_after"] = retry_after
+    return info
+
+
 def finish(
     id: str, seq: int, status: str, reason: str | None, usage: dict,
     error: dict | None = None,
 ) -> dict:
+    """``usage`` from :func:`usage`; ``error`` from :func:`error_info`."""
     frame = {"type": "finish", "id": id, "seq": seq, "status": status, "usage": usage}
     if reason is not None:
         frame["reason"] = reason
@@ -91,3 +126,79 @@ def pong(data: Any = None) -> dict:
     if data is not None:
         frame["data"] = data
     return frame
+
+
+def readdressed(frame: dict, id: str) -> dict:
+    """``frame`` (a stream's frame) as sent to a reader that calls the stream ``id``: the
+    same frame with its ``id`` replaced (a ``resume`` under another id)."""
+    return {**frame, "id": id}
+
+
+# ---------------------------------------------------------------- client -> server
+
+
+def client_info(name: str, version: str) -> dict:
+    """The ``client`` object of ``hello``."""
+    return {"name": name, "version": version}
+
+
+def hello(token: str | None = None, client: dict | None = None) -> dict:
+    """First frame of a connection; ``client`` from :func:`client_info`."""
+    frame: dict[str, Any] = {"type": "hello"}
+    if token is not None:
+        frame["token"] = token
+    if client is not None:
+        frame["client"] = client
+    return frame
+
+
+def start(
+    id: str, model: str, messages: list[Any], *, tools: list[Any] | None = None,
+    tool_choice: Any = None, params: dict | None = None,
+) -> dict:
+    """Begin stream ``id``. ``params``: sampling parameters (the relay's allowlist). Values
+    go in as given (the relay validates what it receives; a wrong type must reach it as
+    sent, so the builder converts nothing)."""
+    frame: dict[str, Any] = {"type": "start", "id": id, "model": model, "messages": messages}
+    if tools is not None:
+        frame["tools"] = tools
+    if tool_choice is not None:
+        frame["tool_choice"] = tool_choice
+    if params is not None:
+        frame["params"] = params
+    return frame
+
+
+def cancel(id: str) -> dict:
+    return {"type": "cancel", "id": id}
+
+
+def ping(data: Any = None) -> dict:
+    frame: dict[str, Any] = {"type": "ping"}
+    if data is not None:
+        frame["data"] = data
+    return frame
+
+
+def resume(stream_key: str, after_seq: int, id: str | None = None) -> dict:
+    """Re-attach stream ``stream_key`` (under ``id``, default its original id) and replay
+    every frame with ``seq > after_seq``."""
+    frame: dict[str, Any] = {"type": "resume", "stream_key": stream_key, "after_seq": after_seq}
+    if id is not None:
+        frame["id"] = id
+    return frame
+
+
+# ---------------------------------------------------------------- relay -> relay
+
+
+def relay_cancel(key: str) -> dict:
+    """Ask the relay that owns stream ``key`` to cancel its upstream call
+    (``protocol.RelayCancel``)."""
+    return {"op": "cancel", "key": key}
+
+
+def relay_takeover(key: str, node: str) -> dict:
+    """Tell the other relays that a connection on ``node`` attached stream ``key``
+    (``protocol.RelayTakeover``)."""
+    return {"op": "takeover", "key": key, "node": node}

@@ -7,11 +7,17 @@ steer where or with which credentials the relay calls a provider.
 
 Server -> client frames are modelled here for the JSON Schema, the docs and the Python
 client; the relay builds them as plain dicts on its hot path (see ``protocol.frames``).
+
+Relay -> relay messages (``{"op": ...}`` on the Redis control channel of relays sharing a
+store) are modelled here too, discriminated on ``op``; they never reach a client.
+
+Every list of frame types (``CLIENT_FRAME_TYPES``, ``SERVER_FRAME_TYPES``, ...) is derived
+from the discriminated unions below, so adding a member is the one change that updates them.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import orjson
 from pydantic import (
@@ -22,7 +28,12 @@ from pydantic import (
 from .codes import FinishStatus
 
 __all__ = [
+    "ADDRESSED_CLIENT_FRAME_TYPES",
     "ALLOWED_PARAMS",
+    "CLIENT_FRAME_TYPES",
+    "RELAY_OPS",
+    "SERVER_FRAME_TYPES",
+    "STREAM_FRAME_TYPES",
     "MAX_PING_DATA_BYTES",
     "ChatMessage",
     "ClientInfo",
@@ -38,6 +49,9 @@ __all__ = [
     "Ping",
     "Pong",
     "Reasoning",
+    "RelayCancel",
+    "RelayMessage",
+    "RelayTakeover",
     "Resume",
     "Resumed",
     "ServerMessage",
@@ -49,6 +63,9 @@ __all__ = [
     "ToolCallComplete",
     "Usage",
     "Welcome",
+    "model_tag",
+    "union_members",
+    "union_tags",
 ]
 
 #: Control characters (C0, DEL, C1) and the Unicode line/paragraph separators: never in an id,
@@ -325,3 +342,73 @@ ServerMessage = Annotated[
     ],
     Field(discriminator="type"),
 ]
+
+
+# ---------------------------------------------------------------- relay -> relay
+
+
+class _RelayOp(BaseModel):
+    """A control message between relays sharing a Redis store (``relay.replication``).
+
+    Relays may run different versions during a rolling restart, so unknown fields are
+    ignored (``extra="ignore"``); an unknown ``op`` or a missing field is refused by
+    ``protocol.codec.decode_relay_message`` and the receiver logs and drops it."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    def encode(self) -> bytes:
+        """UTF-8 JSON of this message, as published on the control channel."""
+        return orjson.dumps(self.model_dump(mode="json"))
+
+
+class RelayCancel(_RelayOp):
+    """Cancel stream ``key``: its owner closes the upstream call (a ``cancel`` sent to a
+    relay that follows the stream from Redis)."""
+
+    op: Literal["cancel"]
+    key: Annotated[StrictStr, Field(min_length=1)]
+
+
+class RelayTakeover(_RelayOp):
+    """A connection on relay ``node`` attached stream ``key``: every other relay detaches
+    its own attachment of it (which ends with ``error`` ``stream_taken_over``)."""
+
+    op: Literal["takeover"]
+    key: Annotated[StrictStr, Field(min_length=1)]
+    node: StrictStr
+
+
+RelayMessage = Annotated[Union[RelayCancel, RelayTakeover], Field(discriminator="op")]
+
+
+# ---------------------------------------------------------------- derived type lists
+
+
+def union_members(union: Any) -> tuple[type[BaseModel], ...]:
+    """The models of a discriminated union declared as ``Annotated[Union[...], Field(...)]``,
+    in declaration order."""
+    return get_args(get_args(union)[0])
+
+
+def union_tags(union: Any, field: str = "type") -> tuple[str, ...]:
+    """The discriminator values (``type`` or ``op``) of ``union``'s members, in order."""
+    return tuple(model_tag(model, field) for model in union_members(union))
+
+
+def model_tag(model: type[BaseModel], field: str = "type") -> str:
+    """The discriminator value of one union member (its ``Literal`` ``type`` or ``op``)."""
+    return get_args(model.model_fields[field].annotation)[0]
+
+
+#: Every client -> server frame type, in the order the unknown-type error lists them.
+CLIENT_FRAME_TYPES: tuple[str, ...] = union_tags(ClientMessage)
+#: Every server -> client frame type (a client ignores any other).
+SERVER_FRAME_TYPES: tuple[str, ...] = union_tags(ServerMessage)
+#: Client frames that name a stream (an ``id`` field): errors answering them carry that id.
+ADDRESSED_CLIENT_FRAME_TYPES: tuple[str, ...] = tuple(
+    model_tag(model) for model in union_members(ClientMessage) if "id" in model.model_fields)
+#: Server frames of a stream's sequence (``id`` and ``seq``): ``started`` .. ``finish``.
+STREAM_FRAME_TYPES: tuple[str, ...] = tuple(
+    model_tag(model) for model in union_members(ServerMessage) if "seq" in model.model_fields)
+#: Every relay -> relay ``op``.
+RELAY_OPS: tuple[str, ...] = union_tags(RelayMessage, "op")

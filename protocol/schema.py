@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from .messages import ClientMessage, ServerMessage
+from .messages import ClientMessage, RelayMessage, ServerMessage
 from .version import PROTOCOL_VERSION
 
 __all__ = ["SCHEMA_PATH", "json_schema", "render"]
@@ -22,12 +22,14 @@ SCHEMA_PATH = Path(__file__).with_name("schema.json")
 
 
 def json_schema() -> dict[str, Any]:
-    """Both directions' schemas, keyed ``client_to_server`` and ``server_to_client``."""
+    """Both directions' schemas, keyed ``client_to_server`` and ``server_to_client``, and
+    the control messages relays sharing a store send each other (``relay_to_relay``)."""
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": f"{PROTOCOL_VERSION} frames",
         "client_to_server": TypeAdapter(ClientMessage).json_schema(),
         "server_to_client": TypeAdapter(ServerMessage).json_schema(),
+        "relay_to_relay": TypeAdapter(RelayMessage).json_schema(),
     }
 
 

@@ -114,6 +114,7 @@ from protocol import (
     Welcome,
     decode_server_frame,
     encode_frame,
+    frames,
 )
 from protocol.client_policy import (
     ABNORMAL_CLOSURE,
@@ -519,12 +520,8 @@ class RelayClient:
         token = await self._fresh_token()
         ws = await connect(self.url, **kwargs)
         try:
-            hello: dict[str, Any] = {
-                "type": "hello",
-                "client": {"name": self.client_name, "version": self.client_version},
-            }
-            if token is not None:
-                hello["token"] = token
+            hello = frames.hello(token, frames.client_info(self.client_name,
+                                                           self.client_version))
             await ws.send(encode_frame(hello).decode())
             welcome = await self._await_welcome(ws)
         except BaseException:
@@ -597,14 +594,9 @@ class RelayClient:
         ``params`` are sampling parameters (``max_tokens``, ``temperature``...); the relay
         only accepts its allowlist. ``id`` defaults to a random unique id."""
         sid = id or uuid.uuid4().hex
-        frame: dict[str, Any] = {"type": "start", "id": sid, "model": model,
-                                 "messages": list(messages)}
-        if tools is not None:
-            frame["tools"] = list(tools)
-        if tool_choice is not None:
-            frame["tool_choice"] = tool_choice
-        if params:
-            frame["params"] = params
+        frame = frames.start(sid, model, list(messages),
+                             tools=None if tools is None else list(tools),
+                             tool_choice=tool_choice, params=params or None)
         return RelayStream(self, sid, frame)
 
     async def complete(
@@ -640,7 +632,7 @@ class RelayClient:
                 sent = time.monotonic()
                 self._pings[ping_id] = future
                 try:
-                    await ws.send(encode_frame({"type": "ping", "data": ping_id}).decode())
+                    await ws.send(encode_frame(frames.ping(ping_id)).decode())
                 except ConnectionClosed as exc:
                     raise ConnectionLost(f"connection closed: {exc}") from exc
                 await future
@@ -713,7 +705,7 @@ class RelayClient:
             route.queue.put_nowait(Finish.model_validate(local_cancel_finish(route.id)))
         elif action is CancelAction.SEND:
             try:
-                await self._send({"type": "cancel", "id": route.id})
+                await self._send(frames.cancel(route.id))
             except ConnectionLost:
                 pass  # the stream's iteration reports the loss
         # AFTER_RESUME: _dispatch sends it when `resumed` arrives; NONE: nothing to do
@@ -933,7 +925,7 @@ class RelayClient:
             route.resumes += 1
             if decision.send_cancel:  # cancelled while it was being resumed
                 try:
-                    await ws.send(encode_frame({"type": "cancel", "id": route.id}).decode())
+                    await ws.send(encode_frame(frames.cancel(route.id)).decode())
                 except ConnectionClosed:
                     pass  # the read loop sees the loss
             return

@@ -77,6 +77,77 @@ export default Object.freeze({
     }
   },
   "connection_lost_code": "connection_lost",
+  "frames": {
+    "client": {
+      "cancel": {
+        "optional": [],
+        "required": [
+          "id"
+        ]
+      },
+      "hello": {
+        "optional": [
+          "token",
+          "client"
+        ],
+        "required": []
+      },
+      "ping": {
+        "optional": [
+          "data"
+        ],
+        "required": []
+      },
+      "resume": {
+        "optional": [
+          "id"
+        ],
+        "required": [
+          "stream_key",
+          "after_seq"
+        ]
+      },
+      "start": {
+        "optional": [
+          "tools",
+          "tool_choice",
+          "params"
+        ],
+        "required": [
+          "id",
+          "model",
+          "messages"
+        ]
+      }
+    },
+    "client_types": [
+      "hello",
+      "start",
+      "cancel",
+      "ping",
+      "resume"
+    ],
+    "server_types": [
+      "welcome",
+      "started",
+      "resumed",
+      "token",
+      "reasoning",
+      "tool_call_chunk",
+      "tool_call_complete",
+      "finish",
+      "error",
+      "pong"
+    ],
+    "stream_types": [
+      "started",
+      "token",
+      "reasoning",
+      "tool_call_chunk",
+      "tool_call_complete",
+      "finish"
+    ]
+  },
   "local_cancel_finish": {
     "id": "<id>",
     "reason": "client_cancel",

@@ -38,6 +38,39 @@ export { POLICY };
 
 export const PROTOCOL = "llm-relay.v1";
 
+// Frame types and the client frames' fields, generated from the models of
+// protocol/messages.py (the ones protocol/frames.py builds the Python client's frames to):
+// this client builds every frame it sends with clientFrame(), and routes a stream's frames
+// by FRAME_TYPES.stream, so neither list is typed out here.
+export const FRAME_TYPES = Object.freeze({
+  client: Object.freeze([...POLICY.frames.client_types]),
+  server: Object.freeze([...POLICY.frames.server_types]),
+  stream: Object.freeze([...POLICY.frames.stream_types]),
+});
+const STREAM_FRAME_TYPES = new Set(FRAME_TYPES.stream);
+
+/**
+ * The client frame `type` with `fields`, in the model's field order. Required fields are
+ * always set (a missing one is sent absent and the relay answers with its `error`, as for
+ * any bad frame); optional ones only when neither undefined nor null. An unknown type or
+ * field is this client's own bug: TypeError.
+ */
+export function clientFrame(type, fields = {}) {
+  const spec = POLICY.frames.client[type];
+  if (!spec) throw new TypeError(`unknown client frame type '${type}'`);
+  for (const name of Object.keys(fields)) {
+    if (!spec.required.includes(name) && !spec.optional.includes(name)) {
+      throw new TypeError(`client frame '${type}' has no field '${name}'`);
+    }
+  }
+  const frame = { type };
+  for (const name of spec.required) frame[name] = fields[name];
+  for (const name of spec.optional) {
+    if (fields[name] !== undefined && fields[name] !== null) frame[name] = fields[name];
+  }
+  return frame;
+}
+
 // Close codes: the server's (protocol/codes.py) plus 1000/1005/1006, from the shared policy.
 export const CLOSE_CODES = Object.freeze(Object.fromEntries(
   Object.entries(POLICY.close_codes).map(([code, entry]) => [Number(code), Object.freeze({ ...entry })])));
@@ -325,10 +358,12 @@ export class RelayClient extends EventTarget {
     }
     const sid = id || newId();
     if (this._streams.has(sid)) throw new StreamError(`stream id '${sid}' is already running`, { code: "duplicate_id", id: sid });
-    const frame = { type: "start", id: sid, model, messages };
-    if (tools && tools.length) frame.tools = tools;
-    if (tool_choice !== undefined && tool_choice !== null) frame.tool_choice = tool_choice;
-    if (params && Object.keys(params).length) frame.params = params;
+    const frame = clientFrame("start", {
+      id: sid, model, messages,
+      tools: tools && tools.length ? tools : undefined,
+      tool_choice,
+      params: params && Object.keys(params).length ? params : undefined,
+    });
     const stream = new RelayStream(this, sid, frame);
     this._streams.set(sid, stream);
     if (this.state === "open") this._sendStart(stream);
@@ -391,8 +426,10 @@ export class RelayClient extends EventTarget {
         this._onClose(4406, "server did not select " + PROTOCOL);
         return;
       }
-      const hello = { type: "hello", client: { name: this.options.clientName, version: this.options.clientVersion } };
-      if (typeof token === "string" && token) hello.token = token;
+      const hello = clientFrame("hello", {
+        token: typeof token === "string" && token ? token : undefined,
+        client: { name: this.options.clientName, version: this.options.clientVersion },
+      });
       ws.send(JSON.stringify(hello));
     };
     ws.onmessage = (event) => this._onMessage(event.data);
@@ -482,7 +519,7 @@ export class RelayClient extends EventTarget {
     stream.startedAt = performance.now();
     stream.status = "pending";
     this._send(stream.startFrame);
-    if (stream._cancelRequested) this._send({ type: "cancel", id: stream.id });
+    if (stream._cancelRequested) this._send(clientFrame("cancel", { id: stream.id }));
   }
 
   _cancel(stream) {
@@ -499,7 +536,7 @@ export class RelayClient extends EventTarget {
       stream._end(finish);
       return;
     }
-    if (this.state === "open" && stream.status !== "resuming") this._send({ type: "cancel", id: stream.id });
+    if (this.state === "open" && stream.status !== "resuming") this._send(clientFrame("cancel", { id: stream.id }));
     // else: sent after the resume succeeds (see _onResumed)
   }
 
@@ -535,7 +572,7 @@ export class RelayClient extends EventTarget {
   ping() {
     if (this._pongTimer) return; // one outstanding ping is enough
     this._pingCounter += 1;
-    if (!this._send({ type: "ping", data: { n: this._pingCounter } })) return;
+    if (!this._send(clientFrame("ping", { data: { n: this._pingCounter } }))) return;
     const ws = this._ws;
     this._pongTimer = setTimeout(() => {
       this._pongTimer = null;
@@ -580,14 +617,8 @@ export class RelayClient extends EventTarget {
         return this._onError(frame);
       case "resumed":
         return this._onResumed(frame);
-      case "started":
-      case "token":
-      case "reasoning":
-      case "tool_call_chunk":
-      case "tool_call_complete":
-      case "finish":
-        return this._onStreamFrame(frame);
       default:
+        if (STREAM_FRAME_TYPES.has(frame.type)) return this._onStreamFrame(frame);
         return; // unknown frame type: ignored, as the protocol requires
     }
   }
@@ -604,7 +635,7 @@ export class RelayClient extends EventTarget {
     for (const stream of [...this._streams.values()]) {
       if (stream.status !== "resuming") continue;
       if (canResume && stream.streamKey) {
-        this._send({ type: "resume", stream_key: stream.streamKey, after_seq: Math.max(0, stream.lastSeq), id: stream.id });
+        this._send(clientFrame("resume", { stream_key: stream.streamKey, after_seq: Math.max(0, stream.lastSeq), id: stream.id }));
       } else {
         this._drop(stream, new StreamError("connection lost and the server does not offer resume", {
           code: "connection_lost", id: stream.id, partialText: stream.text, closeCode: this.lastClose && this.lastClose.code,
@@ -658,7 +689,7 @@ export class RelayClient extends EventTarget {
       afterSeq: typeof frame.after_seq === "number" ? frame.after_seq : stream.lastSeq,
       closeCode: this.lastClose ? this.lastClose.code : null,
     };
-    if (stream._cancelRequested) this._send({ type: "cancel", id: stream.id });
+    if (stream._cancelRequested) this._send(clientFrame("cancel", { id: stream.id }));
   }
 
   _onStreamFrame(frame) {

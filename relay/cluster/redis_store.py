@@ -13,7 +13,8 @@ Key layout (``P`` = ``prefix``, default ``"llmrelay:"``; ``K`` = the caller's st
                           dead owner is noticed quickly while its record stays readable)
     P log:K       stream  entry id "0-<seq>", one field b"f" = frame bytes
     P attached:K  string  token of the connection currently attached to the stream
-    P control     pub/sub channel, orjson-encoded dicts
+    P control     pub/sub channel, orjson-encoded JSON objects (the relays' control messages,
+                          ``protocol.RelayMessage``; this store carries any object)
 
 Contracts shared by every method:
 

@@ -6,11 +6,16 @@ alive with a heartbeat. Any node can then serve a ``resume`` of that stream: it 
 *remote* ``HubStream`` whose log is fed by a follower task reading Redis (``XREAD BLOCK``),
 and its connection's writer sends it like any local stream. Control travels by pub/sub:
 
-* ``{"op": "cancel", "key": K}``: the owner cancels the upstream call (a ``cancel`` sent to
-  any node stops the request running on another);
-* ``{"op": "takeover", "key": K, "node": N}``: a connection on node N attached the stream;
-  every other node detaches its own attachment of it (the old one stops receiving frames
-  and ends with ``error`` ``stream_taken_over``, as on a single relay).
+* ``{"op": "cancel", "key": K}`` (``protocol.RelayCancel``): the owner cancels the upstream
+  call (a ``cancel`` sent to any node stops the request running on another);
+* ``{"op": "takeover", "key": K, "node": N}`` (``protocol.RelayTakeover``): a connection on
+  node N attached the stream; every other node detaches its own attachment of it (the old
+  one stops receiving frames and ends with ``error`` ``stream_taken_over``, as on a single
+  relay).
+
+Both are built by ``protocol.frames`` and parsed by ``protocol.decode_relay_message``; a
+message the models refuse (an unknown ``op`` from a newer relay, a missing field) is logged
+and dropped.
 
 A node that serves a remote attachment refreshes an *attached* marker, which keeps the owner
 from cancelling the (locally detached) stream when its grace runs out.
@@ -33,7 +38,9 @@ from typing import Any
 
 import orjson
 
-from protocol import ErrorCode, FinishReason
+from protocol import (
+    ErrorCode, FinishReason, RelayCancel, RelayTakeover, decode_relay_message, frames,
+)
 
 from relay.config import RelaySettings
 from relay.core.errors import BadRequest, RelayError, StreamLost, UnknownStream
@@ -172,7 +179,7 @@ class Replicator:
 
     async def publish_cancel(self, key: str) -> None:
         try:
-            await self.store.publish({"op": "cancel", "key": key})
+            await self.store.publish(frames.relay_cancel(key))
         except StoreUnavailable as exc:
             self._warn(f"could not forward a cancel: {exc}")
 
@@ -232,7 +239,7 @@ class Replicator:
                 token = secrets.token_hex(8)
                 self._attach_tokens[stream.key] = token
                 await self.store.set_attached(stream.key, token, ttl=self.owner_ttl)
-            await self.store.publish({"op": "takeover", "key": stream.key, "node": self.node})
+            await self.store.publish(frames.relay_takeover(stream.key, self.node))
         except StoreUnavailable as exc:
             self._warn(f"could not announce an attachment: {exc}")
 
@@ -315,16 +322,18 @@ class Replicator:
     # ------------------------------------------------------------------ control
 
     def _on_control(self, message: dict) -> None:
-        op = message.get("op")
-        key = message.get("key")
-        if not isinstance(key, str):
+        """One control-channel message (a JSON object; ``RedisStore`` drops anything else)."""
+        try:
+            op = decode_relay_message(message)
+        except ValueError as exc:
+            logger.warning("control channel: ignoring a relay message: %s", exc)
             return
-        stream = self.hub.get(key)
+        stream = self.hub.get(op.key)
         if stream is None:
             return
-        if op == "cancel" and not stream.remote:
+        if isinstance(op, RelayCancel) and not stream.remote:
             stream.source.cancel(FinishReason.CLIENT_CANCEL)
-        elif op == "takeover" and message.get("node") != self.node:
+        elif isinstance(op, RelayTakeover) and op.node != self.node:
             att = stream.attachment
             if att is not None:
                 att.subscriber.taken_over(att)

@@ -251,6 +251,6 @@ def coalesce(entries: list[LogEntry], id: str, producer_id: str | None = None) -
         if addressed(entry):
             out.append(entry.data)
         else:
-            out.append(orjson.dumps({**entry.frame, "id": id}))
+            out.append(encode_frame(frames.readdressed(entry.frame, id)))
     flush_run()
     return out

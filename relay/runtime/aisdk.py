@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from protocol import FinishReason, FrameError, Resume
+from protocol import FinishReason, FrameError, Resume, frames
 from protocol.codec import validate_client_object
 from protocol.aisdk import (
     AbortRequest,
@@ -271,12 +271,11 @@ class AiSdkSession(Session):
             messages = to_chat_messages(request.messages)
             # The v1 start it becomes passes the same checks as one sent on /ws: its size
             # and counts before validation (DecodeLimits), then the models.
-            start = validate_client_object({
-                "type": "start", "id": rid,
-                "model": body.get("model") or self.registry.aliases[0],
-                "messages": messages, "tools": body.get("tools"),
-                "tool_choice": body.get("toolChoice", body.get("tool_choice")),
-                "params": body.get("params") or {}}, self._decode_limits)
+            start = validate_client_object(frames.start(
+                rid, body.get("model") or self.registry.aliases[0], messages,
+                tools=body.get("tools"),
+                tool_choice=body.get("toolChoice", body.get("tool_choice")),
+                params=body.get("params") or None), self._decode_limits)
         except FrameError as exc:
             self._respond(error_frame(rid, f"Invalid request: {exc.message}"))
             return

@@ -537,7 +537,8 @@ class StreamHub:
                 # (logged and charged like any other frame).
                 stream.append(frames.finish(
                     sid, seq + 1, "failed", ErrorCode.INTERNAL_ERROR, frames.usage(0, 0, True),
-                    {"code": ErrorCode.INTERNAL_ERROR, "message": "the stream ended unexpectedly"}))
+                    frames.error_info(ErrorCode.INTERNAL_ERROR,
+                                      "the stream ended unexpectedly")))
                 self._apply(stream, Event.FINISH)
             _log_stream_end(stream, end)
             self._finished(stream)

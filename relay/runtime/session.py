@@ -192,9 +192,8 @@ class Session:
         self._greeted = True
         if self._on_hello is not None:
             self._on_hello()
-        limits = {"max_streams": self._stream_cap(),
-                  "max_frame_bytes": self.settings.max_frame_bytes,
-                  "detach_grace": self.settings.detach_grace}
+        limits = frames.limits(self._stream_cap(), self.settings.max_frame_bytes,
+                               self.settings.detach_grace)
         welcome = frames.welcome(self.session_id, self._visible_models(), limits,
                                  PROTOCOL_VERSION)
         try:

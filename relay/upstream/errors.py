@@ -19,7 +19,7 @@ import email.utils
 import time
 from dataclasses import dataclass
 
-from protocol import ErrorCode
+from protocol import ErrorCode, frames
 
 __all__ = ["UNROUTABLE_MODEL_MESSAGE", "UpstreamFailure", "classify_upstream_exception"]
 
@@ -42,10 +42,8 @@ class UpstreamFailure:
         object.__setattr__(self, "code", str(self.code))
 
     def as_error(self) -> dict:
-        out: dict = {"code": self.code, "message": self.message}
-        if self.retry_after is not None:
-            out["retry_after"] = self.retry_after
-        return out
+        """The ``error`` object of the stream's ``finish`` (``protocol.ErrorInfo``)."""
+        return frames.error_info(self.code, self.message, self.retry_after)
 
 
 def classify_upstream_exception(exc: BaseException, *, mid_stream: bool = False) -> UpstreamFailure:

@@ -472,3 +472,50 @@ async def test_chat_page_shows_a_final_close_with_its_meaning(page):
     assert options == ["demo", "<b>other</b>"]
     assert await page.is_disabled("#send")
     assert fake.connections["page"] == 1
+
+
+async def test_client_frames_are_built_from_the_models_tables(page):
+    """relay-client.js builds hello/start/cancel/ping/resume from the field table generated
+    from protocol/messages.py: the same frames protocol.frames builds for the Python client
+    (key order included), which the relay accepts; its type lists are the unions' members."""
+    from protocol import decode_client_frame, frames
+    from protocol.messages import CLIENT_FRAME_TYPES, SERVER_FRAME_TYPES, STREAM_FRAME_TYPES
+
+    msgs = [{"role": "user", "content": "hi"}]
+    expected = {
+        "hello": frames.hello("tkn", frames.client_info("js", "1")),
+        "hello_bare": frames.hello(),
+        "start": frames.start("q1", "demo", msgs, tool_choice="auto",
+                              params={"temperature": 0.5}),
+        "cancel": frames.cancel("q1"),
+        "ping": frames.ping({"n": 1}),
+        "resume": frames.resume("k" * 22, 4, "q1"),
+    }
+    async with FakeRelay().running() as fake:
+        await page.goto(f"http://127.0.0.1:{fake.port}/")
+        result = await run_js(page, """async (msgs) => {""" + IMPORT + """
+            const f = m.clientFrame;
+            const built = {
+              hello: f("hello", {token: "tkn", client: {name: "js", version: "1"}}),
+              hello_bare: f("hello", {token: undefined, client: null}),
+              start: f("start", {id: "q1", model: "demo", messages: msgs, tools: undefined,
+                                 tool_choice: "auto", params: {temperature: 0.5}}),
+              cancel: f("cancel", {id: "q1"}),
+              ping: f("ping", {data: {n: 1}}),
+              resume: f("resume", {stream_key: "k".repeat(22), after_seq: 4, id: "q1"}),
+            };
+            const refused = [];
+            for (const [type, fields] of [["pong", {}], ["cancel", {id: "q", stream: 1}]]) {
+              try { f(type, fields); } catch (e) { refused.push(e instanceof TypeError && e.message); }
+            }
+            return {texts: Object.fromEntries(Object.entries(built).map(([k, v]) => [k, JSON.stringify(v)])),
+                    refused, types: m.FRAME_TYPES};
+        }""", msgs)
+    for name, frame in expected.items():
+        assert result["texts"][name] == json.dumps(frame, separators=(",", ":")), name
+        decode_client_frame(result["texts"][name])          # the relay accepts it
+    assert result["refused"] == ["unknown client frame type 'pong'",
+                                 "client frame 'cancel' has no field 'stream'"]
+    assert result["types"] == {"client": list(CLIENT_FRAME_TYPES),
+                               "server": list(SERVER_FRAME_TYPES),
+                               "stream": list(STREAM_FRAME_TYPES)}

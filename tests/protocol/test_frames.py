@@ -1,14 +1,23 @@
-"""The hot-path dict builders of ``protocol.frames`` produce exactly what the models of
-``protocol.messages`` describe; ``encode_frame`` and ``decode_server_frame`` agree with both."""
+"""The builders of ``protocol.frames`` (server -> client, client -> server, relay -> relay)
+produce exactly what the models of ``protocol.messages`` and the committed
+``protocol/schema.json`` describe; ``encode_frame``, ``decode_server_frame``,
+``decode_client_frame`` and ``decode_relay_message`` agree with them. The type lists derived
+from the discriminated unions are exactly the unions' members."""
 
 from __future__ import annotations
 
+import ast
+import json
+import re
+from pathlib import Path
 from typing import Any
 
+import jsonschema
 import orjson
 import pydantic
 import pytest
 
+import protocol
 from protocol import (
     PROTOCOL_VERSION,
     Error,
@@ -28,13 +37,25 @@ from protocol import (
     Usage,
     Welcome,
     Resumed,
+    Cancel,
+    RelayCancel,
+    RelayTakeover,
+    Resume,
+    decode_client_frame,
+    decode_relay_message,
     decode_server_frame,
     encode_frame,
     frames,
 )
+from protocol import messages
+from protocol.client_policy import frame_tables, local_cancel_finish
+from protocol.schema import SCHEMA_PATH
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
 
 USAGE = frames.usage(12, 30, False)
-LIMITS = {"max_streams": 8, "max_frame_bytes": 1 << 20, "detach_grace": 15.0}
+LIMITS = frames.limits(8, 1 << 20, 15.0)
 
 # (builder output, the model that must accept it)
 CASES: list[tuple[str, dict[str, Any], type[pydantic.BaseModel]]] = [
@@ -77,6 +98,106 @@ CASES: list[tuple[str, dict[str, Any], type[pydantic.BaseModel]]] = [
 ]
 
 
+CLIENT_CASES: list[tuple[str, dict[str, Any], type[pydantic.BaseModel]]] = [
+    ("hello", frames.hello(), Hello),
+    ("hello-full", frames.hello("tok", frames.client_info("py", "1.0")), Hello),
+    ("start", frames.start("q1", "demo", [{"role": "user", "content": "hi"}]), Start),
+    ("start-full", frames.start(
+        "q1", "demo", [{"role": "user", "content": "hi"}],
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        tool_choice="auto", params={"temperature": 0.5, "max_tokens": 9}), Start),
+    ("cancel", frames.cancel("q1"), Cancel),
+    ("ping", frames.ping(), Ping),
+    ("ping-data", frames.ping({"n": 1}), Ping),
+    ("ping-falsy-data", frames.ping(0), Ping),
+    ("resume", frames.resume("k" * 22, 0), Resume),
+    ("resume-id", frames.resume("k" * 22, 41, "q2"), Resume),
+]
+
+RELAY_CASES: list[tuple[str, dict[str, Any], type[pydantic.BaseModel]]] = [
+    ("cancel", frames.relay_cancel("k" * 22), RelayCancel),
+    ("takeover", frames.relay_takeover("k" * 22, "host-12-ab"), RelayTakeover),
+]
+
+
+def _schema_errors(direction: str, frame: dict[str, Any]) -> list[str]:
+    validator = jsonschema.Draft202012Validator(SCHEMA[direction])
+    return [e.message for e in validator.iter_errors(frame)]
+
+
+@pytest.mark.parametrize("name, frame, model", CASES, ids=[c[0] for c in CASES])
+def test_server_builder_output_matches_the_json_schema(name, frame, model):
+    assert _schema_errors("server_to_client", frame) == []
+
+
+@pytest.mark.parametrize("name, frame, model", CLIENT_CASES, ids=[c[0] for c in CLIENT_CASES])
+def test_client_builder_output_is_what_the_relay_accepts(name, frame, model):
+    assert _schema_errors("client_to_server", frame) == []
+    msg = decode_client_frame(encode_frame(frame).decode())
+    assert type(msg) is model and msg == model.model_validate(frame)
+    # Re-encoding the model gives the built frame back (absent optionals stay absent; only
+    # ``start.params`` has a default other than None: no parameters, ``{}``).
+    default = {"params": {}} if model is Start else {}
+    assert orjson.loads(encode_frame(msg)) == {**default, **frame}
+
+
+@pytest.mark.parametrize("name, frame, model", RELAY_CASES, ids=[c[0] for c in RELAY_CASES])
+def test_relay_messages_roundtrip(name, frame, model):
+    assert _schema_errors("relay_to_relay", frame) == []
+    msg = decode_relay_message(orjson.dumps(frame))
+    assert type(msg) is model
+    assert decode_relay_message(frame) == msg
+    assert decode_relay_message(msg.encode().decode()) == msg
+    assert orjson.loads(msg.encode()) == frame
+
+
+@pytest.mark.parametrize("raw, problem", [
+    (b"not json", "relay message is not valid JSON"),
+    (b"[1]", "must be a JSON object, got an array"),
+    (b'{"key": "k"}', "unknown relay message op 'None'"),
+    (b'{"op": "explode", "key": "k"}', "unknown relay message op 'explode'"),
+    (b'{"op": "cancel"}', "field 'key'"),
+    (b'{"op": "cancel", "key": 7}', "field 'key'"),
+    (b'{"op": "cancel", "key": ""}', "field 'key'"),
+    (b'{"op": "takeover", "key": "k"}', "field 'node'"),
+    (b'{"type": "cancel", "key": "k"}', "unknown relay message op"),
+])
+def test_malformed_relay_messages_are_refused(raw, problem):
+    with pytest.raises(ValueError) as info:
+        decode_relay_message(raw)
+    assert problem in str(info.value)
+
+
+def test_relay_messages_ignore_unknown_fields():
+    # A newer relay may add fields during a rolling restart.
+    assert decode_relay_message({"op": "cancel", "key": "k", "reason": "x"}) == \
+        RelayCancel(op="cancel", key="k")
+
+
+def test_relay_message_models_are_frozen():
+    msg = RelayCancel(op="cancel", key="k")
+    with pytest.raises(pydantic.ValidationError):
+        msg.key = "other"
+
+
+def test_error_info_and_local_cancel_finish_are_valid():
+    info = frames.error_info(ErrorCode.UPSTREAM_RATE_LIMITED, "slow down", 2.0)
+    assert info == {"code": "upstream_rate_limited", "message": "slow down", "retry_after": 2.0}
+    finish = frames.finish("q", 1, "failed", None, USAGE, frames.error_info("x", "m"))
+    assert Finish.model_validate(finish).error.retry_after is None
+    assert _schema_errors("server_to_client", local_cancel_finish("q")) == []
+
+
+def test_limits_are_the_welcome_limits():
+    assert LIMITS == {"max_streams": 8, "max_frame_bytes": 1 << 20, "detach_grace": 15.0}
+
+
+def test_readdressed_changes_only_the_id():
+    frame = frames.tool_call_chunk("old", 3, 0, "c", "f", "{")
+    assert frames.readdressed(frame, "new") == {**frame, "id": "new"}
+    assert frame["id"] == "old"
+
+
 @pytest.mark.parametrize("name, frame, model", CASES, ids=[c[0] for c in CASES])
 def test_builder_output_is_valid_and_roundtrips(name, frame, model):
     msg = model.model_validate(frame)
@@ -90,12 +211,111 @@ def test_builder_output_is_valid_and_roundtrips(name, frame, model):
     assert decoded_text == msg
 
 
-def test_every_builder_and_server_frame_type_is_covered():
-    covered = {c[1]["type"] for c in CASES}
+def test_every_builder_and_frame_type_is_covered():
     server_types = {"welcome", "started", "resumed", "token", "reasoning", "tool_call_chunk",
                     "tool_call_complete", "finish", "error", "pong"}
-    assert covered == server_types
-    assert set(frames.__all__) == server_types | {"usage"}
+    client_types = {"hello", "start", "cancel", "ping", "resume"}
+    assert {c[1]["type"] for c in CASES} == server_types
+    assert {c[1]["type"] for c in CLIENT_CASES} == client_types
+    assert {c[1]["op"] for c in RELAY_CASES} == {"cancel", "takeover"}
+    helpers = {"usage", "error_info", "readdressed", "client_info", "limits"}
+    assert set(frames.__all__) == (server_types | client_types | helpers
+                                   | {"relay_cancel", "relay_takeover"})
+
+
+# ------------------------------------------------------------------ derived type lists
+
+
+def _tags(union: Any, field: str = "type") -> list[str]:
+    """The union's members' discriminator Literals, read without protocol's helpers."""
+    return [m.model_fields[field].annotation.__args__[0]
+            for m in union.__origin__.__args__]
+
+
+def test_derived_type_lists_are_the_unions_members():
+    assert list(messages.CLIENT_FRAME_TYPES) == _tags(messages.ClientMessage) == [
+        "hello", "start", "cancel", "ping", "resume"]
+    assert list(messages.SERVER_FRAME_TYPES) == _tags(messages.ServerMessage)
+    assert set(messages.SERVER_FRAME_TYPES) == {
+        "welcome", "started", "resumed", "token", "reasoning", "tool_call_chunk",
+        "tool_call_complete", "finish", "error", "pong"}
+    assert list(messages.RELAY_OPS) == _tags(messages.RelayMessage, "op") == [
+        "cancel", "takeover"]
+    assert set(messages.STREAM_FRAME_TYPES) == {
+        "started", "token", "reasoning", "tool_call_chunk", "tool_call_complete", "finish"}
+    assert set(messages.ADDRESSED_CLIENT_FRAME_TYPES) == {"start", "cancel", "resume"}
+
+
+def test_derived_lists_match_the_schema():
+    for direction, types in (("client_to_server", messages.CLIENT_FRAME_TYPES),
+                             ("server_to_client", messages.SERVER_FRAME_TYPES),
+                             ("relay_to_relay", messages.RELAY_OPS)):
+        assert set(SCHEMA[direction]["discriminator"]["mapping"]) == set(types), direction
+
+
+def test_the_js_frame_table_is_derived_from_the_models():
+    table = frame_tables()
+    assert table["client_types"] == list(messages.CLIENT_FRAME_TYPES)
+    assert table["server_types"] == list(messages.SERVER_FRAME_TYPES)
+    assert table["stream_types"] == list(messages.STREAM_FRAME_TYPES)
+    assert list(table["client"]) == list(messages.CLIENT_FRAME_TYPES)
+    for model in messages.union_members(messages.ClientMessage):
+        fields = table["client"][messages.model_tag(model)]
+        assert fields["required"] + fields["optional"] == [
+            name for name in model.model_fields if name != "type"]
+        required = {n for n, info in model.model_fields.items() if info.is_required()}
+        assert set(fields["required"]) == required - {"type"}
+    assert table["client"]["start"]["required"] == ["id", "model", "messages"]
+
+
+def test_the_unknown_type_error_lists_the_derived_client_types():
+    with pytest.raises(protocol.FrameError) as info:
+        decode_client_frame('{"type": "nope"}')
+    assert f"(expected one of: {', '.join(messages.CLIENT_FRAME_TYPES)})" in str(info.value)
+
+
+# Where frames used to be assembled by hand. A dict literal with a "type" key naming a
+# llm-relay.v1 frame, or an "op" key, is a frame built outside protocol.frames.
+_BUILDER_MODULES = {"protocol/frames.py"}
+_SCANNED = ["protocol", "relay"]
+
+
+def _hand_built_frames(source: str, name: str) -> list[str]:
+    known = set(messages.CLIENT_FRAME_TYPES) | set(messages.SERVER_FRAME_TYPES)
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Dict):
+            continue
+        for key, value in zip(node.keys, node.values):
+            if not (isinstance(key, ast.Constant) and isinstance(value, ast.Constant)):
+                continue
+            if (key.value == "type" and value.value in known) or key.value == "op":
+                found.append(f"{name}:{node.lineno} {value.value!r}")
+    return found
+
+
+def test_no_frame_is_assembled_outside_the_builders():
+    offenders = []
+    for package in _SCANNED:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = str(path.relative_to(ROOT))
+            if rel in _BUILDER_MODULES or rel in _OTHER_WIRES:
+                continue
+            offenders += _hand_built_frames(path.read_text(encoding="utf-8"), rel)
+    assert offenders == []
+
+
+#: Modules whose dicts are another wire's, not llm-relay.v1 frames: the AI SDK's
+#: UIMessageChunk protocol, and TokenStreamer's seed-compatible event dicts.
+_OTHER_WIRES = {"protocol/aisdk.py", "relay/streamer.py"}
+
+
+def test_the_scan_finds_a_hand_built_frame():
+    # The scan above must be able to fail; a tool schema's "type": "function" is no frame.
+    sample = ('x = {"type": "token", "id": "q"}\ny = {"op": "cancel", "key": k}\n'
+              'z = {"type": "function", "function": {}}\n')
+    assert _hand_built_frames(sample, "sample.py") == ["sample.py:1 'token'",
+                                                       "sample.py:2 'cancel'"]
 
 
 def test_started_has_seq_zero():
@@ -206,3 +426,16 @@ def test_decode_server_frame_welcome_with_extra_limits():
 def test_decode_server_frame_rejects_a_malformed_known_frame():
     with pytest.raises(pydantic.ValidationError):
         decode_server_frame(b'{"type":"token","id":"q","seq":1}')
+
+
+def test_relay_client_js_builds_no_client_frame_by_hand():
+    """relay-client.js builds its frames with clientFrame() from the generated table and
+    routes stream frames by the generated list (tests/browser checks what it builds)."""
+    js = (ROOT / "client_demo" / "web" / "relay-client.js").read_text(encoding="utf-8")
+    literal = re.compile(r"""type\s*:\s*["'](\w+)["']""")
+    assert [t for t in literal.findall(js) if t in messages.CLIENT_FRAME_TYPES] == []
+    # A list of types spelled out as fall-through cases (``case "a": case "b": ...``).
+    fallthrough = re.findall(r"""(?:case\s+["']\w+["']\s*:\s*){3,}""", js)
+    assert fallthrough == []
+    for ftype in messages.CLIENT_FRAME_TYPES:
+        assert f'clientFrame("{ftype}"' in js, ftype

@@ -12,18 +12,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol import (
+    ADDRESSED_CLIENT_FRAME_TYPES,
     ALLOWED_PARAMS,
-    Cancel,
+    CLIENT_FRAME_TYPES,
+    ClientMessage,
     Error,
     FrameError,
-    Hello,
-    Ping,
     Start,
     decode_client_frame,
+    union_members,
 )
 
-CLIENT_MESSAGES = (Hello, Start, Cancel, Ping)
-CLIENT_TYPES = ("hello", "start", "cancel", "ping")
+# Every client frame, derived from the union (these lists had left out resume).
+CLIENT_MESSAGES = union_members(ClientMessage)
+CLIENT_TYPES = CLIENT_FRAME_TYPES
 
 FAST = settings(max_examples=250, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -43,6 +45,7 @@ json_values = st.recursive(
 # Values shaped like our frames, so validation (not only JSON parsing) is exercised deeply.
 FIELD_NAMES = ["type", "id", "model", "messages", "tools", "tool_choice", "params", "token",
                "client", "data", "role", "content", "function", "name", "version",
+               "stream_key", "after_seq",
                *ALLOWED_PARAMS, "api_key", "api_base", "n", "stream_options"]
 field_value = st.deferred(lambda: (
     json_scalars
@@ -92,7 +95,7 @@ def check(data: str | bytes) -> Any:
         if "ref" in frame:
             assert isinstance(frame["ref"], str) and len(frame["ref"]) <= 64
         if "id" in frame:
-            assert frame.get("ref") in ("start", "cancel") and isinstance(frame["id"], str)
+            assert frame.get("ref") in ADDRESSED_CLIENT_FRAME_TYPES and isinstance(frame["id"], str)
         orjson.dumps(frame)  # the answer itself is always serialisable
         return None
     assert isinstance(msg, CLIENT_MESSAGES)

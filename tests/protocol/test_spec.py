@@ -23,12 +23,12 @@ import pytest
 
 import protocol
 from protocol import ALLOWED_PARAMS, CloseCode, ErrorCode, FinishReason, FinishStatus
-from protocol.codec import _CLIENT_TYPES, _SERVER_TYPES
+from protocol.messages import CLIENT_FRAME_TYPES, SERVER_FRAME_TYPES
 
 PROTOCOL_DIR = Path(protocol.__file__).parent
 ROOT = PROTOCOL_DIR.parent
 SPEC = (PROTOCOL_DIR / "PROTOCOL.md").read_text(encoding="utf-8")
-FRAME_TYPES = sorted(set(_CLIENT_TYPES) | set(_SERVER_TYPES))
+FRAME_TYPES = sorted(set(CLIENT_FRAME_TYPES) | set(SERVER_FRAME_TYPES))
 
 CORE = "tests/relay/test_core.py"
 SPECB = "tests/relay/test_spec_behaviour.py"
@@ -399,7 +399,7 @@ def test_the_json_schema_section_lists_the_schemas_frame_types():
     protocol/schema.json (it had left out resume/resumed)."""
     schema = json.loads((PROTOCOL_DIR / "schema.json").read_text(encoding="utf-8"))
     text = _sections()["JSON Schema"]
-    for direction in ("client_to_server", "server_to_client"):
+    for direction in ("client_to_server", "server_to_client", "relay_to_relay"):
         listed = re.search(rf"`{direction}` \(([^)]*)\)", text, re.S)
         assert listed, direction
         named = set(re.findall(r"`(\w+)`", listed.group(1)))
@@ -410,5 +410,5 @@ def test_the_json_schema_section_lists_the_schemas_frame_types():
 def test_the_unknown_type_message_of_the_spec_is_the_codecs():
     """The bad-input table quotes the codec's message for an unknown type, with every
     client frame type (it had left out resume)."""
-    assert (f"unknown frame type 'foo' (expected one of: {', '.join(_CLIENT_TYPES)})"
+    assert (f"unknown frame type 'foo' (expected one of: {', '.join(CLIENT_FRAME_TYPES)})"
             in _sections()["Bad input"])

@@ -136,6 +136,47 @@ async def test_a_cancel_sent_to_one_relay_stops_the_upstream_running_in_the_othe
         assert a.hub.get(started["stream_key"]).source.cancelled
 
 
+async def test_malformed_relay_messages_are_logged_and_dropped_and_the_listener_goes_on(
+        prefix, caplog):
+    """Control messages the models refuse (protocol.RelayMessage) change nothing: a takeover
+    without ``node`` does not detach the stream's attachment (it used to: ``None`` is not
+    this relay's node), and a valid cancel that follows still stops the upstream."""
+    from redis.asyncio import Redis
+
+    caplog.set_level(logging.WARNING, logger="relay.replication")
+    handler = demo_handler()
+    before = handler.closed_early
+    async with two_relays(SHARED_REDIS, prefix, demo_tps=20) as (a, b):
+        async with Client.connect(a.url) as ca:
+            await ca.start("q1")
+            started, _ = await _until_tokens(ca, "q1", 1)
+            key = started["stream_key"]
+            raw = Redis.from_url(SHARED_REDIS)
+            try:
+                for bad in (b'{"op": "takeover", "key": "%s"}' % key.encode(),
+                            b'{"op": "explode", "key": "%s"}' % key.encode(),
+                            b'{"op": "cancel"}', b'{"op": "cancel", "key": 5}'):
+                    await raw.publish(f"{prefix}control", bad)
+            finally:
+                await raw.aclose()
+            await eventually(lambda: sum("ignoring a relay message" in r.getMessage()
+                                         for r in caplog.records) >= 8)   # 4 on each relay
+            assert a.hub.get(key).attachment is not None      # not taken over
+            ca.ws.transport.abort()
+        async with Client.connect(b.url) as cb:
+            await cb.send({"type": "resume", "stream_key": key, "after_seq": 0})
+            assert (await cb.next_for("q1"))["type"] == "resumed"
+            await cb.send({"type": "cancel", "id": "q1"})
+            finish = (await cb.collect("q1"))[-1]
+            assert (finish["status"], finish["reason"]) == ("cancelled", "client_cancel")
+        await handler.wait_closed_early(before + 1)
+    refused = [r.getMessage() for r in caplog.records if "ignoring a relay message" in
+               r.getMessage()]
+    assert any("field 'node'" in m for m in refused)
+    assert any("unknown relay message op 'explode'" in m for m in refused)
+    assert any("field 'key'" in m for m in refused)
+
+
 async def test_unknown_and_foreign_keys_are_unknown_stream_on_every_relay(prefix):
     async with two_relays(SHARED_REDIS, prefix, demo_tps=20,
                           trusted_proxies=["127.0.0.1"]) as (a, b):
