@@ -1,10 +1,10 @@
 """The one place every outbound frame is built, as a plain dict: the frames the relay sends
 its clients, the frames a client sends the relay, and the messages relays send each other.
 
-Nothing else assembles a frame by hand: the relay (``relay.hub``, ``relay.session``,
-``relay.streamlog``, ``protocol.codec.FrameError``), the Python client (``relay.client``,
-``protocol.client_policy``) and the relay-to-relay control channel (``relay.replication``)
-call these builders; the browser client builds its frames from the field table generated
+Nothing else assembles a frame by hand: the relay (``relay.runtime.hub``,
+``relay.runtime.session``, ``relay.core.streamlog``, ``protocol.codec.FrameError``), the Python
+client (``relay.client``, ``protocol.client_policy``) and the relay-to-relay control channel
+(``relay.cluster.replication``) call these builders; the browser client builds its frames from the field table generated
 from the same models (``protocol.client_policy.policy_tables()["frames"]``).
 
 Validating every outbound frame with pydantic would cost more than the relay's whole

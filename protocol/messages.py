@@ -348,7 +348,7 @@ ServerMessage = Annotated[
 
 
 class _RelayOp(BaseModel):
-    """A control message between relays sharing a Redis store (``relay.replication``).
+    """A control message between relays sharing a Redis store (``relay.cluster.replication``).
 
     Relays may run different versions during a rolling restart, so unknown fields are
     ignored (``extra="ignore"``); an unknown ``op`` or a missing field is refused by

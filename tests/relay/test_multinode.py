@@ -143,7 +143,7 @@ async def test_malformed_relay_messages_are_logged_and_dropped_and_the_listener_
     this relay's node), and a valid cancel that follows still stops the upstream."""
     from redis.asyncio import Redis
 
-    caplog.set_level(logging.WARNING, logger="relay.replication")
+    caplog.set_level(logging.WARNING, logger="relay.cluster.replication")
     handler = demo_handler()
     before = handler.closed_early
     async with two_relays(SHARED_REDIS, prefix, demo_tps=20) as (a, b):
