@@ -68,6 +68,7 @@ from .providers import ModelRegistry, ModelSpec
 from .shared_limits import SharedStream
 from .streamer import TokenStreamer
 from .streamlog import LogEntry, coalesce
+from .tasks import cancel_and_wait
 
 __all__ = ["Attachment", "Session", "StreamerFactory"]
 
@@ -585,9 +586,7 @@ class Session:
         if self._slow_timer is not None:
             self._slow_timer.cancel()
         if self._writer is not None and not self._writer.done():
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+            await cancel_and_wait(self._writer)
 
     def backlog_bytes(self) -> int:
         """Bytes queued for this client and not yet handed to the socket: control frames
