@@ -44,7 +44,10 @@ from typing import Any, Protocol
 from protocol import ErrorCode, FinishReason, FinishStatus
 
 from .llm import DEMO_MODEL
-from .upstream_errors import UpstreamFailure, classify_upstream_exception
+from .upstream_errors import (
+    RELAY_BUG, ProviderStreamError, UpstreamFailure, classify_upstream_exception,
+    is_provider_failure,
+)
 
 
 __all__ = [
@@ -171,7 +174,7 @@ _CANCEL_REASONS = frozenset(
 )
 
 
-class _Truncated(Exception):
+class _Truncated(ProviderStreamError):
     """The provider's stream ended without a finish reason."""
 
 
@@ -473,10 +476,16 @@ class TokenStreamer:
                 UpstreamFailure(ErrorCode.UPSTREAM_TIMEOUT,
                                 f"the provider exceeded the {what} limit"),
             )
-        except Exception as exc:  # any provider failure ends the stream, never the caller
-            failure = classify_upstream_exception(exc, mid_stream=self._response is not None)
-            logger.warning("upstream failure for model %s: %s (%s)", self.model,
-                           failure.code, type(exc).__name__)
+        except Exception as exc:  # any failure ends the stream, never the caller
+            if is_provider_failure(exc):
+                failure = classify_upstream_exception(exc, mid_stream=self._response is not None)
+                logger.warning("upstream failure for model %s: %s (%s)", self.model,
+                               failure.code, type(exc).__name__)
+            else:
+                # A bug in the relay's own code, not the provider's doing: said so on the
+                # wire (internal_error), with its traceback in the log.
+                failure = RELAY_BUG
+                logger.exception("relay bug while streaming model %s", self.model)
             end = StreamEnd(
                 FinishStatus.FAILED,
                 str(failure.code),  # a plain string, like the completed reasons
@@ -532,6 +541,8 @@ class TokenStreamer:
             except (_Interrupted, TimeoutError):
                 raise
             except Exception as exc:
+                if not is_provider_failure(exc):
+                    raise                  # a relay bug: retrying cannot help
                 code = classify_upstream_exception(exc).code
                 retryable = code in (ErrorCode.UPSTREAM_ERROR, ErrorCode.UPSTREAM_RATE_LIMITED)
                 if attempt + 1 >= attempts or not retryable:
