@@ -76,13 +76,13 @@ from protocol import (
     frames,
 )
 
+from protocol.codec import DecodeLimits
+
 from .auth import AuthError
 from .errors import Draining, DuplicateId, RateLimited, RelayError, TooManyStreams, UnknownModel
 from .limits import PrincipalState
 
 if TYPE_CHECKING:
-    from protocol.codec import DecodeLimits
-
     from .auth import Authenticator, Credentials
     from .limits import Principals
 
@@ -328,6 +328,7 @@ class Connection:
         self.credentials: Credentials | None = None
         #: Another protocol that has no hello (relay.aisdk) starts ``WELCOMED``.
         self.phase = Phase.WELCOMED if greeted else Phase.OPENING
+        self._decode_limits = limits.decode_limits or DecodeLimits()
         self._headers: Mapping[str, str] | None = None
         self._expiry_noticed = False
 
@@ -426,7 +427,7 @@ class Connection:
 
     def _first_frame(self, raw: str | bytes) -> list[Action]:
         try:
-            hello = decode_client_frame(raw, self.limits.decode_limits)
+            hello = decode_client_frame(raw, self._decode_limits)
             if not isinstance(hello, Hello):
                 raise FrameError(f"expected hello, got {type(hello).__name__.lower()}")
         except FrameError as exc:
@@ -476,7 +477,7 @@ class Connection:
     def _frame(self, event: FrameReceived) -> list[Action]:
         msg: Any = None
         try:
-            msg = decode_client_frame(event.raw, self.limits.decode_limits)
+            msg = decode_client_frame(event.raw, self._decode_limits)
         except FrameError as exc:
             return [SendFrame(exc.frame())]
         if isinstance(msg, Start):
