@@ -51,7 +51,7 @@ from .config import RelaySettings
 from .connection import (
     Action, ActionFailed, AdoptCredentials, CancelStream, Close, CloseWhenStreamsEnd,
     Connection, ConnectionLimits, FrameReceived, HelloAccepted, HelloTimedOut, InternalFailure,
-    Opened, Refuse, ResumeStream, SendFrame, ServerRestart, SlowConsumer, Slowness,
+    Opened, Phase, Refuse, ResumeStream, SendFrame, ServerRestart, SlowConsumer, Slowness,
     SocketClosed, StartRequested, StartStream, StreamFailed, StreamTakenOver,
     TokenExpiredStreamsDone, TooManyFrames, close_reason,
 )
@@ -208,7 +208,9 @@ class Session:
             return False
         except ConnectionClosed:
             return False
-        return await self._perform_handshake(conn.handle(FrameReceived(raw)))
+        # (A restart may have closed it meanwhile: then the hello gets no answer.)
+        return (await self._perform_handshake(conn.handle(FrameReceived(raw)))
+                and conn.phase is Phase.WELCOMED)
 
     async def _perform_handshake(self, actions: list[Action]) -> bool:
         """Carry out the handshake's actions; False once the connection is closed."""
@@ -290,15 +292,8 @@ class Session:
         """Carry out one action of the machine. An exception raised by a stream operation
         goes back to the machine as ``ActionFailed`` (its answer is the ``error`` frame);
         one that is not a refusal of the relay's is a bug, logged here with its traceback."""
-        if isinstance(action, SendFrame):
-            frame = action.frame
-            if frame.get("type") == "error":
-                self.metrics.errors.labels(frame["code"]).inc()
-            self._send(frame)
-            return
-        if isinstance(action, Close):
-            self._log_close(action)
-            self._close_soon(action)
+        if isinstance(action, (SendFrame, Close)):
+            self._perform_now([action])
             return
         if isinstance(action, CloseWhenStreamsEnd):
             self._close_when_expired()
