@@ -446,3 +446,22 @@ def test_the_machine_imports_nothing_of_the_event_loop():
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             imported.add(node.module.split(".")[0])
     assert not imported & {"asyncio", "websockets", "litellm", "redis", "httpx"}
+
+
+def test_error_frames_are_built_only_in_relay_connection():
+    """v1 ``error`` frames (``protocol.frames.error``, ``FrameError.frame()``) are built by
+    the machine only; relay.aisdk speaks another protocol with its own error builder."""
+    offenders = []
+    for path, tree in _relay_sources().items():
+        if path == "relay/connection.py":
+            continue
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            func = node.func
+            if func.attr == "error" and isinstance(func.value, ast.Name) and \
+                    func.value.id == "frames":
+                offenders.append(f"{path}:{node.lineno}: frames.error(...)")
+            if func.attr == "frame" and not node.args:
+                offenders.append(f"{path}:{node.lineno}: .frame()")
+    assert offenders == []
