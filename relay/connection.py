@@ -57,7 +57,6 @@ blocks and never raises for client input (a caller bug, such as a frame fed befo
 from __future__ import annotations
 
 import enum
-import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -92,11 +91,9 @@ __all__ = [
     "IllegalEvent", "InternalFailure", "Opened", "Phase", "Refuse", "ResumeStream", "SendFrame",
     "ServerRestart", "SlowConsumer", "Slowness", "StartRequested", "StartStream",
     "StreamFailed", "StreamTakenOver", "TokenExpiredStreamsDone", "TooManyFrames",
-    "close_reason", "internal_error_close", "not_a_websocket_endpoint", "refuse_at_door",
+    "close_reason", "internal_error_close", "legal_pairs", "not_a_websocket_endpoint", "refuse_at_door",
     "unanswerable_frame",
 ]
-
-logger = logging.getLogger("relay.connection")
 
 
 class Phase(enum.Enum):
@@ -342,8 +339,9 @@ class Connection:
             return []
         if phase in (Phase.CLOSING, Phase.CLOSED):
             return []           # the first close decision wins; nothing more is answered
+        if phase not in _LEGAL[type(event)]:
+            raise IllegalEvent(f"{type(event).__name__} in phase {phase.value!r}")
         if isinstance(event, Opened):
-            self._expect(Phase.OPENING, event)
             self._headers = event.headers
             if event.subprotocol != PROTOCOL_VERSION:
                 return self._close(CloseCode.UNSUPPORTED_VERSION,
@@ -351,16 +349,13 @@ class Connection:
             self.phase = Phase.AWAITING_HELLO
             return []
         if isinstance(event, HelloTimedOut):
-            self._expect(Phase.AWAITING_HELLO, event)
             return self._close(CloseCode.HELLO_TIMEOUT,
                                f"no hello within {self.limits.hello_timeout:g} s")
         if isinstance(event, FrameReceived):
             if phase is Phase.AWAITING_HELLO:
                 return self._first_frame(event.raw)
-            self._expect(Phase.WELCOMED, event)
             return self._frame(event)
         if isinstance(event, StartRequested):
-            self._expect(Phase.WELCOMED, event)
             refusal = self._admit(event.msg, event.open_ids, event.draining)
             if refusal is _EXPIRED:
                 return self._expired()
@@ -416,10 +411,6 @@ class Connection:
         return None
 
     # ------------------------------------------------------------------ internals
-
-    def _expect(self, phase: Phase, event: Event) -> None:
-        if self.phase is not phase:
-            raise IllegalEvent(f"{type(event).__name__} in phase {self.phase.value!r}")
 
     def _close(self, code: CloseCode, reason: str, note: str | None = None) -> list[Action]:
         self.phase = Phase.CLOSING
@@ -557,6 +548,32 @@ class Connection:
 
 
 _EXPIRED = object()
+
+_OPEN = frozenset({Phase.OPENING, Phase.AWAITING_HELLO, Phase.WELCOMED})
+_AFTER_WELCOME = frozenset({Phase.WELCOMED})
+
+#: The phases (besides ``CLOSING``/``CLOSED``, where every event is accepted and answered
+#: with nothing) in which each event may happen. Anything else is a bug of the glue.
+_LEGAL: dict[type, frozenset[Phase]] = {
+    Opened: frozenset({Phase.OPENING}),
+    HelloTimedOut: frozenset({Phase.AWAITING_HELLO}),
+    FrameReceived: frozenset({Phase.AWAITING_HELLO, Phase.WELCOMED}),
+    StartRequested: _AFTER_WELCOME,
+    ActionFailed: _AFTER_WELCOME,
+    StreamFailed: _AFTER_WELCOME,
+    StreamTakenOver: _AFTER_WELCOME,
+    TooManyFrames: _AFTER_WELCOME,
+    SlowConsumer: _AFTER_WELCOME,
+    TokenExpiredStreamsDone: _AFTER_WELCOME,
+    # A task may fail, and the relay may restart, at any time.
+    InternalFailure: _OPEN,
+    ServerRestart: _OPEN,
+}
+
+
+def legal_pairs() -> frozenset[tuple[Phase, type]]:
+    """Every (phase, event type) ``handle`` accepts while the connection is open."""
+    return frozenset((phase, kind) for kind, phases in _LEGAL.items() for phase in phases)
 
 
 def error_frame_for(msg: Any, exc: Exception) -> dict:

@@ -53,7 +53,7 @@ from .connection import (
     Connection, ConnectionLimits, FrameReceived, HelloAccepted, HelloTimedOut, InternalFailure,
     Opened, Phase, Refuse, ResumeStream, SendFrame, ServerRestart, SlowConsumer, Slowness,
     SocketClosed, StartRequested, StartStream, StreamFailed, StreamTakenOver,
-    TokenExpiredStreamsDone, TooManyFrames, close_reason,
+    TokenExpiredStreamsDone, TooManyFrames,
 )
 from .errors import RelayError, UnknownStream
 from .hub import Attachment, HubStream, StreamHub
@@ -65,7 +65,7 @@ from .streamer import TokenStreamer
 from .streamlog import LogEntry, coalesce
 from .tasks import cancel_and_wait
 
-__all__ = ["Attachment", "Session", "StreamerFactory", "close_reason"]
+__all__ = ["Attachment", "Session", "StreamerFactory"]
 
 logger = logging.getLogger("relay.session")
 

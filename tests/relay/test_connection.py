@@ -9,6 +9,7 @@ when a close code is chosen anywhere but relay/connection.py.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -26,10 +27,10 @@ from relay.connection import (
     InternalFailure, Opened, Phase, Refuse, ResumeStream, SendFrame, ServerRestart,
     SlowConsumer, Slowness, SocketClosed, StartRequested, StartStream, StreamFailed,
     StreamTakenOver, TokenExpiredStreamsDone, TooManyFrames, close_reason,
-    internal_error_close, not_a_websocket_endpoint, refuse_at_door, unanswerable_frame,
+    internal_error_close, legal_pairs, not_a_websocket_endpoint, refuse_at_door, unanswerable_frame,
 )
 from relay.errors import RateLimited, UnknownModel, UnknownStream
-from relay.limits import CompletionBudget, PrincipalState, Principals, TokenBucket
+from relay.limits import CompletionBudget, Principals, TokenBucket
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-relay-test-key-0123456789"
@@ -197,12 +198,52 @@ def test_a_principal_at_its_connection_limit_closes_4429():
     assert principals.get("jwt:alice").connections == 2
 
 
-def test_events_out_of_order_are_a_bug_of_the_glue():
-    conn = Connection(LIMITS, session_id="s", models=[])
-    with pytest.raises(IllegalEvent):
+EVENTS = [Opened(PROTOCOL_VERSION), HelloTimedOut(), FrameReceived(frame(type="ping")),
+          StartRequested(Start.model_validate_json(start())), ActionFailed(None, TypeError()),
+          StreamFailed("a", "stream_lost", "gone"), StreamTakenOver("a"), TooManyFrames(),
+          SlowConsumer(Slowness.BACKLOG), TokenExpiredStreamsDone(), InternalFailure(),
+          ServerRestart()]
+LEGAL = {
+    Phase.OPENING: {Opened, InternalFailure, ServerRestart},
+    Phase.AWAITING_HELLO: {HelloTimedOut, FrameReceived, InternalFailure, ServerRestart},
+    Phase.WELCOMED: {FrameReceived, StartRequested, ActionFailed, StreamFailed,
+                     StreamTakenOver, TooManyFrames, SlowConsumer, TokenExpiredStreamsDone,
+                     InternalFailure, ServerRestart},
+}
+
+
+def _in_phase(phase: Phase) -> Connection:
+    conn = Connection(LIMITS, session_id="s", models=["demo"])
+    if phase is not Phase.OPENING:
+        conn.handle(Opened(PROTOCOL_VERSION))
+    if phase is Phase.WELCOMED:
         conn.handle(FrameReceived(HELLO))
-    with pytest.raises(IllegalEvent):
-        welcomed().handle(HelloTimedOut())
+    assert conn.phase is phase
+    return conn
+
+
+def test_the_legal_pairs_are_the_documented_ones():
+    assert legal_pairs() == {(p, k) for p, kinds in LEGAL.items() for k in kinds}
+
+
+@pytest.mark.parametrize("phase", list(LEGAL), ids=lambda p: p.value)
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: type(e).__name__)
+def test_events_out_of_order_are_a_bug_of_the_glue(phase, event):
+    conn = _in_phase(phase)
+    if type(event) in LEGAL[phase]:
+        conn.handle(event)
+    else:
+        with pytest.raises(IllegalEvent):
+            conn.handle(event)
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: type(e).__name__)
+def test_once_closing_every_event_is_accepted_and_answered_with_nothing(event):
+    conn = welcomed()
+    conn.handle(InternalFailure())
+    assert conn.handle(event) == []
+    conn.handle(SocketClosed())
+    assert conn.handle(event) == [] and conn.phase is Phase.CLOSED
 
 
 # ---------------------------------------------------------------------- after welcome
@@ -273,9 +314,7 @@ def test_admission_of_a_start_follows_the_documented_order():
     err = error_of(_answer(conn, world))                  # 3. the token's max_streams
     assert (err["code"], err["message"]) == ("too_many_streams",
                                              "at most 2 concurrent streams for this token")
-    conn.credentials = type(conn.credentials)(conn.principal, "token",
-                                              frozenset({"gpt"}), None,
-                                              conn.credentials.expires_at)
+    conn.credentials = dataclasses.replace(conn.credentials, max_streams=None)
     err = error_of(_answer(conn, world))                  # 4. the completion budget
     assert err["code"] == "rate_limited" and err["retry_after"] > 0
     assert "completion token budget of 100 per hour" in err["message"]
