@@ -169,11 +169,11 @@ class Session:
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
-        if not await self._handshake():
-            return
-        self._writer = asyncio.create_task(self._write_loop(),
-                                           name=f"writer {self.session_id}")
         try:
+            if not await self._handshake():
+                return                # (a restart's close may be running: awaited below)
+            self._writer = asyncio.create_task(self._write_loop(),
+                                               name=f"writer {self.session_id}")
             async for raw in self.ws:
                 if not self._frames.take():
                     await self._close_flooded()
