@@ -339,7 +339,7 @@ class Connection:
             return []
         if phase in (Phase.CLOSING, Phase.CLOSED):
             return []           # the first close decision wins; nothing more is answered
-        if phase not in _LEGAL[type(event)]:
+        if phase not in _LEGAL.get(type(event), ()):
             raise IllegalEvent(f"{type(event).__name__} in phase {phase.value!r}")
         if isinstance(event, Opened):
             self._headers = event.headers
@@ -381,10 +381,8 @@ class Connection:
         if isinstance(event, InternalFailure):
             self.phase = Phase.CLOSING
             return [internal_error_close()]
-        if isinstance(event, ServerRestart):
-            return self._close(CloseCode.SERVICE_RESTART,
-                               "relay restarting; reconnect and resume")
-        raise IllegalEvent(f"unknown event {event!r}")
+        assert isinstance(event, ServerRestart)          # (_LEGAL lists no other event)
+        return self._close(CloseCode.SERVICE_RESTART, "relay restarting; reconnect and resume")
 
     # ------------------------------------------------------------------ derived facts
 

@@ -224,6 +224,8 @@ def _in_phase(phase: Phase) -> Connection:
 
 def test_the_legal_pairs_are_the_documented_ones():
     assert legal_pairs() == {(p, k) for p, kinds in LEGAL.items() for k in kinds}
+    with pytest.raises(IllegalEvent):
+        welcomed().handle(object())
 
 
 @pytest.mark.parametrize("phase", list(LEGAL), ids=lambda p: p.value)
