@@ -6,9 +6,10 @@ timer expired, a flood, a slow consumer, a bug, a restart...) and returns the *a
 glue (``relay.session.Session``, which keeps only the socket, the writer and the timers)
 carries out in order: send a frame, close with a code and reason, start/cancel/resume a
 stream, adopt credentials. Nothing else in relay/ chooses a close code for a connection: the
-server's refusals at the door (``refuse_at_door``), its last resort for a crashed session
-(``internal_error_close``), the /ai-sdk adapter's unanswerable frame and the HTTP-only
-endpoints' refusal are the small pure functions at the end of this module
+server's refusals at the door (``refuse_at_door``), its shutdown (``server_shutdown_close``)
+and its last resort for a crashed session (``internal_error_close``), the /ai-sdk adapter's
+unanswerable frame and the HTTP-only endpoints' refusal are the small pure functions at the
+end of this module
 (tests/relay/test_connection.py checks the sources of relay/ for it).
 
 Phases (``Phase``): ``OPENING`` -> ``AWAITING_HELLO`` -> ``WELCOMED`` -> ``CLOSING``
@@ -91,7 +92,7 @@ __all__ = [
     "IllegalEvent", "InternalFailure", "Opened", "Phase", "Refuse", "ResumeStream", "SendFrame",
     "ServerRestart", "SlowConsumer", "Slowness", "StartRequested", "StartStream",
     "StreamFailed", "StreamTakenOver", "TokenExpiredStreamsDone", "TooManyFrames",
-    "close_reason", "internal_error_close", "legal_pairs", "not_a_websocket_endpoint", "refuse_at_door",
+    "close_reason", "internal_error_close", "legal_pairs", "server_shutdown_close", "not_a_websocket_endpoint", "refuse_at_door",
     "unanswerable_frame",
 ]
 
@@ -609,6 +610,12 @@ def refuse_at_door(why: Door, detail: str | None = None) -> Close:
     else:
         reason = detail or "too many connections awaiting hello"
     return Close(int(CloseCode.TOO_MANY), close_reason(reason))
+
+
+def server_shutdown_close() -> Close:
+    """Every connection, once its streams got ``finish`` (``server_shutdown``), when the
+    relay stops: 1001 (websockets' ``Server.close`` sends it to each open connection)."""
+    return Close(int(CloseCode.GOING_AWAY), "")
 
 
 def internal_error_close() -> Close:

@@ -28,7 +28,8 @@ from .auth import AuthError, Authenticator, address_principal
 from .handshake import (OriginPolicy, RelayConnection, client_address, own_origins,
                         parse_networks, repeated_header)
 from .config import RelaySettings
-from .connection import Close, Door, internal_error_close, refuse_at_door
+from .connection import (Close, Door, internal_error_close, refuse_at_door,
+                         server_shutdown_close)
 from .hub import StreamHub
 from .replication import Replicator
 from .limits import PendingConnections, Principals, start_rate_limit
@@ -198,7 +199,9 @@ class RelayServer:
         # Streams end first, so their clients receive finish (server_shutdown) before 1001.
         await self.hub.close(FinishReason.SERVER_SHUTDOWN)
         await asyncio.gather(*(session.flush(timeout=2.0) for session in list(self._sessions)))
-        self._server.close(close_connections=True)
+        going_away = server_shutdown_close()
+        self._server.close(close_connections=True, code=going_away.code,
+                           reason=going_away.reason)
         await self._server.wait_closed()
         self._server = None
         if self.shared_limits is not None:

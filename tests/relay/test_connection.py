@@ -27,7 +27,8 @@ from relay.connection import (
     InternalFailure, Opened, Phase, Refuse, ResumeStream, SendFrame, ServerRestart,
     SlowConsumer, Slowness, SocketClosed, StartRequested, StartStream, StreamFailed,
     StreamTakenOver, TokenExpiredStreamsDone, TooManyFrames, close_reason,
-    internal_error_close, legal_pairs, not_a_websocket_endpoint, refuse_at_door, unanswerable_frame,
+    internal_error_close, legal_pairs, not_a_websocket_endpoint, refuse_at_door,
+    server_shutdown_close, unanswerable_frame,
 )
 from relay.errors import RateLimited, UnknownModel, UnknownStream
 from relay.limits import CompletionBudget, Principals, TokenBucket
@@ -444,6 +445,7 @@ def test_decisions_outside_a_connection():
     pending = "too many connections awaiting hello from this address"
     assert refuse_at_door(Door.TOO_MANY_PENDING, pending) == Close(4429, pending)
     assert internal_error_close() == Close(1011, "internal error")
+    assert server_shutdown_close() == Close(1001, "")
     assert not_a_websocket_endpoint() == Close(1008, "no WebSocket here")
     long = unanswerable_frame("é" * 200)
     assert long.code == 1008 and len(long.reason.encode()) <= 123
