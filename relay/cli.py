@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _token_mint(args: argparse.Namespace) -> int:
-    from relay.http.auth import mint_token
+    from relay.core.auth import mint_token
 
     secret = args.secret or os.environ.get("RELAY_TOKEN_SECRET")
     if not secret:

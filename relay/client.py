@@ -135,6 +135,8 @@ from protocol.client_policy import (
     local_cancel_finish,
 )
 
+from relay.runtime.tasks import cancel_and_wait
+
 __all__ = [
     "CompletionResult",
     "ConnectionLost",
@@ -561,11 +563,9 @@ class RelayClient:
         iteration."""
         self._closing = True
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            # Our own cancel of the connection task is absorbed; a cancel of the caller
+            # while it waits here propagates (relay.runtime.tasks).
+            await cancel_and_wait(self._task)
             self._task = None
         if self._ws is not None:
             await self._ws.close()

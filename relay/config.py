@@ -97,7 +97,7 @@ class RelaySettings(BaseSettings):
         if self.max_pending_connections is not None:
             return self.max_pending_connections
         return max(1, self.max_connections // 4)
-    # --- authentication and token budget (issue: auth); see relay/http/auth.py
+    # --- authentication and token budget (issue: auth); see relay/core/auth.py
     auth: bool = Field(False, description="require an API key or a signed token")
     api_keys: list[str] = Field(default_factory=list, repr=False,
                                 description="static API keys, plain or 'sha256:<hex>'")
@@ -116,7 +116,7 @@ class RelaySettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_auth(self) -> RelaySettings:
-        from relay.http.auth import check_auth_settings
+        from relay.core.auth import check_auth_settings
 
         check_auth_settings(self.auth, self.api_keys, self.token_secret)
         return self

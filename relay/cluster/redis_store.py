@@ -73,6 +73,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
+from relay.runtime.tasks import cancel_and_wait
+
 __all__ = ["RedisStore", "StoreUnavailable", "StreamMeta"]
 
 logger = logging.getLogger(__name__)
@@ -288,9 +290,7 @@ class RedisStore:
         self._closed = True
         task, self._listener = self._listener, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         for client in (self._cmd, self._blocking, self._sub):
             with contextlib.suppress(Exception):
                 await client.aclose(close_connection_pool=True)

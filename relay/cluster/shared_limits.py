@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING
 
 from relay.core.errors import RateLimited, TooManyStreams
 from relay.cluster.redis_store import StoreUnavailable
+from relay.runtime.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from relay.core.limits import CompletionBudget, TokenBucket
@@ -253,9 +254,7 @@ class SharedLimits:
         leases left behind expire within ``lease``)."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         for member, key in list(self._held.items()):
             self._release(member, key)
         with contextlib.suppress(StoreUnavailable):

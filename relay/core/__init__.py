@@ -4,6 +4,9 @@ them). Each is driven by the asyncio glue in ``relay.runtime``.
 
 - ``lifecycle``: a stream's states and the one transition table the hub carries out;
 - ``streamlog``: a stream's compact frame log (the only buffer between producer and readers);
+- ``connection``: one connection's machine: handshake, start admission, every close code and
+  error frame;
+- ``auth``: API keys and signed tokens (JWT) -> credentials and principals;
 - ``limits``: token buckets and per-principal accounting;
 - ``errors``: the relay's own refusals, each carrying its wire code.
 """

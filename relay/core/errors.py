@@ -1,6 +1,6 @@
-"""The relay's own refusals, each carrying its wire code. ``Session`` turns them into
-``error`` frames in one place (``Session._handle``); nothing else builds error frames from
-exceptions.
+"""The relay's own refusals, each carrying its wire code. The connection machine turns them
+into ``error`` frames in one place (``relay.core.connection.error_frame_for``, fed by
+``ActionFailed`` or by its own admission); nothing else builds error frames from exceptions.
 
     RelayError(code)                  -> error frame {code, message, ref, id}
       BadRequest                         bad_request

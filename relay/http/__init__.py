@@ -1,7 +1,6 @@
 """The HTTP edge: what the relay decides and serves before, or beside, a WebSocket.
 
 - ``handshake``: origins, forwarded addresses, one request per connection, body refusal;
-- ``auth``: API keys and signed tokens -> principals;
 - ``web``: the browser chat page's static files;
 - ``metrics_http``: ``/metrics`` on a port of its own.
 """

@@ -52,7 +52,7 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 _WS_SCHEMES = {"ws": "http", "wss": "https"}
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
-# Authorization is not here: relay/http/auth.py answers a repeated one with its own 401.
+# Authorization is not here: relay/core/auth.py answers a repeated one with its own 401.
 SINGLE_VALUED_HEADERS = ("Host", "Origin")
 
 

@@ -75,4 +75,7 @@ class MetricsHTTPServer:
 
     async def _refuse_upgrade(self, ws: ServerConnection) -> None:  # pragma: no cover
         # Unreachable: _process_request answers every request, so nothing is upgraded.
-        await ws.close(1008, "no WebSocket here")
+        from relay.core.connection import not_a_websocket_endpoint
+
+        close = not_a_websocket_endpoint()
+        await ws.close(close.code, close.reason)

@@ -48,12 +48,13 @@ from protocol.aisdk import (
     to_chat_messages,
 )
 
-from relay.http.auth import AuthError
+from relay.core.auth import AuthError
 from relay.core.errors import RelayError, StreamLost, UnknownStream
 from relay.cluster.redis_store import StoreUnavailable
 from relay.cluster.replication import Replicator, StoreUnavailableError
+from relay.core.connection import unanswerable_frame
 from relay.runtime.hub import Attachment
-from relay.runtime.session import Session, close_reason
+from relay.runtime.session import Session
 from relay.core.streamlog import LogEntry
 
 __all__ = ["AI_SDK_EXAMPLE_PATH", "AI_SDK_EXAMPLE_ROOT", "AI_SDK_PATH", "AiSdkSession", "ChatIndex"]
@@ -64,10 +65,6 @@ AI_SDK_PATH = "/ai-sdk"
 #: Where the relay serves the useChat example page (client_demo/ai-sdk/, once built).
 AI_SDK_EXAMPLE_PATH = "/examples/ai-sdk/"
 AI_SDK_EXAMPLE_ROOT = Path(__file__).resolve().parents[2] / "client_demo" / "ai-sdk"
-
-#: Close code for a frame that cannot be answered (RFC 6455 policy violation).
-_POLICY_VIOLATION = 1008
-
 
 _FIRST_PRUNE = 1024
 
@@ -151,6 +148,9 @@ def _message_id(stream_key: str) -> str:
 class AiSdkSession(Session):
     """One ``/ai-sdk`` connection. See the module docstring for the rules."""
 
+    #: No hello: the connection's machine starts welcomed (relay.core.connection).
+    _greeted_without_hello = True
+
     def __init__(self, *args: Any, chats: ChatIndex, address_principal: str,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -175,7 +175,6 @@ class AiSdkSession(Session):
                 self._adopt_credentials(creds)
         else:
             self._admitted()
-        self._greeted = True
         return True
 
     def _admitted(self) -> None:
@@ -230,7 +229,7 @@ class AiSdkSession(Session):
             if exc.request_id is None or not isinstance(raw, str):
                 logger.info("ai-sdk: closing a connection that sent an unanswerable frame",
                             extra={"session_id": self.session_id})
-                self._close_soon(_POLICY_VIOLATION, close_reason(exc.message))
+                self._close_soon(unanswerable_frame(exc.message))
                 return
             self._respond(error_frame(exc.request_id, exc.message))
             return

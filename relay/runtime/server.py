@@ -20,14 +20,16 @@ from typing import Any
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from protocol import SUPPORTED_VERSIONS, CloseCode, FinishReason
+from protocol import SUPPORTED_VERSIONS, FinishReason
 
 from relay.http import web
 from relay.runtime.aisdk import AI_SDK_EXAMPLE_PATH, AI_SDK_EXAMPLE_ROOT, AI_SDK_PATH, AiSdkSession, ChatIndex
-from relay.http.auth import AuthError, Authenticator, address_principal
+from relay.core.auth import AuthError, Authenticator, address_principal
 from relay.http.handshake import (OriginPolicy, RelayConnection, client_address, own_origins,
                         parse_networks, repeated_header)
 from relay.config import RelaySettings
+from relay.core.connection import (Close, Door, internal_error_close, refuse_at_door,
+                         server_shutdown_close)
 from relay.runtime.hub import StreamHub
 from relay.cluster.replication import Replicator
 from relay.core.limits import PendingConnections, Principals, start_rate_limit
@@ -182,8 +184,7 @@ class RelayServer:
             # resume right away, while this one finishes its upstream calls into Redis.
             logger.info("restarting: closing %d connection(s) with 1012", len(self._sessions))
             for session in list(self._sessions):
-                session.close_soon(CloseCode.SERVICE_RESTART,
-                                   "relay restarting; reconnect and resume")
+                session.close_for_restart()
         tasks = self.hub.tasks()
         if tasks and timeout > 0:
             logger.info("draining %d stream(s) for up to %g s", len(tasks), timeout)
@@ -198,7 +199,9 @@ class RelayServer:
         # Streams end first, so their clients receive finish (server_shutdown) before 1001.
         await self.hub.close(FinishReason.SERVER_SHUTDOWN)
         await asyncio.gather(*(session.flush(timeout=2.0) for session in list(self._sessions)))
-        self._server.close(close_connections=True)
+        going_away = server_shutdown_close()
+        self._server.close(close_connections=True, code=going_away.code,
+                           reason=going_away.reason)
         await self._server.wait_closed()
         self._server = None
         if self.shared_limits is not None:
@@ -323,14 +326,14 @@ class RelayServer:
     async def _handler(self, ws: ServerConnection) -> None:
         principal = address_principal(self._principal_of(ws))
         if self.principals.total_connections >= self.settings.max_connections:
-            await ws.close(CloseCode.TOO_MANY, "too many connections to this relay")
+            await _close(ws, refuse_at_door(Door.RELAY_FULL))
             return
         # Until its hello is accepted a connection holds a pending slot of its address, so
         # sockets that never authenticate cannot take the whole relay.
         release_pending, refusal = self.pending.enter(principal)
         if release_pending is None:
             logger.info("refused connection: %s", refusal, extra={"address": principal})
-            await ws.close(CloseCode.TOO_MANY, refusal)
+            await _close(ws, refuse_at_door(Door.TOO_MANY_PENDING, refusal))
             return
         try:
             await self._serve_connection(ws, principal, release_pending)
@@ -343,7 +346,7 @@ class RelayServer:
         state = self.principals.get(principal)
         # With auth on, the principal is known after hello (Authenticator.admit checks it).
         if state.connections >= s.max_connections_per_principal and not self.auth.enabled:
-            await ws.close(CloseCode.TOO_MANY, "too many connections for this principal")
+            await _close(ws, refuse_at_door(Door.PRINCIPAL_FULL))
             return
         state = self.principals.connect(principal)
         if s.send_buffer_bytes is not None:
@@ -364,12 +367,18 @@ class RelayServer:
         except asyncio.CancelledError:
             raise
         except Exception:
+            # The session task's boundary: a relay bug, logged with its traceback.
             logger.exception("session %s crashed", session.session_id)
-            await ws.close(1011, "internal error")
+            await _close(ws, internal_error_close())
         finally:
             self._sessions.discard(session)
             self.principals.disconnect(session.principal)  # the authenticated one, if any
             self.metrics.connections.dec()
+
+
+async def _close(ws: ServerConnection, close: Close) -> None:
+    """Carry out a close decided by relay.core.connection."""
+    await ws.close(close.code, close.reason)
 
 
 def _set_send_buffer(ws: ServerConnection, size: int) -> None:

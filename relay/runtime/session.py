@@ -22,8 +22,13 @@ sent, or the control queue alone grew past twice ``slow_consumer_bytes`` (only a
 keeps sending frames and never reads their answers gets there; the stream backlog is
 bounded by the logs' caps, the control queue only by this).
 
-Every inbound frame gets a defined answer; exceptions become ``error`` frames in exactly one
-place, ``_handle``.
+Decisions are not made here: every close code and reason, the handshake, the admission of a
+``start`` and every ``error`` frame come from the connection's sans-I/O machine
+(``relay.core.connection.Connection``), fed with what happened (a frame, a timer, a flood, a slow
+client, a bug) and answered with actions this glue carries out (``_perform``). Exceptions
+raised while carrying one out go back to the machine (``ActionFailed``), which turns them
+into the ``error`` frame; anything but the relay's own refusals is logged here first, with
+its traceback, as a relay bug.
 """
 
 from __future__ import annotations
@@ -39,28 +44,18 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
-from protocol import (
-    PROTOCOL_VERSION,
-    Cancel,
-    CloseCode,
-    ErrorCode,
-    FinishReason,
-    FrameError,
-    Hello,
-    Ping,
-    Resume,
-    Start,
-    decode_client_frame,
-    encode_frame,
-    frames,
-)
+from protocol import FinishReason, FrameError, Resume, Start, encode_frame, frames
 
-from relay.http.auth import Authenticator, Credentials
+from relay.core.auth import Authenticator, Credentials
 from relay.config import RelaySettings
-from relay.core.errors import (
-    BadRequest, Draining, DuplicateId, RateLimited, RelayError, TooManyStreams, UnknownModel,
-    UnknownStream,
+from relay.core.connection import (
+    Action, ActionFailed, AdoptCredentials, CancelStream, Close, CloseWhenStreamsEnd,
+    Connection, ConnectionLimits, FrameReceived, HelloAccepted, HelloTimedOut, InternalFailure,
+    Opened, Phase, Refuse, ResumeStream, SendFrame, ServerRestart, SlowConsumer, Slowness,
+    SocketClosed, StartRequested, StartStream, StreamFailed, StreamTakenOver,
+    TokenExpiredStreamsDone, TooManyFrames,
 )
+from relay.core.errors import RelayError, UnknownStream
 from relay.runtime.hub import Attachment, HubStream, StreamHub
 from relay.core.limits import PrincipalState, TokenBucket
 from relay.metrics import RelayMetrics
@@ -68,6 +63,7 @@ from relay.upstream.providers import ModelRegistry, ModelSpec
 from relay.cluster.shared_limits import SharedStream
 from relay.upstream.streamer import EventStreamer
 from relay.core.streamlog import LogEntry, coalesce
+from relay.runtime.tasks import cancel_and_wait
 
 __all__ = ["Attachment", "Session", "StreamerFactory"]
 
@@ -109,21 +105,23 @@ class Session:
         self.metrics = metrics or RelayMetrics()
         self._on_hello = on_hello  # called once hello is accepted (pending-connection caps)
         self._auth = auth if auth is not None and auth.enabled else None
-        self.credentials: Credentials | None = None  # set by _admit when auth is on
         self._expiry_close: asyncio.Task | None = None
         self.ws = ws
-        self.principal = principal
-        self._principal_state = principal_state or PrincipalState()
         self._frames = TokenBucket(settings.frames_per_second, settings.frame_burst)
         self._decode_limits = settings.decode_limits()
         self.settings = settings
         self.registry = registry
         self.hub = hub if hub is not None else StreamHub(settings, self.metrics)
         self.session_id = "s_" + secrets.token_urlsafe(12)
+        #: Every decision of this connection (relay.core.connection); this class carries them out.
+        self.conn = Connection(
+            ConnectionLimits.from_settings(settings), session_id=self.session_id,
+            models=registry.aliases, principal=principal, principal_state=principal_state,
+            auth=self._auth, principals=self._auth.principals if self._auth else None,
+            greeted=self._greeted_without_hello)
         self._streamer_factory = streamer_factory or (lambda spec: spec.streamer())
         self._draining = draining
         self._attachments: dict[str, Attachment] = {}
-        self._greeted = False
         # outbound
         self._control: deque[bytes] = deque()
         self._control_bytes = 0
@@ -136,18 +134,46 @@ class Session:
         self._slow_timer: asyncio.TimerHandle | None = None
         self._cancelled_on_detach: list[asyncio.Task] = []
 
+    #: A protocol without ``hello`` (relay.runtime.aisdk) starts welcomed.
+    _greeted_without_hello = False
+
     @property
     def active_streams(self) -> int:
         return len(self._attachments)
 
+    @property
+    def principal(self) -> str:
+        """Who the connection acts for: its address, or once authenticated the principal."""
+        return self.conn.principal
+
+    @principal.setter
+    def principal(self, value: str) -> None:
+        self.conn.principal = value
+
+    @property
+    def credentials(self) -> Credentials | None:
+        return self.conn.credentials
+
+    @credentials.setter
+    def credentials(self, value: Credentials | None) -> None:
+        self.conn.credentials = value
+
+    @property
+    def _principal_state(self) -> PrincipalState:
+        return self.conn.principal_state
+
+    @_principal_state.setter
+    def _principal_state(self, value: PrincipalState) -> None:
+        self.conn.principal_state = value
+
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
-        if not await self._handshake():
-            return
-        self._writer = asyncio.create_task(self._write_loop(),
-                                           name=f"writer {self.session_id}")
         try:
+            if not await self._handshake():
+                return                # (a restart's close may be running: awaited below)
+            self._writer = asyncio.create_task(self._write_loop(),
+                                               name=f"writer {self.session_id}")
             async for raw in self.ws:
                 if not self._frames.take():
                     await self._close_flooded()
@@ -156,6 +182,7 @@ class Session:
         except ConnectionClosed:
             pass
         finally:
+            self.conn.handle(SocketClosed())
             await self._stop_writer()
             await self._detach_all()
             for task in (self._closing, self._expiry_close):
@@ -165,48 +192,61 @@ class Session:
                     await asyncio.gather(task, return_exceptions=True)
 
     async def _handshake(self) -> bool:
-        ws = self.ws
-        if ws.subprotocol != PROTOCOL_VERSION:
-            await ws.close(CloseCode.UNSUPPORTED_VERSION,
-                           f"unsupported protocol version; supported: {PROTOCOL_VERSION}")
+        """``hello``/``welcome``; False when the connection was closed instead. Until
+        ``welcome`` the writer does not run: frames go straight to the socket."""
+        ws, conn = self.ws, self.conn
+        request = getattr(ws, "request", None)
+        opened = conn.handle(Opened(ws.subprotocol,
+                                    request.headers if request is not None else None))
+        if not await self._perform_handshake(opened):
             return False
         try:
             async with asyncio.timeout(self.settings.hello_timeout):
                 raw = await ws.recv()
         except TimeoutError:
-            await ws.close(CloseCode.HELLO_TIMEOUT,
-                           f"no hello within {self.settings.hello_timeout:g} s")
+            await self._perform_handshake(conn.handle(HelloTimedOut()))
             return False
         except ConnectionClosed:
             return False
-        try:
-            hello = decode_client_frame(raw, self._decode_limits)
-            if not isinstance(hello, Hello):
-                raise FrameError(f"expected hello, got {type(hello).__name__.lower()}")
-        except FrameError as exc:
-            await ws.close(CloseCode.NOT_AUTHENTICATED,
-                           close_reason(f"first frame must be hello: {exc}"))
-            return False
-        if not await self._admit(hello):
-            return False
-        self._greeted = True
-        if self._on_hello is not None:
-            self._on_hello()
-        limits = frames.limits(self._stream_cap(), self.settings.max_frame_bytes,
-                               self.settings.detach_grace)
-        welcome = frames.welcome(self.session_id, self._visible_models(), limits,
-                                 PROTOCOL_VERSION)
-        try:
-            await ws.send(encode_frame(welcome), text=True)
-        except ConnectionClosed:
-            return False
+        # (A restart may have closed it meanwhile: then the hello gets no answer.)
+        return (await self._perform_handshake(conn.handle(FrameReceived(raw)))
+                and conn.phase is Phase.WELCOMED)
+
+    async def _perform_handshake(self, actions: list[Action]) -> bool:
+        """Carry out the handshake's actions; False once the connection is closed."""
+        for action in actions:
+            if isinstance(action, Close):
+                self._log_close(action)
+                await self.ws.close(action.code, action.reason)
+                return False
+            if isinstance(action, AdoptCredentials):
+                logger.info("authenticated", extra={
+                    "session_id": self.session_id, "principal": action.credentials.principal,
+                    "auth": action.credentials.method})
+            elif isinstance(action, HelloAccepted):
+                if self._on_hello is not None:
+                    self._on_hello()
+            elif isinstance(action, SendFrame):
+                try:
+                    await self.ws.send(encode_frame(action.frame), text=True)
+                except ConnectionClosed:
+                    return False
+            else:
+                raise AssertionError(f"unexpected handshake action {action!r}")
         return True
+
+    def _log_close(self, close: Close) -> None:
+        if close.note is not None:
+            logger.info(close.note, extra={"session_id": self.session_id,
+                                           "address": self.principal, "reason": close.reason})
 
     async def _close_flooded(self) -> None:
         """Close 4429 and discard what the flooder already queued: its close reply sits
         behind those frames, and the handshake cannot finish until they are read."""
-        closing = asyncio.ensure_future(
-            self.ws.close(CloseCode.TOO_MANY, "too many frames; slow down and reconnect"))
+        closes = [a for a in self.conn.handle(TooManyFrames()) if isinstance(a, Close)]
+        if not closes:
+            return                    # already closing for another reason
+        closing = asyncio.ensure_future(self.ws.close(closes[0].code, closes[0].reason))
         with contextlib.suppress(ConnectionClosed):
             async for _ in self.ws:
                 pass
@@ -242,58 +282,65 @@ class Session:
     # ------------------------------------------------------------------ inbound
 
     async def _handle(self, raw: str | bytes) -> None:
-        """Answer one frame. The single place where exceptions become ``error`` frames."""
-        msg: Any = None
+        """Answer one frame: the machine decides, this carries it out."""
+        actions = self.conn.handle(FrameReceived(raw, self._attachments.keys(),
+                                                 self._draining()))
+        for action in actions:
+            await self._perform(action)
+
+    async def _perform(self, action: Action) -> None:
+        """Carry out one action of the machine. An exception raised by a stream operation
+        goes back to the machine as ``ActionFailed`` (its answer is the ``error`` frame);
+        one that is not a refusal of the relay's is a bug, logged here with its traceback."""
+        if isinstance(action, (SendFrame, Close)):
+            self._perform_now([action])
+            return
+        if isinstance(action, CloseWhenStreamsEnd):
+            self._close_when_expired()
+            return
+        if isinstance(action, Refuse):
+            raise action.error
+        msg: Any = getattr(action, "msg", None)
         try:
-            msg = decode_client_frame(raw, self._decode_limits)
-            if isinstance(msg, Start):
-                await self._start(msg)
-            elif isinstance(msg, Cancel):
-                self._cancel(msg)
-            elif isinstance(msg, Resume):
-                await self._resume(msg)
-            elif isinstance(msg, Ping):
-                self._send(frames.pong(msg.data))
-            elif isinstance(msg, Hello):
-                raise BadRequest("hello was already received on this connection")
-        except FrameError as exc:
-            self.metrics.errors.labels(exc.code).inc()
-            self._send(exc.frame())
-        except RelayError as exc:
-            self.metrics.errors.labels(exc.code).inc()
-            self._send(frames.error(
-                exc.code, exc.message, ref=getattr(msg, "type", None),
-                id=exc.id or getattr(msg, "id", None), retry_after=exc.retry_after))
+            if isinstance(action, StartStream):
+                await self._launch(action.msg)
+            elif isinstance(action, CancelStream):
+                self.hub.cancel(self._attachments[action.msg.id].stream,
+                                FinishReason.CLIENT_CANCEL)
+            elif isinstance(action, ResumeStream):
+                await self._resume(action.msg)
+            else:
+                raise AssertionError(f"unexpected action {action!r}")
+        except (RelayError, FrameError) as exc:
+            failed = exc
         except ConnectionClosed:
             raise
-        except Exception:
+        except Exception as exc:
             logger.exception("session %s: internal error handling a %s frame", self.session_id,
                              getattr(msg, "type", "?"))
-            self.metrics.errors.labels(ErrorCode.INTERNAL_ERROR).inc()
-            self._send(frames.error(ErrorCode.INTERNAL_ERROR, "internal error",
-                                    ref=getattr(msg, "type", None),
-                                    id=getattr(msg, "id", None)))
-
-    def _check_room(self, id: str) -> None:
-        if id in self._attachments:
-            raise DuplicateId(f"a stream with id {id!r} is already running", id=id)
-        cap = self._stream_cap()
-        if len(self._attachments) >= cap:
-            raise TooManyStreams(f"at most {cap} concurrent streams per connection", id=id)
+            failed = exc
+        else:
+            return
+        for answer in self.conn.handle(ActionFailed(msg, failed)):
+            await self._perform(answer)
 
     async def _start(self, msg: Start) -> None:
-        if not await self._authorize_start(msg):
-            return
-        if self._draining():
-            raise Draining("the relay is shutting down; start the stream on a new connection")
+        """The v1 admission of a ``start`` built by another protocol (relay.runtime.aisdk), then its
+        launch. Raises the refusal (``RelayError``); returns without a stream when the
+        token has expired (no answer; the connection closes 4401 once its streams end)."""
+        actions = self.conn.handle(StartRequested(msg, self._attachments.keys(),
+                                                  self._draining()))
+        for action in actions:
+            if isinstance(action, StartStream):
+                await self._launch(action.msg)
+            else:
+                await self._perform(action)
+
+    async def _launch(self, msg: Start) -> None:
+        """An admitted ``start``: resolve its alias, pass the group's limits (Redis), start
+        it in the hub, queue ``started`` and attach it. Raises ``RelayError`` for the
+        checks only this can make (unknown alias, ``max_tokens`` ceiling, group limits)."""
         principal = self._principal_state
-        if principal.starts is not None and not principal.starts.take():
-            raise RateLimited("too many starts; slow down",
-                              retry_after=principal.starts.retry_after())
-        self._check_room(msg.id)
-        if principal.streams >= self.settings.max_streams_per_principal:
-            raise TooManyStreams(f"at most {self.settings.max_streams_per_principal} "
-                                 "concurrent streams per principal")
         # Their size and counts were checked by decode_client_frame (DecodeLimits).
         messages = [m.model_dump(exclude_unset=True) for m in msg.messages]
         tools = [t.model_dump(exclude_unset=True) for t in msg.tools] if msg.tools else None
@@ -311,11 +358,10 @@ class Session:
         self._send(frames.started(msg.id, msg.model, stream.key))
         self._register(Attachment(self, stream, msg.id))
 
-    def _cancel(self, msg: Cancel) -> None:
-        att = self._attachments.get(msg.id)
-        if att is None:
-            raise UnknownStream(f"no running stream with id {msg.id!r}")
-        self.hub.cancel(att.stream, FinishReason.CLIENT_CANCEL)
+    def _check_room(self, id: str) -> None:
+        refusal = self.conn.room_for(id, self._attachments.keys())
+        if refusal is not None:
+            raise refusal
 
     async def _resume(self, msg: Resume) -> None:
         hub = self.hub
@@ -361,12 +407,24 @@ class Session:
         if self._attachments.get(att.id) is not att:
             return
         self._release(att)
-        self.metrics.errors.labels(code).inc()
-        self._send(frames.error(code, message, ref="resume", id=att.id))
+        self._perform_now(self.conn.handle(StreamFailed(att.id, code, message)))
 
-    def close_soon(self, code: int, reason: str) -> None:
-        """Close the connection (e.g. 1012 on a rolling restart); its streams detach."""
-        self._close_soon(code, reason)
+    def close_for_restart(self) -> None:
+        """The relay restarts while its group carries on (1012); the streams detach."""
+        self._perform_now(self.conn.handle(ServerRestart()))
+
+    def _perform_now(self, actions: list[Action]) -> None:
+        """Carry out actions that need no await (frames to queue, a close to start)."""
+        for action in actions:
+            if not isinstance(action, (SendFrame, Close)):
+                raise AssertionError(f"unexpected action {action!r}")
+            if isinstance(action, SendFrame):
+                if action.frame.get("type") == "error":
+                    self.metrics.errors.labels(action.frame["code"]).inc()
+                self._send(action.frame)
+            else:
+                self._log_close(action)
+                self._close_soon(action)
 
     def _register(self, att: Attachment, *, announce: bool = False) -> None:
         self.hub.attach(att.stream, att, announce=announce)
@@ -395,66 +453,10 @@ class Session:
         attached = self._attachments.get(att.id) is att
         self._release(att)
         if attached:
-            self.metrics.errors.labels(ErrorCode.STREAM_TAKEN_OVER).inc()
-            self._send(frames.error(
-                ErrorCode.STREAM_TAKEN_OVER, f"stream {att.id!r} was taken over by a resume "
-                "of its stream_key; its frames go to that attachment from now on",
-                ref="resume", id=att.id))
+            self._perform_now(self.conn.handle(StreamTakenOver(att.id)))
         self._notify()
 
     # ------------------------------------------------------------------ auth and budget
-
-    async def _admit(self, hello: Hello) -> bool:
-        """Handshake hook, after ``hello``: with auth on, authenticate (relay.http.auth) and act
-        for the authenticated principal from now on; False when the connection was closed
-        (4401 missing/invalid/expired credentials, 4429 principal's connection limit)."""
-        if self._auth is None:
-            return True
-        admitted = await self._auth.admit(self.ws, hello, self.principal, self.session_id)
-        if admitted is None:
-            return False
-        self.credentials, self._principal_state = admitted
-        self.principal = self.credentials.principal
-        return True
-
-    def _visible_models(self) -> list[str]:
-        """``welcome.models``: the aliases, filtered by the token's ``models`` claim."""
-        allowed = self.credentials.models if self.credentials is not None else None
-        aliases = self.registry.aliases
-        return aliases if allowed is None else [a for a in aliases if a in allowed]
-
-    def _stream_cap(self) -> int:
-        """Concurrent streams on this connection: the setting, lowered by a token's
-        ``max_streams`` claim."""
-        claim = self.credentials.max_streams if self.credentials is not None else None
-        cap = self.settings.max_streams
-        return cap if claim is None else min(cap, claim)
-
-    async def _authorize_start(self, msg: Start) -> bool:
-        """``start`` hook, before anything else: token expiry (False: no ``started``; the
-        connection closes 4401 once its running streams have finished), the token's
-        ``models`` and ``max_streams`` claims, the principal's completion token budget."""
-        creds = self.credentials
-        if creds is not None:
-            if self._auth is not None and self._auth.expired(creds):
-                self._close_when_expired()
-                return False
-            if creds.models is not None and msg.model not in creds.models:
-                # Exactly what an alias that does not exist gets (no hint that it does).
-                visible = self._visible_models()
-                raise UnknownModel(f"unknown model {msg.model[:128]!r}; this relay serves: "
-                                   f"{', '.join(visible) or 'nothing'}")
-            cap = creds.max_streams
-            if cap is not None and (len(self._attachments) >= cap
-                                    or self._principal_state.streams >= cap):
-                raise TooManyStreams(f"at most {cap} concurrent streams for this token")
-        budget = self._principal_state.budget
-        if budget is not None:
-            wait = budget.retry_after()
-            if wait > 0:
-                raise RateLimited(f"completion token budget of {budget.limit} per hour used up",
-                                  retry_after=wait)
-        return True
 
     async def _admit_shared(self) -> SharedStream | None:
         """With relays on Redis, the last check of a ``start``: the principal's stream cap
@@ -483,7 +485,9 @@ class Session:
             if tasks:
                 await asyncio.wait(tasks)
             await self.flush(timeout=5.0)        # their finish frames go out first
-            await self.ws.close(CloseCode.NOT_AUTHENTICATED, "token expired")
+            for action in self.conn.handle(TokenExpiredStreamsDone()):
+                if isinstance(action, Close):
+                    await self.ws.close(action.code, action.reason)
 
         self._expiry_close = asyncio.create_task(
             finish_then_close(), name=f"token expiry {self.session_id}")
@@ -547,8 +551,7 @@ class Session:
                         continue                       # taken over meanwhile
                     log = att.stream.log
                     if att.cursor < log.trimmed_through:
-                        self._close_slow("the stream's log dropped frames this client had "
-                                         "not read; reconnect and resume")
+                        self._close_slow(Slowness.LOG_TRIMMED)
                         return
                     entries = log.after(att.cursor, _BATCH)
                     if entries:
@@ -567,8 +570,9 @@ class Session:
         except ConnectionClosed:
             pass
         except Exception:
+            # The writer task's boundary: a bug, logged with its traceback; 1011.
             logger.exception("session %s: writer failed", self.session_id)
-            self._close_soon(CloseCode.INTERNAL_ERROR, "internal error")
+            self._perform_now(self.conn.handle(InternalFailure()))
         finally:
             self._idle.set()
 
@@ -584,9 +588,7 @@ class Session:
         if self._slow_timer is not None:
             self._slow_timer.cancel()
         if self._writer is not None and not self._writer.done():
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+            await cancel_and_wait(self._writer)
 
     def backlog_bytes(self) -> int:
         """Bytes queued for this client and not yet handed to the socket: control frames
@@ -600,7 +602,7 @@ class Session:
             return
         limit = self.settings.slow_consumer_bytes
         if self._control_bytes > 2 * limit:
-            self._close_slow(f"slow consumer: more than {2 * limit} bytes of replies unread")
+            self._close_slow(Slowness.CONTROL_QUEUE)
             return
         if self.backlog_bytes() > limit:
             if self._lagging_since is None:
@@ -619,12 +621,11 @@ class Session:
             return
         if self._lagging_since is not None and \
                 self.backlog_bytes() > self.settings.slow_consumer_bytes:
-            self._close_slow(f"slow consumer: more than {self.settings.slow_consumer_bytes} "
-                             f"bytes unread for {self.settings.slow_consumer_grace:g} s")
+            self._close_slow(Slowness.BACKLOG)
         else:
             self._lagging_since = None
 
-    def _close_slow(self, reason: str) -> None:
+    def _close_slow(self, kind: Slowness) -> None:
         self.metrics.errors.labels("slow_consumer").inc()
         logger.warning("session %s: closing a slow consumer", self.session_id,
                        extra={"session_id": self.session_id, "principal": self.principal})
@@ -639,26 +640,18 @@ class Session:
         # Its streams are detached now, like on any disconnect, not once the close
         # handshake (which a client that does not read may never answer) is over.
         self._detach_now()
-        self._close_soon(CloseCode.SLOW_CONSUMER, reason)
+        self._perform_now(self.conn.handle(SlowConsumer(kind)))
 
-    def _close_soon(self, code: int, reason: str) -> None:
+    def _close_soon(self, close: Close) -> None:
         if self._closing is None:
-            self._closing = asyncio.create_task(self._close_or_abort(code, reason),
+            self._closing = asyncio.create_task(self._close_or_abort(close),
                                                 name=f"close {self.session_id}")
 
-    async def _close_or_abort(self, code: int, reason: str) -> None:
+    async def _close_or_abort(self, close: Close) -> None:
         # websockets' close() first waits for the send buffer to drain, with no deadline;
         # a client that does not read never drains it, so give up and drop the socket.
         try:
             async with asyncio.timeout(_CLOSE_TIMEOUT):
-                await self.ws.close(code, close_reason(reason))
+                await self.ws.close(close.code, close.reason)
         except TimeoutError:
             self.ws.transport.abort()
-
-
-def close_reason(text: str) -> str:
-    """A close reason fits in 123 UTF-8 bytes (RFC 6455); longer ones would fail the close."""
-    data = text.encode("utf-8")
-    if len(data) <= 123:
-        return text
-    return data[:120].decode("utf-8", errors="ignore") + "..."

@@ -436,4 +436,7 @@ class _AggregateMetricsServer:
         return dataclasses.replace(response, body=body)
 
     async def _refuse_upgrade(self, ws: Any) -> None:  # pragma: no cover - never upgraded
-        await ws.close(1008, "no WebSocket here")
+        from relay.core.connection import not_a_websocket_endpoint
+
+        close = not_a_websocket_endpoint()
+        await ws.close(close.code, close.reason)

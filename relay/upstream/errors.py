@@ -11,6 +11,13 @@ here are fixed sentences, so a key echoed in an upstream error body can never le
             bad_request             the provider rejected the request itself (400/404/422),
                                     or LiteLLM cannot tell which provider serves the model
                                     string (the message says how to write one)
+
+Not every exception raised while a stream runs is the provider's: ``is_provider_failure``
+tells a provider failure (an exception of the HTTP/provider libraries, a socket error, an
+exception carrying an HTTP status, or one of ours marked ``ProviderStreamError``: a stream
+cut before its finish, malformed provider data) from a bug in the relay's own code (a
+``TypeError`` in our chunk handling, ...). A bug is never classified here: the streamer ends
+the stream ``failed``/``internal_error`` with ``RELAY_BUG`` and logs the traceback.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from dataclasses import dataclass
 
 from protocol import ErrorCode, frames
 
-__all__ = ["UNROUTABLE_MODEL_MESSAGE", "UpstreamFailure", "classify_upstream_exception"]
+__all__ = ["ProviderStreamError", "RELAY_BUG", "UNROUTABLE_MODEL_MESSAGE", "UpstreamFailure",
+           "classify_upstream_exception", "is_provider_failure"]
 
 UNROUTABLE_MODEL_MESSAGE = (
     "LiteLLM cannot tell which provider serves this model: write it as 'provider/model' "
@@ -44,6 +52,40 @@ class UpstreamFailure:
     def as_error(self) -> dict:
         """The ``error`` object of the stream's ``finish`` (``protocol.ErrorInfo``)."""
         return frames.error_info(self.code, self.message, self.retry_after)
+
+
+class ProviderStreamError(Exception):
+    """Base of the relay's own exceptions that report what the *provider* did wrong (its
+    stream ended before a finish reason, its data was malformed, it sent an error event):
+    provider failures for ``is_provider_failure``, never relay bugs."""
+
+
+#: Roots of the modules whose exceptions mean "calling or reading the provider failed".
+_PROVIDER_MODULES = frozenset({
+    "httpx", "httpcore", "h11", "h2", "anyio", "ssl", "aiohttp", "litellm", "openai",
+    "anthropic", "google", "botocore", "boto3",
+})
+
+
+def is_provider_failure(exc: BaseException) -> bool:
+    """True when ``exc`` says the provider (or the way to it) failed; False when it is a bug
+    in the relay's own code (see the module docstring). Wrapped exceptions (LiteLLM's
+    ``original_exception``) are judged by what they wrap, as ``classify_upstream_exception``
+    does."""
+    for candidate in (exc, _unwrap(exc)):
+        if isinstance(candidate, (ProviderStreamError, OSError, EOFError, TimeoutError)):
+            return True       # OSError: refused/reset sockets, DNS, TLS (ssl.SSLError)
+        if _status_code(candidate) is not None:
+            return True       # an HTTP answer of the provider, whatever raised it
+        for cls in type(candidate).__mro__:
+            if cls.__module__.partition(".")[0] in _PROVIDER_MODULES:
+                return True
+    return False
+
+
+#: ``finish.error`` of a stream that a bug in the relay ended (the same code and wording as
+#: the hub's fallback finish, with which a stream whose task died ends).
+RELAY_BUG = UpstreamFailure(ErrorCode.INTERNAL_ERROR, "the stream ended unexpectedly")
 
 
 def classify_upstream_exception(exc: BaseException, *, mid_stream: bool = False) -> UpstreamFailure:

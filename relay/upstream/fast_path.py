@@ -46,6 +46,7 @@ from typing import Any
 import orjson
 
 from relay.upstream.streamer import UsageInfo
+from relay.upstream.errors import ProviderStreamError
 
 __all__ = [
     "ANTHROPIC_FORMAT_PROVIDERS",
@@ -169,15 +170,15 @@ class SSEParser:
         return out
 
 
-class _Malformed(ValueError):
+class _Malformed(ProviderStreamError, ValueError):
     """A data line that is not the JSON object the format requires."""
 
 
-class _ProviderStreamError(Exception):
+class _ProviderStreamError(ProviderStreamError):
     """An error event inside an OpenAI-format stream (no HTTP status)."""
 
 
-class _EndedUnfinished(Exception):
+class _EndedUnfinished(ProviderStreamError):
     """The stream ended without a finish reason (LiteLLM raises a ``RemoteProtocolError``
     for it; both classify as "the provider's stream failed")."""
 

@@ -40,7 +40,10 @@ from typing import Any, Protocol
 from protocol import ErrorCode, FinishReason, FinishStatus
 
 from relay.upstream.llm import DEMO_MODEL
-from relay.upstream.errors import UpstreamFailure, classify_upstream_exception
+from relay.upstream.errors import (
+    RELAY_BUG, ProviderStreamError, UpstreamFailure, classify_upstream_exception,
+    is_provider_failure,
+)
 
 
 __all__ = [
@@ -151,7 +154,7 @@ _CANCEL_REASONS = frozenset(
 )
 
 
-class _Truncated(Exception):
+class _Truncated(ProviderStreamError):
     """The provider's stream ended without a finish reason."""
 
 
@@ -372,10 +375,16 @@ class EventStreamer:
                 UpstreamFailure(ErrorCode.UPSTREAM_TIMEOUT,
                                 f"the provider exceeded the {what} limit"),
             )
-        except Exception as exc:  # any provider failure ends the stream, never the caller
-            failure = classify_upstream_exception(exc, mid_stream=self._response is not None)
-            logger.warning("upstream failure for model %s: %s (%s)", self.model,
-                           failure.code, type(exc).__name__)
+        except Exception as exc:  # any failure ends the stream, never the caller
+            if is_provider_failure(exc):
+                failure = classify_upstream_exception(exc, mid_stream=self._response is not None)
+                logger.warning("upstream failure for model %s: %s (%s)", self.model,
+                               failure.code, type(exc).__name__)
+            else:
+                # A bug in the relay's own code, not the provider's doing: said so on the
+                # wire (internal_error), with its traceback in the log.
+                failure = RELAY_BUG
+                logger.exception("relay bug while streaming model %s", self.model)
             end = StreamEnd(
                 FinishStatus.FAILED,
                 str(failure.code),  # a plain string, like the completed reasons
@@ -431,6 +440,8 @@ class EventStreamer:
             except (_Interrupted, TimeoutError):
                 raise
             except Exception as exc:
+                if not is_provider_failure(exc):
+                    raise                  # a relay bug: retrying cannot help
                 code = classify_upstream_exception(exc).code
                 retryable = code in (ErrorCode.UPSTREAM_ERROR, ErrorCode.UPSTREAM_RATE_LIMITED)
                 if attempt + 1 >= attempts or not retryable:

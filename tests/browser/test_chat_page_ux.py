@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 
 from relay.app import load_models
-from relay.http.auth import mint_token
+from relay.core.auth import mint_token
 from relay.upstream.llm import set_demo_tps
 from relay.upstream.providers import ModelRegistry, demo_spec
 from relay.upstream.streamer import Timeouts

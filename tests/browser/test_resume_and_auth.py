@@ -17,7 +17,7 @@ import dataclasses
 import pytest
 
 from protocol import CloseCode
-from relay.http.auth import mint_token
+from relay.core.auth import mint_token
 from relay.upstream.demo import demo_reply_tokens
 from relay.upstream.llm import demo_handler, set_demo_tps
 from relay.upstream.providers import ModelRegistry, demo_spec

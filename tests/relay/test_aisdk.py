@@ -13,7 +13,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from relay.http.auth import mint_token
+from relay.core.auth import mint_token
 from tests.fakes.upstream import FakeUpstream, Usage, stream, tool_call
 
 from .helpers import RECV_TIMEOUT, eventually, start_relay

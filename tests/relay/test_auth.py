@@ -21,7 +21,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from relay.http.auth import mint_token
+from relay.core.auth import mint_token
 from relay.client import HandshakeFailed, RelayClient
 from relay.config import RelaySettings
 from relay.upstream.llm import set_demo_tps

@@ -22,7 +22,7 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from protocol.client_policy import TOKEN_EXPIRED_REASON
-from relay.http.auth import EXPIRED
+from relay.core.auth import EXPIRED
 from relay.client import ConnectionLost, RelayClient, StreamRejected
 
 from .helpers import eventually

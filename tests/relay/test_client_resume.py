@@ -412,7 +412,7 @@ async def test_a_token_expiring_on_an_open_connection_is_refreshed_and_the_start
     start unanswered (PROTOCOL.md). With a token function the client reconnects with a fresh
     token and sends the start again (protocol.client_policy rule 1, as relay-client.js); a
     fresh token refused too (4401 before any welcome) is final: no loop."""
-    from relay.http.auth import mint_token
+    from relay.core.auth import mint_token
 
     secret = "client-tests-secret-0123456789abcdef"
     minted: list[str] = []

@@ -321,3 +321,27 @@ async def test_non_ascii_bad_first_frame_still_closes_4401():
             await ws.send('{"type": "' + "é" * 200 + '"}')
             code, reason = await _close_of(ws)
     assert code == 4401 and len(reason.encode()) <= 123
+
+
+async def test_a_restart_close_before_hello_ends_the_session_without_a_welcome():
+    """The 1012 of a rolling restart reaches a connection still in its handshake too; a
+    hello that arrives afterwards is not welcomed, and the session ends (its close task
+    awaited)."""
+    from .helpers import eventually
+
+    async with start_relay() as server:
+        async with connect(server.url, subprotocols=["llm-relay.v1"]) as ws:
+            await eventually(lambda: len(server.sessions) == 1)
+            (session,) = server.sessions
+            session.close_for_restart()
+            await ws.send(json.dumps({"type": "hello",
+                                      "client": {"name": "t", "version": "0"}}))
+            received = []
+            with pytest.raises(ConnectionClosed):
+                async with asyncio.timeout(5):
+                    while True:
+                        received.append(await ws.recv())
+            assert received == []
+            assert (ws.close_code, ws.close_reason) == (
+                1012, "relay restarting; reconnect and resume")
+        await eventually(lambda: not server.sessions)

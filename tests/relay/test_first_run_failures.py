@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.http.auth import mint_token
+from relay.core.auth import mint_token
 
 from .helpers import start_relay
 

@@ -20,7 +20,7 @@ import logging
 import pytest
 
 from protocol import DecodeLimits
-from relay.http.auth import mint_token
+from relay.core.auth import mint_token
 from relay.logs import TextFormatter
 
 from .helpers import Client, start_relay

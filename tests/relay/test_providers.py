@@ -296,3 +296,49 @@ def test_misconfigured_alias_stops_startup_naming_it(tmp_path, toml, needle):
         build_registry(RelaySettings(config=cfg))
     assert "'x'" in str(info.value) and needle in str(info.value)
     assert "sk-123" not in str(info.value)
+
+
+class _RelayBug(TypeError):
+    """What a bug in the relay's own chunk handling raises in the tests below."""
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_a_bug_in_the_relays_chunk_handling_is_internal_error_not_upstream_error(
+        fmt, monkeypatch, caplog):
+    """Issue 12: the streamer's ``except Exception`` reported the relay's own bugs as
+    ``upstream_error`` "cut off or malformed". A ``TypeError`` raised by our code while it
+    turns a provider chunk into an event ends the stream ``failed``/``internal_error``, and
+    the log has its traceback."""
+    import relay.upstream.streamer
+
+    def broken_text_delta(text):
+        raise _RelayBug("a bug in the relay's chunk handling")
+
+    monkeypatch.setattr(relay.upstream.streamer, "TextDelta", broken_text_delta)
+    async with relay_with_upstream() as (up, c):
+        up.enqueue(stream(fmt, ["a", "b", "c"]))
+        with caplog.at_level("ERROR", logger="relay.upstream.streamer"):
+            frames = await run_stream(c, fmt)
+        await c.send({"type": "ping"})                  # the connection is unaffected
+        assert (await c.next_for(None))["type"] == "pong"
+    finish = frames[-1]
+    assert (finish["type"], finish["status"], finish["reason"]) == (
+        "finish", "failed", "internal_error")
+    assert finish["error"]["code"] == "internal_error"
+    bugs = [r for r in caplog.records if r.name == "relay.upstream.streamer" and r.exc_info]
+    assert bugs and bugs[0].levelname == "ERROR"
+    assert isinstance(bugs[0].exc_info[1], _RelayBug)
+    assert "broken_text_delta" in caplog.text          # the traceback, not just a line
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_a_real_upstream_cut_is_still_upstream_error_without_a_traceback(fmt, caplog):
+    async with relay_with_upstream() as (up, c):
+        up.enqueue(stream(fmt, ["a", "b", "c", "d"]).cut_after(4))
+        with caplog.at_level("WARNING", logger="relay.upstream.streamer"):
+            frames = await run_stream(c, fmt)
+    finish = frames[-1]
+    assert (finish["status"], finish["reason"]) == ("failed", "upstream_error")
+    assert finish["error"]["code"] == "upstream_error"
+    assert not [r for r in caplog.records if r.name == "relay.upstream.streamer" and r.exc_info]
+    assert any("upstream failure" in r.getMessage() for r in caplog.records)

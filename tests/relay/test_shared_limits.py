@@ -10,7 +10,7 @@ import logging
 import pytest
 from redis.asyncio import Redis
 
-from relay.http.auth import mint_token
+from relay.core.auth import mint_token
 
 from ..redis_server import RedisServerProcess
 from .helpers import Client, eventually

@@ -254,3 +254,36 @@ async def test_seed_methods_same_behaviour_on_errors_and_success():
     assert [d["type"] for d in dicts] == ["finish"] and dicts[0]["status"] == "failed"
     s2.reset()
     assert s2.get_accumulated_content() == "" and s2.usage is None
+
+
+def test_provider_failures_and_relay_bugs_are_told_apart():
+    import httpx
+
+    from relay.upstream.streamer import _Truncated
+    from relay.upstream.errors import is_provider_failure
+
+    class WithStatus(Exception):
+        status_code = 502
+
+    provider = [httpx.ReadError("cut"), httpx.RemoteProtocolError("bad"), ConnectionError("x"),
+                WithStatus(), _Truncated(), TimeoutError()]
+    bugs = [TypeError("x"), KeyError("k"), AttributeError("a"), ValueError("v"),
+            RuntimeError("r")]
+    assert [is_provider_failure(e) for e in provider] == [True] * len(provider)
+    assert [is_provider_failure(e) for e in bugs] == [False] * len(bugs)
+
+
+async def test_a_bug_before_the_first_token_is_not_retried_nor_called_upstream_error(caplog):
+    attempts = []
+
+    async def completion(**kwargs):
+        attempts.append(1)
+        raise TypeError("a bug in the relay's request building")
+
+    s = TokenStreamer("openai/x", completion=completion, retries_before_first_token=2)
+    with caplog.at_level("ERROR", logger="relay.upstream.streamer"):
+        end = (await collect(s.events(MSGS)))[-1]
+    assert (end.status, end.reason, end.error.code) == ("failed", "internal_error",
+                                                        "internal_error")
+    assert len(attempts) == 1
+    assert any(r.exc_info and isinstance(r.exc_info[1], TypeError) for r in caplog.records)

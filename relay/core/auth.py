@@ -15,11 +15,13 @@ optional ``nbf`` (not valid before), ``models`` (aliases it may use) and ``max_s
 
 Call order: ``RelayServer`` builds one :class:`Authenticator`. At the upgrade,
 ``RelayServer._refuse_bad_authorization`` (from ``_process_request``) calls
-:meth:`Authenticator.check_header` (HTTP 401). After ``hello``, ``Session._admit`` calls
-:meth:`Authenticator.admit` (close 4401 on failure), which moves the connection's accounting
-from its address to the authenticated principal. At each ``start``,
-``Session._authorize_start`` calls :meth:`Authenticator.expired` (then close 4401
-``token expired`` once the running streams have ended) and applies the claims.
+:meth:`Authenticator.check_header` (HTTP 401). After ``hello``, the connection's machine
+(``relay.core.connection.Connection``) calls :meth:`Authenticator.check_header`, else
+:meth:`Authenticator.authenticate` on ``hello.token`` (it closes 4401 on an ``AuthError``)
+and moves the connection's accounting from its address to the authenticated principal. At
+each ``start`` it calls :meth:`Authenticator.expired` (then close 4401 ``token expired``
+once the running streams have ended) and applies the claims. This module decides no close
+code itself.
 
 Principals are namespaced by the kind of credential, so that no credential can act as
 another's principal (share its limits, resume its streams): ``key:<first 8 hex digits of
@@ -44,21 +46,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import jwt
 
-from protocol import CloseCode
-
 if TYPE_CHECKING:
     from pydantic import SecretStr
 
-    from protocol import Hello
-
-    from relay.core.limits import PrincipalState, Principals
+    from relay.core.limits import Principals
 
 __all__ = [
     "AuthError", "Authenticator", "Credentials", "address_principal", "api_key_label",
     "hash_api_key", "mint_token", "token_principal",
 ]
 
-logger = logging.getLogger("relay.http.auth")
+logger = logging.getLogger("relay.core.auth")
 
 
 class AuthSettings(Protocol):
@@ -253,38 +251,12 @@ class Authenticator:
             raise AuthError(NOT_YET_VALID)
         return creds
 
+    @property
+    def principals(self) -> Principals | None:
+        """The server's per-principal counters, which a connection's accounting moves to
+        once it is authenticated (relay.core.connection)."""
+        return self._principals
+
     def expired(self, creds: Credentials | None) -> bool:
         return (creds is not None and creds.expires_at is not None
                 and self.clock() >= creds.expires_at)
-
-    # ------------------------------------------------------------------ admission
-
-    async def admit(self, ws: Any, hello: Hello, address_principal: str,
-                    session_id: str) -> tuple[Credentials, PrincipalState] | None:
-        """After ``hello``: authenticate (header first, else ``hello.token``), then move the
-        connection's accounting from its address to the principal. On failure the
-        connection is closed (4401, or 4429 over the principal's connection limit) and
-        None is returned."""
-        request = getattr(ws, "request", None)
-        try:
-            creds = self.check_header(request.headers) if request is not None else None
-            if creds is None:
-                if hello.token is None:
-                    raise AuthError(MISSING)
-                creds = self.authenticate(hello.token)
-        except AuthError as exc:
-            logger.info("authentication failed", extra={
-                "session_id": session_id, "address": address_principal, "reason": exc.reason})
-            await ws.close(CloseCode.NOT_AUTHENTICATED, exc.reason)
-            return None
-        principals = self._principals
-        assert principals is not None, "Authenticator.admit needs the server's Principals"
-        if principals.get(creds.principal).connections >= \
-                self._settings.max_connections_per_principal:
-            await ws.close(CloseCode.TOO_MANY, "too many connections for this principal")
-            return None
-        state = principals.connect(creds.principal)
-        principals.disconnect(address_principal)
-        logger.info("authenticated", extra={
-            "session_id": session_id, "principal": creds.principal, "auth": creds.method})
-        return creds, state

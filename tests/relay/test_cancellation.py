@@ -1,0 +1,85 @@
+"""No swallowed ``CancelledError`` (issue 12, item 3): stopping a task we own absorbs the
+child's cancellation, never one aimed at the task doing the stopping.
+
+Each test holds the child inside its own cancellation cleanup (an event it waits on), so the
+outer task is provably waiting for it when the test cancels the outer task. No sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from relay.client import RelayClient
+from relay.runtime.tasks import cancel_and_wait
+
+
+class _Child:
+    """A task that, once cancelled, waits for ``release`` before it ends cancelled."""
+
+    def __init__(self) -> None:
+        self.running, self.cleanup_started, self.release = (
+            asyncio.Event(), asyncio.Event(), asyncio.Event())
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        self.running.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cleanup_started.set()
+            try:
+                await self.release.wait()
+            finally:
+                raise asyncio.CancelledError
+
+
+async def test_cancel_and_wait_absorbs_the_childs_own_cancellation():
+    child = _Child()
+    await child.running.wait()
+    stopping = asyncio.create_task(cancel_and_wait(child.task))
+    await child.cleanup_started.wait()
+    child.release.set()
+    await stopping                    # returns normally: the CancelledError was the child's
+    assert child.task.cancelled() and not stopping.cancelled()
+
+
+async def test_cancel_and_wait_propagates_a_cancellation_of_the_caller():
+    child = _Child()
+    await child.running.wait()
+    stopping = asyncio.create_task(cancel_and_wait(child.task))
+    await child.cleanup_started.wait()
+    stopping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    assert stopping.cancelled()
+    child.release.set()
+    await asyncio.gather(child.task, return_exceptions=True)
+
+
+async def test_cancel_and_wait_reraises_the_childs_failure():
+    async def broken() -> None:
+        raise LookupError("child bug")
+
+    task = asyncio.create_task(broken())
+    await asyncio.gather(task, return_exceptions=True)
+    with pytest.raises(LookupError):
+        await cancel_and_wait(task)
+
+
+async def test_cancelling_the_caller_of_relay_client_close_propagates():
+    """``RelayClient.close`` used to ``except CancelledError: pass`` around its connection
+    task: a caller cancelled while close() waited carried on as if it had not been."""
+    child = _Child()
+    client = RelayClient("ws://127.0.0.1:9/ws")      # never connects: the task is injected
+    client._task = child.task
+    await child.running.wait()
+    closing = asyncio.create_task(client.close())
+    await child.cleanup_started.wait()
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    child.release.set()
+    await asyncio.gather(child.task, return_exceptions=True)
+    await client.close()              # a later close finishes the job
+    assert client._task is None
