@@ -20,6 +20,8 @@ import sys
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from protocol import PROTOCOL_VERSION, frames   # the frame builders every client uses
+
 
 class RelayRefused(Exception):
     """The relay closed the connection before `welcome` (its close code and reason)."""
@@ -31,10 +33,8 @@ class RelayRefused(Exception):
 
 
 async def run(url: str, model: str, prompt: str, token: str | None = None) -> int:
-    async with connect(url, subprotocols=["llm-relay.v1"]) as ws:
-        hello: dict = {"type": "hello", "client": {"name": "demo_client", "version": "1"}}
-        if token:
-            hello["token"] = token
+    async with connect(url, subprotocols=[PROTOCOL_VERSION]) as ws:
+        hello = frames.hello(token or None, frames.client_info("demo_client", "1"))
         await ws.send(json.dumps(hello))
         try:
             welcome = json.loads(await ws.recv())
@@ -44,8 +44,8 @@ async def run(url: str, model: str, prompt: str, token: str | None = None) -> in
         if welcome.get("type") != "welcome":
             print(f"unexpected first frame: {welcome}", file=sys.stderr)
             return 1
-        await ws.send(json.dumps({"type": "start", "id": "q1", "model": model,
-                                  "messages": [{"role": "user", "content": prompt}]}))
+        await ws.send(json.dumps(frames.start(
+            "q1", model, [{"role": "user", "content": prompt}])))
         async for raw in ws:
             frame = json.loads(raw)
             kind = frame.get("type")

@@ -202,6 +202,14 @@ async def test_after_seq_beyond_a_finished_stream_is_bad_request_on_the_other_re
             await ca.start("q1", messages=MESSAGES)
             frames = await ca.collect("q1")
         last = frames[-1]["seq"]
+        # Replication is asynchronous: the client can see its finish before relay A has
+        # marked the stream finished in Redis, and until then B takes it for a running one
+        # (the next test covers that case). Wait for the record to say finished.
+        store = b.replicator.store
+        async with asyncio.timeout(10):
+            while (meta := await store.meta(frames[0]["stream_key"])) is None \
+                    or meta.state != "finished":
+                await asyncio.sleep(0.01)
         async with Client.connect(b.url) as cb:
             await cb.send({"type": "resume", "stream_key": frames[0]["stream_key"],
                            "after_seq": last + 1, "id": "x"})
