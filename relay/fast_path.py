@@ -45,6 +45,7 @@ from typing import Any
 
 import orjson
 
+from . import fast_formats
 from .streamer import UsageInfo
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
 #: (``_generic_openai_stream_parser``: not Groq's or OpenRouter's own, in LiteLLM 1.110).
 OPENAI_FORMAT_PROVIDERS = frozenset({
     "openai", "custom_openai", "hosted_vllm", "groq", "together_ai", "deepseek", "openrouter",
+    "azure",
 })
 #: LiteLLM providers that stream Anthropic Messages SSE.
 ANTHROPIC_FORMAT_PROVIDERS = frozenset({"anthropic"})
@@ -107,9 +109,14 @@ def select_route(model: str, api_base: str | None, *, fast: bool = True,
         config = None
     if config is None:
         return PathChoice("litellm", f"LiteLLM has no chat config for provider {provider}")
-    if wire == "openai" and not _generic_openai_stream_parser(config):
+    if wire == "openai" and not (provider in fast_formats.DIALECT_PROVIDERS
+                                 or _generic_openai_stream_parser(config)):
         return PathChoice("litellm", f"LiteLLM reads {provider}'s stream with a parser of "
                                      "its own")
+    if provider == "azure":
+        refusal = fast_formats.azure_refusal(litellm, name, api_base)
+        if refusal is not None:
+            return PathChoice("litellm", refusal)
     try:
         if config.should_fake_stream(model=name, stream=True, custom_llm_provider=provider):
             return PathChoice("litellm", f"LiteLLM fakes streaming for {model}")
@@ -550,14 +557,25 @@ class FastRoute:
                                     litellm_params)
 
     def _openai_request(self, litellm, api_key, api_base, messages, optional, litellm_params):
+        from litellm.litellm_core_utils.core_helpers import map_finish_reason
+
+        decoder = fast_formats.openai_decoder_for(
+            self.provider, _OpenAIDecoder, map_finish_reason, self._openai_stream_error,
+            self._dialect_chunk_error)
+        if self.provider == "azure":
+            url, headers, body = fast_formats.azure_request(
+                litellm, self.model, api_key, api_base, messages, optional, litellm_params)
+            return url, headers, orjson.dumps(body), decoder
         config = self.config
         if api_base is None:
             api_base = litellm.OpenAIConfig.get_api_base()
         if api_key is None and self.provider == "openai":
             api_key = litellm.OpenAIConfig.get_api_key()
         extra_body = optional.pop("extra_body", None)
+        base_headers = (fast_formats.openrouter_headers(litellm)
+                        if self.provider == "openrouter" else {})
         headers = config.validate_environment(
-            headers={}, model=self.model, messages=messages, optional_params=optional,
+            headers=base_headers, model=self.model, messages=messages, optional_params=optional,
             litellm_params=litellm_params, api_key=api_key, api_base=api_base)
         url = config.get_complete_url(api_base=api_base, api_key=api_key, model=self.model,
                                       optional_params=optional, litellm_params=litellm_params,
@@ -568,9 +586,6 @@ class FastRoute:
         if extra_body:
             body = {**body, **extra_body}
         body["stream"] = True
-        from litellm.litellm_core_utils.core_helpers import map_finish_reason
-
-        decoder = _OpenAIDecoder(map_finish_reason, self._openai_stream_error)
         return url, headers, orjson.dumps(body), decoder
 
     def _anthropic_request(self, litellm, api_key, api_base, messages, optional,
@@ -635,6 +650,18 @@ class FastRoute:
         ``APIError`` without a status, which LiteLLM reports as a broken stream; so does
         this (``classify_upstream_exception``: "the provider's stream failed")."""
         return _ProviderStreamError("the provider reported an error inside the stream")
+
+    def _dialect_chunk_error(self, chunk: Any) -> Exception:
+        """The exception LiteLLM raises for a chunk its provider stream handler rejects (an
+        error inside a Groq/OpenRouter stream): the handler's own ``chunk_parser`` runs on
+        that one chunk, and its exception goes through LiteLLM's mapping."""
+        handler = self.config.get_model_response_iterator(
+            streaming_response=iter(()), sync_stream=False)
+        try:
+            handler.chunk_parser(chunk=chunk)
+        except Exception as error:
+            return self._mapped(error)
+        return _ProviderStreamError("the provider sent a chunk the relay cannot read")
 
     def _anthropic_stream_error(self, error: Any) -> Exception:
         """An ``event: error`` inside an Anthropic stream (LiteLLM: status 500)."""

@@ -23,12 +23,20 @@ from relay.app import load_models
 from relay.providers import ModelRegistry
 from relay.streamer import Timeouts
 from tests.fakes.upstream import (
-    FakeUpstream, SSEEvent, Usage, http_error, stream, tool_call,
+    DIALECTS, FakeUpstream, SSEEvent, Usage, http_error, stream, tool_call, wire_format,
 )
 
 from .helpers import Client, start_relay, text_of
 
-FORMATS = ["openai", "anthropic"]
+#: The two formats, and the OpenAI-format providers whose wire (and LiteLLM's reading of it)
+#: has quirks of its own: each against a fake speaking that provider's dialect.
+FORMATS = ["openai", "anthropic", *DIALECTS]
+#: Providers LiteLLM reads with its own HTTP line reader instead of the OpenAI SDK.
+LINE_READ = ("groq", "openrouter")
+#: LiteLLM model strings of the flavours (the fake answers whatever model is asked).
+MODELS = {"openai": "openai/gpt-x", "anthropic": "anthropic/claude-x",
+          "groq": "groq/openai/gpt-oss-20b", "openrouter": "openrouter/openai/gpt-4o-mini",
+          "azure": "azure/gpt-x-deployment"}
 PATHS = ["litellm", "fast"]
 KEY = "sk-test-SECRET-do-not-leak-0123456789"
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -45,14 +53,21 @@ def alias(fmt: str, path: str) -> str:
     return f"{fmt}-{path}"
 
 
+def api_base(up: FakeUpstream, fmt: str) -> str:
+    return {"anthropic": up.anthropic_base, "azure": up.azure_base}.get(fmt, up.openai_base)
+
+
+def is_openai(fmt: str) -> bool:
+    return wire_format(fmt) == "openai"
+
+
 def registry_for(up: FakeUpstream, **timeouts: float) -> ModelRegistry:
     defaults = Timeouts(**{"first_token": 10.0, "idle": 10.0, "total": 30.0, **timeouts})
     models = {}
     for fmt in FORMATS:
         for path in PATHS:
             models[alias(fmt, path)] = {
-                "model": "openai/gpt-x" if fmt == "openai" else "anthropic/claude-x",
-                "api_base": up.openai_base if fmt == "openai" else up.anthropic_base,
+                "model": MODELS[fmt], "api_base": api_base(up, fmt),
                 "api_key_env": "FAKE_PROVIDER_KEY", "fast": path == "fast"}
     return ModelRegistry(load_models({"models": models}, defaults))
 
@@ -128,8 +143,9 @@ def assert_same(results, *, closed: bool | None = None) -> list[dict]:
     if fast_req is None:
         return fast_frames
     assert fast_req.json == slow_req.json, "the provider got a different request body"
-    auth = "Authorization" if fast_req.path.endswith("completions") else "x-api-key"
-    assert fast_req.headers.get(auth) == slow_req.headers.get(auth)
+    assert fast_req.path == slow_req.path and fast_req.query == slow_req.query
+    for auth in ("Authorization", "x-api-key", "api-key"):
+        assert fast_req.headers.get(auth) == slow_req.headers.get(auth), auth
     for req in (slow_req, fast_req):
         assert (req.disconnected_at is not None) == (slow_req.disconnected_at is not None)
         if closed is not None:
@@ -168,7 +184,7 @@ async def test_no_provider_usage_gives_the_same_estimate(fmt):
 async def test_parallel_tool_calls_byte_exact(fmt, n_calls):
     calls = [tool_call("get_weather", {"city": "Paris", "unit": "celsius"}),
              tool_call("get_time", {"tz": "Europe/Paris", "fmt": "%H:%M \"q\""})][:n_calls]
-    script = stream(fmt, ["Checking."] if fmt == "anthropic" else [], tool_calls=calls)
+    script = stream(fmt, [] if is_openai(fmt) else ["Checking."], tool_calls=calls)
     frames = assert_same(await both_paths(fmt, script, tools=TOOLS, tool_choice="auto"))
     complete = of_type(frames, "tool_call_complete")
     assert [(f["call_id"], f["name"], f["arguments"]) for f in complete] == [
@@ -184,11 +200,12 @@ async def test_tool_call_without_arguments(fmt):
 
 
 @pytest.mark.parametrize(("fmt", "reason"), [
-    ("openai", "length"), ("openai", "content_filter"), ("openai", "stop"),
+    *[(fmt, reason) for fmt in ("openai", *DIALECTS)
+      for reason in ("length", "content_filter", "stop")],
     ("anthropic", "max_tokens"), ("anthropic", "stop_sequence"), ("anthropic", "end_turn"),
 ])
 async def test_finish_reasons(fmt, reason):
-    key = "finish_reason" if fmt == "openai" else "stop_reason"
+    key = "finish_reason" if is_openai(fmt) else "stop_reason"
     assert_same(await both_paths(fmt, stream(fmt, ["a", "b"], **{key: reason})))
 
 
@@ -204,7 +221,7 @@ async def test_tool_round_trip_request_is_built_the_same(fmt):
         {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 21}'},
     ]
     params = {"temperature": 0, "stop": ["\n\n"], "top_p": 0.5, "max_tokens": 300}
-    if fmt == "openai":
+    if fmt in ("openai", "openrouter", "azure"):  # (LiteLLM fakes Groq streams with it)
         params.update(seed=3, presence_penalty=0.1, frequency_penalty=0.2,
                       response_format={"type": "json_object"})
     frames = assert_same(await both_paths(fmt, stream(fmt, ["It is 21 C."]),
@@ -274,14 +291,19 @@ async def test_stream_without_a_finish_reason(fmt, end):
     """The provider's stream ends (cleanly, or OpenAI's ``[DONE]``) without ever saying it
     finished: no finish_reason chunk / no ``message_delta``."""
     base = stream(fmt, ["a", "b"])
-    if fmt == "openai":
+    if is_openai(fmt):
         keep = [e for e in base.events if '"finish_reason":"stop"' not in e.data]
         if end == "eof":
             keep = [e for e in keep if e.data != "[DONE]"]
     else:
         keep = [e for e in base.events if e.event not in ("message_delta", "message_stop")]
     frames = assert_same(await both_paths(fmt, dataclasses.replace(base, events=tuple(keep))))
-    assert frames[-1]["status"] == "failed" and text_of(frames) == "ab"
+    assert text_of(frames) == "ab"
+    if fmt in LINE_READ and end == "done":
+        # LiteLLM's line reader (Groq, OpenRouter) takes [DONE] itself as a "stop".
+        assert (frames[-1]["status"], frames[-1]["reason"]) == ("completed", "stop")
+    else:
+        assert frames[-1]["status"] == "failed"
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -290,10 +312,10 @@ async def test_error_event_mid_stream(fmt):
     Anthropic: ``event: error``) after the first token."""
     base = stream(fmt, ["a", "b", "c"])
     error = (SSEEvent('{"error":{"message":"boom sk-secret","type":"server_error"}}')
-             if fmt == "openai" else
+             if is_openai(fmt) else
              SSEEvent('{"type":"error","error":{"type":"overloaded_error",'
                       '"message":"Overloaded sk-secret"}}', event="error"))
-    at = 2 if fmt == "openai" else 4
+    at = base.lead + (2 if is_openai(fmt) else 4)
     events = list(base.events)
     events.insert(at, error)
     frames = assert_same(await both_paths(fmt, dataclasses.replace(base, events=tuple(events))))
@@ -317,7 +339,7 @@ async def test_timeouts_same_frames_and_upstream_closed(fmt, kind, timeouts):
     elif kind == "after_headers":
         script = script.silent_after(0)
     else:  # the first text delta is out, then silence
-        script = script.silent_after(3 if fmt == "openai" else 4)
+        script = script.silent_after(script.lead + (3 if is_openai(fmt) else 4))
     frames = assert_same(await both_paths(fmt, script, timeouts=timeouts), closed=True)
     assert frames[-1]["status"] == "timeout"
 
@@ -327,11 +349,12 @@ async def test_keepalive_events_do_not_reset_the_idle_timer(fmt):
     """Events without content (Anthropic pings; OpenAI chunks with an empty delta) after the
     first token, paced past the idle timeout: both paths time out the same way."""
     base = stream(fmt, ["a", "b"])
-    keepalive = (SSEEvent('{"type": "ping"}', event="ping") if fmt == "anthropic" else
+    keepalive = (SSEEvent('{"type": "ping"}', event="ping") if not is_openai(fmt) else
                  SSEEvent('{"id":"x","object":"chat.completion.chunk","created":1,'
                           '"model":"gpt-x","choices":[{"index":0,"delta":{},'
                           '"finish_reason":null}]}'))
-    first_text = 2 if fmt == "openai" else 4  # index of the event after the first text delta
+    # index of the event after the first text delta
+    first_text = base.lead + (2 if is_openai(fmt) else 4)
     events = list(base.events)
     events[first_text:first_text] = [keepalive] * 6
     script = dataclasses.replace(base, events=tuple(events)).with_delay(0.1)
