@@ -16,10 +16,16 @@ against a fake speaking the provider's wire):
   ``content_filter_results`` carry nothing the relay shows. Kept on LiteLLM: o-series
   deployments (LiteLLM's own o-series handler), the ``v1``/``latest``/``preview`` API
   versions (a different client), Cloudflare AI Gateway bases, and Entra ID credentials the
-  SDK would exchange and refresh itself (tenant/client secret, username/password, OIDC,
-  ``litellm.enable_azure_ad_token_refresh``).
+  SDK would exchange and refresh itself (tenant/client secret, username/password,
+  ``litellm.enable_azure_ad_token_refresh``); a request with an ``oidc/`` token goes through
+  LiteLLM (``dialect_accepts``).
 * **Groq** and **OpenRouter** (LiteLLM reads them with its own HTTP handler, line by line,
-  and a stream handler per provider, not the OpenAI SDK): see ``LineReadDecoder``.
+  and a stream handler per provider, not the OpenAI SDK): see ``LineReadDecoder``. The
+  request is built as for the generic providers (the provider's config), plus OpenRouter's
+  ``HTTP-Referer``/``X-Title`` headers (``openrouter_headers``); a Groq request with
+  ``response_format`` goes through LiteLLM, which fakes that stream from a non-streaming
+  call. Groq's ``x_groq.usage`` is ignored (so does LiteLLM: the usage is the top-level
+  ``usage`` chunk ``stream_options.include_usage`` asks for, else the relay's estimate).
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ import orjson
 
 from .streamer import UsageInfo
 
-__all__ = ["DIALECT_PROVIDERS", "LineReadDecoder", "azure_refusal", "azure_request",
+__all__ = ["DIALECT_PROVIDERS", "LineReadDecoder", "dialect_accepts", "azure_refusal",
+           "azure_request",
            "openai_decoder_for", "openrouter_headers"]
 
 #: OpenAI-format providers whose LiteLLM stream handler is not the generic one, and which the
@@ -64,9 +71,19 @@ def azure_refusal(litellm: Any, model: str, api_base: str | None) -> str | None:
             return "Entra ID credentials the Azure SDK exchanges and refreshes itself"
     if getattr(litellm, "enable_azure_ad_token_refresh", False):
         return "Azure AD token refresh is enabled in LiteLLM"
-    if (os.environ.get("AZURE_AD_TOKEN") or "").startswith("oidc/"):
-        return "an OIDC token the Azure SDK exchanges itself"
     return None
+
+
+def dialect_accepts(provider: str, kwargs: dict[str, Any]) -> bool:
+    """False for a request of these providers that LiteLLM's path must make: on Azure an
+    ``oidc/`` token (LiteLLM exchanges it for an access token first); on Groq a
+    ``response_format`` (LiteLLM then makes a non-streaming call and fakes the stream)."""
+    if provider == "azure":
+        token = kwargs.get("azure_ad_token")
+        return not (isinstance(token, str) and token.startswith("oidc/"))
+    if provider == "groq":
+        return kwargs.get("response_format") is None
+    return True
 
 
 def _azure_api_version(litellm: Any) -> str:
@@ -85,9 +102,11 @@ def azure_request(litellm: Any, model: str, api_key: str | None, api_base: str |
     """URL, headers and body of an Azure OpenAI chat stream, as LiteLLM's Azure handler and
     the SDK's ``AsyncAzureOpenAI`` build them (see the module docstring).
 
-    Key and base resolve as in ``litellm.main``; an Entra ID token (``ad_token``, else
-    ``AZURE_AD_TOKEN``) is sent as ``Authorization: Bearer`` and wins over the key, as in the
-    SDK. Raises ``ValueError`` without a base URL (LiteLLM fails the same request too).
+    Key and base resolve as in ``litellm.main``; without a key, an Entra ID token
+    (``ad_token``: LiteLLM's ``azure_ad_token`` argument) is sent as ``Authorization: Bearer``;
+    with both, only the key (as LiteLLM does; ``AZURE_AD_TOKEN`` in the environment is not
+    used by LiteLLM's streaming path either). Raises ``ValueError`` without a base URL
+    (LiteLLM fails the same request too).
     """
     base = api_base or _azure_api_base(litellm)
     if not base:
@@ -98,8 +117,7 @@ def azure_request(litellm: Any, model: str, api_key: str | None, api_base: str |
     optional.pop("max_retries", None)
     optional.pop("json_mode", None)
     extra_body = optional.pop("extra_body", None) or {}
-    ad_token = ad_token or extra_body.pop("azure_ad_token", None) or os.environ.get(
-        "AZURE_AD_TOKEN")
+    extra_body.pop("azure_ad_token", None)  # litellm.main takes it out of the body
     headers_in = optional.pop("extra_headers", None) or {}
     if litellm.AzureOpenAIGPT5Config.is_model_gpt_5_model(model=model):
         config = litellm.AzureOpenAIGPT5Config()
@@ -119,10 +137,10 @@ def azure_request(litellm: Any, model: str, api_key: str | None, api_base: str |
         base = f"{base}/deployments/{quote(model, safe='')}"
     url = f"{base}/chat/completions?api-version={quote(_azure_api_version(litellm), safe='')}"
     headers = {**headers_in, "Content-Type": "application/json"}
-    if ad_token:
-        headers["Authorization"] = f"Bearer {ad_token}"
-    elif api_key:
+    if api_key:
         headers["api-key"] = api_key
+    elif ad_token:
+        headers["Authorization"] = f"Bearer {ad_token}"
     return url, headers, body
 
 

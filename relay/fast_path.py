@@ -6,8 +6,7 @@ provider speaks one of two streaming formats, the relay therefore reads the wire
 
 * ``openai``: OpenAI Chat Completions SSE (``data: {chat.completion.chunk}`` ... ``data: [DONE]``),
   for the LiteLLM providers in ``OPENAI_FORMAT_PROVIDERS`` (OpenAI and any OpenAI-compatible
-  ``api_base`` via ``openai/``, vLLM, Together, DeepSeek; Groq and OpenRouter as soon as
-  LiteLLM reads their streams with its generic parser);
+  ``api_base`` via ``openai/``, vLLM, Together, DeepSeek, Azure OpenAI, Groq, OpenRouter);
 * ``anthropic``: Anthropic Messages SSE (``event: X`` + ``data: {...}``), provider ``anthropic``.
 
 Every other provider stays on LiteLLM's path. ``select_route()`` decides once per alias, at
@@ -32,7 +31,12 @@ tool calls as ``(index, id, name, arguments)``. Timers, cancel (``aclose`` of th
 usage decisions and estimates are the streamer's, shared with the LiteLLM path.
 
 Requests a route does not take (``FastRoute.accepts``) go through LiteLLM: on Anthropic a
-``response_format`` (LiteLLM rewrites it into a tool and the tool call back into text).
+``response_format`` (LiteLLM rewrites it into a tool and the tool call back into text); the
+cases of Azure and Groq in ``relay/fast_formats.py`` (``dialect_accepts``).
+
+Azure OpenAI, Groq and OpenRouter speak dialects of the OpenAI format that LiteLLM reads
+with code of its own (the Azure SDK client; a line reader with per-provider chunk parsers):
+``relay/fast_formats.py`` builds their requests and reads their streams as LiteLLM does.
 """
 
 from __future__ import annotations
@@ -59,8 +63,9 @@ __all__ = [
 
 
 #: LiteLLM providers whose chat streaming is the OpenAI Chat Completions SSE format; each
-#: takes the fast path only while LiteLLM reads its stream with the generic OpenAI parser
-#: (``_generic_openai_stream_parser``: not Groq's or OpenRouter's own, in LiteLLM 1.110).
+#: takes the fast path while LiteLLM reads its stream with the generic OpenAI parser
+#: (``_generic_openai_stream_parser``), or when ``relay/fast_formats.py`` knows how LiteLLM
+#: reads its dialect (``fast_formats.DIALECT_PROVIDERS``: Azure, Groq, OpenRouter).
 OPENAI_FORMAT_PROVIDERS = frozenset({
     "openai", "custom_openai", "hosted_vllm", "groq", "together_ai", "deepseek", "openrouter",
     "azure",
@@ -69,7 +74,8 @@ OPENAI_FORMAT_PROVIDERS = frozenset({
 ANTHROPIC_FORMAT_PROVIDERS = frozenset({"anthropic"})
 
 # kwargs of a TokenStreamer request that are not model parameters
-_NOT_PARAMS = frozenset({"model", "messages", "api_key", "api_base", "num_retries"})
+_NOT_PARAMS = frozenset({"model", "messages", "api_key", "api_base", "num_retries",
+                         "azure_ad_token"})
 
 
 @dataclass(frozen=True)
@@ -503,6 +509,8 @@ class FastRoute:
 
     def accepts(self, kwargs: dict[str, Any]) -> bool:
         """False for a request only LiteLLM's own path handles (see the module docstring)."""
+        if self.provider in fast_formats.DIALECT_PROVIDERS:
+            return fast_formats.dialect_accepts(self.provider, kwargs)
         return not (self.wire == "anthropic" and kwargs.get("response_format") is not None)
 
     async def open(self, kwargs: dict[str, Any]) -> _FastStream:
@@ -550,6 +558,8 @@ class FastRoute:
             model=self.model, custom_llm_provider=self.provider, messages=messages, **params)
         litellm_params: dict[str, Any] = {"custom_llm_provider": self.provider,
                                           "api_base": api_base}
+        if kwargs.get("azure_ad_token"):
+            litellm_params["azure_ad_token"] = kwargs["azure_ad_token"]
         if self.wire == "anthropic":
             return self._anthropic_request(litellm, api_key, api_base, messages, optional,
                                            litellm_params)
@@ -564,7 +574,8 @@ class FastRoute:
             self._dialect_chunk_error)
         if self.provider == "azure":
             url, headers, body = fast_formats.azure_request(
-                litellm, self.model, api_key, api_base, messages, optional, litellm_params)
+                litellm, self.model, api_key, api_base, messages, optional, litellm_params,
+                ad_token=litellm_params.get("azure_ad_token"))
             return url, headers, orjson.dumps(body), decoder
         config = self.config
         if api_base is None:

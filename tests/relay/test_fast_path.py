@@ -144,8 +144,8 @@ def assert_same(results, *, closed: bool | None = None) -> list[dict]:
         return fast_frames
     assert fast_req.json == slow_req.json, "the provider got a different request body"
     assert fast_req.path == slow_req.path and fast_req.query == slow_req.query
-    for auth in ("Authorization", "x-api-key", "api-key"):
-        assert fast_req.headers.get(auth) == slow_req.headers.get(auth), auth
+    for name in ("Authorization", "x-api-key", "api-key", "HTTP-Referer", "X-Title"):
+        assert fast_req.headers.get(name) == slow_req.headers.get(name), name
     for req in (slow_req, fast_req):
         assert (req.disconnected_at is not None) == (slow_req.disconnected_at is not None)
         if closed is not None:
@@ -306,12 +306,30 @@ async def test_stream_without_a_finish_reason(fmt, end):
         assert frames[-1]["status"] == "failed"
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-async def test_error_event_mid_stream(fmt):
+#: Errors inside an OpenAI-format stream, as the providers send them: a bare ``error``
+#: object (vLLM/sglang, Groq), one with a numeric HTTP-like ``code``, and OpenRouter's chunk
+#: (``id``..., ``error`` with a string ``code``, a choice finishing with ``error``).
+OPENAI_STREAM_ERRORS = {
+    "bare": '{"error":{"message":"boom sk-secret","type":"server_error"}}',
+    "code_429": '{"error":{"message":"slow down sk-secret","code":429}}',
+    "code_502": '{"error":{"message":"upstream sk-secret","code":502,"metadata":{}}}',
+    "openrouter": '{"id":"gen-1","object":"chat.completion.chunk","created":1,"model":"m",'
+                  '"provider":"FakeCloud","error":{"code":"server_error","message":'
+                  '"Provider disconnected sk-secret"},"choices":[{"index":0,"delta":'
+                  '{"content":""},"finish_reason":"error"}]}',
+}
+
+
+@pytest.mark.parametrize(("fmt", "variant"), [
+    *[(fmt, "bare") for fmt in FORMATS],
+    *[(fmt, variant) for fmt in ("openai", *DIALECTS)
+      for variant in OPENAI_STREAM_ERRORS if variant != "bare"],
+])
+async def test_error_event_mid_stream(fmt, variant):
     """The provider reports an error inside the stream (OpenAI: a chunk with ``error``;
     Anthropic: ``event: error``) after the first token."""
     base = stream(fmt, ["a", "b", "c"])
-    error = (SSEEvent('{"error":{"message":"boom sk-secret","type":"server_error"}}')
+    error = (SSEEvent(OPENAI_STREAM_ERRORS[variant])
              if is_openai(fmt) else
              SSEEvent('{"type":"error","error":{"type":"overloaded_error",'
                       '"message":"Overloaded sk-secret"}}', event="error"))
@@ -428,6 +446,8 @@ def test_selection_is_automatic_for_the_two_formats_and_fast_false_opts_out():
         "openrouter": {"model": "openrouter/openai/gpt-4o-mini"},
         "together": {"model": "together_ai/meta-llama/Llama-3-8b-chat-hf"},
         "deepseek": {"model": "deepseek/deepseek-chat"},
+        "azure": {"model": "azure/my-gpt-4o", "api_base": "https://x.openai.azure.com"},
+        "azure_o": {"model": "azure/o3-mini", "api_base": "https://x.openai.azure.com"},
         "slow": {"model": "openai/gpt-4o-mini", "fast": False},
         "gemini": {"model": "gemini/gemini-2.0-flash"},
         "demo": {"model": "demo"},
@@ -435,12 +455,31 @@ def test_selection_is_automatic_for_the_two_formats_and_fast_false_opts_out():
     paths = {spec.alias: spec.path.path for spec in registry.specs}
     assert paths == {"gpt": "fast", "local": "fast", "vllm": "fast", "claude": "fast",
                      "together": "fast", "deepseek": "fast",
-                     "groq": "litellm", "openrouter": "litellm",
+                     "groq": "fast", "openrouter": "fast", "azure": "fast",
+                     "azure_o": "litellm",
                      "slow": "litellm", "gemini": "litellm", "demo": "litellm"}
     assert "fast = false" in registry.resolve("slow").path.reason
-    # LiteLLM parses these two providers' streams with handlers of its own (OpenRouter's
-    # reasoning field differs): the fast path would not behave the same.
-    assert "parser of its own" in registry.resolve("openrouter").path.reason
+    assert "o-series" in registry.resolve("azure_o").path.reason
+    assert registry.resolve("gemini").path.reason == (
+        "provider gemini does not stream an OpenAI or Anthropic format the relay reads itself")
+
+
+@pytest.mark.parametrize(("env", "why"), [
+    ({"AZURE_API_VERSION": "v1"}, "v1 API"),
+    ({"AZURE_TENANT_ID": "t", "AZURE_CLIENT_ID": "c", "AZURE_CLIENT_SECRET": "s"}, "Entra ID"),
+    ({"AZURE_USERNAME": "u", "AZURE_PASSWORD": "p", "AZURE_CLIENT_ID": "c"}, "Entra ID"),
+])
+def test_azure_setups_the_fast_path_leaves_to_litellm(monkeypatch, env, why):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    registry = ModelRegistry(load_models({"models": {
+        "az": {"model": "azure/my-gpt-4o", "api_base": "https://x.openai.azure.com"},
+        "az_gateway": {"model": "azure/my-gpt-4o",
+                       "api_base": "https://gateway.ai.cloudflare.com/v1/a/b/azure-openai/c"},
+    }}, Timeouts()))
+    assert registry.resolve("az").path.path == "litellm"
+    assert why in registry.resolve("az").path.reason
+    assert registry.resolve("az_gateway").path.path == "litellm"
 
 
 def test_fast_must_be_a_boolean():
@@ -457,14 +496,14 @@ async def test_path_in_startup_log_and_metrics(caplog):
                 async with Client.connect(server.url):
                     metrics = server.metrics.render().decode()
     lines = [r.getMessage() for r in caplog.records if "model alias" in r.getMessage()]
-    assert sorted(lines) == sorted([
-        "model alias openai-litellm: litellm path (fast = false in the alias config)",
-        "model alias openai-fast: fast path (openai streaming format (provider openai))",
-        "model alias anthropic-litellm: litellm path (fast = false in the alias config)",
-        "model alias anthropic-fast: fast path (anthropic streaming format "
-        "(provider anthropic))"])
-    assert 'relay_model_path{alias="openai-fast",path="fast"} 1.0' in metrics
-    assert 'relay_model_path{alias="anthropic-litellm",path="litellm"} 1.0' in metrics
+    assert sorted(lines) == sorted(
+        [f"model alias {fmt}-litellm: litellm path (fast = false in the alias config)"
+         for fmt in FORMATS]
+        + [f"model alias {fmt}-fast: fast path ({wire_format(fmt)} streaming format "
+           f"(provider {fmt}))" for fmt in FORMATS])
+    for fmt in FORMATS:
+        assert f'relay_model_path{{alias="{fmt}-fast",path="fast"}} 1.0' in metrics
+        assert f'relay_model_path{{alias="{fmt}-litellm",path="litellm"}} 1.0' in metrics
 
 
 # ------------------------------------------------------------------------- the SSE parser
