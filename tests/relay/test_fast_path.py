@@ -255,10 +255,13 @@ ERRORS = [400, 401, 403, 404, 422, 429, 500, 503]
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("status", ERRORS + [529])
-async def test_http_errors_same_code_message_and_retry_after(fmt, status):
+async def test_http_errors_same_code_message_and_retry_after(fmt, status, caplog):
     script = http_error(fmt, status, retry_after=7 if status in (429, 503) else None,
                         message=f"invalid key {KEY} body-echo-marker")
-    frames = assert_same(await both_paths(fmt, script))
+    with caplog.at_level(logging.DEBUG, logger="relay"):
+        frames = assert_same(await both_paths(fmt, script))
+    assert not [r for r in caplog.records
+                if r.name.startswith("relay") and KEY in r.getMessage()]
     assert [f["type"] for f in frames] == ["started", "finish"]
     assert frames[-1]["status"] == "failed"
     assert KEY not in str(frames) and "body-echo-marker" not in str(frames)
@@ -554,3 +557,104 @@ async def test_openai_format_providers_same_as_litellm(model):
                     results.append((await c.collect(path), up.requests[-1]))
     frames = assert_same(results)
     assert frames[-1]["status"] == "completed" and text_of(frames) == "Hello"
+
+
+# ------------------------------------------------------------------------- provider specifics
+
+
+async def _same_on_both_paths(models: dict[str, dict], script, **start_fields):
+    """Run ``script`` through alias ``litellm`` then alias ``fast`` (``models``: their
+    config entries, with a ``flavour`` naming the fake endpoint for ``api_base``); return
+    ``([(frames, request), ...], registry)``, the results in the order of ``both_paths``."""
+    results = []
+    async with FakeUpstream() as up:
+        entries = {}
+        for path, entry in models.items():
+            entry = dict(entry)
+            flavour = entry.pop("flavour")
+            entries[path] = {**entry, "api_base": api_base(up, flavour), "fast": path == "fast"}
+        registry = ModelRegistry(load_models({"models": entries}, Timeouts(10.0, 10.0, 30.0)))
+        async with start_relay(registry=registry) as server:
+            async with Client.connect(server.url) as c:
+                for path in PATHS:
+                    before = len(up.requests)
+                    up.enqueue(script)
+                    await c.start(path, model=path, **start_fields)
+                    frames = await c.collect(path)
+                    results.append((frames, up.requests[before]
+                                    if len(up.requests) > before else None))
+    return results, registry
+
+
+async def test_azure_entra_id_token_is_a_bearer_header_on_both_paths(monkeypatch):
+    """``azure_ad_token_env``: no key, the token as ``Authorization: Bearer`` (LiteLLM's
+    ``azure_ad_token``), the same request and frames on both paths."""
+    monkeypatch.setenv("FAKE_AD_TOKEN", "eyJ0eXAi.fake-entra-token")
+    entry = {"model": "azure/gpt-x-deployment", "azure_ad_token_env": "FAKE_AD_TOKEN"}
+    results, registry = await _same_on_both_paths(
+        {path: {**entry, "flavour": "azure"} for path in PATHS},
+        stream("azure", ["Hel", "lo"], usage=Usage(3, 4)))
+    assert registry.resolve("fast").path.path == "fast"
+    frames = assert_same(results)
+    assert frames[-1]["status"] == "completed" and text_of(frames) == "Hello"
+    for _frames, request in results:
+        assert request.headers.get("Authorization") == "Bearer eyJ0eXAi.fake-entra-token"
+        assert "api-key" not in request.headers
+        assert request.path == "/openai/deployments/gpt-x-deployment/chat/completions"
+        assert request.query.startswith("api-version=")
+
+
+async def test_azure_request_url_and_key_header():
+    results, _registry = await _same_on_both_paths(
+        {path: {"model": "azure/gpt-x-deployment", "api_key_env": "FAKE_PROVIDER_KEY",
+                "flavour": "azure"} for path in PATHS},
+        stream("azure", ["ok"]))
+    assert_same(results)
+    for _frames, request in results:
+        assert request.headers.get("api-key") == KEY and "Authorization" not in request.headers
+        assert request.path == "/openai/deployments/gpt-x-deployment/chat/completions"
+
+
+def test_azure_ad_token_env_config_checks(monkeypatch):
+    from relay.app import ConfigError
+
+    monkeypatch.setenv("FAKE_AD_TOKEN", "tok")
+    with pytest.raises(ConfigError, match="for azure/ models only"):
+        load_models({"models": {"x": {"model": "openai/gpt",
+                                      "azure_ad_token_env": "FAKE_AD_TOKEN"}}}, Timeouts())
+    with pytest.raises(ConfigError, match="not both"):
+        load_models({"models": {"x": {"model": "azure/d", "azure_ad_token_env": "FAKE_AD_TOKEN",
+                                      "api_key_env": "FAKE_PROVIDER_KEY"}}}, Timeouts())
+    with pytest.raises(ConfigError, match="NO_SUCH_VAR"):
+        load_models({"models": {"x": {"model": "azure/d",
+                                      "azure_ad_token_env": "NO_SUCH_VAR"}}}, Timeouts())
+
+
+async def test_openrouter_sends_its_attribution_headers_on_both_paths(monkeypatch):
+    monkeypatch.setenv("OR_SITE_URL", "https://chat.example.com")
+    monkeypatch.setenv("OR_APP_NAME", "Example Chat")
+    results, _registry = await _same_on_both_paths(
+        {path: {"model": MODELS["openrouter"], "api_key_env": "FAKE_PROVIDER_KEY",
+                "flavour": "openrouter"} for path in PATHS},
+        stream("openrouter", ["ok"], reasoning=["hmm"]))
+    assert_same(results)
+    for _frames, request in results:
+        assert request.headers.get("HTTP-Referer") == "https://chat.example.com"
+        assert request.headers.get("X-Title") == "Example Chat"
+        assert request.json["usage"] == {"include": True}  # OpenRouter's config adds it
+
+
+async def test_groq_response_format_goes_through_litellm():
+    """LiteLLM answers a Groq request with ``response_format`` from a non-streaming call
+    (it fakes the stream); the fast path hands such a request to LiteLLM."""
+    params = {"response_format": {"type": "json_object"}}
+    results, registry = await _same_on_both_paths(
+        {path: {"model": MODELS["groq"], "api_key_env": "FAKE_PROVIDER_KEY",
+                "flavour": "groq"} for path in PATHS},
+        stream("groq", ["{}"]), params=params)
+    route = registry.resolve("fast").path.route
+    assert not route.accepts({"response_format": params["response_format"]})
+    assert route.accepts({})
+    assert_same(results)
+    for _frames, request in results:
+        assert "stream" not in request.json  # both made LiteLLM's non-streaming call
