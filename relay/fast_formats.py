@@ -221,6 +221,9 @@ class LineReadDecoder:
                 self._take_usage(usage)
             choices = obj.get("choices")
             if not choices:
+                # LiteLLM's wrapper hands a chunk without choices on (Azure's filter results,
+                # the usage chunk): it counts as a sign of life for the idle timer.
+                deltas.append(_NO_DELTA)
                 continue
             choice = choices[0]
             finish = choice.get("finish_reason")
@@ -269,4 +272,5 @@ class LineReadDecoder:
         return UsageInfo(prompt or 0, completion or 0, estimated=False)
 
 
+_NO_DELTA = (None, None, None, None)  # as fast_path._NO_DELTA: a sign of life, no event
 _OPENROUTER_KEYS = frozenset({"id", "created", "model", "choices"})

@@ -201,6 +201,11 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return (httpx.ReadError, httpx.RemoteProtocolError)
 
 
+#: A delta that carries nothing: makes ``next_batch`` return (the streamer's idle timer
+#: restarts) without an event.
+_NO_DELTA = (None, None, None, None)
+
+
 class _OpenAIDecoder:
     """OpenAI ``chat.completion.chunk`` events -> deltas; ``[DONE]`` ends the stream."""
 
@@ -236,6 +241,9 @@ class _OpenAIDecoder:
                 self._take_usage(usage)
             choices = obj.get("choices")
             if not choices:
+                # LiteLLM's wrapper hands a chunk without choices on (Azure's filter results,
+                # the usage chunk): it counts as a sign of life for the idle timer.
+                deltas.append(_NO_DELTA)
                 continue
             choice = choices[0]
             finish = choice.get("finish_reason")

@@ -365,20 +365,52 @@ async def test_timeouts_same_frames_and_upstream_closed(fmt, kind, timeouts):
     assert frames[-1]["status"] == "timeout"
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-async def test_keepalive_events_do_not_reset_the_idle_timer(fmt):
-    """Events without content (Anthropic pings; OpenAI chunks with an empty delta) after the
-    first token, paced past the idle timeout: both paths time out the same way."""
+@pytest.mark.parametrize(("fmt", "kind"), [
+    *[(fmt, "event") for fmt in FORMATS],
+    ("openrouter", "comment"),
+    ("azure", "filter_results"),
+    ("azure", "async_filter"),
+    *[(fmt, "empty_choices") for fmt in ("openai", *DIALECTS)],
+    *[(fmt, "no_choices") for fmt in ("openai", "groq", "azure")],
+])
+async def test_keepalive_events_and_the_idle_timer(fmt, kind):
+    """Events without content after the first token, paced past the idle timeout, count the
+    same on both paths: Anthropic pings, OpenAI chunks with an empty delta, Azure's
+    asynchronous-filter annotations and OpenRouter's ``: OPENROUTER PROCESSING`` comments do
+    not restart the idle timer (the stream times out); chunks without ``choices`` (Azure's
+    filter results, usage-style chunks) do, because LiteLLM's wrapper hands them on."""
     base = stream(fmt, ["a", "b"])
-    keepalive = (SSEEvent('{"type": "ping"}', event="ping") if not is_openai(fmt) else
-                 SSEEvent('{"id":"x","object":"chat.completion.chunk","created":1,'
-                          '"model":"gpt-x","choices":[{"index":0,"delta":{},'
-                          '"finish_reason":null}]}'))
+    if kind == "comment":
+        keepalive = SSEEvent("OPENROUTER PROCESSING", comment=True)
+    elif kind == "filter_results":
+        keepalive = base.events[0]
+    elif kind == "empty_choices":
+        keepalive = SSEEvent('{"id":"x","object":"chat.completion.chunk","created":1,'
+                             '"model":"gpt-x","choices":[]}')
+    elif kind == "no_choices":
+        keepalive = SSEEvent('{"id":"x","object":"chat.completion.chunk","created":1,'
+                             '"model":"gpt-x"}')
+    elif kind == "async_filter":  # Azure's asynchronous filter: an annotation, no delta
+        keepalive = SSEEvent('{"id":"x","object":"chat.completion.chunk","created":1,'
+                             '"model":"gpt-x","choices":[{"index":0,"finish_reason":null,'
+                             '"content_filter_results":{"hate":{"filtered":false,'
+                             '"severity":"safe"}},"content_filter_offsets":{'
+                             '"check_offset":0,"start_offset":0,"end_offset":1}}]}')
+    elif not is_openai(fmt):
+        keepalive = SSEEvent('{"type": "ping"}', event="ping")
+    else:
+        keepalive = SSEEvent('{"id":"x","object":"chat.completion.chunk","created":1,'
+                             '"model":"gpt-x","choices":[{"index":0,"delta":{},'
+                             '"finish_reason":null}]}')
     # index of the event after the first text delta
     first_text = base.lead + (2 if is_openai(fmt) else 4)
     events = list(base.events)
     events[first_text:first_text] = [keepalive] * 6
     script = dataclasses.replace(base, events=tuple(events)).with_delay(0.1)
+    if kind in ("filter_results", "empty_choices", "no_choices"):
+        frames = assert_same(await both_paths(fmt, script, timeouts={"idle": 0.35}))
+        assert (frames[-1]["status"], text_of(frames)) == ("completed", "ab")
+        return
     frames = assert_same(await both_paths(fmt, script, timeouts={"idle": 0.35}), closed=True)
     assert (frames[-1]["status"], frames[-1]["reason"]) == ("timeout", "idle_timeout")
     assert text_of(frames) == "a"
