@@ -38,7 +38,7 @@ import orjson
 
 from .streamer import UsageInfo
 
-__all__ = ["DIALECT_PROVIDERS", "LineReadDecoder", "dialect_accepts", "azure_refusal",
+__all__ = ["DIALECT_PROVIDERS", "FAILING_FINISH_REASONS", "LineReadDecoder", "dialect_accepts", "azure_refusal",
            "azure_request",
            "openai_decoder_for", "openrouter_headers"]
 
@@ -64,7 +64,9 @@ def azure_refusal(litellm: Any, model: str, api_base: str | None) -> str | None:
     if BaseAzureLLM.is_azure_v1_api_version(_azure_api_version(litellm)):
         return "the Azure v1 API version is called through a different client"
     base = api_base or _azure_api_base(litellm)
-    if base and "gateway.ai.cloudflare.com" in base:
+    if not base:
+        return "no api_base for Azure (LiteLLM reports the missing base per request)"
+    if "gateway.ai.cloudflare.com" in base:
         return "Azure through Cloudflare AI Gateway"
     for names in _AZURE_CREDENTIAL_ENV:
         if all(os.environ.get(name) for name in names):
@@ -158,6 +160,23 @@ def openrouter_headers(litellm: Any) -> dict[str, str]:
 
 # ---------------------------------------------------------------------- stream decoders
 
+#: Finish reasons with which LiteLLM's OpenAI/Azure stream wrapper fails the stream:
+#: ``abort`` (vLLM's aborted generation: an ``InternalServerError``, status 500) and
+#: ``error`` (a plain exception: the stream failed).
+FAILING_FINISH_REASONS = frozenset({"abort", "error"})
+
+
+def failing_finish_error(finish: str) -> Exception:
+    """The exception for a ``FAILING_FINISH_REASONS`` finish, classified as LiteLLM's is."""
+    if finish == "abort":
+        from .llm import get_litellm
+
+        return get_litellm().InternalServerError(
+            message="Upstream generation aborted (finish_reason=abort)", model="",
+            llm_provider="")
+    return RuntimeError("the provider's stream finished with an error")
+
+
 
 def openai_decoder_for(provider: str, generic_decoder: type, map_finish, stream_error,
                        chunk_error) -> Any:
@@ -181,10 +200,13 @@ class LineReadDecoder:
     * reasoning: Groq's ``delta.reasoning`` (mapped to ``reasoning_content``, winning over
       it); OpenRouter's ``delta.reasoning`` only (its handler overwrites
       ``reasoning_content`` with it);
+    * a ``finish_reason`` of ``abort`` fails a Groq stream (status 500); on OpenRouter
+      ``abort`` and ``error`` are finish reasons like others (the OpenAI SDK path fails
+      both: ``FAILING_FINISH_REASONS``);
     * an error inside the stream and a chunk the provider's parser rejects fail the stream
       with the exception LiteLLM's parser raises for it (``chunk_error``: status from the
       error's ``code``, OpenRouter: a chunk missing ``id``/``created``/``model``/``choices``
-      is a 400).
+      or a choice's ``delta`` is a 400).
     """
 
     __slots__ = ("done", "finish_reason", "usage", "_map_finish", "_chunk_error",
@@ -225,9 +247,14 @@ class LineReadDecoder:
                 # the usage chunk): it counts as a sign of life for the idle timer.
                 deltas.append(_NO_DELTA)
                 continue
+            if openrouter and not all(type(c) is dict and type(c.get("delta")) is dict
+                                      for c in choices):
+                raise self._chunk_error(obj)  # its parser needs every choice's delta
             choice = choices[0]
             finish = choice.get("finish_reason")
             if finish:
+                if finish == "abort" and not openrouter:
+                    raise self._chunk_error(obj)  # Groq's parser: an aborted generation
                 finish = self.finish_reason = self._map_finish(finish)
             delta = choice.get("delta")
             if not delta:

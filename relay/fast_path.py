@@ -248,6 +248,8 @@ class _OpenAIDecoder:
             choice = choices[0]
             finish = choice.get("finish_reason")
             if finish:
+                if finish in fast_formats.FAILING_FINISH_REASONS:
+                    raise fast_formats.failing_finish_error(finish)
                 finish = self.finish_reason = self._map_finish(finish)
             delta = choice.get("delta")
             if not delta:

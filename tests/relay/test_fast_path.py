@@ -201,12 +201,17 @@ async def test_tool_call_without_arguments(fmt):
 
 @pytest.mark.parametrize(("fmt", "reason"), [
     *[(fmt, reason) for fmt in ("openai", *DIALECTS)
-      for reason in ("length", "content_filter", "stop")],
+      for reason in ("length", "content_filter", "stop", "abort", "error")],
     ("anthropic", "max_tokens"), ("anthropic", "stop_sequence"), ("anthropic", "end_turn"),
 ])
 async def test_finish_reasons(fmt, reason):
+    """Including the two with which LiteLLM fails a stream: ``abort`` (vLLM; not on
+    OpenRouter's parser) and ``error`` (the OpenAI SDK path only)."""
     key = "finish_reason" if is_openai(fmt) else "stop_reason"
-    assert_same(await both_paths(fmt, stream(fmt, ["a", "b"], **{key: reason})))
+    frames = assert_same(await both_paths(fmt, stream(fmt, ["a", "b"], **{key: reason})))
+    fails = (reason == "abort" and fmt != "openrouter"
+             or reason == "error" and fmt not in LINE_READ)
+    assert frames[-1]["status"] == ("failed" if fails else "completed")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -320,13 +325,17 @@ OPENAI_STREAM_ERRORS = {
                   '"provider":"FakeCloud","error":{"code":"server_error","message":'
                   '"Provider disconnected sk-secret"},"choices":[{"index":0,"delta":'
                   '{"content":""},"finish_reason":"error"}]}',
+    # not an error: a chunk whose choice has no delta (OpenRouter's parser rejects it)
+    "no_delta": '{"id":"gen-1","object":"chat.completion.chunk","created":1,"model":"m",'
+                '"choices":[{"index":0,"finish_reason":null}]}',
 }
 
 
 @pytest.mark.parametrize(("fmt", "variant"), [
     *[(fmt, "bare") for fmt in FORMATS],
     *[(fmt, variant) for fmt in ("openai", *DIALECTS)
-      for variant in OPENAI_STREAM_ERRORS if variant != "bare"],
+      for variant in OPENAI_STREAM_ERRORS if variant not in ("bare", "no_delta")],
+    ("openrouter", "no_delta"),
 ])
 async def test_error_event_mid_stream(fmt, variant):
     """The provider reports an error inside the stream (OpenAI: a chunk with ``error``;
@@ -515,6 +524,14 @@ def test_azure_setups_the_fast_path_leaves_to_litellm(monkeypatch, env, why):
     assert registry.resolve("az").path.path == "litellm"
     assert why in registry.resolve("az").path.reason
     assert registry.resolve("az_gateway").path.path == "litellm"
+
+
+def test_azure_without_a_base_stays_on_litellm(monkeypatch):
+    monkeypatch.delenv("AZURE_API_BASE", raising=False)
+    registry = ModelRegistry(load_models({"models": {"az": {"model": "azure/my-gpt-4o"}}},
+                                         Timeouts()))
+    assert registry.resolve("az").path.path == "litellm"
+    assert "no api_base" in registry.resolve("az").path.reason
 
 
 def test_fast_must_be_a_boolean():
