@@ -120,7 +120,9 @@ def azure_request(litellm: Any, model: str, api_key: str | None, api_base: str |
     optional.pop("json_mode", None)
     extra_body = optional.pop("extra_body", None) or {}
     extra_body.pop("azure_ad_token", None)  # litellm.main takes it out of the body
-    headers_in = optional.pop("extra_headers", None) or {}
+    # litellm.main's extra_headers, replaced by litellm.headers when set (its Azure handler)
+    headers_in = litellm.headers or optional.pop("extra_headers", None) or {}
+    optional.pop("extra_headers", None)
     if litellm.AzureOpenAIGPT5Config.is_model_gpt_5_model(model=model):
         config = litellm.AzureOpenAIGPT5Config()
     else:
