@@ -137,8 +137,8 @@ def select_route(model: str, api_base: str | None, *, fast: bool = True,
 
 def _generic_openai_stream_parser(config: Any) -> bool:
     """True when LiteLLM reads this provider's stream with its plain OpenAI chunk parser, so
-    the stream has no provider quirks the fast path would have to know (OpenRouter's
-    ``reasoning`` field, Groq's handler, ...)."""
+    the stream has no provider quirks the fast path would have to know (those it knows, of
+    Azure, Groq and OpenRouter, are in ``relay/fast_formats.py``)."""
     from litellm.llms.openai.chat.gpt_transformation import OpenAIGPTConfig
 
     return (type(config).get_model_response_iterator

@@ -1,11 +1,17 @@
 """Loopback fake LLM providers speaking the real OpenAI / Anthropic streaming wire formats.
 
-One :class:`FakeUpstream` (an aiohttp server on ``127.0.0.1``, ephemeral port) serves both
+One :class:`FakeUpstream` (an aiohttp server on ``127.0.0.1``, ephemeral port) serves
 
 * ``POST /v1/chat/completions`` -- OpenAI Chat Completions SSE (``data: {...}`` ... ``data: [DONE]``)
 * ``POST /v1/messages``         -- Anthropic Messages SSE (``event: X`` + ``data: {...}``)
+* ``POST /openai/deployments/{deployment}/chat/completions`` -- Azure OpenAI (OpenAI SSE)
 
-so LiteLLM's real ``openai/`` and ``anthropic/`` provider code can be pointed at it::
+and the OpenAI-format providers' dialects (``stream("groq" | "openrouter" | "azure", ...)``:
+Groq's ``x_groq``, OpenRouter's comments and ``reasoning``, Azure's filter-results chunk;
+see :func:`openai_stream`) and error bodies (:func:`http_error`),
+
+so LiteLLM's real ``openai/``, ``anthropic/``, ``azure/``, ``groq/`` and ``openrouter/`` provider
+code can be pointed at it::
 
     async with FakeUpstream() as up:
         script = up.enqueue(openai_stream(["Hel", "lo"], usage=Usage(13, 42)))
