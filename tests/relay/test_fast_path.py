@@ -653,15 +653,20 @@ async def test_azure_entra_id_token_is_a_bearer_header_on_both_paths(monkeypatch
         assert request.query.startswith("api-version=")
 
 
-async def test_azure_request_url_and_key_header():
-    results, _registry = await _same_on_both_paths(
-        {path: {"model": "azure/gpt-x-deployment", "api_key_env": "FAKE_PROVIDER_KEY",
+@pytest.mark.parametrize("deployment", ["gpt-x-deployment", "gpt-5-mini"])
+async def test_azure_request_url_and_key_header(deployment):
+    """Also a GPT-5 deployment, whose body LiteLLM builds with its Azure GPT-5 config."""
+    results, registry = await _same_on_both_paths(
+        {path: {"model": f"azure/{deployment}", "api_key_env": "FAKE_PROVIDER_KEY",
                 "flavour": "azure"} for path in PATHS},
-        stream("azure", ["ok"]))
+        stream("azure", ["ok"]), params={"max_tokens": 50, "temperature": 1})
+    assert registry.resolve("fast").path.path == "fast"
     assert_same(results)
     for _frames, request in results:
         assert request.headers.get("api-key") == KEY and "Authorization" not in request.headers
-        assert request.path == "/openai/deployments/gpt-x-deployment/chat/completions"
+        assert request.path == f"/openai/deployments/{deployment}/chat/completions"
+        tokens_key = "max_completion_tokens" if "gpt-5" in deployment else "max_tokens"
+        assert request.json[tokens_key] == 50
 
 
 def test_azure_ad_token_env_config_checks(monkeypatch):
