@@ -13,6 +13,8 @@ Config format (``relay serve --config relay.toml`` or ``RELAY_CONFIG``)::
     params = { temperature = 0.2 }     # optional default params (same allowlist as clients)
     retries_before_first_token = 0     # optional, explicit opt-in (connect failures only)
     fast = false                       # optional: never use the fast path for this alias
+    azure_ad_token_env = "AZURE_AD_TOKEN"  # Azure only, instead of api_key_env: NAME of the
+                                       # env var holding an Entra ID access token (Bearer)
 
 Startup fails with ``ConfigError`` naming the alias and what is missing; secrets are never
 printed (only env var names).
@@ -33,7 +35,8 @@ from relay.upstream.streamer import Timeouts
 __all__ = ["ConfigError", "build_registry", "load_models"]
 
 _ALIAS_KEYS = {"model", "api_key_env", "api_base", "max_tokens", "first_token_timeout",
-               "idle_timeout", "total_timeout", "params", "retries_before_first_token", "fast"}
+               "idle_timeout", "total_timeout", "params", "retries_before_first_token", "fast",
+               "azure_ad_token_env"}
 
 
 class ConfigError(ValueError):
@@ -106,6 +109,19 @@ def _load_alias(alias: str, entry: Any, defaults: Timeouts) -> ModelSpec:
         if not os.environ.get(key_env):
             raise ConfigError(f"{where}: environment variable {key_env} (api_key_env) is "
                               "not set or empty")
+    token_env = entry.get("azure_ad_token_env")
+    if token_env is not None:
+        if not isinstance(token_env, str) or not token_env:
+            raise ConfigError(f"{where}: azure_ad_token_env must be an environment variable "
+                              "name")
+        if not model.startswith("azure/"):
+            raise ConfigError(f"{where}: azure_ad_token_env is for azure/ models only")
+        if key_env is not None:
+            raise ConfigError(f"{where}: give api_key_env or azure_ad_token_env, not both "
+                              "(a key wins over the token)")
+        if not os.environ.get(token_env):
+            raise ConfigError(f"{where}: environment variable {token_env} "
+                              "(azure_ad_token_env) is not set or empty")
     params = entry.get("params") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{where}: params must be a table")
@@ -131,7 +147,8 @@ def _load_alias(alias: str, entry: Any, defaults: Timeouts) -> ModelSpec:
         raise ConfigError(f"{where}: fast must be true or false")
     return ModelSpec(alias=alias, model=model, api_base=api_base, api_key_env=key_env,
                      timeouts=timeouts, default_params=dict(params), max_tokens=max_tokens,
-                     retries_before_first_token=retries, fast=fast)
+                     retries_before_first_token=retries, fast=fast,
+                     azure_ad_token_env=token_env)
 
 
 def _seconds(entry: dict, key: str, default: float | None, where: str) -> float | None:

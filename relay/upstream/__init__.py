@@ -3,6 +3,8 @@
 - ``streamer``: ``EventStreamer``, one completion as typed events (timers, cancel, tool-call
   assembly, usage) over either upstream below;
 - ``fast_path``: reads OpenAI- and Anthropic-format SSE directly (httpx + orjson);
+- ``fast_formats``: the OpenAI-format dialects LiteLLM reads with code of its own (Azure
+  OpenAI, Groq, OpenRouter): their requests and streams, as LiteLLM builds and reads them;
 - ``llm``: LiteLLM, imported once and configured for a relay (the path for every provider);
 - ``providers``: model aliases -> how and with which credentials to call;
 - ``errors``: provider exceptions -> safe wire error codes (the one place);

@@ -80,7 +80,23 @@ def is_provider_failure(exc: BaseException) -> bool:
         for cls in type(candidate).__mro__:
             if cls.__module__.partition(".")[0] in _PROVIDER_MODULES:
                 return True
+        if _raised_inside_provider_code(candidate):
+            return True
     return False
+
+
+def _raised_inside_provider_code(exc: BaseException) -> bool:
+    """A built-in exception (ValueError, KeyError, ...) raised by the provider libraries'
+    own code while reading the provider's data, e.g. LiteLLM's Groq parser doing
+    ``int("server_error")`` on an in-stream error: judged by the innermost frame of its
+    traceback, which belongs to one of ``_PROVIDER_MODULES`` and not to the relay."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "")
+    return module.partition(".")[0] in _PROVIDER_MODULES
 
 
 #: ``finish.error`` of a stream that a bug in the relay ended (the same code and wording as

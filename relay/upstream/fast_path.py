@@ -6,8 +6,7 @@ provider speaks one of two streaming formats, the relay therefore reads the wire
 
 * ``openai``: OpenAI Chat Completions SSE (``data: {chat.completion.chunk}`` ... ``data: [DONE]``),
   for the LiteLLM providers in ``OPENAI_FORMAT_PROVIDERS`` (OpenAI and any OpenAI-compatible
-  ``api_base`` via ``openai/``, vLLM, Together, DeepSeek; Groq and OpenRouter as soon as
-  LiteLLM reads their streams with its generic parser);
+  ``api_base`` via ``openai/``, vLLM, Together, DeepSeek, Azure OpenAI, Groq, OpenRouter);
 * ``anthropic``: Anthropic Messages SSE (``event: X`` + ``data: {...}``), provider ``anthropic``.
 
 Every other provider stays on LiteLLM's path. ``select_route()`` decides once per alias, at
@@ -32,7 +31,12 @@ tool calls as ``(index, id, name, arguments)``. Timers, cancel (``aclose`` of th
 usage decisions and estimates are the streamer's, shared with the LiteLLM path.
 
 Requests a route does not take (``FastRoute.accepts``) go through LiteLLM: on Anthropic a
-``response_format`` (LiteLLM rewrites it into a tool and the tool call back into text).
+``response_format`` (LiteLLM rewrites it into a tool and the tool call back into text); the
+cases of Azure and Groq in ``relay/upstream/fast_formats.py`` (``dialect_accepts``).
+
+Azure OpenAI, Groq and OpenRouter speak dialects of the OpenAI format that LiteLLM reads
+with code of its own (the Azure SDK client; a line reader with per-provider chunk parsers):
+``relay/upstream/fast_formats.py`` builds their requests and reads their streams as LiteLLM does.
 """
 
 from __future__ import annotations
@@ -45,8 +49,9 @@ from typing import Any
 
 import orjson
 
-from relay.upstream.streamer import UsageInfo
+from relay.upstream import fast_formats
 from relay.upstream.errors import ProviderStreamError
+from relay.upstream.streamer import UsageInfo
 
 __all__ = [
     "ANTHROPIC_FORMAT_PROVIDERS",
@@ -59,16 +64,19 @@ __all__ = [
 
 
 #: LiteLLM providers whose chat streaming is the OpenAI Chat Completions SSE format; each
-#: takes the fast path only while LiteLLM reads its stream with the generic OpenAI parser
-#: (``_generic_openai_stream_parser``: not Groq's or OpenRouter's own, in LiteLLM 1.110).
+#: takes the fast path while LiteLLM reads its stream with the generic OpenAI parser
+#: (``_generic_openai_stream_parser``), or when ``relay/upstream/fast_formats.py`` knows how LiteLLM
+#: reads its dialect (``fast_formats.DIALECT_PROVIDERS``: Azure, Groq, OpenRouter).
 OPENAI_FORMAT_PROVIDERS = frozenset({
     "openai", "custom_openai", "hosted_vllm", "groq", "together_ai", "deepseek", "openrouter",
+    "azure",
 })
 #: LiteLLM providers that stream Anthropic Messages SSE.
 ANTHROPIC_FORMAT_PROVIDERS = frozenset({"anthropic"})
 
-# kwargs of a EventStreamer request that are not model parameters
-_NOT_PARAMS = frozenset({"model", "messages", "api_key", "api_base", "num_retries"})
+# kwargs of an EventStreamer request that are not model parameters
+_NOT_PARAMS = frozenset({"model", "messages", "api_key", "api_base", "num_retries",
+                         "azure_ad_token"})
 
 
 @dataclass(frozen=True)
@@ -108,9 +116,14 @@ def select_route(model: str, api_base: str | None, *, fast: bool = True,
         config = None
     if config is None:
         return PathChoice("litellm", f"LiteLLM has no chat config for provider {provider}")
-    if wire == "openai" and not _generic_openai_stream_parser(config):
+    if wire == "openai" and not (provider in fast_formats.DIALECT_PROVIDERS
+                                 or _generic_openai_stream_parser(config)):
         return PathChoice("litellm", f"LiteLLM reads {provider}'s stream with a parser of "
                                      "its own")
+    if provider == "azure":
+        refusal = fast_formats.azure_refusal(litellm, name, api_base)
+        if refusal is not None:
+            return PathChoice("litellm", refusal)
     try:
         if config.should_fake_stream(model=name, stream=True, custom_llm_provider=provider):
             return PathChoice("litellm", f"LiteLLM fakes streaming for {model}")
@@ -125,8 +138,8 @@ def select_route(model: str, api_base: str | None, *, fast: bool = True,
 
 def _generic_openai_stream_parser(config: Any) -> bool:
     """True when LiteLLM reads this provider's stream with its plain OpenAI chunk parser, so
-    the stream has no provider quirks the fast path would have to know (OpenRouter's
-    ``reasoning`` field, Groq's handler, ...)."""
+    the stream has no provider quirks the fast path would have to know (those it knows, of
+    Azure, Groq and OpenRouter, are in ``relay/upstream/fast_formats.py``)."""
     from litellm.llms.openai.chat.gpt_transformation import OpenAIGPTConfig
 
     return (type(config).get_model_response_iterator
@@ -189,6 +202,11 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return (httpx.ReadError, httpx.RemoteProtocolError)
 
 
+#: A delta that carries nothing: makes ``next_batch`` return (the streamer's idle timer
+#: restarts) without an event.
+_NO_DELTA = (None, None, None, None)
+
+
 class _OpenAIDecoder:
     """OpenAI ``chat.completion.chunk`` events -> deltas; ``[DONE]`` ends the stream."""
 
@@ -224,10 +242,15 @@ class _OpenAIDecoder:
                 self._take_usage(usage)
             choices = obj.get("choices")
             if not choices:
+                # LiteLLM's wrapper hands a chunk without choices on (Azure's filter results,
+                # the usage chunk): it counts as a sign of life for the idle timer.
+                deltas.append(_NO_DELTA)
                 continue
             choice = choices[0]
             finish = choice.get("finish_reason")
             if finish:
+                if finish in fast_formats.FAILING_FINISH_REASONS:
+                    raise fast_formats.failing_finish_error(finish)
                 finish = self.finish_reason = self._map_finish(finish)
             delta = choice.get("delta")
             if not delta:
@@ -497,6 +520,8 @@ class FastRoute:
 
     def accepts(self, kwargs: dict[str, Any]) -> bool:
         """False for a request only LiteLLM's own path handles (see the module docstring)."""
+        if self.provider in fast_formats.DIALECT_PROVIDERS:
+            return fast_formats.dialect_accepts(self.provider, kwargs)
         return not (self.wire == "anthropic" and kwargs.get("response_format") is not None)
 
     async def open(self, kwargs: dict[str, Any]) -> _FastStream:
@@ -544,6 +569,8 @@ class FastRoute:
             model=self.model, custom_llm_provider=self.provider, messages=messages, **params)
         litellm_params: dict[str, Any] = {"custom_llm_provider": self.provider,
                                           "api_base": api_base}
+        if kwargs.get("azure_ad_token"):
+            litellm_params["azure_ad_token"] = kwargs["azure_ad_token"]
         if self.wire == "anthropic":
             return self._anthropic_request(litellm, api_key, api_base, messages, optional,
                                            litellm_params)
@@ -551,14 +578,26 @@ class FastRoute:
                                     litellm_params)
 
     def _openai_request(self, litellm, api_key, api_base, messages, optional, litellm_params):
+        from litellm.litellm_core_utils.core_helpers import map_finish_reason
+
+        decoder = fast_formats.openai_decoder_for(
+            self.provider, _OpenAIDecoder, map_finish_reason, self._openai_stream_error,
+            self._dialect_chunk_error)
+        if self.provider == "azure":
+            url, headers, body = fast_formats.azure_request(
+                litellm, self.model, api_key, api_base, messages, optional, litellm_params,
+                ad_token=litellm_params.get("azure_ad_token"))
+            return url, headers, orjson.dumps(body), decoder
         config = self.config
         if api_base is None:
             api_base = litellm.OpenAIConfig.get_api_base()
         if api_key is None and self.provider == "openai":
             api_key = litellm.OpenAIConfig.get_api_key()
         extra_body = optional.pop("extra_body", None)
+        base_headers = (fast_formats.openrouter_headers(litellm)
+                        if self.provider == "openrouter" else {})
         headers = config.validate_environment(
-            headers={}, model=self.model, messages=messages, optional_params=optional,
+            headers=base_headers, model=self.model, messages=messages, optional_params=optional,
             litellm_params=litellm_params, api_key=api_key, api_base=api_base)
         url = config.get_complete_url(api_base=api_base, api_key=api_key, model=self.model,
                                       optional_params=optional, litellm_params=litellm_params,
@@ -569,9 +608,6 @@ class FastRoute:
         if extra_body:
             body = {**body, **extra_body}
         body["stream"] = True
-        from litellm.litellm_core_utils.core_helpers import map_finish_reason
-
-        decoder = _OpenAIDecoder(map_finish_reason, self._openai_stream_error)
         return url, headers, orjson.dumps(body), decoder
 
     def _anthropic_request(self, litellm, api_key, api_base, messages, optional,
@@ -636,6 +672,18 @@ class FastRoute:
         ``APIError`` without a status, which LiteLLM reports as a broken stream; so does
         this (``classify_upstream_exception``: "the provider's stream failed")."""
         return _ProviderStreamError("the provider reported an error inside the stream")
+
+    def _dialect_chunk_error(self, chunk: Any) -> Exception:
+        """The exception LiteLLM raises for a chunk its provider stream handler rejects (an
+        error inside a Groq/OpenRouter stream): the handler's own ``chunk_parser`` runs on
+        that one chunk, and its exception goes through LiteLLM's mapping."""
+        handler = self.config.get_model_response_iterator(
+            streaming_response=iter(()), sync_stream=False)
+        try:
+            handler.chunk_parser(chunk=chunk)
+        except Exception as error:
+            return self._mapped(error)
+        return _ProviderStreamError("the provider sent a chunk the relay cannot read")
 
     def _anthropic_stream_error(self, error: Any) -> Exception:
         """An ``event: error`` inside an Anthropic stream (LiteLLM: status 500)."""

@@ -40,6 +40,9 @@ class ModelSpec:
     retries_before_first_token: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     fast: bool = True
+    #: Azure: the env var holding an Entra ID access token, sent as ``azure_ad_token`` (an
+    #: ``Authorization: Bearer`` header) instead of a key; read at stream start like the key.
+    azure_ad_token_env: str | None = None
 
     @functools.cached_property
     def path(self) -> PathChoice:
@@ -68,7 +71,12 @@ class ModelSpec:
 
     def streamer(self, completion: CompletionFn | None = None) -> EventStreamer:
         api_key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if api_key is None and self.api_base is not None:
+        completion_kwargs = self.extra
+        if self.azure_ad_token_env:
+            # The token, never a key: with both LiteLLM sends only the key.
+            completion_kwargs = {**self.extra,
+                                 "azure_ad_token": os.environ.get(self.azure_ad_token_env)}
+        elif api_key is None and self.api_base is not None:
             # Local OpenAI-compatible servers (vLLM, llama.cpp, Ollama) need no key, but the
             # OpenAI SDK insists on one.
             api_key = "unused"
@@ -78,7 +86,7 @@ class ModelSpec:
             base_url=self.api_base,
             completion=completion,
             timeouts=self.timeouts,
-            completion_kwargs=self.extra,
+            completion_kwargs=completion_kwargs,
             retries_before_first_token=self.retries_before_first_token,
             # An injected completion (tests, scripted upstreams) is what the caller wants.
             fast_route=self.path.route if completion is None else None,

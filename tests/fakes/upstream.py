@@ -1,11 +1,17 @@
 """Loopback fake LLM providers speaking the real OpenAI / Anthropic streaming wire formats.
 
-One :class:`FakeUpstream` (an aiohttp server on ``127.0.0.1``, ephemeral port) serves both
+One :class:`FakeUpstream` (an aiohttp server on ``127.0.0.1``, ephemeral port) serves
 
 * ``POST /v1/chat/completions`` -- OpenAI Chat Completions SSE (``data: {...}`` ... ``data: [DONE]``)
 * ``POST /v1/messages``         -- Anthropic Messages SSE (``event: X`` + ``data: {...}``)
+* ``POST /openai/deployments/{deployment}/chat/completions`` -- Azure OpenAI (OpenAI SSE)
 
-so LiteLLM's real ``openai/`` and ``anthropic/`` provider code can be pointed at it::
+and the OpenAI-format providers' dialects (``stream("groq" | "openrouter" | "azure", ...)``:
+Groq's ``x_groq``, OpenRouter's comments and ``reasoning``, Azure's filter-results chunk;
+see :func:`openai_stream`) and error bodies (:func:`http_error`),
+
+so LiteLLM's real ``openai/``, ``anthropic/``, ``azure/``, ``groq/`` and ``openrouter/`` provider
+code can be pointed at it::
 
     async with FakeUpstream() as up:
         script = up.enqueue(openai_stream(["Hel", "lo"], usage=Usage(13, 42)))
@@ -39,6 +45,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 __all__ = [
     "Format",
+    "Dialect",
+    "DIALECTS",
+    "Flavour",
+    "wire_format",
     "SSEEvent",
     "ToolCall",
     "Usage",
@@ -54,8 +64,14 @@ __all__ = [
 ]
 
 Format = Literal["openai", "anthropic"]
+#: OpenAI-format providers whose real wire adds fields of its own (``openai_stream(dialect=)``).
+Dialect = Literal["openai", "groq", "openrouter", "azure"]
+#: What ``stream()`` / ``http_error()`` take: a format, or an OpenAI-format provider dialect.
+Flavour = Literal["openai", "anthropic", "groq", "openrouter", "azure"]
+DIALECTS = ("groq", "openrouter", "azure")
 
 OPENAI_PATH = "/v1/chat/completions"
+AZURE_PATH = "/openai/deployments/{deployment}/chat/completions"
 ANTHROPIC_PATH = "/v1/messages"
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 _ids = itertools.count(1)
@@ -74,13 +90,18 @@ class SSEEvent:
     ``event`` the optional ``event:`` field (Anthropic names every event; OpenAI never does).
     ``usage_chunk`` marks the OpenAI ``choices: []`` usage chunk, which is only sent when the
     request carried ``stream_options.include_usage: true`` (as api.openai.com does).
+    ``comment`` makes it an SSE comment line (``: data``), as OpenRouter's
+    ``: OPENROUTER PROCESSING`` keep-alives.
     """
 
     data: str
     event: str | None = None
     usage_chunk: bool = False
+    comment: bool = False
 
     def encode(self) -> bytes:
+        if self.comment:
+            return f": {self.data}\n\n".encode()
         head = f"event: {self.event}\n" if self.event is not None else ""
         return f"{head}data: {self.data}\n\n".encode()
 
@@ -161,10 +182,16 @@ class Script:
       ``cut_after`` (close TCP after N events, chunked encoding never terminated),
       ``silent_after`` (send N events, then nothing until the client disconnects; 0 = headers
       only), ``silent_before_headers`` (never even send the status line).
+
+    ``dialect``: the OpenAI-format provider whose wire this imitates; ``lead``: how many
+    provider events (Azure's filter-results chunk, OpenRouter's comments) precede the first
+    ``chat.completion.chunk`` of plain OpenAI (event indices of fault modifiers count them).
     """
 
     format: Format
     events: tuple[SSEEvent, ...] = ()
+    dialect: Dialect | None = None
+    lead: int = 0
     text: str = ""
     reasoning: str = ""
     tool_calls: tuple[ToolCall, ...] = ()
@@ -231,6 +258,7 @@ def openai_stream(
     finish_reason: Literal["stop", "length", "tool_calls", "content_filter"] | None = None,
     usage: Usage | None = DEFAULT_USAGE,
     model: str = "gpt-x",
+    dialect: Dialect = "openai",
 ) -> Script:
     """An OpenAI ``chat.completion.chunk`` stream.
 
@@ -241,24 +269,65 @@ def openai_stream(
     ``finish_reason`` chunk (default ``tool_calls`` if there are calls, else ``stop``), the usage
     chunk (``choices: []``; only sent if the request asked and ``usage`` is not None) and
     ``data: [DONE]``.
+
+    ``dialect`` adds what the real provider puts on the wire besides:
+
+    * ``groq``: reasoning as ``delta.reasoning``; an ``x_groq`` object with the request id in
+      the first chunk and with the usage (plus Groq's timings) in the finish chunk;
+    * ``openrouter``: two ``: OPENROUTER PROCESSING`` SSE comments before the first chunk;
+      reasoning as ``delta.reasoning`` plus ``delta.reasoning_details``; ``provider`` and
+      ``native_finish_reason`` fields; ``cost`` in the usage;
+    * ``azure``: a first chunk with empty ``choices``, empty ``id``/``model`` and the
+      ``prompt_filter_results``; ``content_filter_results`` in every choice with content;
+      ``obfuscation`` padding fields.
     """
     cid = f"chatcmpl-fake{next(_ids):04d}"
     created = int(time.time())
     finish = finish_reason or ("tool_calls" if tool_calls else "stop")
 
     def chunk(delta: dict[str, Any], fin: str | None = None) -> SSEEvent:
-        body = {
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": fin}
+        body: dict[str, Any] = {
             "id": cid,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
             "system_fingerprint": "fp_fake",
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": fin}],
+            "choices": [choice],
         }
+        if dialect == "groq" and not events:
+            body["x_groq"] = {"id": f"req_groq{next(_ids):04d}"}
+        elif dialect == "openrouter":
+            body["provider"] = "FakeCloud"
+            choice["native_finish_reason"] = fin
+            if "reasoning" in delta:
+                delta["reasoning_details"] = [{"type": "reasoning.text", "text": delta["reasoning"],
+                                               "format": "unknown", "index": 0}]
+        elif dialect == "azure":
+            body["obfuscation"] = "pad"
+            if fin is not None or delta.get("content") or delta.get("tool_calls"):
+                choice["content_filter_results"] = {} if fin is not None else {
+                    k: {"filtered": False, "severity": "safe"}
+                    for k in ("hate", "self_harm", "sexual", "violence")}
         return SSEEvent(json.dumps(body, separators=(",", ":")))
+
+    def reasoning_delta(piece: str) -> dict[str, Any]:
+        if dialect in ("groq", "openrouter"):
+            return {"content": None, "reasoning": piece}
+        return {"content": None, "reasoning_content": piece}
 
     events: list[SSEEvent] = []
     first = True
+    if dialect == "openrouter":
+        events += [SSEEvent("OPENROUTER PROCESSING", comment=True)] * 2
+    elif dialect == "azure":
+        events.append(SSEEvent(json.dumps({
+            "choices": [], "created": 0, "id": "", "model": "", "object": "",
+            "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {
+                k: {"filtered": False, "severity": "safe"}
+                for k in ("hate", "self_harm", "sexual", "violence")}}]},
+            separators=(",", ":"))))
+    lead = len(events)
 
     def role(delta: dict[str, Any]) -> dict[str, Any]:
         nonlocal first
@@ -268,7 +337,7 @@ def openai_stream(
         return delta
 
     for piece in reasoning:
-        events.append(chunk(role({"content": None, "reasoning_content": piece})))
+        events.append(chunk(role(reasoning_delta(piece))))
     if not reasoning and not tool_calls or text:
         events.append(chunk(role({"content": "", "refusal": None})))
     for piece in text:
@@ -285,7 +354,15 @@ def openai_stream(
             entry["function"] = {"arguments": call.pieces[pi]}
             delta = {"tool_calls": [entry]}
         events.append(chunk(delta))
-    events.append(chunk({}, finish))
+    finish_event = chunk({}, finish)
+    if dialect == "groq" and usage is not None:
+        body = json.loads(finish_event.data)
+        body["x_groq"] = {"id": f"req_groq{next(_ids):04d}", "usage": {
+            "queue_time": 0.02, "prompt_tokens": usage.input_tokens, "prompt_time": 0.001,
+            "completion_tokens": usage.output_tokens, "completion_time": 0.05,
+            "total_tokens": usage.total_tokens, "total_time": 0.051}}
+        finish_event = SSEEvent(json.dumps(body, separators=(",", ":")))
+    events.append(finish_event)
     if usage is not None:
         usage_body = {
             "id": cid,
@@ -307,10 +384,15 @@ def openai_stream(
                 },
             },
         }
+        if dialect == "openrouter":
+            usage_body["provider"] = "FakeCloud"
+            usage_body["usage"]["cost"] = 0.000123
         events.append(SSEEvent(json.dumps(usage_body, separators=(",", ":")), usage_chunk=True))
     events.append(SSEEvent("[DONE]"))
     return Script(
         format="openai",
+        dialect=dialect,
+        lead=lead,
         events=tuple(events),
         text="".join(text),
         reasoning="".join(reasoning),
@@ -411,9 +493,17 @@ def anthropic_stream(
     )
 
 
-def stream(fmt: Format, text: Sequence[str] = (), **kwargs: Any) -> Script:
+def wire_format(flavour: Flavour) -> Format:
+    """The streaming format a flavour speaks (the dialects speak OpenAI's)."""
+    return "openai" if flavour in DIALECTS else flavour  # type: ignore[return-value]
+
+
+def stream(fmt: Flavour, text: Sequence[str] = (), **kwargs: Any) -> Script:
     """Dispatch to :func:`openai_stream` / :func:`anthropic_stream`; ``kwargs`` must suit ``fmt``
-    (``finish_reason=`` for OpenAI, ``stop_reason=``/``signature=``/``ping=`` for Anthropic)."""
+    (``finish_reason=`` for OpenAI, ``stop_reason=``/``signature=``/``ping=`` for Anthropic).
+    ``groq``, ``openrouter``, ``azure``: an OpenAI stream in that provider's dialect."""
+    if fmt in DIALECTS:
+        return openai_stream(text, dialect=fmt, **kwargs)
     if fmt == "openai":
         return openai_stream(text, **kwargs)
     if fmt == "anthropic":
@@ -445,11 +535,20 @@ _ANTHROPIC_ERRORS: dict[int, tuple[str, str]] = {
 }
 
 
-def http_error(fmt: Format, status: int, *, retry_after: int | None = None, message: str | None = None) -> Script:
+_AZURE_ERRORS: dict[int, tuple[str, str]] = {
+    401: ("401", "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource."),
+    404: ("DeploymentNotFound", "The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, please wait a moment and try again."),
+    429: ("429", "Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded token rate limit of your current tier. Please retry after 20 seconds."),
+}
+
+
+def http_error(fmt: Flavour, status: int, *, retry_after: int | None = None, message: str | None = None) -> Script:
     """A non-streaming error response with the provider's real JSON error body.
 
     OpenAI: ``{"error": {"message", "type", "param": null, "code"}}`` (+ ``x-request-id``).
     Anthropic: ``{"type": "error", "error": {"type", "message"}, "request_id"}`` (+ ``request-id``).
+    Groq: OpenAI's shape. OpenRouter: ``{"error": {"message", "code": <status int>}}``.
+    Azure: ``{"error": {"code": "<status or name>", "message"}}`` (+ ``apim-request-id``).
     ``retry_after`` adds a ``retry-after`` header (seconds); for 429 it defaults to 20.
     The script's ``body`` is exactly what goes on the wire (assert ``json.loads(script.body)``).
     """
@@ -457,7 +556,14 @@ def http_error(fmt: Format, status: int, *, retry_after: int | None = None, mess
         retry_after = 20
     rid = f"req_fake{next(_ids):04d}"
     headers: dict[str, str] = {"Content-Type": "application/json"}
-    if fmt == "openai":
+    if fmt == "openrouter":
+        _etype, _code, default = _OPENAI_ERRORS.get(status, ("server_error", None, f"HTTP {status}"))
+        payload = {"error": {"message": message or default, "code": status}, "user_id": "user_fake"}
+    elif fmt == "azure":
+        code, default = _AZURE_ERRORS.get(status, (str(status), f"HTTP {status}"))
+        payload = {"error": {"code": code, "message": message or default}}
+        headers["apim-request-id"] = rid
+    elif fmt in ("openai", "groq"):
         etype, code, default = _OPENAI_ERRORS.get(status, ("server_error", None, f"HTTP {status}"))
         payload: dict[str, Any] = {"error": {"message": message or default, "type": etype, "param": None, "code": code}}
         headers["x-request-id"] = rid
@@ -473,7 +579,8 @@ def http_error(fmt: Format, status: int, *, retry_after: int | None = None, mess
         raise ValueError(f"unknown format {fmt!r}")
     if retry_after is not None:
         headers["retry-after"] = str(retry_after)
-    return Script(format=fmt, status=status, headers=headers, body=json.dumps(payload).encode())
+    return Script(format=wire_format(fmt), dialect=fmt if fmt in DIALECTS else None,  # type: ignore[arg-type]
+                  status=status, headers=headers, body=json.dumps(payload).encode())
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,6 +604,7 @@ class RecordedRequest:
     json: Any
     script: Script
     started_at: float
+    query: str = ""
     disconnected_at: float | None = None
     completed: bool = False
     events_sent: int = 0
@@ -544,6 +652,7 @@ class FakeUpstream:
         app = web.Application()
         app.router.add_post(OPENAI_PATH, self._handle)
         app.router.add_post(ANTHROPIC_PATH, self._handle)
+        app.router.add_post(AZURE_PATH, self._handle)
         self._runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -576,6 +685,12 @@ class FakeUpstream:
         return f"http://127.0.0.1:{self.port}/v1"
 
     @property
+    def azure_base(self) -> str:
+        """``api_base`` for litellm ``azure/<deployment>``: ``http://127.0.0.1:PORT`` (the SDK
+        appends ``/openai/deployments/<deployment>/chat/completions?api-version=...``)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
     def anthropic_base(self) -> str:
         """``api_base`` for litellm ``anthropic/<model>``: ``http://127.0.0.1:PORT`` (litellm
         appends ``/v1/messages`` itself)."""
@@ -598,7 +713,7 @@ class FakeUpstream:
 
     # -- request handling ----------------------------------------------------------------------
     def _default_script(self, path: str) -> Script:
-        return stream("openai" if path == OPENAI_PATH else "anthropic", self.DEFAULT_TEXT)
+        return stream("anthropic" if path == ANTHROPIC_PATH else "openai", self.DEFAULT_TEXT)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         started_at = time.monotonic()
@@ -613,7 +728,7 @@ class FakeUpstream:
                 body = None
             script = self._queue.pop(0) if self._queue else self._default_script(request.path)
             headers = CIMultiDictProxy(CIMultiDict(request.headers))
-            rec = RecordedRequest(path=request.path, headers=headers, json=body, script=script, started_at=started_at)
+            rec = RecordedRequest(path=request.path, headers=headers, json=body, script=script, started_at=started_at, query=request.query_string)
             self.requests.append(rec)
             async with self._arrived:
                 self._arrived.notify_all()

@@ -23,12 +23,20 @@ from relay.app import load_models
 from relay.upstream.providers import ModelRegistry
 from relay.upstream.streamer import Timeouts
 from tests.fakes.upstream import (
-    FakeUpstream, SSEEvent, Usage, http_error, stream, tool_call,
+    DIALECTS, FakeUpstream, SSEEvent, Usage, http_error, stream, tool_call, wire_format,
 )
 
 from .helpers import Client, start_relay, text_of
 
-FORMATS = ["openai", "anthropic"]
+#: The two formats, and the OpenAI-format providers whose wire (and LiteLLM's reading of it)
+#: has quirks of its own: each against a fake speaking that provider's dialect.
+FORMATS = ["openai", "anthropic", *DIALECTS]
+#: Providers LiteLLM reads with its own HTTP line reader instead of the OpenAI SDK.
+LINE_READ = ("groq", "openrouter")
+#: LiteLLM model strings of the flavours (the fake answers whatever model is asked).
+MODELS = {"openai": "openai/gpt-x", "anthropic": "anthropic/claude-x",
+          "groq": "groq/openai/gpt-oss-20b", "openrouter": "openrouter/openai/gpt-4o-mini",
+          "azure": "azure/gpt-x-deployment"}
 PATHS = ["litellm", "fast"]
 KEY = "sk-test-SECRET-do-not-leak-0123456789"
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -45,14 +53,21 @@ def alias(fmt: str, path: str) -> str:
     return f"{fmt}-{path}"
 
 
+def api_base(up: FakeUpstream, fmt: str) -> str:
+    return {"anthropic": up.anthropic_base, "azure": up.azure_base}.get(fmt, up.openai_base)
+
+
+def is_openai(fmt: str) -> bool:
+    return wire_format(fmt) == "openai"
+
+
 def registry_for(up: FakeUpstream, **timeouts: float) -> ModelRegistry:
     defaults = Timeouts(**{"first_token": 10.0, "idle": 10.0, "total": 30.0, **timeouts})
     models = {}
     for fmt in FORMATS:
         for path in PATHS:
             models[alias(fmt, path)] = {
-                "model": "openai/gpt-x" if fmt == "openai" else "anthropic/claude-x",
-                "api_base": up.openai_base if fmt == "openai" else up.anthropic_base,
+                "model": MODELS[fmt], "api_base": api_base(up, fmt),
                 "api_key_env": "FAKE_PROVIDER_KEY", "fast": path == "fast"}
     return ModelRegistry(load_models({"models": models}, defaults))
 
@@ -128,8 +143,9 @@ def assert_same(results, *, closed: bool | None = None) -> list[dict]:
     if fast_req is None:
         return fast_frames
     assert fast_req.json == slow_req.json, "the provider got a different request body"
-    auth = "Authorization" if fast_req.path.endswith("completions") else "x-api-key"
-    assert fast_req.headers.get(auth) == slow_req.headers.get(auth)
+    assert fast_req.path == slow_req.path and fast_req.query == slow_req.query
+    for name in ("Authorization", "x-api-key", "api-key", "HTTP-Referer", "X-Title"):
+        assert fast_req.headers.get(name) == slow_req.headers.get(name), name
     for req in (slow_req, fast_req):
         assert (req.disconnected_at is not None) == (slow_req.disconnected_at is not None)
         if closed is not None:
@@ -168,7 +184,7 @@ async def test_no_provider_usage_gives_the_same_estimate(fmt):
 async def test_parallel_tool_calls_byte_exact(fmt, n_calls):
     calls = [tool_call("get_weather", {"city": "Paris", "unit": "celsius"}),
              tool_call("get_time", {"tz": "Europe/Paris", "fmt": "%H:%M \"q\""})][:n_calls]
-    script = stream(fmt, ["Checking."] if fmt == "anthropic" else [], tool_calls=calls)
+    script = stream(fmt, [] if is_openai(fmt) else ["Checking."], tool_calls=calls)
     frames = assert_same(await both_paths(fmt, script, tools=TOOLS, tool_choice="auto"))
     complete = of_type(frames, "tool_call_complete")
     assert [(f["call_id"], f["name"], f["arguments"]) for f in complete] == [
@@ -184,12 +200,18 @@ async def test_tool_call_without_arguments(fmt):
 
 
 @pytest.mark.parametrize(("fmt", "reason"), [
-    ("openai", "length"), ("openai", "content_filter"), ("openai", "stop"),
+    *[(fmt, reason) for fmt in ("openai", *DIALECTS)
+      for reason in ("length", "content_filter", "stop", "abort", "error")],
     ("anthropic", "max_tokens"), ("anthropic", "stop_sequence"), ("anthropic", "end_turn"),
 ])
 async def test_finish_reasons(fmt, reason):
-    key = "finish_reason" if fmt == "openai" else "stop_reason"
-    assert_same(await both_paths(fmt, stream(fmt, ["a", "b"], **{key: reason})))
+    """Including the two with which LiteLLM fails a stream: ``abort`` (vLLM; not on
+    OpenRouter's parser) and ``error`` (the OpenAI SDK path only)."""
+    key = "finish_reason" if is_openai(fmt) else "stop_reason"
+    frames = assert_same(await both_paths(fmt, stream(fmt, ["a", "b"], **{key: reason})))
+    fails = (reason == "abort" and fmt != "openrouter"
+             or reason == "error" and fmt not in LINE_READ)
+    assert frames[-1]["status"] == ("failed" if fails else "completed")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -204,7 +226,7 @@ async def test_tool_round_trip_request_is_built_the_same(fmt):
         {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 21}'},
     ]
     params = {"temperature": 0, "stop": ["\n\n"], "top_p": 0.5, "max_tokens": 300}
-    if fmt == "openai":
+    if fmt in ("openai", "openrouter", "azure"):  # (LiteLLM fakes Groq streams with it)
         params.update(seed=3, presence_penalty=0.1, frequency_penalty=0.2,
                       response_format={"type": "json_object"})
     frames = assert_same(await both_paths(fmt, stream(fmt, ["It is 21 C."]),
@@ -238,10 +260,13 @@ ERRORS = [400, 401, 403, 404, 422, 429, 500, 503]
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("status", ERRORS + [529])
-async def test_http_errors_same_code_message_and_retry_after(fmt, status):
+async def test_http_errors_same_code_message_and_retry_after(fmt, status, caplog):
     script = http_error(fmt, status, retry_after=7 if status in (429, 503) else None,
                         message=f"invalid key {KEY} body-echo-marker")
-    frames = assert_same(await both_paths(fmt, script))
+    with caplog.at_level(logging.DEBUG, logger="relay"):
+        frames = assert_same(await both_paths(fmt, script))
+    assert not [r for r in caplog.records
+                if r.name.startswith("relay") and KEY in r.getMessage()]
     assert [f["type"] for f in frames] == ["started", "finish"]
     assert frames[-1]["status"] == "failed"
     assert KEY not in str(frames) and "body-echo-marker" not in str(frames)
@@ -274,26 +299,53 @@ async def test_stream_without_a_finish_reason(fmt, end):
     """The provider's stream ends (cleanly, or OpenAI's ``[DONE]``) without ever saying it
     finished: no finish_reason chunk / no ``message_delta``."""
     base = stream(fmt, ["a", "b"])
-    if fmt == "openai":
+    if is_openai(fmt):
         keep = [e for e in base.events if '"finish_reason":"stop"' not in e.data]
         if end == "eof":
             keep = [e for e in keep if e.data != "[DONE]"]
     else:
         keep = [e for e in base.events if e.event not in ("message_delta", "message_stop")]
     frames = assert_same(await both_paths(fmt, dataclasses.replace(base, events=tuple(keep))))
-    assert frames[-1]["status"] == "failed" and text_of(frames) == "ab"
+    assert text_of(frames) == "ab"
+    if fmt in LINE_READ and end == "done":
+        # LiteLLM's line reader (Groq, OpenRouter) takes [DONE] itself as a "stop".
+        assert (frames[-1]["status"], frames[-1]["reason"]) == ("completed", "stop")
+    else:
+        assert frames[-1]["status"] == "failed"
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-async def test_error_event_mid_stream(fmt):
+#: Errors inside an OpenAI-format stream, as the providers send them: a bare ``error``
+#: object (vLLM/sglang, Groq), one with a numeric HTTP-like ``code``, and OpenRouter's chunk
+#: (``id``..., ``error`` with a string ``code``, a choice finishing with ``error``).
+OPENAI_STREAM_ERRORS = {
+    "bare": '{"error":{"message":"boom sk-secret","type":"server_error"}}',
+    "code_429": '{"error":{"message":"slow down sk-secret","code":429}}',
+    "code_502": '{"error":{"message":"upstream sk-secret","code":502,"metadata":{}}}',
+    "openrouter": '{"id":"gen-1","object":"chat.completion.chunk","created":1,"model":"m",'
+                  '"provider":"FakeCloud","error":{"code":"server_error","message":'
+                  '"Provider disconnected sk-secret"},"choices":[{"index":0,"delta":'
+                  '{"content":""},"finish_reason":"error"}]}',
+    # not an error: a chunk whose choice has no delta (OpenRouter's parser rejects it)
+    "no_delta": '{"id":"gen-1","object":"chat.completion.chunk","created":1,"model":"m",'
+                '"choices":[{"index":0,"finish_reason":null}]}',
+}
+
+
+@pytest.mark.parametrize(("fmt", "variant"), [
+    *[(fmt, "bare") for fmt in FORMATS],
+    *[(fmt, variant) for fmt in ("openai", *DIALECTS)
+      for variant in OPENAI_STREAM_ERRORS if variant not in ("bare", "no_delta")],
+    ("openrouter", "no_delta"),
+])
+async def test_error_event_mid_stream(fmt, variant):
     """The provider reports an error inside the stream (OpenAI: a chunk with ``error``;
     Anthropic: ``event: error``) after the first token."""
     base = stream(fmt, ["a", "b", "c"])
-    error = (SSEEvent('{"error":{"message":"boom sk-secret","type":"server_error"}}')
-             if fmt == "openai" else
+    error = (SSEEvent(OPENAI_STREAM_ERRORS[variant])
+             if is_openai(fmt) else
              SSEEvent('{"type":"error","error":{"type":"overloaded_error",'
                       '"message":"Overloaded sk-secret"}}', event="error"))
-    at = 2 if fmt == "openai" else 4
+    at = base.lead + (2 if is_openai(fmt) else 4)
     events = list(base.events)
     events.insert(at, error)
     frames = assert_same(await both_paths(fmt, dataclasses.replace(base, events=tuple(events))))
@@ -317,24 +369,57 @@ async def test_timeouts_same_frames_and_upstream_closed(fmt, kind, timeouts):
     elif kind == "after_headers":
         script = script.silent_after(0)
     else:  # the first text delta is out, then silence
-        script = script.silent_after(3 if fmt == "openai" else 4)
+        script = script.silent_after(script.lead + (3 if is_openai(fmt) else 4))
     frames = assert_same(await both_paths(fmt, script, timeouts=timeouts), closed=True)
     assert frames[-1]["status"] == "timeout"
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-async def test_keepalive_events_do_not_reset_the_idle_timer(fmt):
-    """Events without content (Anthropic pings; OpenAI chunks with an empty delta) after the
-    first token, paced past the idle timeout: both paths time out the same way."""
+@pytest.mark.parametrize(("fmt", "kind"), [
+    *[(fmt, "event") for fmt in FORMATS],
+    ("openrouter", "comment"),
+    ("azure", "filter_results"),
+    ("azure", "async_filter"),
+    *[(fmt, "empty_choices") for fmt in ("openai", *DIALECTS)],
+    *[(fmt, "no_choices") for fmt in ("openai", "groq", "azure")],
+])
+async def test_keepalive_events_and_the_idle_timer(fmt, kind):
+    """Events without content after the first token, paced past the idle timeout, count the
+    same on both paths: Anthropic pings, OpenAI chunks with an empty delta, Azure's
+    asynchronous-filter annotations and OpenRouter's ``: OPENROUTER PROCESSING`` comments do
+    not restart the idle timer (the stream times out); chunks without ``choices`` (Azure's
+    filter results, usage-style chunks) do, because LiteLLM's wrapper hands them on."""
     base = stream(fmt, ["a", "b"])
-    keepalive = (SSEEvent('{"type": "ping"}', event="ping") if fmt == "anthropic" else
-                 SSEEvent('{"id":"x","object":"chat.completion.chunk","created":1,'
-                          '"model":"gpt-x","choices":[{"index":0,"delta":{},'
-                          '"finish_reason":null}]}'))
-    first_text = 2 if fmt == "openai" else 4  # index of the event after the first text delta
+    if kind == "comment":
+        keepalive = SSEEvent("OPENROUTER PROCESSING", comment=True)
+    elif kind == "filter_results":
+        keepalive = base.events[0]
+    elif kind == "empty_choices":
+        keepalive = SSEEvent('{"id":"x","object":"chat.completion.chunk","created":1,'
+                             '"model":"gpt-x","choices":[]}')
+    elif kind == "no_choices":
+        keepalive = SSEEvent('{"id":"x","object":"chat.completion.chunk","created":1,'
+                             '"model":"gpt-x"}')
+    elif kind == "async_filter":  # Azure's asynchronous filter: an annotation, no delta
+        keepalive = SSEEvent('{"id":"x","object":"chat.completion.chunk","created":1,'
+                             '"model":"gpt-x","choices":[{"index":0,"finish_reason":null,'
+                             '"content_filter_results":{"hate":{"filtered":false,'
+                             '"severity":"safe"}},"content_filter_offsets":{'
+                             '"check_offset":0,"start_offset":0,"end_offset":1}}]}')
+    elif not is_openai(fmt):
+        keepalive = SSEEvent('{"type": "ping"}', event="ping")
+    else:
+        keepalive = SSEEvent('{"id":"x","object":"chat.completion.chunk","created":1,'
+                             '"model":"gpt-x","choices":[{"index":0,"delta":{},'
+                             '"finish_reason":null}]}')
+    # index of the event after the first text delta
+    first_text = base.lead + (2 if is_openai(fmt) else 4)
     events = list(base.events)
     events[first_text:first_text] = [keepalive] * 6
     script = dataclasses.replace(base, events=tuple(events)).with_delay(0.1)
+    if kind in ("filter_results", "empty_choices", "no_choices"):
+        frames = assert_same(await both_paths(fmt, script, timeouts={"idle": 0.35}))
+        assert (frames[-1]["status"], text_of(frames)) == ("completed", "ab")
+        return
     frames = assert_same(await both_paths(fmt, script, timeouts={"idle": 0.35}), closed=True)
     assert (frames[-1]["status"], frames[-1]["reason"]) == ("timeout", "idle_timeout")
     assert text_of(frames) == "a"
@@ -405,6 +490,8 @@ def test_selection_is_automatic_for_the_two_formats_and_fast_false_opts_out():
         "openrouter": {"model": "openrouter/openai/gpt-4o-mini"},
         "together": {"model": "together_ai/meta-llama/Llama-3-8b-chat-hf"},
         "deepseek": {"model": "deepseek/deepseek-chat"},
+        "azure": {"model": "azure/my-gpt-4o", "api_base": "https://x.openai.azure.com"},
+        "azure_o": {"model": "azure/o3-mini", "api_base": "https://x.openai.azure.com"},
         "slow": {"model": "openai/gpt-4o-mini", "fast": False},
         "gemini": {"model": "gemini/gemini-2.0-flash"},
         "demo": {"model": "demo"},
@@ -412,12 +499,39 @@ def test_selection_is_automatic_for_the_two_formats_and_fast_false_opts_out():
     paths = {spec.alias: spec.path.path for spec in registry.specs}
     assert paths == {"gpt": "fast", "local": "fast", "vllm": "fast", "claude": "fast",
                      "together": "fast", "deepseek": "fast",
-                     "groq": "litellm", "openrouter": "litellm",
+                     "groq": "fast", "openrouter": "fast", "azure": "fast",
+                     "azure_o": "litellm",
                      "slow": "litellm", "gemini": "litellm", "demo": "litellm"}
     assert "fast = false" in registry.resolve("slow").path.reason
-    # LiteLLM parses these two providers' streams with handlers of its own (OpenRouter's
-    # reasoning field differs): the fast path would not behave the same.
-    assert "parser of its own" in registry.resolve("openrouter").path.reason
+    assert "o-series" in registry.resolve("azure_o").path.reason
+    assert registry.resolve("gemini").path.reason == (
+        "provider gemini does not stream an OpenAI or Anthropic format the relay reads itself")
+
+
+@pytest.mark.parametrize(("env", "why"), [
+    ({"AZURE_API_VERSION": "v1"}, "v1 API"),
+    ({"AZURE_TENANT_ID": "t", "AZURE_CLIENT_ID": "c", "AZURE_CLIENT_SECRET": "s"}, "Entra ID"),
+    ({"AZURE_USERNAME": "u", "AZURE_PASSWORD": "p", "AZURE_CLIENT_ID": "c"}, "Entra ID"),
+])
+def test_azure_setups_the_fast_path_leaves_to_litellm(monkeypatch, env, why):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    registry = ModelRegistry(load_models({"models": {
+        "az": {"model": "azure/my-gpt-4o", "api_base": "https://x.openai.azure.com"},
+        "az_gateway": {"model": "azure/my-gpt-4o",
+                       "api_base": "https://gateway.ai.cloudflare.com/v1/a/b/azure-openai/c"},
+    }}, Timeouts()))
+    assert registry.resolve("az").path.path == "litellm"
+    assert why in registry.resolve("az").path.reason
+    assert registry.resolve("az_gateway").path.path == "litellm"
+
+
+def test_azure_without_a_base_stays_on_litellm(monkeypatch):
+    monkeypatch.delenv("AZURE_API_BASE", raising=False)
+    registry = ModelRegistry(load_models({"models": {"az": {"model": "azure/my-gpt-4o"}}},
+                                         Timeouts()))
+    assert registry.resolve("az").path.path == "litellm"
+    assert "no api_base" in registry.resolve("az").path.reason
 
 
 def test_fast_must_be_a_boolean():
@@ -434,14 +548,14 @@ async def test_path_in_startup_log_and_metrics(caplog):
                 async with Client.connect(server.url):
                     metrics = server.metrics.render().decode()
     lines = [r.getMessage() for r in caplog.records if "model alias" in r.getMessage()]
-    assert sorted(lines) == sorted([
-        "model alias openai-litellm: litellm path (fast = false in the alias config)",
-        "model alias openai-fast: fast path (openai streaming format (provider openai))",
-        "model alias anthropic-litellm: litellm path (fast = false in the alias config)",
-        "model alias anthropic-fast: fast path (anthropic streaming format "
-        "(provider anthropic))"])
-    assert 'relay_model_path{alias="openai-fast",path="fast"} 1.0' in metrics
-    assert 'relay_model_path{alias="anthropic-litellm",path="litellm"} 1.0' in metrics
+    assert sorted(lines) == sorted(
+        [f"model alias {fmt}-litellm: litellm path (fast = false in the alias config)"
+         for fmt in FORMATS]
+        + [f"model alias {fmt}-fast: fast path ({wire_format(fmt)} streaming format "
+           f"(provider {fmt}))" for fmt in FORMATS])
+    for fmt in FORMATS:
+        assert f'relay_model_path{{alias="{fmt}-fast",path="fast"}} 1.0' in metrics
+        assert f'relay_model_path{{alias="{fmt}-litellm",path="litellm"}} 1.0' in metrics
 
 
 # ------------------------------------------------------------------------- the SSE parser
@@ -492,3 +606,109 @@ async def test_openai_format_providers_same_as_litellm(model):
                     results.append((await c.collect(path), up.requests[-1]))
     frames = assert_same(results)
     assert frames[-1]["status"] == "completed" and text_of(frames) == "Hello"
+
+
+# ------------------------------------------------------------------------- provider specifics
+
+
+async def _same_on_both_paths(models: dict[str, dict], script, **start_fields):
+    """Run ``script`` through alias ``litellm`` then alias ``fast`` (``models``: their
+    config entries, with a ``flavour`` naming the fake endpoint for ``api_base``); return
+    ``([(frames, request), ...], registry)``, the results in the order of ``both_paths``."""
+    results = []
+    async with FakeUpstream() as up:
+        entries = {}
+        for path, entry in models.items():
+            entry = dict(entry)
+            flavour = entry.pop("flavour")
+            entries[path] = {**entry, "api_base": api_base(up, flavour), "fast": path == "fast"}
+        registry = ModelRegistry(load_models({"models": entries}, Timeouts(10.0, 10.0, 30.0)))
+        async with start_relay(registry=registry) as server:
+            async with Client.connect(server.url) as c:
+                for path in PATHS:
+                    before = len(up.requests)
+                    up.enqueue(script)
+                    await c.start(path, model=path, **start_fields)
+                    frames = await c.collect(path)
+                    results.append((frames, up.requests[before]
+                                    if len(up.requests) > before else None))
+    return results, registry
+
+
+async def test_azure_entra_id_token_is_a_bearer_header_on_both_paths(monkeypatch):
+    """``azure_ad_token_env``: no key, the token as ``Authorization: Bearer`` (LiteLLM's
+    ``azure_ad_token``), the same request and frames on both paths."""
+    monkeypatch.setenv("FAKE_AD_TOKEN", "eyJ0eXAi.fake-entra-token")
+    entry = {"model": "azure/gpt-x-deployment", "azure_ad_token_env": "FAKE_AD_TOKEN"}
+    results, registry = await _same_on_both_paths(
+        {path: {**entry, "flavour": "azure"} for path in PATHS},
+        stream("azure", ["Hel", "lo"], usage=Usage(3, 4)))
+    assert registry.resolve("fast").path.path == "fast"
+    frames = assert_same(results)
+    assert frames[-1]["status"] == "completed" and text_of(frames) == "Hello"
+    for _frames, request in results:
+        assert request.headers.get("Authorization") == "Bearer eyJ0eXAi.fake-entra-token"
+        assert "api-key" not in request.headers
+        assert request.path == "/openai/deployments/gpt-x-deployment/chat/completions"
+        assert request.query.startswith("api-version=")
+
+
+@pytest.mark.parametrize("deployment", ["gpt-x-deployment", "gpt-5-mini"])
+async def test_azure_request_url_and_key_header(deployment):
+    """Also a GPT-5 deployment, whose body LiteLLM builds with its Azure GPT-5 config."""
+    results, registry = await _same_on_both_paths(
+        {path: {"model": f"azure/{deployment}", "api_key_env": "FAKE_PROVIDER_KEY",
+                "flavour": "azure"} for path in PATHS},
+        stream("azure", ["ok"]), params={"max_tokens": 50, "temperature": 1})
+    assert registry.resolve("fast").path.path == "fast"
+    assert_same(results)
+    for _frames, request in results:
+        assert request.headers.get("api-key") == KEY and "Authorization" not in request.headers
+        assert request.path == f"/openai/deployments/{deployment}/chat/completions"
+        tokens_key = "max_completion_tokens" if "gpt-5" in deployment else "max_tokens"
+        assert request.json[tokens_key] == 50
+
+
+def test_azure_ad_token_env_config_checks(monkeypatch):
+    from relay.app import ConfigError
+
+    monkeypatch.setenv("FAKE_AD_TOKEN", "tok")
+    with pytest.raises(ConfigError, match="for azure/ models only"):
+        load_models({"models": {"x": {"model": "openai/gpt",
+                                      "azure_ad_token_env": "FAKE_AD_TOKEN"}}}, Timeouts())
+    with pytest.raises(ConfigError, match="not both"):
+        load_models({"models": {"x": {"model": "azure/d", "azure_ad_token_env": "FAKE_AD_TOKEN",
+                                      "api_key_env": "FAKE_PROVIDER_KEY"}}}, Timeouts())
+    with pytest.raises(ConfigError, match="NO_SUCH_VAR"):
+        load_models({"models": {"x": {"model": "azure/d",
+                                      "azure_ad_token_env": "NO_SUCH_VAR"}}}, Timeouts())
+
+
+async def test_openrouter_sends_its_attribution_headers_on_both_paths(monkeypatch):
+    monkeypatch.setenv("OR_SITE_URL", "https://chat.example.com")
+    monkeypatch.setenv("OR_APP_NAME", "Example Chat")
+    results, _registry = await _same_on_both_paths(
+        {path: {"model": MODELS["openrouter"], "api_key_env": "FAKE_PROVIDER_KEY",
+                "flavour": "openrouter"} for path in PATHS},
+        stream("openrouter", ["ok"], reasoning=["hmm"]))
+    assert_same(results)
+    for _frames, request in results:
+        assert request.headers.get("HTTP-Referer") == "https://chat.example.com"
+        assert request.headers.get("X-Title") == "Example Chat"
+        assert request.json["usage"] == {"include": True}  # OpenRouter's config adds it
+
+
+async def test_groq_response_format_goes_through_litellm():
+    """LiteLLM answers a Groq request with ``response_format`` from a non-streaming call
+    (it fakes the stream); the fast path hands such a request to LiteLLM."""
+    params = {"response_format": {"type": "json_object"}}
+    results, registry = await _same_on_both_paths(
+        {path: {"model": MODELS["groq"], "api_key_env": "FAKE_PROVIDER_KEY",
+                "flavour": "groq"} for path in PATHS},
+        stream("groq", ["{}"]), params=params)
+    route = registry.resolve("fast").path.route
+    assert not route.accepts({"response_format": params["response_format"]})
+    assert route.accepts({})
+    assert_same(results)
+    for _frames, request in results:
+        assert "stream" not in request.json  # both made LiteLLM's non-streaming call

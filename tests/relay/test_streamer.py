@@ -287,3 +287,22 @@ async def test_a_bug_before_the_first_token_is_not_retried_nor_called_upstream_e
                                                         "internal_error")
     assert len(attempts) == 1
     assert any(r.exc_info and isinstance(r.exc_info[1], TypeError) for r in caplog.records)
+
+
+def test_a_builtin_exception_raised_inside_litellm_is_a_provider_failure_not_a_relay_bug():
+    """LiteLLM's own parsers raise built-in exceptions on odd provider data (its Groq parser
+    does ``int("server_error")`` on an in-stream error): judged by where it was raised, it is
+    a provider failure; the same ValueError raised by the relay's code is a bug."""
+    from relay.upstream.errors import is_provider_failure
+
+    def raised_in(module: str) -> BaseException:
+        namespace = {"__name__": module}
+        exec("def parse():\n    return int('server_error')\n", namespace)
+        try:
+            namespace["parse"]()
+        except ValueError as exc:
+            return exc
+        raise AssertionError("no exception")
+
+    assert is_provider_failure(raised_in("litellm.llms.groq.chat.handler"))
+    assert not is_provider_failure(raised_in("relay.upstream.streamer"))
