@@ -6,6 +6,10 @@ through ``get_litellm()``. Settings the relay applies (documented in README):
 * ``LITELLM_LOCAL_MODEL_COST_MAP=True``: use the bundled cost map, no network fetch.
 * ``litellm.num_retries = 0`` (and ``max_retries=0`` per request): no hidden retries.
 * no success/failure callbacks, telemetry off, debug info suppressed: nothing per chunk.
+* ``litellm.disable_hf_tokenizer_download = True``: usage estimates count with tiktoken.
+  Otherwise counting tokens for a model LiteLLM maps to a Hugging Face tokenizer (Llama,
+  Mistral, ... names) downloads it from huggingface.co at the end of the stream; offline
+  that retried for ~23 s before the stream's ``finish`` could be sent.
 * the embedded ``demo`` provider registered through ``litellm.custom_provider_map``.
 * no post-stream response assembly for relay streams: see ``_install_lean_streaming``.
 """
@@ -47,6 +51,7 @@ def get_litellm() -> Any:
             litellm.suppress_debug_info = True
             litellm.num_retries = 0
             litellm.set_verbose = False
+            litellm.disable_hf_tokenizer_download = True
             _demo_handler = DemoLLM()
             litellm.custom_provider_map = [
                 item for item in litellm.custom_provider_map if item["provider"] != DEMO_PROVIDER

@@ -94,3 +94,24 @@ async def test_usage_estimate_is_counted_off_the_event_loop(monkeypatch):
     end = [e async for e in streamer.events(MSGS)][-1]
     assert end.status == "completed" and end.usage.estimated is True
     assert threads and threading.main_thread() not in threads, threads
+
+
+def test_usage_estimates_never_download_a_tokenizer(monkeypatch):
+    """Counting tokens for a model LiteLLM maps to a Hugging Face tokenizer (a Llama name)
+    must not reach for huggingface.co: offline, LiteLLM retried for ~23 s before the
+    estimate, and so before the stream's finish. Any name resolution is recorded here."""
+    import socket
+
+    from relay.upstream.llm import get_litellm
+    from relay.upstream.streamer import _estimate_text_tokens
+
+    get_litellm()
+    lookups = []
+
+    def no_network(host, *args, **kwargs):
+        lookups.append(host)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    assert _estimate_text_tokens("groq/llama-3.1-8b-instant", "hello there friend") > 0
+    assert lookups == []
