@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import faulthandler
 import signal
 import sys
 from typing import Any
@@ -173,6 +174,9 @@ def _serve(args: argparse.Namespace) -> int:
     from relay.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: how to see where a stuck
+    # relay (or a slow shutdown) waits, in production as in tests.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     workers = _worker_count(args, settings)
     if workers is None:
         return 2

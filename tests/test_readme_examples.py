@@ -31,12 +31,15 @@ Other fences (```text, ```toml, ```js) are documentation, not commands, and are 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,8 +151,16 @@ def _kill_group(proc: subprocess.Popen) -> None:
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
+        # `relay serve` prints every thread's stack on SIGUSR1 (faulthandler): say where it
+        # was stuck, then kill it. A warning, not a failure: the snippet itself ran.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGUSR1)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=2)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        warnings.warn(f"a relay did not exit within 30 s of SIGTERM (pid {proc.pid}); "
+                      "its stacks are in its output", stacklevel=2)
 
 
 def _run(snippet: Snippet, relay_address: str, tmp_path: Path) -> None:
@@ -192,14 +203,25 @@ def _run_server_block(snippet: Snippet, argv: list[str], port: int) -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     seen: list[str] = []
+    drain: threading.Thread | None = None
     try:
         for line in proc.stdout:
             seen.append(line)
             if "llm-relay listening on" in line:
+                # Keep reading: a relay whose pipe fills up blocks on its next log line.
+                drain = threading.Thread(target=lambda: seen.extend(proc.stdout), daemon=True)
+                drain.start()
                 return
         pytest.fail(f"{snippet.id} ended without starting a relay:\n{''.join(seen)}")
     finally:
-        _kill_group(proc)
+        with warnings.catch_warnings(record=True) as slow_exit:
+            warnings.simplefilter("always")
+            _kill_group(proc)
+        if drain is not None:
+            drain.join(timeout=5)            # the relay exited: its pipe is at EOF
+        if slow_exit:
+            warnings.warn(f"{snippet.id}: {slow_exit[0].message}:\n{''.join(seen[-200:])}",
+                          stacklevel=2)
         proc.stdout.close()
 
 
