@@ -336,21 +336,54 @@ class Served:
         return cpu / total * 1e6, total / wall
 
     async def latency(self, streams: int, seconds: float) -> dict:
+        """Relay-added latency of ``streams`` streams paced at TPS for ``seconds``, read by
+        the lean client (bench/lean_ws.py). Every stream must end with exactly one
+        ``finish`` (completed) after all its tokens: any other end is a lost stream."""
+        import lean_ws
+
         tokens = max(1, int(seconds * TPS))
-        conns = await open_ws(self.url, streams)
         latencies: list[float] = []
+        loop = asyncio.get_running_loop()
+        gate = asyncio.Semaphore(50)
+        views: list = []
+
+        async def one(i: int):
+            view = lean_ws.PacedStream(latencies)
+            async with gate:
+                conn = await lean_ws.connect(self.url, view.on_message)
+                conn.send_text('{"type":"hello"}')
+                await asyncio.wait_for(view.welcome, 60)
+            views.append(view)
+            return conn, view
+
+        pairs = await asyncio.gather(*(one(i) for i in range(streams)))
+        conns = [c for c, _ in pairs]
         try:
-            start = time.monotonic()
-            deadline = start + seconds * 2 + 20
-            got = await asyncio.gather(*(
-                ws_paced(ws, f"p{i}", self.model, tokens, i / streams / TPS, deadline,
-                         latencies) for i, ws in enumerate(conns)))
+            start = loop.time()
+            for i, (conn, view) in enumerate(pairs):
+                # spread the streams' phases over one pacing interval
+                loop.call_at(start + i / streams / TPS, conn.send_text, orjson_dumps(
+                    {"type": "start", "id": f"p{i}", "model": self.model, "messages": [
+                        {"role": "user", "content": _prompt(tokens, interval=1 / TPS,
+                                                            stamp=True)}]}))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(v.done for _, v in pairs)),
+                                       seconds * 2 + 20)
+            await asyncio.sleep(0.5)         # a second finish, if any, would arrive now
         finally:
-            await close_ws(conns)
+            for conn in conns:
+                conn.close()
         latencies.sort()
-        lost = streams * tokens - sum(got)
-        return {"p50": _pct(latencies, 50), "p99": _pct(latencies, 99), "lost": lost,
-                "expected": streams * tokens}
+        got = sum(v.tokens for _, v in pairs)
+        bad = [(i, v, c) for i, (c, v) in enumerate(pairs)
+               if v.finishes != 1 or v.tokens != tokens or v.errors
+               or not (v.status or "").startswith("completed/")]
+        for i, v, c in bad[:5]:
+            log(f"stream p{i} lost: {v.tokens}/{tokens} tokens, {v.finishes} finish(es) "
+                f"({v.status}), errors {v.errors[:1]}, close code {c.close_code}")
+        return {"p50": _pct(latencies, 50), "p99": _pct(latencies, 99),
+                "lost": streams * tokens - got, "expected": streams * tokens,
+                "streams_lost": len(bad), "frames": sum(v.frames for _, v in pairs)}
 
     async def cancel(self, streams: int, upstream_port: int, run: int) -> dict:
         """Cancel ``streams`` running streams one by one (10 ms apart); upstream closes vs
@@ -411,6 +444,12 @@ class Served:
         finally:
             await close_ws(conns)
         return (after - before) / count
+
+
+def orjson_dumps(value) -> bytes:
+    import orjson
+
+    return orjson.dumps(value)
 
 
 def _pct(values: list[float], p: float) -> float | None:
@@ -593,7 +632,7 @@ async def run(args: argparse.Namespace) -> Results:
                     res.idle.setdefault(path.name, []).append(
                         await path.idle_memory(idle_count))
 
-        for rep in range(reps):
+        for rep in range(reps if "throughput" not in args.skip else 0):
             for streams, tokens in shapes:
                 for path in paths:
                     log(f"rep {rep + 1}/{reps}: {path.name}, {streams} x {tokens} tokens")
@@ -606,12 +645,15 @@ async def run(args: argparse.Namespace) -> Results:
         ws_paths = [p for p in paths if p.kind == "ws"]
         if "latency" not in args.skip:
             for streams, seconds in latency_runs:
+                if args.latency_streams and streams not in args.latency_streams:
+                    continue
                 for path in ws_paths:
                     # A path that cannot carry the load only shows its backlog growing.
                     needed = streams * TPS
                     best = max((tps for _, tps in res.throughput.get((path.name, 100), [])),
                                default=0)
-                    if streams > 100 and best < needed * 0.5 and not args.always_latency:
+                    if streams > 100 and best < needed * 0.5 and not args.always_latency \
+                            and "throughput" not in args.skip:
                         res.notes.append(
                             f"{path.label}: latency at {streams} streams not run: it "
                             f"delivered at most {best:,.0f} tok/s unpaced, {needed:,.0f} "
@@ -726,11 +768,13 @@ def tables(res: Results) -> list[tuple[str, list[str], list[list[str]]]]:
                               "{:,.1f}"),
                          _mmm([r["p99"] * 1000 for r in runs if r["p99"] is not None],
                               "{:,.1f}"),
-                         " / ".join(f"{r['lost']:,}" for r in runs)])
+                         " / ".join(f"{r['lost']:,}" for r in runs),
+                         " / ".join(f"{r.get('streams_lost', 'n/a')}" for r in runs)])
     if rows:
         out.append((f"Relay-added latency, streams paced at {TPS:g} tokens/s, ms (min / median"
                     " / max over repetitions)",
-                    ["path", "streams", "p50", "p99", "tokens not delivered (per rep)"], rows))
+                    ["path", "streams", "p50", "p99", "tokens not delivered (per rep)",
+                     "streams lost (per rep)"], rows))
     rows = []
     for name in names:
         runs = res.cancel.get(name)
@@ -787,7 +831,9 @@ def _targets(res: Results) -> list[list[str]]:
         rows.append([TARGETS["latency"],
                      f"{res.labels[name]}: p50 {_ms(_median([r['p50'] for r in runs]))} ms, "
                      f"p99 {_ms(_median([r['p99'] for r in runs]))} ms, not delivered "
-                     f"{sum(r['lost'] for r in runs)} of {sum(r['expected'] for r in runs)}"])
+                     f"{sum(r['lost'] for r in runs)} of {sum(r['expected'] for r in runs)} "
+                     f"tokens, {sum(r.get('streams_lost', 0) for r in runs)} of "
+                     f"{1000 * len(runs)} streams lost"])
     else:
         rows.append([TARGETS["latency"], "not run (see notes)"])
     for name in ("fast", "litellm"):
@@ -840,7 +886,10 @@ async def main() -> None:
     parser.add_argument("--reps", type=int, help="repetitions (3; --quick: 2)")
     parser.add_argument("--modes", default="raw,fast,litellm,naive,proxy,workers",
                         help="paths to measure (comma-separated)")
-    parser.add_argument("--skip", default="", help="parts to skip: latency,cancel,idle")
+    parser.add_argument("--skip", default="",
+                        help="parts to skip: throughput,latency,cancel,idle")
+    parser.add_argument("--latency-streams", type=lambda v: [int(x) for x in v.split(",")],
+                        help="only these latency runs (e.g. 1000)")
     parser.add_argument("--always-latency", action="store_true",
                         help="run the 1,000-stream latency test on paths too slow for it")
     parser.add_argument("--markdown", action="store_true",
