@@ -474,9 +474,13 @@ def _http_client():
         from .llm import get_litellm
 
         timeout = float(getattr(get_litellm(), "request_timeout", 600) or 600)
-        # Without proxies from the environment (which httpx honours only for a client it
-        # builds the transport of), the connections are spread over small pools.
-        transport = None if urllib.request.getproxies() else _sharded_transport()
+        # Without proxies from the environment (which httpx honours only for a transport
+        # it builds itself): small pools on lean asyncio I/O (relay/upstream_http.py).
+        transport = None
+        if not urllib.request.getproxies():
+            from .upstream_http import ShardedTransport
+
+            transport = ShardedTransport()
         client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout),
             # One connection per concurrent stream: a pool cap would queue streams silently.
@@ -487,90 +491,6 @@ def _http_client():
         )
         _clients[loop] = client
     return client
-
-
-def _sharded_transport():
-    """A new ``_ShardedTransport`` (its classes are defined on first use: httpx is imported
-    lazily, like LiteLLM)."""
-    global _ShardedTransport
-    if _ShardedTransport is None:
-        _ShardedTransport = _define_sharded_transport()
-    return _ShardedTransport()
-
-
-_ShardedTransport = None
-
-
-def _define_sharded_transport():
-    import httpx
-
-    class ShardedTransport(httpx.AsyncBaseTransport):
-        """httpx's default transport as several connection pools of at most ``SHARD``
-        streams each.
-
-        httpcore's pool re-examines every connection, and for each idle one counts all of
-        them again, on every request and every response close: with 1,000 concurrent
-        streams on one pool that is O(connections^2) per stream start and end, and a burst
-        of starts after a burst of ends held the event loop for tens of seconds
-        (bench/capacity.py, 1,000 paced streams, second repetition). Pools of ``SHARD``
-        keep each scan small. A request goes to the first pool with room (so idle
-        keep-alive connections are reused first), to a new pool when all are full; a
-        pool's count goes down when its response is closed.
-        """
-
-        SHARD = 16
-
-        def __init__(self) -> None:
-            self._ssl = httpx.create_ssl_context()   # loaded once, shared by the pools
-            self._pools: list[list] = []              # [transport, streams in flight]
-
-        def _new_pool(self) -> list:
-            pool = [httpx.AsyncHTTPTransport(
-                verify=self._ssl, limits=httpx.Limits(
-                    max_connections=None, max_keepalive_connections=self.SHARD,
-                    keepalive_expiry=30.0)), 0]
-            self._pools.append(pool)
-            return pool
-
-        async def handle_async_request(self, request):
-            for pool in self._pools:
-                if pool[1] < self.SHARD:
-                    break
-            else:
-                pool = self._new_pool()
-            pool[1] += 1
-            try:
-                response = await pool[0].handle_async_request(request)
-            except BaseException:
-                pool[1] -= 1
-                raise
-            response.stream = PoolRelease(response.stream, pool)
-            return response
-
-        async def aclose(self) -> None:
-            pools, self._pools = self._pools, []
-            for transport, _ in pools:
-                await transport.aclose()
-
-    class PoolRelease(httpx.AsyncByteStream):
-        """A response body that gives its pool's slot back once closed (exactly once)."""
-
-        def __init__(self, stream, pool: list) -> None:
-            self._stream = stream
-            self._pool = pool
-
-        def __aiter__(self):
-            return self._stream.__aiter__()
-
-        async def aclose(self) -> None:
-            pool, self._pool = self._pool, None
-            try:
-                await self._stream.aclose()
-            finally:
-                if pool is not None:
-                    pool[1] -= 1
-
-    return ShardedTransport
 
 
 @dataclass(frozen=True)
