@@ -8,8 +8,12 @@ one run, on this machine.
 It starts a fake OpenAI-format upstream (bench/fake_upstream.py, a process of its own) and,
 one at a time, each *path* as a process of its own, then drives it from this process:
 
-  raw       the upstream's SSE read with httpx and parsed (orjson), no relaying: the floor
-            (10x the tokens per round, so its CPU spans enough of /proc's 10 ms ticks)
+  raw       the upstream's SSE read with httpx (on the relay's own transport,
+            relay/upstream_http.py, when the build has it) and parsed (orjson), no
+            relaying: the floor
+            (the same streams of the same length, 10 rounds one after another per
+            measurement, so its CPU spans enough of /proc's 10 ms ticks; each stream's own
+            cost (request, response headers) is spread over as many tokens as in the paths)
   fast      ``relay serve``, alias on the relay's direct SSE path (when this build has one:
             the config key ``fast``; an alias selects it unless ``fast = false``)
   litellm   ``relay serve``, alias with ``fast = false`` (on builds without a fast path:
@@ -66,7 +70,7 @@ PY = sys.executable
 KEY_ENV = "BENCH_UPSTREAM_KEY"
 REDIS = "redis://127.0.0.1:6379/0"
 TPS = 10.0                      # paced streams: tokens per second each
-RAW_SCALE = 10                  # the raw path reads this many times the tokens per round
+RAW_SCALE = 10                  # the raw path runs this many rounds per measurement
 CANCEL_TPS = 2.0                # streams of the cancel test
 CANCEL_WAIT = 5.0               # an upstream not closed this long after cancel: "not closed"
 
@@ -298,18 +302,18 @@ class Served:
         return cpu / total * 1e6, total / wall
 
     async def _reader_round(self, streams: int, tokens: int) -> tuple[float, float]:
-        # 10x the tokens: the raw read is so cheap that the round would otherwise last a
-        # few of /proc's 10 ms CPU ticks (the per-token figures are what is compared).
-        tokens *= RAW_SCALE
+        # RAW_SCALE rounds of the same shape: the raw read is so cheap that one round would
+        # last a few of /proc's 10 ms CPU ticks. (Not 10x longer streams: that would spread
+        # each stream's fixed cost over 10x the tokens the paths get.)
         p = self.proc.popen
         cpu0, t0 = tree_cpu(self.proc.pid), time.perf_counter()
-        p.stdin.write(f"{streams} {tokens}\n")
+        p.stdin.write(f"{streams} {tokens} {RAW_SCALE}\n")
         p.stdin.flush()
         line = await asyncio.to_thread(p.stdout.readline)
         wall, cpu = time.perf_counter() - t0, tree_cpu(self.proc.pid) - cpu0
         total = int(line.split()[1])
-        if total != streams * tokens:
-            raise RuntimeError(f"raw reader: {total} of {streams * tokens} tokens")
+        if total != streams * tokens * RAW_SCALE:
+            raise RuntimeError(f"raw reader: {total} of {streams * tokens * RAW_SCALE} tokens")
         return cpu / total * 1e6, total / wall
 
     async def _sse_round(self, streams: int, tokens: int) -> tuple[float, float]:
@@ -472,12 +476,22 @@ async def _get_json(port: int, path: str) -> dict:
 # ------------------------------------------------------------------------ raw reader
 
 async def raw_reader(base: str) -> None:
-    """The ``raw`` path's process: reads "STREAMS TOKENS" lines, runs that many concurrent
-    SSE reads with httpx (lines -> orjson -> delta content), prints "done TOKENS"."""
+    """The ``raw`` path's process: reads "STREAMS TOKENS ROUNDS" lines, runs ROUNDS rounds of
+    that many concurrent SSE reads with httpx (lines -> orjson -> delta content), prints
+    "done TOKENS"."""
     import httpx
     import orjson
 
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=2000)) as c:
+    sys.path.insert(0, str(ROOT))
+    try:
+        # The HTTP transport the relay's fast path reads with, so the two differ by what
+        # the relay does with the tokens, not by how the bytes are read.
+        from relay.upstream_http import ShardedTransport
+        transport = ShardedTransport()
+    except ImportError:                 # a build without it: httpx's default transport
+        transport = None
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=2000),
+                                 transport=transport) as c:
         async def one(tokens: int) -> int:
             got = 0
             body = {"model": "bench-model", "stream": True, "messages": [
@@ -496,9 +510,11 @@ async def raw_reader(base: str) -> None:
             line = await loop.run_in_executor(None, sys.stdin.readline)
             if not line:
                 return
-            streams, tokens = map(int, line.split())
-            got = await asyncio.gather(*(one(tokens) for _ in range(streams)))
-            print(f"done {sum(got)}", flush=True)
+            streams, tokens, rounds = map(int, line.split())
+            total = 0
+            for _ in range(rounds):
+                total += sum(await asyncio.gather(*(one(tokens) for _ in range(streams))))
+            print(f"done {total}", flush=True)
 
 
 # ------------------------------------------------------------------------ the run
