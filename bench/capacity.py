@@ -377,7 +377,14 @@ class Served:
         finally:
             for conn in conns:
                 conn.close()
-        latencies.sort()
+        first = min((sent for sent, _ in latencies), default=0.0)
+        by_second: dict[int, list[float]] = {}
+        for sent, lat in latencies:
+            by_second.setdefault(int(sent - first), []).append(lat)
+        log("p50/p99 ms by second of the run: " + ", ".join(
+            f"{_pct(sorted(v), 50) * 1000:.0f}/{_pct(sorted(v), 99) * 1000:.0f}"
+            for _, v in sorted(by_second.items())))
+        latencies = sorted(lat for _, lat in latencies)
         got = sum(v.tokens for _, v in pairs)
         bad = [(i, v, c) for i, (c, v) in enumerate(pairs)
                if v.finishes != 1 or v.tokens != tokens or v.errors

@@ -147,8 +147,8 @@ async def connect(url: str, on_message: Callable[[bytes, float], None]) -> LeanC
 
 class PacedStream:
     """The benchmark's view of one paced stream on one connection: every token frame's
-    stamps (``<upstream send time>|`` each; merged frames carry several) become latencies;
-    exactly one ``finish`` must end it."""
+    stamps (``<upstream send time>|`` each; merged frames carry several) become
+    ``(sent, latency)`` pairs in ``latencies``; exactly one ``finish`` must end it."""
 
     __slots__ = ("latencies", "tokens", "finishes", "status", "errors", "done", "frames",
                  "welcome")
@@ -172,7 +172,8 @@ class PacedStream:
             stamps.pop()
             append = self.latencies.append
             for stamp in stamps:
-                append(received - float(stamp))
+                sent = float(stamp)
+                append((sent, received - sent))
             self.tokens += len(stamps)
             return
         frame = orjson.loads(data)
