@@ -389,7 +389,13 @@ class _FastStream:
 
     def __init__(self, response, decoder) -> None:
         self._response = response
-        self._chunks = response.aiter_bytes().__aiter__()
+        if response.headers.get("content-encoding", "identity").lower() == "identity":
+            # Nothing to decode: read the body stream itself, two generator layers (per
+            # network chunk, i.e. per token when a provider flushes each) fewer than
+            # ``aiter_bytes``. Closing stays ``aclose()``'s, as after ``aiter_bytes``.
+            self._chunks = response.stream.__aiter__()
+        else:
+            self._chunks = response.aiter_bytes().__aiter__()
         self._parser = SSEParser()
         self._decoder = decoder
         self._ended = False

@@ -244,7 +244,7 @@ class TokenStreamer:
         self._clear_stream_state()
 
     def _clear_stream_state(self) -> None:
-        self._accumulated_content = ""
+        self._text_parts: list[str] = []   # the stream's text so far (joined on demand)
         self._usage: UsageInfo | None = None
         self._waiting_task: asyncio.Task | None = None
         self._deadline: float | None = None
@@ -278,6 +278,15 @@ class TokenStreamer:
 
     def get_accumulated_content(self) -> str:
         return self._accumulated_content
+
+    @property
+    def _accumulated_content(self) -> str:
+        # Joined on demand, not per token: ``str +=`` on an attribute copies the whole
+        # text each time (quadratic in the stream's length).
+        parts = self._text_parts
+        if len(parts) > 1:
+            parts[:] = ["".join(parts)]
+        return parts[0] if parts else ""
 
     def get_total_tokens(self) -> int:
         """Completion tokens: the provider's count once the stream ended (else an estimate)."""
@@ -393,7 +402,7 @@ class TokenStreamer:
         first_deadline = started + tm.first_token if tm.first_token is not None else None
         kwargs = self._request_kwargs(messages, tools, tool_choice, params)
 
-        text_parts: list[str] = []
+        text_parts = self._text_parts
         other_parts: list[str] = []  # reasoning and tool arguments, for estimates
         calls: dict[int, _ToolCallState] = {}
         finish_reason: str | None = None
@@ -427,7 +436,6 @@ class TokenStreamer:
                     if content:
                         got_first = True
                         text_parts.append(content)
-                        self._accumulated_content += content
                         yield TextDelta(content)
                     if tool_calls:
                         got_first = True
