@@ -679,7 +679,8 @@ async def run(args: argparse.Namespace) -> Results:
                 for path in ws_paths:
                     # A path that cannot carry the load only shows its backlog growing.
                     needed = streams * TPS
-                    best = max((tps for _, tps in res.throughput.get((path.name, 100), [])),
+                    best = max((tps for n in (1, 10, 100)
+                                for _, tps in res.throughput.get((path.name, n), [])),
                                default=0)
                     if streams > 100 and best < needed * 0.5 and not args.always_latency \
                             and "throughput" not in args.skip:
@@ -706,7 +707,8 @@ async def run(args: argparse.Namespace) -> Results:
             proc.stop()
         procs = procs[:1]
         if "workers" in modes:
-            await _workers(res, config, has_fast, shapes, reps, procs)
+            await _workers(res, config, has_fast, shapes, reps, procs,
+                           latency_runs[-1] if "latency" not in args.skip else None)
     finally:
         for proc in procs:
             proc.stop()
@@ -725,9 +727,10 @@ def _redis_up() -> bool:
 
 
 async def _workers(res: Results, config: Path, has_fast: bool, shapes, reps,
-                   procs: list[Proc]) -> None:
+                   procs: list[Proc], latency_run: tuple[int, float] | None) -> None:
     """Tokens/s at 100 streams with ``--workers 1`` and ``--workers 2`` (both ``--redis``,
-    which workers need: the streams are mirrored to Redis in both)."""
+    which workers need: the streams are mirrored to Redis in both), and the relay-added
+    latency of ``latency_run`` (streams, seconds) paced streams."""
     if not _redis_up():
         res.notes.append("workers: not measured, no Redis on 127.0.0.1:6379")
         return
@@ -748,6 +751,13 @@ async def _workers(res: Results, config: Path, has_fast: bool, shapes, reps,
             log(f"workers rep {rep + 1}: {count} worker(s), {streams} x {tokens} tokens")
             res.throughput.setdefault((name, streams), []).append(
                 await path.throughput(streams, tokens))
+        if latency_run is not None:
+            paced, seconds = latency_run
+            for rep in range(reps):
+                log(f"workers latency rep {rep + 1}: {count} worker(s), {paced} streams x "
+                    f"{TPS:g} tok/s for {seconds:g} s")
+                res.latency.setdefault((name, paced), []).append(
+                    await path.latency(paced, seconds))
         proc.stop()
         procs.remove(proc)
 
@@ -787,7 +797,7 @@ def tables(res: Results) -> list[tuple[str, list[str], list[list[str]]]]:
                 ["path"] + [f"CPU us/token, {n} stream{'s' * (n > 1)}" for n in shapes]
                 + [f"tokens/s, {n}" for n in shapes], rows))
     rows = []
-    for name in names:
+    for name in names + ["workers1", "workers2"]:
         for streams, seconds in res.labels["latency_runs"]:
             runs = res.latency.get((name, streams))
             if not runs:
@@ -865,6 +875,14 @@ def _targets(res: Results) -> list[list[str]]:
                      f"{1000 * len(runs)} streams lost"])
     else:
         rows.append([TARGETS["latency"], "not run (see notes)"])
+    runs = res.latency.get(("workers2", 1000))
+    if runs:
+        rows.append([TARGETS["latency"],
+                     f"{res.labels['workers2']}: p50 {_ms(_median([r['p50'] for r in runs]))} "
+                     f"ms, p99 {_ms(_median([r['p99'] for r in runs]))} ms, not delivered "
+                     f"{sum(r['lost'] for r in runs)} of {sum(r['expected'] for r in runs)} "
+                     f"tokens, {sum(r.get('streams_lost', 0) for r in runs)} of "
+                     f"{1000 * len(runs)} streams lost"])
     for name in ("fast", "litellm"):
         runs = res.cancel.get(name)
         if runs:
