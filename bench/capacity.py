@@ -30,9 +30,11 @@ Measured (min / median / max over the repetitions):
 * CPU us per token of the serving process only (its threads' run time from /proc schedstat,
   children included for the supervisor of workers) and tokens/s, with 1, 10 and 100 concurrent streams from
   an unpaced upstream;
-* relay-added latency p50/p99 with 100 and 1,000 streams paced at 10 tokens/s each: the
-  upstream writes ``time.monotonic()`` into each chunk's text, the client subtracts it from
-  its receive time (one clock: CLOCK_MONOTONIC is system-wide);
+* relay-added latency p50/p99 with 100 and 1,000 streams paced at 10 tokens/s each (and
+  1,000 with ``--workers 1``/``2 --redis``): the upstream writes ``time.monotonic()`` into
+  each chunk's text, the client (bench/lean_ws.py) subtracts it from the time its socket
+  read returned (one clock: CLOCK_MONOTONIC is system-wide); a stream that does not end with
+  exactly one ``completed`` finish after all its tokens is counted lost;
 * cancel -> upstream connection closed, p50/p99, at 100 concurrent streams (client's time
   of sending ``cancel`` vs the upstream's time of seeing its connection closed);
 * idle memory per connection (RSS growth with N connections that said ``hello``).
