@@ -8,8 +8,12 @@ one run, on this machine.
 It starts a fake OpenAI-format upstream (bench/fake_upstream.py, a process of its own) and,
 one at a time, each *path* as a process of its own, then drives it from this process:
 
-  raw       the upstream's SSE read with httpx and parsed (orjson), no relaying: the floor
-            (10x the tokens per round, so its CPU spans enough of /proc's 10 ms ticks)
+  raw       the upstream's SSE read with httpx (on the relay's own transport,
+            relay/upstream/transport.py, when the build has it) and parsed (orjson), no
+            relaying: the floor
+            (the same streams of the same length, 10 rounds one after another per
+            measurement, so its CPU spans enough of /proc's 10 ms ticks; each stream's own
+            cost (request, response headers) is spread over as many tokens as in the paths)
   fast      ``relay serve``, alias on the relay's direct SSE path (when this build has one:
             the config key ``fast``; an alias selects it unless ``fast = false``)
   litellm   ``relay serve``, alias with ``fast = false`` (on builds without a fast path:
@@ -23,12 +27,14 @@ one at a time, each *path* as a process of its own, then drives it from this pro
 
 Measured (min / median / max over the repetitions):
 
-* CPU us per token of the serving process only (its /proc utime+stime, children included
-  for the supervisor of workers) and tokens/s, with 1, 10 and 100 concurrent streams from
+* CPU us per token of the serving process only (its threads' run time from /proc schedstat,
+  children included for the supervisor of workers) and tokens/s, with 1, 10 and 100 concurrent streams from
   an unpaced upstream;
-* relay-added latency p50/p99 with 100 and 1,000 streams paced at 10 tokens/s each: the
-  upstream writes ``time.monotonic()`` into each chunk's text, the client subtracts it from
-  its receive time (one clock: CLOCK_MONOTONIC is system-wide);
+* relay-added latency p50/p99 with 100 and 1,000 streams paced at 10 tokens/s each (and
+  1,000 with ``--workers 1``/``2 --redis``): the upstream writes ``time.monotonic()`` into
+  each chunk's text, the client (bench/lean_ws.py) subtracts it from the time its socket
+  read returned (one clock: CLOCK_MONOTONIC is system-wide); a stream that does not end with
+  exactly one ``completed`` finish after all its tokens is counted lost;
 * cancel -> upstream connection closed, p50/p99, at 100 concurrent streams (client's time
   of sending ``cancel`` vs the upstream's time of seeing its connection closed);
 * idle memory per connection (RSS growth with N connections that said ``hello``).
@@ -66,7 +72,7 @@ PY = sys.executable
 KEY_ENV = "BENCH_UPSTREAM_KEY"
 REDIS = "redis://127.0.0.1:6379/0"
 TPS = 10.0                      # paced streams: tokens per second each
-RAW_SCALE = 10                  # the raw path reads this many times the tokens per round
+RAW_SCALE = 10                  # the raw path runs this many rounds per measurement
 CANCEL_TPS = 2.0                # streams of the cancel test
 CANCEL_WAIT = 5.0               # an upstream not closed this long after cancel: "not closed"
 
@@ -111,17 +117,23 @@ def _tree(pid: int) -> list[int]:
 
 
 def tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of ``pid`` and its descendants."""
-    ticks = os.sysconf("SC_CLK_TCK")
+    """CPU seconds of ``pid`` and its descendants: the sum of their threads' run time from
+    /proc/*/task/*/schedstat (nanoseconds; /proc's utime+stime count 10 ms ticks, too coarse
+    for a 50 ms round). A thread that exits is no longer counted: the relays keep theirs
+    (the event loop, the executors' pools), and a round's delta is taken on live threads."""
     total = 0
     for p in _tree(pid):
         try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            tasks = os.listdir(f"/proc/{p}/task")
         except OSError:
-            pass
-    return total / ticks
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+    return total / 1e9
 
 
 def tree_rss(pid: int) -> int:
@@ -298,18 +310,18 @@ class Served:
         return cpu / total * 1e6, total / wall
 
     async def _reader_round(self, streams: int, tokens: int) -> tuple[float, float]:
-        # 10x the tokens: the raw read is so cheap that the round would otherwise last a
-        # few of /proc's 10 ms CPU ticks (the per-token figures are what is compared).
-        tokens *= RAW_SCALE
+        # RAW_SCALE rounds of the same shape: the raw read is so cheap that one round would
+        # last a few of /proc's 10 ms CPU ticks. (Not 10x longer streams: that would spread
+        # each stream's fixed cost over 10x the tokens the paths get.)
         p = self.proc.popen
         cpu0, t0 = tree_cpu(self.proc.pid), time.perf_counter()
-        p.stdin.write(f"{streams} {tokens}\n")
+        p.stdin.write(f"{streams} {tokens} {RAW_SCALE}\n")
         p.stdin.flush()
         line = await asyncio.to_thread(p.stdout.readline)
         wall, cpu = time.perf_counter() - t0, tree_cpu(self.proc.pid) - cpu0
         total = int(line.split()[1])
-        if total != streams * tokens:
-            raise RuntimeError(f"raw reader: {total} of {streams * tokens} tokens")
+        if total != streams * tokens * RAW_SCALE:
+            raise RuntimeError(f"raw reader: {total} of {streams * tokens * RAW_SCALE} tokens")
         return cpu / total * 1e6, total / wall
 
     async def _sse_round(self, streams: int, tokens: int) -> tuple[float, float]:
@@ -336,21 +348,61 @@ class Served:
         return cpu / total * 1e6, total / wall
 
     async def latency(self, streams: int, seconds: float) -> dict:
+        """Relay-added latency of ``streams`` streams paced at TPS for ``seconds``, read by
+        the lean client (bench/lean_ws.py). Every stream must end with exactly one
+        ``finish`` (completed) after all its tokens: any other end is a lost stream."""
+        import lean_ws
+
         tokens = max(1, int(seconds * TPS))
-        conns = await open_ws(self.url, streams)
         latencies: list[float] = []
+        loop = asyncio.get_running_loop()
+        gate = asyncio.Semaphore(50)
+        views: list = []
+
+        async def one(i: int):
+            view = lean_ws.PacedStream(latencies)
+            async with gate:
+                conn = await lean_ws.connect(self.url, view.on_message)
+                conn.send_text('{"type":"hello"}')
+                await asyncio.wait_for(view.welcome, 60)
+            views.append(view)
+            return conn, view
+
+        pairs = await asyncio.gather(*(one(i) for i in range(streams)))
+        conns = [c for c, _ in pairs]
         try:
-            start = time.monotonic()
-            deadline = start + seconds * 2 + 20
-            got = await asyncio.gather(*(
-                ws_paced(ws, f"p{i}", self.model, tokens, i / streams / TPS, deadline,
-                         latencies) for i, ws in enumerate(conns)))
+            start = loop.time()
+            for i, (conn, view) in enumerate(pairs):
+                # spread the streams' phases over one pacing interval
+                loop.call_at(start + i / streams / TPS, conn.send_text, orjson_dumps(
+                    {"type": "start", "id": f"p{i}", "model": self.model, "messages": [
+                        {"role": "user", "content": _prompt(tokens, interval=1 / TPS,
+                                                            stamp=True)}]}))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(v.done for _, v in pairs)),
+                                       seconds * 2 + 20)
+            await asyncio.sleep(0.5)         # a second finish, if any, would arrive now
         finally:
-            await close_ws(conns)
-        latencies.sort()
-        lost = streams * tokens - sum(got)
-        return {"p50": _pct(latencies, 50), "p99": _pct(latencies, 99), "lost": lost,
-                "expected": streams * tokens}
+            for conn in conns:
+                conn.close()
+        first = min((sent for sent, _ in latencies), default=0.0)
+        by_second: dict[int, list[float]] = {}
+        for sent, lat in latencies:
+            by_second.setdefault(int(sent - first), []).append(lat)
+        log("p50/p99 ms by second of the run: " + ", ".join(
+            f"{_pct(sorted(v), 50) * 1000:.0f}/{_pct(sorted(v), 99) * 1000:.0f}"
+            for _, v in sorted(by_second.items())))
+        latencies = sorted(lat for _, lat in latencies)
+        got = sum(v.tokens for _, v in pairs)
+        bad = [(i, v, c) for i, (c, v) in enumerate(pairs)
+               if v.finishes != 1 or v.tokens != tokens or v.errors
+               or not (v.status or "").startswith("completed/")]
+        for i, v, c in bad[:5]:
+            log(f"stream p{i} lost: {v.tokens}/{tokens} tokens, {v.finishes} finish(es) "
+                f"({v.status}), errors {v.errors[:1]}, close code {c.close_code}")
+        return {"p50": _pct(latencies, 50), "p99": _pct(latencies, 99),
+                "lost": streams * tokens - got, "expected": streams * tokens,
+                "streams_lost": len(bad), "frames": sum(v.frames for _, v in pairs)}
 
     async def cancel(self, streams: int, upstream_port: int, run: int) -> dict:
         """Cancel ``streams`` running streams one by one (10 ms apart); upstream closes vs
@@ -413,6 +465,12 @@ class Served:
         return (after - before) / count
 
 
+def orjson_dumps(value) -> bytes:
+    import orjson
+
+    return orjson.dumps(value)
+
+
 def _pct(values: list[float], p: float) -> float | None:
     if not values:
         return None
@@ -433,12 +491,22 @@ async def _get_json(port: int, path: str) -> dict:
 # ------------------------------------------------------------------------ raw reader
 
 async def raw_reader(base: str) -> None:
-    """The ``raw`` path's process: reads "STREAMS TOKENS" lines, runs that many concurrent
-    SSE reads with httpx (lines -> orjson -> delta content), prints "done TOKENS"."""
+    """The ``raw`` path's process: reads "STREAMS TOKENS ROUNDS" lines, runs ROUNDS rounds of
+    that many concurrent SSE reads with httpx (lines -> orjson -> delta content), prints
+    "done TOKENS"."""
     import httpx
     import orjson
 
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=2000)) as c:
+    sys.path.insert(0, str(ROOT))
+    try:
+        # The HTTP transport the relay's fast path reads with, so the two differ by what
+        # the relay does with the tokens, not by how the bytes are read.
+        from relay.upstream.transport import ShardedTransport
+        transport = ShardedTransport()
+    except ImportError:                 # a build without it: httpx's default transport
+        transport = None
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=2000),
+                                 transport=transport) as c:
         async def one(tokens: int) -> int:
             got = 0
             body = {"model": "bench-model", "stream": True, "messages": [
@@ -457,9 +525,11 @@ async def raw_reader(base: str) -> None:
             line = await loop.run_in_executor(None, sys.stdin.readline)
             if not line:
                 return
-            streams, tokens = map(int, line.split())
-            got = await asyncio.gather(*(one(tokens) for _ in range(streams)))
-            print(f"done {sum(got)}", flush=True)
+            streams, tokens, rounds = map(int, line.split())
+            total = 0
+            for _ in range(rounds):
+                total += sum(await asyncio.gather(*(one(tokens) for _ in range(streams))))
+            print(f"done {total}", flush=True)
 
 
 # ------------------------------------------------------------------------ the run
@@ -593,7 +663,7 @@ async def run(args: argparse.Namespace) -> Results:
                     res.idle.setdefault(path.name, []).append(
                         await path.idle_memory(idle_count))
 
-        for rep in range(reps):
+        for rep in range(reps if "throughput" not in args.skip else 0):
             for streams, tokens in shapes:
                 for path in paths:
                     log(f"rep {rep + 1}/{reps}: {path.name}, {streams} x {tokens} tokens")
@@ -606,12 +676,16 @@ async def run(args: argparse.Namespace) -> Results:
         ws_paths = [p for p in paths if p.kind == "ws"]
         if "latency" not in args.skip:
             for streams, seconds in latency_runs:
+                if args.latency_streams and streams not in args.latency_streams:
+                    continue
                 for path in ws_paths:
                     # A path that cannot carry the load only shows its backlog growing.
                     needed = streams * TPS
-                    best = max((tps for _, tps in res.throughput.get((path.name, 100), [])),
+                    best = max((tps for n in (1, 10, 100)
+                                for _, tps in res.throughput.get((path.name, n), [])),
                                default=0)
-                    if streams > 100 and best < needed * 0.5 and not args.always_latency:
+                    if streams > 100 and best < needed * 0.5 and not args.always_latency \
+                            and "throughput" not in args.skip:
                         res.notes.append(
                             f"{path.label}: latency at {streams} streams not run: it "
                             f"delivered at most {best:,.0f} tok/s unpaced, {needed:,.0f} "
@@ -635,7 +709,8 @@ async def run(args: argparse.Namespace) -> Results:
             proc.stop()
         procs = procs[:1]
         if "workers" in modes:
-            await _workers(res, config, has_fast, shapes, reps, procs)
+            await _workers(res, config, has_fast, shapes, reps, procs,
+                           latency_runs[-1] if "latency" not in args.skip else None)
     finally:
         for proc in procs:
             proc.stop()
@@ -654,9 +729,10 @@ def _redis_up() -> bool:
 
 
 async def _workers(res: Results, config: Path, has_fast: bool, shapes, reps,
-                   procs: list[Proc]) -> None:
+                   procs: list[Proc], latency_run: tuple[int, float] | None) -> None:
     """Tokens/s at 100 streams with ``--workers 1`` and ``--workers 2`` (both ``--redis``,
-    which workers need: the streams are mirrored to Redis in both)."""
+    which workers need: the streams are mirrored to Redis in both), and the relay-added
+    latency of ``latency_run`` (streams, seconds) paced streams."""
     if not _redis_up():
         res.notes.append("workers: not measured, no Redis on 127.0.0.1:6379")
         return
@@ -677,6 +753,13 @@ async def _workers(res: Results, config: Path, has_fast: bool, shapes, reps,
             log(f"workers rep {rep + 1}: {count} worker(s), {streams} x {tokens} tokens")
             res.throughput.setdefault((name, streams), []).append(
                 await path.throughput(streams, tokens))
+        if latency_run is not None:
+            paced, seconds = latency_run
+            for rep in range(reps):
+                log(f"workers latency rep {rep + 1}: {count} worker(s), {paced} streams x "
+                    f"{TPS:g} tok/s for {seconds:g} s")
+                res.latency.setdefault((name, paced), []).append(
+                    await path.latency(paced, seconds))
         proc.stop()
         procs.remove(proc)
 
@@ -716,7 +799,7 @@ def tables(res: Results) -> list[tuple[str, list[str], list[list[str]]]]:
                 ["path"] + [f"CPU us/token, {n} stream{'s' * (n > 1)}" for n in shapes]
                 + [f"tokens/s, {n}" for n in shapes], rows))
     rows = []
-    for name in names:
+    for name in names + ["workers1", "workers2"]:
         for streams, seconds in res.labels["latency_runs"]:
             runs = res.latency.get((name, streams))
             if not runs:
@@ -726,11 +809,13 @@ def tables(res: Results) -> list[tuple[str, list[str], list[list[str]]]]:
                               "{:,.1f}"),
                          _mmm([r["p99"] * 1000 for r in runs if r["p99"] is not None],
                               "{:,.1f}"),
-                         " / ".join(f"{r['lost']:,}" for r in runs)])
+                         " / ".join(f"{r['lost']:,}" for r in runs),
+                         " / ".join(f"{r.get('streams_lost', 'n/a')}" for r in runs)])
     if rows:
         out.append((f"Relay-added latency, streams paced at {TPS:g} tokens/s, ms (min / median"
                     " / max over repetitions)",
-                    ["path", "streams", "p50", "p99", "tokens not delivered (per rep)"], rows))
+                    ["path", "streams", "p50", "p99", "tokens not delivered (per rep)",
+                     "streams lost (per rep)"], rows))
     rows = []
     for name in names:
         runs = res.cancel.get(name)
@@ -787,9 +872,19 @@ def _targets(res: Results) -> list[list[str]]:
         rows.append([TARGETS["latency"],
                      f"{res.labels[name]}: p50 {_ms(_median([r['p50'] for r in runs]))} ms, "
                      f"p99 {_ms(_median([r['p99'] for r in runs]))} ms, not delivered "
-                     f"{sum(r['lost'] for r in runs)} of {sum(r['expected'] for r in runs)}"])
+                     f"{sum(r['lost'] for r in runs)} of {sum(r['expected'] for r in runs)} "
+                     f"tokens, {sum(r.get('streams_lost', 0) for r in runs)} of "
+                     f"{1000 * len(runs)} streams lost"])
     else:
         rows.append([TARGETS["latency"], "not run (see notes)"])
+    runs = res.latency.get(("workers2", 1000))
+    if runs:
+        rows.append([TARGETS["latency"],
+                     f"{res.labels['workers2']}: p50 {_ms(_median([r['p50'] for r in runs]))} "
+                     f"ms, p99 {_ms(_median([r['p99'] for r in runs]))} ms, not delivered "
+                     f"{sum(r['lost'] for r in runs)} of {sum(r['expected'] for r in runs)} "
+                     f"tokens, {sum(r.get('streams_lost', 0) for r in runs)} of "
+                     f"{1000 * len(runs)} streams lost"])
     for name in ("fast", "litellm"):
         runs = res.cancel.get(name)
         if runs:
@@ -840,7 +935,10 @@ async def main() -> None:
     parser.add_argument("--reps", type=int, help="repetitions (3; --quick: 2)")
     parser.add_argument("--modes", default="raw,fast,litellm,naive,proxy,workers",
                         help="paths to measure (comma-separated)")
-    parser.add_argument("--skip", default="", help="parts to skip: latency,cancel,idle")
+    parser.add_argument("--skip", default="",
+                        help="parts to skip: throughput,latency,cancel,idle")
+    parser.add_argument("--latency-streams", type=lambda v: [int(x) for x in v.split(",")],
+                        help="only these latency runs (e.g. 1000)")
     parser.add_argument("--always-latency", action="store_true",
                         help="run the 1,000-stream latency test on paths too slow for it")
     parser.add_argument("--markdown", action="store_true",

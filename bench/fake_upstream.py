@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import heapq
 import json
 import re
 import time
@@ -64,6 +65,68 @@ def _usage(tokens: int) -> bytes:
     return _chunked(f"data: {json.dumps(body, separators=(',', ':'))}\n\n".encode())
 
 
+_STAMP_HEAD = ('data: ' + _PREFIX + '{"content":"').encode()
+_STAMP_TAIL = b'|"},"logprobs":null,"finish_reason":null}]}\n\n'
+
+
+def _stamped() -> bytes:
+    """A content chunk whose text is ``<time.monotonic() now>|`` (chunked encoding)."""
+    data = b"%s%.6f%s" % (_STAMP_HEAD, time.monotonic(), _STAMP_TAIL)
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class Pacer:
+    """Every paced stream's schedule in one heap, served by one timer: at each tick the
+    chunks of all streams that are due are written (each stamped with the time of its own
+    write). A stream's n-th chunk is due ``n * interval`` after its start, as a model's
+    pace would be, whatever the lateness of earlier ticks."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, list]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._ids = 0
+
+    async def stream(self, transport, tokens: int, interval: float) -> None:
+        """Write ``tokens`` stamped chunks to ``transport``, ``interval`` apart; returns
+        after the last one (cancelled: the stream's remaining chunks are dropped)."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        # [transport, chunks left, interval, done, alive]
+        entry = [transport, tokens, interval, done, True]
+        self._ids += 1
+        self._push(loop, loop.time() + interval, self._ids, entry)
+        try:
+            await done
+        finally:
+            entry[4] = False
+
+    def _push(self, loop, at: float, ident: int, entry: list) -> None:
+        heapq.heappush(self._heap, (at, ident, entry))
+        if self._timer is None or self._timer.when() > at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(at, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        heap = self._heap
+        now = loop.time()
+        while heap and heap[0][0] <= now:
+            at, ident, entry = heapq.heappop(heap)
+            transport, left, interval, done, alive = entry
+            if not alive or transport.is_closing():
+                continue
+            transport.write(_stamped())
+            entry[1] = left = left - 1
+            if left > 0:
+                heapq.heappush(heap, (at + interval, ident, entry))
+            elif not done.done():
+                done.set_result(None)
+        if heap:
+            self._timer = loop.call_at(heap[0][0], self._tick)
+
+
 class Stats:
     def __init__(self) -> None:
         self.closed: dict[str, float] = {}
@@ -75,8 +138,9 @@ class Connection(asyncio.Protocol):
     from its own task. A client that closes mid-response is noticed at once (eof_received /
     connection_lost), not at the next write: that moment is what ``/stats`` reports."""
 
-    def __init__(self, stats: Stats) -> None:
+    def __init__(self, stats: Stats, pacer: Pacer) -> None:
         self.stats = stats
+        self.pacer = pacer
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
         self.response: asyncio.Task | None = None
@@ -155,16 +219,13 @@ class Connection(asyncio.Protocol):
                     await asyncio.sleep(0)
                     while transport.get_write_buffer_size() > 1 << 20:
                         await asyncio.sleep(0.001)   # backpressure (no drain on a Protocol)
+        elif interval > 0:
+            # Paced: one shared timer (the Pacer) writes every due stream's chunk, so 1,000
+            # paced streams cost one wakeup per tick, not 1,000 sleeping tasks.
+            await self.pacer.stream(transport, tokens, interval)
         else:
-            loop = asyncio.get_running_loop()
-            next_at = loop.time()
             for _ in range(tokens):
-                if interval > 0:
-                    next_at += interval
-                    delay = next_at - loop.time()
-                    if delay > 0:
-                        await asyncio.sleep(delay)     # a model's output pace
-                transport.write(_event({"content": f"{time.monotonic():.6f}|"}))
+                transport.write(_stamped())
         transport.write(_FINISH + (_usage(tokens) if include_usage else b"") + _DONE)
         self.tag = ""
 
@@ -174,8 +235,9 @@ async def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     stats = Stats()
+    pacer = Pacer()
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Connection(stats), "127.0.0.1", args.port,
+    server = await loop.create_server(lambda: Connection(stats, pacer), "127.0.0.1", args.port,
                                       backlog=4096)
     print(f"fake-upstream {server.sockets[0].getsockname()[1]}", flush=True)
     async with server:

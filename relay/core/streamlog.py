@@ -140,8 +140,9 @@ class FrameLog:
         self.bytes += len(data) + INDEX_BYTES_PER_FRAME
         if self.bytes > self.max_bytes:
             self._trim_bytes()
-        for wake in list(self.listeners):
-            wake()
+        if self.listeners:
+            for wake in tuple(self.listeners):
+                wake()
         return self.bytes - before
 
     def after(self, seq: int, limit: int = 1024) -> list[LogEntry]:

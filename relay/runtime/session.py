@@ -516,9 +516,10 @@ class Session:
     def _on_append(self) -> None:
         # A writer that was idle sends this frame at its next turn (and checks the lag
         # then); only a busy one can be falling behind.
-        busy = not self._idle.is_set()
-        self._notify()
-        if busy:
+        if self._idle.is_set():
+            self._notify()
+        else:
+            self._wake.set()          # (a busy writer's _idle is already clear)
             self._check_lag()
 
     def _pending(self) -> bool:
@@ -593,8 +594,10 @@ class Session:
     def backlog_bytes(self) -> int:
         """Bytes queued for this client and not yet handed to the socket: control frames
         (with their per-frame overhead) and every attached stream's unsent log frames."""
-        return self._control_bytes + sum(a.stream.log.end_offset - a.offset
-                                         for a in self._attachments.values())
+        total = self._control_bytes
+        for att in self._attachments.values():     # (once per frame: no generator)
+            total += att.stream.log.end_offset - att.offset
+        return total
 
     def _check_lag(self) -> None:
         """Apply the backlog rule (module docstring) after any change of the backlog."""

@@ -413,7 +413,13 @@ class _FastStream:
 
     def __init__(self, response, decoder) -> None:
         self._response = response
-        self._chunks = response.aiter_bytes().__aiter__()
+        if response.headers.get("content-encoding", "identity").lower() == "identity":
+            # Nothing to decode: read the body stream itself, two generator layers (per
+            # network chunk, i.e. per token when a provider flushes each) fewer than
+            # ``aiter_bytes``. Closing stays ``aclose()``'s, as after ``aiter_bytes``.
+            self._chunks = response.stream.__aiter__()
+        else:
+            self._chunks = response.aiter_bytes().__aiter__()
         self._parser = SSEParser()
         self._decoder = decoder
         self._ended = False
@@ -493,15 +499,25 @@ def _http_client():
     loop = asyncio.get_running_loop()
     client = _clients.get(loop)
     if client is None or client.is_closed:
+        import urllib.request
+
         from relay.upstream.llm import get_litellm
 
         timeout = float(getattr(get_litellm(), "request_timeout", 600) or 600)
+        # Without proxies from the environment (which httpx honours only for a transport
+        # it builds itself): small pools on lean asyncio I/O (relay/upstream/transport.py).
+        transport = None
+        if not urllib.request.getproxies():
+            from relay.upstream.transport import ShardedTransport
+
+            transport = ShardedTransport()
         client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout),
             # One connection per concurrent stream: a pool cap would queue streams silently.
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256,
                                 keepalive_expiry=30.0),
             follow_redirects=False,
+            transport=transport,
         )
         _clients[loop] = client
     return client

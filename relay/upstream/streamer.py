@@ -224,7 +224,7 @@ class EventStreamer:
         self._clear_stream_state()
 
     def _clear_stream_state(self) -> None:
-        self._accumulated_content = ""
+        self._text_parts: list[str] = []   # the stream's text so far (joined on demand)
         self._usage: UsageInfo | None = None
         self._waiting_task: asyncio.Task | None = None
         self._deadline: float | None = None
@@ -259,7 +259,12 @@ class EventStreamer:
     @property
     def accumulated_content(self) -> str:
         """The text of the current (or last) stream so far."""
-        return self._accumulated_content
+        # Joined on demand, not per token: ``str +=`` on an attribute copies the whole
+        # text each time (quadratic in the stream's length).
+        parts = self._text_parts
+        if len(parts) > 1:
+            parts[:] = ["".join(parts)]
+        return parts[0] if parts else ""
 
     @property
     def usage(self) -> UsageInfo | None:
@@ -295,7 +300,7 @@ class EventStreamer:
         first_deadline = started + tm.first_token if tm.first_token is not None else None
         kwargs = self._request_kwargs(messages, tools, tool_choice, params)
 
-        text_parts: list[str] = []
+        text_parts = self._text_parts
         other_parts: list[str] = []  # reasoning and tool arguments, for estimates
         calls: dict[int, _ToolCallState] = {}
         finish_reason: str | None = None
@@ -329,7 +334,6 @@ class EventStreamer:
                     if content:
                         got_first = True
                         text_parts.append(content)
-                        self._accumulated_content += content
                         yield TextDelta(content)
                     if tool_calls:
                         got_first = True

@@ -1,0 +1,163 @@
+"""relay/upstream/transport.py: the fast path's transport behaves like httpx's default one.
+
+Each scenario runs against a raw asyncio HTTP server (port 0) through both transports,
+httpx's default and ``ShardedTransport``, and must end the same way (body, or exception
+class); on top, the sharded transport must spread many concurrent streams over pools of
+``SHARD`` and give every pool slot back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import httpx
+import pytest
+
+from relay.upstream.transport import SHARD, ShardedTransport
+
+_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+         b"Transfer-Encoding: chunked\r\n\r\n")
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class Upstream:
+    """Answers each request by its path: ``/body`` a chunked body, ``/cut`` half a body
+    then a closed socket, ``/silent`` headers and then nothing, ``/hold`` a chunk and then
+    the rest once ``release`` is set. Counts connections."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.release = asyncio.Event()
+        self.handlers: set[asyncio.Task] = set()
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Upstream:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+        for task in list(self.handlers):
+            task.cancel()
+        for task in list(self.handlers):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.server.wait_closed()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def _serve(self, reader, writer) -> None:
+        self.handlers.add(asyncio.current_task())
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                path = head.split(b" ", 2)[1]
+                if path == b"/body":
+                    writer.write(_HEAD + b"".join(_chunk(b"data: %d\n\n" % i) for i in range(50))
+                                 + b"0\r\n\r\n")
+                elif path == b"/cut":
+                    writer.write(_HEAD + _chunk(b"data: 1\n\n"))
+                    await writer.drain()
+                    writer.close()
+                    return
+                elif path == b"/silent":
+                    writer.write(_HEAD)
+                    await writer.drain()
+                    await asyncio.Event().wait()      # never answers (cancelled at the end)
+                elif path == b"/hold":
+                    writer.write(_HEAD + _chunk(b"data: first\n\n"))
+                    await writer.drain()
+                    await self.release.wait()
+                    writer.write(_chunk(b"data: last\n\n") + b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            self.handlers.discard(asyncio.current_task())
+
+
+async def _outcome(transport, url: str, timeout: float = 5.0) -> tuple[str, bytes]:
+    async with httpx.AsyncClient(transport=transport, timeout=timeout) as client:
+        try:
+            async with client.stream("GET", url) as response:
+                body = b"".join([chunk async for chunk in response.aiter_bytes()])
+                return "ok", body
+        except httpx.HTTPError as exc:
+            return type(exc).__name__, b""
+
+
+@pytest.mark.parametrize("path", ["/body", "/cut"])
+async def test_same_outcome_as_httpx_default_transport(path):
+    async with Upstream() as upstream:
+        default = await _outcome(None, upstream.url(path))
+        sharded = await _outcome(ShardedTransport(), upstream.url(path))
+    assert sharded == default
+    if path == "/body":
+        assert default[0] == "ok" and default[1].count(b"data:") == 50
+    else:
+        assert default[0] == "RemoteProtocolError"
+
+
+async def test_read_timeout_and_connect_error_are_httpx_exceptions():
+    async with Upstream() as upstream:
+        assert (await _outcome(ShardedTransport(), upstream.url("/silent"), timeout=0.2))[0] \
+            == "ReadTimeout"
+        port = upstream.port
+    # the server is closed now: nothing listens on its port
+    assert (await _outcome(ShardedTransport(), f"http://127.0.0.1:{port}/body"))[0] \
+        == "ConnectError"
+
+
+async def test_keep_alive_connection_is_reused():
+    async with Upstream() as upstream:
+        transport = ShardedTransport()
+        async with httpx.AsyncClient(transport=transport) as client:
+            for _ in range(3):
+                response = await client.get(upstream.url("/body"))
+                assert response.status_code == 200
+        assert upstream.connections == 1
+
+
+async def test_concurrent_streams_spread_over_pools_and_slots_come_back():
+    streams = 2 * SHARD + 3
+    async with Upstream() as upstream:
+        transport = ShardedTransport()
+        async with httpx.AsyncClient(transport=transport) as client:
+            started = asyncio.Queue()
+
+            async def one() -> bytes:
+                async with client.stream("GET", upstream.url("/hold")) as response:
+                    chunks = response.aiter_bytes()
+                    first = await chunks.__anext__()
+                    await started.put(None)
+                    rest = b"".join([c async for c in chunks])
+                    return first + rest
+
+            tasks = [asyncio.create_task(one()) for _ in range(streams)]
+            for _ in range(streams):
+                await started.get()
+            # every stream is open now, each on its own connection
+            assert [count for _, count in transport._pools] == [SHARD, SHARD, 3]
+            upstream.release.set()
+            bodies = await asyncio.gather(*tasks)
+        assert all(body == b"data: first\n\ndata: last\n\n" for body in bodies)
+        assert upstream.connections == streams
+        assert transport._pools == []                 # closed with the client
+
+
+async def test_pool_slot_is_given_back_when_a_stream_is_closed_early():
+    async with Upstream() as upstream:
+        transport = ShardedTransport()
+        async with httpx.AsyncClient(transport=transport) as client:
+            async with client.stream("GET", upstream.url("/hold")) as response:
+                await response.aiter_bytes().__anext__()
+                assert [count for _, count in transport._pools] == [1]
+            assert [count for _, count in transport._pools] == [0]
