@@ -20,8 +20,9 @@ one at a time, each *path* as a process of its own, then drives it from this pro
             every alias, which is this path)
   naive     bench/naive_relay.py: the seed's EventStreamer (litellm stream -> one JSON frame
             per chunk) behind a plain websockets server
-  proxy     LiteLLM's own proxy (``litellm --config``), SSE out: only when installed
-            (``pip install -e '.[bench]'``), else a printed note
+  proxy     LiteLLM's own proxy (``litellm --config``), SSE out: only when installed, in a
+            venv of its own (bench/proxy-requirements.txt says how; ``--proxy-litellm``
+            names its ``litellm`` command, default ``.venv-proxy/bin/litellm``), else a note
   workers   ``relay serve --workers 2 --redis`` next to ``--workers 1 --redis`` (needs Redis
             on 127.0.0.1:6379): what a second core adds
 
@@ -49,7 +50,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -70,6 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
 PY = sys.executable
 KEY_ENV = "BENCH_UPSTREAM_KEY"
+PROXY_MASTER_KEY = "sk-bench-proxy-" + "0123456789abcdef" * 2   # loopback only
 REDIS = "redis://127.0.0.1:6379/0"
 TPS = 10.0                      # paced streams: tokens per second each
 RAW_SCALE = 10                  # the raw path runs this many rounds per measurement
@@ -155,17 +156,24 @@ class Proc:
     its output is drained (never left to fill a pipe)."""
 
     def __init__(self, name: str, args: list[str], ready: str, env: dict | None = None,
-                 timeout: float = 300.0, stdin: bool = False) -> None:
+                 timeout: float = 300.0, stdin: bool = False,
+                 merge_stderr: bool = False) -> None:
         self.name = name
+        # merge_stderr: for servers that log their ready line on stderr (uvicorn).
         self.popen = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            args, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True, cwd=ROOT,
             env={**os.environ, **(env or {})}, stdin=subprocess.PIPE if stdin else None)
         self.errors: list[str] = []
-        threading.Thread(target=self._drain_err, daemon=True).start()
+        if not merge_stderr:
+            threading.Thread(target=self._drain_err, daemon=True).start()
         deadline = time.monotonic() + timeout
         self.line = ""
         while time.monotonic() < deadline:
             line = self.popen.stdout.readline()
+            if merge_stderr:
+                self.errors.append(line)
+                del self.errors[:-50]
             if not line:
                 raise RuntimeError(f"{name} exited: {''.join(self.errors)[-2000:]}")
             if ready in line:
@@ -334,7 +342,7 @@ class Served:
                 body = {"model": self.model, "stream": True, "messages": [
                     {"role": "user", "content": _prompt(tokens)}]}
                 async with client.stream("POST", self.url, json=body,
-                                         headers={"Authorization": "Bearer sk-bench"}) as r:
+                                         headers={"Authorization": f"Bearer {PROXY_MASTER_KEY}"}) as r:
                     async for chunk in r.aiter_bytes():
                         got += chunk.count(b"~")
                 return got
@@ -571,11 +579,17 @@ def _relay_url(proc: Proc) -> str:
     return proc.line.split("listening on ")[1].split()[0]
 
 
-def _proxy_available() -> bool:
-    return (importlib.util.find_spec("fastapi") is not None
-            and shutil.which("litellm") is not None
-            and subprocess.run([PY, "-c", "import litellm.proxy.proxy_server"],
-                               capture_output=True).returncode == 0)
+def _proxy_command(choice: str) -> str | None:
+    """The ``litellm`` command of an installed LiteLLM proxy, or None when there is none."""
+    command = shutil.which(choice) or (choice if Path(choice).is_file() else None)
+    if command is None:
+        return None
+    python = Path(command).with_name("python")       # the venv's interpreter runs the check
+    check = [str(python) if python.exists() else PY, "-c",
+             "import fastapi, uvicorn, litellm.proxy.proxy_server"]
+    ok = subprocess.run(check, capture_output=True, cwd=ROOT, env={
+        **os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}).returncode == 0
+    return command if ok else None
 
 
 async def run(args: argparse.Namespace) -> Results:
@@ -633,22 +647,27 @@ async def run(args: argparse.Namespace) -> Results:
             paths.append(Served("naive", "seed-style naive relay", naive,
                                f"ws://127.0.0.1:{_port_of(naive.line)}", "bench"))
         if "proxy" in modes:
-            if _proxy_available():
+            proxy_cmd = _proxy_command(args.proxy_litellm)
+            if proxy_cmd is not None:
                 yaml = tmp / "proxy.yaml"
                 yaml.write_text(
                     "model_list:\n  - model_name: bench\n    litellm_params:\n"
                     f"      model: openai/bench-model\n      api_base: {base}\n"
                     "      api_key: sk-bench\n")
                 port = _free_port()
-                proxy = Proc("proxy", ["litellm", "--config", str(yaml), "--port", str(port),
-                                       "--num_workers", "1"], "Uvicorn running")
+                # The proxy refuses a weak master key; clients send it as their bearer token.
+                proxy = Proc("proxy", [proxy_cmd, "--config", str(yaml), "--port", str(port),
+                                       "--num_workers", "1"], "Uvicorn running",
+                             env={"LITELLM_MASTER_KEY": PROXY_MASTER_KEY,
+                                  "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
+                             merge_stderr=True)
                 procs.append(proxy)
                 paths.append(Served("proxy", "LiteLLM proxy (SSE out)", proxy,
                                    f"http://127.0.0.1:{port}/v1/chat/completions", "bench",
                                    kind="sse"))
             else:
-                res.notes.append("LiteLLM proxy: not measured, `litellm[proxy]` is not "
-                                 "installed (`pip install -e '.[bench]'`)")
+                res.notes.append(f"LiteLLM proxy: not measured, no working `{args.proxy_litellm}` "
+                                 "(install it as bench/proxy-requirements.txt says)")
 
         # Warm every path up (first requests import and connect), then measure.
         for path in paths:
@@ -943,6 +962,10 @@ async def main() -> None:
                         help="run the 1,000-stream latency test on paths too slow for it")
     parser.add_argument("--markdown", action="store_true",
                         help="also print the README performance section")
+    parser.add_argument("--proxy-litellm", default=str(ROOT / ".venv-proxy" / "bin" / "litellm"),
+                        metavar="COMMAND",
+                        help="the LiteLLM proxy's `litellm` command (default: "
+                             ".venv-proxy/bin/litellm; see bench/proxy-requirements.txt)")
     parser.add_argument("--raw-reader", metavar="BASE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.raw_reader:
