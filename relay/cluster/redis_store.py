@@ -66,7 +66,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -94,6 +94,10 @@ _BACKOFF_CAP = 2.0
 # With no traffic for this long the listener PINGs; no answer within op_timeout after that
 # means the connection is dead even though the socket looks open (a half-open TCP peer).
 _IDLE_PING = 15.0
+#: Connections for commands (shared, waited for when all are busy) and for blocking reads
+#: (one per followed stream; 10,000 is Redis' default ``maxclients``).
+_COMMAND_CONNECTIONS = 64
+_BLOCKING_READ_CONNECTIONS = 10_000
 
 _FINISH = """
 if redis.call('HGET', KEYS[1], 'state') == 'running' then
@@ -186,8 +190,17 @@ class RedisStore:
         # writes are idempotent; only a PUBLISH may (rarely) be delivered twice.
         # retry_on_error is spelled out because redis-py 5 ignores ``retry`` without it.
         once = {"retry": Retry(NoBackoff(), 1), "retry_on_error": [RedisConnectionError]}
-        self._cmd = Redis.from_url(url, socket_timeout=op_timeout, **once, **common)
-        self._blocking = Redis.from_url(url, socket_timeout=None, **once, **common)
+        # Pools: redis-py's stop at 100 connections and then raise MaxConnectionsError. With
+        # 1,000 streams mirroring at once that made streams unresumable; commands instead
+        # wait for a pooled connection (up to the operation timeout), and each blocking
+        # read (one per followed stream) gets a connection of its own up to Redis' own
+        # default client limit.
+        self._cmd = Redis.from_pool(BlockingConnectionPool.from_url(
+            url, max_connections=_COMMAND_CONNECTIONS, timeout=op_timeout,
+            socket_timeout=op_timeout, **once, **common))
+        self._blocking = Redis.from_pool(ConnectionPool.from_url(
+            url, max_connections=_BLOCKING_READ_CONNECTIONS, socket_timeout=None,
+            **once, **common))
         self._sub = Redis.from_url(url, socket_timeout=op_timeout,
                                    retry=Retry(NoBackoff(), 0), **common)
         self._finish = self._cmd.register_script(_FINISH)
