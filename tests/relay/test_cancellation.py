@@ -11,7 +11,7 @@ import asyncio
 import pytest
 
 from relay.client import RelayClient
-from relay.runtime.tasks import cancel_and_wait
+from relay.aio import cancel_and_wait
 
 
 class _Child:
