@@ -2,6 +2,8 @@
 
 - ``streamer``: ``EventStreamer``, one completion as typed events (timers, cancel, tool-call
   assembly, usage) over either upstream below;
+- ``source``: ``UpstreamSource``, a local upstream call as the hub's ``StreamSource`` port
+  (``relay.core.ports``): events -> protocol frames;
 - ``fast_path``: reads OpenAI- and Anthropic-format SSE directly (httpx + orjson);
 - ``llm``: LiteLLM, imported once and configured for a relay (the path for every provider);
 - ``providers``: model aliases -> how and with which credentials to call;
