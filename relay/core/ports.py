@@ -70,9 +70,11 @@ class StreamSource(Protocol):
 
     async def run(self, sink: FrameSink) -> None:
         """Produce the stream: ``sink.append`` each frame, then ``sink.finish`` the finish
-        and return (or raise ``SourceFailed``). Returning without a finish, or any other
-        exception, is a relay bug: the hub logs it and ends the stream with its fallback
-        ``finish`` (``failed``/``internal_error``). Cancelling the task is a hard stop."""
+        and return (or raise ``SourceFailed``). Any other exception is a relay bug: the hub
+        logs it with its traceback and ends the stream with ``internal_error`` (a local
+        stream with its fallback ``finish``, ``failed``; a followed one with an ``error``
+        to its attachment). A local source returning without its finish gets that fallback
+        finish too. Cancelling the task is a hard stop."""
 
     def cancel(self, reason: str = FinishReason.CLIENT_CANCEL) -> None:
         """Stop producing soon: nothing but the finish follows, which says ``reason``

@@ -524,11 +524,18 @@ class StreamHub:
 
     async def _follow(self, stream: HubStream) -> None:
         """The task of a stream followed from another relay: run its source (the follower)
-        until the finish, or until it fails (``Event.FAIL``: the attachment is told)."""
+        until the finish, or until it fails (``Event.FAIL``: the attachment is told). Any
+        other exception is a relay bug: the attachment ends with ``internal_error`` and the
+        exception escapes the task (logged by ``_task_done``)."""
         try:
             await stream.source.run(_Sink(stream, self._finish_logged))
         except SourceFailed as exc:
             self._apply(stream, Event.FAIL, code=exc.code, message=exc.message)
+        except Exception:
+            if stream.state is State.REMOTE_FOLLOWED:
+                self._apply(stream, Event.FAIL, code=ErrorCode.INTERNAL_ERROR,
+                            message=RELAY_BUG_MESSAGE)
+            raise
 
     def _finished(self, stream: HubStream) -> None:
         """A local stream's task ended (its finish is logged): settle its limits."""

@@ -221,3 +221,20 @@ async def test_close_stops_and_awaits_every_stream_task_followers_included():
     assert local.cancels == ["server_shutdown"]
     # The followed stream left the table; the local one is retained (its finish logged).
     assert hub.get(remote.key) is None and hub.log_bytes == stream.log.bytes
+
+
+async def test_a_follower_that_breaks_ends_its_attachment_with_internal_error(caplog):
+    class _Broken(_Followed):
+        async def run(self, sink) -> None:
+            sink.append(frames.token(sink.id, 1, "word "))
+            raise KeyError("a bug in the follower")
+
+    hub = _hub()
+    subscriber = _Subscriber(hub)
+    stream, _ = _follow(hub, _Broken("k1"), subscriber)
+    with pytest.raises(KeyError):
+        await stream.task
+    assert [code for code, _ in subscriber.failures] == ["internal_error"]
+    assert stream.state is State.DROPPED and hub.log_bytes == 0
+    # (_task_done, added when the task started, ran before this await returned)
+    assert any(r.getMessage() == "stream task failed" and r.exc_info for r in caplog.records)
