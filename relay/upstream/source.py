@@ -54,6 +54,7 @@ class UpstreamSource:
 
     @property
     def cancelled(self) -> bool:
+        """Whether ``cancel`` was called (nothing but the finish follows)."""
         return self.streamer.cancelled
 
     def cancel(self, reason: str = FinishReason.CLIENT_CANCEL) -> None:
