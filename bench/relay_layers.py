@@ -11,7 +11,8 @@ this process's (``time.process_time``), per token frame. Layers, measured one on
 other in the same run and subtracted:
 
   streamer   EventStreamer.events(): chunk -> TextDelta (timers, cancel checks)
-  hub + log  StreamHub: event -> frame dict -> orjson bytes -> FrameLog.append, metrics
+  hub + log  UpstreamSource + StreamHub: event -> frame dict -> orjson bytes ->
+             FrameLog.append, metrics
   wake-up    asyncio alone: one task waking another through an Event, per frame
   writer     Session's writer: log -> coalesce -> ws.send (latency metric, cursor, lag check)
   websockets ws.send of the same bytes alone: framing + transport write + socket
@@ -43,6 +44,7 @@ from relay.runtime.hub import StreamHub  # noqa: E402
 from relay.metrics import RelayMetrics  # noqa: E402
 from relay.upstream.providers import ModelRegistry  # noqa: E402
 from relay.runtime.server import RelayServer  # noqa: E402
+from relay.upstream.source import UpstreamSource  # noqa: E402
 from relay.upstream.streamer import EventStreamer, Timeouts  # noqa: E402
 
 BUDGET_US = 15.0
@@ -165,9 +167,11 @@ async def hub_and_log(tokens: int, settings: RelaySettings) -> float:
     from relay.core.limits import PrincipalState
 
     cpu = time.process_time()
+    source = UpstreamSource(scripted_streamer(tokens),
+                            {"messages": [{"role": "user", "content": "x"}]},
+                            metrics=hub.metrics)
     stream = hub.launch(id="s", alias="demo", principal="p", session_id="x",
-                        principal_state=PrincipalState(), streamer=scripted_streamer(tokens),
-                        request={"messages": [{"role": "user", "content": "x"}]})
+                        principal_state=PrincipalState(), source=source)
     await stream.task
     used = time.process_time() - cpu
     await hub.close("server_shutdown")

@@ -135,7 +135,7 @@ from protocol.client_policy import (
     local_cancel_finish,
 )
 
-from relay.runtime.tasks import cancel_and_wait
+from relay.aio import cancel_and_wait
 
 __all__ = [
     "CompletionResult",
@@ -564,7 +564,7 @@ class RelayClient:
         self._closing = True
         if self._task is not None:
             # Our own cancel of the connection task is absorbed; a cancel of the caller
-            # while it waits here propagates (relay.runtime.tasks).
+            # while it waits here propagates (relay.aio).
             await cancel_and_wait(self._task)
             self._task = None
         if self._ws is not None:

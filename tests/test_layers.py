@@ -2,10 +2,15 @@
 role, and the sans-I/O layers import no I/O.
 
 - ``protocol`` and ``relay.core`` are sans-I/O: no asyncio, sockets, websockets, HTTP
-  clients, LiteLLM or Redis, and nothing from the relay's I/O packages;
+  clients, LiteLLM or Redis, and nothing from the relay's I/O packages. The interfaces
+  between the hub and its adapters (``relay.core.ports``) are in ``relay.core`` too;
 - ``relay.runtime`` (the asyncio glue) may use the adapters; the adapters (``relay.upstream``,
-  ``relay.cluster``, ``relay.http``) never import the glue, except ``relay.cluster`` which
-  implements the hub's ports (it imports ``relay.runtime.hub`` for their types only).
+  ``relay.cluster``, ``relay.http``) never import the glue: they implement the ports of
+  ``relay.core.ports`` instead;
+- the hub (``relay.runtime.hub``) imports none of what implements its ports: not the
+  sessions, not the upstream adapters, not the replication;
+- only the hub changes a stream: nothing else assigns a field of a stream record or of its
+  log, or calls a stream's source or its attachment's subscriber (issue 12, item 1).
 
 Imports anywhere in a module count (function level and ``TYPE_CHECKING`` too), read with
 ``ast`` as in tests/test_import_cycles.py.
@@ -66,10 +71,77 @@ def test_protocol_imports_nothing_of_the_relay():
     assert not _violations("protocol", lambda n: _under(n, ("relay",)))
 
 
-@pytest.mark.parametrize("folder", ["relay/upstream", "relay/http"])
+@pytest.mark.parametrize("folder", ["relay/upstream", "relay/cluster", "relay/http"])
 def test_adapters_never_import_the_asyncio_glue(folder):
     bad = _violations(folder, lambda n: _under(n, ("relay.runtime",)))
     assert not bad, "\n".join(bad)
+
+
+#: What the hub may import of the relay: the sans-I/O cores (its ports among them), the
+#: settings, the metrics, and the group limits' types it holds for the sessions.
+HUB_MAY_IMPORT = ("protocol", "relay.config", "relay.core", "relay.metrics",
+                  "relay.cluster.shared_limits")
+
+
+def test_the_hub_imports_none_of_what_implements_its_ports():
+    hub = ROOT / "relay" / "runtime" / "hub.py"
+    bad = sorted(n for n in _imports(hub) if (_under(n, ("relay", "protocol"))
+                                              and not _under(n, HUB_MAY_IMPORT)))
+    assert not bad, bad
+
+
+#: Fields of a stream record (``HubStream``) and of its log (``FrameLog``) that say where
+#: the stream is: only their owner assigns them (the hub; the log itself).
+#: (Names other objects use too, such as ``principal`` or ``budget``, are left out.)
+STREAM_FIELDS = frozenset({
+    "key", "id", "alias", "session_id", "source", "log", "remote", "task", "attachment",
+    "end", "state", "started_at", "detached_at", "timer", "timer_kind", "shared", "charged",
+    "replicated", "trimmed_through", "finished", "last_seq", "keep", "end_offset",
+    "max_bytes"})
+
+
+def _changes_of_streams(path: Path, root: Path = ROOT) -> list[str]:
+    """Assignments to another object's stream fields (``x.state = ...``; ``self.state``
+    is the object's own) and calls of a stream's source or subscriber in ``path``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        targets = []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        for target in targets:
+            if (isinstance(target, ast.Attribute) and target.attr in STREAM_FIELDS
+                    and not (isinstance(target.value, ast.Name) and target.value.id == "self")):
+                found.append(f"{path.relative_to(root)}:{node.lineno} assigns "
+                             f"{ast.unparse(target)}")
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Attribute)
+                and node.func.value.attr in ("source", "subscriber")):
+            found.append(f"{path.relative_to(root)}:{node.lineno} calls "
+                         f"{ast.unparse(node.func)}")
+    return found
+
+
+def test_only_the_hub_changes_a_stream():
+    """Replication used to cancel a stream's source, notify its subscriber and set its
+    fields itself, behind the lifecycle table's back."""
+    owners = {ROOT / "relay" / "runtime" / "hub.py", ROOT / "relay" / "core" / "streamlog.py"}
+    bad = [line for path in _modules("relay") if path not in owners
+           for line in _changes_of_streams(path)]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_stream_checker_sees_what_replication_used_to_do(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f(stream, att):\n    stream.replicated = True\n"
+                     "    stream.log.trimmed_through = 3\n    stream.source.cancel('x')\n"
+                     "    att.subscriber.taken_over(att)\n    self.state = 1\n"
+                     "    att.cursor = 2\n")
+    found = _changes_of_streams(probe, tmp_path)
+    assert [line.split(" ", 1)[1] for line in found] == [
+        "assigns stream.replicated", "assigns stream.log.trimmed_through",
+        "calls stream.source.cancel", "calls att.subscriber.taken_over"]
 
 
 def test_every_relay_package_says_what_it_owns():

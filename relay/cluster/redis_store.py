@@ -73,7 +73,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
-from relay.runtime.tasks import cancel_and_wait
+from relay.aio import cancel_and_wait
 
 __all__ = ["RedisStore", "StoreUnavailable", "StreamMeta"]
 

@@ -3,15 +3,18 @@
 The node that runs a stream's upstream call (its *owner*) mirrors the stream's frame log into
 a Redis Stream (``RedisStore.append``, trimmed to ``redis_max_frames``) and keeps an owner key
 alive with a heartbeat. Any node can then serve a ``resume`` of that stream: it builds a
-*remote* ``HubStream`` whose log is fed by a follower task reading Redis (``XREAD BLOCK``),
-and its connection's writer sends it like any local stream. Control travels by pub/sub:
+*remote* stream in its hub whose source is a ``RedisFollower`` (the hub's ``StreamSource``
+port, ``relay.core.ports``: the hub's task for the stream runs it, and it logs what it reads
+from Redis, ``XREAD BLOCK``), and its connection's writer sends it like any local stream.
+Control travels by pub/sub:
 
 * ``{"op": "cancel", "key": K}`` (``protocol.RelayCancel``): the owner cancels the upstream
-  call (a ``cancel`` sent to any node stops the request running on another);
+  call through its hub (``PeerControl.cancelled_elsewhere``: ``Event.CANCEL``, as a local
+  ``cancel``), so a ``cancel`` sent to any node stops the request running on another;
 * ``{"op": "takeover", "key": K, "node": N}`` (``protocol.RelayTakeover``): a connection on
-  node N attached the stream; every other node detaches its own attachment of it (the old
-  one stops receiving frames and ends with ``error`` ``stream_taken_over``, as on a single
-  relay).
+  node N attached the stream; every other node detaches its own attachment of it through
+  its hub (``PeerControl.taken_over_elsewhere``: ``Event.TAKEN_OVER``; the old one stops
+  receiving frames and ends with ``error`` ``stream_taken_over``, as on a single relay).
 
 Both are built by ``protocol.frames`` and parsed by ``protocol.decode_relay_message``; a
 message the models refuse (an unknown ``op`` from a newer relay, a missing field) is logged
@@ -19,6 +22,11 @@ and dropped.
 
 A node that serves a remote attachment refreshes an *attached* marker, which keeps the owner
 from cancelling the (locally detached) stream when its grace runs out.
+
+The replicator reaches the hub only through the ports of ``relay.core.ports``: it implements
+``ReplicationHook`` and ``FollowedSource``, reads streams as ``StreamView`` and asks the hub
+by key (``PeerControl``); it never changes a stream's state itself. What it owns is which
+logs it mirrors (``is_mirrored``) and its attached markers.
 
 Failure policy: Redis is an add-on, never a dependency of local streams. If Redis fails, a
 local stream keeps running and finishing for its own connection (it just cannot be resumed
@@ -42,14 +50,12 @@ from protocol import (
     ErrorCode, FinishReason, RelayCancel, RelayTakeover, decode_relay_message, frames,
 )
 
+from relay.cluster.redis_store import RedisStore, StoreUnavailable
 from relay.config import RelaySettings
 from relay.core.errors import BadRequest, RelayError, StreamLost, UnknownStream
-from relay.runtime.hub import HubStream, StreamHub
-from relay.core.limits import PrincipalState
-from relay.cluster.redis_store import RedisStore, StoreUnavailable
-from relay.core.streamlog import FrameLog
+from relay.core.ports import FrameSink, PeerControl, SourceFailed, StreamView
 
-__all__ = ["Replicator", "StoreUnavailableError"]
+__all__ = ["RedisFollower", "Replicator", "StoreUnavailableError"]
 
 logger = logging.getLogger("relay.cluster.replication")
 
@@ -71,27 +77,90 @@ class StoreUnavailableError(RelayError):
     code = ErrorCode.STORE_UNAVAILABLE
 
 
-class _RemoteHandle:
-    """The ``StreamSource`` of a stream that runs on another node: a cancel is forwarded to
-    its owner (the frames come from the follower task, ``Replicator._follow``)."""
+class RedisFollower:
+    """The ``StreamSource`` (a ``FollowedSource``) of a stream that runs on another node:
+    ``run`` logs its frames as they land in Redis, after ``after_seq``; ``cancel`` forwards a
+    client's cancel to its owner (whose finish then arrives through Redis)."""
 
-    def __init__(self, replicator: Replicator, key: str) -> None:
+    def __init__(self, replicator: Replicator, key: str, *, id: str, alias: str,
+                 after_seq: int) -> None:
         self._replicator = replicator
-        self._key = key
+        self.key = key
+        self.id = id
+        self.alias = alias
+        self.after_seq = after_seq
         self.cancelled = False
 
     def cancel(self, reason: str = FinishReason.CLIENT_CANCEL) -> None:
         if reason != FinishReason.CLIENT_CANCEL:
             return              # disconnects and shutdowns of *this* node are not cancels
         self.cancelled = True
-        self._replicator.spawn(self._replicator.publish_cancel(self._key))
+        self._replicator.spawn(self._replicator.publish_cancel(self.key))
+
+    async def run(self, sink: FrameSink) -> None:
+        """Follow the stream in Redis: ``sink`` gets each frame, then its finish; raises
+        ``SourceFailed`` when Redis fails (``store_unavailable``), the owner stopped before
+        the finish (``stream_lost``), or the resume asked for a seq the stream never
+        reached (``bad_request``)."""
+        store = self._replicator.store
+        key = self.key
+        after_seq = cursor = self.after_seq
+        failures = 0
+        owner_done = False      # an empty read saw the stream finished in Redis
+        while True:
+            try:
+                items = await store.read(key, cursor, block=0 if owner_done else _FOLLOW_BLOCK)
+                failures = 0
+            except StoreUnavailable:
+                failures += 1
+                if failures >= 3:
+                    raise SourceFailed(ErrorCode.STORE_UNAVAILABLE,
+                                       "the relay's stream store became unavailable; "
+                                       "resume again later") from None
+                continue
+            for seq, data in items:
+                frame = orjson.loads(data)
+                cursor = seq
+                if frame["type"] == "finish":
+                    sink.finish(frame, data=data)
+                    return
+                sink.append(frame, data=data)       # charged to the hub's budget
+            if not items:
+                try:
+                    meta = await store.meta(key)
+                    gone = meta is None or meta.state == "lost" or (
+                        meta.state == "running" and not await store.owner_alive(key))
+                except StoreUnavailable:
+                    continue
+                if gone:
+                    raise SourceFailed(ErrorCode.STREAM_LOST,
+                                       "the relay running this stream stopped before it "
+                                       "finished")
+                if meta is not None and meta.state == "finished":
+                    if owner_done:
+                        # Finished, its log complete, nothing after the cursor: either the
+                        # client already has the finish (after_seq is its seq), or the
+                        # resume asked for an after_seq the stream never reached. (For a
+                        # stream still running at resume time that could not be told then:
+                        # the owner's mirror may lag what its client saw.)
+                        try:
+                            last = await store.last_seq(key) or 0
+                        except StoreUnavailable:
+                            continue
+                        if last < after_seq:
+                            raise SourceFailed(ErrorCode.BAD_REQUEST,
+                                               _beyond_last_seq(after_seq, last))
+                        sink.finish(None)
+                        return
+                    owner_done = True   # read once more: the last frames may have landed
+                                        # between the read and the meta
 
 
 class Replicator:
     """The hub's ``ReplicationHook``: mirrors local streams to Redis, follows remote ones,
     and carries cancel/takeover between relays (module docstring)."""
 
-    def __init__(self, settings: RelaySettings, hub: StreamHub,
+    def __init__(self, settings: RelaySettings, hub: PeerControl,
                  store: RedisStore | None = None) -> None:
         assert settings.redis_url is not None
         self.settings = settings
@@ -105,6 +174,10 @@ class Replicator:
         self._tasks: set[asyncio.Task] = set()
         self._heartbeat: asyncio.Task | None = None
         self._attach_tokens: dict[str, str] = {}   # remote key -> our attached token
+        #: Keys of the local streams whose log is being copied to Redis: from the moment
+        #: Redis holds the stream's record until its mirror ends (finish written, log lost,
+        #: or Redis failed). Only ``_mirror`` changes it.
+        self._mirrored: set[str] = set()
         self._warned = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -134,11 +207,14 @@ class Replicator:
 
     # ------------------------------------------------------------------ owner side
 
-    def mirror(self, stream: HubStream) -> None:
+    def mirror(self, stream: StreamView) -> None:
         """Start copying ``stream``'s log to Redis (called at launch)."""
         self.spawn(self._mirror(stream), name=f"mirror {stream.key[:8]}")
 
-    async def _mirror(self, stream: HubStream) -> None:
+    def is_mirrored(self, key: str) -> bool:
+        return key in self._mirrored
+
+    async def _mirror(self, stream: StreamView) -> None:
         store = self.store
         log = stream.log
         key = stream.key
@@ -151,7 +227,7 @@ class Replicator:
             await store.create(key, principal=stream.principal, alias=stream.alias,
                                node=self.node, ttl=ttl, stream_id=stream.id,
                                owner_ttl=owner_ttl)
-            stream.replicated = True
+            self._mirrored.add(key)
             while True:
                 if log.trimmed_through > cursor:
                     # The local cap dropped frames Redis never got: a remote replay would
@@ -171,10 +247,10 @@ class Replicator:
                 if not log.after(cursor, 1) and not log.finished:
                     await wake.wait()
         except StoreUnavailable as exc:
-            stream.replicated = False
             self._warn(f"stream store unavailable ({exc}); streams keep running here but "
                        "cannot be resumed on another relay")
         finally:
+            self._mirrored.discard(key)
             log.listeners.discard(listener)
 
     async def publish_cancel(self, key: str) -> None:
@@ -191,9 +267,10 @@ class Replicator:
 
     # ------------------------------------------------------------------ resumer side
 
-    async def resume_remote(self, key: str, principal: str, after_seq: int,
-                            session_id: str) -> HubStream:
-        """A ``HubStream`` for stream ``key`` running on another node, fed from Redis."""
+    async def resume_remote(self, key: str, principal: str, after_seq: int) -> RedisFollower:
+        """The source of stream ``key`` running on another node, read from Redis after
+        ``after_seq`` (the hub builds its record: ``StreamHub.follow``). Raises the resume's
+        refusal."""
         store = self.store
         try:
             meta = await store.meta(key)
@@ -220,20 +297,14 @@ class Replicator:
         if first is not None and first > after_seq + 1:
             raise StreamLost(f"frames after seq {after_seq} were trimmed from this stream's "
                              "log; they cannot be replayed")
-        stream = HubStream(
-            key=key, id=meta.stream_id or "resumed", alias=meta.alias, principal=principal,
-            session_id=session_id, source=_RemoteHandle(self, key),
-            log=FrameLog(max_bytes=self.settings.max_stream_log_bytes, keep=False),
-            principal_state=PrincipalState(), remote=True)
-        stream.log.trimmed_through = after_seq     # nothing before it will ever be needed
-        stream.task = self.spawn(self._follow(stream, after_seq), name=f"follow {key[:8]}")
-        return stream
+        return RedisFollower(self, key, id=meta.stream_id or "resumed", alias=meta.alias,
+                             after_seq=after_seq)
 
-    def attached(self, stream: HubStream) -> None:
+    def attached(self, stream: StreamView) -> None:
         """A connection here attached ``stream`` (local or remote): tell the other nodes."""
         self.spawn(self._announce(stream))
 
-    async def _announce(self, stream: HubStream) -> None:
+    async def _announce(self, stream: StreamView) -> None:
         try:
             if stream.remote:
                 token = secrets.token_hex(8)
@@ -243,10 +314,9 @@ class Replicator:
         except StoreUnavailable as exc:
             self._warn(f"could not announce an attachment: {exc}")
 
-    def released(self, stream: HubStream) -> None:
-        """A remote stream is no longer attached here: stop following it."""
-        if stream.task is not None and not stream.task.done():
-            stream.task.cancel()
+    def released(self, stream: StreamView) -> None:
+        """A followed stream is no longer attached here (the hub stopped its follower):
+        clear our attached marker."""
         token = self._attach_tokens.pop(stream.key, None)
         if token is not None:
             self.spawn(self._clear_attached(stream.key, token))
@@ -254,70 +324,6 @@ class Replicator:
     async def _clear_attached(self, key: str, token: str) -> None:
         with contextlib.suppress(StoreUnavailable):
             await self.store.clear_attached(key, token)
-
-    async def _follow(self, stream: HubStream, after_seq: int) -> None:
-        store = self.store
-        key = stream.key
-        cursor = after_seq
-        failures = 0
-        owner_done = False      # an empty read saw the stream finished in Redis
-        try:
-            while True:
-                try:
-                    items = await store.read(key, cursor,
-                                             block=0 if owner_done else _FOLLOW_BLOCK)
-                    failures = 0
-                except StoreUnavailable:
-                    failures += 1
-                    if failures >= 3:
-                        self._fail_remote(stream, ErrorCode.STORE_UNAVAILABLE,
-                                          "the relay's stream store became unavailable; "
-                                          "resume again later")
-                        return
-                    continue
-                for seq, data in items:
-                    frame = orjson.loads(data)
-                    stream.append(frame, data=data)     # charged to the hub's budget
-                    cursor = seq
-                    if frame["type"] == "finish":
-                        self.hub.remote_finished(stream)
-                        return
-                if not items:
-                    try:
-                        meta = await store.meta(key)
-                        gone = meta is None or meta.state == "lost" or (
-                            meta.state == "running" and not await store.owner_alive(key))
-                    except StoreUnavailable:
-                        continue
-                    if gone:
-                        self._fail_remote(stream, ErrorCode.STREAM_LOST,
-                                          "the relay running this stream stopped before it "
-                                          "finished")
-                        return
-                    if meta is not None and meta.state == "finished":
-                        if owner_done:
-                            # Finished, its log complete, nothing after the cursor: either
-                            # the client already has the finish (after_seq is its seq), or
-                            # the resume asked for an after_seq the stream never reached.
-                            # (For a stream still running at resume time that could not be
-                            # told then: the owner's mirror may lag what its client saw.)
-                            try:
-                                last = await store.last_seq(key) or 0
-                            except StoreUnavailable:
-                                continue
-                            if last >= after_seq:
-                                self.hub.remote_finished(stream)
-                            else:
-                                self._fail_remote(stream, ErrorCode.BAD_REQUEST,
-                                                  _beyond_last_seq(after_seq, last))
-                            return
-                        owner_done = True   # read once more: the last frames may have
-                                            # landed between the read and the meta
-        except asyncio.CancelledError:
-            raise
-
-    def _fail_remote(self, stream: HubStream, code: str, message: str) -> None:
-        self.hub.remote_failed(stream, code, message)
 
     # ------------------------------------------------------------------ control
 
@@ -328,21 +334,15 @@ class Replicator:
         except ValueError as exc:
             logger.warning("control channel: ignoring a relay message: %s", exc)
             return
-        stream = self.hub.get(op.key)
-        if stream is None:
-            return
-        if isinstance(op, RelayCancel) and not stream.remote:
-            stream.source.cancel(FinishReason.CLIENT_CANCEL)
+        if isinstance(op, RelayCancel):
+            self.hub.cancelled_elsewhere(op.key)
         elif isinstance(op, RelayTakeover) and op.node != self.node:
-            att = stream.attachment
-            if att is not None:
-                att.subscriber.taken_over(att)
+            self.hub.taken_over_elsewhere(op.key)
 
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(self.owner_ttl / 3)  # a heartbeat period, not a wait for work
-            owned = [s.key for s in self.hub.streams() if not s.remote and s.running
-                     and getattr(s, "replicated", False)]
+            owned = list(self._mirrored)
             try:
                 if owned:
                     await self.store.refresh(owned, ttl=self.record_ttl,

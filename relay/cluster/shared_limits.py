@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING
 
 from relay.core.errors import RateLimited, TooManyStreams
 from relay.cluster.redis_store import StoreUnavailable
-from relay.runtime.tasks import cancel_and_wait
+from relay.aio import cancel_and_wait
 
 if TYPE_CHECKING:
     from relay.core.limits import CompletionBudget, TokenBucket

@@ -13,7 +13,9 @@ into ``error`` frames in one place (``relay.core.connection.error_frame_for``, f
       RateLimited                        rate_limited (with retry_after)
 
 Provider failures are not exceptions at this level: the streamer ends the stream with a
-``finish`` whose error comes from ``relay.upstream.errors``.
+``finish`` whose error comes from ``relay.upstream.errors``. A stream that ends by a bug of
+the relay's ends ``failed``/``internal_error`` with ``RELAY_BUG_MESSAGE`` (the streamer's
+``RELAY_BUG``, and the hub's fallback finish of a stream task that died without one).
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ from __future__ import annotations
 from protocol import ErrorCode
 
 __all__ = [
-    "BadRequest", "Draining", "RateLimited", "DuplicateId", "RelayError", "TooManyStreams", "UnknownModel",
+    "RELAY_BUG_MESSAGE", "BadRequest", "Draining", "RateLimited", "DuplicateId", "RelayError", "TooManyStreams", "UnknownModel",
     "UnknownStream", "StreamLost",
 ]
+
+#: The message of the ``internal_error`` that ends a stream cut short by a relay bug.
+RELAY_BUG_MESSAGE = "the stream ended unexpectedly"
 
 
 class RelayError(Exception):

@@ -15,6 +15,9 @@ The rules (each a row of ``_TABLE`` below):
   (``NOTIFY_TAKEN_OVER``). Attaching a detached running stream disarms its grace timer.
 * ``DETACH`` (the connection is gone) of a running stream: when streams are resumable
   (``detach_grace > 0``) arm the ``GRACE`` timer; otherwise cancel the upstream call at once.
+* ``TAKEN_OVER`` (an attachment the hub does not see attach to this record replaced the
+  one here: a connection on another relay, or a fresh follower of a remote stream here) is
+  a ``DETACH`` whose attachment is told (``NOTIFY_TAKEN_OVER``).
 * ``GRACE_OVER`` (nobody resumed; on relays sharing Redis, nobody follows it elsewhere either):
   cancel upstream and drop the stream. ``HELD_ELSEWHERE`` (another relay follows it) arms
   the grace again.
@@ -30,8 +33,8 @@ The rules (each a row of ``_TABLE`` below):
   releases followed ones.
 * A stream running on another relay and followed here from Redis is ``REMOTE_FOLLOWED``
   until its finish arrives (``FINISH``) or the follower fails (``FAIL``: the attachment is
-  told, ``NOTIFY_FAILED``) -> ``REMOTE_ENDED``. ``DETACH`` or ``CLOSE`` releases it (stops
-  the follower). A cancel is forwarded to its owner.
+  told, ``NOTIFY_FAILED``) -> ``REMOTE_ENDED``. ``DETACH``, ``TAKEN_OVER`` or ``CLOSE``
+  releases it (stops the follower). A cancel is forwarded to its owner.
 * Every way out of the hub's table (``DROPPED``, ``LOST``) carries ``RELEASE``: the stream
   gives its bytes back to the budget and stops counting; frames its task still appends
   (a cancelled stream's finish) are not charged. ``DROPPED`` and ``LOST`` are final: the
@@ -78,6 +81,7 @@ class Event(enum.Enum):
     CANCEL = "cancel"
     CLOSE = "close"
     FAIL = "fail"
+    TAKEN_OVER = "taken-over"
 
 
 class Timer(enum.Enum):
@@ -95,7 +99,7 @@ class Effect(enum.Enum):
     ARM_GRACE = "arm-grace"
     ARM_RETENTION = "arm-retention"
     DISARM_TIMER = "disarm-timer"
-    #: Tell the previous attachment (if any, and not the new one) it was taken over.
+    #: Tell the previous attachment (if any, and not the current one) it was taken over.
     NOTIFY_TAKEN_OVER = "notify-taken-over"
     #: Tell the attachment (if any) the stream cannot go on.
     NOTIFY_FAILED = "notify-failed"
@@ -141,6 +145,9 @@ _TABLE: dict[tuple[State, Event], Outcome | _ByResumability] = {
     (S.RUNNING_ATTACHED, E.DETACH): _ByResumability(
         Outcome(S.RUNNING_DETACHED, (X.ARM_GRACE,)),
         Outcome(S.RUNNING_DETACHED, (X.CANCEL_UPSTREAM,))),
+    (S.RUNNING_ATTACHED, E.TAKEN_OVER): _ByResumability(
+        Outcome(S.RUNNING_DETACHED, (X.NOTIFY_TAKEN_OVER, X.ARM_GRACE)),
+        Outcome(S.RUNNING_DETACHED, (X.NOTIFY_TAKEN_OVER, X.CANCEL_UPSTREAM))),
     (S.RUNNING_ATTACHED, E.FINISH): _ByResumability(
         Outcome(S.FINISHED_RETAINED, (X.ARM_RETENTION,)),
         Outcome(S.FINISHED_ATTACHED)),
@@ -159,11 +166,13 @@ _TABLE: dict[tuple[State, Event], Outcome | _ByResumability] = {
                                            (X.DISARM_TIMER, X.CANCEL_UPSTREAM)),
     # finished, unresumable: its connection still sends the rest
     (S.FINISHED_ATTACHED, E.DETACH): Outcome(S.DROPPED, _DROP),
+    (S.FINISHED_ATTACHED, E.TAKEN_OVER): Outcome(S.DROPPED, (X.NOTIFY_TAKEN_OVER, *_DROP)),
     (S.FINISHED_ATTACHED, E.CANCEL): Outcome(S.FINISHED_ATTACHED),
     (S.FINISHED_ATTACHED, E.CLOSE): Outcome(S.FINISHED_ATTACHED),
     # finished, resumable for the grace
     (S.FINISHED_RETAINED, E.ATTACH): Outcome(S.FINISHED_RETAINED, (X.NOTIFY_TAKEN_OVER,)),
     (S.FINISHED_RETAINED, E.DETACH): Outcome(S.FINISHED_RETAINED),
+    (S.FINISHED_RETAINED, E.TAKEN_OVER): Outcome(S.FINISHED_RETAINED, (X.NOTIFY_TAKEN_OVER,)),
     (S.FINISHED_RETAINED, E.RETENTION_OVER): Outcome(S.DROPPED, _DROP),
     (S.FINISHED_RETAINED, E.EVICT): Outcome(S.LOST, (*_DROP, X.MARK_LOST)),
     (S.FINISHED_RETAINED, E.CANCEL): Outcome(S.FINISHED_RETAINED),
@@ -171,11 +180,13 @@ _TABLE: dict[tuple[State, Event], Outcome | _ByResumability] = {
     # running on another relay, followed here from Redis
     (S.REMOTE_FOLLOWED, E.ATTACH): Outcome(S.REMOTE_FOLLOWED, (X.NOTIFY_TAKEN_OVER,)),
     (S.REMOTE_FOLLOWED, E.DETACH): Outcome(S.DROPPED, _UNFOLLOW),
+    (S.REMOTE_FOLLOWED, E.TAKEN_OVER): Outcome(S.DROPPED, (X.NOTIFY_TAKEN_OVER, *_UNFOLLOW)),
     (S.REMOTE_FOLLOWED, E.FINISH): Outcome(S.REMOTE_ENDED),
     (S.REMOTE_FOLLOWED, E.FAIL): Outcome(S.REMOTE_ENDED, (X.NOTIFY_FAILED,)),
     (S.REMOTE_FOLLOWED, E.CANCEL): Outcome(S.REMOTE_FOLLOWED, (X.CANCEL_UPSTREAM,)),
     (S.REMOTE_FOLLOWED, E.CLOSE): Outcome(S.DROPPED, _UNFOLLOW),
     (S.REMOTE_ENDED, E.DETACH): Outcome(S.DROPPED, _UNFOLLOW),
+    (S.REMOTE_ENDED, E.TAKEN_OVER): Outcome(S.DROPPED, (X.NOTIFY_TAKEN_OVER, *_UNFOLLOW)),
     (S.REMOTE_ENDED, E.CANCEL): Outcome(S.REMOTE_ENDED),
     (S.REMOTE_ENDED, E.CLOSE): Outcome(S.DROPPED, _UNFOLLOW),
     # out of the table. Its task may still log its finish (a cancelled stream), a follower

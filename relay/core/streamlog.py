@@ -93,14 +93,16 @@ class FrameLog:
     the first held frame starts at absolute offset ``_buf_start``, which is ``_buf[0]``.
     """
 
-    def __init__(self, *, max_bytes: int, keep: bool) -> None:
+    def __init__(self, *, max_bytes: int, keep: bool, after: int = 0) -> None:
+        """``after``: the log starts after that seq (a follower of a stream read from there
+        on): seqs through it count as trimmed, never to be held."""
         self.max_bytes = max_bytes
         self.keep = keep
         self._reset_storage()
         self.end_offset = 0      # encoded bytes ever appended
         self.bytes = 0           # bytes held now (encodings + INDEX_BYTES_PER_FRAME each)
         self.last_seq = 0
-        self.trimmed_through = 0  # every seq <= this is gone
+        self.trimmed_through = after  # every seq <= this is gone
         self.finished = False
         #: Called after every append (readers wake their writer).
         self.listeners: set[Callable[[], None]] = set()

@@ -1,12 +1,16 @@
 """Streams beyond their connection: the relay-wide table of running and resumable streams.
 
-Each accepted ``start`` becomes a ``HubStream``: one supervised task (``_produce``) that
-drives the ``EventStreamer`` and appends every frame to the stream's ``FrameLog``. A
-connection *attaches* to a stream (``Session`` holds an ``Attachment``: the id it uses and a
-cursor into the log) and its writer sends what the log holds past the cursor.
+Each stream is a ``HubStream`` driven by one supervised task of the hub's, which awaits its
+``StreamSource`` (``relay.core.ports``): for an accepted ``start`` the local upstream call
+(``relay.upstream.source.UpstreamSource``: ``EventStreamer`` events become frames), for a
+``resume`` of a stream running on another relay its follower in Redis
+(``relay.cluster.replication.RedisFollower``). The source logs every frame in the stream's
+``FrameLog`` through the hub's ``FrameSink`` (``_Sink``). A connection *attaches* to a stream
+(``Session`` holds an ``Attachment``: the id it uses and a cursor into the log) and its
+writer sends what the log holds past the cursor.
 
 Lifecycle rules (PROTOCOL.md, "Resume"; as a transition table in ``relay.core.lifecycle``, whose
-effects the hub carries out in ``_apply``):
+effects the hub carries out in ``_apply``, the only place that changes a stream's state):
 
 * a connection that closes *detaches* its streams. With ``detach_grace == 0`` a detached
   stream is cancelled upstream at once (reason ``client_disconnect``). Otherwise it keeps
@@ -15,16 +19,17 @@ effects the hub carries out in ``_apply``):
 * a finished stream's log stays resumable for ``detach_grace`` seconds after its finish;
 * a ``resume`` of a stream attached elsewhere takes it over: the old attachment stops and
   ends with ``error`` ``stream_taken_over`` (``Subscriber.taken_over``), also when the old
-  one is on this same connection under another id, or on another relay (through Redis);
-* ``cancel`` always stops the upstream at once, attached or not;
+  one is on this same connection under another id, or on another relay (through Redis:
+  ``taken_over_elsewhere``);
+* ``cancel`` always stops the upstream at once, attached or not (also when it reached
+  another relay: ``cancelled_elsewhere``);
 * memory: each log is capped (``max_stream_log_bytes``); past ``max_log_bytes`` in total, the
   oldest detached streams are dropped (cancelled upstream; a resume gets ``stream_lost``).
 
-Ports: the hub imports neither the connections nor the replication; it defines what it needs
-from them (``Subscriber``: a connection it notifies about its attachments; ``StreamSource``:
-what produces a stream's frames, a local upstream call or a follower of a stream running on
-another relay; ``ReplicationHook``: the Redis side, ``relay.cluster.replication.Replicator``) and they
-implement it.
+Ports: the hub imports neither the connections, nor the replication, nor the upstream
+adapters. ``Subscriber`` (below) is what it needs of a connection (``relay.runtime.session``);
+``relay.core.ports`` holds what it needs of its adapters (``StreamSource``,
+``ReplicationHook``) and what they may ask of it (``FrameSink``, ``PeerControl``).
 
 Everything here runs on the event loop thread; no locks.
 """
@@ -32,54 +37,32 @@ Everything here runs on the event loop thread; no locks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from protocol import ErrorCode, FinishReason, frames
 
 from relay.config import RelaySettings
-from relay.core.errors import BadRequest, StreamLost, UnknownStream
-from relay.core.lifecycle import ByteBudget, Effect, Event, State, Timer, transition
+from relay.core.errors import RELAY_BUG_MESSAGE, BadRequest, StreamLost, UnknownStream
+from relay.core.lifecycle import TERMINAL, ByteBudget, Effect, Event, State, Timer, transition
 from relay.core.limits import PrincipalState
-from relay.metrics import RelayMetrics
-from relay.upstream.streamer import (
-    EventStreamer,
-    ReasoningDelta,
-    StreamEnd,
-    TextDelta,
-    ToolCallDelta,
-    ToolCallDone,
-)
+from relay.core.ports import FollowedSource, ReplicationHook, SourceFailed, StreamSource
 from relay.core.streamlog import FrameLog
+from relay.metrics import RelayMetrics
 
 if TYPE_CHECKING:
     from relay.cluster.shared_limits import SharedLimits, SharedStream
 
-__all__ = ["Attachment", "HubStream", "ReplicationHook", "StreamHub", "StreamSource",
-           "Subscriber", "finish_frame"]
+__all__ = ["Attachment", "HubStream", "StreamHub", "Subscriber"]
 
 logger = logging.getLogger("relay.runtime.hub")
 
 # Time a stream task gets to end by itself after cancel() before it is cancelled hard.
 _STOP_GRACE = 5.0
-
-
-class StreamSource(Protocol):
-    """What produces a stream's frames, as far as the hub is concerned: something it can
-    stop. A local stream's source is its ``EventStreamer`` (the upstream call, driven by the
-    hub's ``_produce`` task); a remote one's is ``relay.cluster.replication``'s handle on the stream
-    running on another relay (its task follows it in Redis)."""
-
-    #: Set once ``cancel`` took effect (nothing but the finish follows).
-    cancelled: bool
-
-    def cancel(self, reason: str = FinishReason.CLIENT_CANCEL) -> None:
-        """Stop producing: the stream ends with a ``finish`` saying ``reason``."""
 
 
 class Subscriber(Protocol):
@@ -95,29 +78,6 @@ class Subscriber(Protocol):
     def failed(self, att: Attachment, code: str, message: str) -> None:
         """``att``'s stream cannot go on (followed from another relay that stopped, or
         Redis failed): end ``att`` with ``error`` ``code``."""
-
-
-class ReplicationHook(Protocol):
-    """The hub's side of relays sharing Redis (``relay.cluster.replication.Replicator``)."""
-
-    def mirror(self, stream: HubStream) -> None:
-        """Start copying a local stream's log to Redis (at launch)."""
-
-    def attached(self, stream: HubStream) -> None:
-        """A connection here attached ``stream`` by a resume: the other relays detach theirs."""
-
-    def released(self, stream: HubStream) -> None:
-        """A remote stream is no longer attached here: stop following it."""
-
-    async def attached_elsewhere(self, key: str) -> bool:
-        """Whether a connection on another relay follows stream ``key``."""
-
-    async def resume_remote(self, key: str, principal: str, after_seq: int,
-                            session_id: str) -> HubStream:
-        """A remote ``HubStream`` for stream ``key`` running on another relay."""
-
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task:
-        """Run ``coro`` as a task the replication awaits on close."""
 
 
 @dataclass(eq=False)
@@ -153,16 +113,14 @@ class HubStream:
     remote: bool = False
     task: asyncio.Task | None = None
     attachment: Attachment | None = None
-    #: How the upstream call ended (None while running, and for a task that died without
-    #: one: a relay bug, logged with a fallback finish).
-    end: StreamEnd | None = None
+    #: Its ``finish`` frame once its source logged it (None while running; a local stream
+    #: whose task died without one gets the hub's fallback finish, a relay bug).
+    end: dict | None = None
     state: State = State.RUNNING_DETACHED
     started_at: float = field(default_factory=time.monotonic)
     detached_at: float | None = None
     timer: asyncio.TimerHandle | None = None
     timer_kind: Timer | None = None
-    #: Its log is being mirrored to Redis (resumable on other relays).
-    replicated: bool = False
     #: Its share of the group's per-principal limits (relays on Redis; relay.cluster.shared_limits).
     shared: SharedStream | None = None
     #: The budget its log is charged to while it is in the hub's table, and how much.
@@ -211,7 +169,30 @@ class HubStream:
 _RUNNING = frozenset({State.RUNNING_ATTACHED, State.RUNNING_DETACHED, State.REMOTE_FOLLOWED})
 
 
+class _Sink:
+    """The ``FrameSink`` a stream's source logs into: ``append`` is the stream's own (each
+    frame charged to the hub's budget), ``finish`` also moves the stream by
+    ``Event.FINISH``."""
+
+    __slots__ = ("append", "id", "_finished", "_stream")
+
+    def __init__(self, stream: HubStream,
+                 finished: Callable[[HubStream, dict | None], None]) -> None:
+        self.id = stream.id
+        self.append = stream.append
+        self._stream = stream
+        self._finished = finished
+
+    def finish(self, frame: dict | None, received: float | None = None,
+               data: bytes | None = None) -> None:
+        if frame is not None:
+            self._stream.append(frame, received, data)
+        self._finished(self._stream, frame)
+
+
 class StreamHub:
+    """The relay's streams (module docstring); the ``PeerControl`` of relays on Redis."""
+
     def __init__(self, settings: RelaySettings, metrics: RelayMetrics,
                  on_stream_end: Callable[[HubStream], None] | None = None) -> None:
         self.settings = settings
@@ -219,9 +200,9 @@ class StreamHub:
         self.grace = settings.detach_grace
         self._streams: dict[str, HubStream] = {}
         self._lost: dict[str, tuple[str, float]] = {}   # key -> (principal, until)
-        #: Every stream task until it is done, also once its stream left the table (dropped
-        #: or evicted while its upstream call winds down), so close() awaits them all.
-        self._tasks: set[asyncio.Task] = set()
+        #: Every stream task until it is done (-> its stream), also once its stream left the
+        #: table (dropped or evicted while its source winds down), so close() awaits them all.
+        self._tasks: dict[asyncio.Task, HubStream] = {}
         #: Bytes held by the logs of the streams in the table (``max_log_bytes``).
         self.budget = ByteBudget(settings.max_log_bytes, on_over=self._evict)
         self._on_stream_end = on_stream_end
@@ -250,52 +231,73 @@ class StreamHub:
 
     def tasks(self) -> list[asyncio.Task]:
         """Tasks of the upstream calls running in this process (also those of streams that
-        already left the table and are winding down)."""
-        return [t for t in self._tasks if not t.done()]
+        already left the table and are winding down); not the followers of remote streams."""
+        return [t for t, s in self._tasks.items() if not s.remote and not t.done()]
+
+    def _start(self, stream: HubStream, coro: Any, name: str) -> None:
+        """Run ``coro`` as ``stream``'s one task (awaited by ``close``)."""
+        task = stream.task = asyncio.create_task(coro, name=name)
+        self._tasks[task] = stream
+        task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        # _produce ends every stream with a finish itself; an exception escaping it is a
-        # relay bug: retrieve and log it rather than leave it to the garbage collector.
+        self._tasks.pop(task, None)
+        # Every stream ends with a finish (or its follower's failure) without raising; an
+        # exception escaping the task is a relay bug: retrieve and log it rather than leave
+        # it to the garbage collector.
         if not task.cancelled() and task.exception() is not None:
             logger.error("stream task failed", exc_info=task.exception(),
                          extra={"task": task.get_name()})
 
-    def adopt(self, stream: HubStream) -> None:
-        """Add a remote stream (followed from Redis) so control messages can find it."""
-        old = self._streams.get(stream.key)
-        if old is not None and old is not stream and old.remote:
-            self._apply(old, Event.CLOSE)
-        self._streams[stream.key] = stream
-        stream.enter(self.budget)
-
     # ------------------------------------------------------------------ start
 
     def launch(self, *, id: str, alias: str, principal: str, session_id: str,
-               principal_state: PrincipalState, streamer: EventStreamer,
-               request: dict[str, Any], shared: SharedStream | None = None) -> HubStream:
-        """Create the stream and its task. ``request`` holds the streamer's ``events()``
-        arguments; ``shared``: its admission to the group's limits (charged per streamed
-        chunk, released when it ends). The caller attaches a connection before yielding to
-        the loop."""
+               principal_state: PrincipalState, source: StreamSource,
+               shared: SharedStream | None = None) -> HubStream:
+        """Create a local stream and its task, which runs ``source`` (the upstream call);
+        ``shared``: its admission to the group's limits (released when it ends). The caller
+        attaches a connection before yielding to the loop."""
         stream = HubStream(
             key=secrets.token_urlsafe(24), id=id, alias=alias, principal=principal,
-            session_id=session_id, source=streamer, principal_state=principal_state,
+            session_id=session_id, source=source, principal_state=principal_state,
             log=FrameLog(max_bytes=self.settings.max_stream_log_bytes, keep=self.grace > 0),
             shared=shared)
         self._streams[stream.key] = stream
         stream.enter(self.budget)
         principal_state.streams += 1
-        stream.task = asyncio.create_task(self._produce(stream, streamer, request),
-                                          name=f"stream {session_id}/{id}")
-        self._tasks.add(stream.task)
-        stream.task.add_done_callback(self._task_done)
+        self._start(stream, self._produce(stream), f"stream {session_id}/{id}")
         if shared is not None:
             # Released when the stream ends (_finished); this catches a task that never ran.
             stream.task.add_done_callback(lambda _: shared.release(None))
         if self.replicator is not None and self.grace > 0:
             self.replicator.mirror(stream)
         return stream
+
+    def follow(self, source: FollowedSource, *, principal: str,
+               session_id: str) -> HubStream:
+        """The record of a stream running on another relay, read by ``source``
+        (``ReplicationHook.resume_remote``). Not in the table yet: ``adopt`` enters it and
+        starts its task, once the resume is sure to succeed."""
+        return HubStream(
+            key=source.key, id=source.id, alias=source.alias, principal=principal,
+            session_id=session_id, source=source, principal_state=PrincipalState(),
+            log=FrameLog(max_bytes=self.settings.max_stream_log_bytes, keep=False,
+                         after=source.after_seq),
+            remote=True)
+
+    def adopt(self, stream: HubStream) -> None:
+        """Enter a followed stream (``follow``) in the table and start its task. A stream of
+        the same key followed here already is replaced: its attachment here is taken over
+        (it ends ``stream_taken_over``; the new record reads the stream afresh)."""
+        old = self._streams.get(stream.key)
+        if old is not None and old is not stream and old.remote:
+            if old.attachment is not None:
+                self._take_over(old)
+            if old.state not in TERMINAL:
+                self._apply(old, Event.CLOSE)
+        self._streams[stream.key] = stream
+        stream.enter(self.budget)
+        self._start(stream, self._follow(stream), f"follow {stream.key[:8]}")
 
     # ------------------------------------------------------------------ attach / detach
 
@@ -323,6 +325,20 @@ class StreamHub:
             return stream.task                  # cancelled just now
         return None
 
+    def _take_over(self, stream: HubStream) -> None:
+        """``stream``'s attachment here was replaced by one the hub does not see attach to
+        this record (on another relay, or a fresh follower here): ``Event.TAKEN_OVER``
+        detaches it and tells its connection."""
+        previous = stream.attachment
+        if previous is None:
+            return
+        stream.attachment = None
+        stream.detached_at = time.monotonic()
+        self._apply(stream, Event.TAKEN_OVER, previous=previous,
+                    reason=FinishReason.CLIENT_DISCONNECT)
+        if self.budget.over:
+            self._evict()
+
     def find_for_resume(self, key: str, principal: str, after_seq: int) -> HubStream:
         """The stream ``key`` for ``principal`` to resume after ``after_seq``. Unknown,
         expired and other principals' keys look the same (``unknown_stream``)."""
@@ -346,16 +362,21 @@ class StreamHub:
         if not stream.log.keep:
             stream.trim_through(seq)
 
-    # ------------------------------------------------------------------ remote streams
+    # ------------------------------------------------------------------ other relays (PeerControl)
 
-    def remote_finished(self, stream: HubStream) -> None:
-        """The follower of a remote stream logged its finish."""
-        self._apply(stream, Event.FINISH)
+    def cancelled_elsewhere(self, key: str) -> None:
+        """A client's ``cancel`` of stream ``key`` reached another relay: cancel its upstream
+        call if it runs here (a stream followed here is the owner's to cancel)."""
+        stream = self._streams.get(key)
+        if stream is not None and not stream.remote:
+            self.cancel(stream, FinishReason.CLIENT_CANCEL)
 
-    def remote_failed(self, stream: HubStream, code: str, message: str) -> None:
-        """The follower of a remote stream cannot go on: its attachment ends with ``error``
-        ``code``."""
-        self._apply(stream, Event.FAIL, code=code, message=message)
+    def taken_over_elsewhere(self, key: str) -> None:
+        """A connection on another relay attached stream ``key``: the attachment here, if
+        any, ends with ``error`` ``stream_taken_over`` (``Event.TAKEN_OVER``)."""
+        stream = self._streams.get(key)
+        if stream is not None:
+            self._take_over(stream)
 
     # ------------------------------------------------------------------ cancel / close
 
@@ -363,7 +384,8 @@ class StreamHub:
         self._apply(stream, Event.CANCEL, reason=reason)
 
     async def close(self, reason: str) -> None:
-        """Cancel every running stream upstream with ``reason`` and await their tasks."""
+        """Cancel every running stream upstream with ``reason``, stop the followers, and
+        await every stream task."""
         for stream in [s for s in self._streams.values() if s.remote]:
             self._apply(stream, Event.CLOSE)
         running = [s for s in self._streams.values() if s.running]
@@ -371,7 +393,7 @@ class StreamHub:
             self._apply(stream, Event.CLOSE, reason=reason)
         # The tasks of streams already dropped from the table (cancelled upstream, winding
         # down) are awaited too: no stream task outlives the hub.
-        await _await_stopped(self.tasks())
+        await _await_stopped([t for t in self._tasks if not t.done()])
         for stream in list(self._streams.values()):
             self._apply(stream, Event.CLOSE, reason=reason)   # disarms retention timers
         self._lost.clear()
@@ -408,6 +430,9 @@ class StreamHub:
                                           time.monotonic() + max(self.grace, 1.0))
                 stream.log.clear()
             elif effect is Effect.STOP_FOLLOWER:
+                task = stream.task
+                if task is not None and task is not asyncio.current_task():
+                    task.cancel()           # (its own failure ends it anyway)
                 if self.replicator is not None:
                     self.replicator.released(stream)
             else:  # pragma: no cover - every effect is handled above
@@ -431,7 +456,7 @@ class StreamHub:
         stream.timer_kind = None
         if kind is Timer.RETENTION:
             self._apply(stream, Event.RETENTION_OVER)
-        elif stream.replicated and self.replicator is not None:
+        elif self.replicator is not None and self.replicator.is_mirrored(stream.key):
             self.replicator.spawn(self._grace_over_replicated(stream))
         else:
             self._expire(stream)
@@ -467,93 +492,72 @@ class StreamHub:
         for key in [k for k, (_, t) in self._lost.items() if t <= now]:
             del self._lost[key]
 
-    def _finished(self, stream: HubStream) -> None:
-        """The stream's task ended (its finish is logged): settle its limits."""
-        stream.principal_state.streams -= 1
-        end = stream.end
-        budget = stream.principal_state.budget
-        if budget is not None and end is not None:
-            budget.charge(end.usage.completion_tokens)
-        if stream.shared is not None:
-            stream.shared.release(end.usage.completion_tokens if end is not None else None)
-        if self._on_stream_end is not None:
-            self._on_stream_end(stream)
+    # ------------------------------------------------------------------ the stream tasks
 
-    async def _produce(self, stream: HubStream, streamer: EventStreamer,
-                       request: dict[str, Any]) -> None:
-        sid = stream.id
+    def _finish_logged(self, stream: HubStream, frame: dict | None) -> None:
+        """The source logged ``stream``'s finish (``_Sink.finish``; None: a follower that
+        started reading after it)."""
+        if frame is not None:
+            stream.end = frame
+        self._apply(stream, Event.FINISH)
+
+    async def _produce(self, stream: HubStream) -> None:
+        """The task of a local stream: run its source (the upstream call), then settle."""
         metrics = self.metrics
-        clock = time.perf_counter
-        first_token = True
-        seq = 0
-        end: StreamEnd | None = None
         metrics.active_streams.inc()
         try:
-            events = streamer.events(**request)
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    received = clock()
-                    if isinstance(event, StreamEnd):
-                        end = event
-                        stream.end = end
-                        seq += 1
-                        stream.append(finish_frame(sid, seq, event), received)
-                        self._apply(stream, Event.FINISH)
-                        break
-                    if streamer.cancelled and not isinstance(event, ToolCallDone):
-                        # Nothing but the finish follows a cancel. (ToolCallDone only comes
-                        # after the provider completed, and then the finish says completed.)
-                        continue
-                    seq += 1
-                    if isinstance(event, TextDelta):
-                        frame = frames.token(sid, seq, event.text)
-                        metrics.tokens.inc()
-                        if first_token:
-                            first_token = False
-                            metrics.time_to_first_token.observe(
-                                time.monotonic() - stream.started_at)
-                    elif isinstance(event, ToolCallDelta):
-                        frame = frames.tool_call_chunk(sid, seq, event.index, event.call_id,
-                                                       event.name, event.arguments_delta)
-                    elif isinstance(event, ToolCallDone):
-                        frame = frames.tool_call_complete(sid, seq, event.index, event.call_id,
-                                                          event.name, event.arguments)
-                    elif isinstance(event, ReasoningDelta):
-                        frame = frames.reasoning(sid, seq, event.text)
-                    else:
-                        seq -= 1
-                        continue
-                    if stream.shared is not None and not isinstance(event, ToolCallDone):
-                        stream.shared.charge(1)    # one per streamed chunk; topped up at the end
-                    stream.append(frame, received)
+            await stream.source.run(_Sink(stream, self._finish_logged))
         finally:
             metrics.active_streams.dec()
+            end = stream.end
             if end is not None:
-                metrics.streams.labels(str(end.status)).inc()
-                if end.status == "cancelled":
+                metrics.streams.labels(end["status"]).inc()
+                if end["status"] == "cancelled":
                     metrics.upstream_closed_on_cancel.inc()
             else:
                 # Only a hard cancel or a bug gets here; the stream still ends with a finish
-                # (logged and charged like any other frame).
-                stream.append(frames.finish(
-                    sid, seq + 1, "failed", ErrorCode.INTERNAL_ERROR, frames.usage(0, 0, True),
-                    frames.error_info(ErrorCode.INTERNAL_ERROR,
-                                      "the stream ended unexpectedly")))
+                # (logged and charged like any other frame; not ``end``: no upstream said it).
+                stream.append(_fallback_finish(stream.id, stream.log.last_seq + 1))
                 self._apply(stream, Event.FINISH)
             _log_stream_end(stream, end)
             self._finished(stream)
+
+    async def _follow(self, stream: HubStream) -> None:
+        """The task of a stream followed from another relay: run its source (the follower)
+        until the finish, or until it fails (``Event.FAIL``: the attachment is told). Any
+        other exception is a relay bug: the attachment ends with ``internal_error`` and the
+        exception escapes the task (logged by ``_task_done``)."""
+        try:
+            await stream.source.run(_Sink(stream, self._finish_logged))
+        except SourceFailed as exc:
+            self._apply(stream, Event.FAIL, code=exc.code, message=exc.message)
+        except Exception:
+            if stream.state is State.REMOTE_FOLLOWED:
+                self._apply(stream, Event.FAIL, code=ErrorCode.INTERNAL_ERROR,
+                            message=RELAY_BUG_MESSAGE)
+            raise
+
+    def _finished(self, stream: HubStream) -> None:
+        """A local stream's task ended (its finish is logged): settle its limits."""
+        stream.principal_state.streams -= 1
+        end = stream.end
+        completion_tokens = end["usage"]["completion_tokens"] if end is not None else None
+        budget = stream.principal_state.budget
+        if budget is not None and completion_tokens is not None:
+            budget.charge(completion_tokens)
+        if stream.shared is not None:
+            stream.shared.release(completion_tokens)
+        if self._on_stream_end is not None:
+            self._on_stream_end(stream)
 
 
 _EVICTABLE = frozenset({State.RUNNING_DETACHED, State.FINISHED_RETAINED})
 
 
-def finish_frame(sid: str, seq: int, end: StreamEnd) -> dict:
-    usage = end.usage
-    return frames.finish(
-        sid, seq, str(end.status), end.reason,
-        frames.usage(usage.prompt_tokens, usage.completion_tokens, usage.estimated),
-        end.error.as_error() if end.error is not None else None,
-    )
+def _fallback_finish(sid: str, seq: int) -> dict:
+    """The finish of a local stream whose task ended without one (a relay bug)."""
+    return frames.finish(sid, seq, "failed", ErrorCode.INTERNAL_ERROR, frames.usage(0, 0, True),
+                         frames.error_info(ErrorCode.INTERNAL_ERROR, RELAY_BUG_MESSAGE))
 
 
 async def _await_stopped(tasks: list[asyncio.Task]) -> None:
@@ -567,15 +571,16 @@ async def _await_stopped(tasks: list[asyncio.Task]) -> None:
         await asyncio.gather(*pending, return_exceptions=True)
 
 
-def _log_stream_end(stream: HubStream, end: StreamEnd | None) -> None:
+def _log_stream_end(stream: HubStream, end: dict | None) -> None:
     duration = time.monotonic() - stream.started_at
     base = {"session_id": stream.session_id, "stream_id": stream.id, "model": stream.alias,
             "principal": stream.principal, "duration_s": round(duration, 3)}
     if end is None:
         logger.warning("stream ended without finish", extra=base)
         return
+    usage = end["usage"]
     logger.info("stream finished", extra={
-        **base, "status": str(end.status), "reason": end.reason,
-        "prompt_tokens": end.usage.prompt_tokens,
-        "completion_tokens": end.usage.completion_tokens,
-        "usage_estimated": end.usage.estimated})
+        **base, "status": end["status"], "reason": end.get("reason"),
+        "prompt_tokens": usage["prompt_tokens"],
+        "completion_tokens": usage["completion_tokens"],
+        "usage_estimated": usage["estimated"]})

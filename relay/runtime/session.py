@@ -61,9 +61,10 @@ from relay.core.limits import PrincipalState, TokenBucket
 from relay.metrics import RelayMetrics
 from relay.upstream.providers import ModelRegistry, ModelSpec
 from relay.cluster.shared_limits import SharedStream
+from relay.upstream.source import UpstreamSource
 from relay.upstream.streamer import EventStreamer
 from relay.core.streamlog import LogEntry, coalesce
-from relay.runtime.tasks import cancel_and_wait
+from relay.aio import cancel_and_wait
 
 __all__ = ["Attachment", "Session", "StreamerFactory"]
 
@@ -246,10 +247,16 @@ class Session:
         closes = [a for a in self.conn.handle(TooManyFrames()) if isinstance(a, Close)]
         if not closes:
             return                    # already closing for another reason
-        closing = asyncio.ensure_future(self.ws.close(closes[0].code, closes[0].reason))
-        with contextlib.suppress(ConnectionClosed):
-            async for _ in self.ws:
-                pass
+        closing = asyncio.create_task(self.ws.close(closes[0].code, closes[0].reason),
+                                      name=f"close {self.session_id}")
+        try:
+            with contextlib.suppress(ConnectionClosed):
+                async for _ in self.ws:
+                    pass
+        except BaseException:
+            # Cancelled (or failed) while draining: the close is ours, stop it too.
+            await cancel_and_wait(closing)
+            raise
         await closing
 
     def stream_tasks(self) -> list[asyncio.Task]:
@@ -348,11 +355,14 @@ class Session:
         params = spec.request_params(msg.params.model_dump(exclude_none=True))
         streamer = self._streamer_factory(spec)
         shared = await self._admit_shared()
+        source = UpstreamSource(
+            streamer, {"messages": messages, "tools": tools, "tool_choice": msg.tool_choice,
+                       **params},
+            metrics=self.metrics, on_chunk=shared.charge if shared is not None else None)
         stream = self.hub.launch(
             id=msg.id, alias=msg.model, principal=self.principal,
-            session_id=self.session_id, principal_state=principal, streamer=streamer,
-            request={"messages": messages, "tools": tools, "tool_choice": msg.tool_choice,
-                     **params}, shared=shared)
+            session_id=self.session_id, principal_state=principal, source=source,
+            shared=shared)
         # started is queued before the stream's task first runs, and the writer sends the
         # control queue first, so started precedes every frame of the stream.
         self._send(frames.started(msg.id, msg.model, stream.key))
@@ -374,24 +384,14 @@ class Session:
             stream = None                      # maybe it runs on another relay
         if stream is None or stream.remote:
             assert hub.replicator is not None
-            stream = await hub.replicator.resume_remote(msg.stream_key, self.principal,
-                                                        msg.after_seq, self.session_id)
+            source = await hub.replicator.resume_remote(msg.stream_key, self.principal,
+                                                        msg.after_seq)
+            stream = hub.follow(source, principal=self.principal, session_id=self.session_id)
             id = msg.id if msg.id is not None else stream.id
-            try:
-                self._check_room(id)
-            except RelayError:
-                # Never attached nor announced: only its follower task is to stop (an
-                # attached marker for this key belongs to another attachment here, if any).
-                if stream.task is not None:
-                    stream.task.cancel()
-                raise
-            following = hub.get(msg.stream_key)
-            if following is not None and following.remote and following.attachment is not None:
-                # Followed from Redis by another attachment here: this resume takes it over
-                # and follows it afresh (that log only holds what the other one had not been
-                # sent yet). Only now, once the resume is sure to succeed.
-                old = following.attachment
-                old.subscriber.taken_over(old)
+            self._check_room(id)        # (refused: nothing started, nothing to stop)
+            # Only now, once the resume is sure to succeed: the hub enters it and starts its
+            # follower. One followed here already by another attachment is taken over (it
+            # is followed afresh: that log only holds what the other one was not sent yet).
             hub.adopt(stream)
         else:
             id = msg.id if msg.id is not None else stream.id

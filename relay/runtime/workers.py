@@ -50,6 +50,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay.aio import cancel_and_wait
+
 __all__ = ["READY_PREFIX", "Supervisor", "parse_workers", "settings_environment",
            "worker_ready_line"]
 
@@ -166,6 +168,9 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         metrics_http = None
+        # The futures run() waits on; whichever way run() ends, each is done (cancelled if
+        # need be, and awaited) before it returns.
+        waits: list[asyncio.Future] = []
         try:
             self._stats.workers = [_Worker(i) for i in range(self.count)]
             for worker in self._stats.workers:
@@ -173,15 +178,13 @@ class Supervisor:
             startup = asyncio.gather(*(w.ready for w in self._stats.workers))
             stop_wait = asyncio.ensure_future(stop.wait())
             fatal_wait = asyncio.ensure_future(self._fatal.wait())
+            waits += (startup, stop_wait, fatal_wait)
             done, _ = await asyncio.wait({startup, stop_wait, fatal_wait},
                                          timeout=_READY_TIMEOUT,
                                          return_when=asyncio.FIRST_COMPLETED)
             if startup not in done or self._failed_start is not None:
-                startup.cancel()
-                with contextlib.suppress(BaseException):
-                    await startup
-                for task in (stop_wait, fatal_wait):
-                    task.cancel()
+                # (A cancellation of run() itself while this waits propagates.)
+                await cancel_and_wait(startup)
                 if not done:
                     print(f"relay: workers not ready within {_READY_TIMEOUT:g} s",
                           file=sys.stderr)
@@ -214,12 +217,18 @@ class Supervisor:
                   "then closing", flush=True)
             return await self._stop_all()
         finally:
-            if metrics_http is not None:
-                await metrics_http.close()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-            if self._reservation is not None:
-                self._reservation.close()
+            try:
+                if metrics_http is not None:
+                    await metrics_http.close()
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+                if self._reservation is not None:
+                    self._reservation.close()
+                for wait in waits:
+                    wait.cancel()
+                # Their own cancellations are absorbed; one of run() propagates.
+                await asyncio.gather(*waits, return_exceptions=True)
 
     def _reserve_port(self, host: str, port: int) -> int:
         family, type_, proto, _, address = socket.getaddrinfo(

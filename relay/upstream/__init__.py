@@ -2,6 +2,8 @@
 
 - ``streamer``: ``EventStreamer``, one completion as typed events (timers, cancel, tool-call
   assembly, usage) over either upstream below;
+- ``source``: ``UpstreamSource``, a local upstream call as the hub's ``StreamSource`` port
+  (``relay.core.ports``): events -> protocol frames;
 - ``fast_path``: reads OpenAI- and Anthropic-format SSE directly (httpx + orjson);
 - ``fast_formats``: the OpenAI-format dialects LiteLLM reads with code of its own (Azure
   OpenAI, Groq, OpenRouter): their requests and streams, as LiteLLM builds and reads them;

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 from protocol import ErrorCode, frames
 
+from relay.core.errors import RELAY_BUG_MESSAGE
+
 __all__ = ["ProviderStreamError", "RELAY_BUG", "UNROUTABLE_MODEL_MESSAGE", "UpstreamFailure",
            "classify_upstream_exception", "is_provider_failure"]
 
@@ -101,7 +103,7 @@ def _raised_inside_provider_code(exc: BaseException) -> bool:
 
 #: ``finish.error`` of a stream that a bug in the relay ended (the same code and wording as
 #: the hub's fallback finish, with which a stream whose task died ends).
-RELAY_BUG = UpstreamFailure(ErrorCode.INTERNAL_ERROR, "the stream ended unexpectedly")
+RELAY_BUG = UpstreamFailure(ErrorCode.INTERNAL_ERROR, RELAY_BUG_MESSAGE)
 
 
 def classify_upstream_exception(exc: BaseException, *, mid_stream: bool = False) -> UpstreamFailure:

@@ -11,7 +11,7 @@ import asyncio
 import pytest
 
 from relay.client import RelayClient
-from relay.runtime.tasks import cancel_and_wait
+from relay.aio import cancel_and_wait
 
 
 class _Child:
@@ -83,3 +83,59 @@ async def test_cancelling_the_caller_of_relay_client_close_propagates():
     await asyncio.gather(child.task, return_exceptions=True)
     await client.close()              # a later close finishes the job
     assert client._task is None
+
+
+class _FloodingSocket:
+    """A socket whose client says hello, then floods frames and never answers the close:
+    after the flood, reading blocks (``draining`` set) and ``close`` never completes
+    (``close_ended`` is set once it ends, however)."""
+
+    subprotocol = "llm-relay.v1"
+
+    def __init__(self, frames: int) -> None:
+        self._frames = frames
+        self.draining = asyncio.Event()
+        self.close_started = asyncio.Event()
+        self.close_ended = False
+
+    async def recv(self):
+        return '{"type":"hello"}'
+
+    async def send(self, data, text=True):
+        pass
+
+    async def close(self, code=1000, reason=""):
+        self.close_started.set()
+        try:
+            await asyncio.Event().wait()        # the client never answers
+        finally:
+            self.close_ended = True
+
+    def __aiter__(self):
+        return self._read()
+
+    async def _read(self):
+        for _ in range(self._frames):
+            yield '{"type":"ping"}'
+        self.draining.set()
+        await asyncio.Event().wait()            # nothing more, and the socket stays open
+
+
+async def test_a_session_cancelled_while_draining_a_flooder_stops_its_close_too():
+    """The 4429 close of a flooding client runs while the session drains what the client
+    queued; a session cancelled meanwhile (shutdown) used to leave that close running,
+    un-awaited. It is cancelled and awaited with the session."""
+    from relay.config import RelaySettings
+    from relay.runtime.session import Session
+    from relay.upstream.providers import ModelRegistry
+
+    ws = _FloodingSocket(frames=10)
+    session = Session(ws, RelaySettings(port=0, frames_per_second=1, frame_burst=2),
+                      ModelRegistry.demo_only())
+    run = asyncio.create_task(session.run())
+    await ws.draining.wait()
+    await ws.close_started.wait()
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert ws.close_ended

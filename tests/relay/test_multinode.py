@@ -324,7 +324,7 @@ async def test_redis_failing_mid_stream_local_streams_finish_and_resumes_get_a_c
                 # B follows a second stream of A's from Redis when Redis goes away.
                 await ca.start("other", messages=MESSAGES)
                 other = await ca.next_for("other")
-                await eventually(lambda: a.hub.get(other["stream_key"]).replicated)
+                await eventually(lambda: a.replicator.is_mirrored(other["stream_key"]))
                 await cb.send({"type": "resume", "stream_key": other["stream_key"],
                                "after_seq": 0, "id": "other"})
                 assert (await cb.next_for("other"))["type"] == "resumed"

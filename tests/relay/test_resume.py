@@ -4,9 +4,11 @@ every frame after its last seq exactly once (in-process memory log)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from protocol import FinishStatus
 from relay.upstream.demo import demo_reply_tokens
+from relay.upstream.errors import RELAY_BUG
 from relay.upstream.llm import demo_handler
 from relay.upstream.streamer import StreamEnd, TextDelta, UsageInfo
 from relay.streamer import TokenStreamer
@@ -307,18 +309,27 @@ class _StreamerThatBreaks(TokenStreamer):
         raise RuntimeError("a bug in the streamer")
 
 
-async def test_the_fallback_finish_is_charged_and_given_back_with_the_log():
+async def test_the_fallback_finish_is_charged_and_given_back_with_the_log(caplog):
     """A stream whose task dies without a StreamEnd still ends with a finish; that finish is
     charged to the log budget like any frame, so dropping the retained log at the end of
     its grace brings the budget back to exactly zero (issue 12: it was appended
-    unaccounted, and the drop then drove ``log_bytes`` below zero)."""
+    unaccounted, and the drop then drove ``log_bytes`` below zero). The exception that
+    killed the task is a relay bug: logged with its traceback, and the finish says so in
+    the streamer's own words for one (``RELAY_BUG``)."""
+    caplog.set_level(logging.ERROR, logger="relay.runtime.hub")
     async with start_relay(detach_grace=0.2,
                            streamer_factory=lambda spec: _StreamerThatBreaks("demo")) as server:
         async with Client.connect(server.url) as c:
             await c.start("q1", messages=[{"role": "user", "content": "hi"}])
             frames = await c.collect("q1")
         assert frames[-1]["type"] == "finish" and frames[-1]["status"] == "failed"
-        assert frames[-1]["error"]["code"] == "internal_error"
+        assert frames[-1]["error"] == RELAY_BUG.as_error()
+        await eventually(lambda: any(r.getMessage() == "stream task failed"
+                                     for r in caplog.records))
+        [failed] = [r for r in caplog.records if r.getMessage() == "stream task failed"]
+        assert failed.levelno == logging.ERROR and failed.exc_info is not None
+        assert isinstance(failed.exc_info[1], RuntimeError)
+        assert "a bug in the streamer" in str(failed.exc_info[1])
         stream = server.hub.get(frames[0]["stream_key"])
         assert stream is None or server.hub.log_bytes == stream.log.bytes
         await eventually(lambda: len(server.hub) == 0)
@@ -379,3 +390,16 @@ async def test_close_awaits_the_tasks_of_streams_that_already_left_the_table():
         release.set()
         await closing
         assert task.done() and server.hub.tasks() == []
+
+
+def test_the_relay_bug_message_is_written_once():
+    """The fallback finish of the hub and the streamer's ``RELAY_BUG`` say the same thing
+    because they use one definition (relay.core.errors), not two copies of a sentence."""
+    from pathlib import Path
+
+    from relay.core.errors import RELAY_BUG_MESSAGE
+
+    root = Path(__file__).resolve().parents[2] / "relay"
+    written = [p for p in root.rglob("*.py") if RELAY_BUG_MESSAGE in p.read_text("utf-8")]
+    assert [p.relative_to(root).as_posix() for p in written] == ["core/errors.py"]
+    assert RELAY_BUG.message is RELAY_BUG_MESSAGE

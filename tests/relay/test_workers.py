@@ -218,3 +218,62 @@ def test_a_worker_that_cannot_start_stops_the_start_with_its_exit_code():
     assert out.returncode == 2, out
     assert "cannot use Redis" in out.stderr, out.stderr
     assert "listening on" not in out.stdout
+
+
+class _FakeWorkersSupervisor:
+    """A ``Supervisor`` whose workers are futures, not processes (its start-up logic alone):
+    ``_spawn`` gives each worker a ``ready`` future and calls ``on_spawn``; ``_stop_all``
+    only records that it ran."""
+
+    @staticmethod
+    def make(on_spawn):
+        from relay.config import RelaySettings
+        from relay.runtime.workers import Supervisor
+
+        class Fake(Supervisor):
+            stopped = False
+
+            async def _spawn(self, worker):
+                worker.ready = asyncio.get_running_loop().create_future()
+                on_spawn(self, worker)
+
+            async def _stop_all(self):
+                self.stopped = True
+                return 0
+
+        return Fake(RelaySettings(host="127.0.0.1", port=0), 2)
+
+
+async def test_a_start_failure_leaves_no_wait_of_the_supervisor_pending():
+    """A worker failing at start ends run() with its code; the futures run() waited on
+    (start-up, SIGTERM, fatal) are all done by then, none left cancelled-but-pending."""
+    def fail_at_once(supervisor, worker):
+        supervisor._failed_start = 3
+        supervisor._fatal.set()
+
+    supervisor = _FakeWorkersSupervisor.make(fail_at_once)
+    before = asyncio.all_tasks()
+    assert await supervisor.run() == 3          # (no turn of the loop after it returned)
+    assert supervisor.stopped
+    left = [t for t in asyncio.all_tasks() - before if not t.done()]
+    assert not left, left
+
+
+async def test_cancelling_the_supervisor_while_it_abandons_the_start_propagates():
+    """run() cancelled while it waits for the abandoned start-up to end (it used to
+    ``suppress(BaseException)`` around that wait) ends cancelled instead of carrying on
+    and returning an exit code."""
+    run: asyncio.Task | None = None
+
+    def cancel_run_when_abandoned(supervisor, worker):
+        if worker.index == 0:
+            supervisor._failed_start = 3
+            supervisor._fatal.set()
+            # Runs when run() cancels the start-up, i.e. while run() awaits its end.
+            worker.ready.add_done_callback(lambda _: run.cancel())
+
+    supervisor = _FakeWorkersSupervisor.make(cancel_run_when_abandoned)
+    run = asyncio.create_task(supervisor.run())
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert run.cancelled() and not supervisor.stopped

@@ -1,4 +1,7 @@
-"""Stopping a task you own without swallowing a cancellation aimed at you.
+"""asyncio helpers shared by every layer that owns tasks (the runtime, the Redis adapters,
+the client library). It imports nothing of the relay.
+
+Stopping a task you own without swallowing a cancellation aimed at you.
 
 The mistake this module exists to prevent::
 
