@@ -259,6 +259,9 @@ class EventStreamer:
     @property
     def accumulated_content(self) -> str:
         """The text of the current (or last) stream so far."""
+        return self._join_text()
+
+    def _join_text(self) -> str:
         # Joined on demand, not per token: ``str +=`` on an attribute copies the whole
         # text each time (quadratic in the stream's length).
         parts = self._text_parts
@@ -403,6 +406,9 @@ class EventStreamer:
             self._response = None
             end_relay_stream(relay_stream)
         self._usage = end.usage
+        # One string from here on, not a part per token: a finished stream's streamer may be
+        # kept as long as its log is resumable (tests/relay/test_log_memory.py).
+        self._join_text()
         yield end
 
     # ------------------------------------------------------------------ internals
