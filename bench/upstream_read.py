@@ -9,6 +9,9 @@ client, alternating, ``--rounds`` times, and prints this process's CPU us per ch
   httpx     httpx.AsyncClient on relay.upstream.transport.ShardedTransport (h11 in Python),
             body read from ``response.stream`` as the fast path does
   aiohttp   one aiohttp.ClientSession (llhttp in C), body from ``response.content.iter_any()``
+  relay     httpx.AsyncClient on relay.upstream.transport.AiohttpTransport (the fast path's
+            transport when the build has it: aiohttp underneath, httpx's API on top), body
+            from ``response.stream`` as the fast path does
 
     python bench/upstream_read.py [--streams 100] [--tokens 200] [--interval 0.01] [--rounds 3]
 """
@@ -37,13 +40,19 @@ def _body(tokens: int, interval: float) -> bytes:
                                        "content": f"tokens={tokens} interval={interval}"}]})
 
 
-async def read_httpx(url: str, streams: int, body: bytes) -> int:
+async def read_httpx(url: str, streams: int, body: bytes, transport=None) -> int:
     import httpx
 
     from relay.upstream.fast_path import SSEParser
-    from relay.upstream.transport import ShardedTransport
 
-    async with httpx.AsyncClient(timeout=60, transport=ShardedTransport()) as client:
+    if transport is None:
+        try:
+            from relay.upstream.transport import ShardedTransport
+        except ImportError:      # after the move to aiohttp: the transport before it
+            transport = _sharded_transport()
+        else:
+            transport = ShardedTransport()
+    async with httpx.AsyncClient(timeout=60, transport=transport) as client:
         async def one() -> int:
             events = 0
             request = client.build_request("POST", url, content=body,
@@ -57,6 +66,21 @@ async def read_httpx(url: str, streams: int, body: bytes) -> int:
                 await response.aclose()
             return events
         return sum(await asyncio.gather(*(one() for _ in range(streams))))
+
+
+def _sharded_transport():
+    """The fast path's transport before aiohttp (git show 60713f7:relay/upstream/transport.py),
+    from bench/old_transport.py when the build no longer has it."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from old_transport import ShardedTransport
+
+    return ShardedTransport()
+
+
+async def read_relay(url: str, streams: int, body: bytes) -> int:
+    from relay.upstream.transport import AiohttpTransport
+
+    return await read_httpx(url, streams, body, AiohttpTransport())
 
 
 async def read_aiohttp(url: str, streams: int, body: bytes) -> int:
@@ -91,6 +115,12 @@ async def main() -> None:
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         body = _body(args.tokens, args.interval)
         readers = {"httpx": read_httpx, "aiohttp": read_aiohttp}
+        try:
+            import relay.upstream.transport as transport
+        except ImportError:
+            transport = None
+        if hasattr(transport, "AiohttpTransport"):
+            readers["relay"] = read_relay
         for reader in readers.values():           # warm up (imports, first connections)
             await reader(url, 2, _body(5, 0))
         cost: dict[str, list[float]] = {name: [] for name in readers}
@@ -105,7 +135,9 @@ async def main() -> None:
             print(f"  {name:8} {min(values):6.1f} {statistics.median(values):6.1f} "
                   f"{max(values):6.1f}")
         base = statistics.median(cost["httpx"])
-        print(f"  aiohttp / httpx: {statistics.median(cost['aiohttp']) / base:.2f}")
+        for name in readers:
+            if name != "httpx":
+                print(f"  {name} / httpx: {statistics.median(cost[name]) / base:.2f}")
     finally:
         upstream.terminate()
         upstream.wait()
