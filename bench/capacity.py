@@ -9,7 +9,7 @@ It starts a fake OpenAI-format upstream (bench/fake_upstream.py, a process of it
 one at a time, each *path* as a process of its own, then drives it from this process:
 
   raw       the upstream's SSE read with httpx (on the relay's own transport,
-            relay/upstream/transport.py, when the build has it) and parsed (orjson), no
+            relay/upstream/transport.py, when the build has one) and parsed (orjson), no
             relaying: the floor
             (the same streams of the same length, 10 rounds one after another per
             measurement, so its CPU spans enough of /proc's 10 ms ticks; each stream's own
@@ -118,23 +118,38 @@ def _tree(pid: int) -> list[int]:
 
 
 def tree_cpu(pid: int) -> float:
-    """CPU seconds of ``pid`` and its descendants: the sum of their threads' run time from
-    /proc/*/task/*/schedstat (nanoseconds; /proc's utime+stime count 10 ms ticks, too coarse
-    for a 50 ms round). A thread that exits is no longer counted: the relays keep theirs
-    (the event loop, the executors' pools), and a round's delta is taken on live threads."""
-    total = 0
+    """CPU seconds of ``pid`` and its descendants: the sum of their live threads' run time
+    from /proc/*/task/*/schedstat (nanoseconds; /proc's utime+stime count 10 ms ticks, too
+    coarse for a 50 ms round), plus what threads that already exited ran: the process's
+    utime+stime minus its live threads' (in ticks; a thread pool's worker that exits
+    between two readings would otherwise make a round's CPU negative)."""
+    total = 0.0
     for p in _tree(pid):
         try:
             tasks = os.listdir(f"/proc/{p}/task")
-        except OSError:
+            process_ticks = _stat_ticks(f"/proc/{p}/stat")
+        except (OSError, ValueError, IndexError):
             continue
+        live_ticks = 0
         for t in tasks:
             try:
                 with open(f"/proc/{p}/task/{t}/schedstat") as f:
-                    total += int(f.read().split()[0])
+                    total += int(f.read().split()[0]) / 1e9
+                live_ticks += _stat_ticks(f"/proc/{p}/task/{t}/stat")
             except (OSError, ValueError, IndexError):
                 pass
-    return total / 1e9
+        total += max(0, process_ticks - live_ticks) / _CLK_TCK
+    return total
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_ticks(path: str) -> int:
+    """utime + stime (clock ticks) of a /proc/.../stat file."""
+    with open(path) as f:
+        fields = f.read().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])
 
 
 def tree_rss(pid: int) -> int:
@@ -378,6 +393,7 @@ class Served:
 
         pairs = await asyncio.gather(*(one(i) for i in range(streams)))
         conns = [c for c, _ in pairs]
+        cpu0 = tree_cpu(self.proc.pid)
         try:
             start = loop.time()
             for i, (conn, view) in enumerate(pairs):
@@ -389,6 +405,7 @@ class Served:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*(v.done for _, v in pairs)),
                                        seconds * 2 + 20)
+            cpu = tree_cpu(self.proc.pid) - cpu0
             await asyncio.sleep(0.5)         # a second finish, if any, would arrive now
         finally:
             for conn in conns:
@@ -410,7 +427,8 @@ class Served:
                 f"({v.status}), errors {v.errors[:1]}, close code {c.close_code}")
         return {"p50": _pct(latencies, 50), "p99": _pct(latencies, 99),
                 "lost": streams * tokens - got, "expected": streams * tokens,
-                "streams_lost": len(bad), "frames": sum(v.frames for _, v in pairs)}
+                "streams_lost": len(bad), "frames": sum(v.frames for _, v in pairs),
+                "cpu_us": cpu / got * 1e6 if got else None}
 
     async def cancel(self, streams: int, upstream_port: int, run: int) -> dict:
         """Cancel ``streams`` running streams one by one (10 ms apart); upstream closes vs
@@ -506,13 +524,16 @@ async def raw_reader(base: str) -> None:
     import orjson
 
     sys.path.insert(0, str(ROOT))
+    # The HTTP transport the relay's fast path reads with, so the two differ by what the
+    # relay does with the tokens, not by how the bytes are read.
     try:
-        # The HTTP transport the relay's fast path reads with, so the two differ by what
-        # the relay does with the tokens, not by how the bytes are read.
-        from relay.upstream.transport import ShardedTransport
-        transport = ShardedTransport()
-    except ImportError:                 # a build without it: httpx's default transport
-        transport = None
+        from relay.upstream.transport import AiohttpTransport as FastPathTransport
+    except ImportError:
+        try:                            # builds before the aiohttp wire
+            from relay.upstream.transport import ShardedTransport as FastPathTransport
+        except ImportError:             # a build without either: httpx's default transport
+            FastPathTransport = None
+    transport = FastPathTransport() if FastPathTransport is not None else None
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=2000),
                                  transport=transport) as c:
         async def one(tokens: int) -> int:
@@ -829,12 +850,13 @@ def tables(res: Results) -> list[tuple[str, list[str], list[list[str]]]]:
                          _mmm([r["p99"] * 1000 for r in runs if r["p99"] is not None],
                               "{:,.1f}"),
                          " / ".join(f"{r['lost']:,}" for r in runs),
-                         " / ".join(f"{r.get('streams_lost', 'n/a')}" for r in runs)])
+                         " / ".join(f"{r.get('streams_lost', 'n/a')}" for r in runs),
+                         _mmm([r["cpu_us"] for r in runs if r.get("cpu_us") is not None])])
     if rows:
         out.append((f"Relay-added latency, streams paced at {TPS:g} tokens/s, ms (min / median"
                     " / max over repetitions)",
                     ["path", "streams", "p50", "p99", "tokens not delivered (per rep)",
-                     "streams lost (per rep)"], rows))
+                     "streams lost (per rep)", "serving CPU us/token"], rows))
     rows = []
     for name in names:
         runs = res.cancel.get(name)

@@ -7,8 +7,8 @@
 - ``fast_path``: reads OpenAI- and Anthropic-format SSE directly (httpx + orjson);
 - ``fast_formats``: the OpenAI-format dialects LiteLLM reads with code of its own (Azure
   OpenAI, Groq, OpenRouter): their requests and streams, as LiteLLM builds and reads them;
-- ``transport``: the fast path's HTTP transport (httpx pools of 16 streams, httpcore on a
-  plain-asyncio backend);
+- ``transport``: the fast path's HTTP transport (httpx's API on aiohttp's client, HTTP
+  parsed in C);
 - ``llm``: LiteLLM, imported once and configured for a relay (the path for every provider);
 - ``providers``: model aliases -> how and with which credentials to call;
 - ``errors``: provider exceptions -> safe wire error codes (the one place);

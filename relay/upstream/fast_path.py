@@ -24,7 +24,8 @@ What LiteLLM still does (its provider knowledge, once per stream, never per chun
   ``classify_upstream_exception`` answers exactly as on the LiteLLM path (Retry-After too);
 * finish reasons (``map_finish_reason``) and Anthropic usage arithmetic (``calculate_usage``).
 
-What the relay does: one shared ``httpx.AsyncClient`` per event loop, ``SSEParser`` (bytes in,
+What the relay does: one shared ``httpx.AsyncClient`` per event loop (on aiohttp's wire,
+``relay/upstream/transport.py``), ``SSEParser`` (bytes in,
 ``(event, data)`` out), ``orjson``, and a decoder per format that yields the deltas
 ``EventStreamer.events()`` consumes: ``(reasoning, content, tool_calls, finish_reason)`` with
 tool calls as ``(index, id, name, arguments)``. Timers, cancel (``aclose`` of the response),
@@ -505,12 +506,12 @@ def _http_client():
 
         timeout = float(getattr(get_litellm(), "request_timeout", 600) or 600)
         # Without proxies from the environment (which httpx honours only for a transport
-        # it builds itself): small pools on lean asyncio I/O (relay/upstream/transport.py).
+        # it builds itself): aiohttp's wire, HTTP parsed in C (relay/upstream/transport.py).
         transport = None
         if not urllib.request.getproxies():
-            from relay.upstream.transport import ShardedTransport
+            from relay.upstream.transport import AiohttpTransport
 
-            transport = ShardedTransport()
+            transport = AiohttpTransport()
         client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout),
             # One connection per concurrent stream: a pool cap would queue streams silently.
@@ -521,6 +522,19 @@ def _http_client():
         )
         _clients[loop] = client
     return client
+
+
+async def close_idle_http_client() -> None:
+    """Close this event loop's shared client (and its keep-alive connections) unless a
+    response is still open on it (another relay server on the same loop still streaming).
+    ``RelayServer.close`` calls it once its streams ended: an aiohttp session left to the
+    garbage collector reports itself unclosed. The next fast-path request opens a new one."""
+    client = _clients.get(asyncio.get_running_loop())
+    if client is None or client.is_closed:
+        return
+    open_responses = getattr(client._transport, "open_responses", 0)
+    if open_responses == 0:
+        await client.aclose()
 
 
 @dataclass(frozen=True)

@@ -1,286 +1,153 @@
-"""The fast path's HTTP transport: httpx's API, httpcore's HTTP/1.1, lean I/O underneath.
+"""The fast path's HTTP transport: httpx's API on aiohttp's client (HTTP parsed in C).
 
-Two costs of httpx's default transport showed at 1,000 concurrent streams (bench/capacity.py):
+The fast path reads each provider response chunk by chunk, and a provider that flushes every
+token makes each chunk one token: the HTTP layer's cost per chunk is paid per token. httpx's
+stack parses HTTP/1.1 in pure Python (httpcore + h11), ~30% of the relay's CPU per token at
+1,000 paced streams; aiohttp's client parses it with llhttp (C). bench/upstream_read.py
+measures them side by side (this machine, CPU per chunk with connection setup included:
+100 streams paced at 100 chunks/s 33 us on httpx's stack, 13 us on bare aiohttp, 18 us on
+this transport; 1,000 streams at 10 chunks/s 49, 25 and 33 us).
 
-* **One pool for every connection.** httpcore's pool re-examines every connection, and for
-  each idle one counts all of them again, on every request and every response close: with
-  1,000 streams on one pool that is O(connections^2) per stream start and end, and a burst
-  of starts after a burst of ends held the event loop for tens of seconds. So connections
-  live in pools of at most ``SHARD`` streams (``ShardedTransport``): a request goes to the
-  first pool with room (idle keep-alive connections are reused first), to a new pool when
-  all are full; a pool's count goes down when its response is closed.
-* **anyio per read.** Every read went through anyio (a cancel scope and a timer per read,
-  ~a quarter of the relay's CPU per token when each chunk carries one token). The pools
-  use ``LeanBackend``: an ``asyncio.Protocol`` per connection whose ``read`` returns what
-  is buffered without suspending, and arms a timer only when it has to wait.
+``AiohttpTransport`` is an ``httpx.AsyncBaseTransport``: ``relay.upstream.fast_path`` keeps
+building requests and reading responses with httpx (headers, content decoding, status,
+error bodies, exception classes all as before) and only the wire is aiohttp's:
 
-HTTP itself (h11, keep-alive, chunked bodies), TLS verification (the context httpx builds),
-and the exceptions httpx raises are unchanged: the backend raises httpcore's exceptions,
-which httpx maps as usual. Proxies from the environment are honoured by httpx only for a
-transport it builds itself, so ``relay.upstream.fast_path`` uses this one only when none is set.
+* one ``aiohttp.ClientSession`` per transport (the fast path has one per event loop) on a
+  ``TCPConnector`` without a connection limit (one connection per concurrent stream: a cap
+  would queue streams silently) keeping idle connections alive 30 s, with the TLS context
+  httpx builds (same certificate verification);
+* the request exactly as httpx built it (method, URL, headers, body); no redirects, no
+  cookies, no decompression, no proxy here (httpx does what it did: redirects are not
+  followed, ``Content-Encoding`` is decoded by ``httpx.Response``);
+* timeouts from the request's httpx timeout: ``connect`` for opening the connection,
+  ``read`` for the response head and for every read of the body;
+* aiohttp's exceptions become the httpx exceptions httpx's own transport raises for the
+  same failure (``ConnectError``, ``ConnectTimeout``, ``ReadTimeout``, ``ReadError``,
+  ``RemoteProtocolError``), so the fast path's error mapping is unchanged;
+* closing a response before its end closes its connection at once (a cancelled stream's
+  provider sees the connection close); a response read to its end gives the connection
+  back for keep-alive.
+
+Proxies from the environment are honoured by httpx only for a transport it builds itself,
+so ``relay.upstream.fast_path`` uses this one only when none is set.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
-
-import httpcore
+import aiohttp
 import httpx
 
-__all__ = ["LeanBackend", "ShardedTransport"]
+__all__ = ["AiohttpTransport"]
 
-#: Streams per connection pool (each pool's scans stay O(SHARD^2)).
-SHARD = 16
-#: A connection stops reading from its socket while this much is buffered and unread.
-_HIGH_WATER = 256 * 1024
+#: Idle keep-alive connections are closed after this many seconds (as httpx's pools did).
+KEEPALIVE_EXPIRY = 30.0
 
 
-class _LeanStream(asyncio.Protocol, httpcore.AsyncNetworkStream):
-    """One TCP (or TLS) connection as httpcore's network stream."""
-
-    def __init__(self) -> None:
-        self._transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
-        self._eof = False
-        self._error: BaseException | None = None
-        self._waiter: asyncio.Future | None = None
-        self._drain: asyncio.Future | None = None
-        self._paused = False
-
-    # ------------------------------------------------------------ asyncio.Protocol
-
-    def connection_made(self, transport) -> None:
-        self._transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        if len(self._buffer) > _HIGH_WATER and not self._paused:
-            self._paused = True
-            self._transport.pause_reading()
-        self._wake()
-
-    def eof_received(self) -> bool:
-        self._eof = True
-        self._wake()
-        return False
-
-    def connection_lost(self, exc) -> None:
-        self._eof = True
-        if exc is not None:
-            self._error = exc
-        self._wake()
-        drain, self._drain = self._drain, None
-        if drain is not None and not drain.done():
-            drain.set_result(None)
-
-    def pause_writing(self) -> None:
-        if self._drain is None:
-            self._drain = asyncio.get_running_loop().create_future()
-
-    def resume_writing(self) -> None:
-        drain, self._drain = self._drain, None
-        if drain is not None and not drain.done():
-            drain.set_result(None)
-
-    def _wake(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    # ------------------------------------------------------------ httpcore stream
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        buffer = self._buffer
-        if not buffer:
-            if self._error is not None:
-                raise httpcore.ReadError(str(self._error) or type(self._error).__name__)
-            if self._eof:
-                return b""
-            loop = asyncio.get_running_loop()
-            waiter = self._waiter = loop.create_future()
-            timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
-            try:
-                await waiter
-            finally:
-                if timer is not None:
-                    timer.cancel()
-                self._waiter = None
-            if not buffer:
-                if self._error is not None:
-                    raise httpcore.ReadError(str(self._error) or type(self._error).__name__)
-                return b""
-        if len(buffer) <= max_bytes:
-            data = bytes(buffer)
-            buffer.clear()
-        else:
-            data = bytes(buffer[:max_bytes])
-            del buffer[:max_bytes]
-        if self._paused and len(buffer) <= _HIGH_WATER // 4:
-            self._paused = False
-            self._transport.resume_reading()
-        return data
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        if not buffer:
-            return
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            raise httpcore.WriteError("the connection is closed")
-        transport.write(buffer)
-        drain = self._drain
-        if drain is not None:
-            try:
-                async with asyncio.timeout(timeout):
-                    await asyncio.shield(drain)
-            except TimeoutError:
-                raise httpcore.WriteTimeout("write timed out") from None
-            if self._error is not None or transport.is_closing():
-                raise httpcore.WriteError("the connection was lost while writing")
-
-    async def aclose(self) -> None:
-        transport = self._transport
-        if transport is not None:
-            transport.close()
-
-    async def start_tls(self, ssl_context, server_hostname: str | None = None,
-                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        try:
-            transport = await loop.start_tls(
-                self._transport, self, ssl_context, server_hostname=server_hostname,
-                ssl_handshake_timeout=timeout)
-        except TimeoutError as exc:
-            self._transport.abort()
-            raise httpcore.ConnectTimeout(str(exc)) from exc
-        except (OSError, EOFError) as exc:      # ssl.SSLError is an OSError
-            self._transport.abort()
-            raise httpcore.ConnectError(str(exc)) from exc
-        self._transport = transport
-        return self
-
-    def get_extra_info(self, info: str) -> Any:
-        transport = self._transport
-        if info == "is_readable":
-            # An idle keep-alive connection is "readable" when the server closed it or
-            # sent something unasked: httpcore then discards it.
-            return self._eof or bool(self._buffer) or self._error is not None
-        if transport is None:
-            return None
-        if info == "ssl_object":
-            return transport.get_extra_info("ssl_object")
-        if info == "client_addr":
-            return transport.get_extra_info("sockname")
-        if info == "server_addr":
-            return transport.get_extra_info("peername")
-        if info == "socket":
-            return transport.get_extra_info("socket")
-        return None
+def _mapped(exc: BaseException, request: httpx.Request) -> httpx.TransportError:
+    """The httpx exception httpx's own transport raises for the failure aiohttp reported."""
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout(message, request=request)
+    if isinstance(exc, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)):
+        return httpx.ReadTimeout(message, request=request)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(message, request=request)
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError,
+                        aiohttp.ClientResponseError)):
+        # The server closed early or sent what is not HTTP (h11's RemoteProtocolError).
+        return httpx.RemoteProtocolError(message, request=request)
+    return httpx.ReadError(message, request=request)
 
 
-def _expire(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_exception(httpcore.ReadTimeout("read timed out"))
+#: What ``_mapped`` translates: aiohttp's errors and its timeouts (a TimeoutError).
+_AIOHTTP_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
-class LeanBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's network backend on plain asyncio protocols (see the module docstring)."""
-
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None,
-                          socket_options=None) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        stream = _LeanStream()
-        try:
-            async with asyncio.timeout(timeout):
-                await loop.create_connection(
-                    lambda: stream, host, port,
-                    local_addr=(local_address, 0) if local_address else None)
-        except TimeoutError as exc:
-            raise httpcore.ConnectTimeout(str(exc)) from exc
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc)) from exc
-        sock = stream.get_extra_info("socket")
-        for option in socket_options or ():
-            sock.setsockopt(*option)
-        return stream
-
-    async def connect_unix_socket(self, path: str, timeout: float | None = None,
-                                  socket_options=None) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        stream = _LeanStream()
-        try:
-            async with asyncio.timeout(timeout):
-                await loop.create_unix_connection(lambda: stream, path)
-        except TimeoutError as exc:
-            raise httpcore.ConnectTimeout(str(exc)) from exc
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc)) from exc
-        return stream
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-
-
-class ShardedTransport(httpx.AsyncBaseTransport):
-    """httpx's default transport as connection pools of at most ``SHARD`` streams each, on
-    ``LeanBackend`` (see the module docstring)."""
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """httpx's transport interface on one aiohttp client session (see the module docstring).
+    Create it inside the event loop that uses it; ``aclose()`` closes every connection."""
 
     def __init__(self) -> None:
-        self._ssl = httpx.create_ssl_context()    # loaded once, shared by the pools
-        self._backend = LeanBackend()
-        self._pools: list[list] = []               # [transport, streams in flight]
+        connector = aiohttp.TCPConnector(
+            limit=0, limit_per_host=0, keepalive_timeout=KEEPALIVE_EXPIRY,
+            ssl=httpx.create_ssl_context())
+        self._session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(), raise_for_status=False,
+            timeout=aiohttp.ClientTimeout(total=None))
+        self._timeouts: dict[tuple, aiohttp.ClientTimeout] = {}
+        #: Responses returned and not closed yet.
+        self.open_responses = 0
 
-    def _new_pool(self) -> list:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=SHARD,
-                              keepalive_expiry=30.0)
-        transport = httpx.AsyncHTTPTransport(verify=self._ssl, limits=limits)
-        if isinstance(getattr(transport, "_pool", None), httpcore.AsyncConnectionPool):
-            # The same pool httpx builds, on the lean backend (httpx has no parameter for it).
-            transport._pool = httpcore.AsyncConnectionPool(
-                ssl_context=self._ssl, max_connections=None,
-                max_keepalive_connections=SHARD, keepalive_expiry=30.0,
-                network_backend=self._backend)
-        pool = [transport, 0]
-        self._pools.append(pool)
-        return pool
+    def _timeout(self, request: httpx.Request) -> aiohttp.ClientTimeout:
+        spec = request.extensions.get("timeout") or {}
+        key = (spec.get("connect"), spec.get("read"))
+        timeout = self._timeouts.get(key)
+        if timeout is None:
+            timeout = self._timeouts[key] = aiohttp.ClientTimeout(
+                total=None, sock_connect=key[0], sock_read=key[1])
+        return timeout
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        for pool in self._pools:
-            if pool[1] < SHARD:
-                break
+        body = request.content if isinstance(request.stream, httpx.ByteStream) \
+            else await request.aread()
+        try:
+            response = await self._session.request(
+                request.method, str(request.url), data=body or None,
+                headers=request.headers.multi_items(), allow_redirects=False,
+                timeout=self._timeout(request), auto_decompress=False)
+        except _AIOHTTP_ERRORS as exc:
+            raise _mapped(exc, request) from exc
+        self.open_responses += 1
+        return httpx.Response(
+            response.status, headers=response.raw_headers,
+            stream=_Body(response, request, self),
+            extensions={"http_version": b"HTTP/%d.%d" % response.version,
+                        "reason_phrase": (response.reason or "").encode("latin-1")})
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+
+class _Body(httpx.AsyncByteStream):
+    """A response body: each ``__anext__`` is at most one HTTP chunk (what has arrived of it),
+    as httpx's own transport yields them: the fast path hands on the deltas of one chunk
+    before it looks at the next (a chunk that fails the stream comes after the tokens that
+    came before it). ``aclose()`` before the end closes the connection."""
+
+    __slots__ = ("_response", "_content", "_request", "_owner")
+
+    def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request,
+                 owner: AiohttpTransport) -> None:
+        self._response = response
+        self._content = response.content
+        self._request = request
+        self._owner: AiohttpTransport | None = owner
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk, chunk_end = await self._content.readchunk()
+            while not chunk:
+                if not chunk_end:
+                    raise StopAsyncIteration          # (b"", False): the end of the body
+                chunk, chunk_end = await self._content.readchunk()
+        except _AIOHTTP_ERRORS as exc:
+            raise _mapped(exc, self._request) from exc
+        return chunk
+
+    async def aclose(self) -> None:
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner.open_responses -= 1
+        response = self._response
+        if self._content.is_eof():
+            response.release()          # read to the end: the connection stays alive
         else:
-            pool = self._new_pool()
-        pool[1] += 1
-        try:
-            response = await pool[0].handle_async_request(request)
-        except BaseException:
-            pool[1] -= 1
-            raise
-        response.stream = _PoolRelease(response.stream, pool)
-        return response
+            response.close()            # closed early: close the connection now
 
-    async def aclose(self) -> None:
-        pools, self._pools = self._pools, []
-        for transport, _ in pools:
-            await transport.aclose()
-
-
-class _PoolRelease(httpx.AsyncByteStream):
-    """A response body that gives its pool's slot back once closed (exactly once)."""
-
-    def __init__(self, stream, pool: list) -> None:
-        self._stream = stream
-        self._pool = pool
-
-    def __aiter__(self):
-        return self._stream.__aiter__()
-
-    async def aclose(self) -> None:
-        pool, self._pool = self._pool, None
-        try:
-            await self._stream.aclose()
-        finally:
-            if pool is not None:
-                pool[1] -= 1
-
+    def __repr__(self) -> str:
+        return f"<_Body {self._response.status}>"

@@ -1,9 +1,10 @@
 """relay/upstream/transport.py: the fast path's transport behaves like httpx's default one.
 
 Each scenario runs against a raw asyncio HTTP server (port 0) through both transports,
-httpx's default and ``ShardedTransport``, and must end the same way (body, or exception
-class); on top, the sharded transport must spread many concurrent streams over pools of
-``SHARD`` and give every pool slot back.
+httpx's default and ``AiohttpTransport``, and must end the same way (body chunk by chunk,
+or exception class); on top, the aiohttp transport must give each concurrent stream a
+connection of its own (no queueing), reuse a finished response's connection, and close a
+response's connection as soon as it is closed early.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import httpx
 import pytest
 
-from relay.upstream.transport import SHARD, ShardedTransport
+from relay.upstream.transport import AiohttpTransport
 
 _HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
          b"Transfer-Encoding: chunked\r\n\r\n")
@@ -31,6 +32,7 @@ class Upstream:
 
     def __init__(self) -> None:
         self.connections = 0
+        self.closed_by_client = asyncio.Event()
         self.release = asyncio.Event()
         self.handlers: set[asyncio.Task] = set()
         self.server: asyncio.Server | None = None
@@ -74,7 +76,14 @@ class Upstream:
                 elif path == b"/hold":
                     writer.write(_HEAD + _chunk(b"data: first\n\n"))
                     await writer.drain()
-                    await self.release.wait()
+                    release = asyncio.ensure_future(self.release.wait())
+                    gone = asyncio.ensure_future(reader.read(1))
+                    await asyncio.wait({release, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    release.cancel()
+                    gone.cancel()
+                    if gone.done() and not gone.cancelled() and gone.result() == b"":
+                        self.closed_by_client.set()    # the client closed the connection
+                        return
                     writer.write(_chunk(b"data: last\n\n") + b"0\r\n\r\n")
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -84,52 +93,54 @@ class Upstream:
             self.handlers.discard(asyncio.current_task())
 
 
-async def _outcome(transport, url: str, timeout: float = 5.0) -> tuple[str, bytes]:
+async def _outcome(transport, url: str, timeout: float = 5.0) -> tuple[str, list]:
     async with httpx.AsyncClient(transport=transport, timeout=timeout) as client:
         try:
             async with client.stream("GET", url) as response:
-                body = b"".join([chunk async for chunk in response.aiter_bytes()])
-                return "ok", body
+                chunks = [chunk async for chunk in response.aiter_bytes()]
+                return "ok", chunks
         except httpx.HTTPError as exc:
-            return type(exc).__name__, b""
+            return type(exc).__name__, []
 
 
 @pytest.mark.parametrize("path", ["/body", "/cut"])
 async def test_same_outcome_as_httpx_default_transport(path):
     async with Upstream() as upstream:
         default = await _outcome(None, upstream.url(path))
-        sharded = await _outcome(ShardedTransport(), upstream.url(path))
-    assert sharded == default
+        ours = await _outcome(AiohttpTransport(), upstream.url(path))
+    assert ours == default
     if path == "/body":
-        assert default[0] == "ok" and default[1].count(b"data:") == 50
+        # one item per HTTP chunk, as httpx's transport yields them
+        assert default[0] == "ok" and default[1] == [b"data: %d\n\n" % i for i in range(50)]
     else:
         assert default[0] == "RemoteProtocolError"
 
 
 async def test_read_timeout_and_connect_error_are_httpx_exceptions():
     async with Upstream() as upstream:
-        assert (await _outcome(ShardedTransport(), upstream.url("/silent"), timeout=0.2))[0] \
+        assert (await _outcome(AiohttpTransport(), upstream.url("/silent"), timeout=0.2))[0] \
             == "ReadTimeout"
         port = upstream.port
     # the server is closed now: nothing listens on its port
-    assert (await _outcome(ShardedTransport(), f"http://127.0.0.1:{port}/body"))[0] \
+    assert (await _outcome(AiohttpTransport(), f"http://127.0.0.1:{port}/body"))[0] \
         == "ConnectError"
 
 
 async def test_keep_alive_connection_is_reused():
     async with Upstream() as upstream:
-        transport = ShardedTransport()
+        transport = AiohttpTransport()
         async with httpx.AsyncClient(transport=transport) as client:
             for _ in range(3):
                 response = await client.get(upstream.url("/body"))
                 assert response.status_code == 200
+            assert transport.open_responses == 0
         assert upstream.connections == 1
 
 
-async def test_concurrent_streams_spread_over_pools_and_slots_come_back():
-    streams = 2 * SHARD + 3
+async def test_concurrent_streams_each_get_a_connection_and_all_finish():
+    streams = 40
     async with Upstream() as upstream:
-        transport = ShardedTransport()
+        transport = AiohttpTransport()
         async with httpx.AsyncClient(transport=transport) as client:
             started = asyncio.Queue()
 
@@ -144,20 +155,49 @@ async def test_concurrent_streams_spread_over_pools_and_slots_come_back():
             tasks = [asyncio.create_task(one()) for _ in range(streams)]
             for _ in range(streams):
                 await started.get()
-            # every stream is open now, each on its own connection
-            assert [count for _, count in transport._pools] == [SHARD, SHARD, 3]
+            # every stream is open now, each on its own connection (none queued)
+            assert transport.open_responses == streams
+            assert upstream.connections == streams
             upstream.release.set()
             bodies = await asyncio.gather(*tasks)
+            assert transport.open_responses == 0
         assert all(body == b"data: first\n\ndata: last\n\n" for body in bodies)
-        assert upstream.connections == streams
-        assert transport._pools == []                 # closed with the client
 
 
-async def test_pool_slot_is_given_back_when_a_stream_is_closed_early():
+async def test_closing_a_response_early_closes_its_connection():
     async with Upstream() as upstream:
-        transport = ShardedTransport()
+        transport = AiohttpTransport()
         async with httpx.AsyncClient(transport=transport) as client:
             async with client.stream("GET", upstream.url("/hold")) as response:
                 await response.aiter_bytes().__anext__()
-                assert [count for _, count in transport._pools] == [1]
-            assert [count for _, count in transport._pools] == [0]
+                assert transport.open_responses == 1
+            assert transport.open_responses == 0
+            # the server sees the connection closed while the client stays open
+            await upstream.closed_by_client.wait()
+            # and a new request opens a new connection
+            response = await client.get(upstream.url("/body"))
+            assert response.status_code == 200
+        assert upstream.connections == 2
+
+
+async def test_http_error_status_headers_and_body_reach_httpx():
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 13\r\n\r\n"
+                     b'{"error":"x"}')
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    try:
+        async with httpx.AsyncClient(transport=AiohttpTransport()) as client:
+            response = await client.post(url, content=b"{}")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert response.status_code == 429
+    assert response.reason_phrase == "Too Many Requests"
+    assert response.headers["retry-after"] == "7"
+    assert response.content == b'{"error":"x"}'
