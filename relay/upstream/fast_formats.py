@@ -192,7 +192,49 @@ def openai_decoder_for(provider: str, generic_decoder: type, map_finish, stream_
     return generic_decoder(map_finish, stream_error)
 
 
-class LineReadDecoder:
+class OpenAIUsage:
+    """The usage of an OpenAI-format stream, as both OpenAI-format decoders read it: the
+    largest positive prompt and completion counts any chunk's ``usage`` carried."""
+
+    __slots__ = ()
+    usage: tuple[int | None, int | None]
+
+    def _take_usage(self, usage: Any) -> None:
+        if type(usage) is not dict:
+            return
+        p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        prompt, completion = self.usage
+        if type(p) is int and p > 0:
+            prompt = max(prompt or 0, p)
+        if type(c) is int and c > 0:
+            completion = max(completion or 0, c)
+        self.usage = (prompt, completion)
+
+    def provider_usage(self) -> UsageInfo | None:
+        prompt, completion = self.usage
+        if prompt is None and completion is None:
+            return None
+        return UsageInfo(prompt or 0, completion or 0, estimated=False)
+
+
+def openai_delta(delta: dict, reasoning: Any, finish: str | None) -> tuple | None:
+    """One choice's ``delta`` as ``(reasoning, content, tool_calls, finish)``, or None when
+    it carries nothing (each dialect picks ``reasoning`` its own way)."""
+    tool_calls = delta.get("tool_calls")
+    if tool_calls:
+        calls = []
+        for tc in tool_calls:
+            fn = tc.get("function") or {}
+            calls.append((tc.get("index"), tc.get("id") or None, fn.get("name"),
+                          fn.get("arguments") or ""))
+        tool_calls = calls
+    content = delta.get("content")
+    if reasoning or content or tool_calls or finish:
+        return (reasoning if type(reasoning) is str else None, content, tool_calls, finish)
+    return None
+
+
+class LineReadDecoder(OpenAIUsage):
     """OpenAI-format events of Groq and OpenRouter, read as LiteLLM's HTTP handler reads them
     (``BaseModelResponseIterator`` + the provider's ``chunk_parser``), not as the OpenAI SDK:
 
@@ -271,36 +313,10 @@ class LineReadDecoder:
                 reasoning = delta["reasoning"]
             else:
                 reasoning = delta.get("reasoning_content")
-            tool_calls = delta.get("tool_calls")
-            if tool_calls:
-                calls = []
-                for tc in tool_calls:
-                    fn = tc.get("function") or {}
-                    calls.append((tc.get("index"), tc.get("id") or None, fn.get("name"),
-                                  fn.get("arguments") or ""))
-                tool_calls = calls
-            content = delta.get("content")
-            if reasoning or content or tool_calls or finish:
-                deltas.append((reasoning if type(reasoning) is str else None, content,
-                               tool_calls, finish))
+            event = openai_delta(delta, reasoning, finish)
+            if event is not None:
+                deltas.append(event)
         return deltas
-
-    def _take_usage(self, usage: Any) -> None:
-        if type(usage) is not dict:
-            return
-        p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        prompt, completion = self.usage
-        if type(p) is int and p > 0:
-            prompt = max(prompt or 0, p)
-        if type(c) is int and c > 0:
-            completion = max(completion or 0, c)
-        self.usage = (prompt, completion)
-
-    def provider_usage(self) -> UsageInfo | None:
-        prompt, completion = self.usage
-        if prompt is None and completion is None:
-            return None
-        return UsageInfo(prompt or 0, completion or 0, estimated=False)
 
 
 _NO_DELTA = (None, None, None, None)  # as fast_path._NO_DELTA: a sign of life, no event

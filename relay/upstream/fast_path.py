@@ -208,7 +208,7 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 _NO_DELTA = (None, None, None, None)
 
 
-class _OpenAIDecoder:
+class _OpenAIDecoder(fast_formats.OpenAIUsage):
     """OpenAI ``chat.completion.chunk`` events -> deltas; ``[DONE]`` ends the stream."""
 
     __slots__ = ("done", "finish_reason", "usage", "_map_finish", "_stream_error")
@@ -261,36 +261,10 @@ class _OpenAIDecoder:
             reasoning = delta.get("reasoning_content")
             if reasoning is None:
                 reasoning = delta.get("reasoning")  # vLLM, Groq, Cerebras name (as LiteLLM maps)
-            tool_calls = delta.get("tool_calls")
-            if tool_calls:
-                calls = []
-                for tc in tool_calls:
-                    fn = tc.get("function") or {}
-                    calls.append((tc.get("index"), tc.get("id") or None, fn.get("name"),
-                                  fn.get("arguments") or ""))
-                tool_calls = calls
-            content = delta.get("content")
-            if reasoning or content or tool_calls or finish:
-                deltas.append((reasoning if type(reasoning) is str else None, content,
-                               tool_calls, finish))
+            event = fast_formats.openai_delta(delta, reasoning, finish)
+            if event is not None:
+                deltas.append(event)
         return deltas
-
-    def _take_usage(self, usage: Any) -> None:
-        if type(usage) is not dict:
-            return
-        p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        prompt, completion = self.usage
-        if type(p) is int and p > 0:
-            prompt = max(prompt or 0, p)
-        if type(c) is int and c > 0:
-            completion = max(completion or 0, c)
-        self.usage = (prompt, completion)
-
-    def provider_usage(self) -> UsageInfo | None:
-        prompt, completion = self.usage
-        if prompt is None and completion is None:
-            return None
-        return UsageInfo(prompt or 0, completion or 0, estimated=False)
 
 
 class _AnthropicDecoder:

@@ -53,6 +53,16 @@ async def _until_tokens(c: Client, id: str, n: int) -> tuple[dict, list[dict]]:
     return started, seen
 
 
+async def _started_then_dropped(url: str, tokens: int) -> tuple[dict, list[dict]]:
+    """Start ``q1`` on the relay at ``url``, read ``tokens`` tokens, then lose the connection
+    without a close (the stream stays resumable): its ``started`` and the frames read."""
+    async with Client.connect(url) as c:
+        await c.start("q1", messages=MESSAGES)
+        started, before = await _until_tokens(c, "q1", tokens)
+        c.ws.transport.abort()
+    return started, before
+
+
 def _assert_whole(before: list[dict], after: list[dict]) -> None:
     seqs = [f["seq"] for f in before + after]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), seqs
@@ -63,10 +73,7 @@ def _assert_whole(before: list[dict], after: list[dict]) -> None:
 
 async def test_a_stream_started_on_one_relay_resumes_on_the_other(prefix):
     async with two_relays(SHARED_REDIS, prefix, demo_tps=100) as (a, b):
-        async with Client.connect(a.url) as ca:
-            await ca.start("q1", messages=MESSAGES)
-            started, before = await _until_tokens(ca, "q1", 3)
-            ca.ws.transport.abort()
+        started, before = await _started_then_dropped(a.url, 3)
         async with Client.connect(b.url) as cb:
             last = before[-1]["seq"]
             await cb.send({"type": "resume", "stream_key": started["stream_key"],
@@ -86,10 +93,7 @@ async def test_following_a_stream_from_redis_charges_its_frames_and_gives_them_b
     zero (issue 12: the follower's frames were not charged but were subtracted once sent,
     so ``log_bytes`` went below zero on every relay that followed a stream)."""
     async with two_relays(SHARED_REDIS, prefix, demo_tps=100) as (a, b):
-        async with Client.connect(a.url) as ca:
-            await ca.start("q1", messages=MESSAGES)
-            started, before = await _until_tokens(ca, "q1", 3)
-            ca.ws.transport.abort()
+        started, before = await _started_then_dropped(a.url, 3)
         async with Client.connect(b.url) as cb:
             await cb.send({"type": "resume", "stream_key": started["stream_key"],
                            "after_seq": before[-1]["seq"]})
