@@ -16,6 +16,8 @@ one at a time, each *path* as a process of its own, then drives it from this pro
             cost (request, response headers) is spread over as many tokens as in the paths)
   fast      ``relay serve``, alias on the relay's direct SSE path (when this build has one:
             the config key ``fast``; an alias selects it unless ``fast = false``)
+  fast-asyncio  the same with ``--loop asyncio`` (asyncio's own event loop instead of the
+            default uvloop, on builds that have ``--loop``): what the loop is worth
   litellm   ``relay serve``, alias with ``fast = false`` (on builds without a fast path:
             every alias, which is this path)
   naive     bench/naive_relay.py: the seed's EventStreamer (litellm stream -> one JSON frame
@@ -41,7 +43,11 @@ Measured (min / median / max over the repetitions):
 * idle memory per connection (RSS growth with N connections that said ``hello``).
 
 Absolute figures are this machine's (shared, 2 cores: the clients and the upstream run on
-the same cores as the path measured); compare the rows of one run.
+the same cores as the path measured); compare the rows of one run. The benchmark's own side
+(this process's clients, the fake upstream, the raw reader) runs on uvloop when it is
+installed, like ``relay serve``: the clients and the upstream stand in for other machines,
+and the less of the 2 cores they take, the more the measured path gets. The naive relay
+keeps asyncio's default loop, as the seed's code does.
 """
 
 from __future__ import annotations
@@ -655,6 +661,15 @@ async def run(args: argparse.Namespace) -> Results:
                 paths.append(Served("litellm", "llm-relay, LiteLLM path" if has_fast else
                                    "llm-relay (LiteLLM path)", relay, url,
                                    "bench-litellm" if has_fast else "bench"))
+        if "fast-asyncio" in modes and has_fast:
+            try:
+                plain = start_relay(config, "--loop", "asyncio")
+            except RuntimeError as exc:           # a build without --loop
+                res.notes.append(f"fast path on asyncio's loop: not measured ({exc})")
+            else:
+                procs.append(plain)
+                paths.append(Served("fast-asyncio", "llm-relay, fast path, asyncio loop",
+                                    plain, _relay_url(plain), "bench"))
         if "raw" in modes:
             reader = Proc("raw", [PY, str(Path(__file__)), "--raw-reader", base],
                           "raw-reader ready", stdin=True)
@@ -826,7 +841,8 @@ def _median(values: list[float]) -> float | None:
 def tables(res: Results) -> list[tuple[str, list[str], list[list[str]]]]:
     out = []
     shapes = [n for n, _ in res.labels["shapes"]]
-    names = [n for n in ("raw", "fast", "litellm", "naive", "proxy") if n in res.labels]
+    names = [n for n in ("raw", "fast", "fast-asyncio", "litellm", "naive", "proxy")
+             if n in res.labels]
     rows = []
     for name in names:
         row = [res.labels[name]]
@@ -974,7 +990,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer tokens, 2 repetitions")
     parser.add_argument("--reps", type=int, help="repetitions (3; --quick: 2)")
-    parser.add_argument("--modes", default="raw,fast,litellm,naive,proxy,workers",
+    parser.add_argument("--modes", default="raw,fast,fast-asyncio,litellm,naive,proxy,workers",
                         help="paths to measure (comma-separated)")
     parser.add_argument("--skip", default="",
                         help="parts to skip: throughput,latency,cancel,idle")
@@ -1014,5 +1030,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_on_fastest_loop(main) -> None:
+    """``asyncio.run(main)`` on uvloop when it is installed (see the module docstring)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_on_fastest_loop(main())

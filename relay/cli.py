@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import os
 import faulthandler
+import logging
 import signal
 import sys
 from typing import Any
@@ -92,6 +93,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", help="debug, info, warning, error (info)")
     serve.add_argument("--log-json", action="store_true", default=None,
                        help="log JSON lines instead of text")
+    serve.add_argument("--loop", dest="event_loop", choices=("auto", "asyncio", "uvloop"),
+                       help="event loop: 'auto' takes uvloop when installed (auto)")
     serve.add_argument("--auth", action="store_true", default=None,
                        help="require credentials: an API key or a signed token (the token "
                        "secret comes from RELAY_TOKEN_SECRET, never a flag)")
@@ -180,10 +183,17 @@ def _serve(args: argparse.Namespace) -> int:
     workers = _worker_count(args, settings)
     if workers is None:
         return 2
+    from relay.runtime import eventloop
+
+    try:
+        loop = eventloop.choose_loop(settings.event_loop)
+    except eventloop.LoopUnavailable as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
     if workers > 1:
         from relay.runtime.workers import Supervisor
 
-        return asyncio.run(Supervisor(settings, workers).run())
+        return eventloop.run(Supervisor(settings, workers).run(), loop)
     from relay.app import ConfigError, build_registry
 
     try:
@@ -191,7 +201,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"relay: configuration error: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(_run(settings, registry, worker_index=args.worker_index))
+    return eventloop.run(_run(settings, registry, worker_index=args.worker_index), loop)
 
 
 def _bind_failure_message(exc: OSError, settings) -> str:
@@ -258,8 +268,18 @@ def _announce_worker(server: Any, registry: Any, worker_index: int) -> None:
     print(worker_ready_line(worker_index, server.metrics_port, registry.aliases), flush=True)
 
 
+def _print_tasks() -> None:
+    """Every task of the running loop with its stack, to stderr."""
+    tasks = asyncio.all_tasks()
+    print(f"--- {len(tasks)} asyncio task(s) of pid {os.getpid()}", file=sys.stderr)
+    for task in tasks:
+        task.print_stack(file=sys.stderr)
+    sys.stderr.flush()
+
+
 async def _run(settings, registry, *, worker_index: int | None = None) -> int:
     from relay.cluster.redis_store import StoreUnavailable
+    from relay.runtime.eventloop import running_loop_name
     from relay.runtime.server import RelayServer
     from relay.runtime.warmup import start_warm_up
 
@@ -267,6 +287,9 @@ async def _run(settings, registry, *, worker_index: int | None = None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # `kill -USR2 <pid>`: every asyncio task and where it waits (SIGUSR1 shows threads only;
+    # a relay that will not exit is usually one task waiting on another).
+    loop.add_signal_handler(signal.SIGUSR2, _print_tasks)
     server = RelayServer(settings, registry, **_worker_server_options(worker_index))
     try:
         await server.start()
@@ -281,6 +304,7 @@ async def _run(settings, registry, *, worker_index: int | None = None) -> int:
     try:
         # LiteLLM's lazy imports and tokenizer, in a thread: not on the first stream.
         start_warm_up()
+        logging.getLogger("relay.cli").info("event loop: %s", running_loop_name())
         print(f"llm-relay listening on {server.url} (protocol llm-relay.v1); "
               f"models: {', '.join(registry.aliases)}", flush=True)
         if server.metrics_port is not None:

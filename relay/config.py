@@ -7,6 +7,7 @@ Loaded with pydantic-settings; importing this module never imports LiteLLM, so
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -142,4 +143,7 @@ class RelaySettings(BaseSettings):
                                           "connection (SO_SNDBUF); default: the OS's")
     log_level: str = "info"
     log_json: bool = False
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto", description="asyncio event loop: uvloop when installed (auto), or force one "
+        "(relay/runtime/eventloop.py)")
     config: Path | None = Field(None, description="TOML file of model aliases")

@@ -13,3 +13,30 @@ def pytest_terminal_summary(terminalreporter):
 
     for line in NODE_REPORTS:
         terminalreporter.write_line(line)
+
+
+# --- event loops. `relay serve` runs on uvloop when it is installed (relay/runtime/eventloop.py:
+# the default, `--loop auto`), so the suite's async tests do too; modules marked `both_loops`
+# also run on asyncio's own loop (`--loop asyncio`, and every machine without uvloop).
+# RELAY_TEST_LOOP=asyncio runs the whole suite on asyncio's loop instead.
+def _loop_factories() -> dict:
+    import asyncio
+
+    factories = {"asyncio": asyncio.new_event_loop}
+    try:
+        import uvloop
+    except ImportError:           # uvloop is a dependency on Linux/macOS: fail, never skip
+        return factories
+    return {"uvloop": uvloop.new_event_loop, **factories}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "both_loops: run on uvloop and on asyncio's own loop")
+
+
+def pytest_asyncio_loop_factories(config, item):
+    factories = _loop_factories()
+    if item.get_closest_marker("both_loops") is not None:
+        return factories
+    chosen = os.environ.get("RELAY_TEST_LOOP") or next(iter(factories))
+    return {chosen: factories[chosen]}

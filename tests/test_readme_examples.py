@@ -151,10 +151,12 @@ def _kill_group(proc: subprocess.Popen) -> None:
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        # `relay serve` prints every thread's stack on SIGUSR1 (faulthandler): say where it
-        # was stuck, then kill it. A warning, not a failure: the snippet itself ran.
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGUSR1)
+        # `relay serve` prints its asyncio tasks on SIGUSR2 and every thread's stack on
+        # SIGUSR1 (faulthandler): say where it was stuck, then kill it. A warning, not a
+        # failure: the snippet itself ran.
+        for sig in (signal.SIGUSR2, signal.SIGUSR1):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, sig)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=2)
         os.killpg(proc.pid, signal.SIGKILL)

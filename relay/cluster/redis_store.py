@@ -37,10 +37,17 @@ Contracts shared by every method:
   on one node.
 
 Three redis-py clients (pools) are used, so that one kind of traffic cannot starve another:
-commands (``socket_timeout = op_timeout``, one immediate retry on a dropped pooled connection,
-the whole call capped at ``op_timeout``), blocking ``XREAD`` (each call capped at
-``block + op_timeout``; redis-py's socket timeout is per pool, the cap is per call), and the
+commands (one immediate retry on a dropped pooled connection, the whole call capped at
+``op_timeout``), blocking ``XREAD`` (each call capped at ``block + op_timeout``), and the
 control-channel subscription (no redis-py retries: the listener below owns reconnection).
+
+Deadlines are ours (``asyncio.timeout`` around each call), never redis-py's
+``socket_timeout``: redis-py enforces that on every send with ``asyncio.wait_for``, which on
+Python 3.11 returns normally when the send completes in the same loop iteration as a
+``cancel()`` of the caller, losing the cancellation (CPython gh-86296). On uvloop a send
+completes at once, so a relay's shutdown lost the cancel of its shared-limits task about
+every other time and never exited. ``_run`` also re-raises a cancellation that a library
+swallowed (the task's ``cancelling()`` count rose during the call).
 
 Control listener: ``start()`` subscribes before returning, so a message published after
 ``start()`` returns is delivered. A background task then hands every message on the channel
@@ -197,11 +204,11 @@ class RedisStore:
         # default client limit.
         self._cmd = Redis.from_pool(BlockingConnectionPool.from_url(
             url, max_connections=_COMMAND_CONNECTIONS, timeout=op_timeout,
-            socket_timeout=op_timeout, **once, **common))
+            socket_timeout=None, **once, **common))
         self._blocking = Redis.from_pool(ConnectionPool.from_url(
             url, max_connections=_BLOCKING_READ_CONNECTIONS, socket_timeout=None,
             **once, **common))
-        self._sub = Redis.from_url(url, socket_timeout=op_timeout,
+        self._sub = Redis.from_url(url, socket_timeout=None,
                                    retry=Retry(NoBackoff(), 0), **common)
         self._finish = self._cmd.register_script(_FINISH)
         self._mark_lost = self._cmd.register_script(_MARK_LOST)
@@ -247,11 +254,18 @@ class RedisStore:
         """Run one Redis exchange under a hard deadline, translating every failure."""
         if self._closed:
             raise StoreUnavailable(f"redis at {self._where}: {what} failed (store is closed)")
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         try:
             async with asyncio.timeout(self.op_timeout if timeout is None else timeout):
-                return await call()
+                result = await call()
         except (RedisError, OSError, TimeoutError) as exc:
+            if task is not None and task.cancelling() > cancels:
+                raise asyncio.CancelledError() from exc     # cancelled, then converted
             raise self._unavailable(what, exc) from exc
+        if task is not None and task.cancelling() > cancels:
+            raise asyncio.CancelledError()                  # cancelled, then swallowed
+        return result
 
     # ------------------------------------------------------------------ other modules' keys
 

@@ -14,6 +14,9 @@ from relay.client import RelayClient
 from relay.aio import cancel_and_wait
 
 
+# On uvloop (the default) and on asyncio's own loop (tests/conftest.py).
+pytestmark = pytest.mark.both_loops
+
 class _Child:
     """A task that, once cancelled, waits for ``release`` before it ends cancelled."""
 

@@ -93,3 +93,41 @@ def socket_port_with_nothing_listening() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_sigusr2_prints_every_asyncio_task_and_sigusr1_every_thread():
+    """Where a relay that will not exit waits: its tasks (SIGUSR2), its threads (SIGUSR1)."""
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(), cwd=ROOT)
+    lines: list[str] = []
+    seen = {"asyncio task(s) of pid": threading.Event(), "Current thread": threading.Event()}
+
+    def read_stderr() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            for marker, event in seen.items():
+                if marker in line:
+                    event.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        assert "listening on" in proc.stdout.readline()
+        proc.send_signal(signal.SIGUSR2)
+        assert seen["asyncio task(s) of pid"].wait(30), "".join(lines)
+        proc.send_signal(signal.SIGUSR1)
+        assert seen["Current thread"].wait(30), "".join(lines)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        reader.join(10)
+        dump = "".join(lines)
+        # the main task, waiting for SIGTERM in relay.cli._run
+        assert f"asyncio task(s) of pid {proc.pid}" in dump and "in _run" in dump, dump
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()

@@ -19,6 +19,7 @@ from uuid import uuid4
 import orjson
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 import relay.cluster.redis_store as redis_store
 from relay.cluster.redis_store import RedisStore, StoreUnavailable, StreamMeta
@@ -398,6 +399,41 @@ async def test_cancelled_read_leaves_the_store_usable(private: RedisServerProces
         assert await store.read("s", 1, block=1) == [(2, b"b")]
         assert await store.read("s", 0, block=1) == [(1, b"a"), (2, b"b")]
     await admin.aclose()
+
+
+@pytest.mark.parametrize("library", ["swallows", "converts"])
+async def test_a_cancellation_lost_inside_a_call_still_cancels_the_caller(store: RedisStore,
+                                                                          library: str) -> None:
+    """A library call that absorbs the caller's cancel (returns normally, as Python 3.11's
+    ``asyncio.wait_for`` inside redis-py can, or raises its own error instead) must not keep
+    the caller running: every store call re-raises the cancellation."""
+    entered = asyncio.Event()
+
+    async def call() -> str:
+        entered.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            if library == "converts":
+                raise RedisConnectionError("connection closed by cancel") from None
+            return "absorbed"
+        return "slept"
+
+    caller = asyncio.create_task(store._run("probe", call))
+    await entered.wait()
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    # The store's own deadline is not a cancellation: it still reads as StoreUnavailable.
+    with pytest.raises(StoreUnavailable, match="probe failed \\(no answer in time\\)"):
+        await store._run("probe", lambda: asyncio.sleep(10), timeout=0.01)
+
+
+def test_deadlines_are_the_stores_not_redis_py_socket_timeouts(store: RedisStore) -> None:
+    # redis-py enforces socket_timeout with asyncio.wait_for on every send, which can lose a
+    # cancellation on Python 3.11 (module docstring); _run's asyncio.timeout caps each call.
+    for client in (store._cmd, store._blocking, store._sub):
+        assert client.connection_pool.connection_kwargs.get("socket_timeout") is None
 
 
 async def _is_zero(coro) -> bool:

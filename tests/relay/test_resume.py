@@ -4,6 +4,8 @@ every frame after its last seq exactly once (in-process memory log)."""
 from __future__ import annotations
 
 import asyncio
+
+import pytest
 import logging
 
 from protocol import FinishStatus
@@ -14,6 +16,9 @@ from relay.upstream.streamer import StreamEnd, TextDelta, UsageInfo
 from relay.streamer import TokenStreamer
 
 from .helpers import Client, eventually, start_relay, text_of
+
+# On uvloop (the default) and on asyncio's own loop (tests/conftest.py).
+pytestmark = pytest.mark.both_loops
 
 PROMPT = "please resume this answer without losing a single word of it " * 3
 MESSAGES = [{"role": "user", "content": PROMPT}]

@@ -17,6 +17,9 @@ import pytest
 
 from relay.upstream.transport import AiohttpTransport
 
+# On uvloop (the default) and on asyncio's own loop (tests/conftest.py).
+pytestmark = pytest.mark.both_loops
+
 _HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
          b"Transfer-Encoding: chunked\r\n\r\n")
 
