@@ -43,11 +43,12 @@ Measured (min / median / max over the repetitions):
 * idle memory per connection (RSS growth with N connections that said ``hello``).
 
 Absolute figures are this machine's (shared, 2 cores: the clients and the upstream run on
-the same cores as the path measured); compare the rows of one run. The benchmark's own side
-(this process's clients, the fake upstream, the raw reader) runs on uvloop when it is
-installed, like ``relay serve``: the clients and the upstream stand in for other machines,
-and the less of the 2 cores they take, the more the measured path gets. The naive relay
-keeps asyncio's default loop, as the seed's code does.
+the same cores as the path measured); compare the rows of one run. The benchmark's own
+clients (this process) and the raw reader run on uvloop when it is installed, like ``relay
+serve``: the clients stand in for other machines, and the less of the 2 cores they take, the
+more the measured path gets. The fake upstream stays on asyncio's loop: on uvloop it left some
+paced responses without their end (with the relay on either loop; bench-only code, not
+investigated further). The naive relay keeps asyncio's loop, as the seed's code does.
 """
 
 from __future__ import annotations

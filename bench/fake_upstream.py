@@ -245,9 +245,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    try:                  # the cheaper loop: an upstream that stands in for another machine
-        import uvloop
-    except ImportError:
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
+    asyncio.run(main())

@@ -344,4 +344,10 @@ asyncio.run(main())
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    # The loop `relay serve` runs on by default (uvloop when installed); `--loop asyncio`
+    # in RELAY_EVENT_LOOP measures asyncio's own.
+    from relay.runtime.eventloop import choose_loop, run
+
+    loop = choose_loop(os.environ.get("RELAY_EVENT_LOOP", "auto"))
+    print(f"event loop: {loop.name}", flush=True)
+    run(main(), loop)

@@ -269,12 +269,34 @@ def _announce_worker(server: Any, registry: Any, worker_index: int) -> None:
 
 
 def _print_tasks() -> None:
-    """Every task of the running loop with its stack, to stderr."""
+    """Every task of the running loop and the whole chain of awaits it is suspended in
+    (``Task.print_stack`` shows only the task's own coroutine), to stderr."""
     tasks = asyncio.all_tasks()
-    print(f"--- {len(tasks)} asyncio task(s) of pid {os.getpid()}", file=sys.stderr)
+    out = [f"--- {len(tasks)} asyncio task(s) of pid {os.getpid()}"]
     for task in tasks:
-        task.print_stack(file=sys.stderr)
-    sys.stderr.flush()
+        out.append(f"{task!r}")
+        awaited: Any = task.get_coro()
+        for _ in range(64):                       # (a chain is never this deep)
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None) \
+                or getattr(awaited, "gi_frame", None)
+            if frame is not None:
+                out.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in "
+                           f"{frame.f_code.co_name}")
+            nxt = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None) \
+                or getattr(awaited, "gi_yieldfrom", None)
+            if nxt is not None and type(nxt).__name__ in ("async_generator_asend",
+                                                          "async_generator_athrow"):
+                # (`async for` over an async generator: the generator is its referent)
+                import gc
+
+                nxt = next((r for r in gc.get_referents(nxt)
+                            if type(r).__name__ == "async_generator"), nxt)
+            if nxt is None:
+                if awaited is not task.get_coro() and not hasattr(awaited, "cr_frame"):
+                    out.append(f"  awaiting {awaited!r}"[:300])
+                break
+            awaited = nxt
+    print("\n".join(out), file=sys.stderr, flush=True)
 
 
 async def _run(settings, registry, *, worker_index: int | None = None) -> int:
