@@ -20,6 +20,13 @@ Both are built by ``protocol.frames`` and parsed by ``protocol.decode_relay_mess
 message the models refuse (an unknown ``op`` from a newer relay, a missing field) is logged
 and dropped.
 
+Mirroring is a group commit (``_GroupCommit``): each stream's mirror hands its new frames
+over and waits; one writer sends everything waiting in one pipeline
+(``RedisStore.append_many``), and what arrives while that write is in flight goes in the
+next. With 1,000 streams at 10 tokens/s that is one Redis round trip per loop turn instead
+of a MULTI/EXEC per token per stream; an idle relay adds no delay (the first frame is
+written at once).
+
 A node that serves a remote attachment refreshes an *attached* marker, which keeps the owner
 from cancelling the (locally detached) stream when its grace runs out.
 
@@ -50,6 +57,7 @@ from protocol import (
     ErrorCode, FinishReason, RelayCancel, RelayTakeover, decode_relay_message, frames,
 )
 
+from relay.aio import cancel_and_wait
 from relay.cluster.redis_store import RedisStore, StoreUnavailable
 from relay.config import RelaySettings
 from relay.core.errors import BadRequest, RelayError, StreamLost, UnknownStream
@@ -156,6 +164,62 @@ class RedisFollower:
                                         # between the read and the meta
 
 
+class _GroupCommit:
+    """Mirror appends of every stream, written together (module docstring). ``append``
+    returns once the frames are in Redis, or raises ``StoreUnavailable``; a stream's mirror
+    awaits each append before its next, so a key has at most one append waiting and its
+    frames reach Redis in order."""
+
+    def __init__(self, store: RedisStore, ttl: float) -> None:
+        self.store = store
+        self.ttl = ttl
+        self._waiting: list[tuple[str, list[tuple[int, bytes]], asyncio.Future]] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task | None = None
+
+    async def append(self, key: str, frames: list[tuple[int, bytes]]) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.append((key, frames, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_loop(), name="redis mirror writer")
+        self._wake.set()
+        await done
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await cancel_and_wait(self._writer)
+        for _, _, done in self._waiting:
+            if not done.done():
+                done.set_exception(StoreUnavailable("relay closing: mirror stopped"))
+        self._waiting.clear()
+
+    async def _write_loop(self) -> None:
+        while True:
+            if not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch, self._waiting = self._waiting, []
+            try:
+                refused = await self.store.append_many([(k, f) for k, f, _ in batch],
+                                                       ttl=self.ttl)
+            except StoreUnavailable as exc:
+                refused = {key: exc for key, _, _ in batch}
+            except BaseException as exc:
+                # A bug (or our own cancellation): nobody may wait forever for this batch.
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(StoreUnavailable(f"mirror writer failed: {exc!r}"))
+                raise
+            for key, _, done in batch:
+                if done.done():               # its mirror was cancelled meanwhile
+                    continue
+                if key in refused:
+                    done.set_exception(refused[key])
+                else:
+                    done.set_result(None)
+
+
 class Replicator:
     """The hub's ``ReplicationHook``: mirrors local streams to Redis, follows remote ones,
     and carries cancel/takeover between relays (module docstring)."""
@@ -178,6 +242,7 @@ class Replicator:
         #: Redis holds the stream's record until its mirror ends (finish written, log lost,
         #: or Redis failed). Only ``_mirror`` changes it.
         self._mirrored: set[str] = set()
+        self._commit = _GroupCommit(self.store, self.record_ttl)
         self._warned = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -197,6 +262,7 @@ class Replicator:
             task.cancel()
         await asyncio.gather(*self._tasks, *(t for t in [self._heartbeat] if t),
                              return_exceptions=True)
+        await self._commit.close()
         await self.store.close()
 
     def spawn(self, coro: Any, name: str | None = None) -> asyncio.Task:
@@ -236,8 +302,7 @@ class Replicator:
                     return
                 entries = log.after(cursor, 512)
                 if entries:
-                    await store.append(key, [(e.seq, e.data) for e in entries], ttl=ttl,
-                                       owner_ttl=owner_ttl)
+                    await self._commit.append(key, [(e.seq, e.data) for e in entries])
                     cursor = entries[-1].seq
                     continue
                 if log.finished:

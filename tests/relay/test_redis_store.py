@@ -109,7 +109,7 @@ async def store(shared_url: str, prefix: str) -> AsyncIterator[RedisStore]:
 def test_public_api_is_pinned() -> None:
     assert sorted(redis_store.__all__) == ["RedisStore", "StoreUnavailable", "StreamMeta"]
     sig = {name: str(inspect.signature(getattr(RedisStore, name))) for name in (
-        "__init__", "start", "close", "create", "append", "finish", "mark_lost", "meta",
+        "__init__", "start", "close", "create", "append", "append_many", "finish", "mark_lost", "meta",
         "owner_alive", "refresh", "read", "first_seq", "set_attached", "get_attached",
         "clear_attached", "publish")}
     assert sig == {
@@ -121,6 +121,8 @@ def test_public_api_is_pinned() -> None:
                   "ttl: 'float', stream_id: 'str' = '', owner_ttl: 'float | None' = None) -> 'None'",
         "append": "(self, key: 'str', frames: 'list[tuple[int, bytes]]', *, ttl: 'float', "
                   "owner_ttl: 'float | None' = None) -> 'None'",
+        "append_many": "(self, batches: 'list[tuple[str, list[tuple[int, bytes]]]]', *, "
+                       "ttl: 'float') -> 'dict[str, StoreUnavailable]'",
         "finish": "(self, key: 'str', *, ttl: 'float') -> 'None'",
         "mark_lost": "(self, key: 'str', *, ttl: 'float') -> 'None'",
         "meta": "(self, key: 'str') -> 'StreamMeta | None'",
@@ -185,6 +187,25 @@ async def test_append_then_read_in_order_after_seq(store: RedisStore, raw: Redis
                                                    (b"0-2", {b"f": frames[1][1]})]
     for key in ("log", "meta", "owner"):
         assert 29_000 < await raw.pttl(f"{prefix}{key}:s") <= 30_000
+
+
+async def test_append_many_writes_every_streams_frames_in_one_exchange(
+        store: RedisStore, raw: Redis, prefix: str) -> None:
+    for key in ("a", "b"):
+        await store.create(key, principal="p", alias="x", node="n", ttl=30)
+    await raw.set(f"{prefix}log:bad", b"not a stream")    # XADD on it: WRONGTYPE
+    refused = await store.append_many(
+        [("a", [(1, b"a1"), (2, b"a2")]), ("bad", [(1, b"x")]), ("b", [(1, b"b1")])], ttl=20)
+    assert list(refused) == ["bad"] and "WRONGTYPE" in str(refused["bad"])
+    assert await store.read("a", 0, block=0) == [(1, b"a1"), (2, b"a2")]
+    assert await store.read("b", 0, block=0) == [(1, b"b1")]
+    # stale ids are no-ops, as in append; fresh ones are kept
+    assert await store.append_many([("a", [(2, b"A2"), (3, b"a3")])], ttl=20) == {}
+    assert await store.read("a", 0, block=0) == [(1, b"a1"), (2, b"a2"), (3, b"a3")]
+    # the log gets the expiry; meta and owner keep create's (the heartbeat extends them)
+    assert 19_000 < await raw.pttl(f"{prefix}log:a") <= 20_000
+    assert 20_000 < await raw.pttl(f"{prefix}meta:a") <= 30_000
+    assert await store.append_many([], ttl=20) == {}
 
 
 async def test_append_of_stale_seqs_is_a_noop_for_those_entries(store: RedisStore) -> None:
