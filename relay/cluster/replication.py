@@ -20,12 +20,12 @@ Both are built by ``protocol.frames`` and parsed by ``protocol.decode_relay_mess
 message the models refuse (an unknown ``op`` from a newer relay, a missing field) is logged
 and dropped.
 
-Mirroring is a group commit (``_GroupCommit``): each stream's mirror hands its new frames
-over and waits; one writer sends everything waiting in one pipeline
-(``RedisStore.append_many``), and what arrives while that write is in flight goes in the
-next. With 1,000 streams at 10 tokens/s that is one Redis round trip per loop turn instead
-of a MULTI/EXEC per token per stream; an idle relay adds no delay (the first frame is
-written at once).
+Mirroring is a group commit (``_GroupCommit``): one writer reads every mirrored log, woken
+by the logs' listeners, and sends all the new frames in one pipeline
+(``RedisStore.append_many``); what arrives while that write is in flight goes in the next.
+With 1,000 streams at 10 tokens/s that is one Redis round trip per loop turn instead of a
+MULTI/EXEC per token per stream, and no task wake-up per token per stream; an idle relay
+adds no delay (the first frame is written at once).
 
 A node that serves a remote attachment refreshes an *attached* marker, which keeps the owner
 from cancelling the (locally detached) stream when its grace runs out.
@@ -164,60 +164,104 @@ class RedisFollower:
                                         # between the read and the meta
 
 
+class _Followed:
+    """One mirrored log: how far Redis has it, and the outcome its mirror waits for."""
+
+    __slots__ = ("log", "cursor", "done")
+
+    def __init__(self, log: Any, done: asyncio.Future) -> None:
+        self.log = log
+        self.cursor = 0
+        self.done = done
+
+
 class _GroupCommit:
-    """Mirror appends of every stream, written together (module docstring). ``append``
-    returns once the frames are in Redis, or raises ``StoreUnavailable``; a stream's mirror
-    awaits each append before its next, so a key has at most one append waiting and its
-    frames reach Redis in order."""
+    """Copies the logs of every mirrored stream to Redis together (module docstring).
+
+    ``follow(key, log)`` returns ``"finished"`` once the log is finished and all of it is in
+    Redis, or ``"trimmed"`` when the log dropped frames Redis never got; it raises
+    ``StoreUnavailable`` when Redis failed or refused the stream's frames. One writer task
+    reads every followed log, woken by the logs' listeners: a token costs its stream no
+    task wake-up of its own, and all the frames that arrived while a write was in flight go
+    in the next one (``RedisStore.append_many``)."""
 
     def __init__(self, store: RedisStore, ttl: float) -> None:
         self.store = store
         self.ttl = ttl
-        self._waiting: list[tuple[str, list[tuple[int, bytes]], asyncio.Future]] = []
+        self._followed: dict[str, _Followed] = {}
+        self._dirty: dict[str, None] = {}        # keys with news, in order (a set)
         self._wake = asyncio.Event()
         self._writer: asyncio.Task | None = None
 
-    async def append(self, key: str, frames: list[tuple[int, bytes]]) -> None:
-        done = asyncio.get_running_loop().create_future()
-        self._waiting.append((key, frames, done))
+    async def follow(self, key: str, log: Any) -> str:
+        followed = _Followed(log, asyncio.get_running_loop().create_future())
+        self._followed[key] = followed
+
+        def listener() -> None:
+            self._mark(key)
+
+        log.listeners.add(listener)
+        self._mark(key)                          # what the log holds already
+        try:
+            return await followed.done
+        finally:
+            log.listeners.discard(listener)
+            if self._followed.get(key) is followed:
+                del self._followed[key]
+            self._dirty.pop(key, None)
+
+    def _mark(self, key: str) -> None:
+        self._dirty[key] = None
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_loop(), name="redis mirror writer")
         self._wake.set()
-        await done
 
     async def close(self) -> None:
         if self._writer is not None:
             await cancel_and_wait(self._writer)
-        for _, _, done in self._waiting:
-            if not done.done():
-                done.set_exception(StoreUnavailable("relay closing: mirror stopped"))
-        self._waiting.clear()
+        for followed in self._followed.values():
+            if not followed.done.done():
+                followed.done.set_exception(StoreUnavailable("relay closing: mirror stopped"))
 
     async def _write_loop(self) -> None:
         while True:
-            if not self._waiting:
+            if not self._dirty:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch, self._waiting = self._waiting, []
-            try:
-                refused = await self.store.append_many([(k, f) for k, f, _ in batch],
-                                                       ttl=self.ttl)
-            except StoreUnavailable as exc:
-                refused = {key: exc for key, _, _ in batch}
-            except BaseException as exc:
-                # A bug (or our own cancellation): nobody may wait forever for this batch.
-                for _, _, done in batch:
-                    if not done.done():
-                        done.set_exception(StoreUnavailable(f"mirror writer failed: {exc!r}"))
-                raise
-            for key, _, done in batch:
-                if done.done():               # its mirror was cancelled meanwhile
+            keys = list(self._dirty)
+            self._dirty.clear()
+            batches: list[tuple[str, list[tuple[int, bytes]]]] = []
+            for key in keys:
+                followed = self._followed.get(key)
+                if followed is None or followed.done.done():
                     continue
+                log = followed.log
+                if log.trimmed_through > followed.cursor:
+                    followed.done.set_result("trimmed")
+                    continue
+                entries = log.after(followed.cursor, 512)
+                if entries:
+                    batches.append((key, [(e.seq, e.data) for e in entries]))
+                elif log.finished:
+                    followed.done.set_result("finished")
+            if not batches:
+                continue
+            try:
+                refused = await self.store.append_many(batches, ttl=self.ttl)
+            except StoreUnavailable as exc:
+                refused = {key: exc for key, _ in batches}
+            for key, written in batches:
+                followed = self._followed.get(key)
+                if followed is None or followed.done.done():
+                    continue                     # its mirror ended meanwhile
                 if key in refused:
-                    done.set_exception(refused[key])
-                else:
-                    done.set_result(None)
+                    followed.done.set_exception(refused[key])
+                    continue
+                followed.cursor = written[-1][0]
+                log = followed.log
+                if log.last_seq > followed.cursor or log.finished:
+                    self._dirty[key] = None      # more to write, or the end to report
 
 
 class Replicator:
@@ -285,38 +329,22 @@ class Replicator:
         log = stream.log
         key = stream.key
         ttl, owner_ttl = self.record_ttl, self.owner_ttl
-        wake = asyncio.Event()
-        listener = wake.set
-        log.listeners.add(listener)
-        cursor = 0
         try:
             await store.create(key, principal=stream.principal, alias=stream.alias,
                                node=self.node, ttl=ttl, stream_id=stream.id,
                                owner_ttl=owner_ttl)
             self._mirrored.add(key)
-            while True:
-                if log.trimmed_through > cursor:
-                    # The local cap dropped frames Redis never got: a remote replay would
-                    # have a hole, so say so instead.
-                    await store.mark_lost(key, ttl=max(self.grace, 1.0))
-                    return
-                entries = log.after(cursor, 512)
-                if entries:
-                    await self._commit.append(key, [(e.seq, e.data) for e in entries])
-                    cursor = entries[-1].seq
-                    continue
-                if log.finished:
-                    await store.finish(key, ttl=max(self.grace, 1.0))
-                    return
-                wake.clear()
-                if not log.after(cursor, 1) and not log.finished:
-                    await wake.wait()
+            if await self._commit.follow(key, log) == "trimmed":
+                # The local cap dropped frames Redis never got: a remote replay would have
+                # a hole, so say so instead.
+                await store.mark_lost(key, ttl=max(self.grace, 1.0))
+            else:
+                await store.finish(key, ttl=max(self.grace, 1.0))
         except StoreUnavailable as exc:
             self._warn(f"stream store unavailable ({exc}); streams keep running here but "
                        "cannot be resumed on another relay")
         finally:
             self._mirrored.discard(key)
-            log.listeners.discard(listener)
 
     async def publish_cancel(self, key: str) -> None:
         try:

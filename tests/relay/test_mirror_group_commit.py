@@ -1,5 +1,6 @@
-"""The mirror's group commit (relay.cluster.replication._GroupCommit): every stream's new
-frames go to Redis together, in one pipeline per write, against the real shared Redis."""
+"""The mirror's group commit (relay.cluster.replication._GroupCommit): one writer copies
+every mirrored stream's log to Redis, all new frames in one pipeline per write, against the
+real shared Redis and real frame logs."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
+from protocol import frames
 from relay.cluster.redis_store import RedisStore, StoreUnavailable
 from relay.cluster.replication import _GroupCommit
+from relay.core.streamlog import FrameLog
 
 from .test_redis_store import prefix, raw, shared_url, started  # noqa: F401 (fixtures)
 
@@ -34,46 +37,97 @@ async def store(shared_url: str, prefix: str):  # noqa: F811
     await store.close()
 
 
-async def test_appends_waiting_together_are_one_write(store: CountingStore) -> None:
+def _log() -> FrameLog:
+    return FrameLog(max_bytes=1 << 20, keep=True)
+
+
+def _token(log: FrameLog, sid: str, text: str) -> None:
+    log.append(frames.token(sid, log.last_seq + 1, text))
+
+
+def _finish(log: FrameLog, sid: str) -> None:
+    log.append(frames.finish(sid, log.last_seq + 1, "completed", "stop",
+                             frames.usage(1, 1, False)))
+
+
+async def _texts(store: RedisStore, key: str) -> list[str]:
+    import orjson
+
+    return [orjson.loads(data).get("text", "<finish>")
+            for _, data in await store.read(key, 0, block=0)]
+
+
+async def test_frames_of_many_streams_go_in_one_write_and_each_ends_finished(
+        store: CountingStore) -> None:
     commit = _GroupCommit(store, ttl=30)
+    logs = {f"s{i}": _log() for i in range(100)}
+    for key, log in logs.items():
+        _token(log, key, "a")
+        _token(log, key, "b")
     try:
-        await asyncio.gather(*(commit.append(f"s{i}", [(1, b"a%d" % i), (2, b"b%d" % i)])
-                               for i in range(100)))
-        assert store.batches == [100]
-        for i in (0, 57, 99):
-            assert await store.read(f"s{i}", 0, block=0) == [(1, b"a%d" % i),
-                                                              (2, b"b%d" % i)]
-        # later appends: as they come, a key's frames in order
-        await commit.append("s0", [(3, b"c0")])
-        await commit.append("s0", [(4, b"d0")])
-        assert store.batches == [100, 1, 1]
-        assert [seq for seq, _ in await store.read("s0", 0, block=0)] == [1, 2, 3, 4]
+        # The followers register in one loop turn, before the writer's first turn.
+        followers = [asyncio.create_task(commit.follow(key, log)) for key, log in logs.items()]
+        while not store.batches:
+            await asyncio.sleep(0)
+        assert store.batches[0] == 100            # every stream's frames in the first write
+        # a token and the finishes later: in order, then follow() returns "finished"
+        _token(logs["s7"], "s7", "c")
+        for key, log in logs.items():
+            _finish(log, key)
+        assert await asyncio.gather(*followers) == ["finished"] * 100
+        assert await _texts(store, "s7") == ["a", "b", "c", "<finish>"]
+        assert await _texts(store, "s99") == ["a", "b", "<finish>"]
+        assert len(store.batches) < 100           # not a write per stream
     finally:
         await commit.close()
 
 
-async def test_a_refused_key_fails_only_its_own_append(store: CountingStore, raw: Redis,  # noqa: F811
-                                                       prefix: str) -> None:  # noqa: F811
+async def test_a_log_that_dropped_unwritten_frames_ends_trimmed(store: CountingStore) -> None:
+    commit = _GroupCommit(store, ttl=30)
+    log = _log()
+    try:
+        _token(log, "t", "a")
+        _token(log, "t", "b")
+        log.trim_through(2)                       # gone before Redis got them
+        assert await commit.follow("t", log) == "trimmed"
+        assert store.batches == []
+    finally:
+        await commit.close()
+
+
+async def test_a_refused_stream_fails_alone(store: CountingStore, raw: Redis,  # noqa: F811
+                                            prefix: str) -> None:  # noqa: F811
     await raw.set(f"{prefix}log:bad", b"not a stream")
     commit = _GroupCommit(store, ttl=30)
+    good, bad = _log(), _log()
     try:
-        results = await asyncio.gather(commit.append("good", [(1, b"g")]),
-                                       commit.append("bad", [(1, b"x")]),
+        _token(good, "good", "g")
+        _finish(good, "good")
+        _token(bad, "bad", "x")
+        results = await asyncio.gather(commit.follow("good", good), commit.follow("bad", bad),
                                        return_exceptions=True)
-        assert results[0] is None
+        assert results[0] == "finished"
         assert isinstance(results[1], StoreUnavailable) and "WRONGTYPE" in str(results[1])
-        assert store.batches == [2]
+        assert store.batches[0] == 2
     finally:
         await commit.close()
 
 
-async def test_redis_gone_fails_every_waiting_append_and_close_leaves_none_waiting(
+async def test_redis_gone_fails_every_follower_and_close_leaves_none_waiting(
         shared_url: str, prefix: str) -> None:  # noqa: F811
     async with started(shared_url, prefix) as (store, _):
         commit = _GroupCommit(store, ttl=30)
         await store.close()                          # every exchange now fails
-        results = await asyncio.gather(*(commit.append(f"k{i}", [(1, b"x")])
-                                         for i in range(3)), return_exceptions=True)
+        logs = [_log() for _ in range(3)]
+        for i, log in enumerate(logs):
+            _token(log, f"k{i}", "x")
+        results = await asyncio.gather(*(commit.follow(f"k{i}", log)
+                                         for i, log in enumerate(logs)), return_exceptions=True)
         assert all(isinstance(r, StoreUnavailable) for r in results), results
+        # a follower still waiting (nothing to write yet) is released by close()
+        waiting = asyncio.create_task(commit.follow("idle", _log()))
+        await asyncio.sleep(0)
         await commit.close()
+        with pytest.raises(StoreUnavailable, match="relay closing"):
+            await waiting
         await commit.close()                         # idempotent
