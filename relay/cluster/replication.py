@@ -251,6 +251,12 @@ class _GroupCommit:
                 refused = await self.store.append_many(batches, ttl=self.ttl)
             except StoreUnavailable as exc:
                 refused = {key: exc for key, _ in batches}
+            except Exception as exc:
+                # A bug of ours or redis-py's: logged with its traceback; these mirrors end
+                # (their streams keep running here) and the writer goes on for the others.
+                logger.exception("redis mirror writer: append failed")
+                failure = StoreUnavailable(f"mirror write failed ({type(exc).__name__})")
+                refused = {key: failure for key, _ in batches}
             for key, written in batches:
                 followed = self._followed.get(key)
                 if followed is None or followed.done.done():

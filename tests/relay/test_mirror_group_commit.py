@@ -131,3 +131,33 @@ async def test_redis_gone_fails_every_follower_and_close_leaves_none_waiting(
         with pytest.raises(StoreUnavailable, match="relay closing"):
             await waiting
         await commit.close()                         # idempotent
+
+
+class BrokenStore(CountingStore):
+    """A store whose group write hits a bug (not a Redis failure) once."""
+
+    async def append_many(self, batches, *, ttl):
+        if not self.batches:
+            self.batches.append(len(batches))
+            raise KeyError("a bug")
+        return await super().append_many(batches, ttl=ttl)
+
+
+async def test_a_bug_in_a_write_ends_those_mirrors_logged_and_the_writer_goes_on(
+        shared_url: str, prefix: str, caplog) -> None:  # noqa: F811
+    store = BrokenStore(shared_url, prefix=prefix)
+    await store.start(lambda message: None)
+    commit = _GroupCommit(store, ttl=30)
+    first, later = _log(), _log()
+    try:
+        _token(first, "first", "a")
+        with pytest.raises(StoreUnavailable, match="mirror write failed \\(KeyError\\)"):
+            await commit.follow("first", first)
+        assert "redis mirror writer: append failed" in caplog.text
+        _token(later, "later", "b")
+        _finish(later, "later")
+        assert await commit.follow("later", later) == "finished"
+        assert await _texts(store, "later") == ["b", "<finish>"]
+    finally:
+        await commit.close()
+        await store.close()

@@ -4,9 +4,9 @@ every frame after its last seq exactly once (in-process memory log)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
-import logging
 
 from protocol import FinishStatus
 from relay.upstream.demo import demo_reply_tokens
