@@ -6,12 +6,21 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("LITELLM_LOG", "ERROR")
 
 
+_NODE_REPORTS: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    """Collect the ``node_report`` properties (tests/relay/test_aisdk_transport.py). Reports
+    of xdist workers reach the controller with their properties, so this works with -n."""
+    if report.when == "call":
+        _NODE_REPORTS.extend(value for name, value in report.user_properties
+                             if name == "node_report")
+
+
 def pytest_terminal_summary(terminalreporter):
     """What Node's test runner counted in the AI SDK transport test (it runs inside one
     pytest test), so the CI log reports those tests too."""
-    from tests.relay.test_aisdk_transport import NODE_REPORTS
-
-    for line in NODE_REPORTS:
+    for line in _NODE_REPORTS:
         terminalreporter.write_line(line)
 
 

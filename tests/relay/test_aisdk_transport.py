@@ -24,13 +24,13 @@ from tests.fakes.upstream import FakeUpstream, stream, tool_call
 from .test_multinode import SHARED_REDIS
 
 ROOT = Path(__file__).resolve().parents[2]
-#: One line per Node run, printed in pytest's terminal summary (tests/conftest.py), so a CI
+#: Each Node run's one-line summary is recorded as the test's ``node_report`` property and
+#: printed in pytest's terminal summary (tests/conftest.py; also from xdist workers), so a CI
 #: log shows what Node's runner counted, not only that the wrapping test passed.
-NODE_REPORTS: list[str] = []
 NODE_DIR = ROOT / "tests" / "aisdk"
 
 
-async def test_real_ai_sdk_transport_against_relay_serve(tmp_path):
+async def test_real_ai_sdk_transport_against_relay_serve(tmp_path, record_property):
     node = shutil.which("node")
     assert node, "node is required for the AI SDK tests"
     assert (NODE_DIR / "node_modules" / "ai").is_dir(), \
@@ -69,7 +69,7 @@ async def test_real_ai_sdk_transport_against_relay_serve(tmp_path):
             out, _ = await asyncio.wait_for(node_run.communicate(), 120)
             report = out.decode()
             print(report)
-            NODE_REPORTS.append(_summary(report))
+            record_property("node_report", _summary(report))
             assert node_run.returncode == 0, report
             assert re.search(r"\bpass 8\b", report) and re.search(r"\bfail 0\b", report), report
         finally:
