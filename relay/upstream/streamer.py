@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 from protocol import ErrorCode, FinishReason, FinishStatus
 
+from relay.upstream import admission
 from relay.upstream.llm import DEMO_MODEL
 from relay.upstream.errors import (
     RELAY_BUG, ProviderStreamError, UpstreamFailure, classify_upstream_exception,
@@ -443,8 +444,9 @@ class EventStreamer:
         for attempt in range(attempts):
             try:
                 if fast is not None:
-                    return await self._wait(fast.open(kwargs), _min(total_deadline, first_deadline))
-                response = await self._wait(completion(**kwargs),
+                    return await self._wait(_admitted(fast.open(kwargs)),
+                                            _min(total_deadline, first_deadline))
+                response = await self._wait(_admitted(completion(**kwargs)),
                                             _min(total_deadline, first_deadline))
                 return _LiteLLMUpstream(response)
             except (_Interrupted, TimeoutError):
@@ -581,6 +583,18 @@ def _merge_tool_delta(calls: dict[int, _ToolCallState], index: int | None,
     if args:
         state.arguments.append(args)
     return ToolCallDelta(index, state.provider_id or state.call_id, name or None, args)
+
+
+async def _admitted(opening):
+    """Await ``opening`` (a coroutine that starts a provider request) once the loop's
+    ``OpenGate`` admits it (relay/upstream/admission.py): a burst of starts then cannot hold
+    up the tokens of the streams already running."""
+    try:
+        await admission.gate().admit()
+    except BaseException:
+        opening.close()                 # never started: no "never awaited" warning
+        raise
+    return await opening
 
 
 class _LiteLLMUpstream:

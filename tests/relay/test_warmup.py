@@ -5,9 +5,12 @@ in this process has loaded them already. Asserts what was loaded, never a durati
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
+
+from relay.runtime.warmup import GC_THRESHOLDS
 
 from .test_limits import ROOT, _env
 
@@ -36,6 +39,7 @@ async def first_stream():
 status = asyncio.run(first_stream())
 print(json.dumps({"before": before, "after": after, "error": state.error,
                   "frozen": gc.get_freeze_count(), "status": status,
+                  "thresholds": gc.get_threshold(),
                   "first_stream_imported": sorted(set(sys.modules) - loaded_before_stream)}))
 """
 
@@ -49,6 +53,8 @@ def test_warm_up_loads_litellm_lazy_parts_so_the_first_stream_imports_nothing():
     assert result["error"] is None
     assert result["after"] is True              # the tokenizer, loaded by the warm-up
     assert result["frozen"] > 100_000           # startup objects moved out of the GC's way
+    assert tuple(result["thresholds"]) == GC_THRESHOLDS    # full collections far rarer
+    assert GC_THRESHOLDS[0] > gc.get_threshold()[0]         # (than CPython's default here)
     assert result["status"] == "completed"
     assert result["first_stream_imported"] == []
 
