@@ -444,9 +444,9 @@ class EventStreamer:
         for attempt in range(attempts):
             try:
                 if fast is not None:
-                    return await self._wait(_admitted(fast.open(kwargs)),
+                    return await self._wait(_admitted(fast.open, kwargs),
                                             _min(total_deadline, first_deadline))
-                response = await self._wait(_admitted(completion(**kwargs)),
+                response = await self._wait(_admitted(completion, **kwargs),
                                             _min(total_deadline, first_deadline))
                 return _LiteLLMUpstream(response)
             except (_Interrupted, TimeoutError):
@@ -585,16 +585,12 @@ def _merge_tool_delta(calls: dict[int, _ToolCallState], index: int | None,
     return ToolCallDelta(index, state.provider_id or state.call_id, name or None, args)
 
 
-async def _admitted(opening):
-    """Await ``opening`` (a coroutine that starts a provider request) once the loop's
-    ``OpenGate`` admits it (relay/upstream/admission.py): a burst of starts then cannot hold
-    up the tokens of the streams already running."""
-    try:
-        await admission.gate().admit()
-    except BaseException:
-        opening.close()                 # never started: no "never awaited" warning
-        raise
-    return await opening
+async def _admitted(open_request, *args, **kwargs):
+    """``await open_request(*args, **kwargs)`` (what starts a provider request) once the
+    loop's ``OpenGate`` admits it (relay/upstream/admission.py): a burst of starts then cannot
+    hold up the tokens of the streams already running. Nothing is called before that."""
+    await admission.gate().admit()
+    return await open_request(*args, **kwargs)
 
 
 class _LiteLLMUpstream:
