@@ -384,7 +384,7 @@ class _FastStream:
     ``aclose()`` closes the HTTP response (and with it the connection) at once.
     """
 
-    __slots__ = ("_response", "_chunks", "_parser", "_decoder", "_ended")
+    __slots__ = ("_response", "_chunks", "_parser", "_decoder", "_ended", "_failure")
 
     def __init__(self, response, decoder) -> None:
         self._response = response
@@ -398,9 +398,13 @@ class _FastStream:
         self._parser = SSEParser()
         self._decoder = decoder
         self._ended = False
+        self._failure: Exception | None = None
 
     async def next_batch(self) -> list[tuple] | None:
         decoder = self._decoder
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
         if self._ended:
             self._check_finished()
             return None
@@ -422,7 +426,7 @@ class _FastStream:
                 raise
             events = feed(chunk)
             if events:
-                deltas = decoder.decode(events)
+                deltas = decoder.decode(events) if len(events) == 1 else self._decode_each(events)
                 if decoder.done:
                     await self._drain()
                     if not deltas:
@@ -431,6 +435,24 @@ class _FastStream:
                     return deltas
                 if deltas:
                     return deltas
+
+    def _decode_each(self, events: list[tuple[bytes | None, bytes]]) -> list[tuple]:
+        """Events read together (a burst), decoded one by one: one that fails the stream
+        fails it after the deltas of the events before it, exactly as when they arrive
+        apart. The failure is kept and raised by the next ``next_batch()``."""
+        decoder = self._decoder
+        deltas: list[tuple] = []
+        for event in events:
+            try:
+                deltas += decoder.decode((event,))
+            except Exception as exc:
+                if not deltas:
+                    raise
+                self._failure = exc
+                break
+            if decoder.done:
+                break
+        return deltas
 
     def _check_finished(self) -> None:
         decoder = self._decoder

@@ -7,7 +7,7 @@ and logs each event as its frame (``TextDelta`` -> ``token``, ``ReasoningDelta``
 ``reasoning``, ``ToolCallDelta`` -> ``tool_call_chunk``, ``ToolCallDone`` ->
 ``tool_call_complete``, ``StreamEnd`` -> ``finish``). Frames are numbered here (``seq`` from
 1). Per token it counts the ``relay_tokens`` metric (and the time to the first one) and
-calls ``on_chunk(1)`` (the group's token budget, relays on Redis).
+calls ``on_chunk(n)`` for its n chunks (the group's token budget, relays on Redis).
 
 After ``cancel`` nothing but the finish follows (a ``ToolCallDone``, which only comes after
 the provider completed, still does: the finish then says ``completed``).
@@ -83,9 +83,14 @@ class UpstreamSource:
                     # after the provider completed, and then the finish says completed.)
                     continue
                 seq += 1
+                chunks = 1
                 if isinstance(event, TextDelta):
+                    chunks = event.chunks
+                    # Chunks that arrived together are one frame, numbered as if they had
+                    # been sent one by one and merged (the last seq kept, PROTOCOL.md).
+                    seq += chunks - 1
                     frame = frames.token(sid, seq, event.text)
-                    tokens.inc()
+                    tokens.inc(chunks)
                     if first_token:
                         first_token = False
                         self.metrics.time_to_first_token.observe(
@@ -102,7 +107,7 @@ class UpstreamSource:
                     seq -= 1
                     continue
                 if on_chunk is not None and not isinstance(event, ToolCallDone):
-                    on_chunk(1)            # one per streamed chunk; topped up at the end
+                    on_chunk(chunks)       # one per streamed chunk; topped up at the end
                 append(frame, received)
 
 

@@ -67,6 +67,9 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class TextDelta:
     text: str
+    #: How many of the provider's chunks the text came in: consecutive text chunks that
+    #: arrived in one network read are one delta (the fast path; LiteLLM's path: always 1).
+    chunks: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,7 +331,9 @@ class EventStreamer:
                 if batch is None:
                     break
                 last_chunk_at = loop.time()
-                for reasoning, content, tool_calls, finish in batch:
+                if len(batch) > 1:
+                    batch = _joined_text_runs(batch)
+                for reasoning, content, tool_calls, finish, *joined in batch:
                     if finish:
                         finish_reason = finish
                     if reasoning:
@@ -338,7 +343,7 @@ class EventStreamer:
                     if content:
                         got_first = True
                         text_parts.append(content)
-                        yield TextDelta(content)
+                        yield TextDelta(content, joined[0]) if joined else TextDelta(content)
                     if tool_calls:
                         got_first = True
                         for index, call_id, name, args in tool_calls:
@@ -583,6 +588,34 @@ def _merge_tool_delta(calls: dict[int, _ToolCallState], index: int | None,
     if args:
         state.arguments.append(args)
     return ToolCallDelta(index, state.provider_id or state.call_id, name or None, args)
+
+
+def _joined_text_runs(batch: list[tuple]) -> list[tuple]:
+    """``batch`` with every run of consecutive text-only deltas (no reasoning, no tool call)
+    joined into one ``(None, text, None, finish, chunks)``: chunks that arrived together
+    become one ``TextDelta`` (one frame) that says how many chunks it carries."""
+    out: list[tuple] = []
+    run: list[str] = []
+    run_finish = None
+
+    def flush() -> None:
+        if len(run) == 1:
+            out.append((None, run[0], None, run_finish))
+        elif run:
+            out.append((None, "".join(run), None, run_finish, len(run)))
+        run.clear()
+
+    for delta in batch:
+        reasoning, content, tool_calls, finish = delta
+        if content and not reasoning and not tool_calls:
+            run.append(content)
+            run_finish = finish or run_finish
+            continue
+        flush()
+        run_finish = None
+        out.append(delta)
+    flush()
+    return out
 
 
 async def _admitted(open_request, *args, **kwargs):

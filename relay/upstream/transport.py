@@ -60,6 +60,19 @@ def _mapped(exc: BaseException, request: httpx.Request) -> httpx.TransportError:
     return httpx.ReadError(message, request=request)
 
 
+#: At most about this many bytes of already-arrived chunks are joined into one read
+#: (``_Body``): a burst is handed on in pieces of this size, each relayed before the next.
+BURST_BYTES = 64 * 1024
+
+
+def _complete_chunks_buffered(content: aiohttp.StreamReader) -> bool:
+    """Whether the end of at least one more HTTP chunk has arrived, so ``readchunk()``
+    returns without waiting. (aiohttp keeps those ends in ``_http_chunk_splits``: read
+    here, never changed; tests/relay/test_upstream_transport.py fails if that attribute
+    goes away, rather than the fast path silently reading one chunk at a time.)"""
+    return bool(getattr(content, "_http_chunk_splits", None))
+
+
 #: What ``_mapped`` translates: aiohttp's errors and its timeouts (a TimeoutError).
 _AIOHTTP_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
@@ -111,10 +124,16 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
 
 class _Body(httpx.AsyncByteStream):
-    """A response body: each ``__anext__`` is at most one HTTP chunk (what has arrived of it),
-    as httpx's own transport yields them: the fast path hands on the deltas of one chunk
-    before it looks at the next (a chunk that fails the stream comes after the tokens that
-    came before it). ``aclose()`` before the end closes the connection."""
+    """A response body: each ``__anext__`` waits for the next HTTP chunk and returns it
+    together with every complete chunk that has arrived behind it (up to ``BURST_BYTES``),
+    never waiting for more. A provider that flushes every token sends one chunk per token:
+    when it streams faster than the relay reads (a fast model, a backlog after a busy
+    moment), the tokens that are already here are read as one piece, so the fast path
+    parses them in one pass and relays them in one frame instead of paying the per-chunk
+    cost of every layer above for each (bench/capacity.py, unpaced upstream). The bytes
+    and their order are the same either way (``SSEParser`` accepts any split), and a chunk
+    still being received is left for the next read. ``aclose()`` before the end closes
+    the connection."""
 
     __slots__ = ("_response", "_content", "_request", "_owner")
 
@@ -129,12 +148,22 @@ class _Body(httpx.AsyncByteStream):
         return self
 
     async def __anext__(self) -> bytes:
+        content = self._content
         try:
-            chunk, chunk_end = await self._content.readchunk()
+            chunk, chunk_end = await content.readchunk()
             while not chunk:
                 if not chunk_end:
                     raise StopAsyncIteration          # (b"", False): the end of the body
-                chunk, chunk_end = await self._content.readchunk()
+                chunk, chunk_end = await content.readchunk()
+            if chunk_end and _complete_chunks_buffered(content):
+                parts = [chunk]
+                size = len(chunk)
+                while size < BURST_BYTES and _complete_chunks_buffered(content):
+                    more, _ = await content.readchunk()     # buffered: returns at once
+                    if more:
+                        parts.append(more)
+                        size += len(more)
+                chunk = b"".join(parts)
         except _AIOHTTP_ERRORS as exc:
             raise _mapped(exc, self._request) from exc
         return chunk

@@ -311,7 +311,7 @@ async def test_a_bug_in_the_relays_chunk_handling_is_internal_error_not_upstream
     the log has its traceback."""
     import relay.upstream.streamer
 
-    def broken_text_delta(text):
+    def broken_text_delta(text, chunks=1):
         raise _RelayBug("a bug in the relay's chunk handling")
 
     monkeypatch.setattr(relay.upstream.streamer, "TextDelta", broken_text_delta)

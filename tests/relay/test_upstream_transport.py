@@ -15,7 +15,7 @@ import contextlib
 import httpx
 import pytest
 
-from relay.upstream.transport import AiohttpTransport
+from relay.upstream.transport import BURST_BYTES, AiohttpTransport
 
 # On uvloop (the default) and on asyncio's own loop (tests/conftest.py).
 pytestmark = pytest.mark.both_loops
@@ -111,12 +111,39 @@ async def test_same_outcome_as_httpx_default_transport(path):
     async with Upstream() as upstream:
         default = await _outcome(None, upstream.url(path))
         ours = await _outcome(AiohttpTransport(), upstream.url(path))
-    assert ours == default
+    assert ours[0] == default[0]
+    assert b"".join(ours[1]) == b"".join(default[1])          # the same bytes, in order
     if path == "/body":
-        # one item per HTTP chunk, as httpx's transport yields them
+        # httpx's transport yields one item per HTTP chunk; ours joins the chunks that had
+        # all arrived when it read (the upstream wrote the 50 at once): fewer reads.
         assert default[0] == "ok" and default[1] == [b"data: %d\n\n" % i for i in range(50)]
+        assert len(ours[1]) < len(default[1])
     else:
         assert default[0] == "RemoteProtocolError"
+
+
+async def test_a_burst_of_arrived_chunks_is_read_in_pieces_of_at_most_burst_bytes():
+    piece = b"data: " + b"x" * 1000 + b"\n\n"
+    count = 200                                   # ~200 KB written at once
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head + b"".join(_chunk(piece) for _ in range(count)) + b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        status, reads = await _outcome(AiohttpTransport(), f"http://127.0.0.1:{port}/")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert status == "ok" and b"".join(reads) == piece * count
+    assert len(reads) < count                     # arrived chunks joined...
+    assert max(map(len, reads)) < BURST_BYTES + len(piece)     # ...in bounded pieces
 
 
 async def test_read_timeout_and_connect_error_are_httpx_exceptions():
