@@ -30,7 +30,8 @@ one at a time, each *path* as a process of its own, then drives it from this pro
 
 Measured (min / median / max over the repetitions):
 
-* CPU us per token of the serving process only (its threads' run time from /proc schedstat,
+* CPU us per token of the serving process only (with 1, 10 or 100 connections each running
+  one stream after another until the measurement lasted MIN_MEASURED_SECONDS) (its threads' run time from /proc schedstat,
   children included for the supervisor of workers) and tokens/s, with 1, 10 and 100 concurrent streams from
   an unpaced upstream;
 * relay-added latency p50/p99 with 100 and 1,000 streams paced at 10 tokens/s each (and
@@ -81,6 +82,11 @@ PROXY_MASTER_KEY = "sk-bench-proxy-" + "0123456789abcdef" * 2   # loopback only
 REDIS = "redis://127.0.0.1:6379/0"
 TPS = 10.0                      # paced streams: tokens per second each
 RAW_SCALE = 10                  # the raw path runs this many rounds per measurement
+# A relay's measurement keeps each connection streaming (same length, one stream after
+# another) until it lasted this long: a cheap path's single stream of 2,000 tokens takes
+# ~10 ms, below what /proc's CPU figures resolve (a thread that exited counts in 10 ms ticks).
+MIN_MEASURED_SECONDS = 1.0
+MAX_ROUNDS = 50
 CANCEL_TPS = 2.0                # streams of the cancel test
 CANCEL_WAIT = 5.0               # an upstream not closed this long after cancel: "not closed"
 
@@ -327,16 +333,27 @@ class Served:
         if self.kind == "sse":
             return await self._sse_round(streams, tokens)
         conns = await open_ws(self.url, streams)
+
+        async def one_connection(i: int, ws) -> tuple[int, int]:
+            # Stream after stream, with no barrier between the connections: the load stays
+            # at ``streams`` concurrent streams however the work is spread (over workers).
+            runs = got = 0
+            while runs == 0 or (runs < MAX_ROUNDS
+                                and time.perf_counter() - t0 < MIN_MEASURED_SECONDS):
+                got += await ws_unpaced(ws, f"s{i}-{runs}", self.model, tokens)
+                runs += 1
+            return runs, got
+
         try:
             cpu0, t0 = tree_cpu(self.proc.pid), time.perf_counter()
-            got = await asyncio.gather(*(ws_unpaced(ws, f"s{i}", self.model, tokens)
-                                         for i, ws in enumerate(conns)))
+            done = await asyncio.gather(*(one_connection(i, ws) for i, ws in enumerate(conns)))
             wall, cpu = time.perf_counter() - t0, tree_cpu(self.proc.pid) - cpu0
         finally:
             await close_ws(conns)
-        total = sum(got)
-        if total != streams * tokens:
-            raise RuntimeError(f"{self.name}: {total} of {streams * tokens} tokens arrived")
+        runs = sum(r for r, _ in done)
+        total = sum(g for _, g in done)
+        if total != runs * tokens:
+            raise RuntimeError(f"{self.name}: {total} of {runs * tokens} tokens arrived")
         return cpu / total * 1e6, total / wall
 
     async def _reader_round(self, streams: int, tokens: int) -> tuple[float, float]:
@@ -578,6 +595,42 @@ class Results:
     idle: dict = field(default_factory=dict)         # path -> [bytes per connection]
     notes: list = field(default_factory=list)
     labels: dict = field(default_factory=dict)
+    cores: dict = field(default_factory=dict)        # path -> [CoreShare] (workers rounds)
+
+
+@dataclass
+class CoreShare:
+    """Cores in use during one measurement (CPU seconds per wall second): the whole machine
+    (/proc/stat), the relay (its process tree), this process (the clients) and the upstream."""
+
+    machine: float
+    relay: float
+    clients: float
+    upstream: float
+
+
+def _machine_busy() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)      # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+async def measure_cores(coro, relay_pid: int, upstream_pid: int):
+    """Await ``coro``; return (its result, the ``CoreShare`` of that time)."""
+    busy0, total0 = _machine_busy()
+    relay0, clients0, up0 = tree_cpu(relay_pid), time.process_time(), tree_cpu(upstream_pid)
+    t0 = time.perf_counter()
+    result = await coro
+    wall = time.perf_counter() - t0
+    busy1, total1 = _machine_busy()
+    share = CoreShare(
+        machine=(busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1),
+        relay=(tree_cpu(relay_pid) - relay0) / wall,
+        clients=(time.process_time() - clients0) / wall,
+        upstream=(tree_cpu(upstream_pid) - up0) / wall)
+    return result, share
 
 
 def _config(upstream: int, with_fast_key: bool) -> str:
@@ -807,8 +860,10 @@ async def _workers(res: Results, config: Path, has_fast: bool, shapes, reps,
         await path.throughput(streams, 20)
         for rep in range(reps):
             log(f"workers rep {rep + 1}: {count} worker(s), {streams} x {tokens} tokens")
-            res.throughput.setdefault((name, streams), []).append(
-                await path.throughput(streams, tokens))
+            measured, share = await measure_cores(path.throughput(streams, tokens), proc.pid,
+                                                  procs[0].pid)
+            res.throughput.setdefault((name, streams), []).append(measured)
+            res.cores.setdefault(name, []).append(share)
         if latency_run is not None:
             paced, seconds = latency_run
             for rep in range(reps):
@@ -898,11 +953,16 @@ def tables(res: Results) -> list[tuple[str, list[str], list[list[str]]]]:
     for name in ("workers1", "workers2"):
         runs = res.throughput.get((name, shapes[-1]))
         if runs:
+            shares = res.cores.get(name, [])
             rows.append([res.labels[name], _mmm([t for _, t in runs]),
-                         _mmm([c for c, _ in runs])])
+                         _mmm([c for c, _ in runs])]
+                        + [_mmm([getattr(c, part) for c in shares], "{:.2f}")
+                           for part in ("machine", "relay", "clients", "upstream")])
     if rows:
         out.append((f"Workers, {shapes[-1]} streams, unpaced (CPU: supervisor and workers "
-                    "together)", ["relay", "tokens/s", "CPU us/token"], rows))
+                    f"together; cores in use of the machine's {os.cpu_count()})",
+                    ["relay", "tokens/s", "CPU us/token", "cores busy, machine",
+                     "cores, relay", "cores, clients", "cores, upstream"], rows))
     out.append(("Targets (issue 11) and this run", ["target", "measured"], _targets(res)))
     return out
 
@@ -952,8 +1012,13 @@ def _targets(res: Results) -> list[list[str]]:
                                                     [])])
     two = _median([t for _, t in res.throughput.get(("workers2", res.labels["shapes"][-1][0]),
                                                     [])])
+    shares = res.cores.get("workers2", [])
+    busy = (f" (the machine's {os.cpu_count()} cores {_median([c.machine for c in shares]):.2f}"
+            f" busy: relay {_median([c.relay for c in shares]):.2f}, clients "
+            f"{_median([c.clients for c in shares]):.2f}, upstream "
+            f"{_median([c.upstream for c in shares]):.2f})") if shares else ""
     rows.append([TARGETS["workers"], f"{two / one:.2f}x on {os.cpu_count()} cores shared with "
-                 "the clients and the upstream" if one and two else "not run"])
+                 f"the clients and the upstream{busy}" if one and two else "not run"])
     idle = [_median(v) for k, v in res.idle.items() if k in ("fast", "litellm")]
     rows.append([TARGETS["idle"], f"{idle[0] / 1024:.1f} KiB" if idle else "not run"])
     return rows

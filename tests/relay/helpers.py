@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
 from collections import defaultdict
 from typing import Any
 
@@ -102,3 +103,14 @@ async def eventually(condition, timeout: float = 10.0) -> None:
 
 def text_of(frames: list[dict]) -> str:
     return "".join(f["text"] for f in frames if f["type"] == "token")
+
+
+def reap(proc: subprocess.Popen) -> None:
+    """A test's ``finally`` for a ``relay serve`` subprocess: kill it if it still runs, wait
+    for it and close its pipes (no process or file left behind, whatever the test did)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()

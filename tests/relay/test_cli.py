@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.relay.helpers import reap
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -45,11 +47,7 @@ def test_serve_subprocess_demo_client_and_sigterm():
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+        reap(proc)
 
 
 def test_bad_config_stops_startup_naming_alias(tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from relay.runtime import eventloop
+from tests.relay.helpers import reap
 from tests.relay.test_cli import _env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,11 +72,7 @@ def test_serve_streams_on_the_chosen_loop_and_says_which(flags, expected):
         log = proc.stderr.read()
         assert re.search(rf"event loop: {expected}", log), log
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+        reap(proc)
 
 
 def test_serve_refuses_loop_uvloop_without_uvloop():
