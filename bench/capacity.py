@@ -1013,10 +1013,13 @@ def _targets(res: Results) -> list[list[str]]:
     two = _median([t for _, t in res.throughput.get(("workers2", res.labels["shapes"][-1][0]),
                                                     [])])
     shares = res.cores.get("workers2", [])
+    single = res.cores.get("workers1", [])
     busy = (f" (the machine's {os.cpu_count()} cores {_median([c.machine for c in shares]):.2f}"
             f" busy: relay {_median([c.relay for c in shares]):.2f}, clients "
             f"{_median([c.clients for c in shares]):.2f}, upstream "
-            f"{_median([c.upstream for c in shares]):.2f})") if shares else ""
+            f"{_median([c.upstream for c in shares]):.2f}; the machine allowed 2 workers "
+            f"{_median([c.relay for c in shares]) / _median([c.relay for c in single]):.2f}x "
+            "the cores of 1)") if shares and single else ""
     rows.append([TARGETS["workers"], f"{two / one:.2f}x on {os.cpu_count()} cores shared with "
                  f"the clients and the upstream{busy}" if one and two else "not run"])
     idle = [_median(v) for k, v in res.idle.items() if k in ("fast", "litellm")]
