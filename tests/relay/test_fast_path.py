@@ -712,3 +712,46 @@ async def test_groq_response_format_goes_through_litellm():
     assert_same(results)
     for _frames, request in results:
         assert "stream" not in request.json  # both made LiteLLM's non-streaming call
+
+
+@pytest.mark.parametrize("fmt", ["openai", "anthropic"])
+async def test_text_chunks_that_arrive_together_are_one_frame_numbered_as_merged(fmt):
+    """The fake writes the whole stream at once: the fast path reads the chunks that have
+    arrived together and relays their text as fewer token frames, each numbered as the
+    writer's merge numbers them (the last chunk's seq), so the finish keeps its seq."""
+    pieces = [f"w{i} " for i in range(50)]
+    async with relay_with_upstream() as (up, c):
+        up.enqueue(stream(fmt, pieces))
+        await c.start("s", model=alias(fmt, "fast"))
+        frames = await c.collect("s")
+    tokens = of_type(frames, "token")
+    assert "".join(t["text"] for t in tokens) == "".join(pieces)
+    assert len(tokens) < len(pieces)
+    seqs = [t["seq"] for t in tokens]
+    assert seqs == sorted(set(seqs)) and seqs[-1] == len(pieces)
+    assert frames[-1]["type"] == "finish" and frames[-1]["seq"] == len(pieces) + 1
+    assert frames[-1]["status"] == "completed"
+
+
+@pytest.mark.parametrize("fmt", ["openai", "anthropic"])
+async def test_the_fast_path_streamer_joins_the_text_chunks_of_one_read(fmt, monkeypatch):
+    """Below the relay's writer (whose merge alone gives the frames above): the streamer
+    itself yields fewer text deltas than chunks, each saying how many chunks it carries."""
+    from relay.upstream.fast_path import close_idle_http_client
+    from relay.upstream.streamer import TextDelta
+
+    monkeypatch.setenv("FAKE_PROVIDER_KEY", KEY)
+    pieces = [f"w{i} " for i in range(50)]
+    async with FakeUpstream() as up:
+        spec = registry_for(up).resolve(alias(fmt, "fast"))
+        up.enqueue(stream(fmt, pieces))
+        try:
+            events = [e async for e in spec.streamer().events([{"role": "user",
+                                                                  "content": "hi"}])]
+        finally:
+            await close_idle_http_client()      # (the relay server does this at its close)
+    texts = [e for e in events if isinstance(e, TextDelta)]
+    assert "".join(e.text for e in texts) == "".join(pieces)
+    assert sum(e.chunks for e in texts) == len(pieces)
+    assert len(texts) < len(pieces)
+    assert events[-1].status == "completed"
