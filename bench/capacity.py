@@ -30,10 +30,10 @@ one at a time, each *path* as a process of its own, then drives it from this pro
 
 Measured (min / median / max over the repetitions):
 
-* CPU us per token of the serving process only (with 1, 10 or 100 connections each running
-  one stream after another until the measurement lasted MIN_MEASURED_SECONDS) (its threads' run time from /proc schedstat,
-  children included for the supervisor of workers) and tokens/s, with 1, 10 and 100 concurrent streams from
-  an unpaced upstream;
+* CPU us per token of the serving process only (its threads' run time from /proc schedstat,
+  children included for the supervisor of workers) and tokens/s, with 1, 10 and 100
+  concurrent streams from an unpaced upstream (each connection runs one stream after another
+  until the measurement lasted MIN_MEASURED_SECONDS);
 * relay-added latency p50/p99 with 100 and 1,000 streams paced at 10 tokens/s each (and
   1,000 with ``--workers 1``/``2 --redis``): the upstream writes ``time.monotonic()`` into
   each chunk's text, the client (bench/lean_ws.py) subtracts it from the time its socket
@@ -86,7 +86,7 @@ RAW_SCALE = 10                  # the raw path runs this many rounds per measure
 # another) until it lasted this long: a cheap path's single stream of 2,000 tokens takes
 # ~10 ms, below what /proc's CPU figures resolve (a thread that exited counts in 10 ms ticks).
 MIN_MEASURED_SECONDS = 1.0
-MAX_ROUNDS = 50
+MAX_STREAMS_PER_CONNECTION = 50
 CANCEL_TPS = 2.0                # streams of the cancel test
 CANCEL_WAIT = 5.0               # an upstream not closed this long after cancel: "not closed"
 
@@ -338,7 +338,7 @@ class Served:
             # Stream after stream, with no barrier between the connections: the load stays
             # at ``streams`` concurrent streams however the work is spread (over workers).
             runs = got = 0
-            while runs == 0 or (runs < MAX_ROUNDS
+            while runs == 0 or (runs < MAX_STREAMS_PER_CONNECTION
                                 and time.perf_counter() - t0 < MIN_MEASURED_SECONDS):
                 got += await ws_unpaced(ws, f"s{i}-{runs}", self.model, tokens)
                 runs += 1

@@ -343,7 +343,7 @@ class EventStreamer:
                     if content:
                         got_first = True
                         text_parts.append(content)
-                        yield TextDelta(content, joined[0]) if joined else TextDelta(content)
+                        yield TextDelta(content, *joined)
                     if tool_calls:
                         got_first = True
                         for index, call_id, name, args in tool_calls:
