@@ -142,10 +142,11 @@ class ChatResponse:
 
 class ChatIndex:
     """The latest response of each (owner, chat id): what ``resume`` and the
-    one-active-response rule look up (the owner: ``AiSdkSession._chat_owner``). Kept in this process and, with ``--redis``, in Redis
-    too, so a resume that lands on another relay finds the chat (and follows its stream
-    through the replication of v1 resume). The hub's retention decides how long a response
-    stays resumable; an entry whose stream is gone answers ``no-active``."""
+    one-active-response rule look up (the owner: ``AiSdkSession._chat_owner``). Kept in
+    this process and, with ``--redis``, in Redis too, so a resume that lands on another
+    relay finds the chat (and follows its stream through the replication of v1 resume).
+    The hub's retention decides how long a response stays resumable, and the Redis record
+    expires with it; an entry whose stream is gone answers ``no-active``."""
 
     def __init__(self, is_live: Callable[[str], bool] = lambda stream_key: True) -> None:
         self._chats: dict[tuple[str, str], ChatResponse] = {}
@@ -155,7 +156,6 @@ class ChatIndex:
         self._prune_at = _FIRST_PRUNE
         #: Set by the server when relays share Redis.
         self.replicator: Replicator | None = None
-        self.ttl = 3600.0
 
     async def get(self, principal: str, chat_id: str) -> ChatResponse | None:
         """Raises ``StoreUnavailableError`` when only Redis could know and cannot answer."""
@@ -190,9 +190,9 @@ class ChatIndex:
     async def _publish(self, replicator: Replicator, principal: str, chat_id: str,
                        response: ChatResponse) -> None:
         try:
-            await replicator.store.set_chat(
-                principal, chat_id, f"{response.stream_key} {response.message_id}",
-                ttl=self.ttl)
+            # It expires with the response's own record in Redis (Replicator.record_chat).
+            await replicator.record_chat(response.stream_key, principal, chat_id,
+                                         f"{response.stream_key} {response.message_id}")
         except StoreUnavailable:
             logger.warning("ai-sdk: could not record a chat in Redis; it resumes on this "
                            "relay only")

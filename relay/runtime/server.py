@@ -97,7 +97,6 @@ class RelayServer:
         if self.settings.redis_url is not None:
             self.replicator = Replicator(self.settings, self.hub)
             self.chats.replicator = self.replicator
-            self.chats.ttl = (self.settings.total_timeout or 3600.0) + self.settings.detach_grace
             self.hub.replicator = self.replicator
             self.shared_limits = SharedLimits(self.replicator.store, self.replicator.node,
                                               lease=self.settings.redis_owner_ttl)

@@ -535,3 +535,54 @@ async def test_the_owner_cookie_is_issued_once_http_only_and_a_bad_one_is_replac
         async with ai_client(server, weak) as c:
             assert weak.cookie != f"{CHAT_OWNER_COOKIE}=my"
             assert len(weak.cookie.partition("=")[2]) == 32
+
+
+async def test_the_chat_record_in_redis_expires_with_its_response():
+    """With --redis, a chat's record lives as long as its response is retained: the
+    stream's record TTL (max(--redis-owner-ttl, --detach-grace) = 12 s here) while it runs,
+    refreshed by the owner's heartbeat (every 4 s), then --detach-grace (1 s) from its
+    finish; not --total-timeout + --detach-grace (615 s by default: 10k sends left 9,625
+    keys). The TTLs are read from the real Redis; nothing waits for an expiry."""
+    import uuid
+
+    from redis.asyncio import Redis
+
+    from .test_multinode import SHARED_REDIS
+
+    prefix = f"test:{uuid.uuid4().hex}:"
+    raw = Redis.from_url(SHARED_REDIS)
+    try:
+        async with start_relay(redis_url=SHARED_REDIS, redis_prefix=prefix, demo_tps=25,
+                               detach_grace=1, redis_owner_ttl=12) as server, \
+                ai_client(server, Browser()) as c:
+            # ~230 tokens at 25/s: the answer runs ~9 s, two heartbeats or more
+            await c.send(send_frame("r1", "ttl-chat", [ui_user(words(200))]))
+            await c.next_of("r1", 4)
+            [owner] = [o for o, chat in server.chats._chats if chat == "ttl-chat"]
+            key = server.replicator.store._chat_key(owner, "ttl-chat")
+            async with asyncio.timeout(10):
+                while (ttl := await raw.pttl(key)) < 0:
+                    await asyncio.sleep(0.01)
+            assert ttl <= 12_000
+            # While it streams the TTL never exceeds the record's, and a heartbeat raises it
+            # again (without one it only counts down).
+            received, lowest, refreshed = 4, ttl, False
+            while not refreshed:
+                received += 1
+                frames = await c.next_of("r1", received)
+                assert frames[-1]["type"] == "chunk", "the answer ended without a refresh"
+                ttl = await raw.pttl(key)
+                assert 0 < ttl <= 12_000
+                refreshed = ttl > lowest + 1000
+                lowest = min(lowest, ttl)
+            assert (await c.until_done("r1"))[-1]["type"] == "end"
+            # Finished: within moments it expires with the response's retention (1 s). A
+            # record left at the running TTL would need many seconds to count down there.
+            async with asyncio.timeout(3):
+                while await raw.pttl(key) > 1000:
+                    await asyncio.sleep(0.01)
+    finally:
+        keys = [k async for k in raw.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await raw.delete(*keys)
+        await raw.aclose()
