@@ -423,7 +423,21 @@ class ResponseMapper:
         frames follow at once (a replay, or a reader that lags), so a merging mapper may
         keep the open block's text to join with them; otherwise it is emitted."""
         out: list[dict[str, Any]] = []
+        held = self._held
         for frame in v1_frames:
+            # The bulk of a replay: more text for the open block of a merging mapper, held
+            # with no chunk built (``frames`` does the same, at several times the cost).
+            kind = frame.get("type")
+            part = self._open
+            if (self._merge and part is not None and (kind == "token" and part[0] == "text"
+                                                      or kind == "reasoning"
+                                                      and part[0] == "reasoning")):
+                text = frame["text"]
+                if held and self._held_chars + len(text) > MAX_MERGED_DELTA_CHARS:
+                    self._emit_held(out)
+                held.append(text)
+                self._held_chars += len(text)
+                continue
             out.extend(self.frames(frame))
         if not more:
             self._emit_held(out)

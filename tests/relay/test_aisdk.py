@@ -586,3 +586,42 @@ async def test_the_chat_record_in_redis_expires_with_its_response():
         if keys:
             await raw.delete(*keys)
         await raw.aclose()
+
+
+async def test_a_long_replay_lets_other_connections_run_between_writer_passes():
+    """A replay is read from the log in writer passes of 256 events, and a send that finds
+    room in the socket buffer does not yield: without a yield between passes a merged
+    replay of thousands of events (few sends) held the event loop from its first event to
+    its last, and every other connection waited. Counted in loop turns, not time: another
+    task runs between (almost) every two reads of the log."""
+    browser = Browser()
+    async with start_relay(detach_grace=30, demo_tps=0) as server:
+        async with ai_client(server, browser) as a:
+            await a.send(send_frame("r1", "long", [ui_user(words(6000))]))
+            await a.until_done("r1")
+        [stream] = server.hub.streams()
+        turns = 0
+        reads: list[int] = []
+        read = stream.log.after
+
+        def counted_read(seq: int, limit: int = 1024):
+            reads.append(turns)
+            return read(seq, limit)
+
+        async def other_connection() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        stream.log.after = counted_read
+        other = asyncio.create_task(other_connection())
+        try:
+            async with ai_client(server, browser) as b:
+                await b.send(resume_frame("q1", "long"))
+                assert (await b.until_done("q1"))[-1]["type"] == "end"
+        finally:
+            other.cancel()
+            await asyncio.gather(other, return_exceptions=True)
+    assert len(reads) > 6000 // 256
+    assert len(set(reads)) >= 0.9 * len(reads), reads
