@@ -80,8 +80,9 @@ AI_SDK_EXAMPLE_ROOT = Path(__file__).resolve().parents[2] / "client_demo" / "ai-
 
 _FIRST_PRUNE = 1024
 
-#: A resume is charged one inbound frame per this many events it replays (a writer pass of
-#: merged replay costs about what handling one small frame does), at most --frame-burst.
+#: A resume is charged one inbound frame per this many events it replays (half a writer
+#: pass of merged replay: ~0.5 ms, a few small frames' handling), at most what a full bucket
+#: holds besides the resume frame itself (``AiSdkSession._pay_for_replay``).
 REPLAY_EVENTS_PER_FRAME = 128
 
 
