@@ -23,6 +23,9 @@ Rules of the mapping (the AI SDK's UI message stream):
   message instead of appending one;
 * text and reasoning come as ``*-start`` / ``*-delta`` / ``*-end`` blocks; a block is closed
   when the other kind starts, and before the step finishes;
+* a merging mapper (``merge=True``: a full replay) joins consecutive deltas of one block that
+  are fed together into one ``*-delta`` (at most ``MAX_MERGED_DELTA_CHARS``), as v1 merges
+  token frames for a lagging reader: the assembled message is the same, in far fewer chunks;
 * a tool call is ``tool-input-start`` {toolCallId, toolName}, ``tool-input-delta``s, then
   ``tool-input-available`` {input: the parsed JSON arguments} or ``tool-input-error`` when the
   arguments are not valid JSON (or not an object);
@@ -34,6 +37,7 @@ Rules of the mapping (the AI SDK's UI message stream):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -42,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from .codec import DecodeLimits, FrameError, parse_json_within
 
 __all__ = [
+    "MAX_MERGED_DELTA_CHARS",
     "AbortRequest",
     "AiSdkFrameError",
     "ResponseMapper",
@@ -323,17 +328,37 @@ def safe_error_text(code: str | None) -> str:
     return SAFE_ERROR_TEXTS.get(code or "", _GENERIC_ERROR)
 
 
+#: A merged ``*-delta`` carries at most about this many characters (at most ~200 KiB of
+#: JSON even when every character is escaped): far below any client's frame limit.
+MAX_MERGED_DELTA_CHARS = 32 * 1024
+
+
 class ResponseMapper:
     """The server frames of one response (one ``requestId``) for the frames of one v1
     stream, in order. Stateful: feed it every frame of the stream from the first one (a
-    replay feeds the whole log again, with a fresh mapper). ``last_sequence`` (from a
-    ``resume``) suppresses chunks the client already has.
+    replay feeds the whole log again, with a fresh mapper).
 
-    ``frames(v1_frame)`` returns the response frames for one v1 frame; after the terminal
-    frame (``end`` or ``error``) it returns nothing more (``done``)."""
+    ``sequence`` numbers the chunks this mapper emits 0, 1, 2, ... without gaps (the
+    transport requires exactly the next one). Two numberings exist, so a mapper is one of:
+
+    * not merging (the default; a live response): one chunk per mapped event, so the
+      numbering depends only on the stream. ``last_sequence`` (from a ``resume``)
+      suppresses the chunks through it, which a client that had those chunks of this
+      numbering already has;
+    * merging (``merge=True``; a full replay, which is what the transport's ``resume``
+      asks for): consecutive text/reasoning deltas fed together become one chunk, so its
+      numbering is its own. ``last_sequence`` cannot be combined with it.
+
+    ``frames(v1_frame)`` returns the response frames for one v1 frame; ``feed(frames,
+    more=...)`` for several. A merging mapper may hold the open block's latest text back
+    to join it with what comes next: ``feed`` keeps it only while ``more`` says more frames
+    follow at once, and ``flush()`` emits it. After the terminal frame (``end`` or
+    ``error``) nothing more is returned (``done``)."""
 
     def __init__(self, request_id: str, message_id: str, *,
-                 last_sequence: int | None = None) -> None:
+                 last_sequence: int | None = None, merge: bool = False) -> None:
+        if merge and last_sequence is not None:
+            raise ValueError("a merging mapper numbers its own chunks: no last_sequence")
         self.request_id = request_id
         self.message_id = message_id
         self.done = False
@@ -343,6 +368,9 @@ class ResponseMapper:
         self._open: tuple[str, str] | None = None      # ("text" | "reasoning", part id)
         self._parts = 0
         self._tools: dict[int, tuple[str, str]] = {}    # index -> (toolCallId, toolName)
+        self._merge = merge
+        self._held: list[str] = []      # text of the open block not emitted yet (merging)
+        self._held_chars = 0
 
     # -- helpers
 
@@ -353,8 +381,18 @@ class ResponseMapper:
             out.append({"type": "chunk", "requestId": self.request_id,
                         "sequence": sequence, "chunk": chunk})
 
+    def _emit_held(self, out: list[dict[str, Any]]) -> None:
+        if self._held:
+            assert self._open is not None
+            kind, part_id = self._open
+            text = self._held[0] if len(self._held) == 1 else "".join(self._held)
+            self._held.clear()
+            self._held_chars = 0
+            self._chunk(out, {"type": f"{kind}-delta", "id": part_id, "delta": text})
+
     def _close_open(self, out: list[dict[str, Any]]) -> None:
         if self._open is not None:
+            self._emit_held(out)
             kind, part_id = self._open
             self._chunk(out, {"type": f"{kind}-end", "id": part_id})
             self._open = None
@@ -365,7 +403,45 @@ class ResponseMapper:
             self._parts += 1
             self._open = (kind, f"{kind[0]}{self._parts}")
             self._chunk(out, {"type": f"{kind}-start", "id": self._open[1]})
-        self._chunk(out, {"type": f"{kind}-delta", "id": self._open[1], "delta": text})
+        if not self._merge:
+            self._chunk(out, {"type": f"{kind}-delta", "id": self._open[1], "delta": text})
+            return
+        if self._held and self._held_chars + len(text) > MAX_MERGED_DELTA_CHARS:
+            self._emit_held(out)
+        self._held.append(text)
+        self._held_chars += len(text)
+
+    def flush(self) -> list[dict[str, Any]]:
+        """The held text of the open block, as one chunk (nothing when none is held)."""
+        out: list[dict[str, Any]] = []
+        self._emit_held(out)
+        return out
+
+    def feed(self, v1_frames: Iterable[dict[str, Any]], *,
+             more: bool = False) -> list[dict[str, Any]]:
+        """The response frames for consecutive v1 frames of the stream. ``more``: further
+        frames follow at once (a replay, or a reader that lags), so a merging mapper may
+        keep the open block's text to join with them; otherwise it is emitted."""
+        out: list[dict[str, Any]] = []
+        held = self._held
+        for frame in v1_frames:
+            # The bulk of a replay: more text for the open block of a merging mapper, held
+            # with no chunk built (``frames`` does the same, at several times the cost).
+            kind = frame.get("type")
+            part = self._open
+            if (self._merge and part is not None and (kind == "token" and part[0] == "text"
+                                                      or kind == "reasoning"
+                                                      and part[0] == "reasoning")):
+                text = frame["text"]
+                if held and self._held_chars + len(text) > MAX_MERGED_DELTA_CHARS:
+                    self._emit_held(out)
+                held.append(text)
+                self._held_chars += len(text)
+                continue
+            out.extend(self.frames(frame))
+        if not more:
+            self._emit_held(out)
+        return out
 
     def begin(self) -> list[dict[str, Any]]:
         """The opening chunks (``start``, ``start-step``); also emitted by the first
@@ -378,6 +454,8 @@ class ResponseMapper:
         return out
 
     def frames(self, frame: dict[str, Any]) -> list[dict[str, Any]]:
+        """The response frames for one v1 frame (a merging mapper may hold its text back:
+        see ``feed`` and ``flush``)."""
         if self.done:
             return []
         out = self.begin()

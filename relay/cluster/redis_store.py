@@ -13,6 +13,9 @@ Key layout (``P`` = ``prefix``, default ``"llmrelay:"``; ``K`` = the caller's st
                           dead owner is noticed quickly while its record stays readable)
     P log:K       stream  entry id "0-<seq>", one field b"f" = frame bytes
     P attached:K  string  token of the connection currently attached to the stream
+    P aisdk-chat:H string "<K> <message id>": the latest response of an AI SDK chat (H =
+                          sha256 of its owner and chat id); set and expired by the caller
+                          with the stream K's own record (``set_chat``, ``expire_chats``)
     P control     pub/sub channel, orjson-encoded JSON objects (the relays' control messages,
                           ``protocol.RelayMessage``; this store carries any object)
 
@@ -131,6 +134,19 @@ end
 return 0
 """
 
+# KEYS: chat records; ARGV[1]: milliseconds; ARGV[i + 1]: the stream key KEYS[i] must still
+# name (its value starts with it and a space), so a newer response of the chat keeps its own.
+_EXPIRE_CHATS = """
+for i, key in ipairs(KEYS) do
+  local value = redis.call('GET', key)
+  local stream = ARGV[i + 1]
+  if value and string.sub(value, 1, #stream + 1) == stream .. ' ' then
+    redis.call('PEXPIRE', key, ARGV[1])
+  end
+end
+return 0
+"""
+
 _CLEAR_ATTACHED = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -213,6 +229,7 @@ class RedisStore:
         self._finish = self._cmd.register_script(_FINISH)
         self._mark_lost = self._cmd.register_script(_MARK_LOST)
         self._clear_attached = self._cmd.register_script(_CLEAR_ATTACHED)
+        self._expire_chats = self._cmd.register_script(_EXPIRE_CHATS)
         self._listener: asyncio.Task[None] | None = None
         self._started = False
         self._closed = False
@@ -614,10 +631,22 @@ class RedisStore:
         return f"{self.prefix}aisdk-chat:{digest}"
 
     async def set_chat(self, principal: str, chat_id: str, value: str, *, ttl: float) -> None:
-        """Record the latest response of an AI SDK chat (relay.runtime.aisdk.ChatIndex)."""
+        """Record the latest response of an AI SDK chat (relay.runtime.aisdk.ChatIndex):
+        ``value`` is ``"<stream key> <message id>"``."""
         ms = _ms(ttl)
         await self._run("set_chat", lambda: self._cmd.set(
             self._chat_key(principal, chat_id), value, px=ms))
+
+    async def expire_chats(self, chats: list[tuple[str, str, str]], *, ttl: float) -> None:
+        """Make each chat record ``(principal, chat id, stream key)`` expire after ``ttl``,
+        only while it still names that stream (atomic): a newer response of the chat keeps
+        its own expiry."""
+        if not chats:
+            return
+        ms = _ms(ttl)
+        keys = [self._chat_key(principal, chat_id) for principal, chat_id, _ in chats]
+        args = [ms, *(stream_key for _, _, stream_key in chats)]
+        await self._run("expire_chats", lambda: self._expire_chats(keys=keys, args=args))
 
     async def get_chat(self, principal: str, chat_id: str) -> str | None:
         raw = await self._run("get_chat",

@@ -292,6 +292,10 @@ class Replicator:
         #: Redis holds the stream's record until its mirror ends (finish written, log lost,
         #: or Redis failed). Only ``_mirror`` changes it.
         self._mirrored: set[str] = set()
+        #: The AI SDK chats (owner, chat id) whose latest response is each local stream
+        #: being mirrored (relay.runtime.aisdk): their records in Redis expire with the
+        #: stream's own (``record_chat``). From ``mirror`` until the mirror ends.
+        self._chats: dict[str, list[tuple[str, str]]] = {}
         self._commit = _GroupCommit(self.store, self.record_ttl)
         self._warned = False
 
@@ -325,7 +329,22 @@ class Replicator:
 
     def mirror(self, stream: StreamView) -> None:
         """Start copying ``stream``'s log to Redis (called at launch)."""
+        self._chats[stream.key] = []
         self.spawn(self._mirror(stream), name=f"mirror {stream.key[:8]}")
+
+    async def record_chat(self, stream_key: str, principal: str, chat_id: str,
+                          value: str) -> None:
+        """Record in Redis that the latest response of AI SDK chat ``(principal, chat_id)``
+        is stream ``stream_key`` (``value``: what ``RedisStore.set_chat`` stores). The record
+        lives as long as the stream's own: ``record_ttl``, refreshed by the heartbeat while
+        the stream is mirrored, then the resume window (``detach_grace``) from its finish;
+        a stream not mirrored (any more) gets that window at once. Raises
+        ``StoreUnavailable``."""
+        chats = self._chats.get(stream_key)
+        if chats is not None:
+            chats.append((principal, chat_id))
+        ttl = self.record_ttl if chats is not None else max(self.grace, 1.0)
+        await self.store.set_chat(principal, chat_id, value, ttl=ttl)
 
     def is_mirrored(self, key: str) -> bool:
         return key in self._mirrored
@@ -346,11 +365,16 @@ class Replicator:
                 await store.mark_lost(key, ttl=max(self.grace, 1.0))
             else:
                 await store.finish(key, ttl=max(self.grace, 1.0))
+            # Its chats' records now expire with its record (a later record_chat too).
+            chats = self._chats.pop(key, [])
+            await store.expire_chats([(principal, chat_id, key) for principal, chat_id in chats],
+                                     ttl=max(self.grace, 1.0))
         except StoreUnavailable as exc:
             self._warn(f"stream store unavailable ({exc}); streams keep running here but "
                        "cannot be resumed on another relay")
         finally:
             self._mirrored.discard(key)
+            self._chats.pop(key, None)
 
     async def publish_cancel(self, key: str) -> None:
         try:
@@ -446,6 +470,10 @@ class Replicator:
                 if owned:
                     await self.store.refresh(owned, ttl=self.record_ttl,
                                              owner_ttl=self.owner_ttl)
+                chats = [(principal, chat_id, key) for key, of_stream in self._chats.items()
+                         for principal, chat_id in of_stream]
+                if chats:
+                    await self.store.expire_chats(chats, ttl=self.record_ttl)
                 for key, token in list(self._attach_tokens.items()):
                     await self.store.set_attached(key, token, ttl=self.owner_ttl)
                 if owned or self._attach_tokens:

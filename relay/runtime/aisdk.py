@@ -7,9 +7,17 @@ frames are AI SDK responses. The mapping itself is sans-I/O in ``protocol.aisdk`
 * ``send`` becomes a v1 ``start`` (``requestId`` is the stream's id on this connection)
   and goes through exactly the same admission as one (``Session._start``);
 * ``abort`` is a v1 ``cancel`` of that stream: the upstream request is closed at once;
-* ``resume`` looks the chat up in ``ChatIndex`` ((principal, chat id) -> the stream of its
+* ``resume`` looks the chat up in ``ChatIndex`` ((owner, chat id) -> the stream of its
   latest response) and attaches the stream from its first frame: the whole response is
-  replayed (with the same ``messageId``) and the live rest follows.
+  replayed (with the same ``messageId``; merged, and paid from the connection's frame
+  budget) and the live rest follows.
+
+Whose chat it is (the *owner*): with ``--auth`` the principal. Without, the client's address
+*and* the browser's owner cookie (``CHAT_OWNER_COOKIE``: 192 random bits, HttpOnly, set by the
+relay on the upgrade of a client that sent none), so another client behind the same NAT that
+knows or guesses a chat id (``my-chat``) finds nothing: a chat id is not a secret, the
+cookie is. A client that keeps no cookies gets a new owner on each connection: its chats
+resume only with ``--auth``, or when it sends the cookie back itself.
 
 Auth (with ``--auth``): the upgrade's ``Authorization`` header authenticates the connection;
 otherwise each ``send``/``resume`` carries ``headers.authorization`` ("Bearer ...", the
@@ -25,6 +33,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import re
+import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +68,8 @@ from relay.runtime.hub import Attachment
 from relay.runtime.session import Session
 from relay.core.streamlog import LogEntry
 
-__all__ = ["AI_SDK_EXAMPLE_PATH", "AI_SDK_EXAMPLE_ROOT", "AI_SDK_PATH", "AiSdkSession", "ChatIndex"]
+__all__ = ["AI_SDK_EXAMPLE_PATH", "AI_SDK_EXAMPLE_ROOT", "AI_SDK_PATH", "CHAT_OWNER_COOKIE",
+           "AiSdkSession", "ChatIndex", "chat_owner_cookie", "issue_chat_owner"]
 
 logger = logging.getLogger("relay.runtime.aisdk")
 
@@ -68,6 +80,60 @@ AI_SDK_EXAMPLE_ROOT = Path(__file__).resolve().parents[2] / "client_demo" / "ai-
 
 _FIRST_PRUNE = 1024
 
+#: A resume is charged one inbound frame per this many events it replays (half a writer
+#: pass of merged replay: ~0.5 ms, a few small frames' handling), at most what a full bucket
+#: holds besides the resume frame itself (``AiSdkSession._pay_for_replay``).
+REPLAY_EVENTS_PER_FRAME = 128
+
+
+#: Without ``--auth``, a chat belongs to the address *and* this cookie's value (module
+#: docstring). The relay sets it, HttpOnly and SameSite=Strict, on the ``/ai-sdk`` upgrade
+#: response of a client that sent no valid one.
+CHAT_OWNER_COOKIE = "llm-relay-chat-owner"
+#: The value the relay issues (``secrets.token_urlsafe(24)``: 192 bits, as a v1 stream key);
+#: anything else is ignored and replaced, so a client cannot pick a guessable owner.
+_OWNER_VALUE = re.compile(r"[A-Za-z0-9_-]{32}\Z")
+
+
+def chat_owner_cookie(headers: Any) -> str | None:
+    """The valid owner cookie among the request ``headers``' ``Cookie`` lines, else None."""
+    for line in headers.get_all("Cookie"):
+        for pair in line.split(";"):
+            name, _, value = pair.strip().partition("=")
+            if name == CHAT_OWNER_COOKIE and _OWNER_VALUE.match(value):
+                return value
+    return None
+
+
+def issue_chat_owner(request_headers: Any, response_headers: Any, *, secure: bool) -> None:
+    """The upgrade of an ``/ai-sdk`` connection without ``--auth``: when the request carries
+    no valid owner cookie, add a ``Set-Cookie`` with a new one to the 101 response (read
+    back by the session: ``AiSdkSession``). ``secure``: the relay is reached over TLS."""
+    if chat_owner_cookie(request_headers) is not None:
+        return
+    response_headers["Set-Cookie"] = (
+        f"{CHAT_OWNER_COOKIE}={secrets.token_urlsafe(24)}; Path={AI_SDK_PATH}; HttpOnly; "
+        f"SameSite=Strict{'; Secure' if secure else ''}")
+
+
+def _owner_of_connection(ws: Any) -> str:
+    """The owner cookie the connection's client sent, else the one the relay issued on its
+    upgrade (``issue_chat_owner``), else (no HTTP request: an in-process socket) a fresh
+    one of this connection alone."""
+    request = getattr(ws, "request", None)
+    if request is not None:
+        owner = chat_owner_cookie(request.headers)
+        if owner is not None:
+            return owner
+    response = getattr(ws, "response", None)
+    if response is not None:
+        for line in response.headers.get_all("Set-Cookie"):
+            name, _, rest = line.partition("=")
+            value = rest.split(";", 1)[0]
+            if name == CHAT_OWNER_COOKIE and _OWNER_VALUE.match(value):
+                return value
+    return secrets.token_urlsafe(24)
+
 
 @dataclass(frozen=True, slots=True)
 class ChatResponse:
@@ -76,11 +142,12 @@ class ChatResponse:
 
 
 class ChatIndex:
-    """The latest response of each (principal, chat id): what ``resume`` and the
-    one-active-response rule look up. Kept in this process and, with ``--redis``, in Redis
-    too, so a resume that lands on another relay finds the chat (and follows its stream
-    through the replication of v1 resume). The hub's retention decides how long a response
-    stays resumable; an entry whose stream is gone answers ``no-active``."""
+    """The latest response of each (owner, chat id): what ``resume`` and the
+    one-active-response rule look up (the owner: ``AiSdkSession._chat_owner``). Kept in
+    this process and, with ``--redis``, in Redis too, so a resume that lands on another
+    relay finds the chat (and follows its stream through the replication of v1 resume).
+    The hub's retention decides how long a response stays resumable, and the Redis record
+    expires with it; an entry whose stream is gone answers ``no-active``."""
 
     def __init__(self, is_live: Callable[[str], bool] = lambda stream_key: True) -> None:
         self._chats: dict[tuple[str, str], ChatResponse] = {}
@@ -90,7 +157,6 @@ class ChatIndex:
         self._prune_at = _FIRST_PRUNE
         #: Set by the server when relays share Redis.
         self.replicator: Replicator | None = None
-        self.ttl = 3600.0
 
     async def get(self, principal: str, chat_id: str) -> ChatResponse | None:
         """Raises ``StoreUnavailableError`` when only Redis could know and cannot answer."""
@@ -125,9 +191,9 @@ class ChatIndex:
     async def _publish(self, replicator: Replicator, principal: str, chat_id: str,
                        response: ChatResponse) -> None:
         try:
-            await replicator.store.set_chat(
-                principal, chat_id, f"{response.stream_key} {response.message_id}",
-                ttl=self.ttl)
+            # It expires with the response's own record in Redis (Replicator.record_chat).
+            await replicator.record_chat(response.stream_key, principal, chat_id,
+                                         f"{response.stream_key} {response.message_id}")
         except StoreUnavailable:
             logger.warning("ai-sdk: could not record a chat in Redis; it resumes on this "
                            "relay only")
@@ -158,6 +224,16 @@ class AiSdkSession(Session):
         self._address_principal = address_principal
         self._mappers: dict[Attachment, ResponseMapper] = {}
         self._authenticated = self._auth is None
+        #: The browser's owner cookie (module docstring); it scopes chats without --auth.
+        self._owner_cookie = _owner_of_connection(self.ws)
+
+    @property
+    def _chat_owner(self) -> str:
+        """Whose chats this connection sees: the principal with --auth; without, the
+        address and the owner cookie (knowing a chat id is not enough)."""
+        if self._auth is not None:
+            return self.principal
+        return f"{self.principal} {self._owner_cookie}"
 
     # ------------------------------------------------------------------ handshake
 
@@ -259,7 +335,7 @@ class AiSdkSession(Session):
 
     async def _on_send(self, request: SendRequest) -> None:
         rid = request.requestId
-        current = self._chats.local(self.principal, request.id)
+        current = self._chats.local(self._chat_owner, request.id)
         if current is not None:
             stream = self.hub.get(current.stream_key)
             if stream is not None and stream.running:
@@ -287,23 +363,27 @@ class AiSdkSession(Session):
             self._respond(error_frame(rid, "Not authenticated: token expired."))
             return
         response = ChatResponse(att.stream.key, _message_id(att.stream.key))
-        self._chats.set(self.principal, request.id, response)
+        self._chats.set(self._chat_owner, request.id, response)
         self._mappers[att] = ResponseMapper(rid, response.message_id)
 
     async def _on_resume(self, request: ResumeRequest) -> None:
         """v1 resume of the chat's latest stream from its first frame (local, or followed
         from Redis when it runs on another relay): ``resumed`` becomes ``start``, the whole
-        response is replayed through a fresh mapper, the live rest follows."""
+        response is replayed through a fresh mapper (merged, unless ``lastSequence`` asks
+        for the live numbering), the live rest follows. The replay is paid from the
+        connection's frame budget first (``_pay_for_replay``)."""
         rid = request.requestId
-        response = await self._chats.get(self.principal, request.id)
+        response = await self._chats.get(self._chat_owner, request.id)
         if response is None:
             self._respond(no_active_frame(rid))
+            return
+        if not await self._pay_for_replay(response.stream_key):
             return
         try:
             await self._resume(Resume(type="resume", stream_key=response.stream_key,
                                       after_seq=0, id=rid))
         except UnknownStream:
-            self._chats.forget(self.principal, request.id, response)
+            self._chats.forget(self._chat_owner, request.id, response)
             self._respond(no_active_frame(rid))
             return
         except StreamLost:
@@ -311,8 +391,40 @@ class AiSdkSession(Session):
             return
         att = self._attachments[rid]
         # Registered just now and no await since: the writer has not read it yet.
-        self._mappers[att] = ResponseMapper(rid, response.message_id,
-                                            last_sequence=request.lastSequence)
+        self._mappers[att] = ResponseMapper(
+            rid, response.message_id, last_sequence=request.lastSequence,
+            merge=request.lastSequence is None)
+
+    async def _pay_for_replay(self, stream_key: str) -> bool:
+        """Charge a resume's replay to the connection's inbound frame budget
+        (``--frames-per-second`` / ``--frame-burst``, the bucket every frame is paid from):
+        one frame per ``REPLAY_EVENTS_PER_FRAME`` events of the retained response, at most
+        what a full bucket holds after paying for the ``resume`` frame itself, so a
+        connection that has been quiet can always resume once. One that cannot pay is
+        closed 4429 like any frame flood; False then."""
+        cost = min(math.ceil(await self._replay_events(stream_key) / REPLAY_EVENTS_PER_FRAME),
+                   max(0, math.floor(self._frames.burst) - 1))
+        if cost <= 0 or self._frames.take(cost):
+            return True
+        logger.info("ai-sdk: closing a connection whose resumes exceed its frame budget",
+                    extra={"session_id": self.session_id, "principal": self.principal})
+        await self._close_flooded()
+        return False
+
+    async def _replay_events(self, stream_key: str) -> int:
+        """How many events a replay of stream ``stream_key`` from its start reads: its log
+        here, or (running on another relay) its log in Redis; 0 when unknown (the resume
+        then fails anyway)."""
+        stream = self.hub.get(stream_key)
+        if stream is not None and not stream.remote:
+            return len(stream.log)
+        replicator = self.hub.replicator
+        if replicator is None:
+            return 0
+        try:
+            return await replicator.store.last_seq(stream_key) or 0
+        except StoreUnavailable:
+            return 0
 
     def _abort(self, request: AbortRequest) -> None:
         att = self._attachments.get(request.requestId)
@@ -341,14 +453,14 @@ class AiSdkSession(Session):
         return True
 
     def _encode_entries(self, att: Attachment, entries: list[LogEntry]) -> Iterable[bytes]:
+        """The response frames for ``entries``; a merging mapper (a replay) keeps the open
+        block's text while the log already holds more (the writer's next pass reads it)."""
         mapper = self._mappers.get(att)
         if mapper is None:
             return []
-        out: list[bytes] = []
-        for entry in entries:
-            for frame in mapper.frames(entry.frame):
-                out.append(orjson.dumps(frame))
-        return out
+        more = entries[-1].seq < att.stream.log.last_seq
+        return [orjson.dumps(frame)
+                for frame in mapper.feed([entry.frame for entry in entries], more=more)]
 
     def _unregister(self, att: Attachment) -> None:
         super()._unregister(att)

@@ -23,7 +23,10 @@ from websockets.http11 import Request, Response
 from protocol import SUPPORTED_VERSIONS, FinishReason
 
 from relay.http import web
-from relay.runtime.aisdk import AI_SDK_EXAMPLE_PATH, AI_SDK_EXAMPLE_ROOT, AI_SDK_PATH, AiSdkSession, ChatIndex
+from relay.runtime.aisdk import (
+    AI_SDK_EXAMPLE_PATH, AI_SDK_EXAMPLE_ROOT, AI_SDK_PATH, AiSdkSession, ChatIndex,
+    issue_chat_owner,
+)
 from relay.core.auth import AuthError, Authenticator, address_principal
 from relay.http.handshake import (OriginPolicy, RelayConnection, client_address, own_origins,
                         parse_networks, repeated_header)
@@ -94,7 +97,6 @@ class RelayServer:
         if self.settings.redis_url is not None:
             self.replicator = Replicator(self.settings, self.hub)
             self.chats.replicator = self.replicator
-            self.chats.ttl = (self.settings.total_timeout or 3600.0) + self.settings.detach_grace
             self.hub.replicator = self.replicator
             self.shared_limits = SharedLimits(self.replicator.store, self.replicator.node,
                                               lease=self.settings.redis_owner_ttl)
@@ -115,6 +117,7 @@ class RelayServer:
             subprotocols=list(SUPPORTED_VERSIONS),
             select_subprotocol=_select_subprotocol,
             process_request=self._process_request,
+            process_response=self._process_response,
             max_size=s.max_frame_bytes,
             # Inbound frames queue while a session handles one; a relay needs few.
             max_queue=16,
@@ -233,6 +236,17 @@ class RelayServer:
         if response is not None and _method(request) == "HEAD":
             return dataclasses.replace(response, body=b"")  # headers as for GET
         return response
+
+    def _process_response(self, connection: ServerConnection, request: Request,
+                          response: Response) -> None:
+        """The upgrade's response: an ``/ai-sdk`` client without ``--auth`` gets its chat
+        owner cookie when it has none (relay.runtime.aisdk, ``issue_chat_owner``)."""
+        if (response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS
+                and not self.auth.enabled
+                and request.path.split("?", 1)[0] == AI_SDK_PATH):
+            public = self.settings.public_url or ""
+            issue_chat_owner(request.headers, response.headers,
+                             secure=public.startswith(("https:", "wss:")))
 
     def _refuse_malformed(self, connection: ServerConnection,
                           request: Request) -> Response | None:

@@ -547,6 +547,7 @@ class Session:
                     data = self._control.popleft()
                     self._control_bytes -= len(data) + _CONTROL_FRAME_OVERHEAD
                     await ws.send(data, text=True)
+                full_batch = False
                 for att in list(self._attachments.values()):
                     if self._attachments.get(att.id) is not att:
                         continue                       # taken over meanwhile
@@ -555,6 +556,7 @@ class Session:
                         self._close_slow(Slowness.LOG_TRIMMED)
                         return
                     entries = log.after(att.cursor, _BATCH)
+                    full_batch = full_batch or len(entries) == _BATCH
                     if entries:
                         for data in self._encode_entries(att, entries):
                             await ws.send(data, text=True)
@@ -568,6 +570,11 @@ class Session:
                     if log.finished and att.cursor >= log.last_seq:
                         self._release(att)             # its finish is sent: done here
                 self._check_lag()
+                if full_batch:
+                    # A replay (or a reader far behind) is read pass after pass, and a send
+                    # that finds room in the socket buffer does not yield: let the loop run
+                    # other connections between passes instead of after the whole log.
+                    await asyncio.sleep(0)
         except ConnectionClosed:
             pass
         except Exception:

@@ -14,7 +14,23 @@ const URL_AI = HTTP.replace(/^http/, 'ws') + '/ai-sdk';
 // A second relay on the same Redis (RELAY_HTTP_B).
 const URL_AI_B = (process.env.RELAY_HTTP_B ?? '').replace(/^http/, 'ws') + '/ai-sdk';
 
-const transport = (url = URL_AI) => new WebSocketChatTransport({ url, webSocket: WebSocket });
+// One browser's cookie jar: without --auth a chat belongs to the relay's owner cookie (set
+// on the /ai-sdk upgrade, HttpOnly), which a browser sends back on every later upgrade to
+// that host (whatever the port). `ws` keeps no cookies, so this WebSocket class does.
+function browser() {
+  let cookie;
+  return class BrowserWebSocket extends WebSocket {
+    constructor(url, protocols) {
+      super(url, protocols, cookie ? { headers: { cookie } } : {});
+      this.once('upgrade', response => {
+        const set = response.headers['set-cookie'];
+        if (set) cookie = set[0].split(';')[0];
+      });
+    }
+  };
+}
+
+const transport = (url = URL_AI, webSocket = browser()) => new WebSocketChatTransport({ url, webSocket });
 const user = (text, id = 'u-' + text.slice(0, 8)) => ({
   id, role: 'user', parts: [{ type: 'text', text }],
 });
@@ -98,8 +114,9 @@ test('abort mid-stream closes the upstream and the chat takes a new turn at once
 });
 
 test('resume from a second connection replays the whole message with the same messageId', async () => {
-  const a = transport();
-  const b = transport();
+  const web = browser();
+  const a = transport(URL_AI, web);
+  const b = transport(URL_AI, web);
   try {
     const long = Array.from({ length: 60 }, (_, i) => `r${i}`).join(' ');
     const stream = await send(a, 'resume-chat', [user(long)], { model: 'demo' });
@@ -123,8 +140,9 @@ test('resume from a second connection replays the whole message with the same me
 
 test('resume on the other of two relays on Redis replays the whole message', async () => {
   assert.ok(process.env.RELAY_HTTP_B, 'RELAY_HTTP_B must be set');
-  const a = transport();
-  const b = transport(URL_AI_B);
+  const web = browser();
+  const a = transport(URL_AI, web);
+  const b = transport(URL_AI_B, web);
   try {
     const long = Array.from({ length: 60 }, (_, i) => `x${i}`).join(' ');
     const stream = await send(a, 'cross-relay-chat', [user(long)], { model: 'demo' });
@@ -181,6 +199,51 @@ test('a tool call yields tool-input-available; its output reaches the model as a
     assert.equal(next.at(-1).type, 'finish');
   } finally {
     t.close();
+  }
+});
+
+test('a long answer resumes as a few merged chunks that assemble into the same message', async () => {
+  const web = browser();
+  const a = transport(URL_AI, web);
+  const b = transport(URL_AI, web);
+  try {
+    // `oai` answers with 400 text chunks, one by one (tests/relay/test_aisdk_transport.py).
+    const live = await readAll(await send(a, 'long-chat', [user('a long answer please')], { model: 'oai' }));
+    assert.ok(live.filter(c => c.type === 'text-delta').length > 300, `live: ${live.length} chunks`);
+    const resumed = await b.reconnectToStream({ chatId: 'long-chat' });
+    assert.ok(resumed, 'the retained answer is found');
+    const replay = await readAll(resumed);
+    assert.ok(replay.length <= 10, `replay: ${replay.length} chunks`);
+    assert.deepEqual(await assemble(replay), await assemble(live));
+  } finally {
+    a.close();
+    b.close();
+  }
+});
+
+test('another browser behind the same address cannot resume or take over a chat', async () => {
+  const ownersBrowser = browser();
+  const owner = transport(URL_AI, ownersBrowser);
+  const neighbour = transport();
+  const ownerAgain = transport(URL_AI, ownersBrowser);
+  try {
+    const long = Array.from({ length: 60 }, (_, i) => `n${i}`).join(' ');
+    const reader = (await send(owner, 'my-chat', [user(long)], { model: 'demo' })).getReader();
+    const first = [];
+    while (first.length < 5) first.push((await reader.read()).value);
+    assert.equal(await neighbour.reconnectToStream({ chatId: 'my-chat' }), null);
+    // the owner's answer was not taken over: it streams to its end
+    const rest = [];
+    for (;;) { const { done, value } = await reader.read(); if (done) break; rest.push(value); }
+    assert.equal(rest.at(-1).type, 'finish');
+    // the owner's browser (its cookie) resumes it on a new connection
+    const replay = await readAll(await ownerAgain.reconnectToStream({ chatId: 'my-chat' }));
+    assert.equal(replay[0].messageId, first[0].messageId);
+    assert.equal(textOf(replay), textOf([...first, ...rest]));
+  } finally {
+    owner.close();
+    neighbour.close();
+    ownerAgain.close();
   }
 });
 

@@ -78,3 +78,9 @@ async def test_reload_mid_answer_resumes_the_same_answer(page):
         assert await page.evaluate(ANSWER_TEXT) == expected
         assert await page.locator(".message.assistant").count() == 1
         assert await page.locator(".message.user").count() == 1
+        # What let the reloaded page resume: the chat owner cookie the relay set on the first
+        # /ai-sdk upgrade, kept by Chromium and sent back on the next one (relay/runtime/aisdk.py).
+        [owner] = [c for c in await page.context.cookies()
+                   if c["name"] == "llm-relay-chat-owner"]
+        assert owner["httpOnly"] and owner["sameSite"] == "Strict" and owner["path"] == "/ai-sdk"
+

@@ -11,6 +11,7 @@ import pytest
 
 from protocol import frames
 from protocol.aisdk import (
+    MAX_MERGED_DELTA_CHARS,
     AiSdkFrameError,
     ResponseMapper,
     SendRequest,
@@ -143,6 +144,70 @@ def test_last_sequence_skips_chunks_the_client_has():
 
 def test_a_replay_repeats_the_same_message_id_and_sequences():
     assert run(scenarios()["tools"]) == run(scenarios()["tools"])
+
+
+def assembled(out: list[dict]) -> list[tuple[str, str]]:
+    """What a client builds from the chunks: each part's kind and full text, the other
+    chunks as they are (tool chunks, finish), in order."""
+    parts: list[tuple[str, str]] = []
+    for c in chunks_of(out):
+        kind = c["type"]
+        if kind.endswith("-delta") and kind != "tool-input-delta":
+            parts[-1] = (parts[-1][0], parts[-1][1] + c["delta"])
+        elif kind.endswith("-start") and kind != "tool-input-start":
+            parts.append((kind[:-len("-start")], ""))
+        elif not kind.endswith("-end"):
+            parts.append((kind, json.dumps(c, sort_keys=True)))
+    return parts
+
+
+@pytest.mark.parametrize("name", sorted(scenarios()))
+def test_a_merging_mapper_joins_deltas_into_the_same_message(name):
+    v1 = scenarios()[name]
+    merged = ResponseMapper("r1", "msg_1", merge=True).feed(v1)
+    assert assembled(merged) == assembled(run(v1))
+    assert [f["sequence"] for f in merged if f["type"] == "chunk"] == \
+        list(range(len(chunks_of(merged))))
+    assert [f["type"] for f in merged if f["type"] != "chunk"] == \
+        [f["type"] for f in run(v1) if f["type"] != "chunk"]
+
+
+def test_a_replay_of_many_tokens_is_a_few_chunks():
+    v1 = [frames.token("s", i, f"w{i} ") for i in range(1, 5001)]
+    v1.append(frames.reasoning("s", 5001, "then"))
+    v1.append(frames.finish("s", 5002, "completed", "stop", USAGE))
+    merged = ResponseMapper("r1", "msg_1", merge=True).feed(v1)
+    kinds = [c["type"] for c in chunks_of(merged)]
+    assert kinds == ["start", "start-step", "text-start", "text-delta", "text-end",
+                     "reasoning-start", "reasoning-delta", "reasoning-end", "finish-step",
+                     "finish"]
+    assert assembled(merged) == assembled(run(v1))
+
+
+def test_merged_deltas_stay_under_the_cap():
+    v1 = [frames.token("s", i, "x" * 1000) for i in range(1, 101)]
+    merged = ResponseMapper("r1", "msg_1", merge=True).feed(v1)
+    deltas = [c["delta"] for c in chunks_of(merged) if c["type"] == "text-delta"]
+    assert len(deltas) == 4 and "".join(deltas) == "x" * 100_000
+    assert all(len(d) <= MAX_MERGED_DELTA_CHARS for d in deltas)
+
+
+def test_more_holds_the_open_part_text_until_the_frames_that_follow():
+    """Fed in writer passes: with more=True the text waits to be joined with the next
+    pass's; the pass that reaches the end of what is there emits it."""
+    mapper = ResponseMapper("r1", "msg_1", merge=True)
+    first = mapper.feed([frames.token("s", 1, "Hel"), frames.token("s", 2, "lo")], more=True)
+    assert [c["type"] for c in chunks_of(first)] == ["start", "start-step", "text-start"]
+    second = mapper.feed([frames.token("s", 3, " you")], more=False)
+    assert chunks_of(second) == [{"type": "text-delta", "id": "t1", "delta": "Hello you"}]
+    assert mapper.feed([frames.token("s", 4, "!")], more=True) == []
+    assert chunks_of(mapper.flush()) == [{"type": "text-delta", "id": "t1", "delta": "!"}]
+    assert mapper.flush() == []
+
+
+def test_a_merging_mapper_has_no_last_sequence():
+    with pytest.raises(ValueError):
+        ResponseMapper("r1", "msg_1", merge=True, last_sequence=3)
 
 
 # ---------------------------------------------------------------- UIMessage -> messages

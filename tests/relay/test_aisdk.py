@@ -67,10 +67,25 @@ class AiClient:
         return self.by_request[rid]
 
 
+class Browser:
+    """One browser's cookie jar: the chat owner cookie the relay sets on an /ai-sdk upgrade
+    is sent back on the next one, as a browser does (cookies ignore the port, so two
+    relays on one host share it too)."""
+
+    def __init__(self) -> None:
+        self.cookie: str | None = None
+
+
 @contextlib.asynccontextmanager
-async def ai_client(server, **kwargs):
+async def ai_client(server, browser: Browser | None = None, **kwargs):
     url = f"ws://127.0.0.1:{server.port}/ai-sdk"
+    if browser is not None and browser.cookie is not None:
+        kwargs["additional_headers"] = {**kwargs.get("additional_headers", {}),
+                                        "Cookie": browser.cookie}
     async with connect(url, **kwargs) as ws:
+        if browser is not None:
+            for line in ws.response.headers.get_all("Set-Cookie"):
+                browser.cookie = line.split(";", 1)[0]
         yield AiClient(ws)
 
 
@@ -196,13 +211,14 @@ async def test_second_send_while_a_response_runs_is_refused():
 
 
 async def test_resume_replays_whole_message_with_same_id_then_live_rest():
+    browser = Browser()
     async with relay(detach_grace=30) as (up, server):
         up.enqueue(stream("openai", [f"w{i} " for i in range(30)]).with_delay(0.02))
-        async with ai_client(server) as a:
+        async with ai_client(server, browser) as a:
             await a.send(send_frame("r1", "chat", [ui_user("x")], model="oai"))
             first = await a.next_of("r1", 6)
             message_id = first[0]["chunk"]["messageId"]
-        async with ai_client(server) as b:
+        async with ai_client(server, browser) as b:
             await b.send({"type": "resume", "requestId": "q1", "id": "chat", "headers": {},
                           "body": {}, "metadata": None})
             frames = await b.until_done("q1")
@@ -212,7 +228,7 @@ async def test_resume_replays_whole_message_with_same_id_then_live_rest():
         assert text_of(cs) == "".join(f"w{i} " for i in range(30))
         assert frames[-1]["type"] == "end"
         # and a finished, retained response replays too; an unknown chat is no-active
-        async with ai_client(server) as d:
+        async with ai_client(server, browser) as d:
             await d.send({"type": "resume", "requestId": "q2", "id": "chat", "headers": {},
                           "body": {}})
             again = await d.until_done("q2")
@@ -311,11 +327,12 @@ async def test_resume_on_the_other_of_two_relays_on_redis():
         up.enqueue(stream("openai", [f"v{i} " for i in range(40)]).with_delay(0.02))
         async with two_relays(SHARED_REDIS, prefix, registry=registry_for(up),
                               detach_grace=10) as (a, b):
-            async with ai_client(a) as ca:
+            browser = Browser()
+            async with ai_client(a, browser) as ca:
                 await ca.send(send_frame("r1", "chat", [ui_user("x")], model="oai"))
                 first = await ca.next_of("r1", 6)
                 message_id = first[0]["chunk"]["messageId"]
-                async with ai_client(b) as cb:
+                async with ai_client(b, browser) as cb:
                     resume = {"type": "resume", "requestId": "q1", "id": "chat",
                               "headers": {}, "body": {}}
                     await eventually(lambda: len(a.chats) == 1)
@@ -381,3 +398,230 @@ def test_the_chat_index_forgets_chats_whose_stream_left_the_hub():
         index.set("ip:x", f"gone{i}", ChatResponse(f"k{i}", "m"))
     assert len(index) < 2100                     # pruned as it grew, not 5001
     assert index.local("ip:x", "keep") == ChatResponse("k-live", "m")
+
+
+# ---------------------------------------------------------------- resume: cost and owner
+
+def words(n: int) -> str:
+    # Distinct words: the demo echoes the prompt, one token per word.
+    return " ".join(f"w{i}" for i in range(n))
+
+
+def resume_frame(rid: str, chat: str) -> dict:
+    return {"type": "resume", "requestId": rid, "id": chat, "headers": {}, "body": {},
+            "metadata": None}
+
+
+def message_of(cs: list[dict]) -> dict:
+    """The message a client assembles from ``cs`` (as the AI SDK's readUIMessageStream does
+    for text and reasoning): its id, its parts' kinds and texts, how it finished."""
+    parts: list[dict] = []
+    by_id: dict[str, dict] = {}
+    finish = None
+    for c in cs:
+        kind = c["type"]
+        if kind in ("text-start", "reasoning-start"):
+            by_id[c["id"]] = {"type": kind.split("-")[0], "text": ""}
+            parts.append(by_id[c["id"]])
+        elif kind in ("text-delta", "reasoning-delta"):
+            by_id[c["id"]]["text"] += c["delta"]
+        elif kind == "finish":
+            finish = c
+    return {"id": cs[0]["messageId"], "parts": parts, "finish": finish}
+
+
+async def test_a_resume_replays_a_long_answer_merged_into_few_chunks():
+    """A 3,000-token answer streamed one chunk per token replays as a handful of chunks
+    (consecutive deltas joined), numbered 0, 1, 2, ... and assembling into exactly the same
+    message. frame_burst 10: the replay costs more than a full bucket (24 frames), yet a
+    connection that has been quiet resumes it."""
+    browser = Browser()
+    async with start_relay(detach_grace=30, demo_tps=0, frame_burst=10) as server:
+        async with ai_client(server, browser) as a:
+            await a.send(send_frame("r1", "long", [ui_user(words(3000))]))
+            live = chunks(await a.until_done("r1"))
+        async with ai_client(server, browser) as b:
+            await b.send(resume_frame("q1", "long"))
+            frames = await b.until_done("q1")
+    assert frames[0] == {"type": "start", "requestId": "q1"} and frames[-1]["type"] == "end"
+    replay = chunks(frames[1:])
+    assert len(live) > 3000
+    assert len(replay) <= 10, [c["type"] for c in replay]
+    assert message_of(replay) == message_of(live)
+    assert "w2999" in text_of(replay)
+
+
+async def test_a_resume_flood_closes_4429_and_another_connection_streams_on():
+    """Each resume pays its replay from the connection's frame budget: one frame per 128
+    replayed events. A 2,000-token retained answer costs 16 + the frame itself; with a
+    burst of 40 (refilling 0.5/s) a connection that floods resumes of it gets at most two
+    replays, then close 4429; another connection's stream goes on to its end."""
+    browser = Browser()
+    async with start_relay(detach_grace=30, demo_tps=0, frames_per_second=0.5,
+                           frame_burst=40) as server:
+        async with ai_client(server, browser) as a:
+            await a.send(send_frame("r1", "long", [ui_user(words(2000))]))
+            await a.until_done("r1")
+        [retained] = server.hub.streams()
+        assert 1920 < len(retained.log) <= 2048          # 16 frames' worth of events
+        async with ai_client(server, browser) as flooder, ai_client(server) as other:
+            await other.send(send_frame("o1", "mine", [ui_user(words(500))]))
+            for i in range(10):
+                await flooder.send(resume_frame(f"q{i}", "long"))
+            with pytest.raises(ConnectionClosed) as closed:
+                await flooder.until_done("never")
+            assert closed.value.rcvd.code == 4429
+            started = [rid for rid, fs in flooder.by_request.items()
+                       if fs and fs[0]["type"] == "start"]
+            assert set(started) <= {"q0", "q1"}, started
+            mine = chunks(await other.until_done("o1"))
+            assert message_of(mine)["finish"]["finishReason"] == "stop"
+            assert "w499" in text_of(mine)
+            # and that connection keeps its budget: it resumes the long answer too
+            await other.send(resume_frame("o2", "mine"))
+            assert (await other.until_done("o2"))[-1]["type"] == "end"
+
+
+async def test_a_client_behind_the_same_address_cannot_resume_or_take_over_a_chat():
+    """Without --auth a chat belongs to its address AND its browser's owner cookie: another
+    client from the same address that knows the chat id ("my-chat") finds nothing, takes
+    nothing over, and may use the same id for a chat of its own; a forged cookie is another
+    owner; the owner's browser resumes the chat on a new connection."""
+    owner, neighbour = Browser(), Browser()
+    prompt = words(300)
+    async with start_relay(detach_grace=30, demo_tps=300) as server:
+        async with ai_client(server, owner) as a:
+            assert owner.cookie is not None and owner.cookie.startswith("llm-relay-chat-owner=")
+            await a.send(send_frame("r1", "my-chat", [ui_user(prompt)]))
+            first = await a.next_of("r1", 6)
+            async with ai_client(server, neighbour) as n:
+                assert neighbour.cookie is not None and neighbour.cookie != owner.cookie
+                await n.send(resume_frame("q1", "my-chat"))
+                assert await n.until_done("q1") == [{"type": "no-active", "requestId": "q1"}]
+                # the same chat id is the neighbour's own chat, not "already active"
+                await n.send(send_frame("n1", "my-chat", [ui_user("mine")]))
+                assert "mine" in text_of(chunks(await n.until_done("n1")))
+            forged = Browser()
+            forged.cookie = "llm-relay-chat-owner=" + "A" * 32
+            async with ai_client(server, forged) as f:
+                await f.send(resume_frame("q2", "my-chat"))
+                assert await f.until_done("q2") == [{"type": "no-active", "requestId": "q2"}]
+            # the owner's stream was never taken over: it runs to its end here
+            frames = await a.until_done("r1")
+            assert frames[-1] == {"type": "end", "requestId": "r1"}
+            live = chunks(frames)
+        async with ai_client(server, owner) as again:       # a reload: a new connection
+            await again.send(resume_frame("q3", "my-chat"))
+            replay = chunks((await again.until_done("q3"))[1:])
+    assert replay[0] == {"type": "start", "messageId": first[0]["chunk"]["messageId"]}
+    assert message_of(replay) == message_of(live)
+
+
+async def test_the_owner_cookie_is_issued_once_http_only_and_a_bad_one_is_replaced():
+    from relay.runtime.aisdk import CHAT_OWNER_COOKIE
+
+    async with start_relay() as server:
+        browser = Browser()
+        async with ai_client(server, browser) as c:
+            [line] = c.ws.response.headers.get_all("Set-Cookie")
+        name, _, rest = line.partition("=")
+        value, *attributes = [p.strip() for p in rest.split(";")]
+        assert name == CHAT_OWNER_COOKIE and len(value) == 32
+        assert set(attributes) == {"Path=/ai-sdk", "HttpOnly", "SameSite=Strict"}
+        async with ai_client(server, browser) as c:        # sent back: none issued
+            assert c.ws.response.headers.get_all("Set-Cookie") == []
+        weak = Browser()
+        weak.cookie = f"{CHAT_OWNER_COOKIE}=my"            # not one the relay issues
+        async with ai_client(server, weak) as c:
+            assert weak.cookie != f"{CHAT_OWNER_COOKIE}=my"
+            assert len(weak.cookie.partition("=")[2]) == 32
+
+
+async def test_the_chat_record_in_redis_expires_with_its_response():
+    """With --redis, a chat's record lives as long as its response is retained: the
+    stream's record TTL (max(--redis-owner-ttl, --detach-grace) = 12 s here) while it runs,
+    refreshed by the owner's heartbeat (every 4 s), then --detach-grace (1 s) from its
+    finish; not --total-timeout + --detach-grace (615 s by default: 10k sends left 9,625
+    keys). The TTLs are read from the real Redis; nothing waits for an expiry."""
+    import uuid
+
+    from redis.asyncio import Redis
+
+    from .test_multinode import SHARED_REDIS
+
+    prefix = f"test:{uuid.uuid4().hex}:"
+    raw = Redis.from_url(SHARED_REDIS)
+    try:
+        async with start_relay(redis_url=SHARED_REDIS, redis_prefix=prefix, demo_tps=25,
+                               detach_grace=1, redis_owner_ttl=12) as server, \
+                ai_client(server, Browser()) as c:
+            # ~230 tokens at 25/s: the answer runs ~9 s, two heartbeats or more
+            await c.send(send_frame("r1", "ttl-chat", [ui_user(words(200))]))
+            await c.next_of("r1", 4)
+            [owner] = [o for o, chat in server.chats._chats if chat == "ttl-chat"]
+            key = server.replicator.store._chat_key(owner, "ttl-chat")
+            async with asyncio.timeout(10):
+                while (ttl := await raw.pttl(key)) < 0:
+                    await asyncio.sleep(0.01)
+            assert ttl <= 12_000
+            # While it streams the TTL never exceeds the record's, and a heartbeat raises it
+            # again (without one it only counts down).
+            received, lowest, refreshed = 4, ttl, False
+            while not refreshed:
+                received += 1
+                frames = await c.next_of("r1", received)
+                assert frames[-1]["type"] == "chunk", "the answer ended without a refresh"
+                ttl = await raw.pttl(key)
+                assert 0 < ttl <= 12_000
+                refreshed = ttl > lowest + 1000
+                lowest = min(lowest, ttl)
+            assert (await c.until_done("r1"))[-1]["type"] == "end"
+            # Finished: within moments it expires with the response's retention (1 s). A
+            # record left at the running TTL would need many seconds to count down there.
+            async with asyncio.timeout(3):
+                while await raw.pttl(key) > 1000:
+                    await asyncio.sleep(0.01)
+    finally:
+        keys = [k async for k in raw.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await raw.delete(*keys)
+        await raw.aclose()
+
+
+async def test_a_long_replay_lets_other_connections_run_between_writer_passes():
+    """A replay is read from the log in writer passes of 256 events, and a send that finds
+    room in the socket buffer does not yield: without a yield between passes a merged
+    replay of thousands of events (few sends) held the event loop from its first event to
+    its last, and every other connection waited. Counted in loop turns, not time: another
+    task runs between (almost) every two reads of the log."""
+    browser = Browser()
+    async with start_relay(detach_grace=30, demo_tps=0) as server:
+        async with ai_client(server, browser) as a:
+            await a.send(send_frame("r1", "long", [ui_user(words(6000))]))
+            await a.until_done("r1")
+        [stream] = server.hub.streams()
+        turns = 0
+        reads: list[int] = []
+        read = stream.log.after
+
+        def counted_read(seq: int, limit: int = 1024):
+            reads.append(turns)
+            return read(seq, limit)
+
+        async def other_connection() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        stream.log.after = counted_read
+        other = asyncio.create_task(other_connection())
+        try:
+            async with ai_client(server, browser) as b:
+                await b.send(resume_frame("q1", "long"))
+                assert (await b.until_done("q1"))[-1]["type"] == "end"
+        finally:
+            other.cancel()
+            await asyncio.gather(other, return_exceptions=True)
+    assert len(reads) > 6000 // 256
+    assert len(set(reads)) >= 0.9 * len(reads), reads

@@ -36,10 +36,13 @@ async def test_real_ai_sdk_transport_against_relay_serve(tmp_path, record_proper
     assert (NODE_DIR / "node_modules" / "ai").is_dir(), \
         "run `npm ci` in tests/aisdk (.ci/run does)"
     async with FakeUpstream() as up:
-        # The tool test is the only one on `oai`: its first turn is a tool call, the second
-        # (the tool's output sent back) gets the fake's default answer.
+        # `oai` answers in this order: the tool test's first turn (a tool call) and second
+        # (the tool's output sent back), then the long-answer test's 400 text chunks, one
+        # at a time (so they are 400 stream events, not a few joined ones).
         up.enqueue(stream("openai", [], tool_calls=[
             tool_call("get_weather", {"city": "Paris"}, id="call_w1")]))
+        up.enqueue(stream("openai", ["It is 21 degrees in Paris."]))
+        up.enqueue(stream("openai", [f"long{i} " for i in range(400)]).with_delay(0.002))
         config = tmp_path / "relay.toml"
         config.write_text(
             '[models.demo]\nmodel = "demo"\n\n'
@@ -71,7 +74,7 @@ async def test_real_ai_sdk_transport_against_relay_serve(tmp_path, record_proper
             print(report)
             record_property("node_report", _summary(report))
             assert node_run.returncode == 0, report
-            assert re.search(r"\bpass 8\b", report) and re.search(r"\bfail 0\b", report), report
+            assert re.search(r"\bpass 10\b", report) and re.search(r"\bfail 0\b", report), report
         finally:
             for relay in relays:
                 relay.send_signal(signal.SIGTERM)

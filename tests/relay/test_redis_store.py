@@ -710,3 +710,26 @@ async def test_a_thousand_streams_worth_of_concurrent_commands_and_blocking_read
     assert all(m is not None and m.principal == "p" for m in metas)
     reads = [asyncio.create_task(store.read("k", 0, block=0.3)) for _ in range(300)]
     assert all(r == [] for r in await asyncio.gather(*reads))
+
+
+# ---------------------------------------------------------------------------- AI SDK chats
+
+
+async def test_expire_chats_sets_the_expiry_only_of_records_that_still_name_the_stream(
+        store: RedisStore, raw: Redis) -> None:
+    """A chat record expires with its stream: ``expire_chats`` sets its TTL, unless the chat
+    has moved on to a newer response (a stream key that merely starts the same is another
+    stream)."""
+    await store.set_chat("ip:1 owner", "chat-a", "K1 msg_a", ttl=600)
+    await store.set_chat("ip:1 owner", "chat-b", "K2 msg_b", ttl=600)
+    await store.set_chat("ip:1 owner", "chat-c", "K10 msg_c", ttl=600)
+    await store.expire_chats([("ip:1 owner", "chat-a", "K1"), ("ip:1 owner", "chat-b", "K9"),
+                              ("ip:1 owner", "chat-c", "K1"), ("ip:1 owner", "absent", "K1")],
+                             ttl=2.0)
+    ttl = {chat: await raw.pttl(store._chat_key("ip:1 owner", chat))
+           for chat in ("chat-a", "chat-b", "chat-c", "absent")}
+    assert 0 < ttl["chat-a"] <= 2000
+    assert 590_000 < ttl["chat-b"] <= 600_000 and 590_000 < ttl["chat-c"] <= 600_000
+    assert ttl["absent"] == -2                              # not created by expire_chats
+    assert await store.get_chat("ip:1 owner", "chat-a") == "K1 msg_a"
+    await store.expire_chats([], ttl=1.0)                   # nothing to do, no round trip
