@@ -460,7 +460,8 @@ class EventStreamer:
                 if not is_provider_failure(exc):
                     raise                  # a relay bug: retrying cannot help
                 code = classify_upstream_exception(exc).code
-                retryable = code in (ErrorCode.UPSTREAM_ERROR, ErrorCode.UPSTREAM_RATE_LIMITED)
+                retryable = code in (ErrorCode.UPSTREAM_ERROR, ErrorCode.UPSTREAM_RATE_LIMITED,
+                                     ErrorCode.UPSTREAM_OVERLOADED)
                 if attempt + 1 >= attempts or not retryable:
                     raise
                 logger.info("retrying connect to %s (%s), attempt %d", self.model, code,

@@ -274,6 +274,36 @@ async def test_http_errors_same_code_message_and_retry_after(fmt, status, caplog
         assert frames[-1]["error"]["retry_after"] == 7
 
 
+#: The provider's own "overloaded" answers: Anthropic's 529 (``overloaded_error``), OpenAI's
+#: 503 "The engine is currently overloaded" (the fakes' bodies for these statuses).
+OVERLOADED = [("anthropic", 529), *[(fmt, 503) for fmt in ("openai", "groq")]]
+
+
+@pytest.mark.parametrize(("fmt", "status"), OVERLOADED)
+@pytest.mark.parametrize("retry_after", [None, 7])
+async def test_overloaded_is_its_own_retryable_answer(fmt, status, retry_after):
+    """Not "the provider failed (HTTP 500)": ``upstream_overloaded``, saying so, with the
+    provider's Retry-After when it gave one; the same on both paths."""
+    frames = assert_same(await both_paths(fmt, http_error(fmt, status,
+                                                          retry_after=retry_after)))
+    error = frames[-1]["error"]
+    assert (frames[-1]["status"], frames[-1]["reason"]) == ("failed", "upstream_overloaded")
+    assert error["code"] == "upstream_overloaded" and "overloaded" in error["message"]
+    assert error.get("retry_after") == retry_after
+
+
+async def test_anthropic_overloaded_error_event_mid_stream():
+    base = stream("anthropic", ["a", "b", "c"])
+    events = list(base.events)
+    events.insert(4, SSEEvent('{"type":"error","error":{"type":"overloaded_error",'
+                              '"message":"Overloaded"}}', event="error"))
+    frames = assert_same(await both_paths("anthropic",
+                                          dataclasses.replace(base, events=tuple(events))))
+    assert text_of(frames) == "a"
+    assert frames[-1]["error"]["code"] == "upstream_overloaded"
+    assert "overloaded" in frames[-1]["error"]["message"]
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 async def test_rate_limit_default_retry_after(fmt):
     frames = assert_same(await both_paths(fmt, http_error(fmt, 429)))
