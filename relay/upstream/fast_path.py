@@ -52,6 +52,7 @@ import orjson
 
 from relay.upstream import fast_formats
 from relay.upstream.errors import ProviderStreamError
+from relay.upstream.raw_tap import anthropic_tool_input_arguments
 from relay.upstream.streamer import UsageInfo
 
 __all__ = [
@@ -271,13 +272,15 @@ class _AnthropicDecoder:
     """Anthropic Messages events -> deltas, as LiteLLM's Anthropic stream parser reads them.
 
     Tool calls are numbered 0, 1, ... in ``tool_use`` block order; a ``tool_use`` block whose
-    input stayed empty completes with arguments ``{}``. A data line that is not a JSON object
+    input did not stream (no ``input_json_delta`` with content) completes with the input of
+    its ``content_block_start`` (third-party servers send it whole there), else ``{}``. A data line that is not a JSON object
     fails the stream (``_Malformed``), except before any valid event, where LiteLLM's parser
     swallows the rest and the stream ends empty (the relay reports it truncated).
     """
 
     __slots__ = ("done", "finish_reason", "broken", "_seen", "_usage", "_tool_index",
-                 "_block_type", "_block_args", "_names", "_map_finish", "_stream_error",
+                 "_block_type", "_block_args", "_block_input", "_names", "_map_finish",
+                 "_stream_error",
                  "_calculate_usage")
     tolerates_cut_after_finish = True
 
@@ -290,6 +293,7 @@ class _AnthropicDecoder:
         self._tool_index = -1
         self._block_type: str | None = None
         self._block_args = False
+        self._block_input: Any = None
         self._names = reverse_names or {}
         self._map_finish = map_finish
         self._stream_error = stream_error
@@ -336,13 +340,16 @@ class _AnthropicDecoder:
                         deltas.append((None, text, None, None))
                 elif block_type == "tool_use":
                     self._tool_index += 1
+                    self._block_input = block.get("input")
                     name = block.get("name")
                     name = self._names.get(name, name)
                     deltas.append((None, None, ((self._tool_index, block.get("id"), name, ""),),
                                    None))
             elif kind == "content_block_stop":
                 if self._block_type == "tool_use" and not self._block_args:
-                    deltas.append((None, None, ((self._tool_index, None, None, "{}"),), None))
+                    arguments = anthropic_tool_input_arguments(self._block_input)
+                    deltas.append((None, None, ((self._tool_index, None, None, arguments),),
+                                   None))
                 self._block_type = None
             elif kind == "message_delta":
                 delta = obj.get("delta") or {}
