@@ -273,8 +273,8 @@ class _AnthropicDecoder:
 
     Tool calls are numbered 0, 1, ... in ``tool_use`` block order; a ``tool_use`` block whose
     input did not stream (no ``input_json_delta`` with content) completes with the input of
-    its ``content_block_start`` (third-party servers send it whole there), else ``{}``. A data line that is not a JSON object
-    fails the stream (``_Malformed``), except before any valid event, where LiteLLM's parser
+    its ``content_block_start`` (third-party servers send it whole there), else ``{}``. A
+    data line that is not a JSON object fails the stream (``_Malformed``), except before any valid event, where LiteLLM's parser
     swallows the rest and the stream ends empty (the relay reports it truncated).
     """
 
