@@ -126,6 +126,14 @@ def classify_upstream_exception(exc: BaseException, *, mid_stream: bool = False)
     if name == "BadRequestError" and "LLM Provider NOT provided" in str(exc):
         # LiteLLM refuses a model string without a provider before any request is made.
         return UpstreamFailure(ErrorCode.BAD_REQUEST, UNROUTABLE_MODEL_MESSAGE)
+    if _overloaded(exc, status):
+        # Before the mid-stream check: LiteLLM reports an error event inside the stream as a
+        # connection error (status 500) whose text is the provider's error message.
+        return UpstreamFailure(
+            ErrorCode.UPSTREAM_OVERLOADED,
+            "the provider is overloaded; retry later",
+            _retry_after(exc),
+        )
     if mid_stream and status in (None, 500) and (
             _connect_failed(exc) or name in _TRANSPORT_ERRORS):
         return _STREAM_FAILED
@@ -138,12 +146,6 @@ def classify_upstream_exception(exc: BaseException, *, mid_stream: bool = False)
         return UpstreamFailure(
             ErrorCode.UPSTREAM_RATE_LIMITED,
             "the provider is rate limiting the relay; retry later",
-            _retry_after(exc),
-        )
-    if _overloaded(exc, status):
-        return UpstreamFailure(
-            ErrorCode.UPSTREAM_OVERLOADED,
-            "the provider is overloaded; retry later",
             _retry_after(exc),
         )
     if name in ("Timeout", "ReadTimeout", "ConnectTimeout", "APITimeoutError") or status == 408:

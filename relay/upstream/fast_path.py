@@ -28,7 +28,8 @@ What the relay does: one shared ``httpx.AsyncClient`` per event loop (on aiohttp
 ``relay/upstream/transport.py``), ``SSEParser`` (bytes in,
 ``(event, data)`` out), ``orjson``, and a decoder per format that yields the deltas
 ``EventStreamer.events()`` consumes: ``(reasoning, content, tool_calls, finish_reason)`` with
-tool calls as ``(index, id, name, arguments)``. Timers, cancel (``aclose`` of the response),
+tool calls as ``(index, id, name, arguments)`` (``index`` ``None`` when the provider sent
+none), and ``(..., 1, refusal)`` for a delta that carries refusal text. Timers, cancel (``aclose`` of the response),
 usage decisions and estimates are the streamer's, shared with the LiteLLM path.
 
 Requests a route does not take (``FastRoute.accepts``) go through LiteLLM: on Anthropic a
@@ -703,7 +704,13 @@ class FastRoute:
     def _openai_stream_error(self, error: Any) -> Exception:
         """An ``{"error": ...}`` event inside an OpenAI-format stream. The SDK raises an
         ``APIError`` without a status, which LiteLLM reports as a broken stream; so does
-        this (``classify_upstream_exception``: "the provider's stream failed")."""
+        this (``classify_upstream_exception``: "the provider's stream failed"), or, when the
+        error's message (the SDK's exception text) says the provider is overloaded, so does
+        this exception's (``upstream_overloaded``)."""
+        message = error.get("message") if type(error) is dict else None
+        if type(message) is str and "overloaded" in message.lower():
+            return _ProviderStreamError("the provider reported inside the stream that it is "
+                                        "overloaded")
         return _ProviderStreamError("the provider reported an error inside the stream")
 
     def _dialect_chunk_error(self, chunk: Any) -> Exception:

@@ -345,6 +345,8 @@ class EventStreamer:
                 last_chunk_at = loop.time()
                 if len(batch) > 1:
                     batch = _joined_text_runs(batch)
+                # A delta: (reasoning, content, tool_calls, finish[, chunks[, refusal]]):
+                # ``chunks`` from _joined_text_runs, ``refusal`` text from the upstream.
                 for reasoning, content, tool_calls, finish, *more in batch:
                     if finish:
                         finish_reason = finish
@@ -355,7 +357,7 @@ class EventStreamer:
                     if content:
                         got_first = True
                         text_parts.append(content)
-                        yield TextDelta(content, *more[:1])
+                        yield TextDelta(content, more[0]) if more else TextDelta(content)
                     if len(more) > 1:
                         got_first = refused = True
                         other_parts.append(more[1])

@@ -538,6 +538,8 @@ OPENAI_STREAM_ERRORS = {
                   '"provider":"FakeCloud","error":{"code":"server_error","message":'
                   '"Provider disconnected sk-secret"},"choices":[{"index":0,"delta":'
                   '{"content":""},"finish_reason":"error"}]}',
+    "overloaded": '{"error":{"message":"The server is currently overloaded sk-secret",'
+                  '"type":"server_error"}}',
     # not an error: a chunk whose choice has no delta (OpenRouter's parser rejects it)
     "no_delta": '{"id":"gen-1","object":"chat.completion.chunk","created":1,"model":"m",'
                 '"choices":[{"index":0,"finish_reason":null}]}',
@@ -563,6 +565,8 @@ async def test_error_event_mid_stream(fmt, variant):
     events.insert(at, error)
     frames = assert_same(await both_paths(fmt, dataclasses.replace(base, events=tuple(events))))
     assert frames[-1]["status"] == "failed" and "sk-secret" not in str(frames)
+    if variant == "overloaded" and fmt in ("openai", "azure"):  # (the OpenAI SDK's reading)
+        assert frames[-1]["error"]["code"] == "upstream_overloaded"
 
 
 # ------------------------------------------------------------------------- timers and cancel
