@@ -29,8 +29,9 @@ What the relay does: one shared ``httpx.AsyncClient`` per event loop (on aiohttp
 ``(event, data)`` out), ``orjson``, and a decoder per format that yields the deltas
 ``EventStreamer.events()`` consumes: ``(reasoning, content, tool_calls, finish_reason)`` with
 tool calls as ``(index, id, name, arguments)`` (``index`` ``None`` when the provider sent
-none), and ``(..., 1, refusal)`` for a delta that carries refusal text. Timers, cancel (``aclose`` of the response),
-usage decisions and estimates are the streamer's, shared with the LiteLLM path.
+none), and ``(..., 1, refusal)`` for a delta that carries refusal text. Timers, cancel
+(``aclose`` of the response), usage decisions and estimates are the streamer's, shared with
+the LiteLLM path.
 
 Requests a route does not take (``FastRoute.accepts``) go through LiteLLM: on Anthropic a
 ``response_format`` (LiteLLM rewrites it into a tool and the tool call back into text); the
@@ -275,14 +276,14 @@ class _AnthropicDecoder:
     Tool calls are numbered 0, 1, ... in ``tool_use`` block order; a ``tool_use`` block whose
     input did not stream (no ``input_json_delta`` with content) completes with the input of
     its ``content_block_start`` (third-party servers send it whole there), else ``{}``. A
-    data line that is not a JSON object fails the stream (``_Malformed``), except before any valid event, where LiteLLM's parser
-    swallows the rest and the stream ends empty (the relay reports it truncated).
+    data line that is not a JSON object fails the stream (``_Malformed``), except before any
+    valid event, where LiteLLM's parser swallows the rest and the stream ends empty (the
+    relay reports it truncated).
     """
 
     __slots__ = ("done", "finish_reason", "broken", "_seen", "_usage", "_tool_index",
                  "_block_type", "_block_args", "_block_input", "_names", "_map_finish",
-                 "_stream_error",
-                 "_calculate_usage")
+                 "_stream_error", "_calculate_usage")
     tolerates_cut_after_finish = True
 
     def __init__(self, map_finish, stream_error, calculate_usage, reverse_names) -> None:

@@ -5,9 +5,8 @@ turned into typed stream events. The seed's public ``EventStreamer`` is a thin s
 Contract of ``events()``:
 
 * It yields ``TextDelta``, ``ReasoningDelta``, ``RefusalDelta``, ``ToolCallDelta``, then on a
-  normal end one
-  ``ToolCallDone`` per assembled call (whatever finish_reason the provider gave), and always
-  exactly one ``StreamEnd`` last, whatever happened.
+  normal end one ``ToolCallDone`` per assembled call (whatever finish_reason the provider
+  gave), and always exactly one ``StreamEnd`` last, whatever happened.
 * ``cancel()`` takes effect at once: if the consumer is waiting for the provider, that wait
   is interrupted; the upstream HTTP response is closed (``aclose``) before ``StreamEnd``
   (status ``cancelled``) is yielded, and no text follows a cancel.
