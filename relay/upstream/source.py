@@ -5,9 +5,9 @@ where ``EventStreamer`` events become protocol frames.
 the hub's task for the stream awaits ``run(sink)``, which iterates ``streamer.events(**request)``
 and logs each event as its frame (``TextDelta`` -> ``token``, ``ReasoningDelta`` ->
 ``reasoning``, ``RefusalDelta`` -> ``refusal``, ``ToolCallDelta`` -> ``tool_call_chunk``,
-``ToolCallDone`` -> ``tool_call_complete``, ``StreamEnd`` -> ``finish``). Frames are numbered here (``seq`` from
-1). Per token it counts the ``relay_tokens`` metric (and the time to the first one) and
-calls ``on_chunk(n)`` for its n chunks (the group's token budget, relays on Redis).
+``ToolCallDone`` -> ``tool_call_complete``, ``StreamEnd`` -> ``finish``). Frames are
+numbered here (``seq`` from 1). Per token it counts the ``relay_tokens`` metric (and the
+time to the first one) and calls ``on_chunk(n)`` for its n chunks (the group's token budget, relays on Redis).
 
 After ``cancel`` nothing but the finish follows (a ``ToolCallDone``, which only comes after
 the provider completed, still does: the finish then says ``completed``).
