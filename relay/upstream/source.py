@@ -7,7 +7,8 @@ and logs each event as its frame (``TextDelta`` -> ``token``, ``ReasoningDelta``
 ``reasoning``, ``RefusalDelta`` -> ``refusal``, ``ToolCallDelta`` -> ``tool_call_chunk``,
 ``ToolCallDone`` -> ``tool_call_complete``, ``StreamEnd`` -> ``finish``). Frames are
 numbered here (``seq`` from 1). Per token it counts the ``relay_tokens`` metric (and the
-time to the first one) and calls ``on_chunk(n)`` for its n chunks (the group's token budget, relays on Redis).
+time to the first one) and calls ``on_chunk(n)`` for its n chunks (the group's token
+budget, relays on Redis).
 
 After ``cancel`` nothing but the finish follows (a ``ToolCallDone``, which only comes after
 the provider completed, still does: the finish then says ``completed``).
