@@ -4,7 +4,7 @@ LiteLLM's ``CustomStreamWrapper`` turns each provider chunk into a ``ModelRespon
 On the way it loses three things the relay's clients need (LiteLLM 1.110):
 
 * ``delta.refusal`` (OpenAI's structured-output refusal): a chunk that carries only a
-  refusal counts as empty and is not handed on;
+  refusal counts as empty and is not handed on, nor is its refusal on what it hands on;
 * whether a tool-call delta had an ``index`` (Gemini's OpenAI-compatible endpoint sends
   none): LiteLLM's ``Delta`` numbers the calls of every such delta from 0, so "no index"
   (continue the last call) cannot be told from index 0;
@@ -15,10 +15,12 @@ On the way it loses three things the relay's clients need (LiteLLM 1.110):
 ``RawTap.install(wrapper)`` reads the provider's chunks before the wrapper does: the OpenAI
 SDK's chunk objects (the wrapper's ``completion_stream`` is replaced by a read-through), or,
 for LiteLLM's own HTTP handlers (Anthropic, Groq, OpenRouter), each event's JSON as that
-iterator's ``chunk_parser`` receives it. Nothing the wrapper sees is changed. The wrapper
-reads one provider chunk at a time and returns as soon as one gives it something to hand
-on, so the tap's last chunk is the one the wrapper's next chunk came from, and what the tap
-keeps from earlier chunks came before it. ``relay.upstream.streamer._LiteLLMUpstream``
+iterator's ``chunk_parser`` receives it. The one thing changed: a chunk with refusal text
+gets ``provider_specific_fields: {"refusal": ...}`` on its delta, so that the wrapper hands
+it on at once (``_hand_on``) and the refusal streams as the provider streams it. The
+wrapper reads one provider chunk at a time and returns as soon as one gives it something
+to hand on, so the tap's last chunk is the one the wrapper's next chunk came from, and what
+the tap keeps from earlier chunks came before it. ``relay.upstream.streamer._LiteLLMUpstream``
 hands ``take_pending()`` on before each chunk of the wrapper, and reads the tool calls'
 indexes from ``tool_indexes``.
 
@@ -80,8 +82,11 @@ class RawTap:
         parser = getattr(stream, "chunk_parser", None)
         if callable(parser):
             def chunk_parser(chunk, *args, **kwargs):
-                tap.observe(chunk)
-                return parser(chunk, *args, **kwargs)
+                refused = tap.observe(chunk)
+                parsed = parser(chunk, *args, **kwargs)
+                if refused:
+                    _hand_on(parsed)
+                return parsed
 
             try:
                 stream.chunk_parser = chunk_parser
@@ -100,32 +105,35 @@ class RawTap:
         pending, self.pending = self.pending, []
         return pending
 
-    def observe(self, chunk: Any) -> None:
+    def observe(self, chunk: Any) -> bool:
         """One provider chunk: an OpenAI-format chunk (SDK object or JSON) or an Anthropic
-        event (JSON)."""
+        event (JSON). True when it carried refusal text."""
         try:
             if type(chunk) is dict and "choices" not in chunk:
                 self._observe_anthropic(chunk)
-            else:
-                self._observe_openai(chunk)
+                return False
+            return self._observe_openai(chunk)
         except Exception:  # untrusted data the wrapper itself will judge: never fail here
             self.tool_indexes = None
+            return False
 
-    def _observe_openai(self, chunk: Any) -> None:
+    def _observe_openai(self, chunk: Any) -> bool:
         self.tool_indexes = None
         choices = _field(chunk, "choices")
         if not choices or type(choices) not in (list, tuple):
-            return
+            return False
         delta = _field(choices[0], "delta")
         if delta is None:
-            return
-        refusal = _field(delta, "refusal")
-        if type(refusal) is str and refusal:
-            self.pending.append((None, None, None, None, 1, refusal))
+            return False
         tool_calls = _field(delta, "tool_calls")
         if tool_calls and type(tool_calls) in (list, tuple):
             self.tool_indexes = [index if type(index) is int else None
                                  for index in (_field(tc, "index") for tc in tool_calls)]
+        refusal = _field(delta, "refusal")
+        if type(refusal) is str and refusal:
+            self.pending.append((None, None, None, None, 1, refusal))
+            return True
+        return False
 
     def _observe_anthropic(self, event: dict) -> None:
         kind = event.get("type")
@@ -153,6 +161,21 @@ class RawTap:
                                      None))
 
 
+def _hand_on(chunk: Any) -> None:
+    """Make the wrapper hand on a chunk that carries refusal text, now rather than with the
+    next chunk that has content: it hands on a chunk whose delta has
+    ``provider_specific_fields`` (and drops one with nothing else it knows). The field
+    holds the refusal, which the wrapper's own callers could read there too."""
+    try:
+        delta = chunk.choices[0].delta
+        fields = getattr(delta, "provider_specific_fields", None)
+        merged = {**fields} if type(fields) is dict else {}
+        merged["refusal"] = delta.refusal
+        delta.provider_specific_fields = merged
+    except Exception:  # a chunk we cannot mark: its refusal waits for the next chunk
+        pass
+
+
 class _ReadThrough:
     """The OpenAI SDK's stream as the wrapper's ``completion_stream``: each chunk goes to the
     tap, then on unchanged. Closing closes the SDK stream (and its HTTP response)."""
@@ -169,7 +192,8 @@ class _ReadThrough:
 
     async def __anext__(self) -> Any:
         chunk = await self._iterator.__anext__()
-        self._tap.observe(chunk)
+        if self._tap.observe(chunk):
+            _hand_on(chunk)
         return chunk
 
     async def aclose(self) -> None:

@@ -370,6 +370,26 @@ async def test_refusal_reaches_the_client(fmt, finish, reason):
     assert seqs == list(range(len(frames)))
 
 
+async def _refusal_then_cancel(c: Client, sid: str, request) -> None:
+    frame = await c.next_for(sid)
+    assert (frame["type"], frame["text"]) == ("refusal", REFUSAL[0])
+    c._stash[sid].insert(0, frame)
+    await c.send({"type": "cancel", "id": sid})
+
+
+@pytest.mark.parametrize("fmt", ["openai", *DIALECTS])
+async def test_refusal_is_relayed_as_it_streams(fmt):
+    """The provider sends the first refusal piece and then nothing: that piece reaches the
+    client at once on both paths (LiteLLM's wrapper would hold a refusal-only chunk until
+    the next chunk with content)."""
+    deltas = [{"content": None, "refusal": ""}, *({"refusal": piece} for piece in REFUSAL)]
+    script = openai_script(deltas, "stop").silent_after(3)  # role, "", first piece
+    frames = assert_same(await both_paths(fmt, script, action=_refusal_then_cancel),
+                         closed=True)
+    assert [f["text"] for f in of_type(frames, "refusal")] == REFUSAL[:1]
+    assert (frames[-1]["status"], frames[-1]["reason"]) == ("cancelled", "client_cancel")
+
+
 async def test_anthropic_refusal_stop_reason_is_content_filter():
     """Anthropic's refusal is a stop reason (the text before it is the answer's)."""
     frames = assert_same(await both_paths("anthropic", stream("anthropic", ["I can", "not."],

@@ -71,3 +71,15 @@ async def test_the_read_through_closes_the_sdk_stream():
     assert tap.take_pending() == [(None, None, None, None, 1, "x")]
     await wrapper.completion_stream.aclose()
     assert SDKStream.closed
+
+
+def test_a_chunk_with_refusal_is_marked_so_the_wrapper_hands_it_on():
+    tap = RawTap()
+    delta = NS(refusal="No.", provider_specific_fields={"other": 1})
+    chunk = NS(choices=[NS(delta=delta)])
+    assert tap.observe(chunk) is True
+    from relay.upstream.raw_tap import _hand_on
+
+    _hand_on(chunk)
+    assert delta.provider_specific_fields == {"other": 1, "refusal": "No."}
+    assert tap.observe(NS(choices=[NS(delta=NS(refusal=None))])) is False
