@@ -52,14 +52,14 @@ def _field(obj: Any, name: str) -> Any:
 
 
 class RawTap:
-    """See the module docstring. ``pending``: deltas ``(reasoning, content, tool_calls,
-    finish, chunks, refusal)`` the wrapper will not hand on; ``tool_indexes``: the
+    """See the module docstring. ``pending``: deltas (as an upstream's ``next_batch``
+    gives them: refusal text, an Anthropic tool input) not on the wrapper's chunks; ``tool_indexes``: the
     ``index`` (``None`` when absent) of each tool call of the last OpenAI-format chunk;
     ``replaced``: Anthropic tool indexes whose arguments the tap supplies (the wrapper's
     own ``"{}"`` for them is dropped)."""
 
     __slots__ = ("pending", "tool_indexes", "replaced", "_tool_index", "_block_input",
-                 "_block_deltas", "_block_args", "_in_tool_block")
+                 "_block_args", "_in_tool_block")
 
     def __init__(self) -> None:
         self.pending: list[tuple] = []
@@ -67,7 +67,6 @@ class RawTap:
         self.replaced: set[int] = set()
         self._tool_index = -1
         self._block_input: Any = None
-        self._block_deltas = False
         self._block_args = False
         self._in_tool_block = False
 
@@ -143,13 +142,11 @@ class RawTap:
             if self._in_tool_block:
                 self._tool_index += 1
                 self._block_input = block.get("input")
-                self._block_deltas = self._block_args = False
+                self._block_args = False
         elif kind == "content_block_delta" and self._in_tool_block:
             delta = event.get("delta")
-            if type(delta) is dict and "partial_json" in delta:
-                self._block_deltas = True
-                if delta.get("partial_json"):
-                    self._block_args = True
+            if type(delta) is dict and delta.get("partial_json"):
+                self._block_args = True
         elif kind == "content_block_stop" and self._in_tool_block:
             self._in_tool_block = False
             if not self._block_args:
