@@ -103,6 +103,10 @@ async def chat(url: str, model: str, token: str | None = None) -> int:
                     async for event in stream:
                         if event.type == "token":
                             print(event.text, end="", flush=True)
+                        elif event.type == "refusal":  # the model refused: not the answer
+                            first = stream.refusal == event.text  # (already folded in)
+                            print(("[refused] " if first else "") + event.text, end="",
+                                  flush=True)
                         elif event.type == "tool_call_complete":
                             print(f"[tool call] {event.name}({event.arguments})", end="")
                 except ConnectionLost as exc:

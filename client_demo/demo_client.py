@@ -51,6 +51,8 @@ async def run(url: str, model: str, prompt: str, token: str | None = None) -> in
             kind = frame.get("type")
             if kind == "token":
                 print(frame["text"], end="", flush=True)
+            elif kind == "refusal":  # the model refused to answer (not part of the answer)
+                print(f"[refusal] {frame['text']}", end="", flush=True)
             elif kind == "tool_call_complete":
                 print(f"\n[tool call] {frame['name']}({frame['arguments']})")
             elif kind == "error":

@@ -312,6 +312,7 @@ SAFE_ERROR_TEXTS: dict[str, str] = {
     "upstream_error": "The model provider returned an error. Please try again.",
     "upstream_timeout": "The model provider did not answer in time. Please try again.",
     "upstream_rate_limited": "The model provider is busy. Please wait a moment and retry.",
+    "upstream_overloaded": "The model provider is overloaded. Please wait a moment and retry.",
     "rate_limited": "Too many requests. Please wait a moment and try again.",
     "draining": "The relay is restarting. Please try again in a moment.",
     "first_token_timeout": "The model did not start answering in time.",
@@ -460,7 +461,9 @@ class ResponseMapper:
             return []
         out = self.begin()
         kind = frame.get("type")
-        if kind == "token":
+        if kind == "token" or kind == "refusal":
+            # A refusal is text to the AI SDK (its UI message stream has no refusal part);
+            # the finish says content-filter.
             if frame["text"]:
                 self._delta(out, "text", frame["text"])
         elif kind == "reasoning":

@@ -79,6 +79,7 @@ class ErrorCode(StrEnum):
     UPSTREAM_ERROR = "upstream_error"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_RATE_LIMITED = "upstream_rate_limited"
+    UPSTREAM_OVERLOADED = "upstream_overloaded"
     RATE_LIMITED = "rate_limited"
     DRAINING = "draining"
     INTERNAL_ERROR = "internal_error"

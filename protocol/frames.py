@@ -24,7 +24,8 @@ from typing import Any
 
 __all__ = [
     # server -> client
-    "error", "error_info", "finish", "limits", "pong", "readdressed", "reasoning", "resumed",
+    "error", "error_info", "finish", "limits", "pong", "readdressed", "reasoning", "refusal",
+    "resumed",
     "started", "token", "tool_call_chunk", "tool_call_complete", "usage", "welcome",
     # client -> server
     "cancel", "client_info", "hello", "ping", "resume", "start",
@@ -64,6 +65,11 @@ def token(id: str, seq: int, text: str) -> dict:
 
 def reasoning(id: str, seq: int, text: str) -> dict:
     return {"type": "reasoning", "id": id, "seq": seq, "text": text}
+
+
+def refusal(id: str, seq: int, text: str) -> dict:
+    """Text of the model's refusal to answer (``protocol.Refusal``)."""
+    return {"type": "refusal", "id": id, "seq": seq, "text": text}
 
 
 def tool_call_chunk(

@@ -49,6 +49,7 @@ __all__ = [
     "Ping",
     "Pong",
     "Reasoning",
+    "Refusal",
     "RelayCancel",
     "RelayMessage",
     "RelayTakeover",
@@ -274,6 +275,16 @@ class Reasoning(_Frame):
     text: str
 
 
+class Refusal(_Frame):
+    """The model's refusal to answer (OpenAI's structured-output ``refusal``), streamed as
+    the provider streams it and kept apart from the answer. Same fields as ``token``."""
+
+    type: Literal["refusal"]
+    id: str
+    seq: Seq
+    text: str
+
+
 class ToolCallChunk(_Frame):
     type: Literal["tool_call_chunk"]
     id: str
@@ -337,7 +348,8 @@ class Pong(_Frame):
 
 ServerMessage = Annotated[
     Union[
-        Welcome, Started, Resumed, Token, Reasoning, ToolCallChunk, ToolCallComplete, Finish,
+        Welcome, Started, Resumed, Token, Reasoning, Refusal, ToolCallChunk, ToolCallComplete,
+        Finish,
         Error, Pong,
     ],
     Field(discriminator="type"),

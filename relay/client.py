@@ -106,6 +106,7 @@ from protocol import (
     Finish,
     Pong,
     Reasoning,
+    Refusal,
     Started,
     Token,
     ToolCallChunk,
@@ -154,7 +155,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: What a :class:`RelayStream` yields.
-StreamEvent: TypeAlias = Started | Token | Reasoning | ToolCallChunk | ToolCallComplete | Finish
+StreamEvent: TypeAlias = (Started | Token | Reasoning | Refusal | ToolCallChunk | ToolCallComplete
+                          | Finish)
 
 #: ``RelayClient.state``: ``idle`` (not connected yet), ``open``, ``reconnecting`` (the
 #: connection dropped; a new one is being made) or ``closed`` (for good).
@@ -247,6 +249,7 @@ class CompletionResult:
     status: str
     reason: str | None
     error: Any = None  # protocol.ErrorInfo for failed streams
+    refusal: str = ""  # the model's refusal to answer (``refusal`` frames), not part of text
 
 
 @dataclass(frozen=True)
@@ -275,8 +278,8 @@ class RelayStream:
     """One stream on a :class:`RelayClient`. Create it with :meth:`RelayClient.stream`.
 
     Iterate it once (``async for``) to receive its events; accumulated state is exposed as
-    ``text``, ``reasoning``, ``tool_calls``, ``usage`` and ``finish`` (``None`` until the
-    ``Finish`` was received). A reconnect in the middle is invisible to the iteration
+    ``text``, ``reasoning``, ``refusal``, ``tool_calls``, ``usage`` and ``finish`` (``None``
+    until the ``Finish`` was received). A reconnect in the middle is invisible to the iteration
     (``resumes`` counts them)."""
 
     def __init__(self, client: RelayClient, id: str, start_frame: dict[str, Any]) -> None:
@@ -290,6 +293,7 @@ class RelayStream:
         self._local_finish: Finish | None = None  # cancelled before start: yielded once
         self.text = ""
         self.reasoning = ""
+        self.refusal = ""
         self.tool_calls: list[ToolCallComplete] = []
         self.finish: Finish | None = None
 
@@ -404,6 +408,8 @@ class RelayStream:
             self.text += event.text
         elif isinstance(event, Reasoning):
             self.reasoning += event.text
+        elif isinstance(event, Refusal):
+            self.refusal += event.text
         elif isinstance(event, ToolCallComplete):
             self.tool_calls.append(event)
         elif isinstance(event, Finish):
@@ -617,7 +623,7 @@ class RelayClient:
         assert finish is not None
         return CompletionResult(text=s.text, reasoning=s.reasoning, tool_calls=s.tool_calls,
                                 usage=finish.usage, status=str(finish.status),
-                                reason=finish.reason, error=finish.error)
+                                reason=finish.reason, error=finish.error, refusal=s.refusal)
 
     async def ping(self, timeout: float | None = 10.0) -> float:
         """Application-level ping; returns the round-trip time in seconds. While reconnecting

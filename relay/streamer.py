@@ -17,6 +17,7 @@ from typing import Any
 from relay.upstream.streamer import (
     EventStreamer,
     ReasoningDelta,
+    RefusalDelta,
     StreamEnd,
     TextDelta,
     ToolCallDelta,
@@ -96,7 +97,7 @@ class TokenStreamer(EventStreamer):
         max_tokens: int = 4096,
         **params: Any,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Event dicts named as in the seed: token, reasoning, tool_call_chunk,
+        """Event dicts named as in the seed: token, reasoning, refusal, tool_call_chunk,
         tool_call_complete, then exactly one finish (errors too: status ``failed``)."""
         async for event in self.events(
             messages, tools=tools, temperature=temperature, max_tokens=max_tokens, **params
@@ -107,6 +108,8 @@ class TokenStreamer(EventStreamer):
                        "accumulated": chunk.accumulated_content}
             elif isinstance(event, ReasoningDelta):
                 yield {"type": "reasoning", "content": event.text}
+            elif isinstance(event, RefusalDelta):
+                yield {"type": "refusal", "content": event.text}
             elif isinstance(event, ToolCallDelta):
                 yield {"type": "tool_call_chunk", "index": event.index, "call_id": event.call_id,
                        "name": event.name, "arguments_delta": event.arguments_delta}

@@ -1,6 +1,6 @@
 // The chat page: UI only; the protocol lives in relay-client.js, Markdown in markdown.js.
 // Model text is untrusted: it reaches the DOM only as sanitised Markdown (markdown.js) or
-// through textContent (reasoning, tool calls, the user's own messages).
+// through textContent (reasoning, refusals, tool calls, the user's own messages).
 
 import { RelayClient, StreamError } from "./relay-client.js";
 import { MarkdownView, copyCodeFromClick } from "./markdown.js";
@@ -202,6 +202,7 @@ function renderPane(stream, label) {
     status: head.lastChild,
     reasoning: el("div", "answer-reasoning"),
     text: el("div", "answer-text"),
+    refusal: el("div", "answer-refusal"),
     tools: el("ul", "tool-calls"),
     notice: el("div", "answer-notice"),
     meta: el("div", "answer-meta"),
@@ -209,7 +210,9 @@ function renderPane(stream, label) {
   };
   parts.markdown = new MarkdownView(parts.text, { schedule: (fn) => fn() });
   parts.status.dataset.status = "pending";
-  pane.append(head, parts.reasoning, parts.text, parts.tools, parts.notice, parts.meta);
+  parts.refusal.setAttribute("role", "note");
+  parts.refusal.dataset.label = "The model refused";
+  pane.append(head, parts.reasoning, parts.text, parts.refusal, parts.tools, parts.notice, parts.meta);
   return parts;
 }
 
@@ -229,6 +232,8 @@ function draw(parts, stream) {
   parts.pending = false;
   parts.markdown.update(stream.text); // renders now: this function is already once per frame
   if (parts.reasoning.textContent.length !== stream.reasoning.length) parts.reasoning.textContent = stream.reasoning;
+  // Provider text: textContent only, never markup.
+  if (parts.refusal.textContent.length !== stream.refusal.length) parts.refusal.textContent = stream.refusal;
   setStatus(parts, stream.status === "resuming" ? "resuming" : stream.status);
   while (parts.tools.children.length < stream.toolCalls.length) {
     const li = el("li", "tool-call");
@@ -283,6 +288,10 @@ function humanEnding(code, { partial, frame, finish } = {}) {
         : "The relay refused this request (see details).";
     case "upstream_rate_limited":
       return "The model provider is rate limiting the relay: try again later.";
+    case "upstream_overloaded": {
+      const wait = frame && typeof frame.retry_after === "number" ? ` in ${Math.ceil(frame.retry_after)} s` : " in a moment";
+      return `The model provider is overloaded: try again${wait}${kept}.`;
+    }
     case "upstream_timeout":
       return `The model provider took too long to answer${kept}.`;
     case "upstream_error":
@@ -328,7 +337,7 @@ async function follow(stream, parts) {
     const finish = stream.finish;
     if (finish && finish.status !== "completed" && finish.status !== "cancelled") {
       const code = finish.error ? finish.error.code : finish.reason;
-      parts.notice.textContent = humanEnding(finish.status === "timeout" ? "upstream_timeout" : code, { partial: Boolean(stream.text), finish: true });
+      parts.notice.textContent = humanEnding(finish.status === "timeout" ? "upstream_timeout" : code, { partial: Boolean(stream.text), finish: true, frame: finish.error });
     }
   } catch (err) {
     draw(parts, stream);

@@ -133,6 +133,7 @@ export default Object.freeze({
       "resumed",
       "token",
       "reasoning",
+      "refusal",
       "tool_call_chunk",
       "tool_call_complete",
       "finish",
@@ -143,6 +144,7 @@ export default Object.freeze({
       "started",
       "token",
       "reasoning",
+      "refusal",
       "tool_call_chunk",
       "tool_call_complete",
       "finish"

@@ -144,6 +144,7 @@ export class RelayStream {
     this.startFrame = startFrame;
     this.text = "";
     this.reasoning = "";
+    this.refusal = ""; // the model's refusal to answer (refusal frames), never part of text
     this.toolCalls = []; // by index: {index, callId, name, arguments, complete}
     this.usage = null;
     this.finish = null;
@@ -237,6 +238,10 @@ export class RelayStream {
       case "reasoning":
         this._firstOutput();
         if (typeof frame.text === "string") this.reasoning += frame.text;
+        break;
+      case "refusal":
+        this._firstOutput();
+        if (typeof frame.text === "string") this.refusal += frame.text;
         break;
       case "tool_call_chunk": {
         this._firstOutput();

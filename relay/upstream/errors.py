@@ -7,6 +7,10 @@ here are fixed sentences, so a key echoed in an upstream error body can never le
       code  upstream_error          401/403 (credentials), 5xx, cut stream, malformed data,
                                     any other provider failure
             upstream_rate_limited   429 (retry_after: seconds, when the provider says)
+            upstream_overloaded     the provider says it is overloaded: Anthropic's 529 and its
+                                    ``overloaded_error`` (also as an error event mid-stream),
+                                    a 5xx whose error says "overloaded" (OpenAI's 503)
+                                    (retry_after: seconds, when the provider says)
             upstream_timeout        a transport timeout inside LiteLLM/httpx
             bad_request             the provider rejected the request itself (400/404/422),
                                     or LiteLLM cannot tell which provider serves the model
@@ -122,6 +126,14 @@ def classify_upstream_exception(exc: BaseException, *, mid_stream: bool = False)
     if name == "BadRequestError" and "LLM Provider NOT provided" in str(exc):
         # LiteLLM refuses a model string without a provider before any request is made.
         return UpstreamFailure(ErrorCode.BAD_REQUEST, UNROUTABLE_MODEL_MESSAGE)
+    if _overloaded(exc, status):
+        # Before the mid-stream check: LiteLLM reports an error event inside the stream as a
+        # connection error (status 500) whose text is the provider's error message.
+        return UpstreamFailure(
+            ErrorCode.UPSTREAM_OVERLOADED,
+            "the provider is overloaded; retry later",
+            _retry_after(exc),
+        )
     if mid_stream and status in (None, 500) and (
             _connect_failed(exc) or name in _TRANSPORT_ERRORS):
         return _STREAM_FAILED
@@ -164,6 +176,26 @@ _TRANSPORT_ERRORS = frozenset({"ReadError", "RemoteProtocolError", "ClientPayloa
                                "TransferEncodingError"})
 _CONNECT_ERRORS = frozenset({"ConnectError", "APIConnectionError", "ClientConnectorError",
                              "ConnectionRefusedError", "gaierror"})
+
+
+#: Anthropic's "overloaded" status (not an IANA code; its error type is ``overloaded_error``).
+_OVERLOADED_STATUS = 529
+
+
+def _overloaded(exc: BaseException, status: int | None) -> bool:
+    """True when the provider said it is overloaded: HTTP 529, or a server-side failure (5xx,
+    or no status: an error event inside the stream, which LiteLLM reports as 500) whose error
+    names it (Anthropic's ``overloaded_error``, OpenAI's 503 "... currently overloaded ...").
+    The exception text is only searched, never shown to anyone."""
+    if status == _OVERLOADED_STATUS:
+        return True
+    if status is not None and status < 500:
+        return False
+    try:
+        text = str(exc)
+    except Exception:  # an exception whose __str__ fails: not one we can read
+        return False
+    return "overloaded" in text.lower()
 
 
 def _connect_failed(exc: BaseException) -> bool:

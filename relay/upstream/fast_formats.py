@@ -218,8 +218,11 @@ class OpenAIUsage:
 
 
 def openai_delta(delta: dict, reasoning: Any, finish: str | None) -> tuple | None:
-    """One choice's ``delta`` as ``(reasoning, content, tool_calls, finish)``, or None when
-    it carries nothing (each dialect picks ``reasoning`` its own way)."""
+    """One choice's ``delta`` as ``(reasoning, content, tool_calls, finish)``, with
+    ``(..., 1, refusal)`` after it when it carries refusal text (``delta.refusal``), or None
+    when it carries nothing (each dialect picks ``reasoning`` its own way). A tool call
+    without ``index`` keeps ``None`` (the streamer's assembly decides which call it
+    continues)."""
     tool_calls = delta.get("tool_calls")
     if tool_calls:
         calls = []
@@ -229,6 +232,10 @@ def openai_delta(delta: dict, reasoning: Any, finish: str | None) -> tuple | Non
                           fn.get("arguments") or ""))
         tool_calls = calls
     content = delta.get("content")
+    refusal = delta.get("refusal")
+    if refusal and type(refusal) is str:
+        return (reasoning if type(reasoning) is str else None, content, tool_calls, finish, 1,
+                refusal)
     if reasoning or content or tool_calls or finish:
         return (reasoning if type(reasoning) is str else None, content, tool_calls, finish)
     return None

@@ -28,8 +28,10 @@ What the relay does: one shared ``httpx.AsyncClient`` per event loop (on aiohttp
 ``relay/upstream/transport.py``), ``SSEParser`` (bytes in,
 ``(event, data)`` out), ``orjson``, and a decoder per format that yields the deltas
 ``EventStreamer.events()`` consumes: ``(reasoning, content, tool_calls, finish_reason)`` with
-tool calls as ``(index, id, name, arguments)``. Timers, cancel (``aclose`` of the response),
-usage decisions and estimates are the streamer's, shared with the LiteLLM path.
+tool calls as ``(index, id, name, arguments)`` (``index`` ``None`` when the provider sent
+none), and ``(..., 1, refusal)`` for a delta that carries refusal text. Timers, cancel
+(``aclose`` of the response), usage decisions and estimates are the streamer's, shared with
+the LiteLLM path.
 
 Requests a route does not take (``FastRoute.accepts``) go through LiteLLM: on Anthropic a
 ``response_format`` (LiteLLM rewrites it into a tool and the tool call back into text); the
@@ -52,6 +54,7 @@ import orjson
 
 from relay.upstream import fast_formats
 from relay.upstream.errors import ProviderStreamError
+from relay.upstream.raw_tap import anthropic_tool_input_arguments
 from relay.upstream.streamer import UsageInfo
 
 __all__ = [
@@ -271,14 +274,16 @@ class _AnthropicDecoder:
     """Anthropic Messages events -> deltas, as LiteLLM's Anthropic stream parser reads them.
 
     Tool calls are numbered 0, 1, ... in ``tool_use`` block order; a ``tool_use`` block whose
-    input stayed empty completes with arguments ``{}``. A data line that is not a JSON object
-    fails the stream (``_Malformed``), except before any valid event, where LiteLLM's parser
-    swallows the rest and the stream ends empty (the relay reports it truncated).
+    input did not stream (no ``input_json_delta`` with content) completes with the input of
+    its ``content_block_start`` (third-party servers send it whole there), else ``{}``. A
+    data line that is not a JSON object fails the stream (``_Malformed``), except before any
+    valid event, where LiteLLM's parser swallows the rest and the stream ends empty (the
+    relay reports it truncated).
     """
 
     __slots__ = ("done", "finish_reason", "broken", "_seen", "_usage", "_tool_index",
-                 "_block_type", "_block_args", "_names", "_map_finish", "_stream_error",
-                 "_calculate_usage")
+                 "_block_type", "_block_args", "_block_input", "_names", "_map_finish",
+                 "_stream_error", "_calculate_usage")
     tolerates_cut_after_finish = True
 
     def __init__(self, map_finish, stream_error, calculate_usage, reverse_names) -> None:
@@ -290,6 +295,7 @@ class _AnthropicDecoder:
         self._tool_index = -1
         self._block_type: str | None = None
         self._block_args = False
+        self._block_input: Any = None
         self._names = reverse_names or {}
         self._map_finish = map_finish
         self._stream_error = stream_error
@@ -336,13 +342,16 @@ class _AnthropicDecoder:
                         deltas.append((None, text, None, None))
                 elif block_type == "tool_use":
                     self._tool_index += 1
+                    self._block_input = block.get("input")
                     name = block.get("name")
                     name = self._names.get(name, name)
                     deltas.append((None, None, ((self._tool_index, block.get("id"), name, ""),),
                                    None))
             elif kind == "content_block_stop":
                 if self._block_type == "tool_use" and not self._block_args:
-                    deltas.append((None, None, ((self._tool_index, None, None, "{}"),), None))
+                    arguments = anthropic_tool_input_arguments(self._block_input)
+                    deltas.append((None, None, ((self._tool_index, None, None, arguments),),
+                                   None))
                 self._block_type = None
             elif kind == "message_delta":
                 delta = obj.get("delta") or {}
@@ -696,7 +705,13 @@ class FastRoute:
     def _openai_stream_error(self, error: Any) -> Exception:
         """An ``{"error": ...}`` event inside an OpenAI-format stream. The SDK raises an
         ``APIError`` without a status, which LiteLLM reports as a broken stream; so does
-        this (``classify_upstream_exception``: "the provider's stream failed")."""
+        this (``classify_upstream_exception``: "the provider's stream failed"), or, when the
+        error's message (the SDK's exception text) says the provider is overloaded, so does
+        this exception's (``upstream_overloaded``)."""
+        message = error.get("message") if type(error) is dict else None
+        if type(message) is str and "overloaded" in message.lower():
+            return _ProviderStreamError("the provider reported inside the stream that it is "
+                                        "overloaded")
         return _ProviderStreamError("the provider reported an error inside the stream")
 
     def _dialect_chunk_error(self, chunk: Any) -> Exception:

@@ -4,10 +4,11 @@ where ``EventStreamer`` events become protocol frames.
 ``UpstreamSource(streamer, request, ...)`` is built per ``start`` by the session;
 the hub's task for the stream awaits ``run(sink)``, which iterates ``streamer.events(**request)``
 and logs each event as its frame (``TextDelta`` -> ``token``, ``ReasoningDelta`` ->
-``reasoning``, ``ToolCallDelta`` -> ``tool_call_chunk``, ``ToolCallDone`` ->
-``tool_call_complete``, ``StreamEnd`` -> ``finish``). Frames are numbered here (``seq`` from
-1). Per token it counts the ``relay_tokens`` metric (and the time to the first one) and
-calls ``on_chunk(n)`` for its n chunks (the group's token budget, relays on Redis).
+``reasoning``, ``RefusalDelta`` -> ``refusal``, ``ToolCallDelta`` -> ``tool_call_chunk``,
+``ToolCallDone`` -> ``tool_call_complete``, ``StreamEnd`` -> ``finish``). Frames are
+numbered here (``seq`` from 1). Per token it counts the ``relay_tokens`` metric (and the
+time to the first one) and calls ``on_chunk(n)`` for its n chunks (the group's token
+budget, relays on Redis).
 
 After ``cancel`` nothing but the finish follows (a ``ToolCallDone``, which only comes after
 the provider completed, still does: the finish then says ``completed``).
@@ -27,6 +28,7 @@ from relay.metrics import RelayMetrics
 from relay.upstream.streamer import (
     EventStreamer,
     ReasoningDelta,
+    RefusalDelta,
     StreamEnd,
     TextDelta,
     ToolCallDelta,
@@ -103,6 +105,8 @@ class UpstreamSource:
                                                       event.name, event.arguments)
                 elif isinstance(event, ReasoningDelta):
                     frame = frames.reasoning(sid, seq, event.text)
+                elif isinstance(event, RefusalDelta):
+                    frame = frames.refusal(sid, seq, event.text)
                 else:
                     seq -= 1
                     continue

@@ -4,9 +4,9 @@ turned into typed stream events. The seed's public ``EventStreamer`` is a thin s
 
 Contract of ``events()``:
 
-* It yields ``TextDelta``, ``ReasoningDelta``, ``ToolCallDelta``, then on a normal end one
-  ``ToolCallDone`` per assembled call (whatever finish_reason the provider gave), and always
-  exactly one ``StreamEnd`` last, whatever happened.
+* It yields ``TextDelta``, ``ReasoningDelta``, ``RefusalDelta``, ``ToolCallDelta``, then on a
+  normal end one ``ToolCallDone`` per assembled call (whatever finish_reason the provider
+  gave), and always exactly one ``StreamEnd`` last, whatever happened.
 * ``cancel()`` takes effect at once: if the consumer is waiting for the provider, that wait
   is interrupted; the upstream HTTP response is closed (``aclose``) before ``StreamEnd``
   (status ``cancelled``) is yielded, and no text follows a cancel.
@@ -49,6 +49,7 @@ from relay.upstream.errors import (
 
 __all__ = [
     "ReasoningDelta",
+    "RefusalDelta",
     "StreamEnd",
     "StreamEvent",
     "TextDelta",
@@ -74,6 +75,14 @@ class TextDelta:
 
 @dataclass(frozen=True, slots=True)
 class ReasoningDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalDelta:
+    """Text of the model's refusal to answer (OpenAI's ``delta.refusal``, structured
+    outputs), streamed as the provider streams it; never mixed into the answer's text."""
+
     text: str
 
 
@@ -127,7 +136,8 @@ class StreamEnd:
     error: UpstreamFailure | None = None
 
 
-StreamEvent = TextDelta | ReasoningDelta | ToolCallDelta | ToolCallDone | StreamEnd
+StreamEvent = (TextDelta | ReasoningDelta | RefusalDelta | ToolCallDelta | ToolCallDone
+               | StreamEnd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,8 +319,9 @@ class EventStreamer:
 
         text_parts = self._text_parts
         other_parts: list[str] = []  # reasoning and tool arguments, for estimates
-        calls: dict[int, _ToolCallState] = {}
+        calls = _ToolCalls()
         finish_reason: str | None = None
+        refused = False
         got_first = False
         last_chunk_at = started
         end: StreamEnd | None = None
@@ -333,7 +344,9 @@ class EventStreamer:
                 last_chunk_at = loop.time()
                 if len(batch) > 1:
                     batch = _joined_text_runs(batch)
-                for reasoning, content, tool_calls, finish, *joined in batch:
+                # A delta: (reasoning, content, tool_calls, finish[, chunks[, refusal]]):
+                # ``chunks`` from _joined_text_runs, ``refusal`` text from the upstream.
+                for reasoning, content, tool_calls, finish, *more in batch:
                     if finish:
                         finish_reason = finish
                     if reasoning:
@@ -343,7 +356,11 @@ class EventStreamer:
                     if content:
                         got_first = True
                         text_parts.append(content)
-                        yield TextDelta(content, *joined)
+                        yield TextDelta(content, more[0]) if more else TextDelta(content)
+                    if len(more) > 1:
+                        got_first = refused = True
+                        other_parts.append(more[1])
+                        yield RefusalDelta(more[1])
                     if tool_calls:
                         got_first = True
                         for index, call_id, name, args in tool_calls:
@@ -363,6 +380,9 @@ class EventStreamer:
             if calls and reason == FinishReason.STOP:
                 # Some providers report "stop" after tool calls; the calls still complete.
                 reason = FinishReason.TOOL_CALLS
+            if refused and reason == FinishReason.STOP:
+                # A refusal ends with "stop" (OpenAI); the finish says why there is no answer.
+                reason = FinishReason.CONTENT_FILTER
             for state in sorted(calls.values(), key=lambda s: s.index):
                 yield ToolCallDone(state.index, state.provider_id or state.call_id,
                                    state.name or "", "".join(state.arguments))
@@ -460,7 +480,8 @@ class EventStreamer:
                 if not is_provider_failure(exc):
                     raise                  # a relay bug: retrying cannot help
                 code = classify_upstream_exception(exc).code
-                retryable = code in (ErrorCode.UPSTREAM_ERROR, ErrorCode.UPSTREAM_RATE_LIMITED)
+                retryable = code in (ErrorCode.UPSTREAM_ERROR, ErrorCode.UPSTREAM_RATE_LIMITED,
+                                     ErrorCode.UPSTREAM_OVERLOADED)
                 if attempt + 1 >= attempts or not retryable:
                     raise
                 logger.info("retrying connect to %s (%s), attempt %d", self.model, code,
@@ -573,27 +594,63 @@ def _min(a: float | None, b: float | None) -> float | None:
     return a if a < b else b
 
 
-def _merge_tool_delta(calls: dict[int, _ToolCallState], index: int | None,
+class _ToolCalls(dict):
+    """The stream's tool calls by their index in the frames (``_ToolCallState``), and what
+    ``_merge_tool_delta`` needs to tell which call a provider's delta belongs to."""
+
+    __slots__ = ("by_provider_index", "by_provider_id", "last")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_provider_index: dict[int, _ToolCallState] = {}
+        self.by_provider_id: dict[str, _ToolCallState] = {}
+        self.last: _ToolCallState | None = None
+
+
+def _merge_tool_delta(calls: _ToolCalls, index: int | None,
                       provider_id: str | None, name: str | None, args: str) -> ToolCallDelta:
-    if not isinstance(index, int):
-        index = len(calls)
-    state = calls.get(index)
+    """Add one provider tool-call delta to the call it belongs to, or start a new call.
+
+    * With an ``index``: the call last seen at that index continues, unless the delta
+      brings an id other than that call's: a new id is a new call (LiteLLM numbers the calls
+      of every delta without an index from 0; Ollama-style servers repeat index 0).
+    * Without an index (Gemini's OpenAI-compatible endpoint): the same id continues its
+      call, a new id starts a new call, and no id continues the last call.
+
+    A new call takes the provider's index when it is free, else the next free one, so the
+    frames' ``index`` stays the provider's for providers that number their calls.
+    """
+    if isinstance(index, int):
+        state = calls.by_provider_index.get(index)
+        if state is not None and provider_id and state.provider_id not in (None, provider_id):
+            state = None
+    elif provider_id:
+        state = calls.by_provider_id.get(provider_id)
+    else:
+        state = calls.last
     if state is None:
-        state = _ToolCallState(index, provider_id or "call_" + secrets.token_hex(12))
-        calls[index] = state
+        number = index if isinstance(index, int) and index not in calls else (
+            max(calls) + 1 if calls else 0)
+        state = _ToolCallState(number, provider_id or "call_" + secrets.token_hex(12))
+        calls[number] = state
+    if isinstance(index, int):
+        calls.by_provider_index[index] = state
     if provider_id and state.provider_id is None:
         state.provider_id = provider_id
+    if provider_id:
+        calls.by_provider_id.setdefault(provider_id, state)
+    calls.last = state
     if name and not state.name:
         state.name = name
     if args:
         state.arguments.append(args)
-    return ToolCallDelta(index, state.provider_id or state.call_id, name or None, args)
+    return ToolCallDelta(state.index, state.provider_id or state.call_id, name or None, args)
 
 
 def _joined_text_runs(batch: list[tuple]) -> list[tuple]:
-    """``batch`` with every run of consecutive text-only deltas (no reasoning, no tool call)
-    joined into one ``(None, text, None, finish, chunks)``: chunks that arrived together
-    become one ``TextDelta`` (one frame) that says how many chunks it carries."""
+    """``batch`` with every run of consecutive text-only deltas (no reasoning, refusal or
+    tool call) joined into one ``(None, text, None, finish, chunks)``: chunks that arrived
+    together become one ``TextDelta`` (one frame) that says how many chunks it carries."""
     out: list[tuple] = []
     run: list[str] = []
     run_finish = None
@@ -606,8 +663,8 @@ def _joined_text_runs(batch: list[tuple]) -> list[tuple]:
         run.clear()
 
     for delta in batch:
-        reasoning, content, tool_calls, finish = delta
-        if content and not reasoning and not tool_calls:
+        reasoning, content, tool_calls, finish = delta[:4]
+        if content and not reasoning and not tool_calls and len(delta) == 4:
             run.append(content)
             run_finish = finish or run_finish
             continue
@@ -630,20 +687,35 @@ class _LiteLLMUpstream:
     """LiteLLM's stream wrapper (or an injected look-alike) as an upstream of the loop in
     ``EventStreamer.events()``: ``next_batch()`` turns one chunk into a tuple of deltas
     ``(reasoning, content, tool_calls, finish_reason)`` (``None`` at the end), tool calls as
-    ``(index, id, name, arguments)``.
+    ``(index, id, name, arguments)``; before it, what the wrapper lost of the provider's
+    chunks and ``relay.upstream.raw_tap.RawTap`` recovered (refusal text, a tool input),
+    and tool calls numbered as the provider numbered them (or not).
     """
 
-    __slots__ = ("response", "_iterator")
+    __slots__ = ("response", "_iterator", "_tap")
 
     def __init__(self, response: Any) -> None:
+        from relay.upstream.raw_tap import RawTap
+
         self.response = response
+        self._tap = RawTap.install(response)
         self._iterator = response.__aiter__()
 
     async def next_batch(self) -> tuple | None:
+        tap = self._tap
         try:
             chunk = await self._iterator.__anext__()
         except StopAsyncIteration:
+            if tap is not None and tap.pending:
+                return tuple(tap.take_pending())
             return None
+        deltas = self._deltas(chunk, tap)
+        if tap is not None and tap.pending:
+            return (*tap.take_pending(), *deltas)
+        return deltas
+
+    @staticmethod
+    def _deltas(chunk: Any, tap: Any) -> tuple:
         choices = chunk.choices
         if not choices:
             return ()
@@ -653,13 +725,21 @@ class _LiteLLMUpstream:
             return ((None, None, None, choice.finish_reason),)
         tool_calls = delta.tool_calls
         if tool_calls:
+            raw_indexes = tap.tool_indexes if tap is not None else None
+            if raw_indexes is not None and len(raw_indexes) != len(tool_calls):
+                raw_indexes = None
             calls = []
-            for tc in tool_calls:
+            for n, tc in enumerate(tool_calls):
                 fn = getattr(tc, "function", None)
-                calls.append((getattr(tc, "index", None), getattr(tc, "id", None) or None,
-                              getattr(fn, "name", None) if fn is not None else None,
-                              (getattr(fn, "arguments", None) if fn is not None else None) or ""))
-            tool_calls = calls
+                index = raw_indexes[n] if raw_indexes is not None else getattr(tc, "index", None)
+                args = (getattr(fn, "arguments", None) if fn is not None else None) or ""
+                call_id = getattr(tc, "id", None) or None
+                name = getattr(fn, "name", None) if fn is not None else None
+                if (tap is not None and index in tap.replaced and call_id is None
+                        and name is None and args == "{}"):
+                    continue  # the tap supplied this Anthropic block's arguments
+                calls.append((index, call_id, name, args))
+            tool_calls = calls or None
         return ((getattr(delta, "reasoning_content", None), delta.content, tool_calls,
                  choice.finish_reason),)
 

@@ -458,3 +458,51 @@ async def test_favicon_and_vendored_modules_are_served_and_nothing_fails(page):
         "/markdown.js": [200, "text/javascript; charset=utf-8"],
         "/vendor/marked.LICENSE.txt": [200, "text/plain; charset=utf-8"],
     }
+
+
+async def test_a_refusal_is_shown_as_a_refusal_as_text_only(page):
+    """OpenAI's structured-output refusal (``refusal`` frames): shown apart from the answer,
+    styled as a refusal, through textContent (markup in it stays text)."""
+    import json
+
+    from ..fakes.upstream import Script, SSEEvent
+
+    def chunk(delta: dict, finish: str | None = None) -> SSEEvent:
+        return SSEEvent(json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1,
+                                    "model": "gpt-writer", "choices": [
+                                        {"index": 0, "delta": delta, "finish_reason": finish}]}))
+
+    refusal = ["I can't help ", 'with <img src=x onerror="window.__pwned=1"> that.']
+    events = [chunk({"role": "assistant", "content": None, "refusal": ""}),
+              *(chunk({"refusal": piece}) for piece in refusal), chunk({}, "stop"),
+              SSEEvent("[DONE]")]
+    async with relay_with_writer() as (up, server):
+        up.enqueue(Script(format="openai", events=tuple(events)))
+        await open_chat(page, server)
+        await page.select_option("#model", "writer")
+        await send(page, "something it refuses")
+        await wait_completed(page)
+        shown = await page.eval_on_selector(".answer-refusal", """e => ({
+            text: e.textContent, children: e.children.length,
+            label: getComputedStyle(e, '::before').content,
+            border: getComputedStyle(e).borderLeftStyle,
+            visible: e.getBoundingClientRect().height > 0})""")
+        answer = await page.eval_on_selector(".answer-text", "e => e.textContent")
+        meta = await page.eval_on_selector(".answer-meta", "e => e.textContent")
+        pwned = await page.evaluate("() => window.__pwned")
+    assert shown["text"] == "".join(refusal) and shown["children"] == 0
+    assert "refused" in shown["label"] and shown["border"] == "solid" and shown["visible"]
+    assert answer == "" and pwned is None
+    assert "reason: content_filter" in meta
+
+
+async def test_an_overloaded_provider_is_said_in_words(page):
+    async with relay_with_writer() as (up, server):
+        up.enqueue(http_error("openai", 503, retry_after=4))
+        await open_chat(page, server)
+        await page.select_option("#model", "writer")
+        await send(page, "busy?")
+        await page.wait_for_selector('.answer-status[data-status="failed"]')
+        panes = await page.evaluate(PANES)
+    assert panes[0]["notice"] == "The model provider is overloaded: try again in 4 s."
+    assert "error: upstream_overloaded" in panes[0]["meta"]

@@ -63,7 +63,30 @@ def scenarios() -> dict[str, list[dict]]:
                                   frames.usage(5, 0, True))],
         "content_filter": [frames.token(s, 1, "x"),
                            frames.finish(s, 2, "completed", "content_filter", USAGE)],
+        "refusal": [frames.refusal(s, 1, "I can't"), frames.refusal(s, 2, " help."),
+                    frames.finish(s, 3, "completed", "content_filter", USAGE)],
+        "overloaded": [frames.finish(s, 1, "failed", "upstream_overloaded",
+                                     frames.usage(5, 0, True),
+                                     frames.error_info("upstream_overloaded",
+                                                       "the provider is overloaded", 3.0))],
     }
+
+
+def test_a_refusal_is_text_with_the_content_filter_finish():
+    cs = chunks_of(run(scenarios()["refusal"]))
+    assert cs[2:] == [
+        {"type": "text-start", "id": "t1"},
+        {"type": "text-delta", "id": "t1", "delta": "I can't"},
+        {"type": "text-delta", "id": "t1", "delta": " help."},
+        {"type": "text-end", "id": "t1"},
+        {"type": "finish-step"},
+        {"type": "finish", "finishReason": "content-filter", "messageMetadata": {"usage": {
+            "inputTokens": 5, "outputTokens": 3, "totalTokens": 8, "estimated": False}}}]
+
+
+def test_overloaded_has_its_own_safe_text():
+    out = run(scenarios()["overloaded"])
+    assert out[-1]["type"] == "error" and "overloaded" in out[-1]["errorText"]
 
 
 def test_text_stream_maps_to_start_parts_finish_and_end():

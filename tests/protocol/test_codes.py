@@ -53,7 +53,7 @@ def test_application_close_codes_are_in_the_private_range():
 def test_error_code_values():
     assert [e.value for e in ErrorCode] == [
         "bad_request", "unknown_model", "duplicate_id", "too_many_streams", "unknown_stream",
-        "stream_lost", "stream_taken_over", "store_unavailable", "upstream_error", "upstream_timeout", "upstream_rate_limited", "rate_limited",
+        "stream_lost", "stream_taken_over", "store_unavailable", "upstream_error", "upstream_timeout", "upstream_rate_limited", "upstream_overloaded", "rate_limited",
         "draining", "internal_error",
     ]
     # StrEnum: the member is the wire string itself.

@@ -29,6 +29,7 @@ from protocol import (
     Ping,
     Pong,
     Reasoning,
+    Refusal,
     Start,
     Started,
     Token,
@@ -68,6 +69,7 @@ CASES: list[tuple[str, dict[str, Any], type[pydantic.BaseModel]]] = [
     ("token-empty", frames.token("q1", 2, ""), Token),
     ("token-unicode", frames.token("q1", 3, "héllo \U0001f600 \u2028"), Token),
     ("reasoning", frames.reasoning("q1", 4, "thinking..."), Reasoning),
+    ("refusal", frames.refusal("q1", 4, "I can't help with that."), Refusal),
     ("tool_call_chunk", frames.tool_call_chunk("q1", 5, 0, "call_1", "get_weather", ""),
      ToolCallChunk),
     ("tool_call_chunk-no-name", frames.tool_call_chunk("q1", 6, 1, "call_2", None, '{"a"'),
@@ -212,7 +214,7 @@ def test_builder_output_is_valid_and_roundtrips(name, frame, model):
 
 
 def test_every_builder_and_frame_type_is_covered():
-    server_types = {"welcome", "started", "resumed", "token", "reasoning", "tool_call_chunk",
+    server_types = {"welcome", "started", "resumed", "token", "reasoning", "refusal", "tool_call_chunk",
                     "tool_call_complete", "finish", "error", "pong"}
     client_types = {"hello", "start", "cancel", "ping", "resume"}
     assert {c[1]["type"] for c in CASES} == server_types
@@ -237,12 +239,12 @@ def test_derived_type_lists_are_the_unions_members():
         "hello", "start", "cancel", "ping", "resume"]
     assert list(messages.SERVER_FRAME_TYPES) == _tags(messages.ServerMessage)
     assert set(messages.SERVER_FRAME_TYPES) == {
-        "welcome", "started", "resumed", "token", "reasoning", "tool_call_chunk",
+        "welcome", "started", "resumed", "token", "reasoning", "refusal", "tool_call_chunk",
         "tool_call_complete", "finish", "error", "pong"}
     assert list(messages.RELAY_OPS) == _tags(messages.RelayMessage, "op") == [
         "cancel", "takeover"]
     assert set(messages.STREAM_FRAME_TYPES) == {
-        "started", "token", "reasoning", "tool_call_chunk", "tool_call_complete", "finish"}
+        "started", "token", "reasoning", "refusal", "tool_call_chunk", "tool_call_complete", "finish"}
     assert set(messages.ADDRESSED_CLIENT_FRAME_TYPES) == {"start", "cancel", "resume"}
 
 

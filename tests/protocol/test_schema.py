@@ -8,7 +8,8 @@ import protocol.schema
 from protocol.schema import SCHEMA_PATH, json_schema, render
 
 CLIENT_TYPES = {"hello", "start", "cancel", "ping", "resume"}
-SERVER_TYPES = {"welcome", "started", "resumed", "token", "reasoning", "tool_call_chunk",
+SERVER_TYPES = {"welcome", "started", "resumed", "token", "reasoning", "refusal",
+                "tool_call_chunk",
                 "tool_call_complete", "finish", "error", "pong"}
 
 

@@ -42,6 +42,7 @@ BACK = "tests/relay/test_backpressure.py"
 PROV = "tests/relay/test_providers.py"
 STREAMER = "tests/relay/test_streamer.py"
 FLIMITS = "tests/relay/test_frame_limits.py"
+FAST = "tests/relay/test_fast_path.py"
 HERE = "tests/protocol/test_spec.py"
 
 #: PROTOCOL.md section heading -> the tests that drive its statements.
@@ -139,6 +140,10 @@ SPEC_TESTS: dict[str, list[str]] = {
     "`reasoning`": [
         f"{PROV}::test_text_reasoning_and_provider_usage",
         f"{STREAMER}::test_reasoning_is_its_own_event",
+    ],
+    "`refusal`": [
+        f"{FAST}::test_refusal_reaches_the_client",
+        f"{FAST}::test_anthropic_refusal_stop_reason_is_content_filter",
     ],
     "`tool_call_chunk`": [
         f"{CORE}::test_demo_tool_call_frames_join_exactly",
@@ -241,6 +246,7 @@ SPEC_TESTS: dict[str, list[str]] = {
         f"{RESUME}::test_frames_trimmed_by_the_per_stream_cap_are_stream_lost",
         f"{MULTI}::test_redis_failing_mid_stream_local_streams_finish_and_resumes_get_a_clear_error",
         f"{PROV}::test_upstream_http_errors_map_to_safe_codes",
+        f"{FAST}::test_overloaded_is_its_own_retryable_answer",
         f"{LIMITS}::test_start_rate_limit_with_retry_after",
         f"{BAD}::test_upgrade_while_draining_is_http_503_and_start_is_draining",
         f"{SPECB}::test_the_fallback_finish_carries_internal_error_as_its_reason",
@@ -314,6 +320,7 @@ def _test_functions(path: str) -> frozenset[str]:
 
 def test_frame_types_known():
     assert set(FRAME_TYPES) == {"hello", "welcome", "start", "started", "token", "reasoning",
+                                "refusal",
                                 "tool_call_chunk", "tool_call_complete", "finish", "cancel",
                                 "ping", "pong", "error", "resume", "resumed"}
 

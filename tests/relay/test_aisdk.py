@@ -625,3 +625,41 @@ async def test_a_long_replay_lets_other_connections_run_between_writer_passes():
             await asyncio.gather(other, return_exceptions=True)
     assert len(reads) > 6000 // 256
     assert len(set(reads)) >= 0.9 * len(reads), reads
+
+
+async def test_a_refusal_is_text_and_the_finish_says_content_filter():
+    """OpenAI's structured-output refusal (``delta.refusal``) reaches the AI SDK's chat as
+    text (its UI message stream has no refusal part), and the finish says why."""
+    from tests.fakes.upstream import Script, SSEEvent
+
+    def chunk(delta: dict, finish: str | None = None) -> SSEEvent:
+        return SSEEvent(json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1,
+                                    "model": "gpt-x", "choices": [{"index": 0, "delta": delta,
+                                                                   "finish_reason": finish}]}))
+
+    pieces = ["I'm sorry,", " I can't help", " with that."]
+    events = [chunk({"role": "assistant", "content": None, "refusal": ""}),
+              *(chunk({"refusal": p}) for p in pieces), chunk({}, "stop"), SSEEvent("[DONE]")]
+    async with relay() as (up, server), ai_client(server) as c:
+        up.enqueue(Script(format="openai", events=tuple(events)))
+        await c.send(send_frame("r1", "chat", [ui_user("x")], model="oai"))
+        frames = await c.until_done("r1")
+    cs = chunks(frames)
+    assert frames[-1] == {"type": "end", "requestId": "r1"}
+    assert text_of(cs) == "".join(pieces)
+    assert [x["type"] for x in cs if x["type"].startswith("text-")] == [
+        "text-start", "text-delta", "text-delta", "text-delta", "text-end"]
+    assert cs[-1]["type"] == "finish" and cs[-1]["finishReason"] == "content-filter"
+
+
+@pytest.mark.parametrize(("fmt", "alias", "status"), [("anthropic", "claude", 529),
+                                                      ("openai", "oai", 503)])
+async def test_an_overloaded_provider_is_said_so(fmt, alias, status):
+    from tests.fakes.upstream import http_error
+
+    async with relay() as (up, server), ai_client(server) as c:
+        up.enqueue(http_error(fmt, status, retry_after=3))
+        await c.send(send_frame("r1", "chat", [ui_user("x")], model=alias))
+        frames = await c.until_done("r1")
+    assert frames[-1]["type"] == "error"
+    assert "overloaded" in frames[-1]["errorText"]

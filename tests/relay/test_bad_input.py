@@ -176,10 +176,12 @@ async def test_upstream_rejects_request_finish_failed_bad_request(fmt, status):
 @pytest.mark.parametrize("fmt", ["openai", "anthropic"])
 @pytest.mark.parametrize("status", [502, 503])
 async def test_upstream_5xx_finish_failed_upstream_error(fmt, status):
+    """A 5xx whose error does not say the provider is overloaded (that one is
+    ``upstream_overloaded``: tests/relay/test_fast_path.py)."""
     async with FakeUpstream() as up:
         registry = registry_for(up.openai_base, up.anthropic_base)
         async with start_relay(registry=registry) as server, Client.connect(server.url) as c:
-            up.enqueue(http_error(fmt, status))
+            up.enqueue(http_error(fmt, status, message="The server had an error."))
             await c.start("s", model=ALIAS[fmt])
             finish = (await c.collect("s"))[-1]
             assert (finish["status"], finish["reason"]) == ("failed", "upstream_error"), finish

@@ -159,3 +159,28 @@ async def test_chat_demo_two_turns_then_eof():
     text = out.decode()
     for said in (first, second):
         assert "".join(demo_reply_tokens([{"role": "user", "content": said}])) in text
+
+
+async def test_complete_keeps_a_refusal_apart_from_the_text(monkeypatch):
+    """``refusal`` frames (OpenAI's structured-output refusal) fold into ``refusal``, not
+    ``text``; the finish says content_filter."""
+    from tests.fakes.upstream import FakeUpstream, Script, SSEEvent
+
+    from .test_providers import KEY, registry_for
+
+    def chunk(delta: dict, finish: str | None = None) -> SSEEvent:
+        return SSEEvent(json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1,
+                                    "model": "gpt-x", "choices": [
+                                        {"index": 0, "delta": delta, "finish_reason": finish}]}))
+
+    monkeypatch.setenv("FAKE_PROVIDER_KEY", KEY)
+    events = [chunk({"role": "assistant", "content": None, "refusal": ""}),
+              chunk({"refusal": "No, "}), chunk({"refusal": "sorry."}), chunk({}, "stop"),
+              SSEEvent("[DONE]")]
+    async with FakeUpstream() as up:
+        up.enqueue(Script(format="openai", events=tuple(events)))
+        async with start_relay(registry=registry_for(up)) as server:
+            async with RelayClient(server.url) as client:
+                result = await client.complete("oai", [{"role": "user", "content": "x"}])
+    assert (result.refusal, result.text) == ("No, sorry.", "")
+    assert (result.status, result.reason) == ("completed", "content_filter")

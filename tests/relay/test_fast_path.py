@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 
 import pytest
@@ -23,7 +24,7 @@ from relay.app import load_models
 from relay.upstream.providers import ModelRegistry
 from relay.upstream.streamer import Timeouts
 from tests.fakes.upstream import (
-    DIALECTS, FakeUpstream, SSEEvent, Usage, http_error, stream, tool_call, wire_format,
+    DIALECTS, FakeUpstream, Script, SSEEvent, Usage, http_error, stream, tool_call, wire_format,
 )
 
 from .helpers import Client, start_relay, text_of
@@ -252,6 +253,208 @@ async def test_anthropic_response_format_goes_through_litellm():
     assert frames[-1]["status"] == "completed"
 
 
+# ------------------------------------------------------------------------- wire quirks
+#
+# Shapes found by independent fakes (issue 21's table): each one's right answer on both paths.
+
+
+def openai_chunk(delta: dict, finish: str | None = None) -> SSEEvent:
+    """One ``chat.completion.chunk`` as every OpenAI-format provider writes it (the fields
+    OpenRouter's parser requires included)."""
+    return SSEEvent(json.dumps({
+        "id": "chatcmpl-quirk", "object": "chat.completion.chunk", "created": 1,
+        "model": "gpt-x", "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                       "finish_reason": finish}]}, separators=(",", ":")))
+
+
+def openai_script(deltas: list[dict], finish: str) -> Script:
+    events = [openai_chunk({"role": "assistant", "content": None}),
+              *(openai_chunk(d) for d in deltas), openai_chunk({}, finish), SSEEvent("[DONE]")]
+    return Script(format="openai", events=tuple(events), finish_reason=finish)
+
+
+def call_delta(call_id: str | None = None, name: str | None = None, args: str | None = None,
+               index: int | None = None) -> dict:
+    entry: dict = {}
+    if index is not None:
+        entry["index"] = index
+    if call_id is not None:
+        entry.update(id=call_id, type="function")
+    function = {}
+    if name is not None:
+        function["name"] = name
+    if args is not None:
+        function["arguments"] = args
+    entry["function"] = function
+    return entry
+
+
+W1, W2, W3 = '{"location": "Par', 'is, F', 'rance"}'
+PARIS = W1 + W2 + W3
+TIME = '{"tz": "Europe/Paris"}'
+
+#: tool-call deltas (each a list of tool_calls entries) -> the calls a client must get.
+INDEXLESS_TOOL_CALLS = {
+    # Gemini's OpenAI-compatible endpoint: one call's arguments over 3 deltas, no index.
+    "one_call_over_three_deltas": (
+        [[call_delta("call_a", "get_weather", W1)], [call_delta(args=W2)],
+         [call_delta(args=W3)]],
+        [("call_a", "get_weather", PARIS)]),
+    "two_complete_calls_one_delta_each": (
+        [[call_delta("call_a", "get_weather", PARIS)], [call_delta("call_b", "get_time", TIME)]],
+        [("call_a", "get_weather", PARIS), ("call_b", "get_time", TIME)]),
+    "two_calls_in_one_delta": (
+        [[call_delta("call_a", "get_weather", PARIS), call_delta("call_b", "get_time", TIME)]],
+        [("call_a", "get_weather", PARIS), ("call_b", "get_time", TIME)]),
+    # no id and no index continues the last call (call_b), not the first
+    "two_calls_in_one_delta_then_the_last_continues": (
+        [[call_delta("call_a", "get_weather", PARIS), call_delta("call_b", "get_time", TIME[:9])],
+         [call_delta(args=TIME[9:])]],
+        [("call_a", "get_weather", PARIS), ("call_b", "get_time", TIME)]),
+    # the same id on every delta continues its call; a new id starts the next
+    "id_repeated_on_every_delta": (
+        [[call_delta("call_a", "get_weather", W1)], [call_delta("call_a", args=W2 + W3)],
+         [call_delta("call_b", "get_time", TIME)]],
+        [("call_a", "get_weather", PARIS), ("call_b", "get_time", TIME)]),
+    # split calls one after the other, no index anywhere
+    "two_split_calls": (
+        [[call_delta("call_a", "get_weather", W1)], [call_delta(args=W2 + W3)],
+         [call_delta("call_b", "get_time", TIME[:5])], [call_delta(args=TIME[5:])]],
+        [("call_a", "get_weather", PARIS), ("call_b", "get_time", TIME)]),
+    # a server that numbers every call 0: a new id is a new call
+    "index_zero_repeated_with_new_ids": (
+        [[call_delta("call_a", "get_weather", PARIS, index=0)],
+         [call_delta("call_b", "get_time", TIME, index=0)]],
+        [("call_a", "get_weather", PARIS), ("call_b", "get_time", TIME)]),
+}
+
+
+@pytest.mark.parametrize("fmt", ["openai", *DIALECTS])
+@pytest.mark.parametrize("shape", INDEXLESS_TOOL_CALLS)
+async def test_tool_call_deltas_without_index(fmt, shape):
+    """The same id continues its call, a new id starts a new call, no id and no index
+    continues the last call: the right calls on both paths."""
+    deltas, expected = INDEXLESS_TOOL_CALLS[shape]
+    script = openai_script([{"tool_calls": entries} for entries in deltas], "tool_calls")
+    frames = assert_same(await both_paths(fmt, script, tools=TOOLS))
+    complete = of_type(frames, "tool_call_complete")
+    assert [(f["call_id"], f["name"], f["arguments"]) for f in complete] == expected
+    assert [f["index"] for f in complete] == list(range(len(expected)))
+    assert frames[-1]["reason"] == "tool_calls"
+    chunks = of_type(frames, "tool_call_chunk")
+    for call_id, _name, arguments in expected:
+        assert "".join(f["arguments_delta"] for f in chunks
+                       if f["call_id"] == call_id) == arguments
+
+
+REFUSAL = ["I'm sorry", ", I can't", " help with that."]
+
+
+@pytest.mark.parametrize("fmt", ["openai", *DIALECTS])
+@pytest.mark.parametrize(("finish", "reason"), [("stop", "content_filter"),
+                                                ("length", "length")])
+async def test_refusal_reaches_the_client(fmt, finish, reason):
+    """OpenAI's structured-output refusal (``delta.refusal``): ``refusal`` frames with the
+    text as streamed, no answer text, and a finish that says why (``content_filter`` for
+    the provider's "stop", else the provider's reason)."""
+    deltas = [{"content": None, "refusal": ""}, *({"refusal": piece} for piece in REFUSAL)]
+    frames = assert_same(await both_paths(fmt, openai_script(deltas, finish), params={
+        "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "object", "properties": {}}}}}
+        if fmt not in ("groq",) else {}))
+    refusals = of_type(frames, "refusal")
+    assert [f["text"] for f in refusals] == REFUSAL
+    assert text_of(frames) == ""
+    assert (frames[-1]["status"], frames[-1]["reason"]) == ("completed", reason)
+    seqs = [f["seq"] for f in frames]
+    assert seqs == list(range(len(frames)))
+
+
+async def _refusal_then_cancel(c: Client, sid: str, request) -> None:
+    frame = await c.next_for(sid)
+    assert (frame["type"], frame["text"]) == ("refusal", REFUSAL[0])
+    c._stash[sid].insert(0, frame)
+    await c.send({"type": "cancel", "id": sid})
+
+
+@pytest.mark.parametrize("fmt", ["openai", *DIALECTS])
+async def test_refusal_is_relayed_as_it_streams(fmt):
+    """The provider sends the first refusal piece and then nothing: that piece reaches the
+    client at once on both paths (LiteLLM's wrapper would hold a refusal-only chunk until
+    the next chunk with content)."""
+    deltas = [{"content": None, "refusal": ""}, *({"refusal": piece} for piece in REFUSAL)]
+    script = openai_script(deltas, "stop").silent_after(3)  # role, "", first piece
+    frames = assert_same(await both_paths(fmt, script, action=_refusal_then_cancel),
+                         closed=True)
+    assert [f["text"] for f in of_type(frames, "refusal")] == REFUSAL[:1]
+    assert (frames[-1]["status"], frames[-1]["reason"]) == ("cancelled", "client_cancel")
+
+
+async def test_anthropic_refusal_stop_reason_is_content_filter():
+    """Anthropic's refusal is a stop reason (the text before it is the answer's)."""
+    frames = assert_same(await both_paths("anthropic", stream("anthropic", ["I can", "not."],
+                                                               stop_reason="refusal")))
+    assert text_of(frames) == "I cannot."
+    assert (frames[-1]["status"], frames[-1]["reason"]) == ("completed", "content_filter")
+
+
+def anthropic_tool_script(blocks: list[tuple[str, str, dict, list[str] | None]]) -> Script:
+    """An Anthropic stream of ``tool_use`` blocks ``(id, name, start input, partial_json
+    pieces or None for no delta at all)``, as third-party Anthropic-compatible servers
+    write them."""
+    def ev(name: str, body: dict) -> SSEEvent:
+        return SSEEvent(json.dumps({"type": name, **body}, separators=(",", ":")), event=name)
+
+    events = [ev("message_start", {"message": {
+        "id": "msg_q", "type": "message", "role": "assistant", "model": "claude-x",
+        "content": [], "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": 11, "output_tokens": 1}}})]
+    for n, (call_id, name, start_input, pieces) in enumerate(blocks):
+        events.append(ev("content_block_start", {"index": n, "content_block": {
+            "type": "tool_use", "id": call_id, "name": name, "input": start_input}}))
+        for piece in pieces or ():
+            events.append(ev("content_block_delta", {"index": n, "delta": {
+                "type": "input_json_delta", "partial_json": piece}}))
+        events.append(ev("content_block_stop", {"index": n}))
+    events.append(ev("message_delta", {"delta": {"stop_reason": "tool_use",
+                                                 "stop_sequence": None},
+                                       "usage": {"output_tokens": 7}}))
+    events.append(ev("message_stop", {}))
+    return Script(format="anthropic", events=tuple(events), finish_reason="tool_use")
+
+
+ANTHROPIC_TOOL_INPUTS = {
+    "input_whole_in_start": (
+        [("toolu_a", "get_weather", {"city": "Paris", "unit": "C"}, None)],
+        [("toolu_a", "get_weather", '{"city": "Paris", "unit": "C"}')]),
+    "input_whole_in_start_then_an_empty_delta": (
+        [("toolu_a", "get_weather", {"city": "Paris"}, [""])],
+        [("toolu_a", "get_weather", '{"city": "Paris"}')]),
+    "empty_input_and_no_delta": (
+        [("toolu_a", "get_time", {}, None)],
+        [("toolu_a", "get_time", "{}")]),
+    "whole_then_streamed": (
+        [("toolu_a", "get_weather", {"city": "Paris"}, None),
+         ("toolu_b", "get_time", {}, ["", '{"tz": ', '"UTC"}'])],
+        [("toolu_a", "get_weather", '{"city": "Paris"}'),
+         ("toolu_b", "get_time", '{"tz": "UTC"}')]),
+}
+
+
+@pytest.mark.parametrize("shape", ANTHROPIC_TOOL_INPUTS)
+async def test_anthropic_tool_input_in_content_block_start(shape):
+    """A ``tool_use`` block whose input comes whole in ``content_block_start`` (no
+    ``input_json_delta`` with content): its arguments are that input, JSON-serialised."""
+    blocks, expected = ANTHROPIC_TOOL_INPUTS[shape]
+    frames = assert_same(await both_paths("anthropic", anthropic_tool_script(blocks),
+                                          tools=TOOLS))
+    complete = of_type(frames, "tool_call_complete")
+    assert [(f["call_id"], f["name"], f["arguments"]) for f in complete] == expected
+    for _id, _name, arguments in expected:
+        json.loads(arguments)
+    assert frames[-1]["reason"] == "tool_calls"
+
+
 # ------------------------------------------------------------------------- failures
 
 
@@ -272,6 +475,36 @@ async def test_http_errors_same_code_message_and_retry_after(fmt, status, caplog
     assert KEY not in str(frames) and "body-echo-marker" not in str(frames)
     if status == 429:
         assert frames[-1]["error"]["retry_after"] == 7
+
+
+#: The provider's own "overloaded" answers: Anthropic's 529 (``overloaded_error``), OpenAI's
+#: 503 "The engine is currently overloaded" (the fakes' bodies for these statuses).
+OVERLOADED = [("anthropic", 529), *[(fmt, 503) for fmt in ("openai", "groq")]]
+
+
+@pytest.mark.parametrize(("fmt", "status"), OVERLOADED)
+@pytest.mark.parametrize("retry_after", [None, 7])
+async def test_overloaded_is_its_own_retryable_answer(fmt, status, retry_after):
+    """Not "the provider failed (HTTP 500)": ``upstream_overloaded``, saying so, with the
+    provider's Retry-After when it gave one; the same on both paths."""
+    frames = assert_same(await both_paths(fmt, http_error(fmt, status,
+                                                          retry_after=retry_after)))
+    error = frames[-1]["error"]
+    assert (frames[-1]["status"], frames[-1]["reason"]) == ("failed", "upstream_overloaded")
+    assert error["code"] == "upstream_overloaded" and "overloaded" in error["message"]
+    assert error.get("retry_after") == retry_after
+
+
+async def test_anthropic_overloaded_error_event_mid_stream():
+    base = stream("anthropic", ["a", "b", "c"])
+    events = list(base.events)
+    events.insert(4, SSEEvent('{"type":"error","error":{"type":"overloaded_error",'
+                              '"message":"Overloaded"}}', event="error"))
+    frames = assert_same(await both_paths("anthropic",
+                                          dataclasses.replace(base, events=tuple(events))))
+    assert text_of(frames) == "a"
+    assert frames[-1]["error"]["code"] == "upstream_overloaded"
+    assert "overloaded" in frames[-1]["error"]["message"]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -325,6 +558,8 @@ OPENAI_STREAM_ERRORS = {
                   '"provider":"FakeCloud","error":{"code":"server_error","message":'
                   '"Provider disconnected sk-secret"},"choices":[{"index":0,"delta":'
                   '{"content":""},"finish_reason":"error"}]}',
+    "overloaded": '{"error":{"message":"The server is currently overloaded sk-secret",'
+                  '"type":"server_error"}}',
     # not an error: a chunk whose choice has no delta (OpenRouter's parser rejects it)
     "no_delta": '{"id":"gen-1","object":"chat.completion.chunk","created":1,"model":"m",'
                 '"choices":[{"index":0,"finish_reason":null}]}',
@@ -350,6 +585,8 @@ async def test_error_event_mid_stream(fmt, variant):
     events.insert(at, error)
     frames = assert_same(await both_paths(fmt, dataclasses.replace(base, events=tuple(events))))
     assert frames[-1]["status"] == "failed" and "sk-secret" not in str(frames)
+    if variant == "overloaded" and fmt in ("openai", "azure"):  # (the OpenAI SDK's reading)
+        assert frames[-1]["error"]["code"] == "upstream_overloaded"
 
 
 # ------------------------------------------------------------------------- timers and cancel
