@@ -105,18 +105,17 @@ def select_route(model: str, api_base: str | None, *, fast: bool = True,
         name, provider, _key, _base = litellm.get_llm_provider(model, api_base=api_base)
     except Exception:
         return PathChoice("litellm", "LiteLLM does not know the provider")
-    if provider in ANTHROPIC_FORMAT_PROVIDERS:
-        wire = "anthropic"
-    elif provider in OPENAI_FORMAT_PROVIDERS:
-        wire = "openai"
-    else:
-        return PathChoice("litellm", f"the fast path does not read provider {provider}'s "
-                                     "stream (LiteLLM's own path serves it)")
     try:
         config = litellm.ProviderConfigManager.get_provider_chat_config(
             model=name, provider=litellm.LlmProviders(provider))
     except Exception:
         config = None
+    if provider in ANTHROPIC_FORMAT_PROVIDERS:
+        wire = "anthropic"
+    elif provider in OPENAI_FORMAT_PROVIDERS:
+        wire = "openai"
+    else:
+        return PathChoice("litellm", _unread_provider_reason(provider, config))
     if config is None:
         return PathChoice("litellm", f"LiteLLM has no chat config for provider {provider}")
     if wire == "openai":
@@ -137,6 +136,17 @@ def select_route(model: str, api_base: str | None, *, fast: bool = True,
     route = FastRoute(wire=wire, provider=provider, model=name, litellm_model=model,
                       api_base=api_base, config=config)
     return PathChoice("fast", f"{wire} streaming format (provider {provider})", route)
+
+
+def _unread_provider_reason(provider: str, config: Any) -> str:
+    """The startup log's reason for a provider the fast path does not read."""
+    from litellm.llms.openai.chat.gpt_transformation import OpenAIGPTConfig
+
+    if isinstance(config, OpenAIGPTConfig):
+        return (f"provider {provider} streams the OpenAI format, but the fast path has not "
+                "been checked against how LiteLLM calls it and reads it (not in "
+                "OPENAI_FORMAT_PROVIDERS)")
+    return f"provider {provider} streams a format of its own, which only LiteLLM reads"
 
 
 def _openai_reader_refusal(litellm: Any, provider: str, config: Any, model: str,

@@ -17,7 +17,9 @@ LiteLLM that both paths followed would still be seen.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import urllib.request
 from dataclasses import dataclass
 
 import httpx
@@ -27,6 +29,9 @@ from relay.app import load_models
 from relay.upstream.fast_path import close_idle_http_client
 from relay.upstream.providers import ModelRegistry
 from relay.upstream.streamer import StreamEnd, Timeouts
+from tests.fakes.upstream import FakeUpstream, Usage, stream
+
+from .helpers import Client, start_relay, text_of
 
 KEY = "sk-test-DEFAULT-ENDPOINT-0123456789"
 
@@ -283,3 +288,77 @@ def test_case_count_per_provider():
         print("\ndifferential cases per provider:",
               ", ".join(f"{name} {CASE_COUNTS.get(name, 0)}" for name in expected),
               "\nrefused alike by both paths before the network:", ", ".join(REFUSED))
+
+
+# ------------------------------------------------------- end to end: the default host, redirected
+
+
+@contextlib.contextmanager
+def default_hosts_redirected_to(monkeypatch, port: int):
+    """The fast path's transport sends every request for a non-loopback host to
+    ``127.0.0.1:port`` instead (plain HTTP), the request otherwise untouched: same path and
+    query, same headers (``Host`` still names the provider's host), same body. Nothing else
+    changes: the alias has no ``api_base``, the URL is the one the fast path built."""
+    from relay.upstream.transport import AiohttpTransport
+
+    original = AiohttpTransport.handle_async_request
+    redirected: list[str] = []
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host not in ("127.0.0.1", "localhost"):
+            redirected.append(str(request.url))
+            request = httpx.Request(
+                request.method,
+                request.url.copy_with(scheme="http", host="127.0.0.1", port=port),
+                headers=request.headers, content=request.read(),
+                extensions=request.extensions)
+        return await original(self, request)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(AiohttpTransport, "handle_async_request", handle)
+        patch.delenv("HTTP_PROXY", raising=False)
+        patch.delenv("HTTPS_PROXY", raising=False)
+        patch.delenv("http_proxy", raising=False)
+        patch.delenv("https_proxy", raising=False)
+        yield redirected
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return resp.read().decode()
+
+
+@pytest.mark.parametrize("provider_name", [p.name for p in PROVIDERS])
+async def test_relay_streams_each_default_endpoint_on_the_fast_path(provider_name, monkeypatch,
+                                                                    provider_env):
+    """Client -> relay -> the provider's default URL (its host redirected to a loopback fake
+    at the transport) -> frames: the fake saw the documented path, Host and credential."""
+    provider = BY_NAME[provider_name]
+    provider_env(provider)
+    spec = spec_for(provider)
+    assert spec.path.path == "fast", spec.path.reason
+    documented = httpx.URL(provider.url)
+    async with FakeUpstream() as up:
+        script = up.enqueue(stream(provider.wire, ["Bon", "jour"], usage=Usage(9, 2)))
+        with default_hosts_redirected_to(monkeypatch, up.port) as redirected:
+            async with start_relay(registry=ModelRegistry([spec])) as server:
+                async with Client.connect(server.url) as client:
+                    await client.start("s1", model=provider.name)
+                    frames = await client.collect("s1")
+                metrics = await asyncio.to_thread(_scrape, server.port)
+    assert text_of(frames) == script.text == "Bonjour"
+    assert frames[-1]["status"] == "completed", frames[-1]
+    assert len(up.requests) == 1 and len(redirected) == 1
+    sent = up.requests[0]
+    # The provider's usage, when the request asked for it (LiteLLM does not send
+    # stream_options to Mistral, Cerebras and Perplexity: then the relay's estimate).
+    asked_usage = provider.wire == "anthropic" or "stream_options" in sent.json
+    assert frames[-1]["usage"]["estimated"] is not asked_usage
+    assert redirected[0].startswith(provider.url)
+    assert sent.path == documented.path
+    assert sent.headers["Host"] == documented.host + (
+        f":{documented.port}" if documented.port else "")
+    assert sent.headers[provider.auth] == provider.auth_value
+    assert sent.json["stream"] is True
+    assert (f'relay_requests_total{{alias="{provider.name}",path="fast"}} 1.0'
+            in metrics), metrics
