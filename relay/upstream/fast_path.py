@@ -6,7 +6,9 @@ provider speaks one of two streaming formats, the relay therefore reads the wire
 
 * ``openai``: OpenAI Chat Completions SSE (``data: {chat.completion.chunk}`` ... ``data: [DONE]``),
   for the LiteLLM providers in ``OPENAI_FORMAT_PROVIDERS`` (OpenAI and any OpenAI-compatible
-  ``api_base`` via ``openai/``, vLLM, Together, DeepSeek, Azure OpenAI, Groq, OpenRouter);
+  ``api_base`` via ``openai/``, Cerebras, Perplexity, Azure OpenAI, vLLM, Together, DeepSeek,
+  Groq, OpenRouter, Fireworks, xAI, Mistral), each at its default endpoint when the alias
+  has no ``api_base`` (``relay/upstream/fast_endpoints.py``);
 * ``anthropic``: Anthropic Messages SSE (``event: X`` + ``data: {...}``), provider ``anthropic``.
 
 Every other provider stays on LiteLLM's path. ``select_route()`` decides once per alias, at
@@ -31,9 +33,11 @@ What the relay does: one shared ``httpx.AsyncClient`` per event loop (on aiohttp
 tool calls as ``(index, id, name, arguments)``. Timers, cancel (``aclose`` of the response),
 usage decisions and estimates are the streamer's, shared with the LiteLLM path.
 
-Requests a route does not take (``FastRoute.accepts``) go through LiteLLM: on Anthropic a
-``response_format`` (LiteLLM rewrites it into a tool and the tool call back into text); the
-cases of Azure and Groq in ``relay/upstream/fast_formats.py`` (``dialect_accepts``).
+Requests a route does not take (``FastRoute.refusal`` says why; the streamer logs it once
+and ``relay_requests_total{alias,path="litellm"}`` counts it) go through LiteLLM: on Anthropic
+a ``response_format`` (LiteLLM rewrites it into a tool and the tool call back into text);
+the cases of Azure and Groq in ``relay/upstream/fast_formats.py`` (``dialect_accepts``);
+OpenAI/Azure requests with tools that LiteLLM sends through its Responses API.
 
 Azure OpenAI, Groq and OpenRouter speak dialects of the OpenAI format that LiteLLM reads
 with code of its own (the Azure SDK client; a line reader with per-provider chunk parsers):
