@@ -22,10 +22,11 @@ against a fake speaking the provider's wire):
 * **Groq** and **OpenRouter** (LiteLLM reads them with its own HTTP handler, line by line,
   and a stream handler per provider, not the OpenAI SDK): see ``LineReadDecoder``. The
   request is built as for the generic providers (the provider's config), plus OpenRouter's
-  ``HTTP-Referer``/``X-Title`` headers (``openrouter_headers``); a Groq request with
-  ``response_format`` goes through LiteLLM, which fakes that stream from a non-streaming
-  call. Groq's ``x_groq.usage`` is ignored (so does LiteLLM: the usage is the top-level
-  ``usage`` chunk ``stream_options.include_usage`` asks for, else the relay's estimate).
+  ``HTTP-Referer``/``X-Title`` headers (``relay/upstream/fast_endpoints.py``); a Groq
+  request with ``response_format`` goes through LiteLLM, which fakes that stream from a
+  non-streaming call. Groq's ``x_groq.usage`` is ignored (so does LiteLLM: the usage is the
+  top-level ``usage`` chunk ``stream_options.include_usage`` asks for, else the relay's
+  estimate).
 """
 
 from __future__ import annotations
@@ -39,9 +40,8 @@ import orjson
 from relay.upstream.errors import ProviderStreamError
 from relay.upstream.streamer import UsageInfo
 
-__all__ = ["DIALECT_PROVIDERS", "FAILING_FINISH_REASONS", "LINE_READ_HANDLERS", "LineReadDecoder", "dialect_accepts", "azure_refusal",
-           "azure_request",
-           "openai_decoder_for", "openrouter_headers"]
+__all__ = ["DIALECT_PROVIDERS", "FAILING_FINISH_REASONS", "LINE_READ_HANDLERS", "LineReadDecoder",
+           "azure_refusal", "azure_request", "dialect_accepts", "openai_decoder_for"]
 
 #: OpenAI-format providers whose LiteLLM stream handler is not the generic one, and which the
 #: fast path reads with the dialect rules of this module.
@@ -169,18 +169,6 @@ def azure_request(litellm: Any, model: str, api_key: str | None, api_base: str |
     elif ad_token:
         headers["Authorization"] = f"Bearer {ad_token}"
     return url, headers, body
-
-
-# ----------------------------------------------------------------------------- OpenRouter
-
-
-def openrouter_headers(litellm: Any) -> dict[str, str]:
-    """The attribution headers litellm.main's OpenRouter branch adds to every request."""
-    headers = {"HTTP-Referer": os.environ.get("OR_SITE_URL") or "https://litellm.ai",
-               "X-Title": os.environ.get("OR_APP_NAME") or "liteLLM"}
-    if litellm.headers:
-        headers.update(litellm.headers)
-    return headers
 
 
 # ---------------------------------------------------------------------- stream decoders

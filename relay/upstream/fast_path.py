@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -181,6 +182,16 @@ def _openai_reader_refusal(litellm: Any, provider: str, config: Any, model: str,
             return (f"LiteLLM reads {provider}'s stream with {actual}, which the fast path "
                     f"does not know (it reads it as {expected})")
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _bridge_reason_with_function_tools(model: str, provider: str,
+                                       api_base: str | None) -> str | None:
+    from relay.upstream.llm import get_litellm
+
+    return responses_bridge_reason(get_litellm(), model, provider, api_base,
+                                   tools=[{"type": "function", "function": {
+                                       "name": "f", "parameters": {}}}])
 
 
 def responses_bridge_reason(litellm: Any, model: str, provider: str, api_base: str | None,
@@ -618,13 +629,17 @@ class FastRoute:
         elif self.wire == "anthropic" and kwargs.get("response_format") is not None:
             return ("response_format on Anthropic (LiteLLM turns it into a tool and the "
                     "tool call back into text)")
-        if kwargs.get("tools") and (provider in fast_endpoints.OPENAI_SDK_PROVIDERS
-                                    or provider == "azure"):
+        tools = kwargs.get("tools")
+        if tools and (provider in fast_endpoints.OPENAI_SDK_PROVIDERS or provider == "azure"):
+            api_base = kwargs.get("api_base") or self.api_base
+            if all(type(t) is dict and t.get("type") == "function" for t in tools):
+                # LiteLLM's answer depends on the tools only through "has a function tool":
+                # asked once per model and base (~0.3 ms of model-info lookups each time).
+                return _bridge_reason_with_function_tools(self.model, provider, api_base)
             from relay.upstream.llm import get_litellm
 
-            return responses_bridge_reason(get_litellm(), self.model, provider,
-                                           kwargs.get("api_base") or self.api_base,
-                                           tools=kwargs["tools"])
+            return responses_bridge_reason(get_litellm(), self.model, provider, api_base,
+                                           tools=tools)
         return None
 
     async def open(self, kwargs: dict[str, Any]) -> _FastStream:

@@ -159,7 +159,8 @@ async def test_check_reports_path_endpoint_and_key_status_per_alias(tmp_path):
     cfg.write_text('[models.gpt]\nmodel = "openai/gpt-4o-mini"\napi_key_env = "CHECK_OAI_KEY"\n\n'
                    '[models.claude]\nmodel = "anthropic/claude-sonnet-4-5"\n'
                    'api_key_env = "CHECK_UNSET_KEY"\n\n'
-                   '[models.gem]\nmodel = "gemini/gemini-2.0-flash"\napi_key_env = "CHECK_OAI_KEY"\n\n'
+                   '[models.gem]\nmodel = "gemini/gemini-2.0-flash"\n'
+                   'api_key_env = "CHECK_OAI_KEY"\n\n'
                    '[models.demo]\nmodel = "demo"\n')
     env = {**_env(), "CHECK_OAI_KEY": CHECK_SECRET}
     env.pop("CHECK_UNSET_KEY", None)

@@ -77,8 +77,8 @@ PROVIDERS = [
     Provider("openrouter", "openrouter/openai/gpt-4o-mini", "OPENROUTER_API_KEY",
              "https://openrouter.ai/api/v1/chat/completions", "authorization", BEARER),
     # https://api-docs.deepseek.com/api/create-chat-completion; LiteLLM's default base is
-    # DeepSeek's documented beta base (https://api-docs.deepseek.com/guides/chat_prefix_completion),
-    # which serves the same chat API plus the beta features
+    # DeepSeek's documented beta base, which serves the same chat API plus the beta features
+    # (https://api-docs.deepseek.com/guides/chat_prefix_completion)
     Provider("deepseek", "deepseek/deepseek-chat", "DEEPSEEK_API_KEY",
              "https://api.deepseek.com/beta/chat/completions", "authorization", BEARER),
     # https://docs.together.ai/reference/chat-completions-1 (api.together.ai, formerly .xyz)
