@@ -70,6 +70,11 @@ PROVIDERS = [
     Provider("azure", "azure/my-gpt-4o", "AZURE_API_KEY",
              "https://my-resource.openai.azure.com/openai/deployments/my-gpt-4o/chat/completions"
              "?api-version=", "api-key", KEY, api_base="https://my-resource.openai.azure.com"),
+    # the same, the resource base from AZURE_API_BASE (LiteLLM's environment default)
+    Provider("azure_env_base", "azure/my-gpt-4o", "AZURE_API_KEY",
+             "https://env-resource.openai.azure.com/openai/deployments/my-gpt-4o/chat/"
+             "completions?api-version=", "api-key", KEY,
+             env=(("AZURE_API_BASE", "https://env-resource.openai.azure.com"),)),
     # https://console.groq.com/docs/openai
     Provider("groq", "groq/llama-3.3-70b-versatile", "GROQ_API_KEY",
              "https://api.groq.com/openai/v1/chat/completions", "authorization", BEARER),
