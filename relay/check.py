@@ -80,17 +80,28 @@ def describe_alias(spec: ModelSpec) -> AliasReport:
         # The kwargs a client's start sends (EventStreamer builds them), one token asked.
         kwargs = streamer._request_kwargs(PROBE_MESSAGES, None, None,
                                           spec.request_params({"max_tokens": 1}))
-        kwargs.setdefault("api_key", _PLACEHOLDER_KEY)
+        # No key variable named: the request carries what LiteLLM finds in the provider's
+        # default variable (built as is, to see whether there is one).
+        default_key = spec.api_key_env is None and spec.azure_ad_token_env is None \
+            and spec.api_base is None
+        if not default_key:
+            kwargs.setdefault("api_key", _PLACEHOLDER_KEY)
         if kwargs.get("azure_ad_token") is None:
             kwargs.pop("azure_ad_token", None)
         try:
-            url, _headers, _body, _decoder = choice.route.build_request(kwargs)
+            url, headers, _body, _decoder = choice.route.build_request(kwargs)
         except Exception as exc:
             report.endpoint = "(none)"
             report.usable = False
             report.problem = f"its request cannot be built: {type(exc).__name__}: {exc}"
             return report
         report.endpoint = f"POST {url}"
+        if default_key and not _has_credential(headers):
+            report.usable = False
+            report.key = "no key variable configured, and the provider's default one is unset"
+            report.problem = "no credential: name the key's variable with api_key_env"
+        elif default_key:
+            report.key = "no key variable configured; the provider's default one is set"
         route = choice.route
         if route.provider not in ("openai", "custom_openai") and \
                 url.startswith("https://api.openai.com/"):
@@ -102,6 +113,16 @@ def describe_alias(spec: ModelSpec) -> AliasReport:
         return report
     report.endpoint = _litellm_endpoint(spec)
     return report
+
+
+def _has_credential(headers: dict) -> bool:
+    """Whether built request headers carry a key (``Bearer None``: LiteLLM found none)."""
+    for name, value in headers.items():
+        if name.lower() in ("authorization", "x-api-key", "api-key"):
+            value = str(value)
+            if value and value not in ("None", "Bearer None", "Bearer "):
+                return True
+    return False
 
 
 def _litellm_endpoint(spec: ModelSpec) -> str:

@@ -161,9 +161,11 @@ async def test_check_reports_path_endpoint_and_key_status_per_alias(tmp_path):
                    'api_key_env = "CHECK_UNSET_KEY"\n\n'
                    '[models.gem]\nmodel = "gemini/gemini-2.0-flash"\n'
                    'api_key_env = "CHECK_OAI_KEY"\n\n'
-                   '[models.demo]\nmodel = "demo"\n')
+                   '[models.demo]\nmodel = "demo"\n\n'
+                   '[models.nokey]\nmodel = "groq/llama-3.3-70b-versatile"\n')
     env = {**_env(), "CHECK_OAI_KEY": CHECK_SECRET}
-    env.pop("CHECK_UNSET_KEY", None)
+    for name in ("CHECK_UNSET_KEY", "GROQ_API_KEY"):
+        env.pop(name, None)
     code, out, err = await _relay_check(cfg, env=env)
     assert code == 1, out + err
     lines = out.splitlines()
@@ -175,7 +177,10 @@ async def test_check_reports_path_endpoint_and_key_status_per_alias(tmp_path):
     assert "not set" in lines[2]
     assert lines[3].startswith("gem: litellm path (provider gemini streams a format of its own")
     assert "demo: litellm path" in out and "no key needed" in out
-    assert lines[-1] == "not usable: claude"
+    assert ("nokey: fast path (openai streaming format (provider groq)); endpoint POST "
+            "https://api.groq.com/openai/v1/chat/completions; no key variable configured, "
+            "and the provider's default one is unset") in lines
+    assert lines[-1] == "not usable: claude, nokey"
     assert CHECK_SECRET not in out + err
 
 
