@@ -245,18 +245,20 @@ def openai_delta(delta: dict, reasoning: Any, finish: str | None) -> tuple | Non
 
 
 class LineReadDecoder(OpenAIUsage):
-    """OpenAI-format events of Groq and OpenRouter, read as LiteLLM's HTTP handler reads them
-    (``BaseModelResponseIterator`` + the provider's ``chunk_parser``), not as the OpenAI SDK:
+    """OpenAI-format events of the ``LINE_READ_HANDLERS`` providers (Groq, OpenRouter,
+    DeepSeek, Together, hosted vLLM, Fireworks, xAI, Mistral), read as LiteLLM's HTTP handler
+    reads them (``BaseModelResponseIterator`` + the provider's ``chunk_parser``; what a
+    provider's parser changes in a chunk, ``_CHUNK_ADAPTERS``), not as the OpenAI SDK:
 
     * a data line that is not JSON (or JSON that is empty) is skipped, the stream goes on;
     * ``[DONE]`` is a finish ("stop") when no finish reason came before it, and the stream
       still ends at EOF, not at ``[DONE]``;
     * a connection cut after the finish reason ends the stream normally (the line reader
       has its finish; the usage read so far stands);
-    * reasoning: Groq's ``delta.reasoning`` (mapped to ``reasoning_content``, winning over
-      it); OpenRouter's ``delta.reasoning`` only (its handler overwrites
-      ``reasoning_content`` with it);
-    * a ``finish_reason`` of ``abort`` fails a Groq stream (status 500); on OpenRouter
+    * reasoning: ``delta.reasoning`` (mapped to ``reasoning_content``, winning over it: the
+      generic handler and Groq's); OpenRouter's ``delta.reasoning`` only (its handler
+      overwrites ``reasoning_content`` with it);
+    * a ``finish_reason`` of ``abort`` fails the stream (status 500); on OpenRouter
       ``abort`` and ``error`` are finish reasons like others (the OpenAI SDK path fails
       both: ``FAILING_FINISH_REASONS``);
     * an error inside the stream and a chunk the provider's parser rejects fail the stream
