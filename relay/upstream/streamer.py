@@ -218,8 +218,6 @@ class EventStreamer:
         self._completion_kwargs = dict(completion_kwargs or {})
         self._retries_before_first_token = retries_before_first_token
         self._fast_route = fast_route
-        #: The path the last request took ("fast" or "litellm"), once it was opened.
-        self.path_taken: str | None = None
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -230,6 +228,8 @@ class EventStreamer:
         self._clear_stream_state()
 
     def _clear_stream_state(self) -> None:
+        #: The path this stream's request took ("fast" or "litellm"), once it was opened.
+        self.path_taken: str | None = None
         self._text_parts: list[str] = []   # the stream's text so far (joined on demand)
         self._usage: UsageInfo | None = None
         self._waiting_task: asyncio.Task | None = None
