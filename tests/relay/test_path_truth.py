@@ -123,3 +123,18 @@ async def test_startup_log_names_the_true_reason(caplog):
     assert "Responses API" in lines["pro"]
     assert not any("does not stream an OpenAI or Anthropic format" in line
                    for line in lines.values())
+
+
+def test_a_provider_whose_litellm_stream_handler_changed_stays_on_litellm(monkeypatch):
+    """The fast path reads a line-read provider as one named LiteLLM handler does; if
+    LiteLLM reads it with another (an upgrade), the alias stays on LiteLLM and says why."""
+    from relay.upstream import fast_formats
+    from relay.upstream.fast_path import select_route
+
+    assert select_route("mistral/mistral-small-latest", None).path == "fast"
+    monkeypatch.setitem(fast_formats.LINE_READ_HANDLERS, "mistral", "SomeOlderHandler")
+    choice = select_route("mistral/mistral-small-latest", None)
+    assert choice.path == "litellm"
+    assert choice.reason == ("LiteLLM reads mistral's stream with MistralChatResponseIterator, "
+                             "which the fast path does not know (it reads it as "
+                             "SomeOlderHandler)")
