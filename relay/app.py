@@ -43,8 +43,10 @@ class ConfigError(ValueError):
     """A configuration problem that must stop startup."""
 
 
-def build_registry(settings: RelaySettings, *, check_providers: bool = True) -> ModelRegistry:
-    """The registry for ``settings``: the config file's aliases, else the demo model."""
+def build_registry(settings: RelaySettings, *, check_providers: bool = True,
+                   require_env: bool = True) -> ModelRegistry:
+    """The registry for ``settings``: the config file's aliases, else the demo model.
+    ``require_env=False`` (``relay check``) accepts key variables that are not set."""
     from relay.upstream.llm import get_litellm, set_demo_tps
 
     set_demo_tps(settings.demo_tps)
@@ -60,7 +62,7 @@ def build_registry(settings: RelaySettings, *, check_providers: bool = True) -> 
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{settings.config}: invalid TOML: {exc}") from None
-    specs = load_models(data, defaults)
+    specs = load_models(data, defaults, require_env=require_env)
     if check_providers:
         litellm = get_litellm()
         for spec in specs:
@@ -76,17 +78,20 @@ def build_registry(settings: RelaySettings, *, check_providers: bool = True) -> 
     return ModelRegistry(specs)
 
 
-def load_models(data: dict[str, Any], defaults: Timeouts) -> list[ModelSpec]:
+def load_models(data: dict[str, Any], defaults: Timeouts, *,
+                require_env: bool = True) -> list[ModelSpec]:
     models = data.get("models")
     if not isinstance(models, dict) or not models:
         raise ConfigError("config has no [models.<alias>] tables")
     unknown_top = set(data) - {"models"}
     if unknown_top:
         raise ConfigError(f"unknown top-level key(s): {', '.join(sorted(unknown_top))}")
-    return [_load_alias(alias, entry, defaults) for alias, entry in models.items()]
+    return [_load_alias(alias, entry, defaults, require_env)
+            for alias, entry in models.items()]
 
 
-def _load_alias(alias: str, entry: Any, defaults: Timeouts) -> ModelSpec:
+def _load_alias(alias: str, entry: Any, defaults: Timeouts,
+                require_env: bool = True) -> ModelSpec:
     where = f"model alias {alias!r}"
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: must be a table")
@@ -106,7 +111,7 @@ def _load_alias(alias: str, entry: Any, defaults: Timeouts) -> ModelSpec:
     if key_env is not None:
         if not isinstance(key_env, str) or not key_env:
             raise ConfigError(f"{where}: api_key_env must be an environment variable name")
-        if not os.environ.get(key_env):
+        if require_env and not os.environ.get(key_env):
             raise ConfigError(f"{where}: environment variable {key_env} (api_key_env) is "
                               "not set or empty")
     token_env = entry.get("azure_ad_token_env")
@@ -119,7 +124,7 @@ def _load_alias(alias: str, entry: Any, defaults: Timeouts) -> ModelSpec:
         if key_env is not None:
             raise ConfigError(f"{where}: give api_key_env or azure_ad_token_env, not both "
                               "(a key wins over the token)")
-        if not os.environ.get(token_env):
+        if require_env and not os.environ.get(token_env):
             raise ConfigError(f"{where}: environment variable {token_env} "
                               "(azure_ad_token_env) is not set or empty")
     params = entry.get("params") or {}

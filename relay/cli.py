@@ -105,7 +105,22 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="completion tokens per principal per hour (default: no budget)")
     _add_worker_arguments(serve)
     _add_token_parser(sub)
+    _add_check_parser(sub)
     return parser
+
+
+def _add_check_parser(sub: Any) -> None:
+    check = sub.add_parser(
+        "check", help="show what each model alias of a config would do",
+        description="Per model alias: the streaming path (fast or LiteLLM) and why, the "
+        "endpoint URL, and whether its key variable is set (never the key). With --probe, "
+        "one request of at most one token per alias, and what came back. Exit 0 only when "
+        "every alias is usable.")
+    check.add_argument("--config", required=True, help="TOML file of model aliases")
+    check.add_argument("--probe", action="store_true",
+                       help="make one 1-token request per alias (costs a token each)")
+    check.add_argument("--timeout", type=float, default=30.0,
+                       help="seconds a probe may take (30)")
 
 
 def _add_worker_arguments(serve: Any) -> None:
@@ -137,7 +152,42 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "token":
         return _token_mint(args)
+    if args.command == "check":
+        return _check(args)
     return 2
+
+
+def _check(args: argparse.Namespace) -> int:
+    """``relay check``: 0 when every alias is usable, 1 when one is not, 2 when the config
+    does not load."""
+    from pydantic import ValidationError
+
+    from relay.config import RelaySettings
+
+    try:
+        settings = RelaySettings(config=args.config)
+    except ValidationError as exc:
+        print(f"relay: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    from relay.app import ConfigError, build_registry
+
+    try:
+        registry = build_registry(settings, require_env=False)
+    except ConfigError as exc:
+        print(f"relay: configuration error: {exc}", file=sys.stderr)
+        return 2
+    from relay.check import check_aliases
+
+    reports = asyncio.run(check_aliases(registry.specs, probe=args.probe,
+                                        timeout=args.timeout))
+    for report in reports:
+        print("\n".join(report.lines()), flush=True)
+    unusable = [r.alias for r in reports if not r.usable]
+    if unusable:
+        print(f"not usable: {', '.join(unusable)}", flush=True)
+        return 1
+    print(f"all {len(reports)} alias(es) usable", flush=True)
+    return 0
 
 
 def _token_mint(args: argparse.Namespace) -> int:

@@ -31,6 +31,10 @@ class RelayMetrics:
             "relay_model_path", "Streaming path of each model alias (1 = the one in use): "
             "fast = the relay reads the provider's SSE itself, litellm = through LiteLLM",
             ["alias", "path"], registry=r)
+        self.requests = Counter(
+            "relay_requests", "Upstream requests by model alias and the path each actually "
+            "took (a request the fast path cannot make goes through LiteLLM: path=litellm)",
+            ["alias", "path"], registry=r)
         self.time_to_first_token = Histogram(
             "relay_time_to_first_token_seconds", "From start to the first token frame sent",
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60), registry=r)

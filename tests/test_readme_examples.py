@@ -264,9 +264,10 @@ def _doc_flags(text: str) -> set[str]:
 def test_every_flag_readme_documents_exists():
     """README's flags against the commands' own `--help`: the Configuration section is all
     `relay serve` flags; anywhere else a flag must belong to one of the commands README
-    shows (serve, token mint, the demo clients, the benchmarks, the schema generator)."""
+    shows (serve, token mint, check, the demo clients, the benchmarks, the schema generator)."""
     serve = _help_flags("-m", "relay", "serve")
-    known = serve | _help_flags("-m", "relay", "token", "mint")
+    known = serve | _help_flags("-m", "relay", "token", "mint") \
+        | _help_flags("-m", "relay", "check")
     # The schema generator reads its one flag by hand (no --help): take it from its source.
     known |= _doc_flags((ROOT / "protocol" / "schema.py").read_text())
     for script in ("client_demo/demo_client.py", "client_demo/chat.py",
@@ -279,7 +280,7 @@ def test_every_flag_readme_documents_exists():
     configuration = readme[readme.index("## Configuration"):readme.index("\n## ", readme.index(
         "## Configuration") + 1)]
     # A flag of another command named in the section, on the same line as that command.
-    other_commands = re.compile(r"(relay token mint|bench/\w+\.py)[^\n]*")
+    other_commands = re.compile(r"(relay token mint|relay check|bench/\w+\.py)[^\n]*")
     serve_text = other_commands.sub("", configuration)
     assert _doc_flags(serve_text) - serve == set(), "README Configuration flags missing " \
         "from `relay serve --help`"

@@ -358,7 +358,8 @@ class Session:
         source = UpstreamSource(
             streamer, {"messages": messages, "tools": tools, "tool_choice": msg.tool_choice,
                        **params},
-            metrics=self.metrics, on_chunk=shared.charge if shared is not None else None)
+            metrics=self.metrics, on_chunk=shared.charge if shared is not None else None,
+            alias=spec.alias)
         stream = self.hub.launch(
             id=msg.id, alias=msg.model, principal=self.principal,
             session_id=self.session_id, principal_state=principal, source=source,

@@ -22,10 +22,11 @@ against a fake speaking the provider's wire):
 * **Groq** and **OpenRouter** (LiteLLM reads them with its own HTTP handler, line by line,
   and a stream handler per provider, not the OpenAI SDK): see ``LineReadDecoder``. The
   request is built as for the generic providers (the provider's config), plus OpenRouter's
-  ``HTTP-Referer``/``X-Title`` headers (``openrouter_headers``); a Groq request with
-  ``response_format`` goes through LiteLLM, which fakes that stream from a non-streaming
-  call. Groq's ``x_groq.usage`` is ignored (so does LiteLLM: the usage is the top-level
-  ``usage`` chunk ``stream_options.include_usage`` asks for, else the relay's estimate).
+  ``HTTP-Referer``/``X-Title`` headers (``relay/upstream/fast_endpoints.py``); a Groq
+  request with ``response_format`` goes through LiteLLM, which fakes that stream from a
+  non-streaming call. Groq's ``x_groq.usage`` is ignored (so does LiteLLM: the usage is the
+  top-level ``usage`` chunk ``stream_options.include_usage`` asks for, else the relay's
+  estimate).
 """
 
 from __future__ import annotations
@@ -39,13 +40,34 @@ import orjson
 from relay.upstream.errors import ProviderStreamError
 from relay.upstream.streamer import UsageInfo
 
-__all__ = ["DIALECT_PROVIDERS", "FAILING_FINISH_REASONS", "LineReadDecoder", "dialect_accepts", "azure_refusal",
-           "azure_request",
-           "openai_decoder_for", "openrouter_headers"]
+__all__ = ["DIALECT_PROVIDERS", "FAILING_FINISH_REASONS", "LINE_READ_HANDLERS", "LineReadDecoder",
+           "azure_refusal", "azure_request", "dialect_accepts", "openai_decoder_for"]
 
 #: OpenAI-format providers whose LiteLLM stream handler is not the generic one, and which the
 #: fast path reads with the dialect rules of this module.
 DIALECT_PROVIDERS = frozenset({"azure", "groq", "openrouter"})
+
+#: OpenAI-format providers LiteLLM reads with its own HTTP handler, line by line, through a
+#: stream handler per provider (``config.get_model_response_iterator``), not the OpenAI SDK;
+#: the fast path reads them with ``LineReadDecoder``. The value names the LiteLLM handler
+#: class whose reading ``LineReadDecoder`` reproduces: ``select_route`` keeps an alias on
+#: LiteLLM when its provider's handler is another (a LiteLLM upgrade that changed it).
+#: What the provider handlers change over the generic one
+#: (``OpenAIChatCompletionStreamingHandler``): Groq and OpenRouter, see ``LineReadDecoder``;
+#: Fireworks only adds hidden fields the relay does not show; xAI folds reasoning tokens into
+#: the completion tokens and gives its usage chunk (empty ``choices``) an empty choice;
+#: Mistral turns a ``content`` list (Magistral's thinking/text blocks) into text and
+#: reasoning. ``LineReadDecoder`` does each with LiteLLM's own functions.
+LINE_READ_HANDLERS = {
+    "groq": "GroqChatCompletionStreamingHandler",
+    "openrouter": "OpenRouterChatCompletionStreamingHandler",
+    "deepseek": "OpenAIChatCompletionStreamingHandler",
+    "together_ai": "OpenAIChatCompletionStreamingHandler",
+    "hosted_vllm": "OpenAIChatCompletionStreamingHandler",
+    "fireworks_ai": "FireworksAIChatCompletionStreamingHandler",
+    "xai": "XAIChatCompletionStreamingHandler",
+    "mistral": "MistralChatResponseIterator",
+}
 
 # Entra ID settings under which the SDK acquires and refreshes tokens itself (LiteLLM's
 # ``initialize_azure_sdk_client``): such aliases stay on LiteLLM.
@@ -149,18 +171,6 @@ def azure_request(litellm: Any, model: str, api_key: str | None, api_base: str |
     return url, headers, body
 
 
-# ----------------------------------------------------------------------------- OpenRouter
-
-
-def openrouter_headers(litellm: Any) -> dict[str, str]:
-    """The attribution headers litellm.main's OpenRouter branch adds to every request."""
-    headers = {"HTTP-Referer": os.environ.get("OR_SITE_URL") or "https://litellm.ai",
-               "X-Title": os.environ.get("OR_APP_NAME") or "liteLLM"}
-    if litellm.headers:
-        headers.update(litellm.headers)
-    return headers
-
-
 # ---------------------------------------------------------------------- stream decoders
 
 #: Finish reasons with which LiteLLM's OpenAI/Azure stream wrapper fails the stream:
@@ -187,7 +197,7 @@ def openai_decoder_for(provider: str, generic_decoder: type, map_finish, stream_
     """A fresh decoder for one stream of ``provider``: the generic OpenAI decoder (the
     OpenAI SDK's reading, also Azure's), or ``LineReadDecoder`` for the providers LiteLLM
     reads with its own line handler."""
-    if provider in ("groq", "openrouter"):
+    if provider in LINE_READ_HANDLERS:
         return LineReadDecoder(provider, map_finish, chunk_error)
     return generic_decoder(map_finish, stream_error)
 
@@ -242,18 +252,20 @@ def openai_delta(delta: dict, reasoning: Any, finish: str | None) -> tuple | Non
 
 
 class LineReadDecoder(OpenAIUsage):
-    """OpenAI-format events of Groq and OpenRouter, read as LiteLLM's HTTP handler reads them
-    (``BaseModelResponseIterator`` + the provider's ``chunk_parser``), not as the OpenAI SDK:
+    """OpenAI-format events of the ``LINE_READ_HANDLERS`` providers (Groq, OpenRouter,
+    DeepSeek, Together, hosted vLLM, Fireworks, xAI, Mistral), read as LiteLLM's HTTP handler
+    reads them (``BaseModelResponseIterator`` + the provider's ``chunk_parser``; what a
+    provider's parser changes in a chunk, ``_CHUNK_ADAPTERS``), not as the OpenAI SDK:
 
     * a data line that is not JSON (or JSON that is empty) is skipped, the stream goes on;
     * ``[DONE]`` is a finish ("stop") when no finish reason came before it, and the stream
       still ends at EOF, not at ``[DONE]``;
     * a connection cut after the finish reason ends the stream normally (the line reader
       has its finish; the usage read so far stands);
-    * reasoning: Groq's ``delta.reasoning`` (mapped to ``reasoning_content``, winning over
-      it); OpenRouter's ``delta.reasoning`` only (its handler overwrites
-      ``reasoning_content`` with it);
-    * a ``finish_reason`` of ``abort`` fails a Groq stream (status 500); on OpenRouter
+    * reasoning: ``delta.reasoning`` (mapped to ``reasoning_content``, winning over it: the
+      generic handler and Groq's); OpenRouter's ``delta.reasoning`` only (its handler
+      overwrites ``reasoning_content`` with it);
+    * a ``finish_reason`` of ``abort`` fails the stream (status 500); on OpenRouter
       ``abort`` and ``error`` are finish reasons like others (the OpenAI SDK path fails
       both: ``FAILING_FINISH_REASONS``);
     * an error inside the stream and a chunk the provider's parser rejects fail the stream
@@ -263,7 +275,7 @@ class LineReadDecoder(OpenAIUsage):
     """
 
     __slots__ = ("done", "finish_reason", "usage", "_map_finish", "_chunk_error",
-                 "_openrouter")
+                 "_openrouter", "_adapt")
     broken = False
     tolerates_cut_after_finish = True
 
@@ -274,6 +286,8 @@ class LineReadDecoder(OpenAIUsage):
         self._map_finish = map_finish
         self._chunk_error = chunk_error
         self._openrouter = provider == "openrouter"
+        # The provider handler's own change of a parsed chunk (LINE_READ_HANDLERS), if any.
+        self._adapt = _CHUNK_ADAPTERS.get(provider)
 
     def decode(self, events: list[tuple[bytes | None, bytes]]) -> list[tuple]:
         deltas = []
@@ -291,6 +305,8 @@ class LineReadDecoder(OpenAIUsage):
             if type(obj) is not dict or "error" in obj and (obj["error"] or openrouter) or (
                     openrouter and not _OPENROUTER_KEYS.issubset(obj)):
                 raise self._chunk_error(obj)
+            if self._adapt is not None:
+                self._adapt(obj)
             usage = obj.get("usage")
             if usage:
                 self._take_usage(usage)
@@ -328,3 +344,44 @@ class LineReadDecoder(OpenAIUsage):
 
 _NO_DELTA = (None, None, None, None)  # as fast_path._NO_DELTA: a sign of life, no event
 _OPENROUTER_KEYS = frozenset({"id", "created", "model", "choices"})
+
+
+def _xai_chunk(chunk: dict) -> None:
+    """What ``XAIChatCompletionStreamingHandler`` changes: its usage chunk (empty
+    ``choices``) gets one empty choice, and reasoning tokens are folded into the completion
+    tokens (LiteLLM's ``XAIChatConfig.fold_reasoning_tokens_into_completion``)."""
+    from litellm.llms.xai.chat.transformation import XAIChatConfig
+
+    if not chunk.get("choices") and "usage" in chunk:
+        chunk["choices"] = [{"index": 0, "delta": {}, "finish_reason": None}]
+    usage = chunk.get("usage")
+    if type(usage) is dict:
+        XAIChatConfig.fold_reasoning_tokens_into_completion(usage)
+
+
+def _mistral_chunk(chunk: dict) -> None:
+    """What ``MistralChatResponseIterator`` changes: a ``content`` list (Magistral's
+    ``thinking``/``text`` blocks) becomes the text, and its thinking the reasoning, with
+    LiteLLM's own ``_normalize_content_blocks``."""
+    choices = chunk.get("choices")
+    if type(choices) is not list:
+        return
+    for choice in choices:
+        delta = choice.get("delta") if type(choice) is dict else None
+        if type(delta) is not dict or type(delta.get("content")) is not list:
+            continue
+        from litellm.llms.mistral.chat.transformation import MistralChatResponseIterator
+
+        try:
+            text, thinking, reasoning = MistralChatResponseIterator._normalize_content_blocks(
+                delta["content"])
+        except Exception:
+            return  # LiteLLM's handler falls back to the chunk as it came
+        delta["content"] = text
+        if thinking:
+            delta["reasoning_content"] = reasoning
+        else:
+            delta.pop("reasoning_content", None)
+
+
+_CHUNK_ADAPTERS = {"xai": _xai_chunk, "mistral": _mistral_chunk}

@@ -6,7 +6,9 @@ provider speaks one of two streaming formats, the relay therefore reads the wire
 
 * ``openai``: OpenAI Chat Completions SSE (``data: {chat.completion.chunk}`` ... ``data: [DONE]``),
   for the LiteLLM providers in ``OPENAI_FORMAT_PROVIDERS`` (OpenAI and any OpenAI-compatible
-  ``api_base`` via ``openai/``, vLLM, Together, DeepSeek, Azure OpenAI, Groq, OpenRouter);
+  ``api_base`` via ``openai/``, Cerebras, Perplexity, Azure OpenAI, vLLM, Together, DeepSeek,
+  Groq, OpenRouter, Fireworks, xAI, Mistral), each at its default endpoint when the alias
+  has no ``api_base`` (``relay/upstream/fast_endpoints.py``);
 * ``anthropic``: Anthropic Messages SSE (``event: X`` + ``data: {...}``), provider ``anthropic``.
 
 Every other provider stays on LiteLLM's path. ``select_route()`` decides once per alias, at
@@ -33,9 +35,11 @@ none), and ``(..., 1, refusal)`` for a delta that carries refusal text. Timers, 
 (``aclose`` of the response), usage decisions and estimates are the streamer's, shared with
 the LiteLLM path.
 
-Requests a route does not take (``FastRoute.accepts``) go through LiteLLM: on Anthropic a
-``response_format`` (LiteLLM rewrites it into a tool and the tool call back into text); the
-cases of Azure and Groq in ``relay/upstream/fast_formats.py`` (``dialect_accepts``).
+Requests a route does not take (``FastRoute.refusal`` says why; the streamer logs it once
+and ``relay_requests_total{alias,path="litellm"}`` counts it) go through LiteLLM: on Anthropic
+a ``response_format`` (LiteLLM rewrites it into a tool and the tool call back into text);
+the cases of Azure and Groq in ``relay/upstream/fast_formats.py`` (``dialect_accepts``);
+OpenAI/Azure requests with tools that LiteLLM sends through its Responses API.
 
 Azure OpenAI, Groq and OpenRouter speak dialects of the OpenAI format that LiteLLM reads
 with code of its own (the Azure SDK client; a line reader with per-provider chunk parsers):
@@ -46,13 +50,14 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from relay.upstream import fast_formats
+from relay.upstream import fast_endpoints, fast_formats
 from relay.upstream.errors import ProviderStreamError
 from relay.upstream.raw_tap import anthropic_tool_input_arguments
 from relay.upstream.streamer import UsageInfo
@@ -67,13 +72,15 @@ __all__ = [
 ]
 
 
-#: LiteLLM providers whose chat streaming is the OpenAI Chat Completions SSE format; each
-#: takes the fast path while LiteLLM reads its stream with the generic OpenAI parser
-#: (``_generic_openai_stream_parser``), or when ``relay/upstream/fast_formats.py`` knows how LiteLLM
-#: reads its dialect (``fast_formats.DIALECT_PROVIDERS``: Azure, Groq, OpenRouter).
+#: LiteLLM providers whose chat streaming is the OpenAI Chat Completions SSE format, read the
+#: way LiteLLM reads each: with the OpenAI SDK (``fast_endpoints.OPENAI_SDK_PROVIDERS``:
+#: OpenAI and any OpenAI-compatible ``api_base`` via ``openai/``, Cerebras, Perplexity), the
+#: Azure SDK client (``azure``), or LiteLLM's line reader with the provider's stream handler
+#: (``fast_formats.LINE_READ_HANDLERS``: vLLM, Together, DeepSeek, Groq, OpenRouter,
+#: Fireworks, xAI, Mistral).
 OPENAI_FORMAT_PROVIDERS = frozenset({
-    "openai", "custom_openai", "hosted_vllm", "groq", "together_ai", "deepseek", "openrouter",
-    "azure",
+    "openai", "custom_openai", "cerebras", "perplexity", "azure",
+    *fast_formats.LINE_READ_HANDLERS,
 })
 #: LiteLLM providers that stream Anthropic Messages SSE.
 ANTHROPIC_FORMAT_PROVIDERS = frozenset({"anthropic"})
@@ -106,24 +113,23 @@ def select_route(model: str, api_base: str | None, *, fast: bool = True,
         name, provider, _key, _base = litellm.get_llm_provider(model, api_base=api_base)
     except Exception:
         return PathChoice("litellm", "LiteLLM does not know the provider")
-    if provider in ANTHROPIC_FORMAT_PROVIDERS:
-        wire = "anthropic"
-    elif provider in OPENAI_FORMAT_PROVIDERS:
-        wire = "openai"
-    else:
-        return PathChoice("litellm", f"provider {provider} does not stream an OpenAI or "
-                                     "Anthropic format the relay reads itself")
     try:
         config = litellm.ProviderConfigManager.get_provider_chat_config(
             model=name, provider=litellm.LlmProviders(provider))
     except Exception:
         config = None
+    if provider in ANTHROPIC_FORMAT_PROVIDERS:
+        wire = "anthropic"
+    elif provider in OPENAI_FORMAT_PROVIDERS:
+        wire = "openai"
+    else:
+        return PathChoice("litellm", _unread_provider_reason(provider, config))
     if config is None:
         return PathChoice("litellm", f"LiteLLM has no chat config for provider {provider}")
-    if wire == "openai" and not (provider in fast_formats.DIALECT_PROVIDERS
-                                 or _generic_openai_stream_parser(config)):
-        return PathChoice("litellm", f"LiteLLM reads {provider}'s stream with a parser of "
-                                     "its own")
+    if wire == "openai":
+        refusal = _openai_reader_refusal(litellm, provider, config, name, api_base)
+        if refusal is not None:
+            return PathChoice("litellm", refusal)
     if provider == "azure":
         refusal = fast_formats.azure_refusal(litellm, name, api_base)
         if refusal is not None:
@@ -140,14 +146,75 @@ def select_route(model: str, api_base: str | None, *, fast: bool = True,
     return PathChoice("fast", f"{wire} streaming format (provider {provider})", route)
 
 
-def _generic_openai_stream_parser(config: Any) -> bool:
-    """True when LiteLLM reads this provider's stream with its plain OpenAI chunk parser, so
-    the stream has no provider quirks the fast path would have to know (those it knows, of
-    Azure, Groq and OpenRouter, are in ``relay/upstream/fast_formats.py``)."""
+def _unread_provider_reason(provider: str, config: Any) -> str:
+    """The startup log's reason for a provider the fast path does not read."""
     from litellm.llms.openai.chat.gpt_transformation import OpenAIGPTConfig
 
-    return (type(config).get_model_response_iterator
-            is OpenAIGPTConfig.get_model_response_iterator)
+    if isinstance(config, OpenAIGPTConfig):
+        return (f"provider {provider} streams the OpenAI format, but the fast path has not "
+                "been checked against how LiteLLM calls it and reads it (not in "
+                "OPENAI_FORMAT_PROVIDERS)")
+    return f"provider {provider} streams a format of its own, which only LiteLLM reads"
+
+
+def _openai_reader_refusal(litellm: Any, provider: str, config: Any, model: str,
+                           api_base: str | None) -> str | None:
+    """Why an OpenAI-format alias cannot take the fast path, or None: LiteLLM must read its
+    stream the way the fast path knows (module docstring), and send it to Chat Completions
+    (not its Responses API bridge)."""
+    import os
+
+    if provider in fast_endpoints.OPENAI_SDK_PROVIDERS or provider == "azure":
+        if provider != "azure" and os.environ.get(
+                "EXPERIMENTAL_OPENAI_BASE_LLM_HTTP_HANDLER", "").lower() in (
+                "1", "true", "yes", "on"):
+            return ("EXPERIMENTAL_OPENAI_BASE_LLM_HTTP_HANDLER makes LiteLLM read "
+                    f"{provider}'s stream with its own HTTP handler")
+        bridged = responses_bridge_reason(litellm, model, provider, api_base, tools=None)
+        if bridged is not None:
+            return bridged
+    elif provider in fast_formats.LINE_READ_HANDLERS:
+        expected = fast_formats.LINE_READ_HANDLERS[provider]
+        try:
+            handler = config.get_model_response_iterator(streaming_response=iter(()),
+                                                         sync_stream=False)
+            actual = type(handler).__name__
+        except Exception:
+            actual = "an unknown handler"
+        if actual != expected:
+            return (f"LiteLLM reads {provider}'s stream with {actual}, which the fast path "
+                    f"does not know (it reads it as {expected})")
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _bridge_reason_with_function_tools(model: str, provider: str,
+                                       api_base: str | None) -> str | None:
+    from relay.upstream.llm import get_litellm
+
+    return responses_bridge_reason(get_litellm(), model, provider, api_base,
+                                   tools=[{"type": "function", "function": {
+                                       "name": "f", "parameters": {}}}])
+
+
+def responses_bridge_reason(litellm: Any, model: str, provider: str, api_base: str | None,
+                            tools: Any) -> str | None:
+    """Why LiteLLM sends this OpenAI/Azure request through its Responses API bridge (models
+    whose cost-map mode is ``responses``; GPT-5.4+ with function tools on api.openai.com),
+    or None when it goes to Chat Completions as the fast path would send it."""
+    try:
+        from litellm.responses.bridge_check import responses_api_bridge_check
+    except ImportError:
+        return None
+    try:
+        info, _model = responses_api_bridge_check(model=model, custom_llm_provider=provider,
+                                                  tools=tools, api_base=api_base)
+    except Exception:
+        return None
+    if info.get("mode") == "responses":
+        return f"LiteLLM sends {model} requests{' with tools' if tools else ''} through " \
+               "the Responses API"
+    return None
 
 
 class SSEParser:
@@ -555,9 +622,34 @@ class FastRoute:
 
     def accepts(self, kwargs: dict[str, Any]) -> bool:
         """False for a request only LiteLLM's own path handles (see the module docstring)."""
-        if self.provider in fast_formats.DIALECT_PROVIDERS:
-            return fast_formats.dialect_accepts(self.provider, kwargs)
-        return not (self.wire == "anthropic" and kwargs.get("response_format") is not None)
+        return self.refusal(kwargs) is None
+
+    def refusal(self, kwargs: dict[str, Any]) -> str | None:
+        """Why this request goes through LiteLLM's own path instead (the relay logs it and
+        counts it in ``relay_requests_total{path="litellm"}``), or None: the fast path
+        takes it."""
+        provider = self.provider
+        if provider in fast_formats.DIALECT_PROVIDERS:
+            if not fast_formats.dialect_accepts(provider, kwargs):
+                if provider == "azure":
+                    return "an Azure oidc/ token (LiteLLM exchanges it for an access token)"
+                return (f"response_format on {provider} (LiteLLM answers it from a "
+                        "non-streaming call)")
+        elif self.wire == "anthropic" and kwargs.get("response_format") is not None:
+            return ("response_format on Anthropic (LiteLLM turns it into a tool and the "
+                    "tool call back into text)")
+        tools = kwargs.get("tools")
+        if tools and (provider in fast_endpoints.OPENAI_SDK_PROVIDERS or provider == "azure"):
+            api_base = kwargs.get("api_base") or self.api_base
+            if all(type(t) is dict and t.get("type") == "function" for t in tools):
+                # LiteLLM's answer depends on the tools only through "has a function tool":
+                # asked once per model and base (~0.3 ms of model-info lookups each time).
+                return _bridge_reason_with_function_tools(self.model, provider, api_base)
+            from relay.upstream.llm import get_litellm
+
+            return responses_bridge_reason(get_litellm(), self.model, provider, api_base,
+                                           tools=tools)
+        return None
 
     async def open(self, kwargs: dict[str, Any]) -> _FastStream:
         """Send the request; return the open stream or raise LiteLLM's exception for it."""
@@ -624,13 +716,11 @@ class FastRoute:
                 ad_token=litellm_params.get("azure_ad_token"))
             return url, headers, orjson.dumps(body), decoder
         config = self.config
-        if api_base is None:
-            api_base = litellm.OpenAIConfig.get_api_base()
-        if api_key is None and self.provider == "openai":
-            api_key = litellm.OpenAIConfig.get_api_key()
+        # The provider's default base, key and headers, as litellm.main's branch for it
+        # resolves them (an alias without api_base).
+        api_key, api_base, base_headers = fast_endpoints.resolve_openai_compatible(
+            litellm, self.provider, config, api_key, api_base)
         extra_body = optional.pop("extra_body", None)
-        base_headers = (fast_formats.openrouter_headers(litellm)
-                        if self.provider == "openrouter" else {})
         headers = config.validate_environment(
             headers=base_headers, model=self.model, messages=messages, optional_params=optional,
             litellm_params=litellm_params, api_key=api_key, api_base=api_base)

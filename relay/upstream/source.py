@@ -8,7 +8,8 @@ and logs each event as its frame (``TextDelta`` -> ``token``, ``ReasoningDelta``
 ``ToolCallDone`` -> ``tool_call_complete``, ``StreamEnd`` -> ``finish``). Frames are
 numbered here (``seq`` from 1). Per token it counts the ``relay_tokens`` metric (and the
 time to the first one) and calls ``on_chunk(n)`` for its n chunks (the group's token
-budget, relays on Redis).
+budget, relays on Redis). Each upstream request is counted in
+``relay_requests_total{alias,path}`` with the path it took.
 
 After ``cancel`` nothing but the finish follows (a ``ToolCallDone``, which only comes after
 the provider completed, still does: the finish then says ``completed``).
@@ -45,8 +46,11 @@ class UpstreamSource:
 
     def __init__(self, streamer: EventStreamer, request: dict[str, Any], *,
                  metrics: RelayMetrics | None = None,
-                 on_chunk: Callable[[int], None] | None = None) -> None:
+                 on_chunk: Callable[[int], None] | None = None,
+                 alias: str | None = None) -> None:
         self.streamer = streamer
+        #: The model alias, for ``relay_requests_total{alias,path}`` (None: not counted).
+        self.alias = alias
         self.request = request
         self.metrics = metrics if metrics is not None else RelayMetrics()
         self.on_chunk = on_chunk
@@ -63,6 +67,16 @@ class UpstreamSource:
         self.streamer.cancel(reason)
 
     async def run(self, sink: FrameSink) -> None:
+        try:
+            await self._run(sink)
+        finally:
+            path = getattr(self.streamer, "path_taken", None)
+            if path is not None and self.alias is not None:
+                # The path this request actually took (a fast-path alias's request that
+                # only LiteLLM can make counts as litellm).
+                self.metrics.requests.labels(self.alias, path).inc()
+
+    async def _run(self, sink: FrameSink) -> None:
         streamer = self.streamer
         sid = sink.id
         append = sink.append

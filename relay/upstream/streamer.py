@@ -107,8 +107,8 @@ class DirectRoute(Protocol):
     implements it). A port: fast_path builds on this module's events, so the streamer names
     what it needs instead of importing fast_path."""
 
-    def accepts(self, kwargs: dict[str, Any]) -> bool:
-        """False for a request only LiteLLM's own path handles."""
+    def refusal(self, kwargs: dict[str, Any]) -> str | None:
+        """Why this request must go through LiteLLM's own path, or None."""
 
     async def open(self, kwargs: dict[str, Any]) -> Any:
         """Send the request; return the open upstream (``next_batch``/``aclose``/usage, as
@@ -238,6 +238,8 @@ class EventStreamer:
         self._clear_stream_state()
 
     def _clear_stream_state(self) -> None:
+        #: The path this stream's request took ("fast" or "litellm"), once it was opened.
+        self.path_taken: str | None = None
         self._text_parts: list[str] = []   # the stream's text so far (joined on demand)
         self._usage: UsageInfo | None = None
         self._waiting_task: asyncio.Task | None = None
@@ -462,8 +464,16 @@ class EventStreamer:
     async def _open(self, kwargs, loop, total_deadline, first_deadline):
         """Start the request; returns an upstream (``next_batch``/``aclose``/usage, below)."""
         fast = self._fast_route
-        if fast is not None and not fast.accepts(kwargs):
-            fast = None  # this request needs something only LiteLLM's own path does
+        if fast is not None:
+            why = fast.refusal(kwargs)
+            if why is not None:
+                # This request needs something only LiteLLM's own path does: said once per
+                # request, and counted by path (relay_requests_total).
+                fast = None
+                logger.info("model %s: request goes through LiteLLM's path, not the fast "
+                            "path: %s", self.model, why,
+                            extra={"model": self.model, "path": "litellm"})
+        self.path_taken = "litellm" if fast is None else "fast"
         completion = self._completion or _default_completion()
         attempts = 1 + max(0, self._retries_before_first_token)
         for attempt in range(attempts):

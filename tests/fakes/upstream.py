@@ -653,6 +653,9 @@ class FakeUpstream:
         app.router.add_post(OPENAI_PATH, self._handle)
         app.router.add_post(ANTHROPIC_PATH, self._handle)
         app.router.add_post(AZURE_PATH, self._handle)
+        # Any other path too (a provider's default path, e.g. Groq's /openai/v1/...): the
+        # request is recorded with its path, and answered in OpenAI format by default.
+        app.router.add_post("/{any_path:.*}", self._handle)
         self._runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)

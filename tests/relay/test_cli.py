@@ -129,3 +129,112 @@ def test_sigusr2_prints_every_asyncio_task_and_sigusr1_every_thread():
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+# ------------------------------------------------------------------------------ relay check
+
+CHECK_SECRET = "sk-check-SECRET-never-printed-0123456789"
+
+
+async def _relay_check(config: Path, *args: str, env: dict | None = None) -> tuple[int, str, str]:
+    """``python -m relay check --config FILE ARGS`` as a subprocess, awaited without blocking
+    this loop (a loopback fake upstream may be serving on it)."""
+    import asyncio
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "check", "--config", str(config), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=env or _env(), cwd=ROOT)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_check_reports_path_endpoint_and_key_status_per_alias(tmp_path):
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text('[models.gpt]\nmodel = "openai/gpt-4o-mini"\napi_key_env = "CHECK_OAI_KEY"\n\n'
+                   '[models.claude]\nmodel = "anthropic/claude-sonnet-4-5"\n'
+                   'api_key_env = "CHECK_UNSET_KEY"\n\n'
+                   '[models.gem]\nmodel = "gemini/gemini-2.0-flash"\n'
+                   'api_key_env = "CHECK_OAI_KEY"\n\n'
+                   '[models.demo]\nmodel = "demo"\n\n'
+                   '[models.nokey]\nmodel = "groq/llama-3.3-70b-versatile"\n')
+    env = {**_env(), "CHECK_OAI_KEY": CHECK_SECRET}
+    for name in ("CHECK_UNSET_KEY", "GROQ_API_KEY"):
+        env.pop(name, None)
+    code, out, err = await _relay_check(cfg, env=env)
+    assert code == 1, out + err
+    lines = out.splitlines()
+    assert lines[0] == ("gpt: fast path (openai streaming format (provider openai)); endpoint "
+                        "POST https://api.openai.com/v1/chat/completions; key CHECK_OAI_KEY set")
+    assert lines[1] == ("claude: fast path (anthropic streaming format (provider anthropic)); "
+                        "endpoint POST https://api.anthropic.com/v1/messages; "
+                        "key CHECK_UNSET_KEY NOT SET")
+    assert "not set" in lines[2]
+    assert lines[3].startswith("gem: litellm path (provider gemini streams a format of its own")
+    assert "demo: litellm path" in out and "no key needed" in out
+    assert ("nokey: fast path (openai streaming format (provider groq)); endpoint POST "
+            "https://api.groq.com/openai/v1/chat/completions; no key variable configured, "
+            "and the provider's default one is unset") in lines
+    assert lines[-1] == "not usable: claude, nokey"
+    assert CHECK_SECRET not in out + err
+
+
+async def test_check_probe_makes_one_token_request_per_alias(tmp_path, monkeypatch):
+    from tests.fakes.upstream import FakeUpstream, http_error, stream
+
+    async with FakeUpstream() as up:
+        cfg = tmp_path / "relay.toml"
+        cfg.write_text(
+            f'[models.oai]\nmodel = "openai/gpt-x"\napi_base = "{up.openai_base}"\n'
+            'api_key_env = "CHECK_KEY"\n\n'
+            f'[models.claude]\nmodel = "anthropic/claude-x"\napi_base = "{up.anthropic_base}"\n'
+            'api_key_env = "CHECK_KEY"\n\n'
+            f'[models.slow]\nmodel = "openai/gpt-x"\napi_base = "{up.openai_base}"\n'
+            'api_key_env = "CHECK_KEY"\nfast = false\n\n'
+            '[models.demo]\nmodel = "demo"\n')
+        env = {**_env(), "CHECK_KEY": CHECK_SECRET}
+        up.enqueue(stream("openai", ["OK"]), stream("anthropic", ["OK"]),
+                   stream("openai", ["OK"]))
+        code, out, err = await _relay_check(cfg, "--probe", env=env)
+        assert code == 0, out + err
+        assert len(up.requests) == 3           # the demo model needs no network
+        assert [r.json.get("max_tokens") for r in up.requests] == [1, 1, 1]
+        probes = [line for line in out.splitlines() if line.startswith("  probe: ")]
+        assert len(probes) == 4, out
+        assert probes[0].startswith("  probe: completed in ") and "(fast path): 'OK'" in probes[0]
+        assert "(fast path): 'OK'" in probes[1]
+        assert "(litellm path): 'OK'" in probes[2]
+        assert out.splitlines()[-1] == "all 4 alias(es) usable"
+
+        # A provider that refuses the key: exit 1, and the probe says what came back.
+        up.enqueue(http_error("openai", 401), stream("anthropic", ["OK"]),
+                   stream("openai", ["OK"]))
+        code, out, err = await _relay_check(cfg, "--probe", env=env)
+        assert code == 1, out + err
+        probe = next(line for line in out.splitlines() if line.startswith("  probe: "))
+        assert probe.startswith("  probe: failed in ") and "credentials" in probe, probe
+        assert out.splitlines()[-1] == "not usable: oai"
+        assert CHECK_SECRET not in out + err
+
+
+async def test_check_flags_a_provider_without_default_endpoint(tmp_path):
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text('[models.vllm]\nmodel = "hosted_vllm/qwen"\n')
+    env = _env()
+    env.pop("HOSTED_VLLM_API_BASE", None)
+    code, out, _err = await _relay_check(cfg, env=env)
+    assert code == 1
+    assert "provider hosted_vllm has no default endpoint: set api_base" in out
+
+
+async def test_check_config_error_exits_2(tmp_path):
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text('[models.gpt]\nmodel = "openai/gpt-4o-mini"\napi_key = "sk-inline"\n')
+    code, out, err = await _relay_check(cfg)
+    assert code == 2
+    assert "configuration error" in err and "sk-inline" not in out + err

@@ -742,7 +742,7 @@ def test_selection_is_automatic_for_the_two_formats_and_fast_false_opts_out():
     assert "fast = false" in registry.resolve("slow").path.reason
     assert "o-series" in registry.resolve("azure_o").path.reason
     assert registry.resolve("gemini").path.reason == (
-        "provider gemini does not stream an OpenAI or Anthropic format the relay reads itself")
+        "provider gemini streams a format of its own, which only LiteLLM reads")
 
 
 @pytest.mark.parametrize(("env", "why"), [
