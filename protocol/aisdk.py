@@ -39,7 +39,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from .codec import DecodeLimits, FrameError, parse_json_within
+from .codec import DecodeLimits, FrameError, check_request_shape, parse_json_within
 
 __all__ = [
     "AbortRequest",
@@ -121,13 +121,17 @@ class AiSdkFrameError(ValueError):
         self.request_id = request_id
 
 
-def decode_request(data: str | bytes, limits: DecodeLimits | None = None, *,
-                   max_parts: int = 10_000) -> SendRequest | ResumeRequest | AbortRequest:
+def decode_request(data: str | bytes, limits: DecodeLimits | None = None
+                   ) -> SendRequest | ResumeRequest | AbortRequest:
     """Parse and validate one client frame; raises ``AiSdkFrameError``.
 
-    The same limits as a v1 frame apply before anything is validated (``DecodeLimits``: the
-    count of ``[``/``{``, the nesting depth, the message count; the v1 ``start`` a ``send``
-    becomes is checked again by the relay), so an absurd frame costs one bounded parse.
+    The same limits as a v1 frame apply, each before the work it bounds, by the same code:
+    the count of ``[``/``{`` and the nesting depth while parsing (``parse_json_within``), then
+    on the parsed but unvalidated request the checks of a v1 ``start``
+    (``check_request_shape``: the JSON size of ``messages`` + ``body.tools``, the counts of
+    messages, tools and parts, the keys validated one by one, ``headers`` and ``body``
+    included), and only then the models. So a heavy frame is refused for the price of a
+    parse and a scan; the v1 ``start`` a ``send`` becomes is checked again by the relay.
     """
     limits = limits or DecodeLimits()
     if not isinstance(data, str):
@@ -142,27 +146,40 @@ def decode_request(data: str | bytes, limits: DecodeLimits | None = None, *,
     request_id = (raw_request_id if isinstance(raw_request_id, str)
                   and 0 < len(raw_request_id) <= 128 and raw_request_id.isprintable()
                   else None)
-    model = _MODELS.get(obj.get("type"))  # type: ignore[arg-type]
+    frame_type = obj.get("type")
+    model = _MODELS.get(frame_type) if isinstance(frame_type, str) else None
     if model is None:
         raise AiSdkFrameError("unknown frame type (expected send, resume or abort)",
                               request_id)
-    messages = obj.get("messages")
-    if isinstance(messages, list):
-        if len(messages) > limits.max_messages:
-            raise AiSdkFrameError(f"too many messages ({len(messages)}; the limit is "
-                                  f"{limits.max_messages})", request_id)
-        parts = sum(len(m["parts"]) for m in messages
-                    if isinstance(m, dict) and isinstance(m.get("parts"), list))
-        if parts > max_parts:
-            raise AiSdkFrameError(f"too many message parts ({parts}; the limit is "
-                                  f"{max_parts})", request_id)
+    if model is not AbortRequest:
+        _check_shape(obj, limits, request_id)
     try:
         return model.model_validate(obj)  # type: ignore[return-value]
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         where = ".".join(str(p) for p in err["loc"]) or "frame"
-        raise AiSdkFrameError(f"invalid {obj['type']} frame: field {where!r}: {err['msg']}",
+        raise AiSdkFrameError(f"invalid {frame_type} frame: field {where!r}: {err['msg']}",
                               request_id) from None
+
+
+def _check_shape(obj: dict[str, Any], limits: DecodeLimits, request_id: str | None) -> None:
+    """A ``send``'s or ``resume``'s size and counts before validation, by v1's own check:
+    UIMessage ``parts`` count as a start's content parts; ``body.tools`` as its tools;
+    ``headers``, ``body``, ``body.toolChoice``, ``body.params`` (and its
+    ``response_format``) are validated key by key."""
+    body = obj.get("body")
+    body = body if type(body) is dict else {}
+    params = body.get("params")
+    options = [obj.get("headers"), body, body.get("toolChoice", body.get("tool_choice")),
+               params]
+    if type(params) is dict:
+        options.append(params.get("response_format"))
+
+    def refuse(message: str) -> AiSdkFrameError:
+        return AiSdkFrameError(f"Invalid request: {message}", request_id)
+
+    check_request_shape(obj.get("messages"), body.get("tools"), limits, parts_key="parts",
+                        options=options, refuse=refuse)
 
 
 # ---------------------------------------------------------------- UIMessage -> messages

@@ -4,6 +4,8 @@ into ``error`` frames in one place (``relay.core.connection.error_frame_for``, f
 
     RelayError(code)                  -> error frame {code, message, ref, id}
       BadRequest                         bad_request
+        NotAuthenticated                 bad_request (a dialect's request without usable
+                                         credentials, relay.core.connection RequestReceived)
       UnknownModel                       unknown_model
       DuplicateId                        duplicate_id
       TooManyStreams                     too_many_streams
@@ -23,7 +25,7 @@ from __future__ import annotations
 from protocol import ErrorCode
 
 __all__ = [
-    "RELAY_BUG_MESSAGE", "BadRequest", "Draining", "RateLimited", "DuplicateId", "RelayError", "TooManyStreams", "UnknownModel",
+    "RELAY_BUG_MESSAGE", "BadRequest", "Draining", "NotAuthenticated", "RateLimited", "DuplicateId", "RelayError", "TooManyStreams", "UnknownModel",
     "UnknownStream", "StreamLost",
 ]
 
@@ -45,6 +47,10 @@ class RelayError(Exception):
 
 class BadRequest(RelayError):
     code = ErrorCode.BAD_REQUEST
+
+
+class NotAuthenticated(BadRequest):
+    pass
 
 
 class UnknownModel(RelayError):
