@@ -37,9 +37,11 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter,
+                      ValidationError)
 
 from .codec import DecodeLimits, FrameError, check_request_shape, parse_json_within
+from .messages import StreamId
 
 __all__ = [
     "AbortRequest",
@@ -57,7 +59,8 @@ __all__ = [
 ]
 
 #: ``requestId`` doubles as the v1 stream id inside the relay (at most 128 characters).
-RequestId = Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
+RequestId = StreamId
+_REQUEST_ID: TypeAdapter[str] = TypeAdapter(RequestId)
 ChatId = Annotated[StrictStr, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
@@ -142,10 +145,7 @@ def decode_request(data: str | bytes, limits: DecodeLimits | None = None
         raise AiSdkFrameError(exc.message) from None
     if not isinstance(obj, dict):
         raise AiSdkFrameError("frame must be a JSON object")
-    raw_request_id = obj.get("requestId")
-    request_id = (raw_request_id if isinstance(raw_request_id, str)
-                  and 0 < len(raw_request_id) <= 128 and raw_request_id.isprintable()
-                  else None)
+    request_id = _usable_request_id(obj.get("requestId"))
     frame_type = obj.get("type")
     model = _MODELS.get(frame_type) if isinstance(frame_type, str) else None
     if model is None:
@@ -160,6 +160,17 @@ def decode_request(data: str | bytes, limits: DecodeLimits | None = None
         where = ".".join(str(p) for p in err["loc"]) or "frame"
         raise AiSdkFrameError(f"invalid {frame_type} frame: field {where!r}: {err['msg']}",
                               request_id) from None
+
+
+def _usable_request_id(value: Any) -> str | None:
+    """``value`` when it is a valid ``requestId`` (the rule of a v1 stream id, which it
+    becomes), so that an answer can name it; else None."""
+    if not isinstance(value, str) or len(value) > 128:
+        return None
+    try:
+        return _REQUEST_ID.validate_python(value)
+    except ValidationError:
+        return None
 
 
 def _check_shape(obj: dict[str, Any], limits: DecodeLimits, request_id: str | None) -> None:
