@@ -225,9 +225,7 @@ def test_decode_send_resume_abort():
     (send(headers={"a": 1}), "r1"), (send(requestId="a\nb"), None),
     # a requestId becomes a v1 stream id: the same rule (no C1 controls, no line separators)
     (send(requestId="a\x97b"), None), (send(requestId="a\u2028b"), None),
-    (send(requestId="x" * 129), None),
     ('{"type": ["send"], "requestId": "r1"}', "r1"), ('{"type": {}, "requestId": "r1"}', "r1"),
-    ('{"type": null, "requestId": "r1"}', "r1"),
     ('{"type": "resume", "requestId": "q", "id": "c", "headers": {}, "body": {},'
      ' "lastSequence": -1}', "q"),
 ])
@@ -296,8 +294,6 @@ def test_a_request_beyond_a_v1_limit_is_refused_before_validation(frame, limit, 
     assert info.value.message.startswith("Invalid request: ")
     assert info.value.message.endswith(f"({limit})")
     assert sum(spy.calls for spy in spied.values()) == 0, "validated before the limits"
-
-
-def test_a_request_at_the_limits_is_validated(spied):
+    # (and the spy sees a validation: one at the limits passes them)
     assert isinstance(decode_request(send(messages=[USER] * 4), SMALL), SendRequest)
     assert spied["send"].calls == 1

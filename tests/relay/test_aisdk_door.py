@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect as sync_connect
 
 from protocol.aisdk import AiSdkFrameError, decode_request, safe_error_text
-from relay.core.auth import api_key_label
+from relay.core.auth import api_key_label, mint_token
 from tests.fakes.upstream import stream
 
 from .helpers import RECV_TIMEOUT, Client, eventually
@@ -69,44 +69,37 @@ def resume_frame(rid: str, chat: str = "none", **headers: str) -> dict:
 async def test_without_credentials_an_aisdk_socket_is_closed_like_a_ws_socket_without_hello():
     """With --auth, a silent /ai-sdk socket and one that only sends requests without
     credentials hold a pending slot for hello_timeout, then close 4408, exactly as a /ws
-    socket without hello; the slots come back and a valid user is served."""
+    socket without hello; the slots come back. Connections authenticated by the upgrade's
+    header or by a request give their slot back at once and outlive the timer."""
     async with relay(**AUTH, hello_timeout=0.5, max_pending_per_address=3) as (up, server):
-        async with ai_client(server) as silent, ai_client(server) as asking, \
-                Client.connect(server.url, hello=False) as no_hello:
-            await asking.send(send_frame("r1", "chat", [ui_user("x")]))
-            assert await asking.until_done("r1") == [{
-                "type": "error", "requestId": "r1",
-                "errorText": "Not authenticated: missing credentials."}]
-            await eventually(lambda: server.pending.total == 3)
-            async with ai_client(server) as one_too_many:       # the address's 3 are taken
-                assert await closed_with(one_too_many.ws) == (
-                    4429, "too many connections awaiting hello from this address")
-            assert await closed_with(silent.ws) == (4408, "no credentials within 0.5 s")
-            assert await closed_with(asking.ws) == (4408, "no credentials within 0.5 s")
-            assert await closed_with(no_hello.ws) == (4408, "no hello within 0.5 s")
-        await eventually(lambda: server.pending.total == 0)
-        up.enqueue(stream("openai", ["served"]))
-        async with ai_client(server, additional_headers=BEARER) as user:
-            await user.send(send_frame("r2", "chat", [ui_user("x")], model="oai"))
-            assert text_of(chunks(await user.until_done("r2"))) == "served"
-
-
-async def test_an_authenticated_aisdk_connection_gives_its_pending_slot_back_at_once():
-    async with relay(**AUTH, hello_timeout=0.5) as (up, server):
         async with ai_client(server, additional_headers=BEARER) as by_header, \
                 ai_client(server) as by_request:
             await by_request.send(resume_frame("q1", authorization=f"Bearer {DOOR_KEY}"))
             assert await by_request.until_done("q1") == [{"type": "no-active",
                                                           "requestId": "q1"}]
-            await by_header.send(resume_frame("q2"))
-            assert await by_header.until_done("q2") == [{"type": "no-active",
-                                                         "requestId": "q2"}]
-            assert server.pending.total == 0
-            assert server.principals.get(PRINCIPAL).connections == 2
-            # ... and, authenticated, neither is closed by the hello timeout
+            await eventually(lambda: server.pending.total == 0)
+            async with ai_client(server) as silent, ai_client(server) as asking, \
+                    Client.connect(server.url, hello=False) as no_hello:
+                await asking.send(send_frame("r1", "chat", [ui_user("x")]))
+                assert await asking.until_done("r1") == [{
+                    "type": "error", "requestId": "r1",
+                    "errorText": "Not authenticated: missing credentials."}]
+                await eventually(lambda: server.pending.total == 3)
+                async with ai_client(server) as one_too_many:   # the address's 3 are taken
+                    assert await closed_with(one_too_many.ws) == (
+                        4429, "too many connections awaiting hello from this address")
+                assert await closed_with(silent.ws) == (4408, "no credentials within 0.5 s")
+                assert await closed_with(asking.ws) == (4408, "no credentials within 0.5 s")
+                assert await closed_with(no_hello.ws) == (4408, "no hello within 0.5 s")
+            await eventually(lambda: server.pending.total == 0)
+            # The authenticated ones, opened before, are past their timer and still served.
+            up.enqueue(stream("openai", ["served"]))
+            await by_header.send(send_frame("r2", "chat", [ui_user("x")], model="oai"))
+            assert text_of(chunks(await by_header.until_done("r2"))) == "served"
             await by_request.send(resume_frame("q3"))
             assert await by_request.until_done("q3") == [{"type": "no-active",
                                                           "requestId": "q3"}]
+            assert server.principals.get(PRINCIPAL).connections == 2
 
 
 # ---------------------------------------------------------------- item 8: per-principal cap
@@ -150,8 +143,10 @@ async def test_the_per_principal_connection_cap_holds_across_ws_and_aisdk():
                                                               "authenticated-by-header"])
 async def test_a_wrong_credential_in_a_request_closes_4401_like_a_wrong_hello(authenticated):
     """A guess costs a connection: the first wrong key closes 4401, with /ws's reason;
-    nothing after it is answered."""
-    async with relay(**AUTH) as (up, server):
+    nothing after it is answered. (Another principal's valid credentials on an
+    authenticated connection are refused and the connection stays: they are no guess.)"""
+    secret = "t" * 32
+    async with relay(**AUTH, token_secret=secret) as (up, server):
         with pytest.raises(ConnectionClosed) as ws_info:
             async with Client.connect(server.url, hello=False) as v1:
                 await v1.send({"type": "hello", "token": "sk-wrong-guess"})
@@ -160,28 +155,19 @@ async def test_a_wrong_credential_in_a_request_closes_4401_like_a_wrong_hello(au
         assert expected == (4401, "invalid token")
         headers = BEARER if authenticated else {}
         async with ai_client(server, additional_headers=headers) as guesser:
+            if authenticated:
+                bob = mint_token(secret, "bob", 600)
+                await guesser.send(resume_frame("q1", authorization=f"Bearer {bob}"))
+                (refused,) = await guesser.until_done("q1")
+                assert refused["errorText"].startswith(
+                    "Not authenticated: these credentials are for another principal")
+                guesser.by_request.clear()
             for i in range(3):
                 await guesser.send(send_frame(f"r{i}", "chat", [ui_user("x")]) | {
                     "headers": {"authorization": f"Bearer sk-wrong-guess-{i}"}})
             assert await closed_with(guesser.ws) == expected
             assert guesser.by_request == {}
         assert up.requests == []
-
-
-async def test_another_principals_valid_credentials_are_refused_and_the_connection_stays():
-    secret = "t" * 32
-    from relay.core.auth import mint_token
-
-    async with relay(**AUTH, token_secret=secret) as (up, server):
-        async with ai_client(server, additional_headers=BEARER) as c:
-            bob = mint_token(secret, "bob", 600)
-            await c.send(resume_frame("q1", authorization=f"Bearer {bob}"))
-            frames = await c.until_done("q1")
-            assert frames[-1]["type"] == "error"
-            assert frames[-1]["errorText"].startswith(
-                "Not authenticated: these credentials are for another principal")
-            await c.send(resume_frame("q2"))
-            assert await c.until_done("q2") == [{"type": "no-active", "requestId": "q2"}]
 
 
 # ---------------------------------------------------------------- item 7: size and shape
@@ -233,8 +219,6 @@ async def test_each_shape_limit_of_a_v1_start_refuses_an_aisdk_request(limit, fr
 @pytest.mark.parametrize("frame", [
     {"type": ["send"], "requestId": "r1"},
     {"type": {"send": 1}, "requestId": "r1"},
-    {"type": None, "requestId": "r1"},
-    {"type": 7, "requestId": "r1", "id": "c"},
 ])
 async def test_a_type_that_is_not_a_string_is_an_error_for_its_request(frame, error_logs):
     async with relay() as (up, server), ai_client(server) as c:
