@@ -1,15 +1,16 @@
 """One connection's protocol decisions, sans-I/O: handshake, admission, every close and error.
 
 ``Connection`` is a relay connection as a state machine, whatever its wire dialect
-(``Dialect``: llm-relay.v1 on /ws, the AI SDK's chat transport on /ai-sdk). It imports nothing of the
-event loop or the socket: ``handle(event)`` takes what happened (an inbound frame, the hello
-timer expired, a flood, a slow consumer, a bug, a restart...) and returns the *actions* the
-glue (``relay.runtime.session.Session``, which keeps only the socket, the writer and the timers)
-carries out in order: send a frame, close with a code and reason, start/cancel/resume a
-stream, adopt credentials. Nothing else in relay/ chooses a close code for a connection: the
-server's refusals at the door (``refuse_at_door``), its shutdown (``server_shutdown_close``)
-and its last resort for a crashed session (``internal_error_close``) and the HTTP-only
-endpoints' refusal are the small pure functions at the end of this module
+(``Dialect``: llm-relay.v1 on /ws, the AI SDK's chat transport on /ai-sdk). It imports
+nothing of the event loop or the socket: ``handle(event)`` takes what happened (an inbound
+frame, the hello timer expired, a flood, a slow consumer, a bug, a restart...) and returns
+the *actions* the glue (``relay.runtime.session.Session``, which keeps only the socket, the
+writer and the timers) carries out in order: send a frame, close with a code and reason,
+start/cancel/resume a stream, adopt credentials. Nothing else in relay/ chooses a close
+code for a connection: the server's refusals at the door (``refuse_at_door``), its shutdown
+(``server_shutdown_close``) and its last resort for a crashed session
+(``internal_error_close``) and the HTTP-only endpoints' refusal are the small pure functions
+at the end of this module
 (tests/relay/test_connection.py checks the sources of relay/ for it).
 
 Phases (``Phase``): ``OPENING`` -> ``AWAITING_HELLO`` (v1) or ``AWAITING_CREDENTIALS``

@@ -25,8 +25,8 @@ from __future__ import annotations
 from protocol import ErrorCode
 
 __all__ = [
-    "RELAY_BUG_MESSAGE", "BadRequest", "Draining", "NotAuthenticated", "RateLimited", "DuplicateId", "RelayError", "TooManyStreams", "UnknownModel",
-    "UnknownStream", "StreamLost",
+    "RELAY_BUG_MESSAGE", "BadRequest", "Draining", "DuplicateId", "NotAuthenticated",
+    "RateLimited", "RelayError", "StreamLost", "TooManyStreams", "UnknownModel", "UnknownStream",
 ]
 
 #: The message of the ``internal_error`` that ends a stream cut short by a relay bug.

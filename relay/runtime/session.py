@@ -50,10 +50,10 @@ from relay.core.auth import Authenticator, Credentials
 from relay.config import RelaySettings
 from relay.core.connection import (
     Action, ActionFailed, AdoptCredentials, CancelStream, Close, CloseWhenStreamsEnd,
-    Connection, ConnectionLimits, Dialect, FrameReceived, HelloAccepted, HelloTimedOut, InternalFailure,
-    Opened, Phase, Refuse, ResumeStream, SendFrame, ServerRestart, SlowConsumer, Slowness,
-    SocketClosed, StartRequested, StartStream, StreamFailed, StreamTakenOver,
-    TokenExpiredStreamsDone, TooManyFrames,
+    Connection, ConnectionLimits, Dialect, FrameReceived, HelloAccepted, HelloTimedOut,
+    InternalFailure, Opened, Phase, Refuse, ResumeStream, SendFrame, ServerRestart,
+    SlowConsumer, Slowness, SocketClosed, StartRequested, StartStream, StreamFailed,
+    StreamTakenOver, TokenExpiredStreamsDone, TooManyFrames,
 )
 from relay.core.errors import RelayError, UnknownStream
 from relay.runtime.hub import Attachment, HubStream, StreamHub

@@ -23,7 +23,8 @@ from protocol import PROTOCOL_VERSION, FrameError, Start
 from relay.core.auth import Authenticator, hash_api_key
 from relay.core.connection import (
     ActionFailed, AdoptCredentials, CancelStream, Close, CloseWhenStreamsEnd, Connection,
-    ConnectionLimits, Dialect, Door, FrameReceived, RequestReceived, UnanswerableFrame, HelloAccepted, HelloTimedOut, IllegalEvent,
+    ConnectionLimits, Dialect, Door, FrameReceived, RequestReceived, UnanswerableFrame,
+    HelloAccepted, HelloTimedOut, IllegalEvent,
     InternalFailure, Opened, Phase, Refuse, ResumeStream, SendFrame, ServerRestart,
     SlowConsumer, Slowness, SocketClosed, StartRequested, StartStream, StreamFailed,
     StreamTakenOver, TokenExpiredStreamsDone, TooManyFrames, close_reason,
