@@ -72,7 +72,9 @@ same code as above decides:
   token has expired -> ``CloseWhenStreamsEnd`` (once) and ``Refuse``. Otherwise no action:
   the request goes on (a ``send`` to ``StartRequested``).
 * ``UnanswerableFrame`` (not JSON, not an object, no usable request id): close **1008**.
-* ``TooManyFrames`` and ``SlowConsumer`` close as above while awaiting credentials too.
+* ``TooManyFrames`` and ``SlowConsumer`` close as above while awaiting credentials too, and
+  ``ActionFailed`` (``msg``: the request's type and id) is its ``error`` as above, which the
+  adapter says in its dialect.
 
 Call order: construct once per accepted socket, feed ``Opened`` first; ``handle`` never
 blocks and never raises for client input (a caller bug, such as a frame fed before
@@ -699,7 +701,8 @@ _LEGAL: dict[type, frozenset[Phase]] = {
     RequestReceived: _READING,
     UnanswerableFrame: _READING,
     StartRequested: _AFTER_WELCOME,
-    ActionFailed: _AFTER_WELCOME,
+    # (/ai-sdk: a request refused while awaiting credentials is answered the same way)
+    ActionFailed: _READING,
     StreamFailed: _AFTER_WELCOME,
     StreamTakenOver: _AFTER_WELCOME,
     TooManyFrames: _READING,

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from websockets.exceptions import ConnectionClosed
 
 from protocol import FinishReason, FrameError, Resume, frames
 from protocol.codec import validate_client_object
@@ -54,8 +55,8 @@ from protocol.aisdk import (
 from relay.core.errors import RelayError, StreamLost, UnknownStream
 from relay.cluster.redis_store import StoreUnavailable
 from relay.cluster.replication import Replicator, StoreUnavailableError
-from relay.core.connection import (Dialect, HelloTimedOut, Opened, Phase, RequestReceived,
-                                   UnanswerableFrame)
+from relay.core.connection import (ActionFailed, Dialect, HelloTimedOut, Opened, Phase,
+                                   RequestReceived, UnanswerableFrame)
 from relay.runtime.hub import Attachment
 from relay.runtime.session import Session
 from relay.core.streamlog import LogEntry
@@ -143,6 +144,15 @@ class ChatIndex:
         return len(self._chats)
 
 
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """What the machine's error answer to a request names (``ActionFailed.msg``): its type
+    and its id (an AI SDK request's ``id`` is its chat's; its ``requestId`` names it)."""
+
+    type: str
+    id: str
+
+
 def _authorization(headers: dict[str, str]) -> str | None:
     """A request's ``Authorization`` value (the transport's ``headers`` option; any case)."""
     return next((v for k, v in headers.items() if k.lower() == "authorization"), None)
@@ -224,14 +234,17 @@ class AiSdkSession(Session):
                 await self._on_send(request)
             else:
                 await self._on_resume(request)
-        except RelayError as exc:
-            self.metrics.errors.labels(exc.code).inc()
-            self._respond(error_frame(request.requestId, exc.message))
-        except Exception:
-            logger.exception("session %s: internal error handling an ai-sdk %s frame",
-                             self.session_id, request.type)
-            self.metrics.errors.labels("internal_error").inc()
-            self._respond(error_frame(request.requestId, safe_error_text(None)))
+        except ConnectionClosed:
+            raise
+        except Exception as exc:
+            # As on /ws, the machine turns the exception into the error answering the
+            # request (``_send`` says it in AI SDK terms); anything but the relay's own
+            # refusals is a bug, logged here with its traceback.
+            if not isinstance(exc, RelayError):
+                logger.exception("session %s: internal error handling an ai-sdk %s frame",
+                                 self.session_id, request.type)
+            self._perform_now(self.conn.handle(
+                ActionFailed(_Request(request.type, request.requestId), exc)))
 
     async def _on_send(self, request: SendRequest) -> None:
         rid = request.requestId
@@ -310,8 +323,9 @@ class AiSdkSession(Session):
             return super()._send(start_frame(frame["id"]))
         if frame.get("type") == "error" and frame.get("id") is not None:
             # The relay's own refusals explain themselves; a takeover (the chat was resumed
-            # elsewhere) ends this request with a plain-language text.
+            # elsewhere) and a relay bug end this request with a plain-language text.
             text = (safe_error_text(frame["code"]) if frame["code"] == "stream_taken_over"
+                    else safe_error_text(None) if frame["code"] == "internal_error"
                     else frame["message"])
             return super()._send(error_frame(frame["id"], text))
         return True

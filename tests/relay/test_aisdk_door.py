@@ -468,3 +468,26 @@ async def test_every_dialect_is_held_to_the_same_door_and_limits():
                     "at most 1 concurrent streams per principal"), dialect
                 assert await refusal(c, dialect, "s3") == "too many starts; slow down", \
                     dialect
+
+
+async def test_a_relay_bug_answers_its_request_through_the_machine_with_a_safe_text(
+        error_logs):
+    """A bug while carrying a request out (here: the streamer cannot be built) goes to the
+    connection machine as on /ws: the request gets the generic text (never the exception's),
+    the traceback is logged, the connection keeps serving. (A refactoring guard: the same
+    answer as before the machine decided it.)"""
+    from .helpers import start_relay
+
+    def broken_streamer(spec):
+        raise RuntimeError("secret internals")
+
+    async with start_relay(streamer_factory=broken_streamer) as server, \
+            ai_client(server) as c:
+        await c.send(send_frame("r1", "chat", [ui_user("x")]))
+        assert await c.until_done("r1") == [{"type": "error", "requestId": "r1",
+                                             "errorText": safe_error_text(None)}]
+        await c.send(resume_frame("q1"))
+        assert await c.until_done("q1") == [{"type": "no-active", "requestId": "q1"}]
+    (record,) = error_logs.records
+    assert record.getMessage().endswith("internal error handling an ai-sdk send frame")
+    assert "secret internals" in str(record.exc_info[1])
