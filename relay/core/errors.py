@@ -50,7 +50,8 @@ class BadRequest(RelayError):
 
 
 class NotAuthenticated(BadRequest):
-    pass
+    """A request of a dialect with per-request credentials (/ai-sdk) that carries none, or
+    another principal's; the connection stays (relay.core.connection ``RequestReceived``)."""
 
 
 class UnknownModel(RelayError):
