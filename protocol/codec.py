@@ -15,7 +15,8 @@ validation (measured on 2 cores: a 1 MiB frame of 55,000 messages took 0.3-0.8 s
    limit, moved down to ours by wrapping the text; no Python walk over the values).
 3. On the parsed but unvalidated ``start``: the JSON size of ``messages`` + ``tools``
    (``max_messages_bytes``), then the counts pydantic would iterate one by one: messages,
-   tools, content parts, and the keys of the objects validated key by key.
+   tools, content parts, and the keys of the objects validated key by key
+   (``check_request_shape``; protocol.aisdk applies the same function to its requests).
 4. Only then pydantic validation.
 
 The cyclic garbage collector is paused while a frame is decoded: a frame is acyclic JSON
