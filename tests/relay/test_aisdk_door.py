@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect as sync_connect
 
 from protocol.aisdk import AiSdkFrameError, decode_request, safe_error_text
-from relay.core.auth import api_key_label, mint_token
+from relay.core.auth import AuthError, Authenticator, api_key_label, mint_token
 from tests.fakes.upstream import stream
 
 from .helpers import RECV_TIMEOUT, Client, eventually
@@ -300,13 +300,16 @@ inbound = weighted(
 
 
 class AiSdkFuzzClient:
-    """Sends one frame, then a marker ``resume`` of a chat that does not exist; requests
-    are answered in order, so what belongs to the frame has arrived once the marker's
-    ``no-active`` has."""
+    """Sends one frame, then a marker ``resume`` (no credentials) of a chat that does not
+    exist; requests are answered in order, so what belongs to the frame has arrived once the
+    marker is answered. With ``auth`` (the relay's own ``Authenticator``, to tell a wrong
+    credential from a valid one) it also expects the door's answers (AISDK.md "Auth")."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, auth: Authenticator | None = None) -> None:
         self.url = url
+        self.auth = auth
         self.ws: ClientConnection | None = None
+        self.authenticated = False
         self._sockets = contextlib.ExitStack()
         self.marker = 0
         self.stats: dict[str, int] = {}
@@ -318,18 +321,37 @@ class AiSdkFuzzClient:
         if self.ws is None:
             self.ws = self._sockets.enter_context(sync_connect(self.url,
                                                                open_timeout=RECV_TIMEOUT))
+            self.authenticated = self.auth is None
         return self.ws
 
     def close(self) -> None:
         self._sockets.close()
 
-    def check(self, raw: str | bytes) -> None:
+    def _expected_close(self, request) -> int | None:
+        """4401 for a request with wrong credentials; updates ``authenticated``."""
+        if self.auth is None or request is None or request.type == "abort":
+            return None
+        value = next((v for k, v in request.headers.items()
+                      if k.lower() == "authorization"), None)
+        if value is None:
+            return None
         try:
-            decode_request(raw)
+            self.auth.check_header({"Authorization": value})
+        except AuthError:
+            return 4401
+        self.authenticated = True
+        return None
+
+    def check(self, raw: str | bytes) -> None:
+        request = None
+        try:
+            request = decode_request(raw)
             unanswerable, refusal = False, None
         except AiSdkFrameError as exc:
             unanswerable, refusal = exc.request_id is None, exc
         ws = self._connect()
+        was_authenticated = self.authenticated
+        expected_close = 1008 if unanswerable else self._expected_close(request)
         self.marker += 1
         marker = f"marker-{self.marker}"
         answers: list[dict] = []
@@ -339,17 +361,20 @@ class AiSdkFuzzClient:
             while True:
                 frame = json.loads(ws.recv(timeout=RECV_TIMEOUT))
                 if frame.get("requestId") == marker:
-                    assert frame == {"type": "no-active", "requestId": marker}, frame
+                    assert frame == ({"type": "no-active", "requestId": marker}
+                                     if self.authenticated else
+                                     {"type": "error", "requestId": marker, "errorText":
+                                      "Not authenticated: missing credentials."}), frame
                     break
                 answers.append(frame)
         except ConnectionClosed as exc:
             self.ws = None
             code = exc.rcvd.code if exc.rcvd else None
-            assert unanswerable and code == 1008, (raw, code, exc.rcvd and exc.rcvd.reason)
-            assert exc.rcvd.reason, "a 1008 close names the problem"
-            self.note("closed 1008")
+            assert code == expected_close, (raw, code, exc.rcvd and exc.rcvd.reason)
+            assert exc.rcvd.reason, "a close names the problem"
+            self.note(f"closed {code}")
             return
-        assert not unanswerable, ("an unanswerable frame was not closed 1008", raw, answers)
+        assert expected_close is None, (f"not closed {expected_close}", raw, answers)
         for frame in answers:
             assert frame.get("type") in ("chunk", "end", "error", "start", "no-active"), frame
             if frame["type"] == "error":
@@ -358,8 +383,15 @@ class AiSdkFuzzClient:
             assert {"type": "error", "requestId": refusal.request_id,
                     "errorText": refusal.message} in answers, (raw, answers)
             self.note("error for its request")
+        elif request is not None and request.type != "abort" and not self.authenticated:
+            assert not was_authenticated
+            assert {"type": "error", "requestId": request.requestId,
+                    "errorText": "Not authenticated: missing credentials."} in answers, \
+                (raw, answers)
+            self.note("missing credentials")
         else:
-            self.note("accepted")
+            self.note("accepted" if was_authenticated or self.auth is None
+                      else "authenticated by it")
 
 
 def test_random_frame_shapes_on_a_live_aisdk_get_defined_answers_never_1011(error_logs):
@@ -491,3 +523,59 @@ async def test_a_relay_bug_answers_its_request_through_the_machine_with_a_safe_t
     (record,) = error_logs.records
     assert record.getMessage().endswith("internal error handling an ai-sdk send frame")
     assert "secret internals" in str(record.exc_info[1])
+
+
+authorizations = weighted(
+    (3, st.sampled_from([f"Bearer {DOOR_KEY}", f"bearer  {DOOR_KEY} "])),
+    (3, st.sampled_from(["Bearer wrong", "Basic abc", "", "Bearer ", "Bearer a.b.c",
+                         f"Bearer {DOOR_KEY}x", DOOR_KEY])),
+    (1, text))
+auth_headers = weighted(
+    (1, st.just({})),
+    (3, st.builds(lambda k, v: {k: v},
+                  st.sampled_from(["authorization", "Authorization", "AUTHORIZATION"]),
+                  authorizations)))
+
+
+def with_headers(raw: str | bytes, headers: dict) -> str | bytes:
+    """``raw`` with its ``headers`` replaced when it is a JSON object, else as it is."""
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return raw
+    if not isinstance(obj, dict):
+        return raw
+    return json.dumps({**obj, "headers": headers}, ensure_ascii=False)
+
+
+def test_random_frames_with_random_credentials_on_a_live_aisdk_get_the_doors_answers(
+        error_logs):
+    """With --auth, random frames carrying random credentials: a wrong one closes 4401, an
+    unanswerable frame 1008, a request without any on an unauthenticated connection gets
+    ``Not authenticated: missing credentials.``, a valid one authenticates the connection;
+    never 1011 or an ERROR log."""
+    from relay.config import RelaySettings
+
+    settings_ = dict(FUZZ_SETTINGS, auth=True, api_keys=[DOOR_KEY], hello_timeout=120)
+    with ThreadedRelay(**settings_) as live:
+        url = live.url.rsplit("/", 1)[0] + "/ai-sdk"
+        fuzz = AiSdkFuzzClient(url, Authenticator(RelaySettings(**settings_, port=0)))
+
+        @settings(max_examples=120, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @given(batch=st.lists(st.builds(with_headers, inbound, auth_headers), min_size=1,
+                              max_size=4))
+        def prop(batch: list[str | bytes]) -> None:
+            for raw in batch:
+                fuzz.check(raw)
+            assert not error_logs.records, [r.getMessage() for r in error_logs.records]
+
+        try:
+            prop()
+        finally:
+            fuzz.close()
+    print("ai-sdk fuzz with auth:", dict(sorted(fuzz.stats.items())))
+    for kind in ("closed 1008", "closed 4401", "error for its request", "missing credentials",
+                 "authenticated by it", "accepted"):
+        assert fuzz.stats.get(kind), (kind, fuzz.stats)
+    assert not error_logs.records, [r.getMessage() for r in error_logs.records]
