@@ -41,9 +41,11 @@ from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter,
+                      ValidationError)
 
-from .codec import DecodeLimits, FrameError, parse_json_within
+from .codec import DecodeLimits, FrameError, check_request_shape, parse_json_within
+from .messages import StreamId
 
 __all__ = [
     "MAX_MERGED_DELTA_CHARS",
@@ -62,7 +64,8 @@ __all__ = [
 ]
 
 #: ``requestId`` doubles as the v1 stream id inside the relay (at most 128 characters).
-RequestId = Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
+RequestId = StreamId
+_REQUEST_ID: TypeAdapter[str] = TypeAdapter(RequestId)
 ChatId = Annotated[StrictStr, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
@@ -126,13 +129,17 @@ class AiSdkFrameError(ValueError):
         self.request_id = request_id
 
 
-def decode_request(data: str | bytes, limits: DecodeLimits | None = None, *,
-                   max_parts: int = 10_000) -> SendRequest | ResumeRequest | AbortRequest:
+def decode_request(data: str | bytes, limits: DecodeLimits | None = None
+                   ) -> SendRequest | ResumeRequest | AbortRequest:
     """Parse and validate one client frame; raises ``AiSdkFrameError``.
 
-    The same limits as a v1 frame apply before anything is validated (``DecodeLimits``: the
-    count of ``[``/``{``, the nesting depth, the message count; the v1 ``start`` a ``send``
-    becomes is checked again by the relay), so an absurd frame costs one bounded parse.
+    The same limits as a v1 frame apply, each before the work it bounds, by the same code:
+    the count of ``[``/``{`` and the nesting depth while parsing (``parse_json_within``), then
+    on the parsed but unvalidated request the checks of a v1 ``start``
+    (``check_request_shape``: the JSON size of ``messages`` + ``body.tools``, the counts of
+    messages, tools and parts, the keys validated one by one, ``headers`` and ``body``
+    included), and only then the models. So a heavy frame is refused for the price of a
+    parse and a scan; the v1 ``start`` a ``send`` becomes is checked again by the relay.
     """
     limits = limits or DecodeLimits()
     if not isinstance(data, str):
@@ -143,31 +150,52 @@ def decode_request(data: str | bytes, limits: DecodeLimits | None = None, *,
         raise AiSdkFrameError(exc.message) from None
     if not isinstance(obj, dict):
         raise AiSdkFrameError("frame must be a JSON object")
-    raw_request_id = obj.get("requestId")
-    request_id = (raw_request_id if isinstance(raw_request_id, str)
-                  and 0 < len(raw_request_id) <= 128 and raw_request_id.isprintable()
-                  else None)
-    model = _MODELS.get(obj.get("type"))  # type: ignore[arg-type]
+    request_id = _usable_request_id(obj.get("requestId"))
+    frame_type = obj.get("type")
+    model = _MODELS.get(frame_type) if isinstance(frame_type, str) else None
     if model is None:
         raise AiSdkFrameError("unknown frame type (expected send, resume or abort)",
                               request_id)
-    messages = obj.get("messages")
-    if isinstance(messages, list):
-        if len(messages) > limits.max_messages:
-            raise AiSdkFrameError(f"too many messages ({len(messages)}; the limit is "
-                                  f"{limits.max_messages})", request_id)
-        parts = sum(len(m["parts"]) for m in messages
-                    if isinstance(m, dict) and isinstance(m.get("parts"), list))
-        if parts > max_parts:
-            raise AiSdkFrameError(f"too many message parts ({parts}; the limit is "
-                                  f"{max_parts})", request_id)
+    if model is not AbortRequest:
+        _check_shape(obj, limits, request_id)
     try:
         return model.model_validate(obj)  # type: ignore[return-value]
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         where = ".".join(str(p) for p in err["loc"]) or "frame"
-        raise AiSdkFrameError(f"invalid {obj['type']} frame: field {where!r}: {err['msg']}",
+        raise AiSdkFrameError(f"invalid {frame_type} frame: field {where!r}: {err['msg']}",
                               request_id) from None
+
+
+def _usable_request_id(value: Any) -> str | None:
+    """``value`` when it is a valid ``requestId`` (the rule of a v1 stream id, which it
+    becomes), so that an answer can name it; else None."""
+    if not isinstance(value, str) or len(value) > 128:
+        return None
+    try:
+        return _REQUEST_ID.validate_python(value)
+    except ValidationError:
+        return None
+
+
+def _check_shape(obj: dict[str, Any], limits: DecodeLimits, request_id: str | None) -> None:
+    """A ``send``'s or ``resume``'s size and counts before validation, by v1's own check:
+    UIMessage ``parts`` count as a start's content parts; ``body.tools`` as its tools;
+    ``headers``, ``body``, ``body.toolChoice``, ``body.params`` (and its
+    ``response_format``) are validated key by key."""
+    body = obj.get("body")
+    body = body if type(body) is dict else {}
+    params = body.get("params")
+    options = [obj.get("headers"), body, body.get("toolChoice", body.get("tool_choice")),
+               params]
+    if type(params) is dict:
+        options.append(params.get("response_format"))
+
+    def refuse(message: str) -> AiSdkFrameError:
+        return AiSdkFrameError(f"Invalid request: {message}", request_id)
+
+    check_request_shape(obj.get("messages"), body.get("tools"), limits, parts_key="parts",
+                        options=options, refuse=refuse)
 
 
 # ---------------------------------------------------------------- UIMessage -> messages

@@ -15,7 +15,8 @@ validation (measured on 2 cores: a 1 MiB frame of 55,000 messages took 0.3-0.8 s
    limit, moved down to ours by wrapping the text; no Python walk over the values).
 3. On the parsed but unvalidated ``start``: the JSON size of ``messages`` + ``tools``
    (``max_messages_bytes``), then the counts pydantic would iterate one by one: messages,
-   tools, content parts, and the keys of the objects validated key by key.
+   tools, content parts, and the keys of the objects validated key by key
+   (``check_request_shape``; protocol.aisdk applies the same function to its requests).
 4. Only then pydantic validation.
 
 The cyclic garbage collector is paused while a frame is decoded: a frame is acyclic JSON
@@ -37,7 +38,7 @@ model, raising ``ValueError`` for anything else; ``RelayCancel(...).encode()`` (
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -53,8 +54,9 @@ from .messages import (
 )
 
 __all__ = [
-    "DecodeLimits", "FrameError", "decode_client_frame", "decode_relay_message",
-    "decode_server_frame", "encode_frame", "parse_json_within", "validate_client_object",
+    "DecodeLimits", "FrameError", "check_request_shape", "decode_client_frame",
+    "decode_relay_message", "decode_server_frame", "encode_frame", "parse_json_within",
+    "validate_client_object",
 ]
 
 _CLIENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(ClientMessage)
@@ -225,12 +227,29 @@ def _parse(data: str, max_json_depth: int) -> Any:
 def _check_start(obj: dict[str, Any], limits: DecodeLimits, sid: str | None) -> None:
     """The size and counts of a parsed, unvalidated ``start``, each before the work it bounds.
     Fields of the wrong type are left to validation (which then fails at once)."""
+    params = obj.get("params")
+    options = [obj.get("tool_choice"), params]
+    if type(params) is dict:
+        options.append(params.get("response_format"))
 
     def refuse(message: str) -> FrameError:
         return FrameError(message, ref="start", id=sid)
 
-    messages = obj.get("messages")
-    tools = obj.get("tools")
+    check_request_shape(obj.get("messages"), obj.get("tools"), limits, parts_key="content",
+                        options=options, refuse=refuse)
+
+
+def check_request_shape(messages: Any, tools: Any, limits: DecodeLimits, *, parts_key: str,
+                        options: list[Any], refuse: Callable[[str], Exception]) -> None:
+    """The size and counts of a request's parsed, unvalidated ``messages`` and ``tools``, each
+    before the work it bounds, in this order: their JSON size (``max_messages_bytes``), the
+    message count (``max_messages``), the tool count (``max_tools``), the parts of all
+    messages together (each message's ``parts_key`` list; ``max_content_parts``), then the
+    keys of every object validated key by key (``max_start_keys``): the messages, their
+    parts, the tools, their ``function`` and its ``parameters``, and each of ``options``
+    (objects of the request besides its messages and tools). A v1 ``start`` and every other
+    protocol of the relay (protocol.aisdk) use this one check. Fields of the wrong type are
+    left to validation. Raises ``refuse(message)``; the message names the limit."""
     size = len(orjson.dumps({"m": messages, "t": tools or None}))
     if size > limits.max_messages_bytes:
         raise refuse(f"messages and tools are {size} bytes; the limit is "
@@ -242,12 +261,12 @@ def _check_start(obj: dict[str, Any], limits: DecodeLimits, sid: str | None) -> 
                      "(max_messages)")
     if len(tools) > limits.max_tools:
         raise refuse(f"{len(tools)} tools; the limit is {limits.max_tools} (max_tools)")
-    objects: list[Any] = [obj.get("tool_choice"), obj.get("params")]
+    objects: list[Any] = list(options)
     parts = 0
     for message in messages:
         if type(message) is dict:
             objects.append(message)
-            content = message.get("content")
+            content = message.get(parts_key)
             if type(content) is list:
                 parts += len(content)
                 objects.append(content)
@@ -260,14 +279,11 @@ def _check_start(obj: dict[str, Any], limits: DecodeLimits, sid: str | None) -> 
         objects.append(function)
         if type(function) is dict:
             objects.append(function.get("parameters"))
-    params = obj.get("params")
-    if type(params) is dict:
-        objects.append(params.get("response_format"))
     keys = 0
     for item in objects:
         if type(item) is dict:
             keys += len(item)
-        elif type(item) is list:                           # a message's content parts
+        elif type(item) is list:                           # a message's parts
             keys += sum(len(part) for part in item if type(part) is dict)
     if keys > limits.max_start_keys:
         raise refuse(f"{keys} keys in messages, content parts and tools; the limit is "

@@ -1,19 +1,21 @@
 """One connection's protocol decisions, sans-I/O: handshake, admission, every close and error.
 
-``Connection`` is the llm-relay.v1 connection as a state machine. It imports nothing of the
-event loop or the socket: ``handle(event)`` takes what happened (an inbound frame, the hello
-timer expired, a flood, a slow consumer, a bug, a restart...) and returns the *actions* the
-glue (``relay.runtime.session.Session``, which keeps only the socket, the writer and the timers)
-carries out in order: send a frame, close with a code and reason, start/cancel/resume a
-stream, adopt credentials. Nothing else in relay/ chooses a close code for a connection: the
-server's refusals at the door (``refuse_at_door``), its shutdown (``server_shutdown_close``)
-and its last resort for a crashed session (``internal_error_close``), the /ai-sdk adapter's
-unanswerable frame and the HTTP-only endpoints' refusal are the small pure functions at the
-end of this module
+``Connection`` is a relay connection as a state machine, whatever its wire dialect
+(``Dialect``: llm-relay.v1 on /ws, the AI SDK's chat transport on /ai-sdk). It imports
+nothing of the event loop or the socket: ``handle(event)`` takes what happened (an inbound
+frame, the hello timer expired, a flood, a slow consumer, a bug, a restart...) and returns
+the *actions* the glue (``relay.runtime.session.Session``, which keeps only the socket, the
+writer and the timers) carries out in order: send a frame, close with a code and reason,
+start/cancel/resume a stream, adopt credentials. Nothing else in relay/ chooses a close
+code for a connection: the server's refusals at the door (``refuse_at_door``), its shutdown
+(``server_shutdown_close``) and its last resort for a crashed session
+(``internal_error_close``) and the HTTP-only endpoints' refusal are the small pure functions
+at the end of this module
 (tests/relay/test_connection.py checks the sources of relay/ for it).
 
-Phases (``Phase``): ``OPENING`` -> ``AWAITING_HELLO`` -> ``WELCOMED`` -> ``CLOSING``
-(``CLOSED`` once the socket is gone). The rules:
+Phases (``Phase``): ``OPENING`` -> ``AWAITING_HELLO`` (v1) or ``AWAITING_CREDENTIALS``
+(/ai-sdk with auth) -> ``WELCOMED`` -> ``CLOSING`` (``CLOSED`` once the socket is gone).
+The rules of llm-relay.v1:
 
 * ``Opened``: a subprotocol other than ``PROTOCOL_VERSION`` closes **4406** naming it.
 * ``HelloTimedOut`` while awaiting hello: close **4408** ``no hello within N s``.
@@ -50,6 +52,30 @@ Phases (``Phase``): ``OPENING`` -> ``AWAITING_HELLO`` -> ``WELCOMED`` -> ``CLOSI
   and ``StreamTakenOver`` (a resume took the stream elsewhere) -> one ``error`` naming the
   id the stream has on this connection, ``ref: "resume"``.
 
+The /ai-sdk dialect (``Dialect.AI_SDK``) has no hello and no subprotocol; its adapter
+(relay.runtime.aisdk) decodes its frames and feeds the requests' credentials here, and the
+same code as above decides:
+
+* ``Opened``: auth off -> ``HelloAccepted``, ``WELCOMED``. With auth, an ``Authorization``
+  header on the upgrade is authenticated as a hello's would be (failure **4401**, the
+  principal's connection cap **4429**, else ``AdoptCredentials``, ``HelloAccepted``,
+  ``WELCOMED``); without one the phase is ``AWAITING_CREDENTIALS``: the connection holds its
+  pending slot until a request authenticates it, and ``HelloTimedOut`` (the same
+  ``hello_timeout``) closes it **4408** ``no credentials within N s``.
+* ``RequestReceived`` (a ``send``/``resume`` with its ``authorization`` value, or None):
+  credentials are checked like the upgrade header (``Authenticator.check_header``); wrong,
+  expired or malformed ones close **4401** with the reason (a guess costs a connection, as
+  on /ws). Valid ones authenticate a connection still awaiting them (the cap **4429**, as
+  above); a connection acts for one principal, so another principal's are refused
+  (``Refuse``, the connection stays). None while awaiting credentials -> ``Refuse``
+  (``Not authenticated: missing credentials.``); None on an authenticated connection whose
+  token has expired -> ``CloseWhenStreamsEnd`` (once) and ``Refuse``. Otherwise no action:
+  the request goes on (a ``send`` to ``StartRequested``).
+* ``UnanswerableFrame`` (not JSON, not an object, no usable request id): close **1008**.
+* ``TooManyFrames`` and ``SlowConsumer`` close as above while awaiting credentials too, and
+  ``ActionFailed`` (``msg``: the request's type and id) is its ``error`` as above, which the
+  adapter says in its dialect.
+
 Call order: construct once per accepted socket, feed ``Opened`` first; ``handle`` never
 blocks and never raises for client input (a caller bug, such as a frame fed before
 ``Opened``, raises ``IllegalEvent``).
@@ -79,7 +105,8 @@ from protocol import (
 from protocol.codec import DecodeLimits
 
 from relay.core.auth import AuthError
-from relay.core.errors import Draining, DuplicateId, RateLimited, RelayError, TooManyStreams, UnknownModel
+from relay.core.errors import (Draining, DuplicateId, NotAuthenticated, RateLimited, RelayError,
+                               TooManyStreams, UnknownModel)
 from relay.core.limits import PrincipalState
 
 if TYPE_CHECKING:
@@ -88,10 +115,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ActionFailed", "AdoptCredentials", "CancelStream", "Close", "CloseWhenStreamsEnd",
-    "Connection", "ConnectionLimits", "Door", "FrameReceived", "HelloAccepted", "HelloTimedOut",
-    "IllegalEvent", "InternalFailure", "Opened", "Phase", "Refuse", "ResumeStream", "SendFrame",
-    "ServerRestart", "SlowConsumer", "Slowness", "StartRequested", "StartStream",
-    "StreamFailed", "StreamTakenOver", "TokenExpiredStreamsDone", "TooManyFrames",
+    "Connection", "ConnectionLimits", "Dialect", "Door", "FrameReceived", "HelloAccepted",
+    "HelloTimedOut", "IllegalEvent", "InternalFailure", "Opened", "Phase", "Refuse",
+    "RequestReceived", "ResumeStream", "SendFrame", "ServerRestart", "SlowConsumer",
+    "Slowness", "StartRequested", "StartStream", "StreamFailed", "StreamTakenOver",
+    "TokenExpiredStreamsDone", "TooManyFrames", "UnanswerableFrame",
     "close_reason", "internal_error_close", "legal_pairs", "server_shutdown_close", "not_a_websocket_endpoint", "refuse_at_door",
     "unanswerable_frame",
 ]
@@ -100,9 +128,21 @@ __all__ = [
 class Phase(enum.Enum):
     OPENING = "opening"
     AWAITING_HELLO = "awaiting-hello"
+    #: A dialect without hello (/ai-sdk) with auth on, until a request authenticates it.
+    AWAITING_CREDENTIALS = "awaiting-credentials"
     WELCOMED = "welcomed"
     CLOSING = "closing"
     CLOSED = "closed"
+
+
+class Dialect(enum.Enum):
+    """The wire protocol a connection speaks; the machine's decisions are the same for all."""
+
+    #: llm-relay.v1 on /ws: subprotocol, hello/welcome, credentials in the header or hello.
+    V1 = "llm-relay.v1"
+    #: The AI SDK's WebSocketChatTransport on /ai-sdk: no hello, credentials in the upgrade
+    #: header or in each request (``RequestReceived``).
+    AI_SDK = "ai-sdk"
 
 
 class IllegalEvent(RuntimeError):
@@ -133,6 +173,24 @@ class FrameReceived:
     raw: str | bytes
     open_ids: Collection[str] = ()
     draining: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    """A request of a dialect that carries credentials per request (/ai-sdk ``send`` and
+    ``resume``), decoded by its adapter. ``id``: the request's id; ``authorization``: its
+    ``Authorization`` value (``"Bearer <credential>"``), None when it carries none."""
+
+    id: str
+    authorization: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UnanswerableFrame:
+    """/ai-sdk: a frame that cannot be parsed or names no usable request id, so that no
+    answer could be correlated; ``problem`` says what is wrong with it."""
+
+    problem: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,9 +265,10 @@ class SocketClosed:
     pass
 
 
-Event = (Opened | HelloTimedOut | FrameReceived | StartRequested | ActionFailed | StreamFailed
-         | StreamTakenOver | TooManyFrames | SlowConsumer | TokenExpiredStreamsDone
-         | InternalFailure | ServerRestart | SocketClosed)
+Event = (Opened | HelloTimedOut | FrameReceived | RequestReceived | UnanswerableFrame
+         | StartRequested | ActionFailed | StreamFailed | StreamTakenOver | TooManyFrames
+         | SlowConsumer | TokenExpiredStreamsDone | InternalFailure | ServerRestart
+         | SocketClosed)
 
 
 # ---------------------------------------------------------------------------- actions
@@ -249,7 +308,8 @@ class AdoptCredentials:
 
 @dataclass(frozen=True, slots=True)
 class HelloAccepted:
-    """The hello passed: the connection no longer counts as awaiting one."""
+    """The hello passed (or, on a dialect without hello, the connection is authenticated or
+    needs no credentials): the connection no longer counts as awaiting one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +329,8 @@ class ResumeStream:
 
 @dataclass(frozen=True, slots=True)
 class Refuse:
-    """Answer of ``StartRequested``: the start is refused with ``error``."""
+    """Answer of ``StartRequested`` or ``RequestReceived``: the request is refused with
+    ``error`` (the adapter answers it in its dialect; the connection stays)."""
 
     error: RelayError
 
@@ -308,14 +369,15 @@ class ConnectionLimits:
 
 
 class Connection:
-    """The decisions of one llm-relay.v1 connection (module docstring). ``models``: the
-    relay's aliases; ``principal``/``principal_state``: who the connection counts for until
-    authentication moves it; ``auth``: None or a disabled Authenticator means no auth."""
+    """The decisions of one connection (module docstring). ``models``: the relay's aliases;
+    ``principal``/``principal_state``: who the connection counts for until authentication
+    moves it; ``auth``: None or a disabled Authenticator means no auth; ``dialect``: the
+    wire protocol it speaks."""
 
     def __init__(self, limits: ConnectionLimits, *, session_id: str, models: Sequence[str],
                  principal: str = "anonymous", principal_state: PrincipalState | None = None,
                  auth: Authenticator | None = None, principals: Principals | None = None,
-                 greeted: bool = False) -> None:
+                 dialect: Dialect = Dialect.V1) -> None:
         self.limits = limits
         self.session_id = session_id
         self.models = list(models)
@@ -324,8 +386,8 @@ class Connection:
         self.auth = auth if auth is not None and auth.enabled else None
         self.principals = principals
         self.credentials: Credentials | None = None
-        #: Another protocol that has no hello (relay.runtime.aisdk) starts ``WELCOMED``.
-        self.phase = Phase.WELCOMED if greeted else Phase.OPENING
+        self.dialect = dialect
+        self.phase = Phase.OPENING
         self._decode_limits = limits.decode_limits or DecodeLimits()
         self._headers: Mapping[str, str] | None = None
         self._expiry_noticed = False
@@ -340,18 +402,28 @@ class Connection:
             return []
         if phase in (Phase.CLOSING, Phase.CLOSED):
             return []           # the first close decision wins; nothing more is answered
-        if phase not in _LEGAL.get(type(event), ()):
-            raise IllegalEvent(f"{type(event).__name__} in phase {phase.value!r}")
+        if phase not in _LEGAL.get(type(event), ()) or \
+                _DIALECT_ONLY.get(type(event), self.dialect) is not self.dialect:
+            raise IllegalEvent(f"{type(event).__name__} in phase {phase.value!r} "
+                               f"({self.dialect.value})")
         if isinstance(event, Opened):
             self._headers = event.headers
+            if self.dialect is Dialect.AI_SDK:
+                return self._open_without_hello()
             if event.subprotocol != PROTOCOL_VERSION:
                 return self._close(CloseCode.UNSUPPORTED_VERSION,
                                    f"unsupported protocol version; supported: {PROTOCOL_VERSION}")
             self.phase = Phase.AWAITING_HELLO
             return []
         if isinstance(event, HelloTimedOut):
+            awaited = "hello" if phase is Phase.AWAITING_HELLO else "credentials"
             return self._close(CloseCode.HELLO_TIMEOUT,
-                               f"no hello within {self.limits.hello_timeout:g} s")
+                               f"no {awaited} within {self.limits.hello_timeout:g} s")
+        if isinstance(event, RequestReceived):
+            return self._request(event)
+        if isinstance(event, UnanswerableFrame):
+            self.phase = Phase.CLOSING
+            return [unanswerable_frame(event.problem)]
         if isinstance(event, FrameReceived):
             if phase is Phase.AWAITING_HELLO:
                 return self._first_frame(event.raw)
@@ -451,8 +523,12 @@ class Connection:
                     raise AuthError("missing token")
                 creds = auth.authenticate(hello.token)
         except AuthError as exc:
-            return Close(int(CloseCode.NOT_AUTHENTICATED), close_reason(exc.reason),
-                         "authentication failed")
+            return _auth_failed(exc)
+        return self._adopt(creds)
+
+    def _adopt(self, creds: Credentials) -> AdoptCredentials | Close:
+        """The principal's connection limit, then the accounting moves from the address to
+        the principal (for every dialect)."""
         principals = self.principals
         assert principals is not None, "auth needs the server's Principals"
         if principals.get(creds.principal).connections >= \
@@ -463,6 +539,62 @@ class Connection:
         principals.disconnect(self.principal)
         self.credentials, self.principal, self.principal_state = creds, creds.principal, state
         return AdoptCredentials(creds, state)
+
+    def _open_without_hello(self) -> list[Action]:
+        """``Opened`` on a dialect without hello: no credentials needed, the upgrade's
+        header, or ``AWAITING_CREDENTIALS`` (module docstring)."""
+        auth = self.auth
+        if auth is None:
+            self.phase = Phase.WELCOMED
+            return [HelloAccepted()]
+        try:
+            creds = auth.check_header(self._headers) if self._headers is not None else None
+        except AuthError as exc:
+            return self._closed_by(_auth_failed(exc))
+        if creds is None:
+            self.phase = Phase.AWAITING_CREDENTIALS
+            return []
+        return self._authenticated(creds)
+
+    def _authenticated(self, creds: Credentials) -> list[Action]:
+        adopted = self._adopt(creds)
+        if isinstance(adopted, Close):
+            return self._closed_by(adopted)
+        self.phase = Phase.WELCOMED
+        return [adopted, HelloAccepted()]
+
+    def _closed_by(self, close: Close) -> list[Action]:
+        self.phase = Phase.CLOSING
+        return [close]
+
+    def _request(self, event: RequestReceived) -> list[Action]:
+        """The credentials of a request of a dialect without hello (module docstring)."""
+        auth = self.auth
+        if auth is None:
+            return []
+        creds = self.credentials
+        if event.authorization is None:
+            if creds is None:
+                return [Refuse(NotAuthenticated("Not authenticated: missing credentials.",
+                                                id=event.id))]
+            if auth.expired(creds):
+                return [*self._expired(),
+                        Refuse(NotAuthenticated("Not authenticated: token expired.",
+                                                id=event.id))]
+            return []
+        try:
+            presented = auth.check_header({"Authorization": event.authorization})
+        except AuthError as exc:
+            return self._closed_by(_auth_failed(exc))
+        assert presented is not None                 # (auth is on and a value was given)
+        if creds is None:
+            return self._authenticated(presented)
+        if presented.principal != creds.principal:
+            return [Refuse(NotAuthenticated(
+                "Not authenticated: these credentials are for another principal than this "
+                "connection's.", id=event.id))]
+        self.credentials = presented                 # a refreshed token
+        return []
 
     def _frame(self, event: FrameReceived) -> list[Action]:
         msg: Any = None
@@ -548,25 +680,45 @@ class Connection:
 
 _EXPIRED = object()
 
-_OPEN = frozenset({Phase.OPENING, Phase.AWAITING_HELLO, Phase.WELCOMED})
+
+def _auth_failed(exc: AuthError) -> Close:
+    return Close(int(CloseCode.NOT_AUTHENTICATED), close_reason(exc.reason),
+                 "authentication failed")
+
+
+_OPEN = frozenset({Phase.OPENING, Phase.AWAITING_HELLO, Phase.AWAITING_CREDENTIALS,
+                   Phase.WELCOMED})
 _AFTER_WELCOME = frozenset({Phase.WELCOMED})
+#: A connection that reads frames before it is authenticated (/ai-sdk awaiting credentials).
+_READING = frozenset({Phase.AWAITING_CREDENTIALS, Phase.WELCOMED})
 
 #: The phases (besides ``CLOSING``/``CLOSED``, where every event is accepted and answered
 #: with nothing) in which each event may happen. Anything else is a bug of the glue.
 _LEGAL: dict[type, frozenset[Phase]] = {
     Opened: frozenset({Phase.OPENING}),
-    HelloTimedOut: frozenset({Phase.AWAITING_HELLO}),
+    HelloTimedOut: frozenset({Phase.AWAITING_HELLO, Phase.AWAITING_CREDENTIALS}),
     FrameReceived: frozenset({Phase.AWAITING_HELLO, Phase.WELCOMED}),
+    RequestReceived: _READING,
+    UnanswerableFrame: _READING,
     StartRequested: _AFTER_WELCOME,
-    ActionFailed: _AFTER_WELCOME,
+    # (/ai-sdk: a request refused while awaiting credentials is answered the same way)
+    ActionFailed: _READING,
     StreamFailed: _AFTER_WELCOME,
     StreamTakenOver: _AFTER_WELCOME,
-    TooManyFrames: _AFTER_WELCOME,
-    SlowConsumer: _AFTER_WELCOME,
+    TooManyFrames: _READING,
+    SlowConsumer: _READING,
     TokenExpiredStreamsDone: _AFTER_WELCOME,
     # A task may fail, and the relay may restart, at any time.
     InternalFailure: _OPEN,
     ServerRestart: _OPEN,
+}
+
+
+#: Events only one dialect's glue feeds (any other event: every dialect).
+_DIALECT_ONLY: dict[type, Dialect] = {
+    FrameReceived: Dialect.V1,
+    RequestReceived: Dialect.AI_SDK,
+    UnanswerableFrame: Dialect.AI_SDK,
 }
 
 
@@ -629,7 +781,7 @@ _POLICY_VIOLATION = 1008
 
 
 def unanswerable_frame(message: str) -> Close:
-    """/ai-sdk: a frame that cannot be parsed or names no ``requestId`` (relay.runtime.aisdk)."""
+    """/ai-sdk: a frame that cannot be parsed or names no ``requestId`` (``UnanswerableFrame``)."""
     return Close(_POLICY_VIOLATION, close_reason(message))
 
 

@@ -4,6 +4,8 @@ into ``error`` frames in one place (``relay.core.connection.error_frame_for``, f
 
     RelayError(code)                  -> error frame {code, message, ref, id}
       BadRequest                         bad_request
+        NotAuthenticated                 bad_request (a dialect's request without usable
+                                         credentials, relay.core.connection RequestReceived)
       UnknownModel                       unknown_model
       DuplicateId                        duplicate_id
       TooManyStreams                     too_many_streams
@@ -23,8 +25,8 @@ from __future__ import annotations
 from protocol import ErrorCode
 
 __all__ = [
-    "RELAY_BUG_MESSAGE", "BadRequest", "Draining", "RateLimited", "DuplicateId", "RelayError", "TooManyStreams", "UnknownModel",
-    "UnknownStream", "StreamLost",
+    "RELAY_BUG_MESSAGE", "BadRequest", "Draining", "DuplicateId", "NotAuthenticated",
+    "RateLimited", "RelayError", "StreamLost", "TooManyStreams", "UnknownModel", "UnknownStream",
 ]
 
 #: The message of the ``internal_error`` that ends a stream cut short by a relay bug.
@@ -45,6 +47,11 @@ class RelayError(Exception):
 
 class BadRequest(RelayError):
     code = ErrorCode.BAD_REQUEST
+
+
+class NotAuthenticated(BadRequest):
+    """A request of a dialect with per-request credentials (/ai-sdk) that carries none, or
+    another principal's; the connection stays (relay.core.connection ``RequestReceived``)."""
 
 
 class UnknownModel(RelayError):

@@ -19,18 +19,21 @@ knows or guesses a chat id (``my-chat``) finds nothing: a chat id is not a secre
 cookie is. A client that keeps no cookies gets a new owner on each connection: its chats
 resume only with ``--auth``, or when it sends the cookie back itself.
 
-Auth (with ``--auth``): the upgrade's ``Authorization`` header authenticates the connection;
-otherwise each ``send``/``resume`` carries ``headers.authorization`` ("Bearer ...", the
-transport's ``headers`` option), checked per request: a missing or invalid one is an
-``error`` for that request, never a closed connection. A connection acts for one principal.
-
-A frame that cannot be parsed or names no ``requestId`` cannot be answered (the transport
-ignores responses it cannot correlate): the connection is closed 1008, as the AI SDK's own
-server example does. Any other bad frame gets an ``error`` response frame for its request.
+The door is the connection machine's (``relay.core.connection``, ``Dialect.AI_SDK``): this
+adapter decodes frames (``protocol.aisdk``) and feeds the machine what they carry, and the
+machine decides, with the same code as for /ws, the authentication (the upgrade's
+``Authorization`` header, else each ``send``/``resume``'s ``headers.authorization``), the
+per-principal connection cap, the time a connection may stay unauthenticated
+(``hello_timeout``), the pending slot it holds meanwhile, and every close: wrong
+credentials close the connection as a wrong hello does on /ws; a frame that cannot be parsed
+or names no ``requestId`` cannot be answered (the transport ignores responses it cannot
+correlate) and closes it too, as the AI SDK's own server example does. Any other bad frame
+gets an ``error`` response frame for its request. A connection acts for one principal.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -42,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from websockets.exceptions import ConnectionClosed
 
 from protocol import FinishReason, FrameError, Resume, frames
 from protocol.codec import validate_client_object
@@ -59,11 +63,11 @@ from protocol.aisdk import (
     to_chat_messages,
 )
 
-from relay.core.auth import AuthError
 from relay.core.errors import RelayError, StreamLost, UnknownStream
 from relay.cluster.redis_store import StoreUnavailable
 from relay.cluster.replication import Replicator, StoreUnavailableError
-from relay.core.connection import unanswerable_frame
+from relay.core.connection import (ActionFailed, Dialect, HelloTimedOut, Opened, Phase,
+                                   RequestReceived, UnanswerableFrame)
 from relay.runtime.hub import Attachment
 from relay.runtime.session import Session
 from relay.core.streamlog import LogEntry
@@ -206,6 +210,20 @@ class ChatIndex:
         return len(self._chats)
 
 
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """What the machine's error answer to a request names (``ActionFailed.msg``): its type
+    and its id (an AI SDK request's ``id`` is its chat's; its ``requestId`` names it)."""
+
+    type: str
+    id: str
+
+
+def _authorization(headers: dict[str, str]) -> str | None:
+    """A request's ``Authorization`` value (the transport's ``headers`` option; any case)."""
+    return next((v for k, v in headers.items() if k.lower() == "authorization"), None)
+
+
 def _message_id(stream_key: str) -> str:
     # Stable for the stream (a replay repeats it) but reveals nothing of its resume key.
     return "msg_" + hashlib.sha256(stream_key.encode()).hexdigest()[:24]
@@ -214,16 +232,13 @@ def _message_id(stream_key: str) -> str:
 class AiSdkSession(Session):
     """One ``/ai-sdk`` connection. See the module docstring for the rules."""
 
-    #: No hello: the connection's machine starts welcomed (relay.core.connection).
-    _greeted_without_hello = True
+    dialect = Dialect.AI_SDK
 
-    def __init__(self, *args: Any, chats: ChatIndex, address_principal: str,
-                 **kwargs: Any) -> None:
+    def __init__(self, *args: Any, chats: ChatIndex, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._chats = chats
-        self._address_principal = address_principal
         self._mappers: dict[Attachment, ResponseMapper] = {}
-        self._authenticated = self._auth is None
+        self._credentials_timer: asyncio.TimerHandle | None = None
         #: The browser's owner cookie (module docstring); it scopes chats without --auth.
         self._owner_cookie = _owner_of_connection(self.ws)
 
@@ -237,75 +252,48 @@ class AiSdkSession(Session):
 
     # ------------------------------------------------------------------ handshake
 
+    async def run(self) -> None:
+        try:
+            await super().run()
+        finally:
+            if self._credentials_timer is not None:
+                self._credentials_timer.cancel()
+
     async def _handshake(self) -> bool:
-        """No hello: the transport starts with its first request. An ``Authorization``
-        header on the upgrade authenticates the whole connection (the server already
-        refused a malformed one with HTTP 401)."""
-        if self._auth is not None:
-            request = getattr(self.ws, "request", None)
-            try:
-                creds = self._auth.check_header(request.headers) if request else None
-            except AuthError:
-                creds = None
-            if creds is not None:
-                self._adopt_credentials(creds)
-        else:
-            self._admitted()
+        """No hello: the transport starts with its first request. The machine decides at
+        once when auth is off or the upgrade carried an ``Authorization`` header; otherwise
+        the connection awaits credentials in its requests for ``hello_timeout``, as a /ws
+        connection awaits its hello."""
+        request = getattr(self.ws, "request", None)
+        opened = self.conn.handle(Opened(self.ws.subprotocol,
+                                         request.headers if request is not None else None))
+        if not await self._perform_handshake(opened):
+            return False
+        if self.conn.phase is Phase.AWAITING_CREDENTIALS:
+            self._credentials_timer = asyncio.get_running_loop().call_later(
+                self.settings.hello_timeout, self._credentials_timed_out)
         return True
 
-    def _admitted(self) -> None:
-        """The connection is past what ``hello`` proves on /ws (auth off, or credentials
-        accepted): it no longer counts as a pending connection."""
-        if self._on_hello is not None:
-            on_hello, self._on_hello = self._on_hello, None
-            on_hello()
-
-    def _adopt_credentials(self, creds: Any) -> None:
-        principals = self._auth._principals if self._auth is not None else None
-        self.credentials = creds
-        self.principal = creds.principal
-        if principals is not None:
-            self._principal_state = principals.connect(creds.principal)
-            principals.disconnect(self._address_principal)
-        self._authenticated = True
-        self._admitted()
-
-    def _authenticate_request(self, headers: dict[str, str]) -> None:
-        """Per-request credentials (``headers.authorization``); raises ``AuthError``."""
-        if self._auth is None:
-            return
-        value = next((v for k, v in headers.items() if k.lower() == "authorization"), None)
-        if value is None:
-            if self._authenticated and self.credentials is not None:
-                if self._auth.expired(self.credentials):
-                    raise AuthError("token expired")
-                return
-            raise AuthError("missing credentials")
-        scheme, _, credential = value.strip().partition(" ")
-        if scheme.lower() != "bearer" or not credential.strip():
-            raise AuthError("invalid credentials")
-        creds = self._auth.authenticate(credential.strip())
-        if self.credentials is None:
-            self._adopt_credentials(creds)
-        elif creds.principal != self.credentials.principal:
-            raise AuthError("these credentials are for another principal than this "
-                            "connection's")
-        else:
-            self.credentials = creds          # a refreshed token
+    def _credentials_timed_out(self) -> None:
+        self._credentials_timer = None
+        if self.conn.phase is Phase.AWAITING_CREDENTIALS:
+            self._perform_now(self.conn.handle(HelloTimedOut()))
 
     # ------------------------------------------------------------------ inbound
 
     async def _handle(self, raw: str | bytes) -> None:
-        """Answer one AI SDK frame: the single place its exceptions become answers."""
+        """Answer one AI SDK frame: decode it, let the machine decide on its credentials
+        (a close, a refusal, or go on), then carry the request out."""
+        if self.conn.phase not in (Phase.AWAITING_CREDENTIALS, Phase.WELCOMED):
+            return                     # closing: nothing more is answered
         try:
-            request = decode_request(raw if isinstance(raw, str) else b"",
-                                     self._decode_limits)
+            request = decode_request(raw, self._decode_limits)
         except AiSdkFrameError as exc:
             self.metrics.errors.labels("bad_request").inc()
-            if exc.request_id is None or not isinstance(raw, str):
+            if exc.request_id is None:
                 logger.info("ai-sdk: closing a connection that sent an unanswerable frame",
                             extra={"session_id": self.session_id})
-                self._close_soon(unanswerable_frame(exc.message))
+                self._perform_now(self.conn.handle(UnanswerableFrame(exc.message)))
                 return
             self._respond(error_frame(exc.request_id, exc.message))
             return
@@ -313,25 +301,26 @@ class AiSdkSession(Session):
             if isinstance(request, AbortRequest):
                 self._abort(request)
                 return
-            self._authenticate_request(request.headers)
+            for action in self.conn.handle(RequestReceived(
+                    request.requestId, _authorization(request.headers))):
+                await self._perform(action)     # a close, credentials adopted, or Refuse
+            if self.conn.phase is not Phase.WELCOMED:
+                return                          # closed (or closing) instead
             if isinstance(request, SendRequest):
                 await self._on_send(request)
             else:
                 await self._on_resume(request)
-        except AuthError as exc:
-            self.metrics.errors.labels("not_authenticated").inc()
-            logger.info("ai-sdk: request refused: %s", exc.reason,
-                        extra={"session_id": self.session_id})
-            self._respond(error_frame(request.requestId,
-                                      f"Not authenticated: {exc.reason}."))
-        except RelayError as exc:
-            self.metrics.errors.labels(exc.code).inc()
-            self._respond(error_frame(request.requestId, exc.message))
-        except Exception:
-            logger.exception("session %s: internal error handling an ai-sdk %s frame",
-                             self.session_id, request.type)
-            self.metrics.errors.labels("internal_error").inc()
-            self._respond(error_frame(request.requestId, safe_error_text(None)))
+        except ConnectionClosed:
+            raise
+        except Exception as exc:
+            # As on /ws, the machine turns the exception into the error answering the
+            # request (``_send`` says it in AI SDK terms); anything but the relay's own
+            # refusals is a bug, logged here with its traceback.
+            if not isinstance(exc, RelayError):
+                logger.exception("session %s: internal error handling an ai-sdk %s frame",
+                                 self.session_id, request.type)
+            self._perform_now(self.conn.handle(
+                ActionFailed(_Request(request.type, request.requestId), exc)))
 
     async def _on_send(self, request: SendRequest) -> None:
         rid = request.requestId
@@ -446,8 +435,9 @@ class AiSdkSession(Session):
             return super()._send(start_frame(frame["id"]))
         if frame.get("type") == "error" and frame.get("id") is not None:
             # The relay's own refusals explain themselves; a takeover (the chat was resumed
-            # elsewhere) ends this request with a plain-language text.
+            # elsewhere) and a relay bug end this request with a plain-language text.
             text = (safe_error_text(frame["code"]) if frame["code"] == "stream_taken_over"
+                    else safe_error_text(None) if frame["code"] == "internal_error"
                     else frame["message"])
             return super()._send(error_frame(frame["id"], text))
         return True

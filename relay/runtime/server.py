@@ -361,7 +361,8 @@ class RelayServer:
                                 release_pending: Callable[[], None]) -> None:
         s = self.settings
         state = self.principals.get(principal)
-        # With auth on, the principal is known after hello (Authenticator.admit checks it).
+        # With auth on, the principal is known once authenticated, on /ws and /ai-sdk alike:
+        # the connection machine checks its cap then (relay.core.connection).
         if state.connections >= s.max_connections_per_principal and not self.auth.enabled:
             await _close(ws, refuse_at_door(Door.PRINCIPAL_FULL))
             return
@@ -374,7 +375,7 @@ class RelayServer:
             metrics=self.metrics, auth=self.auth, on_hello=release_pending)
         if ws.request is not None and ws.request.path.split("?", 1)[0] == AI_SDK_PATH:
             session: Session = AiSdkSession(ws, self.settings, self.registry, chats=self.chats,
-                                            address_principal=principal, **common)
+                                            **common)
         else:
             session = Session(ws, self.settings, self.registry, **common)
         self._sessions.add(session)

@@ -50,10 +50,10 @@ from relay.core.auth import Authenticator, Credentials
 from relay.config import RelaySettings
 from relay.core.connection import (
     Action, ActionFailed, AdoptCredentials, CancelStream, Close, CloseWhenStreamsEnd,
-    Connection, ConnectionLimits, FrameReceived, HelloAccepted, HelloTimedOut, InternalFailure,
-    Opened, Phase, Refuse, ResumeStream, SendFrame, ServerRestart, SlowConsumer, Slowness,
-    SocketClosed, StartRequested, StartStream, StreamFailed, StreamTakenOver,
-    TokenExpiredStreamsDone, TooManyFrames,
+    Connection, ConnectionLimits, Dialect, FrameReceived, HelloAccepted, HelloTimedOut,
+    InternalFailure, Opened, Phase, Refuse, ResumeStream, SendFrame, ServerRestart,
+    SlowConsumer, Slowness, SocketClosed, StartRequested, StartStream, StreamFailed,
+    StreamTakenOver, TokenExpiredStreamsDone, TooManyFrames,
 )
 from relay.core.errors import RelayError, UnknownStream
 from relay.runtime.hub import Attachment, HubStream, StreamHub
@@ -119,7 +119,7 @@ class Session:
             ConnectionLimits.from_settings(settings), session_id=self.session_id,
             models=registry.aliases, principal=principal, principal_state=principal_state,
             auth=self._auth, principals=self._auth.principals if self._auth else None,
-            greeted=self._greeted_without_hello)
+            dialect=self.dialect)
         self._streamer_factory = streamer_factory or (lambda spec: spec.streamer())
         self._draining = draining
         self._attachments: dict[str, Attachment] = {}
@@ -135,8 +135,9 @@ class Session:
         self._slow_timer: asyncio.TimerHandle | None = None
         self._cancelled_on_detach: list[asyncio.Task] = []
 
-    #: A protocol without ``hello`` (relay.runtime.aisdk) starts welcomed.
-    _greeted_without_hello = False
+    #: The wire protocol; another one (relay.runtime.aisdk) overrides it, and the machine
+    #: applies its rules for it.
+    dialect = Dialect.V1
 
     @property
     def active_streams(self) -> int:
@@ -220,13 +221,8 @@ class Session:
                 self._log_close(action)
                 await self.ws.close(action.code, action.reason)
                 return False
-            if isinstance(action, AdoptCredentials):
-                logger.info("authenticated", extra={
-                    "session_id": self.session_id, "principal": action.credentials.principal,
-                    "auth": action.credentials.method})
-            elif isinstance(action, HelloAccepted):
-                if self._on_hello is not None:
-                    self._on_hello()
+            if isinstance(action, (AdoptCredentials, HelloAccepted)):
+                self._admitted(action)
             elif isinstance(action, SendFrame):
                 try:
                     await self.ws.send(encode_frame(action.frame), text=True)
@@ -235,6 +231,17 @@ class Session:
             else:
                 raise AssertionError(f"unexpected handshake action {action!r}")
         return True
+
+    def _admitted(self, action: AdoptCredentials | HelloAccepted) -> None:
+        """Authenticated (the machine has moved the accounting), or past what ``hello``
+        proves: the connection no longer holds a pending slot of its address."""
+        if isinstance(action, AdoptCredentials):
+            logger.info("authenticated", extra={
+                "session_id": self.session_id, "principal": action.credentials.principal,
+                "auth": action.credentials.method})
+        elif self._on_hello is not None:
+            on_hello, self._on_hello = self._on_hello, None
+            on_hello()
 
     def _log_close(self, close: Close) -> None:
         if close.note is not None:
@@ -304,6 +311,9 @@ class Session:
             return
         if isinstance(action, CloseWhenStreamsEnd):
             self._close_when_expired()
+            return
+        if isinstance(action, (AdoptCredentials, HelloAccepted)):
+            self._admitted(action)
             return
         if isinstance(action, Refuse):
             raise action.error

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from protocol import frames
+from protocol import DecodeLimits, frames
 from protocol.aisdk import (
     MAX_MERGED_DELTA_CHARS,
     AiSdkFrameError,
@@ -311,6 +311,9 @@ def test_decode_send_resume_abort():
     ('{"type": "bogus", "requestId": "r1"}', "r1"),
     (send(trigger="shout"), "r1"), (send(messages=[]), "r1"),
     (send(headers={"a": 1}), "r1"), (send(requestId="a\nb"), None),
+    # a requestId becomes a v1 stream id: the same rule (no C1 controls, no line separators)
+    (send(requestId="a\x97b"), None), (send(requestId="a\u2028b"), None),
+    ('{"type": ["send"], "requestId": "r1"}', "r1"), ('{"type": {}, "requestId": "r1"}', "r1"),
     ('{"type": "resume", "requestId": "q", "id": "c", "headers": {}, "body": {},'
      ' "lastSequence": -1}', "q"),
 ])
@@ -322,8 +325,63 @@ def test_bad_requests_name_their_request_when_they_can(data, request_id):
 
 def test_counts_are_refused_before_validation():
     many = [{"id": str(i), "role": "user", "parts": []} for i in range(2001)]
-    with pytest.raises(AiSdkFrameError, match="too many messages"):
+    with pytest.raises(AiSdkFrameError, match=r"2001 messages; .* \(max_messages\)"):
         decode_request(send(messages=many))
-    parts = [{"id": "u", "role": "user", "parts": [{"type": "text", "text": ""}] * 10_001}]
-    with pytest.raises(AiSdkFrameError, match="too many message parts"):
+    parts = [{"id": "u", "role": "user", "parts": [{"type": "text", "text": ""}] * 4001}]
+    with pytest.raises(AiSdkFrameError, match=r"4001 content parts; .* \(max_content_parts\)"):
         decode_request(send(messages=parts))
+
+
+class ModelSpy:
+    """Stands in for a request model of protocol.aisdk; counts validations."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.calls = 0
+
+    def model_validate(self, obj):
+        self.calls += 1
+        return self.real.model_validate(obj)
+
+
+@pytest.fixture
+def spied(monkeypatch) -> dict:
+    import protocol.aisdk as aisdk
+
+    spies = {name: ModelSpy(model) for name, model in aisdk._MODELS.items()}
+    monkeypatch.setattr(aisdk, "_MODELS", spies)
+    return spies
+
+
+SMALL = DecodeLimits(max_messages_bytes=4096, max_messages=5, max_tools=2,
+                     max_content_parts=4, max_start_keys=40, max_json_depth=8,
+                     max_json_containers=200)
+USER = {"id": "u", "role": "user", "parts": [{"type": "text", "text": "x"}]}
+
+
+@pytest.mark.parametrize(("frame", "limit"), [
+    (send(messages=[USER] * 6), "max_messages"),
+    (send(messages=[{**USER, "parts": USER["parts"] * 5}]), "max_content_parts"),
+    (send(messages=[{**USER, "parts": [{"type": "text", "text": "x" * 5000}]}]),
+     "max_messages_bytes"),
+    (send(body={"tools": [{"type": "function", "function": {"name": f"t{i}"}}
+                          for i in range(3)]}), "max_tools"),
+    (send(headers={f"h{i}": "v" for i in range(40)}), "max_start_keys"),
+    (send(body={f"k{i}": i for i in range(40)}), "max_start_keys"),
+    (send(messages=[{**USER, "parts": [{f"k{i}": i for i in range(40)}]}]), "max_start_keys"),
+    (json.dumps({"type": "resume", "requestId": "r1", "id": "c", "headers": {},
+                 "body": {f"k{i}": i for i in range(41)}}), "max_start_keys"),
+])
+def test_a_request_beyond_a_v1_limit_is_refused_before_validation(frame, limit, spied):
+    """The checks of a v1 ``start`` (codec.check_request_shape), on the raw request:
+    UIMessage parts count as content parts, ``body.tools`` as tools, ``headers`` and
+    ``body`` as objects validated key by key."""
+    with pytest.raises(AiSdkFrameError) as info:
+        decode_request(frame, SMALL)
+    assert info.value.request_id == "r1"
+    assert info.value.message.startswith("Invalid request: ")
+    assert info.value.message.endswith(f"({limit})")
+    assert sum(spy.calls for spy in spied.values()) == 0, "validated before the limits"
+    # (and the spy sees a validation: one at the limits passes them)
+    assert isinstance(decode_request(send(messages=[USER] * 4), SMALL), SendRequest)
+    assert spied["send"].calls == 1

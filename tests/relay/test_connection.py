@@ -23,7 +23,8 @@ from protocol import PROTOCOL_VERSION, FrameError, Start
 from relay.core.auth import Authenticator, hash_api_key
 from relay.core.connection import (
     ActionFailed, AdoptCredentials, CancelStream, Close, CloseWhenStreamsEnd, Connection,
-    ConnectionLimits, Door, FrameReceived, HelloAccepted, HelloTimedOut, IllegalEvent,
+    ConnectionLimits, Dialect, Door, FrameReceived, RequestReceived, UnanswerableFrame,
+    HelloAccepted, HelloTimedOut, IllegalEvent,
     InternalFailure, Opened, Phase, Refuse, ResumeStream, SendFrame, ServerRestart,
     SlowConsumer, Slowness, SocketClosed, StartRequested, StartStream, StreamFailed,
     StreamTakenOver, TokenExpiredStreamsDone, TooManyFrames, close_reason,
@@ -108,6 +109,19 @@ def authed(hello_token: str | None, *, clock=None, principals=None, headers=None
     if hello_token is not None:
         hello["token"] = hello_token
     return conn, conn.handle(FrameReceived(json.dumps(hello))), principals
+
+
+def aisdk(*, auth: bool = False, headers=None, principals=None, clock=None):
+    """An /ai-sdk connection (``Dialect.AI_SDK``) just opened, and the actions of its
+    ``Opened``."""
+    principals = principals or Principals(None, None)
+    principals.connect("ip:10.0.0.1")
+    authenticator = Authenticator(_AuthSettings(), principals, clock=clock or time.time) \
+        if auth else None
+    conn = Connection(LIMITS, session_id="s_1", models=["demo", "gpt"],
+                      principal="ip:10.0.0.1", principal_state=principals.get("ip:10.0.0.1"),
+                      auth=authenticator, principals=principals, dialect=Dialect.AI_SDK)
+    return conn, conn.handle(Opened(None, headers)), principals
 
 
 # ---------------------------------------------------------------------- handshake
@@ -207,18 +221,31 @@ EVENTS = [Opened(PROTOCOL_VERSION), HelloTimedOut(), FrameReceived(frame(type="p
 LEGAL = {
     Phase.OPENING: {Opened, InternalFailure, ServerRestart},
     Phase.AWAITING_HELLO: {HelloTimedOut, FrameReceived, InternalFailure, ServerRestart},
-    Phase.WELCOMED: {FrameReceived, StartRequested, ActionFailed, StreamFailed,
-                     StreamTakenOver, TooManyFrames, SlowConsumer, TokenExpiredStreamsDone,
-                     InternalFailure, ServerRestart},
+    Phase.AWAITING_CREDENTIALS: {HelloTimedOut, RequestReceived, UnanswerableFrame,
+                                 ActionFailed, TooManyFrames, SlowConsumer, InternalFailure,
+                                 ServerRestart},
+    Phase.WELCOMED: {FrameReceived, RequestReceived, UnanswerableFrame, StartRequested,
+                     ActionFailed, StreamFailed, StreamTakenOver, TooManyFrames, SlowConsumer,
+                     TokenExpiredStreamsDone, InternalFailure, ServerRestart},
 }
 
 
-def _in_phase(phase: Phase) -> Connection:
-    conn = Connection(LIMITS, session_id="s", models=["demo"])
-    if phase is not Phase.OPENING:
-        conn.handle(Opened(PROTOCOL_VERSION))
-    if phase is Phase.WELCOMED:
-        conn.handle(FrameReceived(HELLO))
+#: Events only one dialect's glue may feed.
+DIALECT_ONLY = {FrameReceived: Dialect.V1, RequestReceived: Dialect.AI_SDK,
+                UnanswerableFrame: Dialect.AI_SDK}
+AISDK_EVENTS = [RequestReceived("r1"), UnanswerableFrame("not JSON")]
+
+
+def _in_phase(phase: Phase, dialect: Dialect = Dialect.V1) -> Connection:
+    if phase is Phase.AWAITING_CREDENTIALS or (dialect is Dialect.AI_SDK
+                                               and phase is not Phase.OPENING):
+        conn = aisdk(auth=phase is Phase.AWAITING_CREDENTIALS)[0]
+    else:
+        conn = Connection(LIMITS, session_id="s", models=["demo"], dialect=dialect)
+        if phase is not Phase.OPENING:
+            conn.handle(Opened(PROTOCOL_VERSION))
+        if phase is Phase.WELCOMED:
+            conn.handle(FrameReceived(HELLO))
     assert conn.phase is phase
     return conn
 
@@ -230,10 +257,14 @@ def test_the_legal_pairs_are_the_documented_ones():
 
 
 @pytest.mark.parametrize("phase", list(LEGAL), ids=lambda p: p.value)
-@pytest.mark.parametrize("event", EVENTS, ids=lambda e: type(e).__name__)
-def test_events_out_of_order_are_a_bug_of_the_glue(phase, event):
-    conn = _in_phase(phase)
-    if type(event) in LEGAL[phase]:
+@pytest.mark.parametrize("event", EVENTS + AISDK_EVENTS, ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("dialect", list(Dialect), ids=lambda d: d.value)
+def test_events_out_of_order_are_a_bug_of_the_glue(phase, event, dialect):
+    if (phase is Phase.AWAITING_HELLO and dialect is Dialect.AI_SDK) or \
+            (phase is Phase.AWAITING_CREDENTIALS and dialect is Dialect.V1):
+        return                              # (no such phase in that dialect)
+    conn = _in_phase(phase, dialect)
+    if type(event) in LEGAL[phase] and DIALECT_ONLY.get(type(event), dialect) is dialect:
         conn.handle(event)
     else:
         with pytest.raises(IllegalEvent):
@@ -363,7 +394,7 @@ def test_another_protocols_start_gets_the_same_admission_as_a_refusal_value():
     refusal = only(conn.handle(StartRequested(msg, {"q1"})), Refuse).error
     assert refusal.code == "duplicate_id"
     assert only(conn.handle(StartRequested(msg, set())), StartStream).msg is msg
-    greeted = Connection(LIMITS, session_id="s", models=["demo"], greeted=True)
+    greeted, actions, _ = aisdk()
     assert greeted.phase is Phase.WELCOMED
     assert only(greeted.handle(StartRequested(msg, set(), True)), Refuse).error.code == \
         "draining"
@@ -508,3 +539,81 @@ def test_error_frames_are_built_only_in_relay_connection():
             if func.attr == "frame" and not node.args:
                 offenders.append(f"{path}:{node.lineno}: .frame()")
     assert offenders == []
+
+
+# ---------------------------------------------------------------------- /ai-sdk's door
+
+
+def test_aisdk_without_auth_is_welcomed_at_once_and_leaves_the_pending_count():
+    conn, actions, _ = aisdk()
+    assert only(actions, HelloAccepted) and conn.phase is Phase.WELCOMED
+    assert conn.handle(RequestReceived("r1", "Bearer whatever")) == []   # nothing to check
+
+
+def test_aisdk_without_credentials_awaits_them_for_the_hello_timeout_then_closes_4408():
+    conn, actions, principals = aisdk(auth=True)
+    assert actions == [] and conn.phase is Phase.AWAITING_CREDENTIALS
+    refusal = only(conn.handle(RequestReceived("r1")), Refuse).error
+    assert (refusal.code, refusal.message, refusal.id) == (
+        "bad_request", "Not authenticated: missing credentials.", "r1")
+    close = only(conn.handle(HelloTimedOut()), Close)
+    assert (close.code, close.reason) == (4408, "no credentials within 10 s")
+    assert principals.get("ip:10.0.0.1").connections == 1
+
+
+@pytest.mark.parametrize("presented", ["Bearer not-a-key", "Bearer a.b.c", "Basic x", "Bearer",
+                                       f"Bearer {token(ttl=-10, now=int(time.time()) - 100)}"])
+@pytest.mark.parametrize("authenticated", [False, True])
+def test_aisdk_wrong_credentials_in_a_request_close_4401_like_a_wrong_hello(presented,
+                                                                           authenticated):
+    headers = {"Authorization": f"Bearer {KEY}"} if authenticated else None
+    conn, _, _ = aisdk(auth=True, headers=headers)
+    close = only(conn.handle(RequestReceived("r1", presented)), Close)
+    assert close.code == 4401 and close.note == "authentication failed"
+    assert conn.phase is Phase.CLOSING
+    assert conn.handle(RequestReceived("r2", f"Bearer {KEY}")) == []     # nothing more
+
+
+def test_aisdk_credentials_in_the_upgrade_or_a_request_pass_the_principal_cap():
+    principals = Principals(None, None)
+    for _ in range(2):                                 # LIMITS: 2 per principal
+        conn, actions, _ = aisdk(auth=True, headers={"Authorization": f"Bearer {KEY}"},
+                                 principals=principals)
+        assert [type(a) for a in actions] == [AdoptCredentials, HelloAccepted]
+        assert conn.phase is Phase.WELCOMED
+    conn, actions, _ = aisdk(auth=True, headers={"Authorization": f"Bearer {KEY}"},
+                             principals=principals)
+    assert only(actions, Close) == Close(4429, "too many connections for this principal",
+                                         "refused connection: too many connections for this "
+                                         "principal")
+    conn, actions, _ = aisdk(auth=True, principals=principals)
+    assert actions == []
+    close = only(conn.handle(RequestReceived("r1", f"Bearer {KEY}")), Close)
+    assert (close.code, close.reason) == (4429, "too many connections for this principal")
+
+
+def test_aisdk_a_request_authenticates_once_and_acts_for_one_principal():
+    clock = _Clock(time.time())
+    conn, _, principals = aisdk(auth=True, clock=clock)
+    adopt, accepted = conn.handle(RequestReceived("r1", f"bearer {token(ttl=60)}"))
+    assert isinstance(adopt, AdoptCredentials) and isinstance(accepted, HelloAccepted)
+    assert conn.principal == "jwt:alice" and principals.total_connections == 1
+    assert conn.handle(RequestReceived("r2")) == []                 # the connection's own
+    assert conn.handle(RequestReceived("r3", f"Bearer {token(ttl=600)}")) == []  # refreshed
+    assert conn.credentials.expires_at == pytest.approx(time.time() + 600, abs=5)
+    other = only(conn.handle(RequestReceived("r4", f"Bearer {token('bob')}")), Refuse).error
+    assert other.message.startswith("Not authenticated: these credentials are for another")
+    clock.now += 3600
+    actions = conn.handle(RequestReceived("r5"))
+    assert [type(a) for a in actions] == [CloseWhenStreamsEnd, Refuse]
+    assert actions[1].error.message == "Not authenticated: token expired."
+
+
+def test_aisdk_an_unanswerable_frame_closes_1008_and_floods_close_before_auth_too():
+    conn, _, _ = aisdk(auth=True)
+    assert only(conn.handle(UnanswerableFrame("frame must be a JSON object")), Close) == \
+        Close(1008, "frame must be a JSON object")
+    conn, _, _ = aisdk(auth=True)
+    assert only(conn.handle(TooManyFrames()), Close).code == 4429
+    conn, _, _ = aisdk(auth=True)
+    assert only(conn.handle(SlowConsumer(Slowness.CONTROL_QUEUE)), Close).code == 4008
