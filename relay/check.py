@@ -36,14 +36,14 @@ class AliasReport:
     path: str
     reason: str
     endpoint: str
-    key: str            # "KEY_VAR set", "KEY_VAR NOT SET", "no key variable configured"
+    key_status: str     # "KEY_VAR set", "KEY_VAR NOT SET", "no key variable configured"
     usable: bool
     problem: str | None = None
     probe: str | None = None
 
     def lines(self) -> list[str]:
         out = [f"{self.alias}: {self.path} path ({self.reason}); endpoint {self.endpoint}; "
-               f"{self.key}"]
+               f"{self.key_status}"]
         if self.problem:
             out.append(f"  problem: {self.problem}")
         if self.probe:
@@ -98,10 +98,11 @@ def describe_alias(spec: ModelSpec) -> AliasReport:
         report.endpoint = f"POST {url}"
         if default_key and not _has_credential(headers):
             report.usable = False
-            report.key = "no key variable configured, and the provider's default one is unset"
+            report.key_status = ("no key variable configured, and the provider's default "
+                                 "one is unset")
             report.problem = "no credential: name the key's variable with api_key_env"
         elif default_key:
-            report.key = "no key variable configured; the provider's default one is set"
+            report.key_status = "no key variable configured; the provider's default one is set"
         route = choice.route
         if route.provider not in ("openai", "custom_openai") and \
                 url.startswith("https://api.openai.com/"):
