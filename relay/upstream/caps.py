@@ -112,39 +112,48 @@ class Inflater:
         self._max = limits.max_decompressed_bytes
         self._ratio = limits.max_decompression_ratio
 
-    def feed(self, raw: bytes) -> bytes:
+    def feed(self, raw: bytes, limit: int | None = None) -> bytes:
+        """The decoded bytes of ``raw`` (``limit``: at most that many; the rest of ``raw``
+        is then dropped, for a body that is read no further)."""
         self._in += len(raw)
         pieces = []
+        produced = 0
         data = raw
+        decoder = self._decoder
         while True:
             try:
-                piece = self._decoder.decompress(data, INFLATE_STEP)
+                piece = decoder.decompress(data, INFLATE_STEP)
             except zlib.error:
                 if self._deflate and self._first:
                     # "deflate" without the zlib header, as some servers send it (httpx and
                     # browsers accept both).
                     self._first = False
-                    self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
+                    decoder = self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
                     continue
                 raise UpstreamLimitExceeded(
                     "the provider's compressed response could not be decoded") from None
             self._first = False
+            data = decoder.unconsumed_tail
             if piece:
                 self._out += len(piece)
-                self._check()
+                self._check(len(data))
                 pieces.append(piece)
-            data = self._decoder.unconsumed_tail
+                produced += len(piece)
+                if limit is not None and produced >= limit:
+                    break
             if not data and len(piece) < INFLATE_STEP:
                 break
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def _check(self) -> None:
+    def _check(self, unconsumed: int) -> None:
+        """Raise when the output so far is over a cap (the ratio against the compressed
+        bytes actually consumed: a 64 KiB read of a bomb stops after ~200 x what it used)."""
         out = self._out
         if out > self._max:
             raise UpstreamLimitExceeded(
                 "the provider's response inflated beyond the relay's limit "
                 f"(max_decompressed_bytes {self._max})")
-        if out > RATIO_FLOOR and out > self._ratio * self._in:
+        if out > RATIO_FLOOR and out > self._ratio * (self._in - unconsumed):
             raise UpstreamLimitExceeded(
                 "the provider's response inflated beyond the relay's limit "
                 f"(max_decompression_ratio {self._ratio:g})")
@@ -172,7 +181,7 @@ async def read_error_body(response: Any, limits: UpstreamLimits | None = None) -
         inflater = Inflater(encoding, limits) if encoding else None
         async for raw in response.aiter_raw():
             raw_read += len(raw)
-            data = inflater.feed(raw) if inflater is not None else raw
+            data = inflater.feed(raw, cap - len(body)) if inflater is not None else raw
             body += data[:cap - len(body)]
             if len(body) >= cap or raw_read >= cap:
                 break
@@ -250,7 +259,10 @@ class _CappedBody(httpx.AsyncByteStream):
         try:
             async for raw in self._inner:
                 raw_read += len(raw)
-                data = inflater.feed(raw) if inflater is not None else raw
+                if inflater is None:
+                    data = raw
+                else:
+                    data = inflater.feed(raw, left)
                 if left is not None:
                     data = data[:left]
                     left -= len(data)

@@ -154,9 +154,9 @@ class _Malformed(ProviderStreamError, ValueError):
 
 class _WrongShape(ProviderStreamError, ValueError):
     """A JSON event whose fields have the wrong types (``{"choices": "abc"}``, a string
-    ``delta``, a list where text belongs, nesting past what a chunk holds)."""
-
-    wire_message = "the provider sent a malformed stream"
+    ``delta``, a list where text belongs, nesting past what a chunk holds). Reported as
+    LiteLLM's path reports the same events: "the provider's stream failed (cut off or
+    malformed)"."""
 
 
 #: What reading a wrong-shaped event raises inside a decoder (``obj.get`` on a string, a list
