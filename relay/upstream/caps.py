@@ -235,8 +235,10 @@ def capped_response(response: Any) -> Any:
     drop = (b"content-encoding", b"content-length") if (encoding or error or sse) else ()
     headers = [(k, v) for k, v in response.headers.raw if k.lower() not in drop]
     stream = _CappedBody(response.stream, encoding, error, sse, limits)
+    # (``_request``: a transport's response has no request yet; the client sets it)
     return httpx.Response(status, headers=headers, stream=stream,
-                          extensions=response.extensions, request=response.request)
+                          extensions=response.extensions,
+                          request=getattr(response, "_request", None))
 
 
 class _CappedBody(httpx.AsyncByteStream):

@@ -149,3 +149,20 @@ async def test_sse_standard_forms_read_like_plain_sse(path, mode):
         assert text_of(frames) == "".join(NORMAL_TEXT)
         assert finish["usage"] == {"prompt_tokens": 7, "completion_tokens": 4,
                                    "total_tokens": 11, "estimated": False}
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_caps_come_from_the_settings(path, caplog):
+    """``--max-event-bytes`` (here 64 KiB) is the cap both paths enforce, and the startup
+    log says the LiteLLM path reads through the same caps."""
+    caplog.set_level("INFO", logger="relay.runtime.server")
+    async with HostileUpstream(huge_line_bytes=256 * 1024) as up:
+        async with start_relay(registry=registry_for(up), max_event_bytes=64 * 1024) as server:
+            assert any("upstream caps" in r.getMessage() and "SSE event 65536 B" in
+                       r.getMessage() for r in caplog.records)
+            async with Client.connect(server.url) as client:
+                await client.start("h", model=path, content="huge_line")
+                finish = finish_of(await client.collect("h"))
+                assert finish["error"]["message"] == (
+                    "the provider sent an event larger than the relay's limit "
+                    "(max_event_bytes 65536)"), finish
