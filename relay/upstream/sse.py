@@ -49,7 +49,7 @@ class SSEParser:
     (see the module docstring for the rules). Bytes stay bytes (orjson parses them
     directly). Raises ``EventTooLarge`` above ``max_event_bytes``."""
 
-    __slots__ = ("_tail", "_event", "_data", "_size", "_max", "_cr", "_head")
+    __slots__ = ("_tail", "_event", "_data", "_size", "_max", "_cr", "_head", "_special")
 
     def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         #: An unfinished line (a bytearray: appending to it costs only the new bytes).
@@ -62,18 +62,15 @@ class SSEParser:
         self._cr = False                # the last read ended with CR (a CRLF may be split)
         #: The first bytes, until it is known whether they begin with a byte-order mark.
         self._head: bytes | None = b""
+        #: ``_head`` or ``_cr`` is set: the next read starts on the slow path.
+        self._special = True
 
     def feed(self, chunk: bytes) -> list[tuple[bytes | None, bytes]]:
-        if self._head is not None:
-            chunk = self._strip_bom(chunk)
-            if not chunk:
-                return []
-        if self._cr:
-            self._cr = False
-            if chunk[:1] == b"\n":      # the LF of a CRLF whose CR ended the last read
-                chunk = chunk[1:]
+        if self._special:
+            chunk = self._start_of_read(chunk)
         if b"\r" in chunk:
-            self._cr = chunk[-1:] == b"\r"
+            if chunk[-1:] == b"\r":
+                self._cr = self._special = True
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         tail = self._tail
         if tail is not None:
@@ -107,35 +104,43 @@ class SSEParser:
                 if data is not None:
                     out.append((self._event, data if type(data) is bytes else b"\n".join(data)))
                     self._data = None
-                    self._size = 0
                 self._event = None
             elif line[:5] == b"data:":
                 value = line[6:] if line[5:6] == b" " else line[5:]
                 data = self._data
                 if data is None:
                     self._data = value
-                    self._size = len(value)
+                elif type(data) is bytes:
+                    self._data = [data, value]
+                    self._size = len(data) + len(value) + 1
+                    if self._size > self._max:
+                        raise EventTooLarge(self._max)
                 else:
+                    data.append(value)
                     self._size += len(value) + 1
                     if self._size > self._max:
                         raise EventTooLarge(self._max)
-                    if type(data) is bytes:
-                        self._data = [data, value]
-                    else:
-                        data.append(value)
             elif line[:6] == b"event:":
                 self._event = line[7:] if line[6:7] == b" " else line[6:]
         return out
 
-    def _strip_bom(self, chunk: bytes) -> bytes:
-        """The stream's first bytes without a leading byte-order mark (one that arrives
-        split over several reads too)."""
-        head = self._head + chunk
-        if len(head) < len(_BOM) and _BOM.startswith(head):
-            self._head = head
-            return b""
-        self._head = None
-        return head[len(_BOM):] if head.startswith(_BOM) else head
+    def _start_of_read(self, chunk: bytes) -> bytes:
+        """``chunk`` without what the previous reads decided: a byte-order mark at the start
+        of the stream (also one split over several reads), the LF of a CRLF whose CR ended
+        the last read."""
+        if self._head is not None:
+            head = self._head + chunk
+            if len(head) < len(_BOM) and _BOM.startswith(head):
+                self._head = head
+                return b""
+            self._head = None
+            chunk = head[len(_BOM):] if head.startswith(_BOM) else head
+        if self._cr and chunk:
+            self._cr = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        self._special = self._head is not None or self._cr
+        return chunk
 
 
 def encode_event(event: bytes | None, data: bytes) -> bytes:
