@@ -26,7 +26,8 @@ What LiteLLM still does (its provider knowledge, once per stream, never per chun
 
 What the relay does: one shared ``httpx.AsyncClient`` per event loop (on aiohttp's wire,
 ``relay/upstream/transport.py``), ``SSEParser`` (bytes in,
-``(event, data)`` out), ``orjson``, and a decoder per format that yields the deltas
+``(event, data)`` out; ``relay/upstream/sse.py``), ``orjson``, and a decoder per format that
+yields the deltas
 ``EventStreamer.events()`` consumes: ``(reasoning, content, tool_calls, finish_reason)`` with
 tool calls as ``(index, id, name, arguments)``. Timers, cancel (``aclose`` of the response),
 usage decisions and estimates are the streamer's, shared with the LiteLLM path.
@@ -386,6 +387,11 @@ class _FastStream:
     pings, ``message_start``, usage-only chunks) do not end the wait, so they do not reset the
     streamer's idle timer: LiteLLM's wrapper does not hand such chunks on either.
     ``aclose()`` closes the HTTP response (and with it the connection) at once.
+
+    Read under the caps of ``relay/upstream/caps.py``: a compressed body is inflated by
+    ``caps.Inflater``, one SSE event is at most ``max_event_bytes``, and an event whose JSON
+    has the wrong shape for its format fails the stream as a provider failure
+    (``_WrongShape``), never as a relay bug.
     """
 
     __slots__ = ("_response", "_chunks", "_inflater", "_parser", "_decoder", "_ended",
