@@ -7,7 +7,8 @@ under these caps, enforced while reading (never "read it all, then check"):
 * ``max_error_body_bytes`` (64 KiB): of an HTTP error response (status >= 400) at most this
   many bytes are read, after decoding; the rest is not read, the connection is closed. Only
   this text reaches LiteLLM's exception mapping (and its redaction of secrets).
-* ``max_event_bytes`` (1 MiB): one SSE line, or one event's data (``relay/upstream/sse.py``).
+* ``max_event_bytes`` (1 MiB): one SSE line, or one event's data (``relay/upstream/sse.py``);
+  on LiteLLM's path also one line of a JSON-lines stream (``application/x-ndjson``: Ollama).
 * ``max_decompressed_bytes`` (256 MiB) and ``max_decompression_ratio`` (200): a body with a
   ``Content-Encoding`` (gzip, deflate) is inflated piece by piece (at most 64 KiB per step);
   more than the absolute cap in one response, or, once 1 MiB came out, more than the ratio
@@ -45,7 +46,7 @@ from typing import Any
 import httpx
 
 from relay.upstream.errors import ProviderStreamError
-from relay.upstream.sse import DEFAULT_MAX_EVENT_BYTES, SSEParser, encode_event
+from relay.upstream.sse import DEFAULT_MAX_EVENT_BYTES, EventTooLarge, SSEParser, encode_event
 
 __all__ = ["CappedTransport", "Inflater", "UpstreamLimitExceeded", "UpstreamLimits",
            "configure", "current", "install", "read_error_body"]
@@ -229,12 +230,14 @@ def capped_response(response: Any) -> Any:
     status = response.status_code
     encoding = _encoding(response.headers)
     error = status >= 400
-    sse = not error and "text/event-stream" in response.headers.get("content-type", "")
-    if not (encoding or error or sse):
+    content_type = response.headers.get("content-type", "").lower()
+    sse = not error and "text/event-stream" in content_type
+    lines = not error and not sse and "ndjson" in content_type   # Ollama's JSON lines
+    if not (encoding or error or sse or lines):
         return response
-    drop = (b"content-encoding", b"content-length") if (encoding or error or sse) else ()
+    drop = (b"content-encoding", b"content-length")
     headers = [(k, v) for k, v in response.headers.raw if k.lower() not in drop]
-    stream = _CappedBody(response.stream, encoding, error, sse, limits)
+    stream = _CappedBody(response.stream, encoding, error, sse, limits, lines)
     # (``_request``: a transport's response has no request yet; the client sets it)
     return httpx.Response(status, headers=headers, stream=stream,
                           extensions=response.extensions,
@@ -245,8 +248,9 @@ class _CappedBody(httpx.AsyncByteStream):
     """The body of ``capped_response`` (an ``httpx.AsyncByteStream``)."""
 
     def __init__(self, inner: Any, encoding: str | None, error: bool, sse: bool,
-                 limits: UpstreamLimits) -> None:
+                 limits: UpstreamLimits, lines: bool = False) -> None:
         self._inner = inner
+        self._lines = lines
         self._encoding = encoding
         self._error = error
         self._sse = sse
@@ -258,6 +262,8 @@ class _CappedBody(httpx.AsyncByteStream):
         parser = SSEParser(limits.max_event_bytes) if self._sse else None
         left = limits.max_error_body_bytes if self._error else None
         raw_read = 0
+        line = 0                  # JSON lines: bytes since the last line end
+        max_line = limits.max_event_bytes if self._lines else None
         try:
             async for raw in self._inner:
                 raw_read += len(raw)
@@ -278,6 +284,11 @@ class _CappedBody(httpx.AsyncByteStream):
                         yield b"".join(encode_event(event, payload)
                                        for event, payload in events)
                 elif data:
+                    if max_line is not None:
+                        end = data.rfind(b"\n")
+                        line = line + len(data) if end < 0 else len(data) - end - 1
+                        if line > max_line:
+                            raise EventTooLarge(max_line)
                     yield data
         except UpstreamLimitExceeded:
             if left is None:

@@ -89,3 +89,29 @@ async def test_capped_transport_rewrites_sse_and_caps_error_bodies():
     async with httpx.AsyncClient(transport=caps.CappedTransport(Inner(inner))) as client:
         response = await client.post("http://upstream/v1")
         assert await response.aread() == b"x" * (64 * 1024) and closed
+
+
+async def test_capped_transport_bounds_a_json_lines_line():
+    from relay.upstream.sse import EventTooLarge
+
+    class Inner(httpx.AsyncBaseTransport):
+        def __init__(self, response):
+            self.response = response
+
+        async def handle_async_request(self, request):
+            return self.response
+
+    ok = b'{"a":1}\n' * 1000
+    inner, _ = stream_response(200, ok, {"content-type": "application/x-ndjson"}, 100)
+    async with httpx.AsyncClient(transport=caps.CappedTransport(Inner(inner))) as client:
+        assert await (await client.post("http://upstream/api/chat")).aread() == ok
+    caps.configure(UpstreamLimits(max_event_bytes=4096))
+    try:
+        inner, _ = stream_response(200, b'{"a":"' + b"x" * 10_000,
+                                   {"content-type": "application/x-ndjson"}, 1000)
+        async with httpx.AsyncClient(transport=caps.CappedTransport(Inner(inner))) as client:
+            response = await client.post("http://upstream/api/chat")
+            with pytest.raises(EventTooLarge):
+                await response.aread()
+    finally:
+        caps.configure(UpstreamLimits())
