@@ -110,8 +110,7 @@ async def test_capped_transport_bounds_a_json_lines_line():
         inner, _ = stream_response(200, b'{"a":"' + b"x" * 10_000,
                                    {"content-type": "application/x-ndjson"}, 1000)
         async with httpx.AsyncClient(transport=caps.CappedTransport(Inner(inner))) as client:
-            response = await client.post("http://upstream/api/chat")
             with pytest.raises(EventTooLarge):
-                await response.aread()
+                await client.post("http://upstream/api/chat")   # (reads the body)
     finally:
         caps.configure(UpstreamLimits())
