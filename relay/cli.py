@@ -91,7 +91,7 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-json-containers", type=int,
                        help="'[' and '{' characters in an inbound frame (32768)")
     serve.add_argument("--max-error-body-bytes", type=int,
-                       help="bytes of an upstream HTTP error body read, the rest not (65536)")
+                       help="bytes of an upstream HTTP error body read, the rest not (8192)")
     serve.add_argument("--max-event-bytes", type=int,
                        help="one upstream SSE line or event; above it the stream fails "
                        "upstream_error (1048576)")

@@ -142,7 +142,7 @@ class RelaySettings(BaseSettings):
     send_buffer_bytes: int | None = Field(None, ge=4096, description="kernel send buffer per "
                                           "connection (SO_SNDBUF); default: the OS's")
     # --- what the relay reads from an upstream, at most (relay/upstream/caps.py)
-    max_error_body_bytes: int = Field(64 * 1024, ge=256, description="bytes of an upstream "
+    max_error_body_bytes: int = Field(8 * 1024, ge=256, description="bytes of an upstream "
                                       "HTTP error body read (the rest is not read)")
     max_event_bytes: int = Field(1 << 20, ge=1024, description="one upstream SSE line or "
                                  "event; above it the stream fails upstream_error")

@@ -67,7 +67,7 @@ async def test_error_body_is_read_up_to_the_cap_and_closed():
     bomb = gzip.compress(b"a" * (32 << 20))
     response, closed = stream_response(500, bomb, {"content-encoding": "gzip"}, 65536)
     body = await caps.read_error_body(response)
-    assert body == b"a" * (64 * 1024) and closed
+    assert body == b"a" * UpstreamLimits().max_error_body_bytes and closed
 
 
 async def test_capped_transport_rewrites_sse_and_caps_error_bodies():
@@ -88,7 +88,8 @@ async def test_capped_transport_rewrites_sse_and_caps_error_bodies():
     inner, closed = stream_response(500, b"x" * (1 << 20), {"content-length": str(1 << 20)})
     async with httpx.AsyncClient(transport=caps.CappedTransport(Inner(inner))) as client:
         response = await client.post("http://upstream/v1")
-        assert await response.aread() == b"x" * (64 * 1024) and closed
+        assert await response.aread() == b"x" * UpstreamLimits().max_error_body_bytes
+        assert closed
 
 
 async def test_capped_transport_bounds_a_json_lines_line():

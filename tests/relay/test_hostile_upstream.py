@@ -41,7 +41,7 @@ EXPECTED = {
     "html_error": "the provider failed (HTTP 502)",
 }
 #: What the relay may allocate above its baseline while one hostile stream runs (the caps
-#: are 1 MiB per event and 64 KiB per error body; LiteLLM's path makes objects of its own).
+#: are 1 MiB per event and 8 KiB per error body; LiteLLM's path makes objects of its own).
 MEMORY_BUDGET = 24 << 20
 MALFORMED = "the provider's stream failed (cut off or malformed)"
 #: Wrong shapes LiteLLM's own chunk handling reads on (it drops a content object, and
