@@ -153,10 +153,19 @@ class HostileUpstream:
 
     async def _respond(self, request: web.Request, mode: str) -> web.StreamResponse:
         events = _normal_events()
-        if mode == "html_error":
-            page = b"<html><body>" + b"<p>bad gateway</p>" * (self.html_error_bytes // 18) \
-                + b"</body></html>"
-            return web.Response(status=502, body=page, content_type="text/html")
+        if mode == "html_error":    # written in pieces: a reader that hangs up stops it
+            response = web.StreamResponse(status=502, headers={"Content-Type": "text/html"})
+            response.content_length = 26 + 18 * (self.html_error_bytes // 18)
+            await response.prepare(request)
+            await response.write(b"<html><body>")
+            piece = b"<p>bad gateway</p>" * (self.write_bytes // 18)
+            for _ in range(self.html_error_bytes // len(piece)):
+                await response.write(piece)
+            await response.write(b"<p>bad gateway</p>" * (self.html_error_bytes // 18
+                                 - (self.html_error_bytes // len(piece)) * (len(piece) // 18)))
+            await response.write(b"</body></html>")
+            await response.write_eof()
+            return response
         if mode == "gzip_error":
             return web.Response(status=500, body=self.bomb(self.error_bomb_bytes),
                                 headers={"Content-Encoding": "gzip",
@@ -197,10 +206,10 @@ class HostileUpstream:
                 await write(b"\n\r")
                 await asyncio.sleep(0.002)
                 await write(b"\n")
-        elif mode == "sse_bom":
-            await write(b"\xef\xbb\xbf")
+        elif mode == "sse_bom":    # the first event carries text: a reader keeping the BOM
+            await write(b"\xef\xbb\xbf")     # loses it
             await asyncio.sleep(0.002)
-            for data in events:
+            for data in events[1:]:
                 await write(b"data: " + data + b"\n\n")
         elif mode == "sse_dataless":
             await write(b"retry: 3000\n\n")

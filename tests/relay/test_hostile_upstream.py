@@ -63,6 +63,7 @@ def provider_key(monkeypatch):
 
 @contextlib.asynccontextmanager
 async def relay_and_upstream(**sizes: int):
+    sizes.setdefault("html_error_bytes", 32 << 20)    # more than the sockets' buffers hold
     async with HostileUpstream(**sizes) as up:
         up.make_bombs()
         registry = registry_for(up)
@@ -114,6 +115,9 @@ async def test_hostile_mode_fails_the_stream_only(path, mode):
         assert finish_of(normal_frames)["status"] == "completed"
         assert text_of(normal_frames) == "".join(NORMAL_TEXT)
         assert peak < MEMORY_BUDGET, f"{mode} on {path}: {peak / 2**20:.1f} MiB allocated"
+        if mode == "html_error":
+            # the page is not read to its end: the relay hung up after its cap
+            assert up.disconnects == 1
         # and the relay goes on serving that very connection
         await hostile.start("after", model=path, content="normal")
         assert text_of(await hostile.collect("after")) == "".join(NORMAL_TEXT)
