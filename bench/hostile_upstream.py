@@ -12,7 +12,7 @@ sampler reads the relay's RSS from /proc every 20 ms. Per mode it prints:
   hostile   how the hostile stream ended (finish status/reason: message; its seconds)
   normal    the normal stream's seconds to its finish (and its status when not completed)
 
-Modes: endless_line (an SSE line that never ends: ``--endless-mb`` sent, then silence),
+Modes: normal (a plain stream: the noise floor of the probe on this machine), endless_line (an SSE line that never ends: ``--endless-mb`` sent, then silence),
 huge_line (one ``--line-mb`` line, then a normal end), gzip_bomb (``Content-Encoding: gzip``
 stream inflating to ``--bomb-mb`` of newlines), gzip_error (HTTP 500, gzip body inflating to
 ``--error-bomb-mb``), html_error (HTTP 502, a ``--html-mb`` HTML page), shape (``{"choices":
@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 SUBPROTOCOL = "llm-relay.v1"
-MODES = ("endless_line", "huge_line", "gzip_bomb", "gzip_error", "html_error",
+MODES = ("normal", "endless_line", "huge_line", "gzip_bomb", "gzip_error", "html_error",
          "shape_choices_string")
 
 
