@@ -126,6 +126,9 @@ async def one_stream(url: str, model: str, content: str, timeout: float) -> tupl
                         return frame, time.perf_counter() - started
     except TimeoutError:
         return {"status": "no finish", "reason": f"within {timeout:g} s"}, timeout
+    except Exception as exc:                   # e.g. closed 4008 by a relay without caps
+        return ({"status": "closed", "reason": f"{type(exc).__name__}: {str(exc)[:60]}"},
+                time.perf_counter() - started)
     return {"status": "closed", "reason": "without finish"}, time.perf_counter() - started
 
 
@@ -150,11 +153,29 @@ async def run_mode(url: str, port: int, pid: int, path: str, mode: str,
     hostile_frame, hostile_s = await hostile
     stop.set()
     await asyncio.gather(*tasks)
+    busy = await wait_responsive(port)
     normal = f"{normal_s:.2f} s" + ("" if normal_frame.get("status") == "completed"
                                     else f" ({describe(normal_frame)})")
     return (f"{path:8} {mode:21} silence {probe.longest * 1000:7.0f} ms  "
             f"rss+ {max(rss or [before]) - before:7.1f} MiB  normal {normal:>8}  "
-            f"hostile {hostile_s:6.2f} s {describe(hostile_frame)}")
+            f"hostile {hostile_s:6.2f} s {describe(hostile_frame)}"
+            + (f"  [still busy {busy:.0f} s after]" if busy > 1 else ""))
+
+
+async def wait_responsive(port: int, limit: float = 120.0) -> float:
+    """Seconds until /healthz answers within 0.2 s again (a relay without caps may still be
+    working on the last mode, which would be charged to the next one)."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit:
+        probe = Probe(port)
+        stop = asyncio.Event()
+        task = asyncio.create_task(probe.run(stop))
+        await asyncio.sleep(0.3)
+        stop.set()
+        await task
+        if probe.longest < 0.2:
+            break
+    return time.perf_counter() - started
 
 
 async def bench(args: argparse.Namespace) -> None:
@@ -207,8 +228,8 @@ def main() -> None:
     parser.add_argument("--mode-timeout", type=float, default=25.0)
     parser.add_argument("--endless-mb", type=int, default=32)
     parser.add_argument("--line-mb", type=int, default=100)
-    parser.add_argument("--bomb-mb", type=int, default=256)
-    parser.add_argument("--error-bomb-mb", type=int, default=8)
+    parser.add_argument("--bomb-mb", type=int, default=128)
+    parser.add_argument("--error-bomb-mb", type=int, default=2)
     parser.add_argument("--html-mb", type=int, default=4)
     parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
