@@ -45,7 +45,7 @@ WRONG_SHAPES = {
 SSE_QUIRKS = ("sse_cr", "sse_crlf_split", "sse_bom", "sse_dataless")
 
 #: Every mode: the hostile ones, the SSE quirks, the wrong shapes and ``normal``.
-MODES = ("normal", "endless_line", "huge_line", "gzip_bomb", "gzip_error", "html_error",
+MODES = ("normal", "done_then_flood", "endless_line", "huge_line", "gzip_bomb", "gzip_error", "html_error",
          *SSE_QUIRKS, *WRONG_SHAPES)
 
 
@@ -191,6 +191,12 @@ class HostileUpstream:
             await write(b'"}}]}\n\n')
             for data in events[2:]:
                 await write(b"data: " + data + b"\n\n")
+        elif mode == "done_then_flood":    # [DONE], then bytes that never end
+            for data in events:
+                await write(b"data: " + data + b"\n\n")
+            piece = b": " + b"x" * self.write_bytes + b"\n"
+            for _ in range(self.endless_line_bytes // len(piece)):
+                await write(piece)
         elif mode in WRONG_SHAPES:
             await write(b"data: " + events[1] + b"\n\n")
             await write(b"data: " + WRONG_SHAPES[mode].encode() + b"\n\n")

@@ -25,7 +25,7 @@ from relay.upstream.providers import ModelRegistry
 from relay.upstream.streamer import Timeouts
 from tests.fakes.hostile import NORMAL_TEXT, SSE_QUIRKS, WRONG_SHAPES, HostileUpstream
 
-from .helpers import Client, start_relay, text_of
+from .helpers import Client, eventually, start_relay, text_of
 
 PATHS = ("fast", "litellm")
 
@@ -170,3 +170,14 @@ async def test_caps_come_from_the_settings(path, caplog):
                 assert finish["error"]["message"] == (
                     "the provider sent an event larger than the relay's limit "
                     "(max_event_bytes 65536)"), finish
+
+
+async def test_bytes_after_done_are_not_read_to_their_end():
+    """After ``[DONE]`` the fast path reads on only a little (connection reuse), then hangs
+    up: a provider that floods after its end costs the relay nothing."""
+    async with relay_and_upstream() as (up, hostile, normal):
+        await hostile.start("h", model="fast", content="done_then_flood")
+        frames = await hostile.collect("h")
+        assert finish_of(frames)["status"] == "completed"
+        assert text_of(frames) == "".join(NORMAL_TEXT)
+        await eventually(lambda: up.disconnects == 1)   # noticed at its next write
