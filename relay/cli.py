@@ -90,6 +90,16 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="nesting of arrays/objects in an inbound frame (32)")
     serve.add_argument("--max-json-containers", type=int,
                        help="'[' and '{' characters in an inbound frame (32768)")
+    serve.add_argument("--max-error-body-bytes", type=int,
+                       help="bytes of an upstream HTTP error body read, the rest not (8192)")
+    serve.add_argument("--max-event-bytes", type=int,
+                       help="one upstream SSE line or event; above it the stream fails "
+                       "upstream_error (1048576)")
+    serve.add_argument("--max-decompressed-bytes", type=int,
+                       help="bytes one compressed upstream response may inflate to (256 MiB)")
+    serve.add_argument("--max-decompression-ratio", type=float,
+                       help="inflated/compressed bytes of an upstream response, past its "
+                       "first MiB (200)")
     serve.add_argument("--log-level", help="debug, info, warning, error (info)")
     serve.add_argument("--log-json", action="store_true", default=None,
                        help="log JSON lines instead of text")

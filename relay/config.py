@@ -141,6 +141,24 @@ class RelaySettings(BaseSettings):
                                    "and stop counting toward shared limits, within this + 1 s")
     send_buffer_bytes: int | None = Field(None, ge=4096, description="kernel send buffer per "
                                           "connection (SO_SNDBUF); default: the OS's")
+    # --- what the relay reads from an upstream, at most (relay/upstream/caps.py)
+    max_error_body_bytes: int = Field(8 * 1024, ge=256, description="bytes of an upstream "
+                                      "HTTP error body read (the rest is not read)")
+    max_event_bytes: int = Field(1 << 20, ge=1024, description="one upstream SSE line or "
+                                 "event; above it the stream fails upstream_error")
+    max_decompressed_bytes: int = Field(256 << 20, ge=1 << 20, description="bytes one "
+                                        "compressed upstream response may inflate to")
+    max_decompression_ratio: float = Field(200.0, ge=2, description="inflated/compressed "
+                                           "bytes of an upstream response (past its first "
+                                           "MiB)")
+
+    def upstream_limits(self):
+        """The caps on upstream bytes (``relay.upstream.caps.UpstreamLimits``)."""
+        from relay.upstream.caps import UpstreamLimits
+
+        return UpstreamLimits(self.max_error_body_bytes, self.max_event_bytes,
+                              self.max_decompressed_bytes, self.max_decompression_ratio)
+
     log_level: str = "info"
     log_json: bool = False
     event_loop: Literal["auto", "asyncio", "uvloop"] = Field(

@@ -127,6 +127,7 @@ class RelayServer:
             reuse_port=self._reuse_port,
         )
         self.origins = OriginPolicy(own_origins(s, self.port), s.allow_origins)
+        self._apply_upstream_limits()
         self._announce_model_paths()   # once listening: a refused bind prints one line only
         if s.public_url is None and not self.origins.any and _all_interfaces(s.host):
             logger.info("listening on all interfaces without --public-url: browsers may "
@@ -142,6 +143,19 @@ class RelayServer:
                 raise
         if self.shared_limits is not None:
             await self.shared_limits.start()     # listening: close() stops it from now on
+
+    def _apply_upstream_limits(self) -> None:
+        """The caps on upstream bytes, for both paths (relay/upstream/caps.py; process-wide,
+        as LiteLLM's HTTP clients are), said once in the log."""
+        from relay.upstream import caps
+
+        limits = self.settings.upstream_limits()
+        caps.configure(limits)
+        logger.info("upstream caps: error body %d B, SSE event %d B, decompressed %d B "
+                    "(ratio %g); LiteLLM's path reads through the same caps and SSE parser "
+                    "(CR/LF/CRLF, BOM, events without data dropped)",
+                    limits.max_error_body_bytes, limits.max_event_bytes,
+                    limits.max_decompressed_bytes, limits.max_decompression_ratio)
 
     def _announce_model_paths(self) -> None:
         """One log line per alias naming its streaming path (fast or litellm) and why; the

@@ -5,7 +5,8 @@ here are fixed sentences, so a key echoed in an upstream error body can never le
 
     UpstreamFailure(code, message, retry_after)
       code  upstream_error          401/403 (credentials), 5xx, cut stream, malformed data,
-                                    any other provider failure
+                                    a cap on upstream bytes exceeded (relay/upstream/caps.py:
+                                    the message names the limit), any other provider failure
             upstream_rate_limited   429 (retry_after: seconds, when the provider says)
             upstream_overloaded     the provider says it is overloaded: Anthropic's 529 and its
                                     ``overloaded_error`` (also as an error event mid-stream),
@@ -117,6 +118,9 @@ def classify_upstream_exception(exc: BaseException, *, mid_stream: bool = False)
     transport failure then means the stream was cut or garbled, not that the provider could
     not be reached (LiteLLM reports both as a connection error).
     """
+    capped = _relay_message(exc)
+    if capped is not None:
+        return UpstreamFailure(ErrorCode.UPSTREAM_ERROR, capped)
     exc = _unwrap(exc)
     if type(exc).__name__ == "_Truncated":
         return UpstreamFailure(ErrorCode.UPSTREAM_ERROR,
@@ -196,6 +200,23 @@ def _overloaded(exc: BaseException, status: int | None) -> bool:
     except Exception:  # an exception whose __str__ fails: not one we can read
         return False
     return "overloaded" in text.lower()
+
+
+def _relay_message(exc: BaseException) -> str | None:
+    """The ``wire_message`` of a ``ProviderStreamError`` in the exception's chain (wrapped
+    by LiteLLM or the OpenAI SDK or not): a sentence the relay wrote about what the provider
+    sent (a cap exceeded, a malformed stream), safe for the client."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(seen) < 10:
+        seen.add(id(current))
+        message = getattr(current, "wire_message", None)
+        if isinstance(current, ProviderStreamError) and isinstance(message, str):
+            return message
+        inner = getattr(current, "original_exception", None)
+        current = (inner if isinstance(inner, BaseException) else None) \
+            or current.__cause__ or current.__context__
+    return None
 
 
 def _connect_failed(exc: BaseException) -> bool:

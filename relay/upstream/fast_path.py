@@ -28,7 +28,8 @@ What LiteLLM still does (its provider knowledge, once per stream, never per chun
 
 What the relay does: one shared ``httpx.AsyncClient`` per event loop (on aiohttp's wire,
 ``relay/upstream/transport.py``), ``SSEParser`` (bytes in,
-``(event, data)`` out), ``orjson``, and a decoder per format that yields the deltas
+``(event, data)`` out; ``relay/upstream/sse.py``), ``orjson``, and a decoder per format that
+yields the deltas
 ``EventStreamer.events()`` consumes: ``(reasoning, content, tool_calls, finish_reason)`` with
 tool calls as ``(index, id, name, arguments)`` (``index`` ``None`` when the provider sent
 none), and ``(..., 1, refusal)`` for a delta that carries refusal text. Timers, cancel
@@ -57,9 +58,10 @@ from typing import Any
 
 import orjson
 
-from relay.upstream import fast_endpoints, fast_formats
+from relay.upstream import caps, fast_endpoints, fast_formats
 from relay.upstream.errors import ProviderStreamError
 from relay.upstream.raw_tap import anthropic_tool_input_arguments
+from relay.upstream.sse import SSEParser
 from relay.upstream.streamer import UsageInfo
 
 __all__ = [
@@ -217,45 +219,48 @@ def responses_bridge_reason(litellm: Any, model: str, provider: str, api_base: s
     return None
 
 
-class SSEParser:
-    """Incremental Server-Sent Events parser: ``feed(bytes)`` -> completed ``(event, data)``.
-
-    Lines end with LF or CRLF; an event is dispatched at a blank line; ``data`` lines of one
-    event are joined with LF; comments (``:``) and other fields are ignored; a trailing
-    event without its blank line is discarded at the end of the stream (as the SSE spec and
-    the OpenAI SDK do). Bytes stay bytes (orjson parses them directly).
-    """
-
-    __slots__ = ("_tail", "_event", "_data")
-
-    def __init__(self) -> None:
-        self._tail = b""
-        self._event: bytes | None = None
-        self._data: bytes | None = None
-
-    def feed(self, chunk: bytes) -> list[tuple[bytes | None, bytes]]:
-        if self._tail:
-            chunk = self._tail + chunk
-        lines = chunk.split(b"\n")
-        self._tail = lines.pop()
-        out: list[tuple[bytes | None, bytes]] = []
-        for line in lines:
-            if line[-1:] == b"\r":
-                line = line[:-1]
-            if not line:
-                if self._data is not None:
-                    out.append((self._event, self._data))
-                self._event = self._data = None
-            elif line[:5] == b"data:":
-                value = line[6:] if line[5:6] == b" " else line[5:]
-                self._data = value if self._data is None else self._data + b"\n" + value
-            elif line[:6] == b"event:":
-                self._event = line[7:] if line[6:7] == b" " else line[6:]
-        return out
-
-
 class _Malformed(ProviderStreamError, ValueError):
     """A data line that is not the JSON object the format requires."""
+
+
+class _WrongShape(ProviderStreamError, ValueError):
+    """A JSON event whose fields have the wrong types (``{"choices": "abc"}``, a string
+    ``delta``, a list where text belongs, nesting past what a chunk holds). Reported as
+    LiteLLM's path reports the same events: "the provider's stream failed (cut off or
+    malformed)"."""
+
+
+#: What reading a wrong-shaped event raises inside a decoder (``obj.get`` on a string, a list
+#: used as a key, ...): the provider's doing, reported as ``_WrongShape``, not a relay bug.
+_SHAPE_ERRORS = (TypeError, AttributeError, KeyError, IndexError, ValueError, RecursionError)
+
+
+def _shape_failure(exc: Exception) -> Exception:
+    """``exc`` raised while decoding provider data, as the provider failure it reports."""
+    if isinstance(exc, ProviderStreamError) or not isinstance(exc, _SHAPE_ERRORS):
+        return exc
+    failure = _WrongShape(f"wrong-shaped event in the provider's stream ({type(exc).__name__})")
+    failure.__cause__ = exc
+    return failure
+
+
+def _check_shapes(deltas: list[tuple]) -> None:
+    """Raise ``_WrongShape`` unless every delta's fields have the types the streamer takes:
+    text, reasoning and finish reason strings, tool calls ``(index, id, name, arguments)``
+    with an int index and string id/name/arguments (each may be absent)."""
+    for delta in deltas:
+        reasoning, content, tool_calls, finish = delta[0], delta[1], delta[2], delta[3]
+        if not ((content is None or type(content) is str)
+                and (reasoning is None or type(reasoning) is str)
+                and (finish is None or type(finish) is str)):
+            raise _WrongShape("a delta field of the wrong type")
+        if tool_calls:
+            for index, call_id, name, arguments in tool_calls:
+                if not ((index is None or type(index) is int)
+                        and (call_id is None or type(call_id) is str)
+                        and (name is None or type(name) is str)
+                        and type(arguments) is str):
+                    raise _WrongShape("a tool call field of the wrong type")
 
 
 class _ProviderStreamError(ProviderStreamError):
@@ -458,20 +463,28 @@ class _FastStream:
     pings, ``message_start``, usage-only chunks) do not end the wait, so they do not reset the
     streamer's idle timer: LiteLLM's wrapper does not hand such chunks on either.
     ``aclose()`` closes the HTTP response (and with it the connection) at once.
+
+    Read under the caps of ``relay/upstream/caps.py``: a compressed body is inflated by
+    ``caps.Inflater``, one SSE event is at most ``max_event_bytes``, and an event whose JSON
+    has the wrong shape for its format fails the stream as a provider failure
+    (``_WrongShape``), never as a relay bug.
     """
 
-    __slots__ = ("_response", "_chunks", "_parser", "_decoder", "_ended", "_failure")
+    __slots__ = ("_response", "_chunks", "_inflater", "_parser", "_decoder", "_ended",
+                 "_failure")
 
     def __init__(self, response, decoder) -> None:
         self._response = response
-        if response.headers.get("content-encoding", "identity").lower() == "identity":
-            # Nothing to decode: read the body stream itself, two generator layers (per
-            # network chunk, i.e. per token when a provider flushes each) fewer than
-            # ``aiter_bytes``. Closing stays ``aclose()``'s, as after ``aiter_bytes``.
-            self._chunks = response.stream.__aiter__()
-        else:
-            self._chunks = response.aiter_bytes().__aiter__()
-        self._parser = SSEParser()
+        limits = caps.current()
+        # The body stream itself (two generator layers per network chunk fewer than
+        # ``aiter_bytes``; closing stays ``aclose()``'s), decoded here under the caps when
+        # it is compressed (relay/upstream/caps.py), never by httpx without a limit.
+        self._chunks = response.stream.__aiter__()
+        encoding = response.headers.get("content-encoding")
+        self._inflater = None
+        if encoding and encoding.strip().lower() != "identity":
+            self._inflater = caps.Inflater(encoding, limits)
+        self._parser = SSEParser(limits.max_event_bytes)
         self._decoder = decoder
         self._ended = False
         self._failure: Exception | None = None
@@ -486,6 +499,7 @@ class _FastStream:
             return None
         feed = self._parser.feed
         chunks = self._chunks
+        inflater = self._inflater
         while True:
             try:
                 chunk = await chunks.__anext__()
@@ -500,9 +514,19 @@ class _FastStream:
                     self._ended = True
                     return None
                 raise
+            if inflater is not None:
+                chunk = inflater.feed(chunk)
             events = feed(chunk)
             if events:
-                deltas = decoder.decode(events) if len(events) == 1 else self._decode_each(events)
+                try:
+                    deltas = (decoder.decode(events) if len(events) == 1
+                              else self._decode_each(events))
+                    _check_shapes(deltas)
+                except Exception as exc:
+                    failure = _shape_failure(exc)
+                    if failure is exc:
+                        raise
+                    raise failure from exc
                 if decoder.done:
                     await self._drain()
                     if not deltas:
@@ -520,12 +544,14 @@ class _FastStream:
         deltas: list[tuple] = []
         for event in events:
             try:
-                deltas += decoder.decode((event,))
+                decoded = decoder.decode((event,))
+                _check_shapes(decoded)
             except Exception as exc:
                 if not deltas:
                     raise
-                self._failure = exc
+                self._failure = _shape_failure(exc)
                 break
+            deltas += decoded
             if decoder.done:
                 break
         return deltas
@@ -542,9 +568,12 @@ class _FastStream:
         """After ``[DONE]`` (or Anthropic garbage before any event): read the rest of the
         body (connection reuse), as the OpenAI SDK does; a failure there no longer matters."""
         self._ended = True
+        left = caps.current().max_error_body_bytes  # then close instead (a hostile tail)
         try:
-            async for _ in self._chunks:
-                pass
+            async for chunk in self._chunks:
+                left -= len(chunk)
+                if left < 0:
+                    break
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -658,12 +687,15 @@ class FastRoute:
         request = client.build_request("POST", url, headers=headers, content=body)
         response = await client.send(request, stream=True)
         if response.status_code >= 400:
-            try:
-                error_body = await response.aread()
-            finally:
-                await response.aclose()
+            # At most max_error_body_bytes of it, decoded under the caps; the connection is
+            # closed, not drained (relay/upstream/caps.py).
+            error_body = await caps.read_error_body(response)
             raise self._http_error(response.status_code, response.headers, error_body)
-        return _FastStream(response, decoder)
+        try:
+            return _FastStream(response, decoder)
+        except BaseException:
+            await response.aclose()
+            raise
 
     # ------------------------------------------------------------------ LiteLLM knowledge
 

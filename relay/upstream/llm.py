@@ -12,6 +12,9 @@ through ``get_litellm()``. Settings the relay applies (documented in README):
   that retried for ~23 s before the stream's ``finish`` could be sent.
 * the embedded ``demo`` provider registered through ``litellm.custom_provider_map``.
 * no post-stream response assembly for relay streams: see ``_install_lean_streaming``.
+* every async HTTP transport LiteLLM builds reads under the relay's caps on upstream bytes
+  (error bodies, one SSE event, decompression) and hands its SDKs standard SSE:
+  ``relay.upstream.caps.install``.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ def get_litellm() -> Any:
             ] + [{"provider": DEMO_PROVIDER, "custom_handler": _demo_handler}]
             litellm.utils.custom_llm_setup()
             _install_lean_streaming(litellm)
+            from relay.upstream import caps
+
+            caps.install(litellm)  # its responses are read under the relay's caps
             _litellm = litellm
     return _litellm
 

@@ -18,7 +18,8 @@ error bodies, exception classes all as before) and only the wire is aiohttp's:
   httpx builds (same certificate verification);
 * the request exactly as httpx built it (method, URL, headers, body); no redirects, no
   cookies, no decompression, no proxy here (httpx does what it did: redirects are not
-  followed, ``Content-Encoding`` is decoded by ``httpx.Response``);
+  followed; ``Content-Encoding`` is decoded by the fast path itself, under the caps of
+  ``relay/upstream/caps.py``);
 * timeouts from the request's httpx timeout: ``connect`` for opening the connection,
   ``read`` for the response head and for every read of the body;
 * aiohttp's exceptions become the httpx exceptions httpx's own transport raises for the
