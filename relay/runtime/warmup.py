@@ -6,8 +6,10 @@ encoding (``cl100k_base``, loaded in an executor thread by its logging), about 8
 (provider configs, proxy types, anyio backends), pydantic model rebuilds, its model-info
 cache. Done by the first stream, that holds the GIL for 0.3-1 s while clients wait.
 
-``start_warm_up()`` does all of it in a daemon thread, off the event loop, right after the
-server listens: it counts tokens once (loads the encoding through LiteLLM's public
+``start_warm_up()`` does all of it in a daemon thread, off the event loop; ``relay serve``
+waits for it to finish before it listens (a thread importing modules holds the GIL in long
+stretches of C-level work, so overlapping the first streams stalled every connection's loop
+for 0.5-0.8 s; ``bench/cold_start.py`` measures it). It counts tokens once (loads the encoding through LiteLLM's public
 ``token_counter``) and runs one complete stream of the embedded demo model through
 ``litellm.acompletion`` on a private event loop in that thread, which walks the same lazy
 paths a client's first stream would. It never raises: a failure is logged and the relay
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib
 import logging
 import threading
 import time
@@ -46,6 +49,11 @@ __all__ = ["WarmUp", "start_warm_up", "warm_up"]
 logger = logging.getLogger("relay.runtime.warmup")
 
 _PROMPT = [{"role": "user", "content": "warm up"}]
+
+#: What the first stream to a real provider still imports after the demo stream (measured
+#: with an OpenAI-format upstream on each path): the fast path's HTTP transport (aiohttp,
+#: httpx), and LiteLLM's service logger (~13 ms) on its openai/ provider path.
+_FIRST_PROVIDER_STREAM_IMPORTS = ("relay.upstream.transport", "litellm._service_logger")
 
 #: ``gc.set_threshold`` once started up (see the module docstring): the young generation's
 #: threshold raised from 700, the older generations' left at CPython's 10.
@@ -73,6 +81,8 @@ def warm_up() -> float:
     # The tokenizer: loaded once here, not on the first stream's usage/cost path.
     litellm.token_counter(model="gpt-4o-mini", messages=_PROMPT)
     asyncio.run(_one_demo_stream(litellm, f"{DEMO_PROVIDER}/demo"))
+    for name in _FIRST_PROVIDER_STREAM_IMPORTS:
+        importlib.import_module(name)
     return time.perf_counter() - started
 
 

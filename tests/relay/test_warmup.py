@@ -59,18 +59,26 @@ def test_warm_up_loads_litellm_lazy_parts_so_the_first_stream_imports_nothing():
     assert result["first_stream_imported"] == []
 
 
-def test_relay_serve_warms_up_at_startup():
+def test_relay_serve_listens_only_after_its_warm_up_finished():
+    """The warm-up's imports hold the GIL in long stretches: run while the first streams
+    did, they stalled every connection's loop (issue 21 item 7). So the port opens, and
+    "listening" is printed, only once it has finished. One pipe for both streams keeps the
+    order in which the lines were written."""
     proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "--port", "0",
                              "--log-level", "info"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+                            stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT)
     try:
-        assert "listening on" in proc.stdout.readline()
-        for line in proc.stderr:
+        warmed = False
+        for line in proc.stdout:
             if "relay.runtime.warmup" in line:
                 assert "LiteLLM warmed up" in line, line
+                warmed = True
+            if "listening on" in line:
                 break
         else:
-            raise AssertionError("relay serve never logged its warm-up")
+            raise AssertionError("relay serve never said it listens")
+        assert warmed, "relay serve listened before its warm-up finished"
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+        proc.stdout.close()
