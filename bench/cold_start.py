@@ -59,9 +59,10 @@ def write_config(directory: str, upstream_port: int) -> str:
     return path
 
 
-async def probe(url: str, model: str, seconds: float) -> tuple[float, float, int, int]:
-    """(longest gap between pongs, slowest round trip, streams completed, streams failed)
-    over ``seconds`` from the connection's start."""
+async def probe(url: str, model: str, seconds: float) -> tuple[float, float, int, list[str]]:
+    """(longest gap between pongs, slowest round trip, streams completed, why the others
+    failed) over ``seconds`` from the connection's start (streams still running at its end
+    are not counted)."""
     from websockets.asyncio.client import connect
 
     prompt = UPSTREAM_PROMPT if model != "demo" else "hi"
@@ -72,7 +73,8 @@ async def probe(url: str, model: str, seconds: float) -> tuple[float, float, int
         sent: dict[str, float] = {}
         last_pong: float | None = None
         longest_gap = slowest_rtt = 0.0
-        completed = failed = 0
+        completed = 0
+        failed: list[str] = []
 
         async def pinger() -> None:
             i = 0
@@ -105,10 +107,12 @@ async def probe(url: str, model: str, seconds: float) -> tuple[float, float, int
                         longest_gap = max(longest_gap, now - last_pong)
                     last_pong = now
                 elif frame["type"] == "finish":
-                    completed += frame.get("status") == "completed"
-                    failed += frame.get("status") != "completed"
+                    if frame.get("status") == "completed":
+                        completed += 1
+                    else:
+                        failed.append(f"{frame.get('status')}/{frame.get('reason')}")
                 elif frame["type"] == "error" and frame.get("id"):
-                    failed += 1
+                    failed.append(str(frame.get("code")))
         finally:
             for task in tasks:
                 task.cancel()
@@ -136,7 +140,8 @@ async def one_run(root: str, config: str, model: str, seconds: float) -> str:
         proc.terminate()
         await proc.wait()
     return f"{model:<11} listening after {listening:5.2f} s | " + " | ".join(
-        f"{gap * 1000:4.0f} / {rtt * 1000:4.0f} ms, {done}/{done + failed} ok"
+        f"{gap * 1000:4.0f} / {rtt * 1000:4.0f} ms, {done}/{done + len(failed)} ok"
+        + (f" ({', '.join(sorted(set(failed)))})" if failed else "")
         for gap, rtt, done, failed in (first, later))
 
 
