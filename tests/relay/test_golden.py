@@ -43,7 +43,7 @@ PATHS = ("litellm", "fast")
 #: OpenAI-format provider is replayed through ``openai/`` (the alias a user writes for an
 #: OpenAI-compatible server with its ``api_base``).
 MODELS = {"anthropic": "anthropic/claude-golden", "groq": "groq/golden-model",
-          "openrouter": "openrouter/golden/model"}
+          "openrouter": "openrouter/golden/model", "azure": "azure/golden-deployment"}
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,8 @@ def model_of(case: dict) -> str:
 
 
 def registry_for(up: FakeUpstream, case: dict) -> ModelRegistry:
-    base = up.anthropic_base if case["format"] == "anthropic" else up.openai_base
+    base = {"anthropic": up.anthropic_base, "azure": up.azure_base}.get(
+        "anthropic" if case["format"] == "anthropic" else case["provider"], up.openai_base)
     models = {path: {"model": model_of(case), "api_base": base,
                      "api_key_env": "GOLDEN_PROVIDER_KEY", "fast": path == "fast"}
               for path in PATHS}
@@ -101,6 +102,7 @@ def received(frames: list[dict]) -> dict:
     return {
         "text": "".join(f["text"] for f in frames if f["type"] == "token"),
         "reasoning": "".join(f["text"] for f in frames if f["type"] == "reasoning"),
+        "refusal": "".join(f["text"] for f in frames if f["type"] == "refusal"),
         "tool_calls": [{"id": f["call_id"], "name": f["name"], "arguments": f["arguments"]}
                        for f in frames if f["type"] == "tool_call_complete"],
         "status": finish.get("status"),
@@ -114,6 +116,7 @@ def received(frames: list[dict]) -> dict:
 def expected(case: dict) -> dict:
     want = case["expected"]
     return {"text": want.get("text", ""), "reasoning": want.get("reasoning", ""),
+            "refusal": want.get("refusal", ""),
             "tool_calls": want.get("tool_calls", []), "status": want["status"],
             "reason": want["reason"], "usage": want.get("usage")}
 
