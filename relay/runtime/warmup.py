@@ -83,7 +83,23 @@ def warm_up() -> float:
     asyncio.run(_one_demo_stream(litellm, f"{DEMO_PROVIDER}/demo"))
     for name in _FIRST_PROVIDER_STREAM_IMPORTS:
         importlib.import_module(name)
+    _first_provider_stream_setup()
     return time.perf_counter() - started
+
+
+def _first_provider_stream_setup() -> None:
+    """What a first stream to a real provider still built on the event loop after the demo
+    stream (measured with cProfile): the fast path's SSL context (certifi's CA bundle, ~90 ms
+    of CPU) and the OpenAI SDK's deferred pydantic build of its chunk model (~20 ms), used by
+    LiteLLM's openai/ provider to parse every chunk."""
+    from openai.types.chat import ChatCompletionChunk
+
+    from relay.upstream.transport import shared_ssl_context
+
+    shared_ssl_context()
+    ChatCompletionChunk.model_validate(
+        {"id": "warm-up", "object": "chat.completion.chunk", "created": 0, "model": "warm-up",
+         "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": None}]})
 
 
 async def _one_demo_stream(litellm, model: str) -> None:
