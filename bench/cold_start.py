@@ -2,6 +2,7 @@
 "listening"? (issue 21 item 7)
 
     python bench/cold_start.py [--root PATH] [--runs N] [--seconds S]
+    python bench/cold_start.py --listening-vs OTHER_ROOT [--runs N]   # startup time only
 
 ``--root``: the checkout whose relay is started (default: this one; e.g. a
 ``git worktree add /tmp/base 9290a60`` to measure the code before the fix).
@@ -145,12 +146,39 @@ async def one_run(root: str, config: str, model: str, seconds: float) -> str:
         for gap, rtt, done, failed in (first, later))
 
 
+async def time_to_listening(root: str) -> float:
+    """Seconds from spawning ``relay serve`` (the demo model) to its "listening" line."""
+    env = {**os.environ, "PYTHONPATH": root, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    spawned = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "serve", "--port", "0", stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, env=env, cwd=root)
+    try:
+        await proc.stdout.readline()
+        return time.perf_counter() - spawned
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=str(HERE.parent))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--listening-vs", metavar="ROOT",
+                        help="only time spawn -> 'listening', alternating --root and ROOT "
+                             "(--runs times each; the machine's load hits both alike)")
     args = parser.parse_args()
+    if args.listening_vs:
+        times: dict[str, list[float]] = {args.root: [], args.listening_vs: []}
+        for _ in range(args.runs):
+            for root in times:
+                times[root].append(await time_to_listening(root))
+        for root, seconds in times.items():
+            print(f"{root}: spawn -> 'listening' " + ", ".join(f"{t:.2f}" for t in seconds)
+                  + f" s (median {sorted(seconds)[len(seconds) // 2]:.2f} s)")
+        return
     upstream, port = await start_fake_upstream()
     try:
         with tempfile.TemporaryDirectory() as tmp:
