@@ -312,14 +312,9 @@ async def _run(settings, registry, *, worker_index: int | None = None) -> int:
     # `kill -USR2 <pid>`: every asyncio task and where it waits (SIGUSR1 shows threads only;
     # a relay that will not exit is usually one task waiting on another).
     loop.add_signal_handler(signal.SIGUSR2, _print_tasks)
-    # LiteLLM's lazy imports, tokenizer and first-stream setup, in a thread, finished
-    # before the port opens: done while streams run, they held the GIL in long stretches
-    # (C-level import work) and stalled every connection's loop for 0.5-0.8 s.
-    warm_up = start_warm_up()
-    await asyncio.to_thread(warm_up.done.wait)
     server = RelayServer(settings, registry, **_worker_server_options(worker_index))
     try:
-        await server.start()
+        await server.start(listen=False)   # bound: a port in use fails here, at once
     except StoreUnavailable as exc:
         print(f"relay: cannot use Redis: {exc}", file=sys.stderr)
         await server.close()
@@ -329,6 +324,12 @@ async def _run(settings, registry, *, worker_index: int | None = None) -> int:
         print(_bind_failure_message(exc, settings), file=sys.stderr)
         return 2
     try:
+        # LiteLLM's lazy imports, tokenizer and first-stream setup, in a thread, finished
+        # before connections are accepted: done while streams ran, they held the GIL in long
+        # stretches (C-level import work) and stalled every connection's loop 0.5-0.8 s.
+        warm_up = start_warm_up()
+        await asyncio.to_thread(warm_up.done.wait)
+        await server.listen()
         logging.getLogger("relay.cli").info("event loop: %s", running_loop_name())
         print(f"llm-relay listening on {server.url} (protocol llm-relay.v1); "
               f"models: {', '.join(registry.aliases)}", flush=True)

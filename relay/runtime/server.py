@@ -103,8 +103,10 @@ class RelayServer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
-        """Listen. With ``redis_url``, Redis must answer first (``StoreUnavailable``)."""
+    async def start(self, *, listen: bool = True) -> None:
+        """Bind and listen. With ``redis_url``, Redis must answer first (``StoreUnavailable``).
+        ``listen=False`` binds the port (a port in use fails here) without accepting
+        connections (they are refused) until ``listen()``: ``relay serve`` warms up between."""
         s = self.settings
         if self.replicator is not None:
             await self.replicator.start()
@@ -122,6 +124,7 @@ class RelayServer:
             server_header="llm-relay",
             create_connection=RelayConnection,  # one request per connection (handshake.py)
             reuse_port=self._reuse_port,
+            start_serving=listen,
         )
         self.origins = OriginPolicy(own_origins(s, self.port), s.allow_origins)
         self._announce_model_paths()   # once listening: a refused bind prints one line only
@@ -166,6 +169,11 @@ class RelayServer:
     @property
     def sessions(self) -> frozenset[Session]:
         return frozenset(self._sessions)
+
+    async def listen(self) -> None:
+        """Accept connections on the port ``start(listen=False)`` bound."""
+        assert self._server is not None, "server not started"
+        await self._server.server.start_serving()
 
     async def shutdown(self, drain_timeout: float | None = None) -> None:
         """Graceful stop: refuse new connections (``/readyz`` 503) and new starts

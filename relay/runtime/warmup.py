@@ -7,7 +7,8 @@ encoding (``cl100k_base``, loaded in an executor thread by its logging), about 8
 cache. Done by the first stream, that holds the GIL for 0.3-1 s while clients wait.
 
 ``start_warm_up()`` does all of it in a daemon thread, off the event loop; ``relay serve``
-waits for it to finish before it listens (a thread importing modules holds the GIL in long
+binds its port first (a port in use fails at once), then waits for it to finish before it
+accepts connections (a thread importing modules holds the GIL in long
 stretches of C-level work, so overlapping the first streams stalled every connection's loop
 for 0.5-0.8 s; ``bench/cold_start.py`` measures it). It counts tokens once (loads the encoding through LiteLLM's public
 ``token_counter``) and runs one complete stream of the embedded demo model through

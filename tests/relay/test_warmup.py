@@ -92,3 +92,32 @@ def test_relay_serve_listens_only_after_its_warm_up_finished():
         proc.terminate()
         proc.wait(timeout=60)
         proc.stdout.close()
+
+
+async def test_a_bound_relay_refuses_connections_until_it_listens():
+    """``relay serve`` binds first (a port in use fails at once, before the warm-up) and
+    accepts connections only after the warm-up: ``start(listen=False)``, then ``listen()``."""
+    import asyncio
+
+    from relay.app import build_registry
+    from relay.config import RelaySettings
+    from relay.runtime.server import RelayServer
+
+    from .helpers import Client
+
+    settings = RelaySettings(port=0, demo_tps=0)
+    server = RelayServer(settings, build_registry(settings))
+    await server.start(listen=False)
+    try:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        except ConnectionRefusedError:
+            pass
+        else:
+            writer.close()
+            raise AssertionError("a connection was accepted before listen()")
+        await server.listen()
+        async with Client.connect(server.url) as client:
+            assert client.welcome["type"] == "welcome"
+    finally:
+        await server.close()
