@@ -127,7 +127,7 @@ class RelayServer:
             start_serving=listen,
         )
         self.origins = OriginPolicy(own_origins(s, self.port), s.allow_origins)
-        self._announce_model_paths()   # once listening: a refused bind prints one line only
+        self._announce_model_paths()   # once bound: a refused bind prints one line only
         if s.public_url is None and not self.origins.any and _all_interfaces(s.host):
             logger.info("listening on all interfaces without --public-url: browsers may "
                         "connect only from the loopback origins and --allow-origin")

@@ -6,12 +6,12 @@ encoding (``cl100k_base``, loaded in an executor thread by its logging), about 8
 (provider configs, proxy types, anyio backends), pydantic model rebuilds, its model-info
 cache. Done by the first stream, that holds the GIL for 0.3-1 s while clients wait.
 
-``start_warm_up()`` does all of it in a daemon thread, off the event loop; ``relay serve``
-binds its port first (a port in use fails at once), then waits for it to finish before it
-accepts connections (a thread importing modules holds the GIL in long
-stretches of C-level work, so overlapping the first streams stalled every connection's loop
-for 0.5-0.8 s; ``bench/cold_start.py`` measures it). It counts tokens once (loads the encoding through LiteLLM's public
-``token_counter``) and runs one complete stream of the embedded demo model through
+``start_warm_up()`` does all of it in a daemon thread, off the event loop. ``relay serve``
+binds its port first (a port in use fails at once), then waits for the warm-up to finish
+before it accepts connections: a thread importing modules holds the GIL in long stretches of
+C-level work, so overlapping the first streams stalled every connection's loop for 0.5-0.8 s
+(``bench/cold_start.py`` measures it). The warm-up counts tokens once (loads the encoding
+through LiteLLM's public ``token_counter``) and runs one complete stream of the embedded demo model through
 ``litellm.acompletion`` on a private event loop in that thread, which walks the same lazy
 paths a client's first stream would. It never raises: a failure is logged and the relay
 serves as before (the first stream then pays the cost itself).
