@@ -11,9 +11,9 @@ binds its port first (a port in use fails at once), then waits for the warm-up t
 before it accepts connections: a thread importing modules holds the GIL in long stretches of
 C-level work, so overlapping the first streams stalled every connection's loop for 0.5-0.8 s
 (``bench/cold_start.py`` measures it). The warm-up counts tokens once (loads the encoding
-through LiteLLM's public ``token_counter``) and runs one complete stream of the embedded demo model through
-``litellm.acompletion`` on a private event loop in that thread, which walks the same lazy
-paths a client's first stream would. It never raises: a failure is logged and the relay
+through LiteLLM's public ``token_counter``) and runs one complete stream of the embedded
+demo model through ``litellm.acompletion`` on a private event loop in that thread, which
+walks the same lazy paths a client's first stream would. It never raises: a failure is logged and the relay
 serves as before (the first stream then pays the cost itself).
 
 Then it calls ``gc.freeze()``: the ~400,000 objects LiteLLM and its imports leave behind
