@@ -3,6 +3,7 @@
 
     python bench/cold_start.py [--root PATH] [--runs N] [--seconds S]
     python bench/cold_start.py --listening-vs OTHER_ROOT [--runs N]   # startup time only
+    python bench/cold_start.py --steps [--root PATH]   # longest loop step, in-process
 
 ``--root``: the checkout whose relay is started (default: this one; e.g. a
 ``git worktree add /tmp/base 9290a60`` to measure the code before the fix).
@@ -161,6 +162,63 @@ async def time_to_listening(root: str) -> float:
         await proc.wait()
 
 
+async def longest_steps(root: str, config: str) -> None:
+    """In this process, on asyncio's own loop (its ``Handle._run`` is Python, so each
+    callback can be timed; the machine's noise is not in it): a relay started as
+    ``relay serve`` starts it (bind, warm-up, listen; a checkout from before: listen, then
+    the warm-up in its thread), then per alias its first and second stream, right away;
+    prints the longest single event-loop step of each."""
+    import asyncio.events
+
+    sys.path.insert(0, root)
+    os.environ["BENCH_KEY"] = "sk-bench"
+    from relay.app import build_registry
+    from relay.config import RelaySettings
+    from relay.runtime.server import RelayServer
+    from relay.runtime.warmup import start_warm_up
+
+    settings = RelaySettings(port=0, config=config, demo_tps=0)
+    server = RelayServer(settings, build_registry(settings))
+    if hasattr(server, "listen"):       # as relay serve starts now
+        await server.start(listen=False)
+        warm = start_warm_up()
+        await asyncio.to_thread(warm.done.wait)
+        await server.listen()
+    else:                               # as it did before (9290a60): warm-up after listening
+        await server.start()
+        start_warm_up()
+    longest = [0.0]
+    run = asyncio.events.Handle._run
+
+    def timed(handle: asyncio.events.Handle) -> None:
+        started = time.perf_counter()
+        run(handle)
+        longest[0] = max(longest[0], time.perf_counter() - started)
+
+    from websockets.asyncio.client import connect
+
+    asyncio.events.Handle._run = timed
+    try:
+        for model in ("demo", "up-fast", "up-litellm"):
+            steps = []
+            for _ in range(2):
+                longest[0] = 0.0
+                async with connect(server.url, subprotocols=["llm-relay.v1"]) as ws:
+                    await ws.send('{"type":"hello"}')
+                    await ws.recv()
+                    await ws.send(json.dumps({"type": "start", "id": "s", "model": model,
+                                              "messages": [{"role": "user",
+                                                            "content": "tokens=5"}]}))
+                    while json.loads(await ws.recv())["type"] != "finish":
+                        pass
+                steps.append(longest[0])
+            print(f"{model:<11} longest loop step: first stream {steps[0] * 1000:5.1f} ms, "
+                  f"second {steps[1] * 1000:5.1f} ms")
+    finally:
+        asyncio.events.Handle._run = run
+        await server.close()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=str(HERE.parent))
@@ -169,7 +227,19 @@ async def main() -> None:
     parser.add_argument("--listening-vs", metavar="ROOT",
                         help="only time spawn -> 'listening', alternating --root and ROOT "
                              "(--runs times each; the machine's load hits both alike)")
+    parser.add_argument("--steps", action="store_true",
+                        help="time each event-loop step of a first and second stream per "
+                             "alias in this process (asyncio's loop) instead")
     args = parser.parse_args()
+    if args.steps:
+        upstream, port = await start_fake_upstream()
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                await longest_steps(args.root, write_config(tmp, port))
+        finally:
+            upstream.terminate()
+            await upstream.wait()
+        return
     if args.listening_vs:
         times: dict[str, list[float]] = {args.root: [], args.listening_vs: []}
         for _ in range(args.runs):
