@@ -374,7 +374,7 @@ async def _run(settings, registry, *, worker_index: int | None = None) -> int:
     loop.add_signal_handler(signal.SIGUSR2, _print_tasks)
     server = RelayServer(settings, registry, **_worker_server_options(worker_index))
     try:
-        await server.start()
+        await server.start(listen=False)   # bound: a port in use fails here, at once
     except StoreUnavailable as exc:
         print(f"relay: cannot use Redis: {exc}", file=sys.stderr)
         await server.close()
@@ -384,8 +384,12 @@ async def _run(settings, registry, *, worker_index: int | None = None) -> int:
         print(_bind_failure_message(exc, settings), file=sys.stderr)
         return 2
     try:
-        # LiteLLM's lazy imports and tokenizer, in a thread: not on the first stream.
-        start_warm_up()
+        # LiteLLM's lazy imports, tokenizer and first-stream setup, in a thread, finished
+        # before connections are accepted: done while streams ran, they held the GIL in long
+        # stretches (C-level import work) and stalled every connection's loop 0.5-0.8 s.
+        warm_up = start_warm_up()
+        await asyncio.to_thread(warm_up.done.wait)
+        await server.listen()
         logging.getLogger("relay.cli").info("event loop: %s", running_loop_name())
         print(f"llm-relay listening on {server.url} (protocol llm-relay.v1); "
               f"models: {', '.join(registry.aliases)}", flush=True)

@@ -105,8 +105,10 @@ class RelayServer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
-        """Listen. With ``redis_url``, Redis must answer first (``StoreUnavailable``)."""
+    async def start(self, *, listen: bool = True) -> None:
+        """Bind and listen. With ``redis_url``, Redis must answer first (``StoreUnavailable``).
+        ``listen=False`` binds the port (a port in use fails here) without accepting
+        connections (they are refused) until ``listen()``: ``relay serve`` warms up between."""
         s = self.settings
         if self.replicator is not None:
             await self.replicator.start()
@@ -125,10 +127,11 @@ class RelayServer:
             server_header="llm-relay",
             create_connection=RelayConnection,  # one request per connection (handshake.py)
             reuse_port=self._reuse_port,
+            start_serving=listen,
         )
         self.origins = OriginPolicy(own_origins(s, self.port), s.allow_origins)
         self._apply_upstream_limits()
-        self._announce_model_paths()   # once listening: a refused bind prints one line only
+        self._announce_model_paths()   # once bound: a refused bind prints one line only
         if s.public_url is None and not self.origins.any and _all_interfaces(s.host):
             logger.info("listening on all interfaces without --public-url: browsers may "
                         "connect only from the loopback origins and --allow-origin")
@@ -183,6 +186,11 @@ class RelayServer:
     @property
     def sessions(self) -> frozenset[Session]:
         return frozenset(self._sessions)
+
+    async def listen(self) -> None:
+        """Accept connections on the port ``start(listen=False)`` bound."""
+        assert self._server is not None, "server not started"
+        await self._server.server.start_serving()
 
     async def shutdown(self, drain_timeout: float | None = None) -> None:
         """Graceful stop: refuse new connections (``/readyz`` 503) and new starts

@@ -6,11 +6,14 @@ encoding (``cl100k_base``, loaded in an executor thread by its logging), about 8
 (provider configs, proxy types, anyio backends), pydantic model rebuilds, its model-info
 cache. Done by the first stream, that holds the GIL for 0.3-1 s while clients wait.
 
-``start_warm_up()`` does all of it in a daemon thread, off the event loop, right after the
-server listens: it counts tokens once (loads the encoding through LiteLLM's public
-``token_counter``) and runs one complete stream of the embedded demo model through
-``litellm.acompletion`` on a private event loop in that thread, which walks the same lazy
-paths a client's first stream would. It never raises: a failure is logged and the relay
+``start_warm_up()`` does all of it in a daemon thread, off the event loop. ``relay serve``
+binds its port first (a port in use fails at once), then waits for the warm-up to finish
+before it accepts connections: a thread importing modules holds the GIL in long stretches of
+C-level work, so overlapping the first streams stalled every connection's loop for 0.5-0.8 s
+(``bench/cold_start.py`` measures it). The warm-up counts tokens once (loads the encoding
+through LiteLLM's public ``token_counter``) and runs one complete stream of the embedded
+demo model through ``litellm.acompletion`` on a private event loop in that thread, which
+walks the same lazy paths a client's first stream would. It never raises: a failure is logged and the relay
 serves as before (the first stream then pays the cost itself).
 
 Then it calls ``gc.freeze()``: the ~400,000 objects LiteLLM and its imports leave behind
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib
 import logging
 import threading
 import time
@@ -46,6 +50,11 @@ __all__ = ["WarmUp", "start_warm_up", "warm_up"]
 logger = logging.getLogger("relay.runtime.warmup")
 
 _PROMPT = [{"role": "user", "content": "warm up"}]
+
+#: What the first stream to a real provider still imports after the demo stream (measured
+#: with an OpenAI-format upstream on each path): the fast path's HTTP transport (aiohttp,
+#: httpx), and LiteLLM's service logger (~13 ms) on its openai/ provider path.
+_FIRST_PROVIDER_STREAM_IMPORTS = ("relay.upstream.transport", "litellm._service_logger")
 
 #: ``gc.set_threshold`` once started up (see the module docstring): the young generation's
 #: threshold raised from 700, the older generations' left at CPython's 10.
@@ -73,7 +82,25 @@ def warm_up() -> float:
     # The tokenizer: loaded once here, not on the first stream's usage/cost path.
     litellm.token_counter(model="gpt-4o-mini", messages=_PROMPT)
     asyncio.run(_one_demo_stream(litellm, f"{DEMO_PROVIDER}/demo"))
+    for name in _FIRST_PROVIDER_STREAM_IMPORTS:
+        importlib.import_module(name)
+    _first_provider_stream_setup()
     return time.perf_counter() - started
+
+
+def _first_provider_stream_setup() -> None:
+    """What a first stream to a real provider still built on the event loop after the demo
+    stream (measured with cProfile): the fast path's SSL context (certifi's CA bundle, ~90 ms
+    of CPU) and the OpenAI SDK's deferred pydantic build of its chunk model (~20 ms), used by
+    LiteLLM's openai/ provider to parse every chunk."""
+    from openai.types.chat import ChatCompletionChunk
+
+    from relay.upstream.transport import shared_ssl_context
+
+    shared_ssl_context()
+    ChatCompletionChunk.model_validate(
+        {"id": "warm-up", "object": "chat.completion.chunk", "created": 0, "model": "warm-up",
+         "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": None}]})
 
 
 async def _one_demo_stream(litellm, model: str) -> None:

@@ -36,10 +36,13 @@ so ``relay.upstream.fast_path`` uses this one only when none is set.
 from __future__ import annotations
 
 import asyncio
+import functools
+import ssl
+
 import aiohttp
 import httpx
 
-__all__ = ["AiohttpTransport"]
+__all__ = ["AiohttpTransport", "shared_ssl_context"]
 
 #: Idle keep-alive connections are closed after this many seconds (as httpx's pools did).
 KEEPALIVE_EXPIRY = 30.0
@@ -78,6 +81,15 @@ def _complete_chunks_buffered(content: aiohttp.StreamReader) -> bool:
 _AIOHTTP_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
+@functools.cache
+def shared_ssl_context() -> ssl.SSLContext:
+    """The verifying SSL context of every ``AiohttpTransport`` (httpx's defaults: certifi's
+    CA bundle). Built once per process: loading the bundle takes ~90 ms of CPU, which done by
+    a first fast-path stream blocked the event loop (``relay/runtime/warmup.py`` builds it
+    before the server listens). An ``SSLContext`` may be shared by connections and loops."""
+    return httpx.create_ssl_context()
+
+
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """httpx's transport interface on one aiohttp client session (see the module docstring).
     Create it inside the event loop that uses it; ``aclose()`` closes every connection."""
@@ -85,7 +97,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     def __init__(self) -> None:
         connector = aiohttp.TCPConnector(
             limit=0, limit_per_host=0, keepalive_timeout=KEEPALIVE_EXPIRY,
-            ssl=httpx.create_ssl_context())
+            ssl=shared_ssl_context())
         self._session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, trust_env=False,
             cookie_jar=aiohttp.DummyCookieJar(), raise_for_status=False,
