@@ -15,7 +15,8 @@ Contract of ``events()``:
 * Usage is the provider's own when it sent any (``estimated=False``); otherwise an estimate
   by LiteLLM's token counter (``estimated=True``). LiteLLM's stream wrapper strips the
   provider's usage chunks and always synthesises a usage of its own, so the decision is
-  made from what the provider actually sent (the wrapper's recorded raw chunks).
+  made from what the provider actually sent (counted as the wrapper records its chunks, of
+  which a running stream keeps only a bounded few: ``ProviderChunkWindow``).
 * It never retries once anything was yielded. ``retries_before_first_token`` (default 0)
   is the one explicit opt-in for retrying a failed *connect*.
 
@@ -727,9 +728,10 @@ class _OneIteration:
 def _provider_usage(response: Any) -> UsageInfo | None:
     """The provider's own usage, or ``None`` when it sent none.
 
-    LiteLLM's ``CustomStreamWrapper`` keeps a copy of every processed chunk in ``.chunks``;
-    only chunks built from a provider payload that had usage carry a usage object there.
-    The usage it emits to us at the end is computed and may be its own estimate.
+    LiteLLM's ``CustomStreamWrapper`` appends every processed chunk to ``.chunks`` (for a
+    relay stream a ``ProviderChunkWindow``, which counts the usage as chunks arrive); only
+    chunks built from a provider payload that had usage carry a usage object there. The
+    usage it emits to us at the end is computed and may be its own estimate.
     """
     chunks = getattr(response, "chunks", None)
     if not chunks:
