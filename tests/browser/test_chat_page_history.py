@@ -101,3 +101,26 @@ async def test_a_1009_close_reconnects_and_the_next_message_fits(page):
     assert starts[1]["bytes"] > 200_000               # the one the relay closed 1009 on
     assert starts[2]["bytes"] <= starts[1]["bytes"] // 2, starts[2]
     assert starts[2]["contents"][-1] == "and now a short one"
+
+
+async def test_a_start_over_the_limit_is_never_sent(page):
+    """relay-client.js refuses a start larger than ``max_frame_bytes`` itself
+    (``frame_too_large``, the connection stays open); the page keeps a prompt that alone is
+    too long in the box and says so, sending nothing."""
+    async with relay_with_writer(max_frame_bytes=200_000, max_messages_bytes=150_000) as \
+            (_, server):
+        await page.add_init_script(RECORD_FRAMES)
+        await open_chat(page, server)
+        refused = await page.evaluate("""async () => {
+            const s = window.relayClient.start({model: 'demo',
+                messages: [{role: 'user', content: 'z'.repeat(300000)}]});
+            try { await s.done; return null; } catch (e) { return e.code; } }""")
+        assert refused == "frame_too_large"
+        prompt = "p" * 180_000          # under max_frame_bytes, over max_messages_bytes
+        await send(page, prompt)
+        notice = await page.text_content(".turn:last-of-type .context-notice")
+        assert "too long for the relay" in notice, notice
+        assert await page.input_value("#prompt") == prompt
+        assert await page.evaluate(STARTS) == []
+        assert await page.evaluate("() => document.getElementById('conn-state').dataset.state") \
+            == "open"
