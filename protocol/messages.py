@@ -229,6 +229,9 @@ ClientMessage = Annotated[
 class Limits(_Frame):
     max_streams: int
     max_frame_bytes: int
+    #: Largest compact UTF-8 JSON size of a ``start``'s ``messages`` + ``tools`` (above it:
+    #: ``error`` ``bad_request``). Absent from relays older than this field.
+    max_messages_bytes: int | None = None
     #: Seconds a stream outlives its connection, resumable; 0 = resume disabled.
     detach_grace: float = 0
 

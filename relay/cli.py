@@ -328,6 +328,19 @@ def _announce_worker(server: Any, registry: Any, worker_index: int) -> None:
     print(worker_ready_line(worker_index, server.metrics_port, registry.aliases), flush=True)
 
 
+def _say(line: str) -> None:
+    """Print a line to stdout; if stdout is a pipe whose reader is gone (a worker whose
+    supervisor died before it could tell), to stderr from then on: the relay's shutdown
+    must not fail on a line it prints."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        from relay.runtime.workers import write_stdout_to_stderr
+
+        write_stdout_to_stderr()
+        print(line, flush=True)
+
+
 def _print_tasks() -> None:
     """Every task of the running loop and the whole chain of awaits it is suspended in
     (``Task.print_stack`` shows only the task's own coroutine), to stderr."""
@@ -366,6 +379,7 @@ async def _run(settings, registry, *, worker_index: int | None = None) -> int:
     from relay.runtime.warmup import start_warm_up
 
     stop = asyncio.Event()
+    supervisor_pid = os.getppid()    # a worker's parent: the supervisor that reads its stdout
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -399,8 +413,11 @@ async def _run(settings, registry, *, worker_index: int | None = None) -> int:
         if worker_index is not None:
             _announce_worker(server, registry, worker_index)
         await stop.wait()
-        print(f"llm-relay draining (up to {settings.drain_timeout:g} s), then closing",
-              flush=True)
+        if worker_index is not None:
+            from relay.runtime.workers import outlived_supervisor
+
+            outlived_supervisor(supervisor_pid)
+        _say(f"llm-relay draining (up to {settings.drain_timeout:g} s), then closing")
         await server.shutdown()
     finally:
         await server.close()

@@ -2,7 +2,7 @@
 // Model text is untrusted: it reaches the DOM only as sanitised Markdown (markdown.js) or
 // through textContent (reasoning, refusals, tool calls, the user's own messages).
 
-import { RelayClient, StreamError } from "./relay-client.js";
+import { RelayClient, StreamError, fitMessages } from "./relay-client.js";
 import { MarkdownView, copyCodeFromClick } from "./markdown.js";
 
 const $ = (id) => document.getElementById(id);
@@ -30,6 +30,11 @@ const running = new Map(); // RelayStream -> its pane
 const chatHistory = []; // earlier turns: user + first answer, when it completed with text
 let lastTurn = null; // {turn, prompt, historyLength}: what Regenerate asks again
 let authRequired = false; // learnt from a 4401, or assumed while a token is in use
+// Largest start the page sends, below the relay's own limit: lowered when something in
+// between (a proxy) closed 1009 on less than the relay announced. null: the relay's limit.
+let frameCap = null;
+let lastStartBytes = 0; // size of the last start sent
+let recoveredFromTooBig = false; // reconnected after a 1009: say so once connected
 
 // ------------------------------------------------------------------ token (never in the query)
 
@@ -58,6 +63,9 @@ const BADGE = { idle: "idle", connecting: "connecting", open: "connected", recon
 /** What a person should read about the connection; the codes go to the details. */
 function connectionMessage(state, detail) {
   if (state === "connecting" || state === "idle") return "Connecting to the relay…";
+  if (state === "open" && recoveredFromTooBig) {
+    return "Reconnected. A request was too large for the connection; older messages are now left out to fit.";
+  }
   if (state === "open") return detail.reconnected ? "Reconnected." : "";
   const retry = detail.delay !== undefined ? ` (next try in ${(detail.delay / 1000).toFixed(1)} s)` : "";
   if (state === "reconnecting") {
@@ -141,7 +149,17 @@ function connect() {
   c.onstate = (state, detail) => {
     if (client !== c) return;
     if (state === "open") fillModels(c.models);
+    if (state === "closed" && detail.code === 1009) {
+      // A message too big for the connection (the relay, or a proxy with a lower limit):
+      // final for that socket, never for the chat. Send less from now on and reconnect.
+      frameCap = Math.max(1024, Math.floor((frameCap ? Math.min(frameCap, lastStartBytes) : lastStartBytes) / 2));
+      recoveredFromTooBig = true;
+      showState(state, detail);
+      connect();
+      return;
+    }
     showState(state, detail);
+    if (state === "open") recoveredFromTooBig = false; // said once, by the first open after it
     // A drop changes running streams without a frame (e.g. to "resuming"): redraw them.
     for (const [stream, parts] of running) draw(parts, stream);
   };
@@ -274,6 +292,8 @@ function humanEnding(code, { partial, frame, finish } = {}) {
       return `The page closed its connection${kept}.`;
     case "unknown_model":
       return "This relay does not serve that model. Pick another one above.";
+    case "frame_too_large":
+      return "This message is too long for the relay to accept: shorten it and send it again.";
     case "too_many_streams":
       return "Too many answers at once: wait for one to finish, then try again.";
     case "rate_limited": {
@@ -341,7 +361,7 @@ async function follow(stream, parts) {
     }
   } catch (err) {
     draw(parts, stream);
-    const code = err instanceof StreamError ? err.code : "error";
+    const code = err instanceof StreamError ? (err.closeCode === 1009 ? "frame_too_large" : err.code) : "error";
     setStatus(parts, "error");
     parts.status.dataset.error = code;
     parts.notice.textContent = humanEnding(code, { partial: Boolean(stream.text), frame: err.frame });
@@ -371,13 +391,32 @@ function updateButtons() {
   }
 }
 
+/**
+ * Start the turn's answers, or return null when the prompt alone is more than the relay
+ * takes (said in the turn; nothing is sent). The oldest history that does not fit in one
+ * start is left out (and the turn says so).
+ */
 function startTurn(prompt, history, turn) {
-  const messages = [...history, { role: "user", content: prompt }];
   const tools = ui.useTool.checked ? [SAMPLE_TOOL] : undefined;
   const models = ui.compare.checked ? [ui.model.value, ui.model2.value] : [ui.model.value];
+  const longestModel = models.reduce((a, b) => (b.length > a.length ? b : a), "");
+  const fit = fitMessages([...history, { role: "user", content: prompt }], client.limits,
+    { model: longestModel, tools, maxFrameBytes: frameCap });
+  if (!fit.fits) {
+    turn.replaceChildren(el("div", "user", prompt),
+      el("div", "context-notice", "This message is too long for the relay to accept: shorten it and send it again."));
+    return null;
+  }
+  const messages = fit.messages;
+  lastStartBytes = fit.frameBytes;
   const row = el("div", "answers-row");
   const actions = el("div", "answer-actions");
   turn.replaceChildren(el("div", "user", prompt), row, actions);
+  if (fit.dropped) {
+    const earlier = fit.dropped === 1 ? "1 earlier message was" : `${fit.dropped} earlier messages were`;
+    turn.insertBefore(el("div", "context-notice",
+      `${earlier} left out of this request: the conversation is longer than the relay accepts at once.`), row);
+  }
   const follows = models.map((model, i) => {
     const stream = client.start({ model, messages, tools });
     const parts = renderPane(stream, models.length > 1 ? `${model} (${"AB"[i]})` : model);
@@ -406,7 +445,12 @@ async function send(event) {
   const turn = el("article", "turn");
   ui.answers.append(turn);
   const history = [...chatHistory];
-  const [first] = await startTurn(prompt, history, turn);
+  const follows = startTurn(prompt, history, turn);
+  if (!follows) {
+    ui.prompt.value = prompt; // nothing was sent: keep it to shorten
+    return;
+  }
+  const [first] = await follows;
   remember(prompt, first);
 }
 
@@ -420,7 +464,9 @@ async function regenerateLast() {
   if (!lastTurn || running.size || !client || client.state !== "open") return;
   const { turn, prompt, historyLength } = lastTurn;
   chatHistory.length = historyLength; // forget the answer being replaced
-  const [first] = await startTurn(prompt, [...chatHistory], turn);
+  const follows = startTurn(prompt, [...chatHistory], turn);
+  if (!follows) return;
+  const [first] = await follows;
   remember(prompt, first);
 }
 

@@ -15,7 +15,10 @@
 // * resume of unfinished streams after a reconnect when the server offers it
 //   (welcome.limits.detach_grace > 0 and started.stream_key), else their `done` rejects
 //   with StreamError code "connection_lost" and the text received so far;
-// * unknown frame types and unknown fields are ignored (protocol forward compatibility).
+// * unknown frame types and unknown fields are ignored (protocol forward compatibility);
+// * a start larger than the relay's welcome.limits.max_frame_bytes is never sent (it would
+//   close the connection 1009): its stream fails with StreamError code "frame_too_large";
+//   fitMessages() trims a conversation's oldest messages to what the relay takes.
 //
 // The policy (which close is retried, the backoff and attempt limit, what is resumed, which
 // frames are replays, what a cancel does) is protocol/client_policy.py, shared with the
@@ -130,6 +133,65 @@ export class StreamError extends Error {
 }
 
 let idCounter = 0;
+const utf8 = new TextEncoder();
+
+/** Bytes of `value` as compact UTF-8 JSON: what the relay measures (and receives). */
+export function jsonBytes(value) {
+  return utf8.encode(JSON.stringify(value)).length;
+}
+
+/**
+ * The newest part of a conversation that the relay takes in one `start` (its
+ * `welcome.limits`): the whole frame within `max_frame_bytes` (above it the relay closes the
+ * connection 1009) and `messages` + `tools` within `max_messages_bytes` (above it the start
+ * is refused `bad_request`), each only when the relay announced it. `maxFrameBytes` lowers
+ * the frame limit further (e.g. after a proxy in between closed 1009 on less).
+ *
+ * The oldest messages are left out first; system messages at the head stay; a context never
+ * begins with an answer (assistant or tool messages right after the kept head go too).
+ * Returns {messages, dropped (how many were left out), fits (false: even the last message
+ * alone is too large; `messages` is then empty), frameBytes (of the start, with `fits`)}.
+ */
+export function fitMessages(messages, limits = {}, { model = "", tools, tool_choice, params, maxFrameBytes } = {}) {
+  const frameLimit = Math.min(Number(limits.max_frame_bytes) > 0 ? Number(limits.max_frame_bytes) : Infinity,
+    Number(maxFrameBytes) > 0 ? Number(maxFrameBytes) : Infinity);
+  const messagesLimit = Number(limits.max_messages_bytes) > 0 ? Number(limits.max_messages_bytes) : Infinity;
+  const toolList = tools && tools.length ? tools : undefined;
+  // Sizes of the frame and of {"m":[],"t":...} without messages; each message adds its own
+  // JSON and a comma between two: the sum is exact, so no message is serialised twice.
+  const frameBase = jsonBytes(clientFrame("start", {
+    id: newId() + "-xxxxxxxx", model, messages: [], tools: toolList, tool_choice,
+    params: params && Object.keys(params).length ? params : undefined,
+  }));
+  const messagesBase = jsonBytes({ m: [], t: toolList || null });
+  const sizes = messages.map((m) => jsonBytes(m));
+  let head = 0;
+  while (head < messages.length - 1 && messages[head] && messages[head].role === "system") head += 1;
+  const fitsFrom = (first) => {
+    let total = 0;
+    let count = 0;
+    for (let i = 0; i < messages.length; i++) {
+      if (i >= head && i < first) continue;
+      total += sizes[i];
+      count += 1;
+    }
+    const commas = Math.max(0, count - 1);
+    return { frame: frameBase + total + commas, ok: frameBase + total + commas <= frameLimit && messagesBase + total + commas <= messagesLimit };
+  };
+  let first = head;
+  let size = fitsFrom(first);
+  while (!size.ok && first < messages.length - 1) {
+    first += 1;
+    while (first < messages.length - 1 && messages[first] && messages[first].role !== "user") first += 1;
+    size = fitsFrom(first);
+  }
+  if (!size.ok) {
+    return { messages: [], dropped: messages.length, fits: false, frameBytes: size.frame };
+  }
+  const kept = [...messages.slice(0, head), ...messages.slice(first)];
+  return { messages: kept, dropped: messages.length - kept.length, fits: true, frameBytes: size.frame };
+}
+
 function newId() {
   idCounter += 1;
   return `s${idCounter}-${Math.random().toString(36).slice(2, 8)}`;
@@ -520,10 +582,23 @@ export class RelayClient extends EventTarget {
   }
 
   _sendStart(stream) {
+    // Never a start larger than the relay takes: it would close the connection 1009 (and
+    // every stream on it with it). The stream fails here instead (use fitMessages first).
+    const text = JSON.stringify(stream.startFrame);
+    const limit = Number(this.limits.max_frame_bytes);
+    if (limit > 0 && text.length > limit / 4) {
+      const size = utf8.encode(text).length;
+      if (size > limit) {
+        this._drop(stream, new StreamError(`start is ${size} bytes; the relay takes at most ${limit} (max_frame_bytes)`, {
+          code: "frame_too_large", id: stream.id,
+        }));
+        return;
+      }
+    }
     stream._sent = true;
     stream.startedAt = performance.now();
     stream.status = "pending";
-    this._send(stream.startFrame);
+    if (this._ws && this._ws.readyState === 1) this._ws.send(text);
     if (stream._cancelRequested) this._send(clientFrame("cancel", { id: stream.id }));
   }
 

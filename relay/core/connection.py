@@ -505,6 +505,7 @@ class Connection:
         self.phase = Phase.WELCOMED
         limits = {"max_streams": self.stream_cap(),
                   "max_frame_bytes": self.limits.max_frame_bytes,
+                  "max_messages_bytes": self._decode_limits.max_messages_bytes,
                   "detach_grace": self.limits.detach_grace}
         actions.append(HelloAccepted())
         actions.append(SendFrame(frames.welcome(self.session_id, self.visible_models(),

@@ -23,7 +23,9 @@ Lifecycle::
                 closes its connections 1012, finishes its upstream calls into Redis, for up
                 to drain_timeout), then the supervisor exits 0. Workers still running
                 drain_timeout + 15 s later are killed. Workers also get SIGTERM from the
-                kernel if the supervisor dies (PR_SET_PDEATHSIG): no orphans.
+                kernel if the supervisor dies (PR_SET_PDEATHSIG, e.g. ``kill -9`` of the
+                supervisor): no orphans, and each drains just the same (their stdout, the
+                dead supervisor's pipe, then goes to their stderr).
 
 Metrics: every worker has its own numbers. Each registers ``relay_worker_info{worker,pid}``
 (value 1). With ``--metrics-port``, the supervisor serves ``/metrics`` there: every worker's
@@ -52,8 +54,8 @@ from typing import Any
 
 from relay.aio import cancel_and_wait
 
-__all__ = ["READY_PREFIX", "Supervisor", "parse_workers", "settings_environment",
-           "worker_ready_line"]
+__all__ = ["READY_PREFIX", "Supervisor", "outlived_supervisor", "parse_workers",
+           "settings_environment", "worker_ready_line", "write_stdout_to_stderr"]
 
 logger = logging.getLogger("relay.runtime.workers")
 
@@ -109,6 +111,28 @@ def worker_ready_line(index: int, metrics_port: int | None, models: list[str]) -
     """The line a worker prints (flushed) once it listens."""
     return READY_PREFIX + json.dumps({"index": index, "pid": os.getpid(),
                                       "metrics_port": metrics_port, "models": models})
+
+
+def outlived_supervisor(supervisor_pid: int) -> bool:
+    """In a worker, once it was told to stop: True if the supervisor that started it
+    (``supervisor_pid``, its parent then) is gone, i.e. the SIGTERM came from the kernel
+    (PR_SET_PDEATHSIG) because the supervisor died, e.g. ``kill -9``.
+
+    The worker then drains exactly as on a SIGTERM from the supervisor; only its stdout, a
+    pipe nobody reads any more, would fail the next write (``BrokenPipeError``), so from now
+    on the worker's stdout goes where its stderr goes (inherited from the supervisor)."""
+    if os.getppid() == supervisor_pid:
+        return False
+    write_stdout_to_stderr()
+    logger.warning("the supervisor (pid %d) is gone; draining as on SIGTERM", supervisor_pid)
+    return True
+
+
+def write_stdout_to_stderr() -> None:
+    """Point file descriptor 1 at what descriptor 2 is (``sys.stdout`` keeps writing to 1)."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+    os.dup2(2, 1)
 
 
 def _die_with_parent() -> None:

@@ -15,7 +15,8 @@ Contract of ``events()``:
 * Usage is the provider's own when it sent any (``estimated=False``); otherwise an estimate
   by LiteLLM's token counter (``estimated=True``). LiteLLM's stream wrapper strips the
   provider's usage chunks and always synthesises a usage of its own, so the decision is
-  made from what the provider actually sent (the wrapper's recorded raw chunks).
+  made from what the provider actually sent (counted as the wrapper records its chunks, of
+  which a running stream keeps only a bounded few: ``ProviderChunkWindow``).
 * It never retries once anything was yielded. ``retries_before_first_token`` (default 0)
   is the one explicit opt-in for retrying a failed *connect*.
 
@@ -31,6 +32,7 @@ from any task of the same event loop.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -708,7 +710,21 @@ class _LiteLLMUpstream:
         from relay.upstream.raw_tap import RawTap
 
         self.response = response
+        chunks = getattr(response, "chunks", None)
+        if type(chunks) is list:
+            # LiteLLM's wrapper appends every chunk it makes to this list and keeps it for
+            # the stream's life (~5.8 KB per token here, counted by no budget); the window
+            # keeps only what the wrapper and the relay read back (tests/relay/test_litellm_memory.py).
+            response.chunks = ProviderChunkWindow(chunks)
         self._tap = RawTap.install(response)
+        stream = getattr(response, "completion_stream", None)
+        if stream is not None and inspect.isasyncgenfunction(getattr(type(stream), "__aiter__", None)):
+            # The wrapper runs ``async for`` over this stream once per chunk it returns; an
+            # ``__aiter__`` that is an async generator (the openai SDK's ``AsyncStream``) then
+            # makes a new generator per chunk, left suspended and closed later by a task of
+            # its own: a backlog of ~2 KB per token until the loop gets its turn (a fast
+            # upstream fills it by thousands). One iteration serves every ``async for``.
+            response.completion_stream = _OneIteration(stream)
         self._iterator = response.__aiter__()
 
     async def next_batch(self) -> tuple | None:
@@ -756,7 +772,10 @@ class _LiteLLMUpstream:
     @property
     def truncated(self) -> bool:
         # Without a single parseable chunk, LiteLLM's wrapper still makes up a finish.
-        return getattr(self.response, "chunks", None) == []
+        chunks = getattr(self.response, "chunks", None)
+        if isinstance(chunks, ProviderChunkWindow):
+            return chunks.appended == 0
+        return chunks == []
 
     def provider_usage(self) -> UsageInfo | None:
         return _provider_usage(self.response)
@@ -767,30 +786,120 @@ class _LiteLLMUpstream:
             await aclose()
 
 
+class _OneIteration:
+    """An async iterable whose every ``__aiter__()`` continues the same single iteration of
+    ``stream`` (other attributes are the stream's). ``aclose`` closes that iteration, then
+    the stream."""
+
+    __slots__ = ("_stream", "_iterator")
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._iterator = stream.__aiter__()
+
+    def __aiter__(self) -> _OneIteration:
+        return self
+
+    def __anext__(self) -> Awaitable[Any]:
+        return self._iterator.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._iterator.aclose()
+        finally:
+            aclose = getattr(self._stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def _provider_usage(response: Any) -> UsageInfo | None:
     """The provider's own usage, or ``None`` when it sent none.
 
-    LiteLLM's ``CustomStreamWrapper`` keeps a copy of every processed chunk in ``.chunks``;
-    only chunks built from a provider payload that had usage carry a usage object there.
-    The usage it emits to us at the end is computed and may be its own estimate.
+    LiteLLM's ``CustomStreamWrapper`` appends every processed chunk to ``.chunks`` (for a
+    relay stream a ``ProviderChunkWindow``, which counts the usage as chunks arrive); only
+    chunks built from a provider payload that had usage carry a usage object there. The
+    usage it emits to us at the end is computed and may be its own estimate.
     """
     chunks = getattr(response, "chunks", None)
     if not chunks:
         return None
-    prompt = completion = None
+    if isinstance(chunks, ProviderChunkWindow):
+        return chunks.provider_usage()
+    window = ProviderChunkWindow()
     for chunk in chunks:
+        window.append(chunk)
+    return window.provider_usage()
+
+
+class ProviderChunkWindow(list):
+    """Stands in for ``CustomStreamWrapper.chunks``: takes every chunk LiteLLM's wrapper
+    appends, keeps a bounded few.
+
+    The wrapper appends each chunk it makes (a pydantic ``ModelResponseStream`` holding the
+    provider's parsed payload, ~5.8 KB per token) and keeps them all until the stream ends,
+    for its post-stream response assembly, which relay streams skip (``_install_lean_streaming``).
+    What is still read back while a relay stream runs, and kept here:
+
+    * the last two chunks appended (the wrapper's repetition check reads ``[-1]`` and ``[-2]``;
+      its finish handler looks back for a ``service_tier``);
+    * the first and the latest chunk that carried the provider's usage (the wrapper's usage
+      total reads them: the latest has the running total, Anthropic's first has the prompt);
+    * the provider's usage as the relay reads it (the largest prompt and completion counts
+      any chunk carried: ``provider_usage()``), and how many chunks were appended at all.
+
+    So a stream holds at most four chunks, whatever its length. Only ``append`` is used by the
+    wrapper; the list's contents are rebuilt from the kept chunks after each one.
+    """
+
+    __slots__ = ("appended", "_first_usage", "_last_usage", "_previous", "_last",
+                 "_prompt_tokens", "_completion_tokens")
+
+    def __init__(self, chunks: Any = ()) -> None:
+        super().__init__()
+        self.appended = 0
+        self._first_usage: Any = None
+        self._last_usage: Any = None
+        self._previous: Any = None
+        self._last: Any = None
+        self._prompt_tokens: int | None = None
+        self._completion_tokens: int | None = None
+        for chunk in chunks:
+            self.append(chunk)
+
+    def append(self, chunk: Any) -> None:
+        self.appended += 1
         usage = getattr(chunk, "usage", None)
-        if usage is None:
-            continue
+        if usage is not None:
+            self._count_usage(usage)
+            if self._first_usage is None:
+                self._first_usage = chunk
+            else:
+                self._last_usage = chunk
+        self._previous, self._last = self._last, chunk
+        kept = [c for c in (self._first_usage, self._last_usage)
+                if c is not None and c is not self._previous and c is not chunk]
+        if self._previous is not None:
+            kept.append(self._previous)
+        kept.append(chunk)
+        self[:] = kept
+
+    def _count_usage(self, usage: Any) -> None:
         p = getattr(usage, "prompt_tokens", None)
         c = getattr(usage, "completion_tokens", None)
         if isinstance(p, int) and p > 0:
-            prompt = max(prompt or 0, p)
+            self._prompt_tokens = max(self._prompt_tokens or 0, p)
         if isinstance(c, int) and c > 0:
-            completion = max(completion or 0, c)
-    if prompt is None and completion is None:
-        return None
-    return UsageInfo(prompt or 0, completion or 0, estimated=False)
+            self._completion_tokens = max(self._completion_tokens or 0, c)
+
+    def provider_usage(self) -> UsageInfo | None:
+        """The largest prompt and completion counts the provider sent, or ``None`` if no
+        chunk carried any."""
+        if self._prompt_tokens is None and self._completion_tokens is None:
+            return None
+        return UsageInfo(self._prompt_tokens or 0, self._completion_tokens or 0, estimated=False)
 
 
 def _estimate_prompt_tokens(model: str, messages: list, tools: list | None) -> int:

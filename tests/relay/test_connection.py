@@ -166,7 +166,8 @@ def test_a_valid_hello_is_welcomed_with_the_limits():
     sent = welcome.frame
     assert (sent["type"], sent["session_id"], sent["models"]) == ("welcome", "s_1",
                                                                   ["demo", "gpt"])
-    assert sent["limits"] == {"max_streams": 3, "max_frame_bytes": 65536, "detach_grace": 0.0}
+    assert sent["limits"] == {"max_streams": 3, "max_frame_bytes": 65536,
+                              "max_messages_bytes": 512 * 1024, "detach_grace": 0.0}
     assert conn.phase is Phase.WELCOMED
 
 

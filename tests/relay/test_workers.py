@@ -12,13 +12,15 @@ import re
 import signal
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import ConnectionClosed
 
 from relay.upstream.demo import demo_reply_tokens
 
-from .helpers import Client, eventually, text_of
+from .helpers import Client, eventually, start_relay, text_of
 from .test_limits import ROOT, _env
 from .test_multinode import SHARED_REDIS, prefix  # noqa: F401 (a fixture)
 
@@ -72,11 +74,11 @@ def _by_worker(samples: dict, name: str) -> dict[str, float]:
 
 
 @contextlib.asynccontextmanager
-async def supervised(*args: str, prefix: str):
+async def supervised(*args: str, prefix: str, stderr: Any = subprocess.DEVNULL):
     env = {**_env(), "RELAY_REDIS_PREFIX": prefix}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "relay", "serve", "--port", "0", *args,
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+        stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=ROOT)
     try:
         line = (await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)).decode()
         match = re.search(r"(ws://\S+/ws) .*\(pids ([\d, ]+)\)", line)
@@ -191,6 +193,45 @@ async def test_a_dead_worker_is_restarted_and_workers_die_with_the_supervisor(pr
         sup.proc.kill()
         await sup.proc.wait()
         await eventually(lambda: not any(_alive(pid) for pid in pids), timeout=60)
+
+
+async def test_workers_of_a_killed_supervisor_drain_into_redis_as_on_sigterm(prefix, tmp_path):
+    """``kill -9`` of the supervisor: the kernel's SIGTERM makes each worker drain as a
+    relay does on SIGTERM with Redis (close 1012, finish the upstream call into Redis, where
+    another relay resumes it), without failing on the dead supervisor's stdout pipe."""
+    stderr_path = tmp_path / "stderr.txt"
+    with open(stderr_path, "wb") as stderr:
+        async with supervised("--workers", "2", "--redis", SHARED_REDIS, "--demo-tps", "20",
+                              "--detach-grace", "20", "--drain-timeout", "60",
+                              prefix=prefix, stderr=stderr) as sup:
+            async with Client.connect(sup.url) as client:
+                await client.start("q1", messages=MESSAGES)
+                started = await client.next_for("q1")
+                assert started["type"] == "started", started
+                before = [await client.next_for("q1") for _ in range(3)]
+                assert [f["type"] for f in before] == ["token"] * 3
+                sup.proc.kill()
+                await sup.proc.wait()
+                with pytest.raises(ConnectionClosed) as closed:
+                    while True:
+                        before.append(await client.next_for("q1"))
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012, \
+                    closed.value
+            assert before[-1]["type"] == "token", before[-1]   # no finish before the 1012
+            async with start_relay(redis_url=SHARED_REDIS, redis_prefix=prefix) as other:
+                async with Client.connect(other.url) as resumer:
+                    await resumer.send({"type": "resume", "stream_key": started["stream_key"],
+                                        "after_seq": before[-1]["seq"]})
+                    assert (await resumer.next_for("q1"))["type"] == "resumed"
+                    after = await resumer.collect("q1")
+            await eventually(lambda: not any(_alive(pid) for pid in sup.pids), timeout=90)
+    # The stream ran to its end in the orphaned worker, not cancelled by the shutdown.
+    assert (after[-1]["type"], after[-1]["status"]) == ("finish", "completed"), after[-1]
+    assert text_of(before + after) == FULL_TEXT
+    logged = stderr_path.read_text()
+    assert "Traceback" not in logged and "BrokenPipeError" not in logged, logged
+    assert logged.count("is gone; draining as on SIGTERM") == 2, logged
+    assert logged.count("llm-relay draining (up to 60 s), then closing") == 2, logged
 
 
 def test_more_than_one_worker_without_redis_is_refused():
