@@ -286,10 +286,20 @@ function humanEnding(code, { partial, frame, finish } = {}) {
     case "upstream_timeout":
       return `The model provider took too long to answer${kept}.`;
     case "upstream_error":
-      return `The model provider failed${kept}.`;
+      // The relay's sentence says why (credentials, unreachable, HTTP 5xx, a cut stream):
+      // fixed wording of the relay's own, never the provider's text.
+      return finish && finish.error && finish.error.message
+        ? `${sentence(finish.error.message)}${kept}.`
+        : `The model provider failed${kept}.`;
     default:
       return `The answer ended with an error${kept}.`;
   }
+}
+
+/** "could not reach the provider" -> "Could not reach the provider" (no final stop). */
+function sentence(text) {
+  const trimmed = text.trim().replace(/[.\s]+$/, "");
+  return trimmed.charAt(0).toUpperCase() + trimmed.slice(1);
 }
 
 function describeEnd(stream) {
@@ -328,7 +338,7 @@ async function follow(stream, parts) {
     const finish = stream.finish;
     if (finish && finish.status !== "completed" && finish.status !== "cancelled") {
       const code = finish.error ? finish.error.code : finish.reason;
-      parts.notice.textContent = humanEnding(finish.status === "timeout" ? "upstream_timeout" : code, { partial: Boolean(stream.text), finish: true });
+      parts.notice.textContent = humanEnding(finish.status === "timeout" ? "upstream_timeout" : code, { partial: Boolean(stream.text), finish });
     }
   } catch (err) {
     draw(parts, stream);
