@@ -64,7 +64,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="peer address or CIDR whose X-Forwarded-For is honoured; the "
                        "client is the rightmost entry that is not a trusted proxy (repeatable)")
     serve.add_argument("--drain-timeout", type=float,
-                       help="on SIGTERM, seconds running streams may finish (30)")
+                       help="on SIGTERM, seconds running streams may finish (30); a "
+                       "second SIGTERM/SIGINT (Ctrl-C) ends them at once")
     serve.add_argument("--max-connections", type=int, help="per server (10000)")
     serve.add_argument("--max-connections-per-principal", type=int, help="(100)")
     serve.add_argument("--max-pending-per-address", type=int,

@@ -1,8 +1,9 @@
 """What the log says about a provider failure: which upstream host, and the cause in words.
 
 The wire gets a fixed sentence (``relay.upstream.errors``); the operator's log line needs
-more, to fix it: ``upstream failure for model openai/gpt-4o-mini at api.openai.com:443:
-upstream_error (ConnectError: Connection refused)``. Only safe parts are written: the host
+more, to fix it: ``upstream failure for model openai/gpt-x at 127.0.0.1:8000:
+upstream_error (ConnectError <- ConnectionRefusedError: Connect call failed ('127.0.0.1',
+8000))``. Only safe parts are written: the host
 and port (never the URL: a path or query may carry a key), exception class names, the
 operating system's error text (``strerror``), the TLS verification message, and an HTTP
 status. Exception messages and provider response bodies are never copied (LiteLLM puts the
@@ -62,22 +63,21 @@ def upstream_host(exc: BaseException, api_base: str | None) -> str | None:
 
 def failure_cause(exc: BaseException) -> str:
     """The failure in a few safe words: the outermost exception's class, then the innermost
-    one's when it differs, with the OS's or TLS's error text or the HTTP status."""
+    one's (the root cause) when it differs, with the root's OS or TLS error text or HTTP
+    status. Only the root is asked for a status: wrappers invent one (LiteLLM reports a
+    stream cut after a 200 as status 500)."""
     chain = _chain(exc)
     outer, root = chain[0], chain[-1]
     names = type(outer).__name__
     if root is not outer and type(root).__name__ != names:
         names += f" <- {type(root).__name__}"
     detail = None
-    for candidate in reversed(chain):
-        if isinstance(candidate, ssl.SSLCertVerificationError) and candidate.verify_message:
-            detail = candidate.verify_message
-        elif isinstance(candidate, OSError) and isinstance(candidate.strerror, str):
-            detail = candidate.strerror
-        elif _status(candidate) is not None:
-            detail = f"HTTP {_status(candidate)}"
-        if detail:
-            break
+    if isinstance(root, ssl.SSLCertVerificationError) and root.verify_message:
+        detail = root.verify_message
+    elif isinstance(root, OSError) and isinstance(root.strerror, str):
+        detail = root.strerror
+    elif _status(root) is not None:
+        detail = f"HTTP {_status(root)}"
     return f"{names}: {detail}" if detail else names
 
 

@@ -96,9 +96,10 @@ def test_every_unset_key_variable_is_reported_at_once(tmp_path):
 # ------------------------------------------------------------------ a failed stream
 
 
-def _registry(api_base: str, model: str = "openai/gpt-x") -> ModelRegistry:
+def _registry(api_base: str, model: str = "openai/gpt-x", fast: bool = True) -> ModelRegistry:
     return ModelRegistry(load_models({"models": {
-        "gpt": {"model": model, "api_base": api_base, "api_key_env": "NEWCOMER_KEY"},
+        "gpt": {"model": model, "api_base": api_base, "api_key_env": "NEWCOMER_KEY",
+                "fast": fast},
     }}, Timeouts(10.0, 10.0, 30.0)))
 
 
@@ -188,3 +189,21 @@ async def test_the_redis_shutdown_log_says_what_it_does(caplog):
     assert said.startswith("shutting down: closing 1 connection(s) with 1012 so their "
                            "clients resume on another relay; 1 stream(s) go on writing to "
                            "Redis for up to 10 s"), said
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_path", "litellm_path"])
+async def test_the_log_names_the_host_and_the_status_of_a_refused_key(monkeypatch, caplog,
+                                                                       fast):
+    monkeypatch.setenv("NEWCOMER_KEY", KEY)
+    async with FakeUpstream() as up, \
+            start_relay(registry=_registry(up.openai_base, fast=fast)) as server, \
+            Client.connect(server.url) as client:
+        up.enqueue(http_error("openai", 401, message=f"bad key {KEY} body-echo-marker"))
+        with caplog.at_level(logging.WARNING, logger="relay.upstream.streamer"):
+            await client.start("s", model="gpt")
+            await client.collect("s")
+    host = up.openai_base.split("//")[1].split("/")[0]
+    lines = [r.getMessage() for r in caplog.records if "upstream failure" in r.getMessage()]
+    assert len(lines) == 1 and f"at {host}: upstream_error (" in lines[0], caplog.text
+    assert lines[0].endswith("HTTP 401)"), lines[0]
+    assert KEY not in caplog.text and "body-echo-marker" not in caplog.text
