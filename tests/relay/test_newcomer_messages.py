@@ -158,7 +158,7 @@ async def test_a_second_ctrl_c_ends_the_drain_at_once_and_streams_get_their_fini
         line = await _wait_for_line(proc.stdout, "listening on")
         url = re.search(r"(ws://\S+/ws)", line).group(1)
         async with Client.connect(url) as client:
-            await client.start("s", content="a slow answer")
+            await client.start("s", content="a slow answer " * 40)   # ~60 s at 2 tokens/s
             assert (await client.next_for("s"))["type"] == "started"
             assert (await client.next_for("s"))["type"] == "token"
             proc.send_signal(signal.SIGINT)
