@@ -111,7 +111,7 @@ function showEmptyState(state) {
   const models = client ? client.models : [];
   if (state === "open" && models.length) {
     const names = models.join(", ");
-    const demo = models.includes("demo") ? " (demo is the built-in demo model: it answers by echoing your message, no API key needed)" : "";
+    const demo = models.includes("demo") ? " (demo is the built-in demo model: it answers by echoing your message, no API key needed; ask it for markdown to see headings, lists, tables and code)" : "";
     ui.emptyModels.textContent = `This relay serves: ${names}${demo}. Pick one above and type a message.`;
   } else if (state === "open") {
     ui.emptyModels.textContent = "Connected, but this relay serves no models you may use.";

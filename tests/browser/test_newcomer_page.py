@@ -18,6 +18,7 @@ from .test_chat_page_ux import relay_with_writer, wait_completed
 async def test_the_demo_model_shows_off_the_pages_markdown(page):
     async with start_relay(demo_tps=200) as server:
         await open_chat(page, server)
+        assert "ask it for markdown" in await page.text_content("#empty-state")  # the hint
         await send(page, "show me some markdown")
         await wait_completed(page)
         dom = await page.eval_on_selector(".answer-text", """e => ({
