@@ -59,7 +59,10 @@ async def run(url: str, model: str, prompt: str, token: str | None = None) -> in
                 print(f"\nerror {frame['code']}: {frame['message']}", file=sys.stderr)
                 return 1
             elif kind == "finish":
-                print(f"\n[{frame['status']}: {frame.get('reason')}] usage={frame['usage']}")
+                # a failed or timed-out stream says why, in the relay's words
+                why = f" {frame['error']['message']}" if frame.get("error") else ""
+                print(f"\n[{frame['status']}: {frame.get('reason')}]{why} "
+                      f"usage={frame['usage']}")
                 return 0 if frame["status"] == "completed" else 1
             # unknown frame types are ignored (forward compatibility)
     print("\nthe relay closed the connection before the answer finished", file=sys.stderr)

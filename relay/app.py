@@ -86,8 +86,20 @@ def load_models(data: dict[str, Any], defaults: Timeouts, *,
     unknown_top = set(data) - {"models"}
     if unknown_top:
         raise ConfigError(f"unknown top-level key(s): {', '.join(sorted(unknown_top))}")
-    return [_load_alias(alias, entry, defaults, require_env)
-            for alias, entry in models.items()]
+    # Every alias is checked before failing, so one start reports every problem (all the
+    # unset key variables, say) rather than one per attempt.
+    specs, problems = [], []
+    for alias, entry in models.items():
+        try:
+            specs.append(_load_alias(alias, entry, defaults, require_env))
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems:\n" + "\n".join(f"  - {problem}"
+                                                                     for problem in problems))
+    return specs
 
 
 def _load_alias(alias: str, entry: Any, defaults: Timeouts,

@@ -64,7 +64,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="peer address or CIDR whose X-Forwarded-For is honoured; the "
                        "client is the rightmost entry that is not a trusted proxy (repeatable)")
     serve.add_argument("--drain-timeout", type=float,
-                       help="on SIGTERM, seconds running streams may finish (30)")
+                       help="on SIGTERM, seconds running streams may finish (30); a "
+                       "second SIGTERM/SIGINT (Ctrl-C) ends them at once")
     serve.add_argument("--max-connections", type=int, help="per server (10000)")
     serve.add_argument("--max-connections-per-principal", type=int, help="(100)")
     serve.add_argument("--max-pending-per-address", type=int,
@@ -222,6 +223,7 @@ def _token_mint(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from relay.config import RelaySettings
 
@@ -231,8 +233,8 @@ def _serve(args: argparse.Namespace) -> int:
     }
     try:
         settings = RelaySettings(**overrides)
-    except ValidationError as exc:
-        print(f"relay: invalid settings:\n{exc}", file=sys.stderr)
+    except (ValidationError, SettingsError) as exc:
+        print(_settings_error_message(exc, overrides), file=sys.stderr)
         return 2
     from relay.logs import configure_logging
 
@@ -262,6 +264,39 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"relay: configuration error: {exc}", file=sys.stderr)
         return 2
     return eventloop.run(_run(settings, registry, worker_index=args.worker_index), loop)
+
+
+def _settings_error_message(exc: Exception, flags_given: dict[str, Any]) -> str:
+    """``relay: `` lines naming each refused setting where the user wrote it (the flag when
+    one was given, else the ``RELAY_*`` variable) and why, instead of pydantic's dump. The
+    value itself is never repeated (it may be a key)."""
+    from pydantic import ValidationError
+
+    # (argparse has no public way to list a subcommand's options)
+    commands = next(action for action in _build_parser()._actions
+                    if isinstance(action, argparse._SubParsersAction))
+    options = {action.dest: max(action.option_strings, key=len)
+               for action in commands.choices["serve"]._actions if action.option_strings}
+
+    def where(field: str) -> str:
+        if field in flags_given and field in options:
+            return options[field]
+        return f"RELAY_{field.upper()}"
+
+    if not isinstance(exc, ValidationError):
+        # pydantic-settings could not decode a variable (a list or dict is JSON there)
+        import re
+
+        found = re.search(r'field "(\w+)"', str(exc))
+        name = where(found.group(1)) if found else "a RELAY_* variable"
+        return (f"relay: {name} is not valid JSON (a list is written "
+                '\'["a", "b"]\')')
+    lines = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"][:1])
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"relay: {where(field)}: {message}" if field else f"relay: {message}")
+    return "\n".join(lines)
 
 
 def _bind_failure_message(exc: OSError, settings) -> str:
@@ -417,7 +452,12 @@ async def _run(settings, registry, *, worker_index: int | None = None) -> int:
             from relay.runtime.workers import outlived_supervisor
 
             outlived_supervisor(supervisor_pid)
-        _say(f"llm-relay draining (up to {settings.drain_timeout:g} s), then closing")
+        # A second SIGINT/SIGTERM (Ctrl-C again) ends the drain: the streams still running
+        # end at once, each with its finish (server_shutdown), and the relay exits.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.end_drain)
+        _say(f"llm-relay draining (up to {settings.drain_timeout:g} s), then closing; "
+             "Ctrl-C again to end the streams now")
         await server.shutdown()
     finally:
         await server.close()

@@ -48,6 +48,12 @@ def test_ci_run_stops_the_redis_it_started(tmp_path, suite_status):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == suite_status, out.stderr
     assert not redis_ping("127.0.0.1", port), "the redis-server .ci/run started is still up"
+    # It says what it does, step by step (README lists the same needs).
+    said = [line for line in out.stdout.splitlines() if line.startswith("ci: ")]
+    assert said[0] == f"ci: Redis: starting redis-server on 127.0.0.1:{port} (stopped when " \
+        "this script exits)", out.stdout
+    assert [line.split(":")[1].split()[0] for line in said[1:]] == \
+        ["Chromium", "Node", "Python", "running"], out.stdout
 
 
 def test_ci_run_leaves_a_redis_it_did_not_start_running(tmp_path):
@@ -56,3 +62,4 @@ def test_ci_run_leaves_a_redis_it_did_not_start_running(tmp_path):
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert redis_ping("127.0.0.1", server.port)
+        assert f"ci: Redis: using the one answering on 127.0.0.1:{server.port}" in out.stdout

@@ -8,11 +8,11 @@ demo model (a real subprocess, `--demo-tps 0`) stands in for the relay the READM
 * `127.0.0.1:8765` -> the test relay's address (`8765` -> a fresh free port in a block
   marked `serves`, which starts a relay of its own);
 * `.venv/bin/` -> the bin directory of the virtualenv running the tests (README's `.venv`);
-* nothing else: the blocks run from the repository root, with that bin directory first on
-  PATH (so `python` and `relay` are the project's), `PYTHONPATH` = the repository,
-  `RELAY_URL` = the test relay's URL (the demo clients' default for `--url`, as 8765 is when
-  it is unset) and `RELAY_TOKEN_SECRET` set as the README's earlier `export` would have set
-  it.
+* nothing else: the blocks run from the repository root as in a fresh terminal: the venv is
+  not on PATH (a bare `relay` is "command not found"; README says `.venv/bin/relay`) and no
+  earlier block's `export` is in the environment (`RELAY_TOKEN_SECRET` and the `RELAY_*`
+  settings are unset); `PYTHONPATH` = the repository and `RELAY_URL` = the test relay's URL
+  (the demo clients' default for `--url`, as 8765 is when it is unset).
 
 Python blocks run as `python -c BLOCK`. Shell blocks run with `bash -e -o pipefail`, in a
 process group of their own that is killed afterwards (a block may start `relay serve &`),
@@ -48,7 +48,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 READMES = [ROOT / "README.md", ROOT / "client_demo" / "README.md"]
 VENV_BIN = str(Path(sys.executable).parent)
-SECRET = "readme-examples-secret-0123456789abcdef0123"
 RUN_TIMEOUT = 120
 
 _FENCE = re.compile(r"^```(\w*)\s*$")
@@ -108,14 +107,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _path_without(directory: str) -> str:
+    """PATH as a fresh terminal has it: without the virtualenv running the tests."""
+    return os.pathsep.join(entry for entry in os.environ.get("PATH", "").split(os.pathsep)
+                           if entry and os.path.realpath(entry) != os.path.realpath(directory))
+
+
 def _env(relay_port: int, relay_url: str | None = None) -> dict:
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONUNBUFFERED": "1",
-           "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
-           "PYTHONPATH": str(ROOT), "RELAY_TOKEN_SECRET": SECRET,
+           "PATH": _path_without(VENV_BIN), "PYTHONPATH": str(ROOT),
            "RELAY_PORT": str(relay_port)}
-    for name in ("RELAY_TOKEN", "RELAY_URL", "RELAY_AUTH", "RELAY_API_KEYS", "RELAY_CONFIG",
-                 "RELAY_REDIS_URL"):
-        env.pop(name, None)
+    for name in [name for name in env if name.startswith("RELAY_") and name != "RELAY_PORT"]:
+        env.pop(name)
     if relay_url:
         env["RELAY_URL"] = relay_url
     return env
@@ -231,6 +234,16 @@ def _run_server_block(snippet: Snippet, argv: list[str], port: int) -> None:
                          ids=lambda s: s.id)
 def test_readme_snippet_runs_as_written(snippet, relay_address, tmp_path):
     _run(snippet, relay_address, tmp_path)
+
+
+def test_shell_blocks_call_the_project_commands_by_their_venv_path():
+    """A bare `relay` or `python` is "command not found" (or another Python) in a fresh
+    terminal; the README's blocks say `.venv/bin/relay` and `.venv/bin/python`
+    (`python3` only for the standard library)."""
+    bare = re.compile(r"(?:^|[;&|(`]|\$\(|\bexec\s)\s*(?:[A-Z_]+=\S+\s+)*(relay|python)\s")
+    found = [(s.id, line) for s in SNIPPETS if s.lang == "sh" and s.marker != "skip"
+             for line in s.code.splitlines() if bare.search(line.split("#")[0])]
+    assert not found, found
 
 
 def test_the_readmes_have_runnable_snippets_and_few_skipped_ones():

@@ -119,7 +119,7 @@ function showEmptyState(state) {
   const models = client ? client.models : [];
   if (state === "open" && models.length) {
     const names = models.join(", ");
-    const demo = models.includes("demo") ? " (demo is the built-in demo model: it answers by echoing your message, no API key needed)" : "";
+    const demo = models.includes("demo") ? " (demo is the built-in demo model: it answers by echoing your message, no API key needed; ask it for markdown to see headings, lists, tables and code)" : "";
     ui.emptyModels.textContent = `This relay serves: ${names}${demo}. Pick one above and type a message.`;
   } else if (state === "open") {
     ui.emptyModels.textContent = "Connected, but this relay serves no models you may use.";
@@ -315,10 +315,20 @@ function humanEnding(code, { partial, frame, finish } = {}) {
     case "upstream_timeout":
       return `The model provider took too long to answer${kept}.`;
     case "upstream_error":
-      return `The model provider failed${kept}.`;
+      // The relay's sentence says why (credentials, unreachable, HTTP 5xx, a cut stream):
+      // fixed wording of the relay's own, never the provider's text.
+      return finish && finish.error && finish.error.message
+        ? `${sentence(finish.error.message)}${kept}.`
+        : `The model provider failed${kept}.`;
     default:
       return `The answer ended with an error${kept}.`;
   }
+}
+
+/** "could not reach the provider" -> "Could not reach the provider" (no final stop). */
+function sentence(text) {
+  const trimmed = text.trim().replace(/[.\s]+$/, "");
+  return trimmed.charAt(0).toUpperCase() + trimmed.slice(1);
 }
 
 function describeEnd(stream) {
@@ -357,7 +367,7 @@ async function follow(stream, parts) {
     const finish = stream.finish;
     if (finish && finish.status !== "completed" && finish.status !== "cancelled") {
       const code = finish.error ? finish.error.code : finish.reason;
-      parts.notice.textContent = humanEnding(finish.status === "timeout" ? "upstream_timeout" : code, { partial: Boolean(stream.text), finish: true, frame: finish.error });
+      parts.notice.textContent = humanEnding(finish.status === "timeout" ? "upstream_timeout" : code, { partial: Boolean(stream.text), finish, frame: finish.error });
     }
   } catch (err) {
     draw(parts, stream);

@@ -79,6 +79,7 @@ class RelayServer:
         self._server: Server | None = None
         self._sessions: set[Session] = set()
         self.draining = False
+        self._drain_cut = asyncio.Event()     # end_drain(): stop waiting for streams
         self.metrics = RelayMetrics()
         self._metrics_http: MetricsHTTPServer | None = None
         self.principals = Principals(*start_rate_limit(self.settings.start_rate_per_minute,
@@ -199,22 +200,38 @@ class RelayServer:
         connection with 1001. websockets' ``Server.close()`` closes all connections at once,
         so the draining happens before it. With Redis, connections are closed 1012 at once
         instead and the streams keep running (detached, resumable on any relay) for the
-        drain."""
+        drain. ``end_drain()`` (the CLI's second Ctrl-C) cuts the drain short: the streams
+        still running end at once with their ``finish``."""
         if self._server is None:
             return
         self.draining = True
         timeout = self.settings.drain_timeout if drain_timeout is None else drain_timeout
+        tasks = self.hub.tasks()
         if self.replicator is not None:
             # Relays share streams through Redis: clients reconnect (to another relay) and
             # resume right away, while this one finishes its upstream calls into Redis.
-            logger.info("restarting: closing %d connection(s) with 1012", len(self._sessions))
+            logger.info("shutting down: closing %d connection(s) with 1012 so their clients "
+                        "resume on another relay; %d stream(s) go on writing to Redis for up "
+                        "to %g s, then this relay exits", len(self._sessions), len(tasks),
+                        timeout)
             for session in list(self._sessions):
                 session.close_for_restart()
-        tasks = self.hub.tasks()
-        if tasks and timeout > 0:
+        if tasks and timeout > 0 and not self._drain_cut.is_set():
             logger.info("draining %d stream(s) for up to %g s", len(tasks), timeout)
-            await asyncio.wait(tasks, timeout=timeout)
+            all_ended = asyncio.ensure_future(asyncio.wait(tasks))
+            cut = asyncio.ensure_future(self._drain_cut.wait())
+            try:
+                await asyncio.wait([all_ended, cut], timeout=timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                all_ended.cancel()         # (the waits only: the streams end in close())
+                cut.cancel()
         await self.close()
+
+    def end_drain(self) -> None:
+        """Stop waiting for running streams: ``shutdown()`` (now or later) goes straight
+        to ``close()``, which ends them with ``finish`` (``server_shutdown``)."""
+        self._drain_cut.set()
 
     async def close(self) -> None:
         """Stop accepting, end every session (streams cancelled upstream), close sockets."""

@@ -3,6 +3,9 @@ through LiteLLM's own streaming machinery with no API key and no network.
 
 Reply (deterministic, derived from the request): a sentence that echoes the last user
 message, one word-token per chunk, at ``tps`` tokens per second (0 = as fast as possible).
+When the last user message contains the word "markdown" (any case, e.g. "show me markdown"),
+the reply is instead ``DEMO_MARKDOWN``: a heading, a list, a table, a fenced code block and a
+link, streamed the same way, so the chat page's rendering can be seen without a provider.
 ``max_tokens`` cuts it with finish reason ``length``. With ``tools`` the reply is one call
 to the first tool whose JSON arguments stream over several chunks (finish ``tool_calls``).
 Usage is reported (prompt = words in the request, completion = chunks sent).
@@ -23,9 +26,40 @@ from typing import Any
 from litellm.llms.custom_llm import CustomLLM
 from litellm.types.utils import GenericStreamingChunk
 
-__all__ = ["DemoLLM", "demo_reply_tokens", "demo_tool_arguments"]
+__all__ = ["DEMO_MARKDOWN", "DemoLLM", "demo_reply_tokens", "demo_tool_arguments"]
 
 _WORD = re.compile(r"\S+\s*")
+_ASKS_FOR_MARKDOWN = re.compile(r"\bmarkdown\b", re.IGNORECASE)
+
+#: The demo's answer to a prompt that mentions "markdown": one of each block the chat page
+#: renders. Every token is a word with the whitespace after it (newlines and the code's
+#: indentation included), so the tokens join back to exactly this text.
+DEMO_MARKDOWN = """\
+## What the demo model can show
+
+This answer streams **token by token**, like a real model, so you can watch the page render \
+*Markdown* as it arrives:
+
+- a heading, **bold** and *italic* text
+- this list, with `inline code`
+- a table and a code block with a **Copy** button
+
+| Door | Endpoint | Client |
+| --- | --- | --- |
+| llm-relay.v1 | `/ws` | `relay.client`, `relay-client.js` |
+| AI SDK | `/ai-sdk` | `WebSocketChatTransport` |
+
+```python
+from relay.client import RelayClient
+
+async with RelayClient("ws://127.0.0.1:8765/ws") as client:
+    result = await client.complete("demo", [{"role": "user", "content": "hi"}])
+    print(result.text)
+```
+
+A real model is one alias away: see \
+[the providers LiteLLM supports](https://docs.litellm.ai/docs/providers)."""
+
 _MAX_ECHO_WORDS = 20_000  # long prompts make long replies: the benchmark relies on it
 
 
@@ -41,7 +75,10 @@ def _last_user_text(messages: list[dict]) -> str:
 
 
 def demo_reply_tokens(messages: list[dict]) -> list[str]:
-    """The demo's full reply for ``messages``, split into its stream tokens."""
+    """The demo's full reply for ``messages``, split into its stream tokens: ``DEMO_MARKDOWN``
+    when the last user message mentions "markdown", else a short echo of that message."""
+    if _ASKS_FOR_MARKDOWN.search(_last_user_text(messages)):
+        return _WORD.findall(DEMO_MARKDOWN)
     said = " ".join(_last_user_text(messages).split()[:_MAX_ECHO_WORDS]) or "nothing"
     reply = (
         f"Hello from the llm-relay demo model. You said: {said}. "

@@ -47,6 +47,7 @@ from relay.upstream.errors import (
     RELAY_BUG, ProviderStreamError, UpstreamFailure, classify_upstream_exception,
     is_provider_failure,
 )
+from relay.upstream.failure_log import failure_cause, upstream_host
 
 
 __all__ = [
@@ -415,8 +416,9 @@ class EventStreamer:
         except Exception as exc:  # any failure ends the stream, never the caller
             if is_provider_failure(exc):
                 failure = classify_upstream_exception(exc, mid_stream=self._response is not None)
-                logger.warning("upstream failure for model %s: %s (%s)", self.model,
-                               failure.code, type(exc).__name__)
+                logger.warning("upstream failure for model %s at %s: %s (%s)", self.model,
+                               upstream_host(exc, kwargs.get("api_base")) or "its default "
+                               "endpoint", failure.code, failure_cause(exc))
             else:
                 # A bug in the relay's own code, not the provider's doing: said so on the
                 # wire (internal_error), with its traceback in the log.

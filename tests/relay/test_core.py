@@ -10,7 +10,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from relay.upstream.demo import demo_reply_tokens, demo_tool_arguments
+from relay.upstream.demo import DEMO_MARKDOWN, demo_reply_tokens, demo_tool_arguments
 from relay.upstream.llm import demo_handler
 
 from .helpers import Client, start_relay, text_of
@@ -43,6 +43,29 @@ async def test_happy_path_welcome_started_tokens_finish():
     usage = finish["usage"]
     assert usage["estimated"] is False and usage["completion_tokens"] == len(tokens)
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+@pytest.mark.parametrize("prompt", ["Show me some Markdown, please", "/demo markdown"])
+async def test_demo_answers_a_markdown_prompt_with_every_block_the_page_renders(prompt):
+    async with start_relay(demo_tps=400) as server, Client.connect(server.url) as c:
+        await c.start("md", content=prompt)
+        frames = await c.collect("md")
+    tokens = [f["text"] for f in frames if f["type"] == "token"]
+    assert "".join(tokens) == DEMO_MARKDOWN          # the frames assemble to the Markdown
+    assert len(tokens) > 100                         # streamed word by word, not in one piece
+    assert frames[-1]["status"] == "completed" and frames[-1]["reason"] == "stop"
+    lines = DEMO_MARKDOWN.splitlines()
+    assert lines[0].startswith("## ")                                   # a heading
+    assert sum(line.startswith("- ") for line in lines) >= 3            # a list
+    assert "| --- | --- | --- |" in lines                               # a table
+    assert "```python" in lines and lines.count("```") == 1             # a fenced code block
+    assert "](https://" in DEMO_MARKDOWN                                # a link
+
+
+def test_demo_default_answer_stays_a_short_echo():
+    tokens = demo_reply_tokens([{"role": "user", "content": "make it marked down"}])
+    assert len(tokens) < 40 and "You said: make it marked down." in "".join(tokens)
+    assert "##" not in "".join(tokens)
 
 
 async def test_max_tokens_gives_length():
