@@ -43,6 +43,7 @@ from protocol import ErrorCode, FinishReason, FinishStatus
 
 from relay.upstream import admission
 from relay.upstream.llm import DEMO_MODEL
+from relay.upstream.raw_tap import RawTap
 from relay.upstream.errors import (
     RELAY_BUG, ProviderStreamError, UpstreamFailure, classify_upstream_exception,
     is_provider_failure,
@@ -709,8 +710,6 @@ class _LiteLLMUpstream:
     __slots__ = ("response", "_iterator", "_tap")
 
     def __init__(self, response: Any) -> None:
-        from relay.upstream.raw_tap import RawTap
-
         self.response = response
         chunks = getattr(response, "chunks", None)
         if type(chunks) is list:
