@@ -41,11 +41,13 @@ async def test_the_demo_model_shows_off_the_pages_markdown(page):
 @pytest.mark.parametrize(("status", "reason"), [
     (401, "The provider rejected the relay's credentials (check the relay's key "
           "configuration)."),
-    (503, "The provider failed (HTTP 503)."),
+    (502, "The provider failed (HTTP 502)."),
 ])
 async def test_a_failed_answer_says_why_in_its_main_line(page, status, reason):
+    # 502, not 503: the fake's 503 body says the engine is overloaded, which is its own
+    # answer (upstream_overloaded, worded by the page as such).
     async with relay_with_writer() as (up, server):
-        up.enqueue(http_error("openai", status))
+        up.enqueue(http_error("openai", status, message="Bad gateway" if status == 502 else None))
         await open_chat(page, server)
         await page.select_option("#model", "writer")
         await send(page, "provider says no")
