@@ -38,6 +38,7 @@ from urllib.parse import quote
 import orjson
 
 from relay.upstream.errors import ProviderStreamError
+from relay.upstream.raw_tap import content_parts
 from relay.upstream.streamer import UsageInfo
 
 __all__ = ["DIALECT_PROVIDERS", "FAILING_FINISH_REASONS", "LINE_READ_HANDLERS", "LineReadDecoder",
@@ -230,7 +231,9 @@ class OpenAIUsage:
 def openai_delta(delta: dict, reasoning: Any, finish: str | None) -> tuple | None:
     """One choice's ``delta`` as ``(reasoning, content, tool_calls, finish)``, with
     ``(..., 1, refusal)`` after it when it carries refusal text (``delta.refusal``), or None
-    when it carries nothing (each dialect picks ``reasoning`` its own way). A tool call
+    when it carries nothing (each dialect picks ``reasoning`` its own way). A ``content``
+    array of parts is read by ``content_parts`` (text parts the content, thinking parts,
+    when present, the reasoning; a wrong shape raises ``WrongShapedContentParts``). A tool call
     without ``index`` keeps ``None`` (the streamer's assembly decides which call it
     continues)."""
     tool_calls = delta.get("tool_calls")
@@ -242,6 +245,11 @@ def openai_delta(delta: dict, reasoning: Any, finish: str | None) -> tuple | Non
                           fn.get("arguments") or ""))
         tool_calls = calls
     content = delta.get("content")
+    if type(content) is list:
+        # Mistral's content parts (relay.upstream.raw_tap.content_parts): text and thinking.
+        content, thinking = content_parts(content)
+        if thinking is not None:
+            reasoning = thinking
     refusal = delta.get("refusal")
     if refusal and type(refusal) is str:
         return (reasoning if type(reasoning) is str else None, content, tool_calls, finish, 1,

@@ -1,7 +1,7 @@
 """What LiteLLM's stream wrapper loses, read from the provider's own chunks on their way in.
 
 LiteLLM's ``CustomStreamWrapper`` turns each provider chunk into a ``ModelResponseStream``.
-On the way it loses three things the relay's clients need (LiteLLM 1.110):
+On the way it loses four things the relay's clients need (LiteLLM 1.110):
 
 * ``delta.refusal`` (OpenAI's structured-output refusal): a chunk that carries only a
   refusal counts as empty and is not handed on, nor is its refusal on what it hands on;
@@ -10,14 +10,21 @@ On the way it loses three things the relay's clients need (LiteLLM 1.110):
   (continue the last call) cannot be told from index 0;
 * an Anthropic ``tool_use`` block whose ``input`` comes whole in ``content_block_start``
   (third-party Anthropic-compatible servers) and not as ``input_json_delta``: LiteLLM's
-  parser streams its arguments as ``""``.
+  parser streams its arguments as ``""``;
+* a ``delta.content`` that is an array of parts (Mistral's Magistral models through an
+  OpenAI-compatible alias: ``thinking`` parts and ``text`` parts, see ``content_parts``):
+  the wrapper drops the chunk's text and reasoning.
 
 ``RawTap.install(wrapper)`` reads the provider's chunks before the wrapper does: the OpenAI
 SDK's chunk objects (the wrapper's ``completion_stream`` is replaced by a read-through), or,
 for LiteLLM's own HTTP handlers (Anthropic, Groq, OpenRouter), each event's JSON as that
-iterator's ``chunk_parser`` receives it. The one thing changed: a chunk with refusal text
+iterator's ``chunk_parser`` receives it. Two things are changed: a chunk with refusal text
 gets ``provider_specific_fields: {"refusal": ...}`` on its delta, so that the wrapper hands
-it on at once (``_hand_on``) and the refusal streams as the provider streams it. The
+it on at once (``_hand_on``) and the refusal streams as the provider streams it; a content
+part array is replaced by its text, and its thinking set as the delta's reasoning
+(``reasoning_content`` and ``reasoning``), as the fast path reads it. A part array of the
+wrong shape is kept as ``failure``, which ``_LiteLLMUpstream`` raises in place of the
+wrapper's next chunk (the fast path fails the stream at that event too). The
 wrapper reads one provider chunk at a time and returns as soon as one gives it something
 to hand on, so the tap's last chunk is the one the wrapper's next chunk came from, and what
 the tap keeps from earlier chunks came before it. ``relay.upstream.streamer._LiteLLMUpstream``
@@ -32,7 +39,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["RawTap", "anthropic_tool_input_arguments"]
+from relay.upstream.errors import ProviderStreamError
+
+__all__ = ["RawTap", "WrongShapedContentParts", "anthropic_tool_input_arguments",
+           "content_parts"]
 
 
 def anthropic_tool_input_arguments(block_input: Any) -> str:
@@ -43,6 +53,54 @@ def anthropic_tool_input_arguments(block_input: Any) -> str:
     if type(block_input) is dict and block_input:
         return json.dumps(block_input)
     return "{}"
+
+
+class WrongShapedContentParts(ProviderStreamError, ValueError):
+    """A ``delta.content`` part array that is not the shape ``content_parts`` reads: the
+    provider's doing, reported as any wrong-shaped event ("the provider's stream failed")."""
+
+
+def content_parts(parts: list) -> tuple[str | None, str | None]:
+    """``(text, reasoning)`` of a ``delta.content`` that is an array of parts, as LiteLLM's
+    ``mistral/`` provider reads Magistral's (``MistralChatResponseIterator``): a
+    ``{"type": "text", "text": ...}`` part is answer text; a ``{"type": "thinking",
+    "thinking": [{"type": "text", "text": ...}, ...]}`` part is reasoning (its text parts
+    joined, the thinking parts of one array joined with a newline); parts (and thinking
+    items) of any other type are ignored. ``None`` for what the array does not carry.
+    Shared by both paths, so they give the same text.
+
+    Raises ``WrongShapedContentParts`` for a part that is not an object, a text that is not
+    a string, or a ``thinking`` that is not an array of objects (LiteLLM's ``mistral/``
+    parser would fall back to dropping such a chunk; the relay fails the stream, as for any
+    wrong-shaped event)."""
+    texts: list[str] = []
+    thoughts: list[str] = []
+    for part in parts:
+        if type(part) is not dict:
+            raise WrongShapedContentParts("a content part that is not an object")
+        kind = part.get("type")
+        if kind == "text":
+            text = part.get("text", "")
+            if type(text) is not str:
+                raise WrongShapedContentParts("a text part whose text is not a string")
+            texts.append(text)
+        elif kind == "thinking":
+            items = part.get("thinking", [])
+            if type(items) is not list:
+                raise WrongShapedContentParts("a thinking part that is not an array")
+            pieces = []
+            for item in items:
+                if type(item) is not dict:
+                    raise WrongShapedContentParts("a thinking item that is not an object")
+                if item.get("type") == "text":
+                    text = item.get("text", "")
+                    if type(text) is not str:
+                        raise WrongShapedContentParts("a thinking text that is not a string")
+                    pieces.append(text)
+            thought = "".join(pieces)
+            if thought:
+                thoughts.append(thought)
+    return ("".join(texts) if texts else None), ("\n".join(thoughts) if thoughts else None)
 
 
 def _field(obj: Any, name: str) -> Any:
@@ -56,13 +114,15 @@ class RawTap:
     gives them: refusal text, an Anthropic tool input) not on the wrapper's chunks; ``tool_indexes``: the
     ``index`` (``None`` when absent) of each tool call of the last OpenAI-format chunk;
     ``replaced``: Anthropic tool indexes whose arguments the tap supplies (the wrapper's
-    own ``"{}"`` for them is dropped)."""
+    own ``"{}"`` for them is dropped); ``failure``: the ``WrongShapedContentParts`` of a
+    chunk whose content parts are of the wrong shape (nothing after it is observed)."""
 
-    __slots__ = ("pending", "tool_indexes", "replaced", "_tool_index", "_block_input",
-                 "_block_args", "_in_tool_block")
+    __slots__ = ("pending", "tool_indexes", "replaced", "failure", "_tool_index",
+                 "_block_input", "_block_args", "_in_tool_block")
 
     def __init__(self) -> None:
         self.pending: list[tuple] = []
+        self.failure: WrongShapedContentParts | None = None
         self.tool_indexes: list[int | None] | None = None
         self.replaced: set[int] = set()
         self._tool_index = -1
@@ -107,6 +167,8 @@ class RawTap:
     def observe(self, chunk: Any) -> bool:
         """One provider chunk: an OpenAI-format chunk (SDK object or JSON) or an Anthropic
         event (JSON). True when it carried refusal text."""
+        if self.failure is not None:
+            return False  # the stream fails at the chunk that failed: nothing after counts
         try:
             if type(chunk) is dict and "choices" not in chunk:
                 self._observe_anthropic(chunk)
@@ -124,6 +186,19 @@ class RawTap:
         delta = _field(choices[0], "delta")
         if delta is None:
             return False
+        content = _field(delta, "content")
+        if type(content) is list:
+            try:
+                text, reasoning = content_parts(content)
+            except WrongShapedContentParts as exc:
+                self.failure = exc
+                return False
+            _set_field(delta, "content", text)
+            if reasoning is not None:
+                # Both names: LiteLLM's handlers read one or the other (OpenRouter's only
+                # ``reasoning``; the generic one maps ``reasoning`` over ``reasoning_content``).
+                _set_field(delta, "reasoning_content", reasoning)
+                _set_field(delta, "reasoning", reasoning)
         tool_calls = _field(delta, "tool_calls")
         if tool_calls and type(tool_calls) in (list, tuple):
             self.tool_indexes = [index if type(index) is int else None
@@ -156,6 +231,13 @@ class RawTap:
                 arguments = anthropic_tool_input_arguments(self._block_input)
                 self.pending.append((None, None, ((self._tool_index, None, None, arguments),),
                                      None))
+
+
+def _set_field(obj: Any, name: str, value: Any) -> None:
+    if type(obj) is dict:
+        obj[name] = value
+    else:
+        setattr(obj, name, value)
 
 
 def _hand_on(chunk: Any) -> None:

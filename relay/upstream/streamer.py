@@ -735,7 +735,15 @@ class _LiteLLMUpstream:
         except StopAsyncIteration:
             if tap is not None and tap.pending:
                 return tuple(tap.take_pending())
+            if tap is not None and tap.failure is not None:
+                raise tap.failure from None
             return None
+        if tap is not None and tap.failure is not None:
+            # A provider chunk the wrapper read past was of the wrong shape: the stream fails
+            # there, after what the tap kept from before it, and ``chunk`` is not handed on.
+            if tap.pending:
+                return tuple(tap.take_pending())
+            raise tap.failure from None
         deltas = self._deltas(chunk, tap)
         if tap is not None and tap.pending:
             return (*tap.take_pending(), *deltas)

@@ -390,6 +390,83 @@ async def test_refusal_is_relayed_as_it_streams(fmt):
     assert (frames[-1]["status"], frames[-1]["reason"]) == ("cancelled", "client_cancel")
 
 
+def text_part(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def thinking_part(*texts: str) -> dict:
+    """Mistral's (Magistral's) reasoning part: its text as a list of text parts."""
+    return {"type": "thinking", "thinking": [text_part(t) for t in texts], "closed": True}
+
+
+@pytest.mark.parametrize("fmt", ["openai", *DIALECTS])
+async def test_content_as_text_parts(fmt):
+    """``delta.content`` as an array of text parts (Mistral's OpenAI-compatible wire): each
+    part is answer text, the parts of one chunk joined."""
+    deltas = [{"content": [text_part("Hel"), text_part("lo")]},
+              {"content": [text_part(", world")]}, {"content": "!"}]
+    frames = assert_same(await both_paths(fmt, openai_script(deltas, "stop")))
+    assert text_of(frames) == "Hello, world!"
+    assert of_type(frames, "reasoning") == []
+    assert (frames[-1]["status"], frames[-1]["reason"]) == ("completed", "stop")
+
+
+@pytest.mark.parametrize("fmt", ["openai", *DIALECTS])
+async def test_content_parts_thinking_then_text(fmt):
+    """Magistral's stream: ``thinking`` parts are reasoning, ``text`` parts the answer; a
+    chunk with both gives its reasoning first (as LiteLLM's ``mistral/`` provider reads it),
+    and the answer text is never lost (the golden transcript's "3" of "391")."""
+    deltas = [{"content": ""},
+              {"content": [thinking_part("17 * 23")]},
+              {"content": [thinking_part(" = 39", "1.")]},
+              {"content": [thinking_part(" Done."), text_part("3")]},
+              {"content": "91"}]
+    frames = assert_same(await both_paths(fmt, openai_script(deltas, "stop")))
+    kinds = [f["type"] for f in frames if f["type"] in ("reasoning", "token")]
+    assert kinds == ["reasoning"] * 3 + ["token"] * kinds.count("token"), kinds
+    assert "".join(f["text"] for f in of_type(frames, "reasoning")) == "17 * 23 = 391. Done."
+    assert text_of(frames) == "391"
+    assert (frames[-1]["status"], frames[-1]["reason"]) == ("completed", "stop")
+
+
+@pytest.mark.parametrize("fmt", ["openai", *DIALECTS])
+async def test_content_parts_of_unknown_types_are_ignored(fmt):
+    """Part types other than ``text`` and ``thinking`` (a reference, an image, a part with
+    no type) carry nothing the relay shows: skipped, the stream goes on."""
+    deltas = [{"content": [{"type": "reference", "reference_ids": [1, 2]}, text_part("A")]},
+              {"content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+              {"content": [{"text": "untyped"}, text_part("B"),
+                           {"type": "thinking", "thinking": [{"type": "image"}]}]}]
+    frames = assert_same(await both_paths(fmt, openai_script(deltas, "stop")))
+    assert text_of(frames) == "AB"
+    assert of_type(frames, "reasoning") == []
+    assert (frames[-1]["status"], frames[-1]["reason"]) == ("completed", "stop")
+
+
+#: Content-part arrays of the wrong shape: each fails the stream as a wrong-shaped event.
+WRONG_CONTENT_PARTS = {
+    "part_not_an_object": ["abc"],
+    "text_not_a_string": [{"type": "text", "text": 5}],
+    "thinking_not_a_list": [{"type": "thinking", "thinking": "abc"}],
+    "thinking_text_not_a_string": [{"type": "thinking", "thinking": [{"type": "text",
+                                                                      "text": ["x"]}]}],
+    "nested_lists": [[text_part("x")]],
+}
+
+
+@pytest.mark.parametrize("fmt", ["openai", *DIALECTS])
+@pytest.mark.parametrize("shape", WRONG_CONTENT_PARTS)
+async def test_content_parts_of_the_wrong_shape_fail_as_upstream_error(fmt, shape):
+    """A part list of the wrong shape is the provider's doing: the stream fails with
+    ``upstream_error`` after the text before it, never ``internal_error``."""
+    deltas = [{"content": "before"}, {"content": WRONG_CONTENT_PARTS[shape]},
+              {"content": "after"}]
+    frames = assert_same(await both_paths(fmt, openai_script(deltas, "stop")))
+    assert text_of(frames) == "before"
+    assert (frames[-1]["status"], frames[-1]["reason"]) == ("failed", "upstream_error")
+    assert frames[-1]["error"]["message"] == "the provider's stream failed (cut off or malformed)"
+
+
 async def test_anthropic_refusal_stop_reason_is_content_filter():
     """Anthropic's refusal is a stop reason (the text before it is the answer's)."""
     frames = assert_same(await both_paths("anthropic", stream("anthropic", ["I can", "not."],

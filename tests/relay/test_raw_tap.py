@@ -9,7 +9,9 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from relay.upstream.raw_tap import RawTap, anthropic_tool_input_arguments
+from relay.upstream.raw_tap import (
+    RawTap, WrongShapedContentParts, anthropic_tool_input_arguments,
+)
 
 HOSTILE = [
     None, 7, "data", [], {}, {"choices": "x"}, {"choices": [None]}, {"choices": [{"delta": 5}]},
@@ -39,6 +41,31 @@ def test_what_the_tap_keeps_from_openai_chunks():
     assert tap.tool_indexes == [None, 3]
     tap.observe(NS(choices=[NS(delta=NS(refusal="", tool_calls=None))]))
     assert tap.tool_indexes is None and tap.take_pending() == []
+
+
+def test_content_parts_become_text_and_reasoning_in_the_chunk():
+    """A content-part array (Mistral's) is replaced, in the chunk the wrapper then reads, by
+    its text and its thinking as the reasoning: JSON chunks and SDK objects alike."""
+    parts = [{"type": "thinking", "thinking": [{"type": "text", "text": "Hm"}]},
+             {"type": "reference"}, {"type": "text", "text": "3"}]
+    chunk = {"choices": [{"delta": {"content": list(parts)}}]}
+    RawTap().observe(chunk)
+    assert chunk["choices"][0]["delta"] == {"content": "3", "reasoning_content": "Hm",
+                                            "reasoning": "Hm"}
+    delta = NS(content=[{"type": "text", "text": "ok"}], reasoning_content=None,
+               refusal=None, tool_calls=None)
+    RawTap().observe(NS(choices=[NS(delta=delta)]))
+    assert (delta.content, delta.reasoning_content) == ("ok", None)
+
+
+def test_wrong_shaped_content_parts_are_the_failure_and_end_observing():
+    tap = RawTap()
+    bad = {"choices": [{"delta": {"content": [{"type": "text", "text": 5}]}}]}
+    assert tap.observe(bad) is False
+    assert isinstance(tap.failure, WrongShapedContentParts)
+    assert bad["choices"][0]["delta"]["content"] == [{"type": "text", "text": 5}]
+    tap.observe({"choices": [{"delta": {"refusal": "No."}}]})   # after the failure: ignored
+    assert tap.take_pending() == []
 
 
 def test_anthropic_input_whole_in_start_becomes_the_arguments():
