@@ -126,7 +126,9 @@ async def drive_connection(url: str, rng: random.Random, conn: int, out: Outcome
     cancelled: set[str] = set()
     finished: set[str] = set()
     last_seq: dict[str, int] = {}
-    async with connect(url, subprotocols=[SUBPROTOCOL]) as ws:
+    # open_timeout 60: 100 handshakes at once on a loaded 2-core machine may take over the
+    # default 10 s; the soak checks leaks, not handshake latency.
+    async with connect(url, subprotocols=[SUBPROTOCOL], open_timeout=60) as ws:
         send = ws.send
 
         async def recv() -> dict:
