@@ -440,7 +440,7 @@ class Session:
             wait = await shared.take_replay(self.principal, state.replays,
                                             min(replayed, state.replays.burst))
         if wait is not None:
-            logger.info("refused a resume: the principal's replay budget is spent",
+            logger.debug("refused a resume: the principal's replay budget is spent",
                         extra={"session_id": self.session_id, "principal": self.principal})
             raise RateLimited(f"too many replayed events for this principal; resume again in "
                               f"{wait:g} s", retry_after=wait, id=id)
