@@ -80,6 +80,10 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="(default: ten seconds' worth of the rate; 100 with --auth)")
     serve.add_argument("--frames-per-second", type=float, help="inbound per connection (100)")
     serve.add_argument("--frame-burst", type=int, help="(200)")
+    serve.add_argument("--replay-events-per-second", type=float,
+                       help="events a principal's resumes may replay per second, across its "
+                       "connections (2000; 0 = no limit)")
+    serve.add_argument("--replay-event-burst", type=int, help="(100000)")
     serve.add_argument("--max-messages-bytes", type=int, help="start.messages+tools (524288)")
     serve.add_argument("--max-messages", type=int, help="messages in one start (2000)")
     serve.add_argument("--max-tools", type=int, help="tools in one start (128)")

@@ -47,6 +47,11 @@ class RelaySettings(BaseSettings):
                                     "(None: ten seconds' worth of the rate)")
     frames_per_second: float = Field(100.0, gt=0, description="inbound, per connection")
     frame_burst: int = Field(200, ge=1)
+    # relay.core.limits.REPLAY_EVENTS_PER_SECOND / REPLAY_EVENT_BURST
+    replay_events_per_second: float = Field(2_000.0, ge=0, description="events a principal's "
+                                            "resumes may replay per second (0 = no limit)")
+    replay_event_burst: int = Field(100_000, ge=1, description="replay token bucket size, "
+                                    "in events")
     max_messages_bytes: int = Field(512 * 1024, ge=1024,
                                     description="JSON size of start.messages+tools")
     # --- what one inbound frame may hold, checked before validation (protocol.DecodeLimits)

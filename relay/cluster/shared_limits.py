@@ -12,6 +12,9 @@ atomic Lua script then checks, in this order, for the principal:
    ``retry_after``;
 3. concurrent streams: refused when ``stream_cap`` leases are live -> ``too_many_streams``;
 
+(A ``resume`` that passed the local replay budget pays its replayed events from the
+principal's group bucket the same way: :meth:`SharedLimits.take_replay`.)
+
 and, when all three pass, takes a start token and adds a *lease* for the new stream. A
 refused start costs nothing in Redis. The local checks stay in front (the counts of one relay
 never exceed the group's), so they are also the fallback when Redis is unreachable.
@@ -28,6 +31,8 @@ Keys (``P`` = the store's prefix, ``U`` = the principal; every time is Redis' ow
                               score = lease expiry (ms); expired members do not count
     P limits:starts:U   hash  the start token bucket: tokens, at (ms); expires when full
     P limits:budget:U   hash  window slot index -> completion tokens charged in that slot
+    P limits:replays:U  hash  the replay token bucket (events): tokens, at (ms); expires
+                              when full
 
 Leases: this relay rewrites the leases of its running streams every ``lease / 3`` seconds
 (a heartbeat) and removes a stream's lease when it ends. A relay that dies stops the
@@ -148,6 +153,25 @@ end
 return {'ok', count + 1}
 """
 
+# KEYS: replays hash; ARGV: rate (events/ms), burst, cost (events)
+_TAKE_REPLAY = _NOW + """
+local rate, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens, at = tonumber(b[1]), tonumber(b[2])
+if tokens == nil or at == nil then
+  tokens = burst
+else
+  tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+end
+if tokens < cost then
+  return {'rate', math.ceil((cost - tokens) / rate)}
+end
+tokens = tokens - cost
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate) + 1)
+return {'ok', 0}
+"""
+
 # KEYS: budget hashes; ARGV: window ms, slot ms, then the tokens for each key
 _CHARGE = _NOW + """
 local window, slot_ms = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -227,6 +251,7 @@ class SharedLimits:
         self._window_ms = max(_BUDGET_SLOTS, round(budget_window * 1000))
         self._slot_ms = self._window_ms // _BUDGET_SLOTS
         self._admit = store.script("limits admit", _ADMIT)
+        self._take_replay = store.script("limits replay", _TAKE_REPLAY)
         self._charge = store.script("limits charge", _CHARGE)
         self._refresh = store.script("limits heartbeat", _REFRESH)
         self._remove = store.script("limits release", _RELEASE)
@@ -309,6 +334,25 @@ class SharedLimits:
                     raise TooManyStreams(f"at most {stream_cap} concurrent streams {scope}")
         self._held[member] = streams_key
         return shared
+
+    async def take_replay(self, principal: str, replays: TokenBucket,
+                          cost: float) -> float | None:
+        """Take ``cost`` replayed events from ``principal``'s replay bucket across the group
+        (``replays``: its local bucket, whose rate and burst are the group's): None when
+        taken, else ``retry_after`` in seconds (nothing taken). While Redis is unreachable
+        None: the local bucket, charged before, holds alone."""
+        if self.outage:
+            return None
+        try:
+            verdict, value = await self._take_replay(
+                [self._key("replays", principal)],
+                [repr(replays.rate / 1000.0), replays.burst, repr(float(cost))])
+        except StoreUnavailable as exc:
+            self._failed(exc)
+            return None
+        self._answered()
+        verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
+        return _seconds(value) if verdict == "rate" else None
 
     # ------------------------------------------------------------------ background writes
 

@@ -12,6 +12,9 @@ else the client's address (``X-Forwarded-For`` only from trusted proxies). Limit
 * inbound frames per connection (token bucket) -> close 4429
 * completion tokens per principal per hour (optional, :class:`CompletionBudget`) ->
   ``rate_limited`` with ``retry_after`` at ``start``
+* events replayed by ``resume`` (``/ws`` and ``/ai-sdk``) per principal (token bucket,
+  :meth:`Principals.charge_replay`) -> ``rate_limited`` with ``retry_after`` for that resume;
+  kept across connections, so reconnecting to resume again is no way around it
 
 All state is in-process and only touched from the event loop thread.
 """
@@ -24,13 +27,20 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["CompletionBudget", "PendingConnections", "PrincipalState", "Principals",
+__all__ = ["REPLAY_EVENTS_PER_SECOND", "REPLAY_EVENT_BURST", "CompletionBudget", "PendingConnections", "PrincipalState", "Principals",
            "TokenBucket", "start_rate_limit"]
 
 #: With ``--auth``, the start rate of a principal unless configured: generous, so that one
 #: well-behaved user (an agent fanning out into 100 parallel streams) is never refused.
 AUTH_START_RATE_PER_MINUTE = 600.0
 AUTH_START_BURST = 100
+
+#: Replayed events (frames of a stream's log sent again by a ``resume``) a principal may
+#: have replayed per second, and the bucket's size: five replays of a 20,000-token answer
+#: at once, then one such replay every ten seconds (~8 ms of the loop per second at most).
+#: A user reloading a page a few times a minute never meets it.
+REPLAY_EVENTS_PER_SECOND = 2_000.0
+REPLAY_EVENT_BURST = 100_000
 
 
 def start_rate_limit(rate_per_minute: float | None, burst: int | None,
@@ -141,19 +151,25 @@ class PrincipalState:
     streams: int = 0
     starts: TokenBucket | None = None
     budget: CompletionBudget | None = None
+    replays: TokenBucket | None = None
     last_seen: float = field(default_factory=time.monotonic)
 
 
 class Principals:
     """Per-principal counters; entries without connections are dropped.
 
-    ``start_rate_per_minute`` None: no start rate (``PrincipalState.starts`` is None)."""
+    ``start_rate_per_minute`` None: no start rate (``PrincipalState.starts`` is None);
+    ``replay_events_per_second`` None: no replay budget (``PrincipalState.replays``)."""
 
     def __init__(self, start_rate_per_minute: float | None, start_burst: int | None,
-                 completion_token_budget_per_hour: int | None = None) -> None:
+                 completion_token_budget_per_hour: int | None = None,
+                 replay_events_per_second: float | None = None,
+                 replay_event_burst: int = REPLAY_EVENT_BURST) -> None:
         self._rate = start_rate_per_minute / 60.0 if start_rate_per_minute is not None else None
         self._burst = start_burst if start_burst is not None else 1
         self._budget = completion_token_budget_per_hour
+        self._replay_rate = replay_events_per_second
+        self._replay_burst = replay_event_burst
         self._states: dict[str, PrincipalState] = {}
         self.total_connections = 0
 
@@ -164,6 +180,8 @@ class Principals:
                                    if self._rate is not None else None)
             if self._budget is not None:
                 state.budget = CompletionBudget(self._budget)
+            if self._replay_rate is not None:
+                state.replays = TokenBucket(self._replay_rate, self._replay_burst)
             self._states[principal] = state
         return state
 
@@ -184,12 +202,27 @@ class Principals:
         self._prune_one(principal, state)
 
     def _prune_one(self, principal: str, state: PrincipalState) -> None:
-        # Forget an idle principal only once its start bucket has refilled and its token
-        # budget is unused, so that reconnecting is no way around either.
+        # Forget an idle principal only once its start and replay buckets have refilled and
+        # its token budget is unused, so that reconnecting is no way around any of them.
         if (state.connections <= 0 and state.streams <= 0
                 and (state.starts is None or state.starts.full)
+                and (state.replays is None or state.replays.full)
                 and (state.budget is None or state.budget.idle)):
             del self._states[principal]
+
+    @staticmethod
+    def charge_replay(state: PrincipalState, events: int) -> float | None:
+        """Charge a replay of ``events`` events to ``state``'s replay bucket: None when paid
+        (or there is no replay budget), else the seconds until it can be (``retry_after``;
+        nothing is taken then). A replay larger than the whole bucket costs the whole
+        bucket, so that a principal that has been quiet can always resume once."""
+        bucket = state.replays
+        if bucket is None or events <= 0:
+            return None
+        cost = min(float(events), bucket.burst)
+        if bucket.take(cost):
+            return None
+        return max(0.001, bucket.retry_after(cost))
 
     def _prune(self) -> None:
         for principal, state in list(self._states.items()):

@@ -10,7 +10,9 @@ frames are AI SDK responses. The mapping itself is sans-I/O in ``protocol.aisdk`
 * ``resume`` looks the chat up in ``ChatIndex`` ((owner, chat id) -> the stream of its
   latest response) and attaches the stream from its first frame: the whole response is
   replayed (with the same ``messageId``; merged, and paid from the connection's frame
-  budget) and the live rest follows.
+  budget and from the principal's replay budget, which outlives the connection: when that
+  is spent the request gets an ``error`` saying when to resume again) and the live rest
+  follows.
 
 Whose chat it is (the *owner*): with ``--auth`` the principal. Without, the client's address
 *and* the browser's owner cookie (``CHAT_OWNER_COOKIE``: 192 random bits, HttpOnly, set by the

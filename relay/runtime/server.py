@@ -85,7 +85,9 @@ class RelayServer:
         self.principals = Principals(*start_rate_limit(self.settings.start_rate_per_minute,
                                                        self.settings.start_burst,
                                                        auth=self.settings.auth),
-                                     self.settings.completion_token_budget_per_hour)
+                                     self.settings.completion_token_budget_per_hour,
+                                     self.settings.replay_events_per_second or None,
+                                     self.settings.replay_event_burst)
         self.pending = PendingConnections(self.settings.max_pending_per_address,
                                           self.settings.pending_connections_cap)
         self._trusted_proxies = parse_networks(self.settings.trusted_proxies)

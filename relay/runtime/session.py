@@ -55,11 +55,12 @@ from relay.core.connection import (
     SlowConsumer, Slowness, SocketClosed, StartRequested, StartStream, StreamFailed,
     StreamTakenOver, TokenExpiredStreamsDone, TooManyFrames,
 )
-from relay.core.errors import RelayError, UnknownStream
+from relay.core.errors import RateLimited, RelayError, UnknownStream
 from relay.runtime.hub import Attachment, HubStream, StreamHub
-from relay.core.limits import PrincipalState, TokenBucket
+from relay.core.limits import Principals, PrincipalState, TokenBucket
 from relay.metrics import RelayMetrics
 from relay.upstream.providers import ModelRegistry, ModelSpec
+from relay.cluster.redis_store import StoreUnavailable
 from relay.cluster.shared_limits import SharedStream
 from relay.upstream.source import UpstreamSource
 from relay.upstream.streamer import EventStreamer
@@ -397,9 +398,11 @@ class Session:
             assert hub.replicator is not None
             source = await hub.replicator.resume_remote(msg.stream_key, self.principal,
                                                         msg.after_seq)
-            stream = hub.follow(source, principal=self.principal, session_id=self.session_id)
-            id = msg.id if msg.id is not None else stream.id
+            id = msg.id if msg.id is not None else source.id
             self._check_room(id)        # (refused: nothing started, nothing to stop)
+            await self._pay_for_resume(
+                id, await self._remote_replay_events(msg.stream_key, msg.after_seq))
+            stream = hub.follow(source, principal=self.principal, session_id=self.session_id)
             # Only now, once the resume is sure to succeed: the hub enters it and starts its
             # follower. One followed here already by another attachment is taken over (it
             # is followed afresh: that log only holds what the other one was not sent yet).
@@ -407,10 +410,51 @@ class Session:
         else:
             id = msg.id if msg.id is not None else stream.id
             self._check_room(id)
+            log = stream.log
+            if await self._pay_for_resume(id, min(len(log),
+                                                  max(0, log.last_seq - msg.after_seq))):
+                # Redis was asked: the stream may have ended its grace or been dropped
+                # meanwhile (raises), or be another record now.
+                if hub.find_for_resume(msg.stream_key, self.principal,
+                                       msg.after_seq) is not stream:
+                    raise UnknownStream("no resumable stream with that stream_key")
+                self._check_room(id)
         self._send(frames.resumed(id, stream.key, msg.after_seq))
         # Registering attaches it in the hub, taking it over from any other connection.
         self._register(Attachment(self, stream, id, cursor=msg.after_seq,
                                   offset=stream.log.offset_at(msg.after_seq)), announce=True)
+
+    async def _pay_for_resume(self, id: str, replayed: int) -> bool:
+        """Charge the ``replayed`` events a resume sends again to the principal's replay
+        budget (``--replay-events-per-second`` / ``--replay-event-burst``), which outlives
+        the connection: a client reconnecting to resume again pays from the same bucket.
+        With relays on Redis, then from the group's bucket of the principal too
+        (``SharedLimits.take_replay``). Raises ``rate_limited`` with ``retry_after`` for
+        this resume when it cannot pay (the connection stays). True when it awaited Redis."""
+        state = self._principal_state
+        wait = Principals.charge_replay(state, replayed)
+        shared = self.hub.shared_limits
+        asked = False
+        if wait is None and shared is not None and state.replays is not None and replayed > 0:
+            asked = True
+            wait = await shared.take_replay(self.principal, state.replays,
+                                            min(replayed, state.replays.burst))
+        if wait is not None:
+            logger.debug("refused a resume: the principal's replay budget is spent",
+                        extra={"session_id": self.session_id, "principal": self.principal})
+            raise RateLimited(f"too many replayed events for this principal; resume again in "
+                              f"{wait:g} s", retry_after=wait, id=id)
+        return asked
+
+    async def _remote_replay_events(self, stream_key: str, after_seq: int) -> int:
+        """How many events a resume of ``stream_key`` (running on another relay) after
+        ``after_seq`` reads from Redis now; 0 when the store cannot say."""
+        assert self.hub.replicator is not None
+        try:
+            last = await self.hub.replicator.store.last_seq(stream_key)
+        except StoreUnavailable:
+            return 0
+        return max(0, (last or 0) - after_seq)
 
     def failed(self, att: Attachment, code: str, message: str) -> None:
         """``Subscriber``: a stream followed from another relay cannot go on: say so, with

@@ -482,6 +482,42 @@ async def test_a_resume_flood_closes_4429_and_another_connection_streams_on():
             assert (await other.until_done("o2"))[-1]["type"] == "end"
 
 
+async def test_resumes_on_new_connections_are_refused_once_the_address_replay_budget_is_spent():
+    """A reload pays its replay from the principal's replay budget (here the address's),
+    which a new connection does not refill: a browser that resumes a 2,000-token answer on
+    a new connection again and again gets two replays out of 5,000 events, then an
+    ``error`` for each further resume saying when to resume again (the connection stays
+    and answers its next request); a browser at another address resumes its chat fine."""
+    flooder_at, other_at = {"X-Forwarded-For": "10.0.0.1"}, {"X-Forwarded-For": "10.0.0.2"}
+    flooder, other = Browser(), Browser()
+    async with start_relay(detach_grace=30, demo_tps=0, trusted_proxies=["127.0.0.1"],
+                           replay_events_per_second=1, replay_event_burst=5_000) as server:
+        for browser, at in ((flooder, flooder_at), (other, other_at)):
+            async with ai_client(server, browser, additional_headers=at) as c:
+                await c.send(send_frame("r1", "long", [ui_user(words(2000))]))
+                assert "w1999" in text_of(chunks(await c.until_done("r1")))
+        answers = []
+        for i in range(4):
+            async with ai_client(server, flooder, additional_headers=flooder_at) as c:
+                await c.send(resume_frame(f"q{i}", "long"))
+                frames = await c.until_done(f"q{i}")
+                answers.append(frames)
+                if frames[-1]["type"] == "error":
+                    await c.send(resume_frame("next", "no-such-chat"))
+                    assert await c.until_done("next") == [
+                        {"type": "no-active", "requestId": "next"}]
+        for frames in answers[:2]:
+            assert frames[-1]["type"] == "end" and "w1999" in text_of(chunks(frames))
+        for i, frames in enumerate(answers[2:], start=2):
+            [error] = frames
+            assert error["type"] == "error" and error["requestId"] == f"q{i}"
+            assert "resume again in" in error["errorText"], error
+        async with ai_client(server, other, additional_headers=other_at) as c:
+            await c.send(resume_frame("o1", "long"))
+            frames = await c.until_done("o1")
+            assert frames[-1]["type"] == "end" and "w1999" in text_of(chunks(frames))
+
+
 async def test_a_client_behind_the_same_address_cannot_resume_or_take_over_a_chat():
     """Without --auth a chat belongs to its address AND its browser's owner cookie: another
     client from the same address that knows the chat id ("my-chat") finds nothing, takes

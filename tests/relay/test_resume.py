@@ -4,6 +4,7 @@ every frame after its last seq exactly once (in-process memory log)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import pytest
@@ -408,3 +409,97 @@ def test_the_relay_bug_message_is_written_once():
     written = [p for p in root.rglob("*.py") if RELAY_BUG_MESSAGE in p.read_text("utf-8")]
     assert [p.relative_to(root).as_posix() for p in written] == ["core/errors.py"]
     assert RELAY_BUG.message is RELAY_BUG_MESSAGE
+
+
+async def _finished_long_stream(server, headers: dict, n: int) -> str:
+    """Run a stream echoing ``n`` words (the demo: ``n`` + 30 tokens) to its end from an
+    address given by ``headers``; its stream_key (retained for resume)."""
+    async with Client.connect(server.url, additional_headers=headers) as c:
+        await c.start("long", content=_words(n))
+        frames = await c.collect("long")
+    assert frames[-1]["type"] == "finish" and frames[-1]["status"] == "completed"
+    assert f"w{n - 1}" in text_of(frames)
+    return frames[0]["stream_key"]
+
+
+async def _resume_on_a_new_connection(server, headers: dict, key: str) -> list[dict]:
+    """A reload: a new connection resumes ``key`` from its start; its frames through the
+    replay's finish, or the error refusing it (checked to leave the connection open)."""
+    async with Client.connect(server.url, additional_headers=headers) as c:
+        await c.send({"type": "resume", "stream_key": key, "after_seq": 0, "id": "again"})
+        first = await c.next_for("again")
+        if first["type"] == "error":
+            await c.send({"type": "ping", "data": "still here"})
+            assert await c.next_for(None) == {"type": "pong", "data": "still here"}
+            return [first]
+        assert first["type"] == "resumed"
+        return [first, *await c.collect("again")]
+
+
+async def test_resumes_on_new_connections_are_refused_once_the_address_replay_budget_is_spent():
+    """The replay budget belongs to the principal (here the address), not the connection: an
+    address that resumes a 2,000-token answer again and again, each time on a new
+    connection, is refused ``rate_limited`` with ``retry_after`` once its 5,000 replayed
+    events are spent (the connection stays); another address resumes its answer fine."""
+    flooder, other = {"X-Forwarded-For": "10.0.0.1"}, {"X-Forwarded-For": "10.0.0.2"}
+    async with start_relay(detach_grace=30, trusted_proxies=["127.0.0.1"],
+                           replay_events_per_second=1, replay_event_burst=5_000) as server:
+        key = await _finished_long_stream(server, flooder, 2000)
+        other_key = await _finished_long_stream(server, other, 2000)
+        answers = [await _resume_on_a_new_connection(server, flooder, key) for _ in range(4)]
+        assert [a[-1]["type"] for a in answers[:2]] == ["finish", "finish"]
+        assert all(f"{_words(2000)}." in text_of(a) for a in answers[:2])
+        for refused in answers[2:]:
+            [error] = refused
+            assert (error["code"], error["id"], error["ref"]) == ("rate_limited", "again",
+                                                                  "resume")
+            assert error["retry_after"] > 0 and "resume again in" in error["message"]
+        mine = await _resume_on_a_new_connection(server, other, other_key)
+        assert mine[-1]["type"] == "finish" and f"{_words(2000)}." in text_of(mine)
+
+
+async def test_resumes_of_an_authenticated_principal_share_one_replay_budget_across_connections():
+    """With --auth the budget is the principal's: alice's resumes on new connections are
+    refused once hers is spent; bob, from the same address, resumes his answer fine."""
+    alice, bob = "sk-relay-TEST-replay-alice-0001", "sk-relay-TEST-replay-bob-0002"
+    async with start_relay(detach_grace=30, auth=True, api_keys=[alice, bob],
+                           replay_events_per_second=1, replay_event_burst=2_500) as server:
+        @contextlib.asynccontextmanager
+        async def as_user(api_key: str):
+            async with Client.connect(server.url, hello=False) as c:
+                await c.send({"type": "hello", "client": {"name": "t", "version": "0"},
+                              "token": api_key})
+                assert (await c.recv())["type"] == "welcome"
+                yield c
+
+        keys = {}
+        for user in (alice, bob):
+            async with as_user(user) as c:
+                await c.start("long", content=_words(2000))
+                keys[user] = (await c.collect("long"))[0]["stream_key"]
+        answers = []
+        for _ in range(3):
+            async with as_user(alice) as c:
+                await c.send({"type": "resume", "stream_key": keys[alice], "after_seq": 0,
+                              "id": "r"})
+                first = await c.next_for("r")
+                answers.append(first.get("code", first["type"]))
+                if first["type"] == "resumed":
+                    assert (await c.collect("r"))[-1]["type"] == "finish"
+        assert answers == ["resumed", "rate_limited", "rate_limited"]
+        async with as_user(bob) as c:
+            await c.send({"type": "resume", "stream_key": keys[bob], "after_seq": 0, "id": "r"})
+            assert (await c.next_for("r"))["type"] == "resumed"
+            assert f"{_words(2000)}." in text_of(await c.collect("r"))
+
+
+async def test_a_few_reloads_of_a_long_answer_pass_with_the_default_replay_budget():
+    """The defaults leave the normal case alone: a 2,000-token answer resumed from its start
+    on five new connections in a row (reloads) is replayed whole each time."""
+    async with start_relay(detach_grace=30) as server:
+        assert (server.settings.replay_events_per_second,
+                server.settings.replay_event_burst) == (2000.0, 100_000)
+        key = await _finished_long_stream(server, {}, 2000)
+        for _ in range(5):
+            replay = await _resume_on_a_new_connection(server, {}, key)
+            assert replay[-1]["type"] == "finish" and f"{_words(2000)}." in text_of(replay)

@@ -217,3 +217,31 @@ async def test_budget_charges_leave_the_window_slot_by_slot(prefix):
     finally:
         await limits.close()
         await store.close()
+
+
+async def test_the_replay_budget_is_shared_by_two_relays(prefix):
+    """A principal's replayed events are counted for the group: a 2,000-token answer
+    resumed (from its start, on a new connection) on relay A takes 2,0xx of the 3,000 events
+    of its bucket; resuming it again on relay B, whose own bucket is full, is refused
+    ``rate_limited`` with ``retry_after``, and the connection stays."""
+    words = " ".join(f"w{i}" for i in range(2000))
+    async with two_relays(SHARED_REDIS, prefix, detach_grace=30, replay_events_per_second=1,
+                          replay_event_burst=3_000) as (a, b):
+        async with Client.connect(a.url) as c:
+            await c.start("long", content=words)
+            frames = await c.collect("long")
+        assert frames[-1]["status"] == "completed"
+        key = frames[0]["stream_key"]
+        await eventually(lambda: not a.hub.get(key).running)
+        resume = {"type": "resume", "stream_key": key, "after_seq": 0, "id": "again"}
+        async with Client.connect(a.url) as c:
+            await c.send(resume)
+            assert (await c.next_for("again"))["type"] == "resumed"
+            assert (await c.collect("again"))[-1]["type"] == "finish"
+        async with Client.connect(b.url) as c:
+            await c.send(resume)
+            err = await c.next_for("again")
+            assert (err["type"], err["code"], err["ref"]) == ("error", "rate_limited", "resume")
+            assert err["retry_after"] > 0
+            await c.send({"type": "ping"})
+            assert (await c.next_for(None))["type"] == "pong"
