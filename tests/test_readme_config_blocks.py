@@ -13,7 +13,6 @@ exits 0.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import tomllib
@@ -24,34 +23,19 @@ import pytest
 from relay.app import build_registry
 from relay.check import describe_alias
 from relay.config import RelaySettings
+from tests.test_readme_examples import fenced_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "client_demo" / "README.md",
         *sorted((ROOT / "docs").glob("**/*.md"))]
 DUMMY_KEY = "sk-doc-example-dummy-0123456789"
 
-_FENCE = re.compile(r"^```(\w*)\s*$")
 
 
 def toml_blocks(path: Path) -> list[tuple[str, str]]:
     """``(file:line, text)`` of each ```toml block of a Markdown file."""
-    blocks = []
-    lines = path.read_text().splitlines()
-    i = 0
-    while i < len(lines):
-        fence = _FENCE.match(lines[i])
-        if not fence:
-            i += 1
-            continue
-        start, lang, body = i + 1, fence.group(1), []
-        i += 1
-        while i < len(lines) and lines[i].rstrip() != "```":
-            body.append(lines[i])
-            i += 1
-        i += 1
-        if lang == "toml":
-            blocks.append((f"{path.relative_to(ROOT)}:{start}", "\n".join(body) + "\n"))
-    return blocks
+    return [(f"{path.relative_to(ROOT)}:{start + 1}", "\n".join(body) + "\n")
+            for start, lang, body in fenced_blocks(path) if lang == "toml"]
 
 
 BLOCKS = [block for doc in DOCS if doc.exists() for block in toml_blocks(doc)]

@@ -68,9 +68,10 @@ class Snippet:
         return f"{self.file}:{self.line}"
 
 
-def extract(path: Path) -> list[Snippet]:
-    """The ```python and ```sh/```bash blocks of a Markdown file, with their markers."""
-    snippets: list[Snippet] = []
+def fenced_blocks(path: Path) -> list[tuple[int, str, list[str]]]:
+    """``(index of the opening fence line, language, body lines)`` of each fenced block of a
+    Markdown file (also read by tests/test_readme_config_blocks.py)."""
+    blocks = []
     lines = path.read_text().splitlines()
     i = 0
     while i < len(lines):
@@ -78,14 +79,21 @@ def extract(path: Path) -> list[Snippet]:
         if not fence:
             i += 1
             continue
-        lang = fence.group(1)
-        start = i
+        start, lang, body = i, fence.group(1), []
         i += 1
-        body: list[str] = []
         while i < len(lines) and lines[i].rstrip() != "```":
             body.append(lines[i])
             i += 1
         i += 1
+        blocks.append((start, lang, body))
+    return blocks
+
+
+def extract(path: Path) -> list[Snippet]:
+    """The ```python and ```sh/```bash blocks of a Markdown file, with their markers."""
+    snippets: list[Snippet] = []
+    lines = path.read_text().splitlines()
+    for start, lang, body in fenced_blocks(path):
         if lang in ("sh", "bash", "shell", "console"):
             lang = "sh"
         elif lang not in ("python", "py"):

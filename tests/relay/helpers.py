@@ -114,3 +114,18 @@ def reap(proc: subprocess.Popen) -> None:
     for pipe in (proc.stdin, proc.stdout, proc.stderr):
         if pipe is not None:
             pipe.close()
+
+
+def litellm_path_spec(up: Any, fmt: str) -> Any:
+    """The ``ModelSpec`` of an alias ``x`` with ``fast = false`` (LiteLLM's own openai/ or
+    anthropic/ provider code) pointed at the fake upstream ``up``; its key is read from
+    ``FAKE_PROVIDER_KEY``, which the caller sets."""
+    from relay.app import load_models
+    from relay.upstream.streamer import Timeouts
+
+    spec = load_models({"models": {"x": {
+        "model": "openai/gpt-x" if fmt == "openai" else "anthropic/claude-x",
+        "api_base": up.openai_base if fmt == "openai" else up.anthropic_base,
+        "api_key_env": "FAKE_PROVIDER_KEY", "fast": False}}}, Timeouts())[0]
+    assert spec.path.path == "litellm"
+    return spec

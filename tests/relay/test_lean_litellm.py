@@ -12,10 +12,9 @@ import asyncio
 
 import pytest
 
-from relay.app import load_models
 from relay.upstream.llm import get_litellm
-from relay.upstream.streamer import Timeouts
 from tests.fakes.upstream import FakeUpstream, Usage, stream
+from tests.relay.helpers import litellm_path_spec
 
 
 @pytest.mark.parametrize("fmt", ["openai", "anthropic"])
@@ -33,11 +32,7 @@ async def test_litellm_path_does_not_assemble_the_response_after_a_stream(fmt, m
     monkeypatch.setattr(builder_utils, "_assembled_stream_response", counting)
     monkeypatch.setenv("FAKE_PROVIDER_KEY", "sk-test")
     async with FakeUpstream() as up:
-        spec = load_models({"models": {"x": {
-            "model": "openai/gpt-x" if fmt == "openai" else "anthropic/claude-x",
-            "api_base": up.openai_base if fmt == "openai" else up.anthropic_base,
-            "api_key_env": "FAKE_PROVIDER_KEY", "fast": False}}}, Timeouts())[0]
-        assert spec.path.path == "litellm"
+        spec = litellm_path_spec(up, fmt)
         up.enqueue(stream(fmt, ["Hel", "lo"], usage=Usage(11, 7)))
         events = [e async for e in spec.streamer().events([{"role": "user", "content": "hi"}])]
         # LiteLLM's own post-stream tasks (success handler, cache) get their turn too.

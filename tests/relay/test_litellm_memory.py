@@ -16,10 +16,9 @@ import tracemalloc
 
 import pytest
 
-from relay.app import load_models
 from relay.upstream.llm import get_litellm
-from relay.upstream.streamer import Timeouts
 from tests.fakes.upstream import FakeUpstream, Usage, stream
+from tests.relay.helpers import litellm_path_spec
 
 TOKENS = 2000
 #: Bytes per token a running stream may add. Before the fix: ~5,800 (openai, fast upstream).
@@ -32,11 +31,7 @@ async def _stream_measuring_growth(fmt: str, usage: Usage | None, monkeypatch):
     get_litellm()
     monkeypatch.setenv("FAKE_PROVIDER_KEY", "sk-test")
     async with FakeUpstream() as up:
-        spec = load_models({"models": {"x": {
-            "model": "openai/gpt-x" if fmt == "openai" else "anthropic/claude-x",
-            "api_base": up.openai_base if fmt == "openai" else up.anthropic_base,
-            "api_key_env": "FAKE_PROVIDER_KEY", "fast": False}}}, Timeouts())[0]
-        assert spec.path.path == "litellm"
+        spec = litellm_path_spec(up, fmt)
         up.enqueue(stream(fmt, [f"word{i} " for i in range(TOKENS)], usage=usage))
         first, last = TOKENS // 4, TOKENS - 5
         was_tracing = tracemalloc.is_tracing()
