@@ -69,9 +69,12 @@ async def relay_with_writer(**settings):
 
 
 async def wait_completed(page, n: int = 1) -> None:
+    # 60 s, not Playwright's 10: a 5 s demo answer rendered on a loaded 2-core machine once
+    # took longer; this waits for an event, it does not time one.
     await page.wait_for_function(
         """(n) => [...document.querySelectorAll('.answer-status')]
-                 .filter(s => s.dataset.status === 'completed').length >= n""", arg=n)
+                 .filter(s => s.dataset.status === 'completed').length >= n""", arg=n,
+        timeout=60_000)
 
 
 # ---------------------------------------------------------------------- Markdown
