@@ -45,10 +45,12 @@ HELLO = json.dumps({"type": "hello", "client": {"name": "t", "version": "0"}})
 
 @dataclass
 class _AuthSettings:
+    """Exactly what ``relay.core.auth.AuthSettings`` asks for: the per-principal connection
+    cap is the machine's (``ConnectionLimits``), not the authenticator's."""
+
     auth: bool = True
     api_keys: tuple = (hash_api_key(KEY),)
     token_secret: SecretStr | None = SecretStr(SECRET)
-    max_connections_per_principal: int = 2
 
 
 class _Clock:
