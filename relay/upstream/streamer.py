@@ -1,6 +1,6 @@
 """EventStreamer: one streaming completion (LiteLLM, or the provider's SSE read directly)
-turned into typed stream events. The seed's public ``EventStreamer`` is a thin subclass in
-``relay/streamer.py`` (the compatibility module); the relay itself uses this class.
+turned into typed stream events. The seed's public ``TokenStreamer`` is a thin subclass of it
+in ``relay/streamer.py`` (the compatibility module); the relay itself uses this class.
 
 Contract of ``events()``:
 
