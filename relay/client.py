@@ -42,8 +42,8 @@ holds every stream's phase, ``stream_key`` and last ``seq``).
 * When the connection ends with a close the policy retries (the rule: PROTOCOL.md "Close
   codes", implemented by :func:`protocol.client_policy.close_decision`; 4401 ``token
   expired`` after a welcome counts when ``token`` is a function), the client reconnects
-  with exponential backoff and jitter (attempt ``n`` waits ``min(backoff_max, backoff * 2**n) * uniform(0.5, 1)`` seconds, at
-  most ``max_reconnect_attempts`` attempts, default
+  with exponential backoff and jitter (attempt ``n`` waits ``min(backoff_max, backoff *
+  2**n) * uniform(0.5, 1)`` seconds, at most ``max_reconnect_attempts`` attempts, default
   ``protocol.client_policy.MAX_RECONNECT_ATTEMPTS`` = 8), calls the token source again,
   does hello/welcome, and sends ``{"type": "resume", "stream_key": K, "after_seq": LAST,
   "id": ID}`` for every stream that had ``started`` and no ``finish``, but only when the
