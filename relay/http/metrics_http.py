@@ -3,7 +3,8 @@ from an internal network while the WebSocket port is exposed.
 
 The HTTP side is websockets' own HTTP/1.1 server (the same parser the relay port uses), via
 ``serve_http_only``: ``process_request`` answers every request, so no connection is ever
-upgraded and no handler runs (the supervisor's aggregate ``/metrics`` uses it too). Lifecycle (``RelayServer`` drives it)::
+upgraded and no handler runs (the supervisor's aggregate ``/metrics`` uses it too).
+Lifecycle (``RelayServer`` drives it)::
 
     http = MetricsHTTPServer(metrics, host, port)   # port 0: the OS picks one
     await http.start()                              # http.port: the bound port
