@@ -1,4 +1,4 @@
-"""CPU per chunk of reading the upstream's SSE: the fast path's httpx transport vs aiohttp.
+"""CPU per chunk of reading the upstream's SSE: the fast path's transport vs bare aiohttp.
 
 Starts bench/fake_upstream.py (a process of its own, so its CPU is not counted) and reads
 ``--streams`` paced streams at once (``--interval`` seconds between chunks, so that each
@@ -6,12 +6,14 @@ socket read carries one chunk, as with a real provider flushing each token) thro
 client, alternating, ``--rounds`` times, and prints this process's CPU us per chunk
 (min/median/max). Both readers do the same work per chunk: the relay's SSEParser.feed.
 
-  httpx     httpx.AsyncClient on relay.upstream.transport.ShardedTransport (h11 in Python),
-            body read from ``response.stream`` as the fast path does
   aiohttp   one aiohttp.ClientSession (llhttp in C), body from ``response.content.iter_any()``
   relay     httpx.AsyncClient on relay.upstream.transport.AiohttpTransport (the fast path's
-            transport when the build has it: aiohttp underneath, httpx's API on top), body
-            from ``response.stream`` as the fast path does
+            transport: aiohttp underneath, httpx's API on top), body from
+            ``response.stream`` as the fast path does
+
+The row for httpx's own stack (h11 in Python, the transport before aiohttp) is gone with
+the frozen copy of that transport it needed; the numbers it gave are in
+relay/upstream/transport.py's docstring and bench/results/.
 
     python bench/upstream_read.py [--streams 100] [--tokens 200] [--interval 0.01] [--rounds 3]
 """
@@ -40,19 +42,13 @@ def _body(tokens: int, interval: float) -> bytes:
                                        "content": f"tokens={tokens} interval={interval}"}]})
 
 
-async def read_httpx(url: str, streams: int, body: bytes, transport=None) -> int:
+async def read_relay(url: str, streams: int, body: bytes) -> int:
     import httpx
 
     from relay.upstream.fast_path import SSEParser
+    from relay.upstream.transport import AiohttpTransport
 
-    if transport is None:
-        try:
-            from relay.upstream.transport import ShardedTransport
-        except ImportError:      # after the move to aiohttp: the transport before it
-            transport = _sharded_transport()
-        else:
-            transport = ShardedTransport()
-    async with httpx.AsyncClient(timeout=60, transport=transport) as client:
+    async with httpx.AsyncClient(timeout=60, transport=AiohttpTransport()) as client:
         async def one() -> int:
             events = 0
             request = client.build_request("POST", url, content=body,
@@ -66,21 +62,6 @@ async def read_httpx(url: str, streams: int, body: bytes, transport=None) -> int
                 await response.aclose()
             return events
         return sum(await asyncio.gather(*(one() for _ in range(streams))))
-
-
-def _sharded_transport():
-    """The fast path's transport before aiohttp (git show 60713f7:relay/upstream/transport.py),
-    from bench/old_transport.py when the build no longer has it."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from old_transport import ShardedTransport
-
-    return ShardedTransport()
-
-
-async def read_relay(url: str, streams: int, body: bytes) -> int:
-    from relay.upstream.transport import AiohttpTransport
-
-    return await read_httpx(url, streams, body, AiohttpTransport())
 
 
 async def read_aiohttp(url: str, streams: int, body: bytes) -> int:
@@ -114,13 +95,7 @@ async def main() -> None:
         port = int(upstream.stdout.readline().split()[1])
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         body = _body(args.tokens, args.interval)
-        readers = {"httpx": read_httpx, "aiohttp": read_aiohttp}
-        try:
-            import relay.upstream.transport as transport
-        except ImportError:
-            transport = None
-        if hasattr(transport, "AiohttpTransport"):
-            readers["relay"] = read_relay
+        readers = {"aiohttp": read_aiohttp, "relay": read_relay}
         for reader in readers.values():           # warm up (imports, first connections)
             await reader(url, 2, _body(5, 0))
         cost: dict[str, list[float]] = {name: [] for name in readers}
@@ -134,10 +109,8 @@ async def main() -> None:
         for name, values in cost.items():
             print(f"  {name:8} {min(values):6.1f} {statistics.median(values):6.1f} "
                   f"{max(values):6.1f}")
-        base = statistics.median(cost["httpx"])
-        for name in readers:
-            if name != "httpx":
-                print(f"  {name} / httpx: {statistics.median(cost[name]) / base:.2f}")
+        print(f"  relay / aiohttp: "
+              f"{statistics.median(cost['relay']) / statistics.median(cost['aiohttp']):.2f}")
     finally:
         upstream.terminate()
         upstream.wait()

@@ -10,14 +10,11 @@ test vectors in ``tests/vectors/client_policy.json`` run against :class:`ClientS
 
 The rules (each one a row of a table below or a method of :class:`ClientStreamTracker`):
 
-1. **Close code -> retry or final** (:func:`close_decision`). Retry: no close frame (1006, a
-   network drop), a close frame without a status code (1005: the relay always sends one,
-   so it came from a proxy or load balancer in between; treated like a drop), and every
-   ``CloseCode`` whose ``retryable`` is true (1001, 1011, 1012, 4008, 4408, 4429). Final:
-   1000, 1009, 4400, 4406, 4401 and any code not listed. One exception: 4401 with reason
-   ``token expired`` on a connection that had been *welcomed*, when the client has a token
-   *function*, is a retry with a fresh token (the token ran out while the connection was
-   open). A 4401 before any ``welcome`` is final, so a refused fresh token cannot loop.
+1. **Close code -> retry or final** (:func:`close_decision`): the rule stated once, in
+   PROTOCOL.md "Close codes" (its table's "Reconnect?" column is ``CloseCode.retryable``;
+   its "Client policy" paragraph adds 1005/1006 and the one 4401 ``token expired``
+   exception). This function is its one implementation; relay-client.js gets it as the
+   generated ``close_codes`` table; the other documents point here or to PROTOCOL.md.
 2. **Backoff** (:data:`BACKOFF`): attempt ``n`` (0-based) waits
    ``min(cap, base * factor**n) * uniform(0.5, 1.0)``: base 0.5 s, factor 2, cap 15 s, at
    most :data:`MAX_RECONNECT_ATTEMPTS` = 8 attempts after one loss (0.25-0.5 s up to

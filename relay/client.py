@@ -39,11 +39,11 @@ replays, what a cancel does) is :mod:`protocol.client_policy`, shared with relay
 this module carries out its decisions (a :class:`protocol.client_policy.ClientStreamTracker`
 holds every stream's phase, ``stream_key`` and last ``seq``).
 
-* When the connection ends with a close the policy retries (1006 = no close frame, 1005,
-  1001, 1011, 1012, 4008, 4408, 4429; and 4401 ``token expired`` after a welcome when
-  ``token`` is a function), the client reconnects with exponential backoff and jitter
-  (attempt ``n`` waits ``min(backoff_max, backoff * 2**n) * uniform(0.5, 1)`` seconds, at
-  most ``max_reconnect_attempts`` attempts, default
+* When the connection ends with a close the policy retries (the rule: PROTOCOL.md "Close
+  codes", implemented by :func:`protocol.client_policy.close_decision`; 4401 ``token
+  expired`` after a welcome counts when ``token`` is a function), the client reconnects
+  with exponential backoff and jitter (attempt ``n`` waits ``min(backoff_max, backoff *
+  2**n) * uniform(0.5, 1)`` seconds, at most ``max_reconnect_attempts`` attempts, default
   ``protocol.client_policy.MAX_RECONNECT_ATTEMPTS`` = 8), calls the token source again,
   does hello/welcome, and sends ``{"type": "resume", "stream_key": K, "after_seq": LAST,
   "id": ID}`` for every stream that had ``started`` and no ``finish``, but only when the

@@ -67,7 +67,6 @@ class AuthSettings(Protocol):
     auth: bool
     api_keys: list[str]
     token_secret: SecretStr | None
-    max_connections_per_principal: int
 
 ALGORITHM = "HS256"
 MISSING = "missing token"
@@ -180,7 +179,6 @@ class Authenticator:
                  clock: Callable[[], float] = time.time) -> None:
         self.enabled = settings.auth
         self.clock = clock
-        self._settings = settings
         self._principals = principals
         self._keys = [_parse_key(k) for k in settings.api_keys]
         secret = settings.token_secret

@@ -344,16 +344,19 @@ Action = (SendFrame | Close | CloseWhenStreamsEnd | AdoptCredentials | HelloAcce
 
 @dataclass(frozen=True, slots=True)
 class ConnectionLimits:
-    """The settings a connection's decisions read (``RelaySettings`` has them all)."""
+    """The settings a connection's decisions read. Every limit is required: the one place
+    for their defaults is ``relay.config.RelaySettings`` (build with ``from_settings``), so a
+    connection never runs on numbers the operator did not configure. ``decode_limits``:
+    None = the protocol's defaults."""
 
-    hello_timeout: float = 10.0
-    max_streams: int = 8
-    max_streams_per_principal: int = 32
-    max_frame_bytes: int = 1024 * 1024
-    detach_grace: float = 0.0
-    slow_consumer_bytes: int = 1024 * 1024
-    slow_consumer_grace: float = 10.0
-    max_connections_per_principal: int = 32
+    hello_timeout: float
+    max_streams: int
+    max_streams_per_principal: int
+    max_frame_bytes: int
+    detach_grace: float
+    slow_consumer_bytes: int
+    slow_consumer_grace: float
+    max_connections_per_principal: int
     decode_limits: DecodeLimits | None = field(default=None, compare=False)
 
     @classmethod

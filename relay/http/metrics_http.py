@@ -1,9 +1,10 @@
 """``/metrics`` on a port of its own (setting ``metrics_port``), so Prometheus can scrape
 from an internal network while the WebSocket port is exposed.
 
-The HTTP side is websockets' own HTTP/1.1 server (the same parser the relay port uses):
-``process_request`` answers every request, so no connection is ever upgraded and no
-handler runs. Lifecycle (``RelayServer`` drives it)::
+The HTTP side is websockets' own HTTP/1.1 server (the same parser the relay port uses), via
+``serve_http_only``: ``process_request`` answers every request, so no connection is ever
+upgraded and no handler runs (the supervisor's aggregate ``/metrics`` uses it too).
+Lifecycle (``RelayServer`` drives it)::
 
     http = MetricsHTTPServer(metrics, host, port)   # port 0: the OS picks one
     await http.start()                              # http.port: the bound port
@@ -19,12 +20,33 @@ from __future__ import annotations
 import dataclasses
 import http
 
+from collections.abc import Awaitable, Callable
+
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from relay.metrics import CONTENT_TYPE_LATEST, RelayMetrics
 
-__all__ = ["MetricsHTTPServer", "metrics_response"]
+__all__ = ["MetricsHTTPServer", "metrics_response", "serve_http_only"]
+
+#: What answers a plain HTTP request: a response, never None (None would upgrade).
+AnswerRequest = Callable[[ServerConnection, Request], Response | Awaitable[Response]]
+
+
+async def serve_http_only(answer: AnswerRequest, host: str, port: int) -> Server:
+    """websockets' HTTP/1.1 server on ``host:port`` for a port that speaks plain HTTP:
+    ``answer`` is its ``process_request`` and must return a response for every request, so
+    no connection is ever upgraded to a WebSocket and the connection handler never runs."""
+    return await serve(_never_upgraded, host, port, process_request=answer,
+                       compression=None, server_header="llm-relay")
+
+
+async def _never_upgraded(ws: ServerConnection) -> None:  # pragma: no cover - see above
+    # Unreachable while ``answer`` answers every request; websockets wants a handler anyway.
+    from relay.core.connection import not_a_websocket_endpoint
+
+    close = not_a_websocket_endpoint()
+    await ws.close(close.code, close.reason)
 
 
 def metrics_response(connection: ServerConnection, metrics: RelayMetrics) -> Response:
@@ -47,14 +69,8 @@ class MetricsHTTPServer:
         self._server: Server | None = None
 
     async def start(self) -> None:
-        self._server = await serve(
-            self._refuse_upgrade,
-            self.host,
-            self._requested_port,
-            process_request=self._process_request,
-            compression=None,
-            server_header="llm-relay",
-        )
+        self._server = await serve_http_only(self._process_request, self.host,
+                                             self._requested_port)
 
     @property
     def port(self) -> int:
@@ -72,10 +88,3 @@ class MetricsHTTPServer:
         if request.path.split("?", 1)[0] == "/metrics":
             return metrics_response(connection, self.metrics)
         return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
-
-    async def _refuse_upgrade(self, ws: ServerConnection) -> None:  # pragma: no cover
-        # Unreachable: _process_request answers every request, so nothing is upgraded.
-        from relay.core.connection import not_a_websocket_endpoint
-
-        close = not_a_websocket_endpoint()
-        await ws.close(close.code, close.reason)

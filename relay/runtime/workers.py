@@ -437,11 +437,10 @@ class _AggregateMetricsServer:
         self._server: Any = None
 
     async def start(self) -> None:
-        from websockets.asyncio.server import serve
+        from relay.http.metrics_http import serve_http_only
 
-        self._server = await serve(self._refuse_upgrade, self.host, self._requested_port,
-                                   process_request=self._process_request, compression=None,
-                                   server_header="llm-relay")
+        self._server = await serve_http_only(self._process_request, self.host,
+                                             self._requested_port)
 
     @property
     def port(self) -> int:
@@ -467,9 +466,3 @@ class _AggregateMetricsServer:
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         response.headers["Content-Length"] = str(len(body))
         return dataclasses.replace(response, body=body)
-
-    async def _refuse_upgrade(self, ws: Any) -> None:  # pragma: no cover - never upgraded
-        from relay.core.connection import not_a_websocket_endpoint
-
-        close = not_a_websocket_endpoint()
-        await ws.close(close.code, close.reason)

@@ -35,8 +35,16 @@ from protocol import ErrorCode, frames
 
 from relay.core.errors import RELAY_BUG_MESSAGE
 
-__all__ = ["ProviderStreamError", "RELAY_BUG", "UNROUTABLE_MODEL_MESSAGE", "UpstreamFailure",
-           "classify_upstream_exception", "is_provider_failure"]
+__all__ = ["ProviderStreamError", "RELAY_BUG", "RETRYABLE_CONNECT_FAILURES",
+           "UNROUTABLE_MODEL_MESSAGE", "UpstreamFailure", "classify_upstream_exception",
+           "is_provider_failure"]
+
+#: The codes of a failed provider *connect* that the opt-in ``retries_before_first_token``
+#: tries again (the rule is PROTOCOL.md's, under ``finish``: "The relay does not retry a
+#: provider request on its own"). ``bad_request`` (the same request would fail the same way)
+#: and ``upstream_timeout`` are never tried again.
+RETRYABLE_CONNECT_FAILURES = frozenset({ErrorCode.UPSTREAM_ERROR, ErrorCode.UPSTREAM_RATE_LIMITED,
+                                        ErrorCode.UPSTREAM_OVERLOADED})
 
 UNROUTABLE_MODEL_MESSAGE = (
     "LiteLLM cannot tell which provider serves this model: write it as 'provider/model' "

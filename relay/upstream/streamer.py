@@ -1,6 +1,6 @@
 """EventStreamer: one streaming completion (LiteLLM, or the provider's SSE read directly)
-turned into typed stream events. The seed's public ``EventStreamer`` is a thin subclass in
-``relay/streamer.py`` (the compatibility module); the relay itself uses this class.
+turned into typed stream events. The seed's public ``TokenStreamer`` is a thin subclass of it
+in ``relay/streamer.py`` (the compatibility module); the relay itself uses this class.
 
 Contract of ``events()``:
 
@@ -18,7 +18,8 @@ Contract of ``events()``:
   made from what the provider actually sent (counted as the wrapper records its chunks, of
   which a running stream keeps only a bounded few: ``ProviderChunkWindow``).
 * It never retries once anything was yielded. ``retries_before_first_token`` (default 0)
-  is the one explicit opt-in for retrying a failed *connect*.
+  is the one explicit opt-in for retrying a failed *connect*, for the codes in
+  ``relay.upstream.errors.RETRYABLE_CONNECT_FAILURES`` (PROTOCOL.md states the rule).
 
 Two upstreams feed the same loop (timers, cancel, tool-call assembly, usage): LiteLLM's
 stream wrapper (``_LiteLLMUpstream``), or, with a ``fast_route``, the provider's SSE read
@@ -45,7 +46,8 @@ from relay.upstream import admission
 from relay.upstream.llm import DEMO_MODEL
 from relay.upstream.raw_tap import RawTap
 from relay.upstream.errors import (
-    RELAY_BUG, ProviderStreamError, UpstreamFailure, classify_upstream_exception,
+    RELAY_BUG, RETRYABLE_CONNECT_FAILURES, ProviderStreamError, UpstreamFailure,
+    classify_upstream_exception,
     is_provider_failure,
 )
 from relay.upstream.failure_log import failure_cause, upstream_host
@@ -495,9 +497,7 @@ class EventStreamer:
                 if not is_provider_failure(exc):
                     raise                  # a relay bug: retrying cannot help
                 code = classify_upstream_exception(exc).code
-                retryable = code in (ErrorCode.UPSTREAM_ERROR, ErrorCode.UPSTREAM_RATE_LIMITED,
-                                     ErrorCode.UPSTREAM_OVERLOADED)
-                if attempt + 1 >= attempts or not retryable:
+                if attempt + 1 >= attempts or code not in RETRYABLE_CONNECT_FAILURES:
                     raise
                 logger.info("retrying connect to %s (%s), attempt %d", self.model, code,
                             attempt + 2)

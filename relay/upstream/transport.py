@@ -3,10 +3,11 @@
 The fast path reads each provider response chunk by chunk, and a provider that flushes every
 token makes each chunk one token: the HTTP layer's cost per chunk is paid per token. httpx's
 stack parses HTTP/1.1 in pure Python (httpcore + h11), ~30% of the relay's CPU per token at
-1,000 paced streams; aiohttp's client parses it with llhttp (C). bench/upstream_read.py
-measures them side by side (this machine, CPU per chunk with connection setup included:
-100 streams paced at 100 chunks/s 33 us on httpx's stack, 13 us on bare aiohttp, 18 us on
-this transport; 1,000 streams at 10 chunks/s 49, 25 and 33 us).
+1,000 paced streams; aiohttp's client parses it with llhttp (C). Measured side by side when
+the move was made (this machine, CPU per chunk with connection setup included: 100 streams
+paced at 100 chunks/s 33 us on httpx's stack, 13 us on bare aiohttp, 18 us on this
+transport; 1,000 streams at 10 chunks/s 49, 25 and 33 us); bench/upstream_read.py still
+compares this transport with bare aiohttp.
 
 ``AiohttpTransport`` is an ``httpx.AsyncBaseTransport``: ``relay.upstream.fast_path`` keeps
 building requests and reading responses with httpx (headers, content decoding, status,

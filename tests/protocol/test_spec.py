@@ -419,3 +419,21 @@ def test_the_unknown_type_message_of_the_spec_is_the_codecs():
     client frame type (it had left out resume)."""
     assert (f"unknown frame type 'foo' (expected one of: {', '.join(CLIENT_FRAME_TYPES)})"
             in _sections()["Bad input"])
+
+
+def test_the_clients_close_rule_is_the_one_protocol_md_states():
+    """The retry rule is stated once (PROTOCOL.md "Close codes": the table's "Reconnect?"
+    column plus its "Client policy" paragraph) and ``close_decision`` carries it out: every
+    row's yes/no, 1005 and 1006 retried, 1000 and a code not listed final; the other
+    documents point there instead of listing codes again (issue 22, item 5)."""
+    from protocol.client_policy import close_decision
+
+    rows = re.findall(r"^\| (\d{4}) \| `\w+` \| (yes|no)\b", SPEC, re.M)
+    assert len(rows) == len(CloseCode) - 1                 # every code but 4400 (never sent)
+    for code, reconnect in rows + [("1005", "yes"), ("1006", "yes"), ("1000", "no"),
+                                   ("4400", "no"), ("4999", "no")]:
+        decision = close_decision(int(code), "", welcomed=True, token_refreshable=True)
+        assert decision.retry is (reconnect == "yes"), code
+    for path in ("README.md", "relay/client.py", "protocol/client_policy.py"):
+        text = (ROOT / path).read_text(encoding="utf-8")
+        assert not re.search(r"1001, 1011, 1012", text), f"{path} lists the retried codes again"

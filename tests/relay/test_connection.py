@@ -45,10 +45,12 @@ HELLO = json.dumps({"type": "hello", "client": {"name": "t", "version": "0"}})
 
 @dataclass
 class _AuthSettings:
+    """Exactly what ``relay.core.auth.AuthSettings`` asks for: the per-principal connection
+    cap is the machine's (``ConnectionLimits``), not the authenticator's."""
+
     auth: bool = True
     api_keys: tuple = (hash_api_key(KEY),)
     token_secret: SecretStr | None = SecretStr(SECRET)
-    max_connections_per_principal: int = 2
 
 
 class _Clock:
@@ -618,3 +620,21 @@ def test_aisdk_an_unanswerable_frame_closes_1008_and_floods_close_before_auth_to
     assert only(conn.handle(TooManyFrames()), Close).code == 4429
     conn, _, _ = aisdk(auth=True)
     assert only(conn.handle(SlowConsumer(Slowness.CONTROL_QUEUE)), Close).code == 4008
+
+
+def test_connection_limits_take_every_default_from_the_settings():
+    """One place for the limits' defaults (issue 22, item 3): ConnectionLimits has no numbers
+    of its own (it once said detach_grace 0 and 32 connections per principal where the
+    settings say 15 and 100); every limit is a settings field, carried over unchanged."""
+    from relay.config import RelaySettings
+
+    limit_fields = [f for f in dataclasses.fields(ConnectionLimits) if f.name != "decode_limits"]
+    with_defaults = [f.name for f in limit_fields if f.default is not dataclasses.MISSING
+                     or f.default_factory is not dataclasses.MISSING]
+    assert not with_defaults, f"defaults belong to RelaySettings: {with_defaults}"
+    settings = RelaySettings()
+    limits = ConnectionLimits.from_settings(settings)
+    for f in limit_fields:
+        assert f.name in RelaySettings.model_fields, f.name
+        assert getattr(limits, f.name) == RelaySettings.model_fields[f.name].default, f.name
+    assert limits.decode_limits == settings.decode_limits()

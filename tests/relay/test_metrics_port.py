@@ -126,3 +126,19 @@ async def test_serve_prints_metrics_url_and_serves_it(monkeypatch):
         if not serving.done():  # _run's own SIGTERM handler: drain (nothing), close
             os.kill(os.getpid(), signal.SIGTERM)
         assert await asyncio.wait_for(serving, 10) == 0
+
+
+async def test_metrics_port_answers_a_websocket_handshake_over_http_and_never_upgrades():
+    """The metrics port is websockets' HTTP server whose ``process_request`` answers every
+    request (relay.http.metrics_http.serve_http_only): a real WebSocket handshake gets the
+    plain HTTP answer (200 at /metrics, 404 elsewhere), never a 101."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    async with start_relay(metrics_port=0) as server:
+        for path, status in (("/metrics", 200), ("/ws", 404), ("/", 404)):
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(f"ws://127.0.0.1:{server.metrics_port}{path}",
+                                   open_timeout=5):
+                    pass
+            assert refused.value.response.status_code == status, path

@@ -235,6 +235,35 @@ async def test_retries_before_first_token_is_opt_in():
     assert end.status == "completed" and len(attempts) == 2
 
 
+@pytest.mark.parametrize("status, code, retried", [
+    (503, "upstream_error", True), (429, "upstream_rate_limited", True),
+    (529, "upstream_overloaded", True), (400, "bad_request", False),
+], ids=["503", "429", "529", "400"])
+async def test_the_connect_retry_rule_is_one_set_of_codes(status, code, retried):
+    """``retries_before_first_token`` tries a failed connect again exactly when its code is
+    in ``relay.upstream.errors.RETRYABLE_CONNECT_FAILURES`` (the rule PROTOCOL.md states)."""
+    from relay.upstream.errors import RETRYABLE_CONNECT_FAILURES
+
+    class Refused(Exception):
+        status_code = status
+
+    attempts = []
+
+    async def completion(**kwargs):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise Refused()
+        return ScriptedResponse([chunk("ok", finish="stop")])
+
+    assert (code in RETRYABLE_CONNECT_FAILURES) is retried
+    s = TokenStreamer("openai/x", completion=completion, retries_before_first_token=1)
+    end = (await collect(s.events(MSGS)))[-1]
+    if retried:
+        assert end.status == "completed" and len(attempts) == 2
+    else:
+        assert (end.status, end.error.code) == ("failed", code) and len(attempts) == 1
+
+
 async def test_seed_methods_same_behaviour_on_errors_and_success():
     seen = []
     resp = ScriptedResponse([chunk("a"), chunk("b", finish="length")])
