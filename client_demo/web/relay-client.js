@@ -1,4 +1,4 @@
-// relay-client.js: a browser client for the llm-relay.v1 protocol (plain ES module, no deps).
+// relay-client.js: a client for the llm-relay.v1 protocol, for browsers and Node 20+ (plain ES module, no deps).
 //
 //   import { RelayClient, StreamError } from "./relay-client.js";
 //   const c = await RelayClient.connect("ws://127.0.0.1:8765/ws", { token: () => getToken() });
@@ -29,6 +29,12 @@
 // refreshes once and re-sends the starts the relay left unanswered; everything else is
 // final; at most `maxRetries` (8) attempts per loss; a start is never sent twice otherwise;
 // a stream cancelled before its start left ends with a schema-valid local finish.
+//
+// Failures on this side are never dressed up as close codes: a `token` function that throws
+// (or whose promise rejects) closes the client at once with a RelayClientError
+// (`token_callback_failed: ReferenceError: ...`), nothing sent to the relay and no reconnect;
+// without a WebSocket implementation (Node 20 has no global one) the constructor throws
+// RelayClientError `no_websocket`: pass one as the `WebSocket` option (e.g. the `ws` package's).
 //
 // Connection states: "connecting" -> "open" -> ("reconnecting" -> "open")* -> "closed".
 // Listen with `c.onstate = (state, detail) => ...` or
@@ -129,6 +135,34 @@ export class StreamError extends Error {
     this.partialText = partialText;
     this.frame = frame;
     this.closeCode = closeCode;
+  }
+}
+
+/**
+ * A failure on this side, where the relay was never reached (so no close code): `code`
+ * "token_callback_failed" (the `token` function threw or its promise rejected; `cause` is
+ * what it threw), "cannot_open" (the WebSocket constructor threw, e.g. a malformed URL) or
+ * "no_websocket" (no WebSocket implementation: none global, none in the options).
+ */
+export class RelayClientError extends Error {
+  constructor(message, { code, cause } = {}) {
+    super(message, cause === undefined ? undefined : { cause });
+    this.name = "RelayClientError";
+    this.code = code;
+  }
+}
+
+const NO_WEBSOCKET = "RelayClient: no WebSocket implementation: this runtime has no global WebSocket "
+  + "(Node before 22) and the `WebSocket` option is not set. Install the `ws` package and pass it: "
+  + "new RelayClient(url, { WebSocket: (await import('ws')).WebSocket })";
+
+/** "Name: message" of anything thrown (an Error or not). */
+function describeThrown(err) {
+  if (err instanceof Error) return `${err.name}: ${err.message}`;
+  try {
+    return String(err);
+  } catch (_) {
+    return typeof err;
   }
 }
 
@@ -373,22 +407,32 @@ const DEFAULTS = {
   maxRetries: POLICY.backoff.max_attempts, // attempts after one loss before giving up ("closed")
   backoffBase: POLICY.backoff.base_ms, // ms; delay = min(backoffMax, base * 2^attempt) * (0.5 .. 1.0)
   backoffMax: POLICY.backoff.cap_ms,
-  WebSocket: undefined, // override for tests
+  WebSocket: undefined, // a WebSocket constructor (e.g. the `ws` package's on Node 20); default: the global one
 };
 
 /** A connection to a relay that survives drops; see the header comment. */
 export class RelayClient extends EventTarget {
-  /** Connects and resolves after the first `welcome`; rejects when the connection closes for good first. */
+  /**
+   * Connects and resolves after the first `welcome`; rejects when the connection closes for
+   * good first (StreamError `connection_lost`) or fails on this side (RelayClientError).
+   */
   static async connect(url, options = {}) {
     const client = new RelayClient(url, options);
     await client.ready;
     return client;
   }
 
+  /** Throws RelayClientError `no_websocket` when there is no WebSocket implementation to use. */
   constructor(url, options = {}) {
     super();
-    this.url = url || defaultUrl();
     this.options = { ...DEFAULTS, ...options };
+    // Checked here, not at the first connect: without it nothing can work, and the fix
+    // (inject one) belongs in the caller's code, not in a close code it would have to decode.
+    this._WebSocket = this.options.WebSocket || globalThis.WebSocket;
+    if (typeof this._WebSocket !== "function") {
+      throw new RelayClientError(NO_WEBSOCKET, { code: "no_websocket" });
+    }
+    this.url = url || defaultUrl();
     this.state = "idle";
     this.welcome = null;
     this.models = [];
@@ -397,6 +441,7 @@ export class RelayClient extends EventTarget {
     this.onstate = null;
     this.onframe = null; // every parsed frame, known or not (debugging)
     this.lastClose = null;
+    this.lastError = null; // the RelayClientError that closed the client, if one did
     this._ws = null;
     this._streams = new Map(); // id -> RelayStream, until it ends
     this._outbox = []; // frames waiting for the next welcome
@@ -469,19 +514,27 @@ export class RelayClient extends EventTarget {
     this._setState(state, { attempt: this._attempt });
     let token;
     try {
-      token = typeof this.options.token === "function" ? await this.options.token() : this.options.token;
+      // Called after a microtask, never inside the constructor: a failure must reach the
+      // listeners and streams the caller adds right after `new RelayClient(...)`.
+      token = await Promise.resolve().then(() => (
+        typeof this.options.token === "function" ? this.options.token() : this.options.token));
     } catch (err) {
-      this._onClose(4401, `token callback failed: ${err && err.message ? err.message : err}`);
+      // The caller's own code failed (often a plain bug, e.g. a ReferenceError): say so as
+      // it is. The relay was not contacted, so no close code; retrying would fail the same
+      // way, so no reconnect either.
+      if (this._closedByUser) return;
+      this._failLocally(new RelayClientError(`token_callback_failed: ${describeThrown(err)}`, {
+        code: "token_callback_failed", cause: err }));
       return;
     }
     if (this._closedByUser) return;
-    const WS = this.options.WebSocket || globalThis.WebSocket;
     let ws;
     try {
-      ws = new WS(this.url, [PROTOCOL]);
+      ws = new this._WebSocket(this.url, [PROTOCOL]);
     } catch (err) {
-      // An invalid URL: retrying cannot help.
-      this._onClose(4400, `cannot open ${this.url}: ${err && err.message ? err.message : err}`, false);
+      // E.g. a malformed URL: retrying cannot help.
+      this._failLocally(new RelayClientError(`cannot_open: ${this.url}: ${describeThrown(err)}`, {
+        code: "cannot_open", cause: err }));
       return;
     }
     this._ws = ws;
@@ -507,7 +560,30 @@ export class RelayClient extends EventTarget {
     ws.onerror = () => {}; // onclose follows with the code
   }
 
-  _onClose(code, reason, retryableOverride) {
+  /**
+   * Close for good because of a failure on this side (a RelayClientError): no reconnect;
+   * unfinished streams reject with StreamError of the error's code (`cause`: the error);
+   * an `error` event (detail: the error), then `closed` with {error, reason: its message} and
+   * no `code`; `ready` rejects with the error.
+   */
+  _failLocally(error) {
+    this._ws = null;
+    this._stopPing();
+    clearTimeout(this._reconnectTimer);
+    this.lastError = error;
+    for (const stream of [...this._streams.values()]) {
+      const failed = new StreamError(error.message, { code: error.code, id: stream.id, partialText: stream.text });
+      failed.cause = error;
+      this._drop(stream, failed);
+    }
+    this._outbox = [];
+    this.dispatchEvent(new CustomEvent("error", { detail: error }));
+    this._setState("closed", { reason: error.message, meaning: "failed in this client; the relay was not contacted",
+                              retryable: false, error });
+    this._readyReject(error);
+  }
+
+  _onClose(code, reason) {
     this._ws = null;
     this._stopPing();
     this.lastClose = { code, reason };
@@ -518,8 +594,7 @@ export class RelayClient extends EventTarget {
     // welcome) with a token function reconnects with a fresh token; the relay left the
     // starts that hit the expiry unanswered (PROTOCOL.md), so they are sent again. A fresh
     // token refused too (4401 before any welcome) is final: no loop.
-    let decision = closeDecision(code, reason, { welcomed, tokenRefreshable: typeof this.options.token === "function" });
-    if (retryableOverride !== undefined) decision = { ...decision, retry: retryableOverride, resendUnansweredStarts: false };
+    const decision = closeDecision(code, reason, { welcomed, tokenRefreshable: typeof this.options.token === "function" });
     if (decision.resendUnansweredStarts && !this._closedByUser) {
       for (const stream of this._streams.values()) {
         if (stream._sent && !stream.streamKey && stream.status === "pending") {

@@ -188,6 +188,12 @@ class FakeRelay:
         await send(ws, {**WELCOME, "models": ["demo", "<b>other</b>"]})
         await ws.close(4401, "token rejected")  # arrives after the welcome, in order
 
+    async def scenario_tokenfail(self, ws, n):
+        await self.recv_type(ws, "hello")
+        await send(ws, WELCOME)
+        await self.recv_type(ws, "start")  # the client is welcomed and streaming
+        await ws.close(1012, "restarting")  # a retryable drop: the client reconnects
+
     async def scenario_silent(self, ws, n):
         await self.recv_type(ws, "hello")
         await send(ws, WELCOME)
@@ -519,3 +525,65 @@ async def test_client_frames_are_built_from_the_models_tables(page):
     assert result["types"] == {"client": list(CLIENT_FRAME_TYPES),
                                "server": list(SERVER_FRAME_TYPES),
                                "stream": list(STREAM_FRAME_TYPES)}
+
+
+async def test_a_throwing_token_function_is_reported_as_itself_never_as_a_close_code(page):
+    """The README's mistake: a token function that throws (a ReferenceError) or rejects. The
+    client says so (RelayClientError `token_callback_failed: ReferenceError: myToken is not
+    defined`, an `error` event, `closed` without a close code), contacts the relay no more,
+    and does not reconnect: on the first connect and on a reconnect after a retryable drop."""
+    async with FakeRelay().running() as fake:
+        await page.goto(f"http://127.0.0.1:{fake.port}/")
+        out = await run_js(page, """async (url) => {""" + IMPORT + """
+            const describe = (e) => e && {name: e.name, code: e.code, message: e.message,
+                                            isLocal: e instanceof m.RelayClientError,
+                                            isStreamError: e instanceof m.StreamError,
+                                            closeCode: e.closeCode ?? null,
+                                            cause: e.cause && e.cause.name};
+            async function failing(token) {
+              const c = new m.RelayClient(url, {token});
+              const errors = [];
+              const states = [];
+              c.addEventListener('error', (e) => errors.push(describe(e.detail)));
+              c.onstate = (st, d) => states.push({state: st, code: d.code ?? null, reason: d.reason,
+                                                  retryable: d.retryable, error: describe(d.error)});
+              const s = c.start({model: 'demo', messages: [{role: 'user', content: 'x'}]});
+              const connectError = await c.ready.then(() => null, describe);
+              const streamError = await s.done.then(() => null, describe);
+              return {connectError, streamError, errors, states, state: c.state,
+                      lastError: describe(c.lastError)};
+            }
+            const reference = await failing(() => myToken);
+            const rejected = await failing(async () => { throw new Error('backend said 503'); });
+            // A reconnect: welcomed, streaming, a 1012 drop, then the token function throws.
+            let calls = 0;
+            const c = await m.RelayClient.connect(url.replace('/never', '/tokenfail'), {
+              backoffBase: 1, token: () => { calls += 1; if (calls > 1) return myToken; return 't1'; }});
+            const states = [];
+            c.onstate = (st, d) => states.push({state: st, code: d.code ?? null, reason: d.reason});
+            const s = c.start({model: 'demo', messages: [{role: 'user', content: 'x'}]});
+            const streamError = await s.done.then(() => null, describe);
+            while (c.state !== 'closed') await new Promise((r) => c.addEventListener('state', r, {once: true}));
+            return {reference, rejected, reconnect: {streamError, states, calls, lastError: describe(c.lastError)}};
+        }""", fake.url("never"))
+    message = "token_callback_failed: ReferenceError: myToken is not defined"
+    local = {"name": "RelayClientError", "code": "token_callback_failed", "message": message,
+             "isLocal": True, "isStreamError": False, "closeCode": None, "cause": "ReferenceError"}
+    ref = out["reference"]
+    assert ref["connectError"] == local and ref["lastError"] == local and ref["errors"] == [local]
+    assert ref["streamError"] == {**local, "name": "StreamError", "isLocal": False,
+                                  "isStreamError": True, "cause": "RelayClientError"}
+    assert ref["state"] == "closed"
+    assert ref["states"] == [{"state": "closed", "code": None, "reason": message,
+                              "retryable": False, "error": local}]
+    rejected = out["rejected"]
+    assert rejected["connectError"]["message"] == "token_callback_failed: Error: backend said 503"
+    assert [s["state"] for s in rejected["states"]] == ["closed"]
+    assert fake.connections["never"] == 0  # nothing reached the relay
+    reconnect = out["reconnect"]
+    assert reconnect["calls"] == 2 and reconnect["lastError"]["message"] == message
+    assert reconnect["streamError"]["code"] == "connection_lost"  # the 1012 drop, no resume
+    assert [(s["state"], s["code"]) for s in reconnect["states"]] == [
+        ("reconnecting", 1012), ("reconnecting", None), ("closed", None)]
+    assert reconnect["states"][-1]["reason"] == message
+    assert fake.connections["tokenfail"] == 1  # no second connection, no loop
