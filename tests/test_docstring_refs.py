@@ -16,24 +16,11 @@ import importlib
 import inspect
 import re
 from functools import cache
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("relay", "protocol")
+from tests.test_import_cycles import PACKAGES, _modules
+
 #: ``Name.attr``, ``a.b.C.d`` and ``C.m()`` / ``C.m(x)`` in double backticks.
 REFERENCE = re.compile(r"``([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)(?:\([^`]*\))?``")
-
-
-def _modules() -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            parts = list(path.relative_to(ROOT).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts.pop()
-            out[".".join(parts)] = path
-    return out
-
 
 MODULES = _modules()
 

@@ -176,25 +176,14 @@ def _encoding(headers: Any) -> str | None:
 async def read_error_body(response: Any, limits: UpstreamLimits | None = None) -> bytes:
     """At most ``max_error_body_bytes`` of an httpx error response's body, decoded under the
     caps; then the response is closed (the connection with it: the rest is never read).
-    A body that cannot be decoded, or goes over a cap, gives what was read before."""
-    limits = limits or _limits
-    cap = limits.max_error_body_bytes
-    encoding = _encoding(response.headers)
-    body = bytearray()
-    raw_read = 0
+    A body that cannot be decoded, or goes over a cap, gives what was read before. (The
+    same reading as the LiteLLM path's error bodies: ``_CappedBody`` for a status >= 400.)"""
+    body = _CappedBody(response.stream, _encoding(response.headers), error=True, sse=False,
+                       limits=limits or _limits)
     try:
-        inflater = Inflater(encoding, limits) if encoding else None
-        async for raw in response.aiter_raw():
-            raw_read += len(raw)
-            data = inflater.feed(raw, cap - len(body)) if inflater is not None else raw
-            body += data[:cap - len(body)]
-            if len(body) >= cap or raw_read >= cap:
-                break
-    except UpstreamLimitExceeded:
-        pass
+        return b"".join([chunk async for chunk in body])
     finally:
         await response.aclose()
-    return bytes(body)
 
 
 # ----------------------------------------------------------------------- LiteLLM's path
