@@ -520,7 +520,7 @@ class EventStreamer:
         self._deadline = deadline
         if deadline is not None:
             watchdog = self._watchdog
-            if watchdog is None or watchdog.when() > deadline:
+            if watchdog is None or watchdog.when() > deadline + _TIMER_GRANULARITY:
                 if watchdog is not None:
                     watchdog.cancel()
                 self._watchdog = asyncio.get_running_loop().call_at(deadline, self._on_watchdog)
@@ -596,6 +596,11 @@ class EventStreamer:
 
         return await asyncio.to_thread(count)
 
+
+#: uvloop keeps timers in whole milliseconds: a ``call_at(deadline)`` handle may say it fires
+#: up to 1 ms after ``deadline``. A watchdog that late is not re-armed (it would be on about
+#: one chunk in six, a timer per token again); a deadline may fire up to 1 ms late.
+_TIMER_GRANULARITY = 0.001
 
 _CANCEL_MSG = "llm-relay: EventStreamer.cancel()"
 _TIMEOUT_MSG = "llm-relay: EventStreamer deadline"
