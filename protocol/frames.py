@@ -20,7 +20,12 @@ chunk), client -> server, relay -> relay.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeAlias
+
+#: A frame (or an object inside one) as built here: what ``encode_frame`` serialises. Its
+#: values are JSON values whose type depends on the key (``protocol.messages`` types each
+#: field; the builders' parameters say what goes in), hence ``Any``.
+Frame: TypeAlias = dict[str, Any]   # (a type, not a builder: not in __all__)
 
 __all__ = [
     # server -> client
@@ -36,45 +41,45 @@ __all__ = [
 # ---------------------------------------------------------------- server -> client
 
 
-def limits(max_streams: int, max_frame_bytes: int, detach_grace: float) -> dict:
+def limits(max_streams: int, max_frame_bytes: int, detach_grace: float) -> Frame:
     """The ``limits`` object of ``welcome`` (``protocol.Limits``)."""
     return {"max_streams": max_streams, "max_frame_bytes": max_frame_bytes,
             "detach_grace": detach_grace}
 
 
-def welcome(session_id: str, models: list[str], limits: dict[str, Any], protocol: str) -> dict:
+def welcome(session_id: str, models: list[str], limits: Frame, protocol: str) -> Frame:
     """``limits`` from :func:`limits` (a relay may add keys; clients ignore unknown ones)."""
     return {"type": "welcome", "protocol": protocol, "session_id": session_id,
             "models": models, "limits": limits}
 
 
-def started(id: str, model: str, stream_key: str | None = None) -> dict:
+def started(id: str, model: str, stream_key: str | None = None) -> Frame:
     frame = {"type": "started", "id": id, "seq": 0, "model": model}
     if stream_key is not None:
         frame["stream_key"] = stream_key
     return frame
 
 
-def resumed(id: str, stream_key: str, after_seq: int) -> dict:
+def resumed(id: str, stream_key: str, after_seq: int) -> Frame:
     return {"type": "resumed", "id": id, "stream_key": stream_key, "after_seq": after_seq}
 
 
-def token(id: str, seq: int, text: str) -> dict:
+def token(id: str, seq: int, text: str) -> Frame:
     return {"type": "token", "id": id, "seq": seq, "text": text}
 
 
-def reasoning(id: str, seq: int, text: str) -> dict:
+def reasoning(id: str, seq: int, text: str) -> Frame:
     return {"type": "reasoning", "id": id, "seq": seq, "text": text}
 
 
-def refusal(id: str, seq: int, text: str) -> dict:
+def refusal(id: str, seq: int, text: str) -> Frame:
     """Text of the model's refusal to answer (``protocol.Refusal``)."""
     return {"type": "refusal", "id": id, "seq": seq, "text": text}
 
 
 def tool_call_chunk(
     id: str, seq: int, index: int, call_id: str, name: str | None, arguments_delta: str
-) -> dict:
+) -> Frame:
     frame = {"type": "tool_call_chunk", "id": id, "seq": seq, "index": index,
              "call_id": call_id, "arguments_delta": arguments_delta}
     if name is not None:
@@ -82,30 +87,30 @@ def tool_call_chunk(
     return frame
 
 
-def tool_call_complete(id: str, seq: int, index: int, call_id: str, name: str, arguments: str) -> dict:
+def tool_call_complete(id: str, seq: int, index: int, call_id: str, name: str, arguments: str) -> Frame:
     return {"type": "tool_call_complete", "id": id, "seq": seq, "index": index,
             "call_id": call_id, "name": name, "arguments": arguments}
 
 
-def usage(prompt_tokens: int, completion_tokens: int, estimated: bool) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, estimated: bool) -> Frame:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens, "estimated": estimated}
 
 
-def error_info(code: str, message: str, retry_after: float | None = None) -> dict:
+def error_info(code: str, message: str, retry_after: float | None = None) -> Frame:
     """The ``error`` object of a failed or timed-out ``finish`` (``protocol.ErrorInfo``)."""
-    info: dict[str, Any] = {"code": str(code), "message": message}
+    info: Frame = {"code": str(code), "message": message}
     if retry_after is not None:
         info["retry_after"] = retry_after
     return info
 
 
 def finish(
-    id: str, seq: int, status: str, reason: str | None, usage: dict,
-    error: dict | None = None,
-) -> dict:
+    id: str, seq: int, status: str, reason: str | None, usage: Frame,
+    error: Frame | None = None,
+) -> Frame:
     """``usage`` from :func:`usage`; ``error`` from :func:`error_info`."""
-    frame = {"type": "finish", "id": id, "seq": seq, "status": status, "usage": usage}
+    frame: Frame = {"type": "finish", "id": id, "seq": seq, "status": status, "usage": usage}
     if reason is not None:
         frame["reason"] = reason
     if error is not None:
@@ -116,8 +121,8 @@ def finish(
 def error(
     code: str, message: str, *, ref: str | None = None, id: str | None = None,
     retry_after: float | None = None,
-) -> dict:
-    frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+) -> Frame:
+    frame: Frame = {"type": "error", "code": code, "message": message}
     if ref is not None:
         frame["ref"] = ref
     if id is not None:
@@ -127,14 +132,14 @@ def error(
     return frame
 
 
-def pong(data: Any = None) -> dict:
-    frame: dict[str, Any] = {"type": "pong"}
+def pong(data: Any = None) -> Frame:   # Any: ``ping.data`` echoed, any JSON value
+    frame: Frame = {"type": "pong"}
     if data is not None:
         frame["data"] = data
     return frame
 
 
-def readdressed(frame: dict, id: str) -> dict:
+def readdressed(frame: Frame, id: str) -> Frame:
     """``frame`` (a stream's frame) as sent to a reader that calls the stream ``id``: the
     same frame with its ``id`` replaced (a ``resume`` under another id)."""
     return {**frame, "id": id}
@@ -143,14 +148,14 @@ def readdressed(frame: dict, id: str) -> dict:
 # ---------------------------------------------------------------- client -> server
 
 
-def client_info(name: str, version: str) -> dict:
+def client_info(name: str, version: str) -> Frame:
     """The ``client`` object of ``hello``."""
     return {"name": name, "version": version}
 
 
-def hello(token: str | None = None, client: dict | None = None) -> dict:
+def hello(token: str | None = None, client: Frame | None = None) -> Frame:
     """First frame of a connection; ``client`` from :func:`client_info`."""
-    frame: dict[str, Any] = {"type": "hello"}
+    frame: Frame = {"type": "hello"}
     if token is not None:
         frame["token"] = token
     if client is not None:
@@ -160,12 +165,12 @@ def hello(token: str | None = None, client: dict | None = None) -> dict:
 
 def start(
     id: str, model: str, messages: list[Any], *, tools: list[Any] | None = None,
-    tool_choice: Any = None, params: dict | None = None,
-) -> dict:
+    tool_choice: Any = None, params: Frame | None = None,
+) -> Frame:
     """Begin stream ``id``. ``params``: sampling parameters (the relay's allowlist). Values
     go in as given (the relay validates what it receives; a wrong type must reach it as
-    sent, so the builder converts nothing)."""
-    frame: dict[str, Any] = {"type": "start", "id": id, "model": model, "messages": messages}
+    sent, so the builder converts nothing: hence ``Any``)."""
+    frame: Frame = {"type": "start", "id": id, "model": model, "messages": messages}
     if tools is not None:
         frame["tools"] = tools
     if tool_choice is not None:
@@ -175,21 +180,21 @@ def start(
     return frame
 
 
-def cancel(id: str) -> dict:
+def cancel(id: str) -> Frame:
     return {"type": "cancel", "id": id}
 
 
-def ping(data: Any = None) -> dict:
-    frame: dict[str, Any] = {"type": "ping"}
+def ping(data: Any = None) -> Frame:   # Any: any JSON value, echoed in ``pong``
+    frame: Frame = {"type": "ping"}
     if data is not None:
         frame["data"] = data
     return frame
 
 
-def resume(stream_key: str, after_seq: int, id: str | None = None) -> dict:
+def resume(stream_key: str, after_seq: int, id: str | None = None) -> Frame:
     """Re-attach stream ``stream_key`` (under ``id``, default its original id) and replay
     every frame with ``seq > after_seq``."""
-    frame: dict[str, Any] = {"type": "resume", "stream_key": stream_key, "after_seq": after_seq}
+    frame: Frame = {"type": "resume", "stream_key": stream_key, "after_seq": after_seq}
     if id is not None:
         frame["id"] = id
     return frame
@@ -198,13 +203,13 @@ def resume(stream_key: str, after_seq: int, id: str | None = None) -> dict:
 # ---------------------------------------------------------------- relay -> relay
 
 
-def relay_cancel(key: str) -> dict:
+def relay_cancel(key: str) -> Frame:
     """Ask the relay that owns stream ``key`` to cancel its upstream call
     (``protocol.RelayCancel``)."""
     return {"op": "cancel", "key": key}
 
 
-def relay_takeover(key: str, node: str) -> dict:
+def relay_takeover(key: str, node: str) -> Frame:
     """Tell the other relays that a connection on ``node`` attached stream ``key``
     (``protocol.RelayTakeover``)."""
     return {"op": "takeover", "key": key, "node": node}

@@ -412,7 +412,9 @@ def union_tags(union: Any, field: str = "type") -> tuple[str, ...]:
 
 def model_tag(model: type[BaseModel], field: str = "type") -> str:
     """The discriminator value of one union member (its ``Literal`` ``type`` or ``op``)."""
-    return get_args(model.model_fields[field].annotation)[0]
+    tag = get_args(model.model_fields[field].annotation)[0]
+    assert isinstance(tag, str), (model, field)
+    return tag
 
 
 #: Every client -> server frame type, in the order the unknown-type error lists them.

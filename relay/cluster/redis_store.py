@@ -84,6 +84,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from relay.aio import cancel_and_wait
+from relay.core.lifecycle import SharedState
 
 __all__ = ["RedisStore", "StoreUnavailable", "StreamMeta"]
 
@@ -91,7 +92,10 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-STATES = ("running", "finished", "lost")
+# The ``state`` field of ``meta:K``: ``SharedState`` values (relay.core.lifecycle maps them
+# to the lifecycle's states); the scripts below name them through these.
+_RUNNING, _FINISHED, _LOST = (SharedState.RUNNING.value, SharedState.FINISHED.value,
+                              SharedState.LOST.value)
 
 # Redis' answers to an XADD whose explicit id does not grow the stream. Matched on these
 # fragments (stable since Redis 5) so that any other error still surfaces.
@@ -109,9 +113,9 @@ _IDLE_PING = 15.0
 _COMMAND_CONNECTIONS = 64
 _BLOCKING_READ_CONNECTIONS = 10_000
 
-_FINISH = """
-if redis.call('HGET', KEYS[1], 'state') == 'running' then
-  redis.call('HSET', KEYS[1], 'state', 'finished')
+_FINISH = f"""
+if redis.call('HGET', KEYS[1], 'state') == '{_RUNNING}' then
+  redis.call('HSET', KEYS[1], 'state', '{_FINISHED}')
   redis.call('PEXPIRE', KEYS[1], ARGV[1])
   redis.call('PEXPIRE', KEYS[2], ARGV[1])
   redis.call('DEL', KEYS[3])
@@ -120,10 +124,10 @@ end
 return 0
 """
 
-_MARK_LOST = """
+_MARK_LOST = f"""
 local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'running' then
-  redis.call('HSET', KEYS[1], 'state', 'lost')
+if state == '{_RUNNING}' then
+  redis.call('HSET', KEYS[1], 'state', '{_LOST}')
   redis.call('PEXPIRE', KEYS[1], ARGV[1])
   redis.call('DEL', KEYS[2], KEYS[3])
   return 1
@@ -164,12 +168,17 @@ class StreamMeta:
     principal: str
     alias: str
     node: str          # node id that runs the upstream call
-    state: str         # "running" | "finished" | "lost"
+    state: SharedState
     stream_id: str = ""  # the id of the start that created it (a resume's default id)
 
 
 class _ListenerStalled(Exception):
     """The subscription connection stopped answering PING."""
+
+
+def _text(value: bytes | str) -> str:
+    """A reply value as text (the clients here never decode replies: bytes in practice)."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _ms(ttl: float) -> int:
@@ -464,7 +473,7 @@ class RedisStore:
             async with self._cmd.pipeline(transaction=True) as pipe:
                 pipe.delete(meta, self._log_key(key))
                 pipe.hset(meta, mapping={"principal": principal, "alias": alias,
-                                         "node": node, "state": "running",
+                                         "node": node, "state": _RUNNING,
                                          "stream_id": stream_id})
                 pipe.pexpire(meta, ms)
                 pipe.set(self._owner_key(key), node, px=owner_ms)
@@ -553,11 +562,11 @@ class RedisStore:
         """The stream's metadata, or ``None`` when absent or expired."""
         raw = await self._run("meta", lambda: self._cmd.hgetall(self._meta_key(key)))
         try:
-            fields = {k.decode(): v.decode() for k, v in raw.items()}
+            fields = {_text(k): _text(v) for k, v in raw.items()}
             return StreamMeta(principal=fields["principal"], alias=fields["alias"],
-                              node=fields["node"], state=fields["state"],
+                              node=fields["node"], state=SharedState(fields["state"]),
                               stream_id=fields.get("stream_id", ""))
-        except KeyError:
+        except (KeyError, ValueError):
             return None  # absent, or a hash not written by create()
 
     async def owner_alive(self, key: str) -> bool:
@@ -651,7 +660,7 @@ class RedisStore:
     async def get_chat(self, principal: str, chat_id: str) -> str | None:
         raw = await self._run("get_chat",
                               lambda: self._cmd.get(self._chat_key(principal, chat_id)))
-        return None if raw is None else raw.decode()
+        return None if raw is None else _text(raw)
 
     # ------------------------------------------------------------------ attachment
 
@@ -663,7 +672,7 @@ class RedisStore:
 
     async def get_attached(self, key: str) -> str | None:
         raw = await self._run("get_attached", lambda: self._cmd.get(self._attached_key(key)))
-        return None if raw is None else raw.decode()
+        return None if raw is None else _text(raw)
 
     async def clear_attached(self, key: str, token: str) -> None:
         """Delete the attachment only if it still holds ``token`` (atomic compare-and-delete),

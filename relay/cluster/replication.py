@@ -61,6 +61,7 @@ from relay.aio import cancel_and_wait
 from relay.cluster.redis_store import RedisStore, StoreUnavailable
 from relay.config import RelaySettings
 from relay.core.errors import BadRequest, RelayError, StreamLost, UnknownStream
+from relay.core.lifecycle import SharedState
 from relay.core.outcome import StreamOutcome
 from relay.core.ports import FrameSink, PeerControl, SourceFailed, StreamView
 
@@ -137,15 +138,16 @@ class RedisFollower:
             if not items:
                 try:
                     meta = await store.meta(key)
-                    gone = meta is None or meta.state == "lost" or (
-                        meta.state == "running" and not await store.owner_alive(key))
+                    gone = meta is None or meta.state is SharedState.LOST or (
+                        meta.state is SharedState.RUNNING
+                        and not await store.owner_alive(key))
                 except StoreUnavailable:
                     continue
                 if gone:
                     raise SourceFailed(ErrorCode.STREAM_LOST,
                                        "the relay running this stream stopped before it "
                                        "finished")
-                if meta is not None and meta.state == "finished":
+                if meta is not None and meta.state is SharedState.FINISHED:
                     if owner_done:
                         # Finished, its log complete, nothing after the cursor: either the
                         # client already has the finish (after_seq is its seq), or the
@@ -405,14 +407,15 @@ class Replicator:
                 meta = await store.meta(key)
             if meta is None or meta.principal != principal:
                 raise UnknownStream("no resumable stream with that stream_key")
-            if meta.state == "lost" or (meta.state == "running"
-                                        and not await store.owner_alive(key)):
+            if meta.state is SharedState.LOST or (meta.state is SharedState.RUNNING
+                                                  and not await store.owner_alive(key)):
                 raise StreamLost("this stream's log is gone (its relay stopped or dropped "
                                  "it); its frames cannot be replayed")
             first = await store.first_seq(key)
             # A finished stream's log in Redis is complete (its owner marks it finished
             # after the last append), so its last seq is the stream's, as on the owner.
-            last = await store.last_seq(key) if meta.state == "finished" else None
+            last = (await store.last_seq(key) if meta.state is SharedState.FINISHED
+                    else None)
         except StoreUnavailable as exc:
             raise StoreUnavailableError(
                 "the relay's stream store is unavailable; resume again later") from exc

@@ -42,7 +42,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeGuard
 
 import jwt
 
@@ -129,7 +129,7 @@ def mint_token(secret: str, sub: str, ttl: float, models: list[str] | None = Non
     if max_streams is not None and max_streams < 1:
         raise ValueError("max_streams must be at least 1")
     now = int(time.time())
-    claims: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + int(round(ttl))}
+    claims: dict[str, object] = {"sub": sub, "iat": now, "exp": now + int(round(ttl))}
     if models is not None:
         claims["models"] = list(models)
     if max_streams is not None:
@@ -153,7 +153,8 @@ def _parse_key(entry: str) -> bytes:
     return hashlib.sha256(entry.encode("utf-8")).digest()
 
 
-def check_auth_settings(auth: bool, api_keys: list[str], token_secret: Any) -> None:
+def check_auth_settings(auth: bool, api_keys: list[str],
+                        token_secret: SecretStr | None) -> None:
     """Startup checks (raise ValueError with a message that names no secret)."""
     for entry in api_keys:
         _parse_key(entry)
@@ -164,7 +165,7 @@ def check_auth_settings(auth: bool, api_keys: list[str], token_secret: Any) -> N
         raise ValueError("token_secret is empty")
 
 
-def _is_timestamp(value: Any) -> bool:
+def _is_timestamp(value: object) -> TypeGuard[int]:
     """An integer Unix time in [0, MAX_TIMESTAMP] (``bool`` is an int in Python: not one)."""
     return (isinstance(value, int) and not isinstance(value, bool)
             and 0 <= value <= MAX_TIMESTAMP)

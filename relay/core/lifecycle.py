@@ -52,8 +52,8 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["ByteBudget", "Effect", "Event", "IllegalTransition", "Outcome", "State",
-           "TERMINAL", "Timer", "transition"]
+__all__ = ["ByteBudget", "Effect", "Event", "IllegalTransition", "Outcome", "SharedState",
+           "State", "TERMINAL", "Timer", "transition"]
 
 
 class State(enum.Enum):
@@ -112,6 +112,59 @@ class Effect(enum.Enum):
 
 
 TERMINAL = frozenset({State.DROPPED, State.LOST})
+
+
+class SharedState(enum.StrEnum):
+    """A stream's state in the record relays sharing Redis keep of it (``meta:K`` ``state``,
+    ``relay.cluster.redis_store``): the lifecycle as the other relays of a group see it. The
+    value is what Redis holds; its owner's mirror writes it (``running`` at launch, then
+    ``finished`` or ``lost``), the relays following or resuming it read it. The one map
+    between the two lifecycles:
+
+    * ``owner_states``: the states of the stream on its owner while its record says this
+      (``SharedState.of`` is the inverse, for a local stream);
+    * ``follower_event``: what a follower here (``REMOTE_FOLLOWED``) makes of it once its
+      log is read to the end: ``None`` keep reading (``running``, unless the owner is gone);
+      ``FINISH`` its finish is in the log (``finished``); ``FAIL`` its frames cannot be
+      replayed (``lost``: the resume gets ``stream_lost``, as for ``State.LOST`` here).
+    """
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    #: The log in Redis has a hole (its owner's cap trimmed frames the mirror never copied).
+    LOST = "lost"
+
+    @property
+    def owner_states(self) -> frozenset[State]:
+        return _OWNER_STATES[self]
+
+    @property
+    def follower_event(self) -> Event | None:
+        return _FOLLOWER_EVENTS[self]
+
+    @classmethod
+    def of(cls, state: State) -> SharedState:
+        """The shared state of a local stream in ``state`` (a stream followed from another
+        relay has its owner's: ``ValueError``)."""
+        for shared, states in _OWNER_STATES.items():
+            if state in states:
+                return shared
+        raise ValueError(f"{state} is not a state of a stream run here")
+
+
+_OWNER_STATES: dict[SharedState, frozenset[State]] = {
+    SharedState.RUNNING: frozenset({State.RUNNING_ATTACHED, State.RUNNING_DETACHED}),
+    # A dropped stream was finished, or cancelled upstream (its finish follows, and its
+    # mirror then records it finished).
+    SharedState.FINISHED: frozenset({State.FINISHED_ATTACHED, State.FINISHED_RETAINED,
+                                     State.DROPPED}),
+    SharedState.LOST: frozenset({State.LOST}),
+}
+_FOLLOWER_EVENTS: dict[SharedState, Event | None] = {
+    SharedState.RUNNING: None,
+    SharedState.FINISHED: Event.FINISH,
+    SharedState.LOST: Event.FAIL,
+}
 
 
 @dataclass(frozen=True, slots=True)

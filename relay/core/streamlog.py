@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import orjson
 
 from protocol import encode_frame, frames
+from protocol.frames import Frame
 
 __all__ = ["FrameLog", "INDEX_BYTES_PER_FRAME", "LogEntry", "MAX_MERGED_BYTES", "coalesce"]
 
@@ -68,10 +69,10 @@ class LogEntry:
     #: When the producer received the event (for the relay-added latency metric).
     received: float
     kind: int = _OTHER
-    _frame: dict | None = None
+    _frame: Frame | None = None
 
     @property
-    def frame(self) -> dict:
+    def frame(self) -> Frame:
         """The frame as a dict (decoded from ``data`` on first use)."""
         if self._frame is None:
             self._frame = orjson.loads(self.data)
@@ -119,7 +120,7 @@ class FrameLog:
     def __len__(self) -> int:
         return len(self._seqs) - self._head
 
-    def append(self, frame: dict, received: float | None = None,
+    def append(self, frame: Frame, received: float | None = None,
                data: bytes | None = None) -> int:
         """Add ``frame`` (its ``seq`` larger than any before; ``data``: its encoding, when
         the caller has it already); returns the change in held bytes (may be negative when

@@ -22,6 +22,7 @@ from relay.core.lifecycle import (
     Event,
     IllegalTransition,
     Outcome,
+    SharedState,
     State,
     legal_pairs,
     transition,
@@ -223,6 +224,27 @@ def test_the_budget_refuses_to_go_negative():
     with pytest.raises(AssertionError):
         budget.charge(-11)
     assert budget.total == 10
+
+
+def test_every_state_of_a_local_stream_has_one_shared_state_and_followed_ones_none():
+    """The one map between the lifecycle here and the record in Redis: each state of a
+    stream run here is recorded as exactly one shared state; a followed stream's record is
+    its owner's to write."""
+    local = [s for s in State if s not in (State.REMOTE_FOLLOWED, State.REMOTE_ENDED)]
+    for state in local:
+        assert [sh for sh in SharedState if state in sh.owner_states] == [SharedState.of(state)]
+    for state in (State.REMOTE_FOLLOWED, State.REMOTE_ENDED):
+        with pytest.raises(ValueError):
+            SharedState.of(state)
+    assert [s.value for s in SharedState] == ["running", "finished", "lost"]  # Redis holds these
+
+
+def test_what_a_follower_makes_of_each_shared_state_is_a_legal_event_of_a_followed_stream():
+    assert SharedState.RUNNING.follower_event is None
+    for shared in (SharedState.FINISHED, SharedState.LOST):
+        event = shared.follower_event
+        assert event is not None
+        assert transition(State.REMOTE_FOLLOWED, event, True).state is State.REMOTE_ENDED
 
 
 def test_the_lifecycle_module_is_sans_io():

@@ -23,6 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 import relay.cluster.redis_store as redis_store
 from relay.cluster.redis_store import RedisStore, StoreUnavailable, StreamMeta
+from relay.core.lifecycle import SharedState
 
 from ..redis_server import RedisServerProcess, redis_ping
 
@@ -137,9 +138,9 @@ def test_public_api_is_pinned() -> None:
         "clear_attached": "(self, key: 'str', token: 'str') -> 'None'",
         "publish": "(self, message: 'dict') -> 'None'",
     }
-    meta = StreamMeta(principal="p", alias="a", node="n", state="running")
+    meta = StreamMeta(principal="p", alias="a", node="n", state=SharedState.RUNNING)
     with pytest.raises(AttributeError):
-        meta.state = "lost"  # type: ignore[misc]
+        meta.state = SharedState.LOST  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------------------- records
@@ -268,13 +269,13 @@ async def test_state_only_leaves_running(store: RedisStore) -> None:
     await store.append("done", [(1, b"a")], ttl=30)
     await store.finish("done", ttl=30)
     await store.mark_lost("done", ttl=30)
-    assert (await store.meta("done")).state == "finished"
+    assert (await store.meta("done")).state is SharedState.FINISHED
     assert await store.read("done", 0, block=0) == [(1, b"a")]
     # a stream declared lost is not revived by its old owner finishing
     await store.create("lost", principal="p", alias="a", node="n", ttl=30)
     await store.mark_lost("lost", ttl=30)
     await store.finish("lost", ttl=30)
-    assert (await store.meta("lost")).state == "lost"
+    assert (await store.meta("lost")).state is SharedState.LOST
     # absent meta: nothing is created
     await store.finish("nothing", ttl=30)
     await store.mark_lost("nothing", ttl=30)
