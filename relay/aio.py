@@ -19,12 +19,13 @@ the two apart: it is above zero exactly when a cancellation of the current task 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 __all__ = ["cancel_and_wait"]
 
 
-async def cancel_and_wait(task: asyncio.Task) -> None:
-    """Cancel ``task`` (one the caller owns) and wait until it has ended.
+async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` (a task or future the caller owns) and wait until it has ended.
 
     A ``CancelledError`` that only says the child ended cancelled is absorbed; one aimed at
     the current task (``cancelling() > 0``) propagates, and then ``task`` may still be

@@ -187,7 +187,10 @@ def _ms(ttl: float) -> int:
     return max(1, math.ceil(ttl * 1000))
 
 
-def _seq_of(entry_id: bytes | str) -> int:
+def _seq_of(entry_id: bytes | str | None) -> int:
+    # (redis-py's types allow a None id, for an entry deleted from a PEL; a read or a range
+    # never returns one)
+    assert entry_id is not None
     if isinstance(entry_id, bytes):
         entry_id = entry_id.decode()
     return int(entry_id.partition("-")[2])
@@ -654,7 +657,7 @@ class RedisStore:
             return
         ms = _ms(ttl)
         keys = [self._chat_key(principal, chat_id) for principal, chat_id, _ in chats]
-        args = [ms, *(stream_key for _, _, stream_key in chats)]
+        args: list[int | str] = [ms, *(stream_key for _, _, stream_key in chats)]
         await self._run("expire_chats", lambda: self._expire_chats(keys=keys, args=args))
 
     async def get_chat(self, principal: str, chat_id: str) -> str | None:

@@ -32,7 +32,7 @@ import re
 
 import ipaddress
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import ServerConnection
@@ -224,7 +224,7 @@ class RelayConnection(ServerConnection):
     goes to the protocol as before (a client must wait for the ``101`` before sending frames,
     RFC 6455 section 4.1)."""
 
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sent_data_early = False
         #: The request announced a body (websockets' parser takes none): its body headers

@@ -40,7 +40,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -239,11 +239,13 @@ class StreamHub:
         already left the table and are winding down); not the followers of remote streams."""
         return [t for t, s in self._tasks.items() if not s.remote and not t.done()]
 
-    def _start(self, stream: HubStream, coro: Any, name: str) -> None:
+    def _start(self, stream: HubStream, coro: Coroutine[Any, Any, None],
+               name: str) -> asyncio.Task[None]:
         """Run ``coro`` as ``stream``'s one task (awaited by ``close``)."""
         task = stream.task = asyncio.create_task(coro, name=name)
         self._tasks[task] = stream
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task) -> None:
         self._tasks.pop(task, None)
@@ -270,10 +272,10 @@ class StreamHub:
         self._streams[stream.key] = stream
         stream.enter(self.budget)
         principal_state.streams += 1
-        self._start(stream, self._produce(stream), f"stream {session_id}/{id}")
+        task = self._start(stream, self._produce(stream), f"stream {session_id}/{id}")
         if shared is not None:
             # Released when the stream ends (_finished); this catches a task that never ran.
-            stream.task.add_done_callback(lambda _: shared.release(None))
+            task.add_done_callback(lambda _: shared.release(None))
         if self.replicator is not None and self.grace > 0:
             self.replicator.mirror(stream)
         return stream

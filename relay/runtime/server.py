@@ -14,11 +14,12 @@ import dataclasses
 import http
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from protocol import SUPPORTED_VERSIONS, FinishReason
 
@@ -49,12 +50,13 @@ logger = logging.getLogger("relay.runtime.server")
 WS_PATH = "/ws"
 
 
-def _select_subprotocol(connection: ServerConnection, offered: Any) -> str | None:
+def _select_subprotocol(connection: ServerConnection,
+                        offered: Sequence[Subprotocol]) -> Subprotocol | None:
     # Accept even when no supported version is offered, so the handler can close with 4406
     # and a reason a browser can read (an HTTP 400 would only show up as 1006).
     for version in SUPPORTED_VERSIONS:
         if version in offered:
-            return version
+            return Subprotocol(version)
     return None
 
 
@@ -119,7 +121,7 @@ class RelayServer:
             self._handler,
             s.host,
             s.port,
-            subprotocols=list(SUPPORTED_VERSIONS),
+            subprotocols=[Subprotocol(v) for v in SUPPORTED_VERSIONS],
             select_subprotocol=_select_subprotocol,
             process_request=self._process_request,
             process_response=self._process_response,

@@ -150,7 +150,7 @@ class _Worker:
     process: asyncio.subprocess.Process | None = None
     pid: int | None = None
     metrics_port: int | None = None
-    ready: asyncio.Future | None = None
+    ready: asyncio.Future[None] | None = None
     restarts: int = 0
     forward: asyncio.Task | None = None
 
@@ -194,16 +194,18 @@ class Supervisor:
         metrics_http = None
         # The futures run() waits on; whichever way run() ends, each is done (cancelled if
         # need be, and awaited) before it returns.
-        waits: list[asyncio.Future] = []
+        waits: list[asyncio.Future[Any]] = []
         try:
             self._stats.workers = [_Worker(i) for i in range(self.count)]
             for worker in self._stats.workers:
                 await self._spawn(worker)
-            startup = asyncio.gather(*(w.ready for w in self._stats.workers))
+            startup = asyncio.gather(*(w.ready for w in self._stats.workers
+                                       if w.ready is not None))   # (each has one: _spawn)
             stop_wait = asyncio.ensure_future(stop.wait())
             fatal_wait = asyncio.ensure_future(self._fatal.wait())
             waits += (startup, stop_wait, fatal_wait)
-            done, _ = await asyncio.wait({startup, stop_wait, fatal_wait},
+            first: set[asyncio.Future[Any]] = {startup, stop_wait, fatal_wait}
+            done, _ = await asyncio.wait(first,
                                          timeout=_READY_TIMEOUT,
                                          return_when=asyncio.FIRST_COMPLETED)
             if startup not in done or self._failed_start is not None:
@@ -365,7 +367,8 @@ class Supervisor:
 
         workers = [w for w in self._stats.workers if w.metrics_port is not None
                    and w.process is not None and w.process.returncode is None]
-        texts = await asyncio.gather(*(_scrape(w.metrics_port) for w in workers),
+        ports = [w.metrics_port for w in workers if w.metrics_port is not None]
+        texts = await asyncio.gather(*(_scrape(port) for port in ports),
                                      return_exceptions=True)
         families = _merge_families(
             (str(w.index), text) for w, text in zip(workers, texts) if isinstance(text, str))
