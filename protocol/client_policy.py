@@ -55,7 +55,9 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeAlias
+
+from pydantic import BaseModel
 
 from . import frames
 from .codes import CloseCode, ErrorCode, FinishReason, FinishStatus
@@ -63,6 +65,10 @@ from .messages import (
     CLIENT_FRAME_TYPES, SERVER_FRAME_TYPES, STREAM_FRAME_TYPES, ClientMessage, model_tag,
     union_members,
 )
+
+#: A server frame as a client holds it: the decoded JSON object, or its model
+#: (``protocol.codec.decode_server_frame``); read field by field, any type tolerated.
+ServerFrame: TypeAlias = "Mapping[str, object] | BaseModel"
 
 __all__ = [
     "ABNORMAL_CLOSURE",
@@ -229,7 +235,7 @@ class ReconnectSchedule:
         self.attempt = 0
 
 
-def local_cancel_finish(stream_id: str) -> dict[str, Any]:
+def local_cancel_finish(stream_id: str) -> frames.Frame:
     """Rule 6: the ``finish`` of a stream cancelled before its ``start`` left the client.
     Valid against the schema (``protocol.Finish``): seq 0, zero usage flagged estimated."""
     return frames.finish(stream_id, 0, str(FinishStatus.CANCELLED),
@@ -285,7 +291,7 @@ class StreamFailure:
     code: str
     message: str
     close_code: int | None = None
-    frame: Any = None
+    frame: ServerFrame | None = None
 
 
 @dataclass(frozen=True)
@@ -311,7 +317,7 @@ class WelcomeOutcome:
     """After a ``welcome``: the ``resume`` frames to send first, then the starts to send
     (queued streams, in order), and streams that cannot be resumed on this relay."""
 
-    resumes: tuple[dict[str, Any], ...]
+    resumes: tuple[frames.Frame, ...]
     starts: tuple[str, ...]
     failed: tuple[StreamFailure, ...]
 
@@ -326,7 +332,7 @@ class _Stream:
     resumes: int = 0
 
 
-def _get(frame: Any, name: str) -> Any:
+def _get(frame: ServerFrame, name: str) -> object:
     if isinstance(frame, Mapping):
         return frame.get(name)
     return getattr(frame, name, None)
@@ -397,7 +403,7 @@ class ClientStreamTracker:
 
     # ---------------------------------------------------------------- relay side
 
-    def frame(self, frame: Any) -> FrameDecision:
+    def frame(self, frame: ServerFrame) -> FrameDecision:
         """Rules 4 and 5 for one server frame (any type; welcome/pong are IGNORE here)."""
         kind = _get(frame, "type")
         sid = _get(frame, "id")
@@ -432,11 +438,10 @@ class ClientStreamTracker:
             return FrameDecision(FrameAction.END, s.id)
         return FrameDecision(FrameAction.DELIVER, s.id)
 
-    def _error(self, frame: Any, sid: str | None) -> FrameDecision:
-        code = _get(frame, "code")
-        code = code if isinstance(code, str) else "error"
-        message = _get(frame, "message")
-        message = message if isinstance(message, str) else code
+    def _error(self, frame: ServerFrame, sid: str | None) -> FrameDecision:
+        raw_code, raw_message = _get(frame, "code"), _get(frame, "message")
+        code = raw_code if isinstance(raw_code, str) else "error"
+        message = raw_message if isinstance(raw_message, str) else code
         ref = _get(frame, "ref")
         if sid is None:
             if ref != "resume":
@@ -462,7 +467,7 @@ class ClientStreamTracker:
         return FrameDecision(FrameAction.FAIL, sid, (failure,))
 
     def _fail(self, s: _Stream, kind: str, code: str, message: str,
-              close_code: int | None, frame: Any = None) -> StreamFailure:
+              close_code: int | None, frame: ServerFrame | None = None) -> StreamFailure:
         self.streams.pop(s.id, None)
         return StreamFailure(s.id, kind, code, message, close_code, frame)
 
@@ -505,7 +510,7 @@ class ClientStreamTracker:
 
     def welcomed(self, detach_grace: float) -> WelcomeOutcome:
         """Rule 3 on a new connection's ``welcome`` (its ``limits.detach_grace``)."""
-        resumes: list[dict[str, Any]] = []
+        resumes: list[frames.Frame] = []
         failed: list[StreamFailure] = []
         starts: list[str] = []
         for s in list(self.streams.values()):
@@ -531,7 +536,7 @@ class ClientStreamTracker:
 # ---------------------------------------------------------------------------- export
 
 
-def policy_tables() -> dict[str, Any]:
+def policy_tables() -> dict[str, Any]:   # Any: JSON tables, each key its own shape
     """Everything relay-client.js needs from this module, as plain JSON values."""
     return {
         "close_codes": {str(code): {"name": name, "retryable": retryable, "meaning": meaning}
@@ -551,13 +556,13 @@ def policy_tables() -> dict[str, Any]:
     }
 
 
-def frame_tables() -> dict[str, Any]:
+def frame_tables() -> dict[str, Any]:    # Any: JSON tables, each key its own shape
     """What relay-client.js needs to build and route frames, derived from the models of
     ``protocol.messages``: each client frame type with its ``required`` and ``optional``
     fields in the models' order (relay-client.js builds ``hello``/``start``/``cancel``/
     ``ping``/``resume`` from it and refuses a field the model does not have), every server
     frame type, and the server frames of a stream's sequence (those carrying ``seq``)."""
-    client: dict[str, Any] = {}
+    client: dict[str, dict[str, list[str]]] = {}
     for model in union_members(ClientMessage):
         fields = {name: info for name, info in model.model_fields.items() if name != "type"}
         client[model_tag(model)] = {

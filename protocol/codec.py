@@ -59,9 +59,12 @@ __all__ = [
     "validate_client_object",
 ]
 
-_CLIENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(ClientMessage)
-_SERVER_ADAPTER: TypeAdapter[Any] = TypeAdapter(ServerMessage)
-_RELAY_ADAPTER: TypeAdapter[Any] = TypeAdapter(RelayMessage)
+_CLIENT_ADAPTER: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
+_SERVER_ADAPTER: TypeAdapter[ServerMessage] = TypeAdapter(ServerMessage)
+_RELAY_ADAPTER: TypeAdapter[RelayMessage] = TypeAdapter(RelayMessage)
+
+# ``Any`` below stands for parsed JSON (``orjson.loads``): any shape until validated. The
+# checks that run before validation read it with ``type(...) is`` tests.
 _SERVER_TYPES = frozenset(SERVER_FRAME_TYPES)
 
 
@@ -122,7 +125,8 @@ class FrameError(ValueError):
         return _error_frame(self.code, self.message, ref=self.ref, id=self.id)
 
 
-def decode_client_frame(data: str | bytes, limits: DecodeLimits = _DEFAULT_LIMITS) -> Any:
+def decode_client_frame(data: str | bytes,
+                        limits: DecodeLimits = _DEFAULT_LIMITS) -> ClientMessage:
     """Parse and validate one client frame within ``limits``. Raises ``FrameError`` for every
     bad input; a frame beyond a limit is refused before validation, naming the limit."""
     if isinstance(data, (bytes, bytearray, memoryview)):
@@ -150,7 +154,8 @@ def _parse_within(data: str, limits: DecodeLimits) -> Any:
     return _parse(data, depth) if containers > depth else _loads(data, depth)
 
 
-def validate_client_object(obj: Any, limits: DecodeLimits = _DEFAULT_LIMITS) -> Any:
+def validate_client_object(obj: object,
+                           limits: DecodeLimits = _DEFAULT_LIMITS) -> ClientMessage:
     """Validate a parsed client frame: its type, then (for ``start``) its size and counts
     before the models validate it. Raises ``FrameError``."""
     if not isinstance(obj, dict):
@@ -290,7 +295,7 @@ def check_request_shape(messages: Any, tools: Any, limits: DecodeLimits, *, part
                      f"{limits.max_start_keys} (max_start_keys)")
 
 
-def decode_server_frame(data: str | bytes) -> Any | None:
+def decode_server_frame(data: str | bytes) -> ServerMessage | None:
     """Parse one server frame for a client. Unknown frame types give ``None`` (ignore them)."""
     obj = orjson.loads(data)
     if not isinstance(obj, dict) or obj.get("type") not in _SERVER_TYPES:
@@ -298,13 +303,13 @@ def decode_server_frame(data: str | bytes) -> Any | None:
     return _SERVER_ADAPTER.validate_python(obj)
 
 
-def decode_relay_message(data: str | bytes | dict[str, Any]) -> Any:
+def decode_relay_message(data: str | bytes | dict[str, Any]) -> RelayMessage:
     """A relay -> relay control message (JSON text or an already parsed object) as its
     ``RelayMessage`` model. Raises ``ValueError`` naming the problem for anything else: not
     JSON, not an object, an unknown ``op`` (a receiver drops those: a newer relay may send
     ops an older one does not know), a missing or mistyped field."""
     if isinstance(data, dict):
-        obj: Any = data
+        obj: object = data
     else:
         try:
             obj = orjson.loads(data)

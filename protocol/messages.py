@@ -109,6 +109,11 @@ class Hello(_Frame):
     client: ClientInfo | None = None
 
 
+# ``Any`` in the models below: JSON the relay passes to the provider as given (content
+# parts, a tool's JSON Schema, ``response_format``, a ``tool_choice`` object) or echoes
+# (``ping.data``); its shape is the provider's to judge, its size is bounded by the codec.
+
+
 class ChatMessage(BaseModel):
     """One OpenAI-format chat message. Extra keys (name, tool_calls, tool_call_id...) pass through."""
 
@@ -399,13 +404,13 @@ RelayMessage = Annotated[Union[RelayCancel, RelayTakeover], Field(discriminator=
 # ---------------------------------------------------------------- derived type lists
 
 
-def union_members(union: Any) -> tuple[type[BaseModel], ...]:
+def union_members(union: object) -> tuple[type[BaseModel], ...]:
     """The models of a discriminated union declared as ``Annotated[Union[...], Field(...)]``,
     in declaration order."""
     return get_args(get_args(union)[0])
 
 
-def union_tags(union: Any, field: str = "type") -> tuple[str, ...]:
+def union_tags(union: object, field: str = "type") -> tuple[str, ...]:
     """The discriminator values (``type`` or ``op``) of ``union``'s members, in order."""
     return tuple(model_tag(model, field) for model in union_members(union))
 

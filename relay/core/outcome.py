@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol import ErrorCode, FinishStatus, frames
+from protocol.frames import Frame
 
 __all__ = ["FinishError", "StreamOutcome", "TokenUsage"]
 
@@ -54,7 +55,7 @@ class StreamOutcome:
     usage: TokenUsage
     error: FinishError | None = None
 
-    def frame(self, id: str, seq: int) -> dict[str, Any]:
+    def frame(self, id: str, seq: int) -> Frame:
         """The ``finish`` frame saying this outcome, as stream ``id``'s frame ``seq``."""
         usage = self.usage
         error = self.error
@@ -67,7 +68,8 @@ class StreamOutcome:
     @classmethod
     def of_frame(cls, frame: Mapping[str, Any]) -> StreamOutcome:
         """The outcome a ``finish`` frame says (one the relay built with ``frame``; a frame
-        of any other shape raises ``KeyError``/``ValueError``)."""
+        of any other shape raises ``KeyError``/``ValueError``). ``Any``: decoded JSON, read
+        as the finish frame's fields."""
         usage = frame["usage"]
         error = frame.get("error")
         return cls(

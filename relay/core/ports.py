@@ -25,6 +25,7 @@ from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from protocol import FinishReason
+from protocol.frames import Frame
 
 from relay.core.outcome import StreamOutcome
 from relay.core.streamlog import FrameLog
@@ -42,7 +43,7 @@ class FrameSink(Protocol):
     #: The id the stream's frames carry (the id of the ``start`` that created it).
     id: str
 
-    def append(self, frame: dict[str, Any], received: float | None = None,
+    def append(self, frame: Frame, received: float | None = None,
                data: bytes | None = None) -> None:
         """Log one frame that is not the finish."""
 
@@ -149,5 +150,6 @@ class ReplicationHook(Protocol):
         """The source of stream ``key`` running on another relay, read after ``after_seq``
         (raises the resume's refusal: ``unknown_stream``, ``stream_lost``, ...)."""
 
+    # Any: a coroutine of any kind; its result is not used.
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> object:
         """Run ``coro`` as a task the replication awaits on close."""
