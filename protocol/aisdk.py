@@ -49,7 +49,7 @@ from . import frames
 from .codec import (DecodeLimits, FrameError, check_request_shape, parse_json_within,
                     validate_client_object)
 from .dialect import Begin, Handshake, Malformed, Reattach, Request, Stop
-from .messages import StreamId
+from .messages import Start, StreamId
 
 __all__ = [
     "MAX_MERGED_DELTA_CHARS",
@@ -219,7 +219,7 @@ def _is_tool_part(part: dict[str, Any]) -> bool:
 def _tool_name(part: dict[str, Any]) -> str:
     if part["type"] == "dynamic-tool":
         return str(part.get("toolName", ""))
-    return part["type"][len("tool-"):]
+    return str(part["type"])[len("tool-"):]
 
 
 def _file_content(part: dict[str, Any]) -> dict[str, Any] | None:
@@ -635,6 +635,7 @@ class AiSdkCodec:
                 tools=body.get("tools"),
                 tool_choice=body.get("toolChoice", body.get("tool_choice")),
                 params=body.get("params") or None), limits)
+            assert isinstance(start, Start)         # (a ``start`` frame, built just above)
         except FrameError as exc:
             return Begin(rid, None, ref="send", authorization=authorization,
                          invalid=f"Invalid request: {exc.message}", context=request)

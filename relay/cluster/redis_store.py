@@ -86,7 +86,7 @@ from redis.exceptions import RedisError, ResponseError
 from relay.aio import cancel_and_wait
 from relay.core.lifecycle import SharedState
 
-__all__ = ["RedisStore", "StoreUnavailable", "StreamMeta"]
+__all__ = ["ChatRecord", "RedisStore", "StoreUnavailable", "StreamMeta"]
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +170,25 @@ class StreamMeta:
     node: str          # node id that runs the upstream call
     state: SharedState
     stream_id: str = ""  # the id of the start that created it (a resume's default id)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRecord:
+    """The latest response of an AI SDK chat (``relay.runtime.aisdk.ChatIndex``): its
+    stream and the message id the chat knows it by. Redis keeps it at ``aisdk-chat:<hash>``
+    as ``encode()`` writes it (``"<stream key> <message id>"``: a stream key holds no space,
+    and ``_EXPIRE_CHATS`` matches a record by that prefix); ``decode`` is its inverse."""
+
+    stream_key: str
+    message_id: str
+
+    def encode(self) -> str:
+        return f"{self.stream_key} {self.message_id}"
+
+    @classmethod
+    def decode(cls, value: str) -> ChatRecord:
+        stream_key, _, message_id = value.partition(" ")
+        return cls(stream_key, message_id)
 
 
 class _ListenerStalled(Exception):
@@ -642,12 +661,12 @@ class RedisStore:
         digest = hashlib.sha256(f"{principal}\0{chat_id}".encode()).hexdigest()
         return f"{self.prefix}aisdk-chat:{digest}"
 
-    async def set_chat(self, principal: str, chat_id: str, value: str, *, ttl: float) -> None:
-        """Record the latest response of an AI SDK chat (relay.runtime.aisdk.ChatIndex):
-        ``value`` is ``"<stream key> <message id>"``."""
+    async def set_chat(self, principal: str, chat_id: str, record: ChatRecord, *,
+                       ttl: float) -> None:
+        """Record the latest response of an AI SDK chat (relay.runtime.aisdk.ChatIndex)."""
         ms = _ms(ttl)
         await self._run("set_chat", lambda: self._cmd.set(
-            self._chat_key(principal, chat_id), value, px=ms))
+            self._chat_key(principal, chat_id), record.encode(), px=ms))
 
     async def expire_chats(self, chats: list[tuple[str, str, str]], *, ttl: float) -> None:
         """Make each chat record ``(principal, chat id, stream key)`` expire after ``ttl``,
@@ -660,10 +679,10 @@ class RedisStore:
         args: list[int | str] = [ms, *(stream_key for _, _, stream_key in chats)]
         await self._run("expire_chats", lambda: self._expire_chats(keys=keys, args=args))
 
-    async def get_chat(self, principal: str, chat_id: str) -> str | None:
+    async def get_chat(self, principal: str, chat_id: str) -> ChatRecord | None:
         raw = await self._run("get_chat",
                               lambda: self._cmd.get(self._chat_key(principal, chat_id)))
-        return None if raw is None else _text(raw)
+        return None if raw is None else ChatRecord.decode(_text(raw))
 
     # ------------------------------------------------------------------ attachment
 

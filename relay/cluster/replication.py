@@ -58,7 +58,7 @@ from protocol import (
 )
 
 from relay.aio import cancel_and_wait
-from relay.cluster.redis_store import RedisStore, StoreUnavailable
+from relay.cluster.redis_store import ChatRecord, RedisStore, StoreUnavailable
 from relay.config import RelaySettings
 from relay.core.errors import BadRequest, RelayError, StreamLost, UnknownStream
 from relay.core.lifecycle import SharedState
@@ -335,19 +335,18 @@ class Replicator:
         self._chats[stream.key] = []
         self.spawn(self._mirror(stream), name=f"mirror {stream.key[:8]}")
 
-    async def record_chat(self, stream_key: str, principal: str, chat_id: str,
-                          value: str) -> None:
+    async def record_chat(self, principal: str, chat_id: str, record: ChatRecord) -> None:
         """Record in Redis that the latest response of AI SDK chat ``(principal, chat_id)``
-        is stream ``stream_key`` (``value``: what ``RedisStore.set_chat`` stores). The record
+        is ``record`` (its stream: ``record.stream_key``). The record
         lives as long as the stream's own: ``record_ttl``, refreshed by the heartbeat while
         the stream is mirrored, then the resume window (``detach_grace``) from its finish;
         a stream not mirrored (any more) gets that window at once. Raises
         ``StoreUnavailable``."""
-        chats = self._chats.get(stream_key)
+        chats = self._chats.get(record.stream_key)
         if chats is not None:
             chats.append((principal, chat_id))
         ttl = self.record_ttl if chats is not None else max(self.grace, 1.0)
-        await self.store.set_chat(principal, chat_id, value, ttl=ttl)
+        await self.store.set_chat(principal, chat_id, record, ttl=ttl)
 
     def is_mirrored(self, key: str) -> bool:
         return key in self._mirrored
@@ -392,6 +391,9 @@ class Replicator:
             return False
 
     # ------------------------------------------------------------------ resumer side
+
+    async def remote_last_seq(self, key: str) -> int | None:
+        return await self.store.last_seq(key)
 
     async def resume_remote(self, key: str, principal: str, after_seq: int) -> RedisFollower:
         """The source of stream ``key`` running on another node, read from Redis after

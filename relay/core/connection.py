@@ -90,6 +90,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from protocol import CloseCode, ErrorCode, FrameError, PROTOCOL_VERSION, Start, frames
 from protocol.codec import DecodeLimits
+from protocol.frames import Frame
 from protocol.dialect import (Begin, Codec, Greet, Handshake, Ignore, Malformed, Probe,
                               Reattach, Request, Stop)
 from protocol.v1 import V1Codec
@@ -244,7 +245,7 @@ class SendFrame:
     """Send this reply: a v1 server frame (dict, as built by ``protocol.frames``), which the
     glue has the connection's codec encode in its dialect (``Codec.encode_reply``)."""
 
-    frame: dict
+    frame: Frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -701,7 +702,7 @@ def legal_pairs() -> frozenset[tuple[Phase, type]]:
     return frozenset((phase, kind) for kind, phases in _LEGAL.items() for phase in phases)
 
 
-def error_frame_for(msg: Any, exc: Exception) -> dict:
+def error_frame_for(msg: Any, exc: Exception) -> Frame:
     """The ``error`` frame answering ``msg`` (a request, or None) whose handling raised
     ``exc``: the one place exceptions become error frames."""
     if isinstance(exc, FrameError):

@@ -146,6 +146,10 @@ class ReplicationHook(Protocol):
     async def attached_elsewhere(self, key: str) -> bool:
         """Whether a connection on another relay follows stream ``key``."""
 
+    async def remote_last_seq(self, key: str) -> int | None:
+        """The last seq of stream ``key``'s log in Redis (None: empty or absent); raises
+        ``relay.cluster.redis_store.StoreUnavailable`` when Redis cannot answer."""
+
     async def resume_remote(self, key: str, principal: str, after_seq: int) -> FollowedSource:
         """The source of stream ``key`` running on another relay, read after ``after_seq``
         (raises the resume's refusal: ``unknown_stream``, ``stream_lost``, ...)."""

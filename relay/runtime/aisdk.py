@@ -32,7 +32,6 @@ import math
 import re
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ from protocol.aisdk import ResumeRequest, SendRequest, message_id, safe_error_te
 from protocol.dialect import Begin, Reattach
 
 from relay.core.errors import BadRequest, StreamLost, UnknownStream
-from relay.cluster.redis_store import StoreUnavailable
+from relay.cluster.redis_store import ChatRecord, StoreUnavailable
 from relay.cluster.replication import Replicator, StoreUnavailableError
 from relay.runtime.session import DialectAdapter, Session
 
@@ -112,12 +111,6 @@ def _owner_of_connection(ws: Any) -> str:
     return secrets.token_urlsafe(24)
 
 
-@dataclass(frozen=True, slots=True)
-class ChatResponse:
-    stream_key: str
-    message_id: str
-
-
 class ChatIndex:
     """The latest response of each (owner, chat id): what ``resume`` and the
     one-active-response rule look up (the owner: ``AiSdkAdapter.chat_owner``). Kept in
@@ -127,7 +120,7 @@ class ChatIndex:
     expires with it; an entry whose stream is gone answers ``no-active``."""
 
     def __init__(self, is_live: Callable[[str], bool] = lambda stream_key: True) -> None:
-        self._chats: dict[tuple[str, str], ChatResponse] = {}
+        self._chats: dict[tuple[str, str], ChatRecord] = {}
         #: Whether a stream is still in the hub (running or retained); entries of streams
         #: that are gone are pruned, so the index stays as small as the hub.
         self._is_live = is_live
@@ -135,25 +128,21 @@ class ChatIndex:
         #: Set by the server when relays share Redis.
         self.replicator: Replicator | None = None
 
-    async def get(self, principal: str, chat_id: str) -> ChatResponse | None:
+    async def get(self, principal: str, chat_id: str) -> ChatRecord | None:
         """Raises ``StoreUnavailableError`` when only Redis could know and cannot answer."""
         local = self._chats.get((principal, chat_id))
         if local is not None or self.replicator is None:
             return local
         try:
-            raw = await self.replicator.store.get_chat(principal, chat_id)
+            return await self.replicator.store.get_chat(principal, chat_id)
         except StoreUnavailable:
             raise StoreUnavailableError("cannot look the chat up: the shared store is "
                                         "unavailable; try again") from None
-        if raw is None:
-            return None
-        stream_key, _, message_id = raw.partition(" ")
-        return ChatResponse(stream_key, message_id)
 
-    def local(self, principal: str, chat_id: str) -> ChatResponse | None:
+    def local(self, principal: str, chat_id: str) -> ChatRecord | None:
         return self._chats.get((principal, chat_id))
 
-    def set(self, principal: str, chat_id: str, response: ChatResponse) -> None:
+    def set(self, principal: str, chat_id: str, response: ChatRecord) -> None:
         self._chats[(principal, chat_id)] = response
         if len(self._chats) >= self._prune_at:
             # Amortised O(1) per set: a full pass only each time the index has doubled
@@ -166,16 +155,15 @@ class ChatIndex:
                              name="aisdk chat index")
 
     async def _publish(self, replicator: Replicator, principal: str, chat_id: str,
-                       response: ChatResponse) -> None:
+                       response: ChatRecord) -> None:
         try:
             # It expires with the response's own record in Redis (Replicator.record_chat).
-            await replicator.record_chat(response.stream_key, principal, chat_id,
-                                         f"{response.stream_key} {response.message_id}")
+            await replicator.record_chat(principal, chat_id, response)
         except StoreUnavailable:
             logger.warning("ai-sdk: could not record a chat in Redis; it resumes on this "
                            "relay only")
 
-    def forget(self, principal: str, chat_id: str, response: ChatResponse) -> None:
+    def forget(self, principal: str, chat_id: str, response: ChatRecord) -> None:
         if self._chats.get((principal, chat_id)) == response:
             del self._chats[(principal, chat_id)]
 
@@ -211,7 +199,7 @@ class AiSdkAdapter(DialectAdapter):
             if stream is not None and stream.running:
                 raise BadRequest("A response is already active for this chat.")
         att = await self.session.launch(request)
-        self.chats.set(owner, send.id, ChatResponse(att.stream.key,
+        self.chats.set(owner, send.id, ChatRecord(att.stream.key,
                                                     message_id(att.stream.key)))
 
     async def reattach(self, request: Reattach) -> None:

@@ -168,7 +168,7 @@ class StreamService:
         ``after_seq`` reads from Redis now; 0 when the store cannot say."""
         assert self.hub.replicator is not None
         try:
-            last = await self.hub.replicator.store.last_seq(stream_key)
+            last = await self.hub.replicator.remote_last_seq(stream_key)
         except StoreUnavailable:
             return 0
         return max(0, (last or 0) - after_seq)

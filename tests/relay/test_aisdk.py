@@ -389,15 +389,16 @@ async def test_a_send_gets_the_same_decode_limits_as_a_v1_start():
 
 
 def test_the_chat_index_forgets_chats_whose_stream_left_the_hub():
-    from relay.runtime.aisdk import ChatIndex, ChatResponse
+    from relay.cluster.redis_store import ChatRecord
+    from relay.runtime.aisdk import ChatIndex
 
     live = {"k-live"}
     index = ChatIndex(is_live=lambda key: key in live)
-    index.set("ip:x", "keep", ChatResponse("k-live", "m"))
+    index.set("ip:x", "keep", ChatRecord("k-live", "m"))
     for i in range(5000):
-        index.set("ip:x", f"gone{i}", ChatResponse(f"k{i}", "m"))
+        index.set("ip:x", f"gone{i}", ChatRecord(f"k{i}", "m"))
     assert len(index) < 2100                     # pruned as it grew, not 5001
-    assert index.local("ip:x", "keep") == ChatResponse("k-live", "m")
+    assert index.local("ip:x", "keep") == ChatRecord("k-live", "m")
 
 
 # ---------------------------------------------------------------- resume: cost and owner

@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 import relay.cluster.redis_store as redis_store
-from relay.cluster.redis_store import RedisStore, StoreUnavailable, StreamMeta
+from relay.cluster.redis_store import ChatRecord, RedisStore, StoreUnavailable, StreamMeta
 from relay.core.lifecycle import SharedState
 
 from ..redis_server import RedisServerProcess, redis_ping
@@ -108,7 +108,8 @@ async def store(shared_url: str, prefix: str) -> AsyncIterator[RedisStore]:
 
 
 def test_public_api_is_pinned() -> None:
-    assert sorted(redis_store.__all__) == ["RedisStore", "StoreUnavailable", "StreamMeta"]
+    assert sorted(redis_store.__all__) == ["ChatRecord", "RedisStore", "StoreUnavailable",
+                                          "StreamMeta"]
     sig = {name: str(inspect.signature(getattr(RedisStore, name))) for name in (
         "__init__", "start", "close", "create", "append", "append_many", "finish", "mark_lost", "meta",
         "owner_alive", "refresh", "read", "first_seq", "set_attached", "get_attached",
@@ -721,9 +722,9 @@ async def test_expire_chats_sets_the_expiry_only_of_records_that_still_name_the_
     """A chat record expires with its stream: ``expire_chats`` sets its TTL, unless the chat
     has moved on to a newer response (a stream key that merely starts the same is another
     stream)."""
-    await store.set_chat("ip:1 owner", "chat-a", "K1 msg_a", ttl=600)
-    await store.set_chat("ip:1 owner", "chat-b", "K2 msg_b", ttl=600)
-    await store.set_chat("ip:1 owner", "chat-c", "K10 msg_c", ttl=600)
+    await store.set_chat("ip:1 owner", "chat-a", ChatRecord("K1", "msg_a"), ttl=600)
+    await store.set_chat("ip:1 owner", "chat-b", ChatRecord("K2", "msg_b"), ttl=600)
+    await store.set_chat("ip:1 owner", "chat-c", ChatRecord("K10", "msg_c"), ttl=600)
     await store.expire_chats([("ip:1 owner", "chat-a", "K1"), ("ip:1 owner", "chat-b", "K9"),
                               ("ip:1 owner", "chat-c", "K1"), ("ip:1 owner", "absent", "K1")],
                              ttl=2.0)
@@ -732,5 +733,13 @@ async def test_expire_chats_sets_the_expiry_only_of_records_that_still_name_the_
     assert 0 < ttl["chat-a"] <= 2000
     assert 590_000 < ttl["chat-b"] <= 600_000 and 590_000 < ttl["chat-c"] <= 600_000
     assert ttl["absent"] == -2                              # not created by expire_chats
-    assert await store.get_chat("ip:1 owner", "chat-a") == "K1 msg_a"
+    assert await store.get_chat("ip:1 owner", "chat-a") == ChatRecord("K1", "msg_a")
     await store.expire_chats([], ttl=1.0)                   # nothing to do, no round trip
+
+
+def test_a_chat_record_has_one_encoding_and_reads_back_unchanged() -> None:
+    """``ChatRecord.encode`` is what Redis holds (``_EXPIRE_CHATS`` matches its stream-key
+    prefix); ``decode`` is its inverse."""
+    record = ChatRecord("k" * 32, "msg_0123456789abcdef01234567")
+    assert record.encode() == f"{record.stream_key} {record.message_id}"
+    assert ChatRecord.decode(record.encode()) == record
