@@ -47,6 +47,7 @@ import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from .codes import ErrorCode
+from .frames import Frame
 from .frames import error as _error_frame
 from .messages import (
     ADDRESSED_CLIENT_FRAME_TYPES, ALLOWED_PARAMS, CLIENT_FRAME_TYPES, RELAY_OPS,
@@ -121,7 +122,7 @@ class FrameError(ValueError):
         self.ref = ref
         self.id = id
 
-    def frame(self) -> dict[str, Any]:
+    def frame(self) -> Frame:
         return _error_frame(self.code, self.message, ref=self.ref, id=self.id)
 
 
@@ -327,7 +328,7 @@ def decode_relay_message(data: str | bytes | dict[str, Any]) -> RelayMessage:
         raise ValueError(f"relay message {op!r}: {_describe(exc)}") from None
 
 
-def encode_frame(frame: dict[str, Any] | BaseModel) -> bytes:
+def encode_frame(frame: Frame | BaseModel) -> bytes:
     """UTF-8 JSON of one frame. Models drop ``None`` fields, so optional fields are absent."""
     if isinstance(frame, BaseModel):
         frame = frame.model_dump(mode="json", exclude_none=True)

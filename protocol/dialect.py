@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from .codec import DecodeLimits, FrameError
+from .frames import Frame
 from .messages import Resume, Start
 
 __all__ = [
@@ -80,7 +81,7 @@ class Begin:
     ref: str = "start"
     authorization: str | None = None
     invalid: str | None = None
-    context: Any = None
+    context: object = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,14 +105,14 @@ class Reattach:
     resume: Resume | None = None
     ref: str = "resume"
     authorization: str | None = None
-    context: Any = None
+    context: object = None
 
 
 @dataclass(frozen=True, slots=True)
 class Probe:
     """A keep-alive asking for an answer (v1 ``ping``): answered ``pong`` with ``data``."""
 
-    data: Any = None
+    data: Any = None        # Any: the ping's JSON, echoed as given
     ref: str = "ping"
 
 
@@ -145,8 +146,7 @@ class ResponseEncoder(Protocol):
     """The dialect's frames for one stream attached to one request, fed the stream's v1
     frames in order from its first (a replay feeds the whole log again to a fresh one)."""
 
-    def feed(self, v1_frames: list[dict[str, Any]], *, more: bool = False
-             ) -> list[dict[str, Any]]:
+    def feed(self, v1_frames: list[Frame], *, more: bool = False) -> list[Frame]:
         """The frames for these consecutive v1 frames. ``more``: further frames follow at
         once (an encoder may hold text back to merge it with them)."""
         ...
@@ -174,7 +174,7 @@ class Codec(Protocol):
         the alias a dialect whose requests may omit a model uses."""
         ...
 
-    def encode_reply(self, frame: dict[str, Any]) -> dict[str, Any] | None:
+    def encode_reply(self, frame: Frame) -> Frame | None:
         """This dialect's frame for a reply of the core (a v1 server frame), or None."""
         ...
 

@@ -10,10 +10,9 @@ logged bytes, ``relay.core.streamlog.coalesce``).
 
 from __future__ import annotations
 
-from typing import Any
-
 from .codec import DecodeLimits, FrameError, decode_client_frame
 from .dialect import Begin, Greet, Handshake, Ignore, Malformed, Probe, Reattach, Request, Stop
+from .frames import Frame
 from .messages import Cancel, Hello, Ping, Resume, Start
 from .version import PROTOCOL_VERSION
 
@@ -46,7 +45,7 @@ class V1Codec:
             return Greet(msg.token)
         return Ignore(getattr(msg, "type", "ignored"))   # decoded, but needs no answer
 
-    def encode_reply(self, frame: dict[str, Any]) -> dict[str, Any]:
+    def encode_reply(self, frame: Frame) -> Frame:
         return frame
 
     def response_encoder(self, id: str, stream_key: str, request: Begin | Reattach) -> None:

@@ -86,13 +86,13 @@ from __future__ import annotations
 import enum
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from protocol import CloseCode, ErrorCode, FrameError, PROTOCOL_VERSION, Start, frames
 from protocol.codec import DecodeLimits
-from protocol.frames import Frame
 from protocol.dialect import (Begin, Codec, Greet, Handshake, Ignore, Malformed, Probe,
                               Reattach, Request, Stop)
+from protocol.frames import Frame
 from protocol.v1 import V1Codec
 
 from relay.core.auth import AuthError
@@ -101,6 +101,7 @@ from relay.core.errors import (Draining, DuplicateId, NotAuthenticated, RateLimi
 from relay.core.limits import PrincipalState
 
 if TYPE_CHECKING:
+    from relay.config import RelaySettings
     from relay.core.auth import Authenticator, Credentials
 
 __all__ = [
@@ -174,7 +175,7 @@ class ActionFailed:
     """Carrying out an action for ``msg`` (a request, or None) raised ``exc``. Anything but
     ``RelayError``/``FrameError`` is a relay bug, already logged by the glue."""
 
-    msg: Any
+    msg: Request | None
     exc: Exception
 
 
@@ -337,7 +338,7 @@ class ConnectionLimits:
     decode_limits: DecodeLimits | None = field(default=None, compare=False)
 
     @classmethod
-    def from_settings(cls, settings: Any) -> ConnectionLimits:
+    def from_settings(cls, settings: RelaySettings) -> ConnectionLimits:
         return cls(
             hello_timeout=settings.hello_timeout, max_streams=settings.max_streams,
             max_streams_per_principal=settings.max_streams_per_principal,
@@ -702,7 +703,7 @@ def legal_pairs() -> frozenset[tuple[Phase, type]]:
     return frozenset((phase, kind) for kind, phases in _LEGAL.items() for phase in phases)
 
 
-def error_frame_for(msg: Any, exc: Exception) -> Frame:
+def error_frame_for(msg: object, exc: Exception) -> Frame:
     """The ``error`` frame answering ``msg`` (a request, or None) whose handling raised
     ``exc``: the one place exceptions become error frames."""
     if isinstance(exc, FrameError):

@@ -15,7 +15,6 @@ import http
 import logging
 import socket
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
