@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeAlias
 
 import orjson
 from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter,
@@ -49,6 +49,7 @@ from . import frames
 from .codec import (DecodeLimits, FrameError, check_request_shape, parse_json_within,
                     validate_client_object)
 from .dialect import Begin, Handshake, Malformed, Reattach, Request, Stop
+from .frames import Frame
 from .messages import Start, StreamId
 
 __all__ = [
@@ -69,6 +70,12 @@ __all__ = [
     "to_chat_messages",
 ]
 
+#: A JSON object as the AI SDK sends it (a ``UIMessage`` part, the transport's ``body``) or
+#: as built from one for the provider (a chat message, a content part): what its values
+#: are depends on its keys, read one by one where used, hence ``Any``. (AI SDK frames built
+#: here are ``protocol.frames.Frame``s.)
+JSONObject: TypeAlias = dict[str, Any]
+
 #: ``requestId`` doubles as the v1 stream id inside the relay (at most 128 characters).
 RequestId = StreamId
 _REQUEST_ID: TypeAdapter[str] = TypeAdapter(RequestId)
@@ -87,8 +94,8 @@ class UIMessage(BaseModel):
 
     id: StrictStr
     role: Literal["system", "user", "assistant"]
-    parts: list[dict[str, Any]]
-    metadata: Any = None
+    parts: list[JSONObject]
+    metadata: Any = None            # Any: the application's JSON, unused here
 
 
 class _ChatRequest(_Frame):
@@ -98,8 +105,8 @@ class _ChatRequest(_Frame):
     requestId: RequestId
     id: ChatId
     headers: dict[str, StrictStr] = {}
-    body: dict[str, Any] = {}
-    metadata: Any = None
+    body: JSONObject = {}
+    metadata: Any = None            # Any: the application's JSON, unused here
 
 
 class SendRequest(_ChatRequest):
@@ -173,7 +180,7 @@ def decode_request(data: str | bytes, limits: DecodeLimits | None = None
                               request_id) from None
 
 
-def _usable_request_id(value: Any) -> str | None:
+def _usable_request_id(value: object) -> str | None:
     """``value`` when it is a valid ``requestId`` (the rule of a v1 stream id, which it
     becomes), so that an answer can name it; else None."""
     if not isinstance(value, str) or len(value) > 128:
@@ -184,7 +191,7 @@ def _usable_request_id(value: Any) -> str | None:
         return None
 
 
-def _check_shape(obj: dict[str, Any], limits: DecodeLimits, request_id: str | None) -> None:
+def _check_shape(obj: JSONObject, limits: DecodeLimits, request_id: str | None) -> None:
     """A ``send``'s or ``resume``'s size and counts before validation, by v1's own check:
     UIMessage ``parts`` count as a start's content parts; ``body.tools`` as its tools;
     ``headers``, ``body``, ``body.toolChoice``, ``body.params`` (and its
@@ -206,37 +213,37 @@ def _check_shape(obj: dict[str, Any], limits: DecodeLimits, request_id: str | No
 
 # ---------------------------------------------------------------- UIMessage -> messages
 
-def _text_of(parts: list[dict[str, Any]]) -> str:
+def _text_of(parts: list[JSONObject]) -> str:
     return "".join(p["text"] for p in parts
                    if p.get("type") == "text" and isinstance(p.get("text"), str))
 
 
-def _is_tool_part(part: dict[str, Any]) -> bool:
+def _is_tool_part(part: JSONObject) -> bool:
     kind = part.get("type")
     return isinstance(kind, str) and (kind.startswith("tool-") or kind == "dynamic-tool")
 
 
-def _tool_name(part: dict[str, Any]) -> str:
+def _tool_name(part: JSONObject) -> str:
     if part["type"] == "dynamic-tool":
         return str(part.get("toolName", ""))
     return str(part["type"])[len("tool-"):]
 
 
-def _file_content(part: dict[str, Any]) -> dict[str, Any] | None:
+def _file_content(part: JSONObject) -> JSONObject | None:
     url = part.get("url")
     media_type = part.get("mediaType")
     if not isinstance(url, str) or not isinstance(media_type, str):
         raise ValueError("a file part needs string 'url' and 'mediaType'")
     if media_type.startswith("image/"):
         return {"type": "image_url", "image_url": {"url": url}}
-    file: dict[str, Any] = {"file_data": url} if url.startswith("data:") else {"file_id": url}
+    file: JSONObject = {"file_data": url} if url.startswith("data:") else {"file_id": url}
     if isinstance(part.get("filename"), str):
         file["filename"] = part["filename"]
     return {"type": "file", "file": file}
 
 
-def _user_message(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    content: list[dict[str, Any]] = []
+def _user_message(parts: list[JSONObject]) -> JSONObject:
+    content: list[JSONObject] = []
     for part in parts:
         kind = part.get("type")
         if kind == "text" and isinstance(part.get("text"), str):
@@ -250,18 +257,18 @@ def _user_message(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return {"role": "user", "content": content}
 
 
-def _assistant_messages(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _assistant_messages(parts: list[JSONObject]) -> list[JSONObject]:
     """One assistant message per step (a ``step-start`` after tool calls opens a new one),
     each followed by the ``tool`` results of its calls."""
-    out: list[dict[str, Any]] = []
+    out: list[JSONObject] = []
     text: list[str] = []
-    calls: list[dict[str, Any]] = []
-    results: list[dict[str, Any]] = []
+    calls: list[JSONObject] = []
+    results: list[JSONObject] = []
 
     def flush() -> None:
         if not text and not calls:
             return
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
+        message: JSONObject = {"role": "assistant", "content": "".join(text) or None}
         if calls:
             message["tool_calls"] = list(calls)
         out.append(message)
@@ -298,10 +305,10 @@ def _assistant_messages(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def to_chat_messages(messages: list[UIMessage]) -> list[dict[str, Any]]:
+def to_chat_messages(messages: list[UIMessage]) -> list[JSONObject]:
     """OpenAI-format chat messages for ``messages``; raises ``ValueError`` on a part that
     cannot be converted (the relay answers it with an ``error`` response frame)."""
-    out: list[dict[str, Any]] = []
+    out: list[JSONObject] = []
     for message in messages:
         if message.role == "system":
             out.append({"role": "system", "content": _text_of(message.parts)})
@@ -316,20 +323,20 @@ def to_chat_messages(messages: list[UIMessage]) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------- server frames
 
-def start_frame(request_id: str) -> dict[str, Any]:
+def start_frame(request_id: str) -> Frame:
     """A resume found an active or retained response; its replay follows."""
     return {"type": "start", "requestId": request_id}
 
 
-def end_frame(request_id: str) -> dict[str, Any]:
+def end_frame(request_id: str) -> Frame:
     return {"type": "end", "requestId": request_id}
 
 
-def error_frame(request_id: str, error_text: str) -> dict[str, Any]:
+def error_frame(request_id: str, error_text: str) -> Frame:
     return {"type": "error", "requestId": request_id, "errorText": error_text}
 
 
-def no_active_frame(request_id: str) -> dict[str, Any]:
+def no_active_frame(request_id: str) -> Frame:
     return {"type": "no-active", "requestId": request_id}
 
 
@@ -409,14 +416,14 @@ class ResponseMapper:
 
     # -- helpers
 
-    def _chunk(self, out: list[dict[str, Any]], chunk: dict[str, Any]) -> None:
+    def _chunk(self, out: list[Frame], chunk: Frame) -> None:
         sequence = self._sequence
         self._sequence += 1
         if sequence > self._skip_through:
             out.append({"type": "chunk", "requestId": self.request_id,
                         "sequence": sequence, "chunk": chunk})
 
-    def _emit_held(self, out: list[dict[str, Any]]) -> None:
+    def _emit_held(self, out: list[Frame]) -> None:
         if self._held:
             assert self._open is not None
             kind, part_id = self._open
@@ -425,14 +432,14 @@ class ResponseMapper:
             self._held_chars = 0
             self._chunk(out, {"type": f"{kind}-delta", "id": part_id, "delta": text})
 
-    def _close_open(self, out: list[dict[str, Any]]) -> None:
+    def _close_open(self, out: list[Frame]) -> None:
         if self._open is not None:
             self._emit_held(out)
             kind, part_id = self._open
             self._chunk(out, {"type": f"{kind}-end", "id": part_id})
             self._open = None
 
-    def _delta(self, out: list[dict[str, Any]], kind: str, text: str) -> None:
+    def _delta(self, out: list[Frame], kind: str, text: str) -> None:
         if self._open is None or self._open[0] != kind:
             self._close_open(out)
             self._parts += 1
@@ -446,18 +453,18 @@ class ResponseMapper:
         self._held.append(text)
         self._held_chars += len(text)
 
-    def flush(self) -> list[dict[str, Any]]:
+    def flush(self) -> list[Frame]:
         """The held text of the open block, as one chunk (nothing when none is held)."""
-        out: list[dict[str, Any]] = []
+        out: list[Frame] = []
         self._emit_held(out)
         return out
 
-    def feed(self, v1_frames: Iterable[dict[str, Any]], *,
-             more: bool = False) -> list[dict[str, Any]]:
+    def feed(self, v1_frames: Iterable[Frame], *,
+             more: bool = False) -> list[Frame]:
         """The response frames for consecutive v1 frames of the stream. ``more``: further
         frames follow at once (a replay, or a reader that lags), so a merging mapper may
         keep the open block's text to join with them; otherwise it is emitted."""
-        out: list[dict[str, Any]] = []
+        out: list[Frame] = []
         held = self._held
         for frame in v1_frames:
             # The bulk of a replay: more text for the open block of a merging mapper, held
@@ -478,17 +485,17 @@ class ResponseMapper:
             self._emit_held(out)
         return out
 
-    def begin(self) -> list[dict[str, Any]]:
+    def begin(self) -> list[Frame]:
         """The opening chunks (``start``, ``start-step``); also emitted by the first
         ``frames`` call when not called explicitly."""
-        out: list[dict[str, Any]] = []
+        out: list[Frame] = []
         if not self._started:
             self._started = True
             self._chunk(out, {"type": "start", "messageId": self.message_id})
             self._chunk(out, {"type": "start-step"})
         return out
 
-    def frames(self, frame: dict[str, Any]) -> list[dict[str, Any]]:
+    def frames(self, frame: Frame) -> list[Frame]:
         """The response frames for one v1 frame (a merging mapper may hold its text back:
         see ``feed`` and ``flush``)."""
         if self.done:
@@ -515,7 +522,7 @@ class ResponseMapper:
             self._finish(out, frame)
         return out
 
-    def _tool_start(self, out: list[dict[str, Any]], index: int, call_id: str,
+    def _tool_start(self, out: list[Frame], index: int, call_id: str,
                     name: str | None) -> None:
         if index in self._tools:
             return
@@ -526,7 +533,7 @@ class ResponseMapper:
         self._chunk(out, {"type": "tool-input-start", "toolCallId": call_id,
                           "toolName": name or ""})
 
-    def _tool_done(self, out: list[dict[str, Any]], frame: dict[str, Any]) -> None:
+    def _tool_done(self, out: list[Frame], frame: Frame) -> None:
         self._tool_start(out, frame["index"], frame["call_id"], frame["name"])
         call_id = self._tools[frame["index"]][0]
         arguments = frame["arguments"]
@@ -542,7 +549,7 @@ class ResponseMapper:
                               "toolName": frame["name"], "input": arguments,
                               "errorText": "the model's tool arguments are not a JSON object"})
 
-    def _finish(self, out: list[dict[str, Any]], frame: dict[str, Any]) -> None:
+    def _finish(self, out: list[Frame], frame: Frame) -> None:
         self.done = True
         self._close_open(out)
         status = frame.get("status")
@@ -644,7 +651,7 @@ class AiSdkCodec:
                          invalid=f"Invalid messages: {exc}", context=request)
         return Begin(rid, start, ref="send", authorization=authorization, context=request)
 
-    def encode_reply(self, frame: dict[str, Any]) -> dict[str, Any] | None:
+    def encode_reply(self, frame: Frame) -> Frame | None:
         kind = frame.get("type")
         id = frame.get("id")
         if kind == "resumed":
