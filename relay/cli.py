@@ -10,7 +10,13 @@ import faulthandler
 import logging
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    # (Types only: ``relay --help`` imports none of these.)
+    from relay.config import RelaySettings
+    from relay.runtime.server import RelayServer
+    from relay.upstream.providers import ModelRegistry
 
 __all__ = ["main"]
 
@@ -327,7 +333,7 @@ def _bind_failure_message(exc: OSError, settings) -> str:
     return f"relay: cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
-def _worker_count(args: argparse.Namespace, settings: Any) -> int | None:
+def _worker_count(args: argparse.Namespace, settings: RelaySettings) -> int | None:
     """Processes ``relay serve`` runs (``--workers``, else ``RELAY_WORKERS``, else 1); None
     after printing why the value is refused (the caller exits 2)."""
     from relay.runtime.workers import parse_workers
@@ -355,7 +361,7 @@ def _worker_server_options(worker_index: int | None) -> dict[str, Any]:
     return {"reuse_port": True, "metrics_host": "127.0.0.1"}
 
 
-def _announce_worker(server: Any, registry: Any, worker_index: int) -> None:
+def _announce_worker(server: RelayServer, registry: ModelRegistry, worker_index: int) -> None:
     """A worker's ``relay_worker_info`` metric and its ready line for the supervisor."""
     from prometheus_client import Gauge
 

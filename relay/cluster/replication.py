@@ -49,7 +49,8 @@ import logging
 import os
 import secrets
 import socket
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, Literal
 
 import orjson
 
@@ -64,6 +65,7 @@ from relay.core.errors import BadRequest, RelayError, StreamLost, UnknownStream
 from relay.core.lifecycle import SharedState
 from relay.core.outcome import StreamOutcome
 from relay.core.ports import FrameSink, PeerControl, SourceFailed, StreamView
+from relay.core.streamlog import FrameLog
 
 __all__ = ["RedisFollower", "Replicator", "StoreUnavailableError"]
 
@@ -167,12 +169,16 @@ class RedisFollower:
                                         # between the read and the meta
 
 
+#: How the mirror of a log ended (``_GroupCommit.follow``).
+MirrorEnd = Literal["finished", "trimmed"]
+
+
 class _Followed:
     """One mirrored log: how far Redis has it, and the outcome its mirror waits for."""
 
     __slots__ = ("log", "cursor", "done")
 
-    def __init__(self, log: Any, done: asyncio.Future) -> None:
+    def __init__(self, log: FrameLog, done: asyncio.Future[MirrorEnd]) -> None:
         self.log = log
         self.cursor = 0
         self.done = done
@@ -194,9 +200,9 @@ class _GroupCommit:
         self._followed: dict[str, _Followed] = {}
         self._dirty: dict[str, None] = {}        # keys with news, in order (a set)
         self._wake = asyncio.Event()
-        self._writer: asyncio.Task | None = None
+        self._writer: asyncio.Task[None] | None = None
 
-    async def follow(self, key: str, log: Any) -> str:
+    async def follow(self, key: str, log: FrameLog) -> MirrorEnd:
         followed = _Followed(log, asyncio.get_running_loop().create_future())
         self._followed[key] = followed
 
@@ -322,7 +328,7 @@ class Replicator:
         await self._commit.close()
         await self.store.close()
 
-    def spawn(self, coro: Any, name: str | None = None) -> asyncio.Task:
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -33,7 +33,8 @@ import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
 
 from protocol import Resume
 from protocol.aisdk import ResumeRequest, SendRequest, message_id, safe_error_text
@@ -71,7 +72,7 @@ CHAT_OWNER_COOKIE = "llm-relay-chat-owner"
 _OWNER_VALUE = re.compile(r"[A-Za-z0-9_-]{32}\Z")
 
 
-def chat_owner_cookie(headers: Any) -> str | None:
+def chat_owner_cookie(headers: Headers) -> str | None:
     """The valid owner cookie among the request ``headers``' ``Cookie`` lines, else None."""
     for line in headers.get_all("Cookie"):
         for pair in line.split(";"):
@@ -81,7 +82,8 @@ def chat_owner_cookie(headers: Any) -> str | None:
     return None
 
 
-def issue_chat_owner(request_headers: Any, response_headers: Any, *, secure: bool) -> None:
+def issue_chat_owner(request_headers: Headers, response_headers: Headers, *,
+                     secure: bool) -> None:
     """The upgrade of an ``/ai-sdk`` connection without ``--auth``: when the request carries
     no valid owner cookie, add a ``Set-Cookie`` with a new one to the 101 response (read
     back by the adapter: ``AiSdkAdapter``). ``secure``: the relay is reached over TLS."""
@@ -92,7 +94,7 @@ def issue_chat_owner(request_headers: Any, response_headers: Any, *, secure: boo
         f"SameSite=Strict{'; Secure' if secure else ''}")
 
 
-def _owner_of_connection(ws: Any) -> str:
+def _owner_of_connection(ws: ServerConnection) -> str:
     """The owner cookie the connection's client sent, else the one the relay issued on its
     upgrade (``issue_chat_owner``), else (no HTTP request: an in-process socket) a fresh
     one of this connection alone."""

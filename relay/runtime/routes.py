@@ -13,33 +13,42 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
+
+from websockets.datastructures import Headers
 
 from protocol.aisdk import AiSdkCodec
 from protocol.dialect import Codec
 from protocol.v1 import V1Codec
 
-from relay.runtime.aisdk import AI_SDK_PATH, AiSdkAdapter, issue_chat_owner
+from relay.config import RelaySettings
+from relay.core.auth import Authenticator
+from relay.runtime.aisdk import AI_SDK_PATH, AiSdkAdapter, ChatIndex, issue_chat_owner
 from relay.runtime.session import DialectAdapter, Session
 
 __all__ = ["DIALECTS", "DialectRoute", "WS_PATH", "route_for"]
 
 WS_PATH = "/ws"
 
-#: What the server passes a route's hooks: the ``RelayServer`` (its shared services).
-Server = Any
+class ServerServices(Protocol):
+    """What the server passes a route's hooks: the ``RelayServer`` (its shared services
+    the routes use)."""
+
+    settings: RelaySettings
+    auth: Authenticator
+    chats: ChatIndex
 
 
-def _v1_adapter(server: Server) -> Callable[[Session], DialectAdapter]:
+def _v1_adapter(server: ServerServices) -> Callable[[Session], DialectAdapter]:
     return DialectAdapter
 
 
-def _aisdk_adapter(server: Server) -> Callable[[Session], DialectAdapter]:
+def _aisdk_adapter(server: ServerServices) -> Callable[[Session], DialectAdapter]:
     chats = server.chats
     return lambda session: AiSdkAdapter(session, chats=chats)
 
 
-def _aisdk_upgrade(server: Server, request_headers: Any, response_headers: Any) -> None:
+def _aisdk_upgrade(server: ServerServices, request_headers: Headers, response_headers: Headers) -> None:
     """Without ``--auth``, the chat owner cookie (relay.runtime.aisdk ``issue_chat_owner``)."""
     if not server.auth.enabled:
         public = server.settings.public_url or ""
@@ -55,8 +64,8 @@ class DialectRoute:
 
     path: str
     codec: Codec
-    adapter: Callable[[Server], Callable[[Session], DialectAdapter]] = _v1_adapter
-    on_upgrade: Callable[[Server, Any, Any], None] | None = None
+    adapter: Callable[[ServerServices], Callable[[Session], DialectAdapter]] = _v1_adapter
+    on_upgrade: Callable[[ServerServices, Headers, Headers], None] | None = None
 
     @property
     def name(self) -> str:

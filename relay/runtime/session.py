@@ -56,9 +56,8 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
-
 import orjson
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from protocol import FrameError, Resume, encode_frame, frames
@@ -127,7 +126,7 @@ class Session:
 
     def __init__(
         self,
-        ws: Any,
+        ws: ServerConnection,
         settings: RelaySettings,
         registry: ModelRegistry,
         *,

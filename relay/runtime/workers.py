@@ -50,9 +50,16 @@ import socket
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.aio import cancel_and_wait
+
+if TYPE_CHECKING:
+    # (Types only: a worker imports none of these before it needs them.)
+    from websockets.asyncio.server import Server, ServerConnection
+    from websockets.http11 import Request, Response
+
+    from relay.config import RelaySettings
 
 __all__ = ["READY_PREFIX", "Supervisor", "outlived_supervisor", "parse_workers",
            "settings_environment", "worker_ready_line", "write_stdout_to_stderr"]
@@ -84,7 +91,7 @@ def parse_workers(value: str) -> int:
     return count
 
 
-def settings_environment(settings: Any) -> dict[str, str | None]:
+def settings_environment(settings: RelaySettings) -> dict[str, str | None]:
     """``settings`` as the ``RELAY_*`` environment variables that rebuild them in a worker
     (None: the variable must be absent). Secrets included: the environment of a child
     process is as private as the supervisor's own."""
@@ -165,7 +172,7 @@ class Supervisor:
     """Runs ``count`` workers with ``settings`` (a resolved ``RelaySettings``) until
     SIGTERM/SIGINT; see the module docstring. ``run()`` returns the exit code."""
 
-    def __init__(self, settings: Any, count: int) -> None:
+    def __init__(self, settings: RelaySettings, count: int) -> None:
         self.settings = settings
         self.count = count
         self.models: list[str] = []      # as the workers report them
@@ -437,7 +444,7 @@ class _AggregateMetricsServer:
         self._supervisor = supervisor
         self.host = host
         self._requested_port = port
-        self._server: Any = None
+        self._server: Server | None = None
 
     async def start(self) -> None:
         from relay.http.metrics_http import serve_http_only
@@ -456,7 +463,8 @@ class _AggregateMetricsServer:
             server.close(close_connections=True)
             await server.wait_closed()
 
-    async def _process_request(self, connection: Any, request: Any) -> Any:
+    async def _process_request(self, connection: ServerConnection,
+                               request: Request) -> Response:
         import dataclasses
 
         from prometheus_client.exposition import CONTENT_TYPE_LATEST
