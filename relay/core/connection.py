@@ -244,7 +244,7 @@ class SendFrame:
     """Send this reply: a v1 server frame (dict, as built by ``protocol.frames``), which the
     glue has the connection's codec encode in its dialect (``Codec.encode_reply``)."""
 
-    frame: dict
+    frame: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -701,7 +701,7 @@ def legal_pairs() -> frozenset[tuple[Phase, type]]:
     return frozenset((phase, kind) for kind, phases in _LEGAL.items() for phase in phases)
 
 
-def error_frame_for(msg: Any, exc: Exception) -> dict:
+def error_frame_for(msg: Any, exc: Exception) -> dict[str, Any]:
     """The ``error`` frame answering ``msg`` (a request, or None) whose handling raised
     ``exc``: the one place exceptions become error frames."""
     if isinstance(exc, FrameError):
