@@ -434,6 +434,13 @@ def test_another_dialects_start_gets_the_same_admission_in_its_words():
     assert (started.msg.id, started.msg.model) == ("q2", "demo")   # the first alias
     draining = error_of(conn.handle(FrameReceived(ai_request("q3", kind="send"), (), True)))
     assert draining["code"] == "draining"
+    # The dialect's own rule is asked before the admission (and only about a Begin).
+    busy = error_of(conn.handle(FrameReceived(
+        ai_request("q4", kind="send"), (), True,
+        lambda begin: RateLimited(f"busy chat {begin.context.id}"))))
+    assert (busy["code"], busy["message"], busy["id"]) == ("rate_limited", "busy chat c1", "q4")
+    assert only(conn.handle(FrameReceived(ai_request("q5"), (), True, lambda begin: 1 / 0)),
+                ResumeStream)
 
 
 def test_room_for_a_resume():
