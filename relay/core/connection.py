@@ -137,7 +137,8 @@ class PrincipalsView(Protocol):
         ...
 
     def state_of(self, principal: str) -> PrincipalState:
-        """The principal's limits state (its start rate, budget, stream count)."""
+        """The principal's limits state (its start rate, budget, stream count), the one its
+        connections share (entered in the registry if new; no count changes)."""
         ...
 
 
