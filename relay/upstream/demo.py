@@ -94,9 +94,10 @@ def demo_tool_arguments(tool: dict, messages: list[dict]) -> str:
     params = ((tool.get("function") or {}).get("parameters") or {}).get("properties") or {}
     said = " ".join(_last_user_text(messages).split())[:200]
     args: dict[str, Any] = {}
+    samples: dict[object, object] = {"integer": 1, "number": 1, "boolean": True}
     for name, schema in params.items():
         kind = schema.get("type") if isinstance(schema, dict) else None
-        args[name] = {"integer": 1, "number": 1, "boolean": True}.get(kind, said)
+        args[name] = samples.get(kind, said)
     return json.dumps(args or {"input": said})
 
 

@@ -43,7 +43,8 @@ def upstream_host(exc: BaseException, api_base: str | None) -> str | None:
         if not type(candidate).__module__.startswith(_REAL_REQUEST_MODULES):
             continue
         try:
-            url = candidate.request.url          # httpx raises RuntimeError when unset
+            # (getattr: only the exceptions of _REAL_REQUEST_MODULES carry a request)
+            url = getattr(candidate, "request").url   # httpx raises RuntimeError when unset
         except Exception:
             continue
         host = getattr(url, "host", None)

@@ -102,7 +102,8 @@ class SSEParser:
             if not line:
                 data = self._data
                 if data is not None:
-                    out.append((self._event, data if type(data) is bytes else b"\n".join(data)))
+                    out.append((self._event,
+                                data if isinstance(data, bytes) else b"\n".join(data)))
                     self._data = None
                 self._event = None
             elif line[:5] == b"data:":
@@ -110,7 +111,7 @@ class SSEParser:
                 data = self._data
                 if data is None:
                     self._data = value
-                elif type(data) is bytes:
+                elif isinstance(data, bytes):
                     self._data = [data, value]
                     self._size = len(data) + len(value) + 1
                     if self._size > self._max:

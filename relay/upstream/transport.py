@@ -127,10 +127,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         except _AIOHTTP_ERRORS as exc:
             raise _mapped(exc, request) from exc
         self.open_responses += 1
+        version = response.version
+        assert version is not None              # (set once the response's head is read)
         return httpx.Response(
             response.status, headers=response.raw_headers,
             stream=_Body(response, request, self),
-            extensions={"http_version": b"HTTP/%d.%d" % response.version,
+            extensions={"http_version": b"HTTP/%d.%d" % (version.major, version.minor),
                         "reason_phrase": (response.reason or "").encode("latin-1")})
 
     async def aclose(self) -> None:
