@@ -10,7 +10,7 @@ import faulthandler
 import logging
 import signal
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:
     # (Types only: ``relay --help`` imports none of these.)
@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from relay.upstream.providers import ModelRegistry
 
 __all__ = ["main"]
+
+#: The ``relay`` subcommands (what ``add_subparsers`` returns; a private name of argparse's).
+_Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -130,7 +133,7 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_check_parser(sub: Any) -> None:
+def _add_check_parser(sub: _Commands) -> None:
     check = sub.add_parser(
         "check", help="show what each model alias of a config would do",
         description="Per model alias: the streaming path (fast or LiteLLM) and why, the "
@@ -144,7 +147,7 @@ def _add_check_parser(sub: Any) -> None:
                        help="seconds a probe may take (30)")
 
 
-def _add_worker_arguments(serve: Any) -> None:
+def _add_worker_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--workers", metavar="N",
                        help="relay processes sharing the port (SO_REUSEPORT), for more cores; "
                        "'auto' = one per CPU; above 1 needs --redis (1)")
@@ -152,7 +155,7 @@ def _add_worker_arguments(serve: Any) -> None:
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
 
 
-def _add_token_parser(sub: Any) -> None:
+def _add_token_parser(sub: _Commands) -> None:
     token = sub.add_parser("token", help="signed tokens for browsers",
                            description="Signed tokens (JWT, HS256) for clients that cannot "
                            "keep an API key, such as browsers.")
