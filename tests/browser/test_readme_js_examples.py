@@ -67,7 +67,7 @@ def _runs(marker: str) -> list:
     return [pytest.param(b[3], id=b[0]) for b in BLOCKS if b[2] == marker]
 
 
-def test_every_js_block_says_how_it_runs():
+async def test_every_js_block_says_how_it_runs():
     assert len(BLOCKS) >= 4, BLOCKS   # README's page and AI SDK blocks, the docs' Node and auth ones
     unmarked = [(where, marker) for where, _, marker, _ in BLOCKS if marker not in RUN_MARKERS]
     assert not unmarked, f"JS blocks without a run marker ({sorted(RUN_MARKERS)}): {unmarked}"
@@ -156,12 +156,14 @@ async def test_react_block_chats_with_the_relay(page, tmp_path, code):
     expected = "".join(demo_reply_tokens([{"role": "user", "content": prompt}]))
     async with start_relay(detach_grace=30) as server:
         bundle = _bundle(tmp_path, _for_relay(code, server))
-        await page.route("**/docs-react/", lambda route: route.fulfill(
-            status=200, content_type="text/html",
-            body='<!doctype html><div id="root"></div><script type="module" src="app.js"></script>'))
         await page.route("**/docs-react/app.js", lambda route: route.fulfill(
             status=200, content_type="text/javascript", body=bundle))
-        await page.goto(f"http://127.0.0.1:{server.port}/docs-react/")
+        # A document the relay itself served (a page fulfilled by the test would count as a
+        # public address, and Chromium's local network access checks would block its
+        # WebSocket to 127.0.0.1), rewritten in place: same origin, same address space.
+        await page.goto(f"http://127.0.0.1:{server.port}/healthz")
+        await page.set_content('<!doctype html><div id="root"></div>'
+                               '<script type="module" src="/docs-react/app.js"></script>')
         await page.fill("input", prompt)
         await page.press("input", "Enter")
         await page.wait_for_function(
