@@ -46,6 +46,7 @@ import subprocess
 import sys
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -342,18 +343,21 @@ def test_every_flag_the_docs_document_exists():
     docs/configuration.md is all `relay serve` flags; anywhere else a flag must belong to one
     of the commands the docs show (serve, token mint, check, the demo clients, the
     benchmarks, the schema generator, mkdocs)."""
-    serve = _help_flags("-m", "relay", "serve")
-    known = serve | _help_flags("-m", "relay", "token", "mint") \
-        | _help_flags("-m", "relay", "check")
+    commands = [("-m", "relay", "serve"), ("-m", "relay", "token", "mint"),
+                ("-m", "relay", "check"), ("-m", "mkdocs", "build"),   # the docs site's own
+                *[(script,) for script in (
+                    "client_demo/demo_client.py", "client_demo/chat.py",
+                    "bench/relay_vs_litellm.py", "bench/render_markdown.py",
+                    "bench/attack_latency.py", "bench/fast_path.py",
+                    "bench/detached_streams_rss.py", "bench/capacity.py",
+                    "bench/relay_layers.py", "bench/first_stream.py")]]
+    # Each --help is a Python start-up of its own: ask them all at once.
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        flags = dict(zip(commands, pool.map(lambda argv: _help_flags(*argv), commands)))
+    serve = flags[("-m", "relay", "serve")]
+    known = set().union(*flags.values())
     # The schema generator reads its one flag by hand (no --help): take it from its source.
     known |= _doc_flags((ROOT / "protocol" / "schema.py").read_text())
-    known |= _help_flags("-m", "mkdocs", "build")   # the docs site's own build
-    for script in ("client_demo/demo_client.py", "client_demo/chat.py",
-                   "bench/relay_vs_litellm.py", "bench/render_markdown.py",
-                   "bench/attack_latency.py", "bench/fast_path.py",
-                   "bench/detached_streams_rss.py", "bench/capacity.py",
-                   "bench/relay_layers.py", "bench/first_stream.py"):
-        known |= _help_flags(script)
     configuration = (ROOT / "docs" / "configuration.md").read_text()
     settings = configuration[configuration.index("## Settings"):
                              configuration.index("\n## ", configuration.index("## Settings") + 1)]
