@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Every Markdown page a reader is pointed to: the READMEs, docs/ and the protocol documents
 #: docs/PROTOCOL.md and docs/AISDK.md include.
 DOCS = [ROOT / "README.md", ROOT / "client_demo" / "README.md",
+        ROOT / "client_demo" / "ai-sdk" / "README.md",
         *sorted((ROOT / "docs").glob("**/*.md")),
         ROOT / "protocol" / "PROTOCOL.md", ROOT / "protocol" / "AISDK.md"]
 VENV_BIN = str(Path(sys.executable).parent)
