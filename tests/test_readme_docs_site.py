@@ -37,3 +37,25 @@ def test_the_site_builds_strictly(tmp_path):
     protocol = (tmp_path / "site" / "PROTOCOL" / "index.html").read_text()
     assert "Close codes" in protocol and "--8&lt;--" not in protocol
     assert (tmp_path / "site" / "getting-started" / "index.html").is_file()
+
+
+#: Pages the README links to that other work in flight adds (the architecture page and the
+#: publishing guide). LEAD: empty this set once they are merged.
+PENDING_PAGES = {"docs/architecture.md", "docs/publishing.md"}
+
+
+def test_the_readmes_link_to_files_that_exist():
+    """mkdocs checks links inside docs/; the READMEs (read on the forge, outside the site) are
+    checked here: every relative link names a file or directory of the repository."""
+    import re
+
+    missing = set()
+    for readme in (ROOT / "README.md", ROOT / "client_demo" / "README.md",
+                   ROOT / "client_demo" / "ai-sdk" / "README.md"):
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme.read_text()):
+            if "://" in target:
+                continue
+            path = (readme.parent / target).resolve()
+            if not path.exists():
+                missing.add(str(path.relative_to(ROOT)))
+    assert missing <= PENDING_PAGES, sorted(missing - PENDING_PAGES)
