@@ -5,6 +5,7 @@ an include of protocol/*.md that no longer resolves. About a second; no network.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,8 +48,6 @@ PENDING_PAGES = {"docs/architecture.md", "docs/publishing.md"}
 def test_the_readmes_link_to_files_that_exist():
     """mkdocs checks links inside docs/; the READMEs (read on the forge, outside the site) are
     checked here: every relative link names a file or directory of the repository."""
-    import re
-
     missing = set()
     for readme in (ROOT / "README.md", ROOT / "client_demo" / "README.md",
                    ROOT / "client_demo" / "ai-sdk" / "README.md"):
