@@ -261,7 +261,7 @@ class RelayServer:
         if self._metrics_http is not None:
             await self._metrics_http.close()
             self._metrics_http = None
-        from relay.upstream.fast_path import close_idle_http_client
+        from relay.upstream.fast import close_idle_http_client
 
         await close_idle_http_client()
 

@@ -19,7 +19,7 @@ from websockets.exceptions import InvalidStatus
 
 from relay.app import load_models
 from relay.upstream.providers import ModelRegistry
-from relay.upstream.streamer import Timeouts
+from relay.upstream.event_streamer import Timeouts
 from tests.fakes.upstream import FakeUpstream, http_error, stream
 
 from .helpers import Client, start_relay
