@@ -1,7 +1,7 @@
 """The client policy of llm-relay.v1, sans I/O: when to reconnect, how long to wait, what to
 resume, which frames to drop as replays, and what a cancel does. One place for both clients.
 
-``relay.client.RelayClient`` (Python) uses this module directly. ``relay-client.js`` (the
+``llm_relay_client.RelayClient`` (Python) uses this module directly. ``relay-client.js`` (the
 browser client) cannot import Python, so its tables come from here: ``python -m
 protocol.client_policy --write`` writes ``client_demo/web/client-policy.js`` (an ES module
 exporting :func:`policy_tables`; checked in, a test fails when it is stale), and the JSON

@@ -36,7 +36,7 @@ SCENARIOS = VECTORS["scenarios"]
 
 class PolicyDriver:
     """The smallest client around the policy: what the vectors' steps do to a client that
-    carries out exactly the policy's decisions (relay/client.py does the same with sockets).
+    carries out exactly the policy's decisions (clients/python/llm_relay_client/client.py does the same with sockets).
     Records what the vectors' ``expect`` describes."""
 
     def __init__(self, token: str) -> None:

@@ -279,7 +279,7 @@ def test_the_unknown_type_error_lists_the_derived_client_types():
 # Where frames used to be assembled by hand. A dict literal with a "type" key naming a
 # llm-relay.v1 frame, or an "op" key, is a frame built outside protocol.frames.
 _BUILDER_MODULES = {"protocol/frames.py"}
-_SCANNED = ["protocol", "relay"]
+_SCANNED = ["protocol/", "relay/", "clients/python/llm_relay_client/"]
 
 
 def _hand_built_frames(source: str, name: str) -> list[str]:

@@ -434,6 +434,6 @@ def test_the_clients_close_rule_is_the_one_protocol_md_states():
                                    ("4400", "no"), ("4999", "no")]:
         decision = close_decision(int(code), "", welcomed=True, token_refreshable=True)
         assert decision.retry is (reconnect == "yes"), code
-    for path in ("README.md", "relay/client.py", "protocol/client_policy.py"):
+    for path in ("README.md", "clients/python/llm_relay_client/client.py", "protocol/client_policy.py"):
         text = (ROOT / path).read_text(encoding="utf-8")
         assert not re.search(r"1001, 1011, 1012", text), f"{path} lists the retried codes again"
