@@ -233,7 +233,7 @@ def test_generated_js_tables_are_fresh():
 
 
 def test_main_writes_and_prints(tmp_path, capsys):
-    (tmp_path / "client_demo" / "web").mkdir(parents=True)
+    (tmp_path / cp.JS_MODULE_PATH).parent.mkdir(parents=True)
     assert cp.main(["--write", str(tmp_path)]) == 0
     assert (tmp_path / cp.JS_MODULE_PATH).read_text("utf-8") == cp.render_js_module()
     assert cp.main(["--json"]) == 0

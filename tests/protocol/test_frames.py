@@ -433,7 +433,7 @@ def test_decode_server_frame_rejects_a_malformed_known_frame():
 def test_relay_client_js_builds_no_client_frame_by_hand():
     """relay-client.js builds its frames with clientFrame() from the generated table and
     routes stream frames by the generated list (tests/browser checks what it builds)."""
-    js = (ROOT / "client_demo" / "web" / "relay-client.js").read_text(encoding="utf-8")
+    js = (ROOT / "clients" / "js" / "relay-client.js").read_text(encoding="utf-8")
     literal = re.compile(r"""type\s*:\s*["'](\w+)["']""")
     assert [t for t in literal.findall(js) if t in messages.CLIENT_FRAME_TYPES] == []
     # A list of types spelled out as fall-through cases (``case "a": case "b": ...``).
