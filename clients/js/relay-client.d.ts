@@ -1,5 +1,5 @@
 // Types of relay-client.js (hand-written; tests/packaging/test_js_client_package.py compiles
-// a strict TypeScript program against them, and tests/protocol/test_js_types.py checks the
+// a strict TypeScript program against them, and tests/packaging/test_js_types.py checks the
 // frame interfaces below against the protocol's pydantic models, field by field).
 
 import POLICY from "./client-policy.js";
