@@ -29,8 +29,9 @@ from ..test_import_cycles import CLIENT_SOURCE
 
 #: What llm-relay-client may depend on at run time (issue 25: no LiteLLM, nothing else).
 RUNTIME_DEPENDENCIES = {"websockets", "pydantic", "orjson"}
-#: The import packages the wheel installs: the client and the protocol package.
-TOP_LEVEL = {"llm_relay_client", "protocol"}
+#: The protocol package's import name, and every package the wheel installs.
+PROTOCOL_PACKAGE = "protocol"
+TOP_LEVEL = {"llm_relay_client", PROTOCOL_PACKAGE}
 
 CLIENT_SCRIPT = """
 import asyncio, importlib.metadata, importlib.resources, importlib.util, json, sys, time
@@ -105,7 +106,7 @@ def test_the_wheel_holds_the_client_and_the_protocol_package_only(built):
     assert top == TOP_LEVEL
     for package in TOP_LEVEL:
         assert f"{package}/py.typed" in names
-    assert {"protocol/PROTOCOL.md", "protocol/schema.json"} <= set(names)
+    assert {f"{PROTOCOL_PACKAGE}/PROTOCOL.md", f"{PROTOCOL_PACKAGE}/schema.json"} <= set(names)
     assert metadata["Name"] == "llm-relay-client"
     required = {r.split(";")[0].split(">")[0].split("<")[0].split("=")[0].strip()
                 for r in metadata.get_all("Requires-Dist")}
