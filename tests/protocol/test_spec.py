@@ -26,7 +26,7 @@ from protocol import ALLOWED_PARAMS, CloseCode, ErrorCode, FinishReason, FinishS
 from protocol.messages import CLIENT_FRAME_TYPES, SERVER_FRAME_TYPES
 
 PROTOCOL_DIR = Path(protocol.__file__).parent
-ROOT = PROTOCOL_DIR.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository (not where the package is)
 SPEC = (PROTOCOL_DIR / "PROTOCOL.md").read_text(encoding="utf-8")
 FRAME_TYPES = sorted(set(CLIENT_FRAME_TYPES) | set(SERVER_FRAME_TYPES))
 
