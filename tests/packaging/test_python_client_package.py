@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import pytest
 from relay.upstream.demo import demo_reply_tokens
 
 from ..relay.helpers import start_relay
-from ..test_import_cycles import CLIENT_SOURCE
+from ..test_import_cycles import CLIENT_SOURCE, ROOT
 
 #: What llm-relay-client may depend on at run time (issue 25: no LiteLLM, nothing else).
 RUNTIME_DEPENDENCIES = {"websockets", "pydantic", "orjson"}
@@ -150,3 +151,26 @@ async def test_the_installed_wheel_streams_from_a_real_relay_without_the_server(
         print(f"\nllm-relay-client wheel: {size / 1024:.0f} KiB; clean venv with its "
               f"dependencies: {installed / 2**20:.1f} MiB; `import llm_relay_client`: "
               f"{result['import_seconds'] * 1000:.0f} ms")
+
+
+def test_the_server_wheel_depends_on_the_client_and_ships_no_protocol_package(tmp_path):
+    """llm-relay-server (the root pyproject.toml) installs ``relay`` only: the protocol
+    package comes from llm-relay-client, pinned to the same version."""
+    source = tmp_path / "server"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "relay", source / "relay",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    _run(sys.executable, "-m", "build", "--wheel", "--outdir", tmp_path / "dist", source)
+    wheel, = (tmp_path / "dist").glob("llm_relay_server-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        metadata = email.parser.Parser().parsestr(
+            archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode())
+    assert {name.split("/")[0] for name in names
+            if not name.split("/")[0].endswith(".dist-info")} == {"relay"}
+    client_version = tomllib.loads((CLIENT_SOURCE / "pyproject.toml").read_text())["project"][
+        "version"]
+    assert metadata["Version"] == client_version
+    assert f"llm-relay-client=={client_version}" in metadata.get_all("Requires-Dist")
