@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import email.parser
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -112,6 +113,39 @@ def test_the_wheel_holds_the_client_and_the_protocol_package_only(built):
     required = {r.split(";")[0].split(">")[0].split("<")[0].split("=")[0].strip()
                 for r in metadata.get_all("Requires-Dist")}
     assert required == RUNTIME_DEPENDENCIES
+
+
+#: A user's program, type-checked with ``mypy --strict`` against the installed wheel: the
+#: one error it must report proves the types are real (py.typed found, nothing is ``Any``).
+USER_PROGRAM = """
+from llm_relay_client import CompletionResult, RelayClient, Token
+
+
+async def answer(url: str) -> str:
+    async with RelayClient(url, token="t") as client:
+        text = ""
+        async for event in client.stream("demo", [{"role": "user", "content": "hi"}]):
+            if isinstance(event, Token):
+                text += event.text
+        result: CompletionResult = await client.complete("demo", [{"role": "user", "content": "x"}])
+        wrong: int = result.text
+        return text + str(wrong)
+"""
+
+
+def test_a_users_program_type_checks_against_the_installed_wheel(built, tmp_path):
+    program = tmp_path / "user_program.py"
+    program.write_text(USER_PROGRAM, encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental",
+         "--python-executable", str(built["python"]), "--config-file", os.devnull,
+         str(program)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 1, done.stdout + done.stderr
+    wrong_line = USER_PROGRAM.splitlines().index(
+        "        wrong: int = result.text") + 1
+    assert f"user_program.py:{wrong_line}: error: Incompatible types in assignment " \
+        '(expression has type "str", variable has type "int")' in errors[0], errors
 
 
 def test_the_sdist_builds_the_same_packages(built):

@@ -19,11 +19,12 @@ the two apart: it is above zero exactly when a cancellation of the current task 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 __all__ = ["cancel_and_wait"]
 
 
-async def cancel_and_wait(task: asyncio.Task) -> None:
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
     """Cancel ``task`` (one the caller owns) and wait until it has ended.
 
     A ``CancelledError`` that only says the child ended cancelled is absorbed; one aimed at

@@ -268,7 +268,7 @@ class _Route:
 
     id: str
     start_frame: dict[str, Any]
-    queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[StreamEvent | Error | _Lost] = field(default_factory=asyncio.Queue)
     abandoned: bool = False  # iteration left early (an aclose() may still read the queue)
     stream_key: str | None = None
     resumes: int = 0         # resumed frames received
