@@ -18,7 +18,7 @@ from relay.upstream.demo import demo_reply_tokens
 from ..relay.helpers import start_relay
 
 ROOT = Path(__file__).resolve().parents[2]
-CLIENT = ROOT / "client_demo" / "web" / "relay-client.js"
+CLIENT = ROOT / "clients" / "js" / "relay-client.js"
 WS_MODULE = ROOT / "tests" / "aisdk" / "node_modules" / "ws" / "wrapper.mjs"
 
 # Node 22+ has a global WebSocket: the script removes it so every Node runs the Node 20 case.
