@@ -42,7 +42,7 @@ from .test_relay_client_node import WS_MODULE, node
 
 JS_LANGS = {"js", "javascript", "mjs", "jsx", "ts", "tsx"}
 RUN_MARKERS = {"browser", "browser-auth", "node", "react"}
-CLIENT_DIR = ROOT / "client_demo" / "web"
+CLIENT_DIR = ROOT / "clients" / "js"
 AI_SDK_DIR = ROOT / "client_demo" / "ai-sdk"
 ESBUILD = AI_SDK_DIR / "node_modules" / ".bin" / "esbuild"
 SECRET = "docs-snippet-secret-0123456789abcdef0123456789"
