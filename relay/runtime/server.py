@@ -27,6 +27,7 @@ from relay.runtime.aisdk import (
     AI_SDK_EXAMPLE_PATH, AI_SDK_EXAMPLE_ROOT, AI_SDK_PATH, AiSdkSession, ChatIndex,
     issue_chat_owner,
 )
+from relay.runtime.responses import RESPONSES_PATH, ChainStore, ResponsesSession
 from relay.core.auth import AuthError, Authenticator, address_principal
 from relay.http.handshake import (OriginPolicy, RelayConnection, client_address, own_origins,
                         parse_networks, repeated_header)
@@ -47,6 +48,9 @@ __all__ = ["RelayServer", "WS_PATH"]
 logger = logging.getLogger("relay.runtime.server")
 
 WS_PATH = "/ws"
+#: The paths that upgrade to a WebSocket: llm-relay.v1, the AI SDK's transport, and the
+#: OpenAI Responses API's WebSocket mode.
+_SOCKET_PATHS = (WS_PATH, AI_SDK_PATH, RESPONSES_PATH)
 
 
 def _select_subprotocol(connection: ServerConnection, offered: Any) -> str | None:
@@ -95,11 +99,16 @@ class RelayServer:
         self.hub = StreamHub(self.settings, self.metrics)
         #: /ai-sdk: the latest response of each (principal, chat id), for resume.
         self.chats = ChatIndex(is_live=lambda key: self.hub.get(key) is not None)
+        #: /v1/responses: stored responses for previous_response_id.
+        self.chains = ChainStore(max_entries=self.settings.responses_chain_entries,
+                                 max_bytes=self.settings.responses_chain_bytes,
+                                 ttl=self.settings.responses_chain_ttl)
         self.replicator: Replicator | None = None
         self.shared_limits: SharedLimits | None = None
         if self.settings.redis_url is not None:
             self.replicator = Replicator(self.settings, self.hub)
             self.chats.replicator = self.replicator
+            self.chains.attach_redis(self.replicator)
             self.hub.replicator = self.replicator
             self.shared_limits = SharedLimits(self.replicator.store, self.replicator.node,
                                               lease=self.settings.redis_owner_ttl)
@@ -295,7 +304,7 @@ class RelayServer:
         must appear once; 405 for a method other than GET/HEAD (GET only on the WebSocket
         path). One INFO line each, never a traceback."""
         method = _method(request)
-        allowed = (("GET",) if request.path.split("?", 1)[0] in (WS_PATH, AI_SDK_PATH)
+        allowed = (("GET",) if request.path.split("?", 1)[0] in _SOCKET_PATHS
                    else ("GET", "HEAD"))
         if method not in allowed:
             # The method is the client's text: logged escaped, never echoed.
@@ -339,7 +348,7 @@ class RelayServer:
                 if found is not None:
                     return found
             return _text(connection, http.HTTPStatus.NOT_FOUND, "not found\n")
-        if path not in (WS_PATH, AI_SDK_PATH):
+        if path not in _SOCKET_PATHS:
             # The browser chat page (client_demo/web/), static files only; see relay/http/web.py.
             return web.respond(connection, path) or _text(
                 connection, http.HTTPStatus.NOT_FOUND, "not found\n")
@@ -355,9 +364,13 @@ class RelayServer:
     def _refuse_bad_authorization(self, connection: ServerConnection,
                                   request: Request) -> Response | None:
         """Auth hook of the upgrade: with auth on, an ``Authorization`` header that is present
-        but not ``Bearer <valid credential>`` gets HTTP 401 (no header: ``hello.token``)."""
+        but not ``Bearer <valid credential>`` gets HTTP 401 (no header: ``hello.token``; on
+        ``/v1/responses``, whose clients have no other way to authenticate, no header is
+        401 too, as OpenAI answers)."""
         try:
-            self.auth.check_header(request.headers)
+            if (self.auth.check_header(request.headers) is None and self.auth.enabled
+                    and request.path.split("?", 1)[0] == RESPONSES_PATH):
+                raise AuthError("missing Authorization: Bearer <relay token>")
         except AuthError as exc:
             logger.info("refused WebSocket upgrade: bad Authorization header",
                         extra={"reason": exc.reason})
@@ -414,9 +427,13 @@ class RelayServer:
             hub=self.hub, streamer_factory=self._streamer_factory,
             draining=lambda: self.draining, principal=principal, principal_state=state,
             metrics=self.metrics, auth=self.auth, on_hello=release_pending)
-        if ws.request is not None and ws.request.path.split("?", 1)[0] == AI_SDK_PATH:
+        path = ws.request.path.split("?", 1)[0] if ws.request is not None else WS_PATH
+        if path == AI_SDK_PATH:
             session: Session = AiSdkSession(ws, self.settings, self.registry, chats=self.chats,
                                             **common)
+        elif path == RESPONSES_PATH:
+            session = ResponsesSession(ws, self.settings, self.registry, chains=self.chains,
+                                       **common)
         else:
             session = Session(ws, self.settings, self.registry, **common)
         self._sessions.add(session)
