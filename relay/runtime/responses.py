@@ -121,6 +121,7 @@ class ChainStore:
         self._bytes: dict[str, int] = {}
         self._replicator: Replicator | None = None
         self._store: RedisStore | None = None
+        self._writes: set[asyncio.Task[None]] = set()
 
     def attach_redis(self, replicator: Replicator) -> None:
         self._replicator = replicator
@@ -156,8 +157,15 @@ class ChainStore:
                         "responses_chain_bytes; it cannot be continued", len(data))
             return
         if self._replicator is not None:
-            self._replicator.spawn(self._publish(principal, response_id, data),
-                                   name="responses chain")
+            task = self._replicator.spawn(self._publish(principal, response_id, data),
+                                          name="responses chain")
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+
+    async def flush(self) -> None:
+        """Wait for the Redis copies of the responses stored so far."""
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
 
     async def _publish(self, principal: str, response_id: str, data: bytes) -> None:
         key, index = self._keys(principal, response_id)
