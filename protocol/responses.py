@@ -312,12 +312,14 @@ def input_messages(items: str | list[Any] | None) -> list[dict[str, Any]]:
                 raise _refuse(f"{param}.role must be user, system, developer or assistant",
                               f"{param}.role")
             content = _message_content(item.get("content"), f"{param}.content")
-            if role == "assistant" and not isinstance(content, str):
-                raise _refuse("assistant content must be text", f"{param}.content")
-            if role == "assistant" and out and out[-1]["role"] == "assistant" \
-                    and "tool_calls" not in out[-1] and isinstance(out[-1]["content"], str):
-                out[-1]["content"] += content          # several output_text messages
-                continue
+            if role == "assistant":
+                if not isinstance(content, str):
+                    raise _refuse("assistant content must be text", f"{param}.content")
+                last = out[-1] if out else None
+                if last is not None and last["role"] == "assistant" \
+                        and "tool_calls" not in last and isinstance(last["content"], str):
+                    last["content"] += content          # several output_text messages
+                    continue
             out.append({"role": role, "content": content})
         elif kind == "function_call":
             call_id = _text(item.get("call_id"), f"{param}.call_id")

@@ -181,7 +181,8 @@ class ChainStore:
         """(model, conversation) of ``response_id`` for ``owner`` (a connection) of
         ``principal``; None when unknown, evicted, expired or not visible to it. Raises
         ``StoreUnavailable`` when only Redis could know and cannot answer."""
-        entry = self._by_principal.get(principal, {}).get(response_id)
+        entries = self._by_principal.get(principal)
+        entry = entries.get(response_id) if entries is not None else None
         if entry is not None and (entry.owner is owner or self.shared):
             return entry.model, orjson.loads(entry.data)["messages"]
         if self._store is None:
