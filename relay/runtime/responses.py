@@ -379,8 +379,8 @@ class ResponsesSession(Session):
             # A chain entry without a model call: created, then completed with no output.
             self._chains.put(self.principal, self, response_id, turn.model, turn.history)
             events = encoder.opening()
-            events += encoder.frames({"type": "finish", "status": "completed",
-                                      "reason": "stop", "usage": frames.usage(0, 0, False)})
+            events += encoder.frames(frames.finish(response_id, 1, "completed", "stop",
+                                                   frames.usage(0, 0, False)))
             for event in events:
                 self._respond(event)
             return None
