@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -398,3 +400,29 @@ async def test_a_chain_continues_on_a_second_relay_sharing_redis(prefix):
     assert up.requests[1].json["messages"] == [
         {"role": "user", "content": "first"}, {"role": "assistant", "content": "On A"},
         {"role": "user", "content": "second"}]
+
+
+# ---------------------------------------------------------------- the agent example
+
+
+async def test_the_agent_example_runs_a_tool_loop_on_the_demo_model():
+    script = Path(__file__).resolve().parents[2] / "client_demo" / "responses_agent.py"
+    async with start_relay() as server:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(script), "--base-url", f"http://127.0.0.1:{server.port}/v1",
+            "What is the weather in Paris?",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            async with asyncio.timeout(60):
+                out, err = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    lines = out.decode().splitlines()
+    assert lines[0].startswith("[tool] get_weather(")
+    assert json.loads(lines[0].split("(", 1)[1][:-1]) == {
+        "city": "What is the weather in Paris?"}
+    assert lines[1] == ('The tool answered: {"city": "What is the weather in Paris?", '
+                        '"forecast": "sunny", "celsius": 24}.')
