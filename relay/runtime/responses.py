@@ -449,7 +449,7 @@ class ResponsesSession(Session):
         """The response's last event is being sent: store it for a continuation (before
         the client can see it end), then free its lane for the next create."""
         encoder = running.encoder
-        if encoder.status in ("completed", "incomplete"):
+        if encoder.status != "failed":
             self._chains.put(self.principal, self, running.response_id,
                              running.turn.model,
                              running.turn.history + encoder.output_messages())
