@@ -87,6 +87,18 @@ async def until_done(conn: Any, stream_id: str | None = None) -> list[dict[str, 
             return events
 
 
+async def until_done_iterating(conn: Any) -> list[dict[str, Any]]:
+    """``until_done`` through the SDK's own event iterator (the one that reconnects)."""
+    events: list[dict[str, Any]] = []
+    async for model in conn:
+        event = model.to_dict()
+        SERVER_EVENT.validate_python(event)
+        events.append(event)
+        if event["type"] in TERMINAL or event["type"] == "error":
+            return events
+    raise AssertionError("the connection ended")
+
+
 def check_response(events: list[dict[str, Any]]) -> dict[str, Any]:
     """The sequence rules of one response; its final response object."""
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
@@ -426,3 +438,98 @@ async def test_the_agent_example_runs_a_tool_loop_on_the_demo_model():
         "city": "What is the weather in Paris?"}
     assert lines[1] == ('The tool answered: {"city": "What is the weather in Paris?", '
                         '"forecast": "sunny", "celsius": 24}.')
+
+
+class SwitchingProxy:
+    """A loopback TCP proxy standing for a load balancer in front of relays: it forwards
+    each new connection to ``target`` (a port), and ``switch`` points it at another relay
+    and drops the connections it carries, as a relay's death would."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self._links: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> SwitchingProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._drop()
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+        for task in list(self._links):
+            task.cancel()
+        await asyncio.gather(*self._links, return_exceptions=True)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    def switch(self, target: int) -> None:
+        self.target = target
+        self._drop()
+
+    def _drop(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self._writers.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        for task in (asyncio.create_task(pipe(reader, up_writer)),
+                     asyncio.create_task(pipe(up_reader, writer))):
+            self._links.add(task)
+            task.add_done_callback(self._links.discard)
+
+
+async def test_the_sdk_reconnects_to_a_second_relay_and_continues_the_chain(prefix):
+    url = "redis://127.0.0.1:6379/0"
+    reconnected = asyncio.Event()
+
+    def on_reconnecting(event: Any) -> None:
+        reconnected.set()
+
+    async with FakeUpstream() as up:
+        up.enqueue(stream("openai", ["On A"]), stream("openai", ["On B"]))
+        async with start_relay(registry=registry_for(up), redis_url=url,
+                               redis_prefix=prefix) as a, \
+                start_relay(registry=registry_for(up), redis_url=url,
+                            redis_prefix=prefix) as b, \
+                SwitchingProxy(a.port) as proxy:
+            client = AsyncOpenAI(base_url=f"http://127.0.0.1:{proxy.port}/v1",
+                                 api_key="unused", max_retries=0)
+            async with client.responses.connect(on_reconnecting=on_reconnecting,
+                                                initial_delay=0.01, max_delay=0.05) as conn:
+                await conn.response.create(model="oai", input="first")
+                first = check_response(await until_done(conn))
+                await a.chains.flush()
+                proxy.switch(b.port)             # relay A is gone; the balancer picks B
+                # The SDK reconnects while it iterates events; a create sent meanwhile is
+                # queued and goes out on the new socket.
+                reading = asyncio.create_task(until_done_iterating(conn))
+                async with asyncio.timeout(10):
+                    await reconnected.wait()
+                await conn.response.create(input="second", previous_response_id=first["id"])
+                async with asyncio.timeout(10):
+                    second = check_response(await reading)
+                assert len(b.sessions) == 1         # (the second turn was served by B)
+    assert second["status"] == "completed"
+    assert up.requests[1].json["messages"] == [
+        {"role": "user", "content": "first"}, {"role": "assistant", "content": "On A"},
+        {"role": "user", "content": "second"}]
