@@ -21,21 +21,28 @@ the dialect means and nothing that does I/O (the mapping and the choices are wri
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
                       StrictStr, ValidationError)
 
-from .codec import DecodeLimits, FrameError, check_request_shape, parse_json_within
+from . import frames
+from .codec import (DecodeLimits, FrameError, check_request_shape, parse_json_within,
+                    validate_client_object)
+from .dialect import Begin, Handshake, Malformed, Reattach, Request, Stop
 from .messages import StreamId
 
 __all__ = [
     "CANCEL_EVENT",
     "CREATE_EVENT",
     "CancelRequest",
+    "CreateContext",
     "CreateRequest",
+    "ResponsesCodec",
     "ResponseEncoder",
     "ResponsesError",
     "Turn",
@@ -71,6 +78,30 @@ class ResponsesError(ValueError):
     def event(self) -> dict[str, Any]:
         return error_event(self.message, code=self.code, param=self.param, type=self.type,
                            status=self.status, stream_id=self.stream_id)
+
+    def frame_error(self) -> FrameError:
+        """This refusal as the core's ``FrameError`` (its v1 ``error`` reply carries the
+        code, the ``param`` as ``ref`` and the lane as ``id``: ``ResponsesCodec.encode_reply``
+        turns it back into this error event)."""
+        return FrameError(self.message, code=self.code or "invalid_value", ref=self.param,
+                          id=lane_tag(self.stream_id))
+
+
+#: Prefix of the ``id`` of a v1 ``error`` reply that names a lane rather than a response.
+_LANE = "lane:"
+
+
+def lane_tag(stream_id: str | None) -> str | None:
+    return None if stream_id is None else _LANE + stream_id
+
+
+#: The ``ref`` of a create on a lane (``Begin.ref``): the core's refusals of it (admission:
+#: stream caps, start rate, draining) carry it back, so their ``error`` event names the lane.
+_LANE_REF = "response.create (lane "
+
+
+def create_ref(stream_id: str | None) -> str:
+    return "response.create" if stream_id is None else f"{_LANE_REF}{stream_id})"
 
 
 def error_event(message: str, *, code: str | None, param: str | None = None,
@@ -530,8 +561,9 @@ class _Item:
 class ResponseEncoder:
     """The Responses server events of one response, for the frames of one v1 stream.
 
-    ``opening()`` gives ``response.created`` and ``response.in_progress``; ``frames(f)``
-    the events for one v1 frame, in order; after ``finish`` (``done``) nothing more. Every
+    ``opening()`` gives ``response.created`` and ``response.in_progress`` (the first
+    ``frames(f)`` does, when it was not called); ``frames(f)`` the events for one v1
+    frame, in order; after ``finish`` (``done``) nothing more. Every
     event carries ``sequence_number`` (0, 1, 2, ... for this response) and ``stream_id``
     when the create named a lane. Ids: the response's ``resp_...``; each output item's id is
     that id's random part with the item's kind and position (``msg_<r>_0``), so they are
@@ -560,6 +592,10 @@ class ResponseEncoder:
         self._usage: dict[str, Any] | None = None
         self._incomplete: str | None = None
         self._error: dict[str, Any] | None = None
+        #: Called once, with this encoder, as the terminal event is built (before it is
+        #: sent): the runtime stores the response for ``previous_response_id`` then.
+        self.on_done: Callable[[ResponseEncoder], None] | None = None
+        self._opened = False
 
     # -- building blocks
 
@@ -721,12 +757,20 @@ class ResponseEncoder:
     # -- public
 
     def opening(self) -> list[dict[str, Any]]:
+        """``response.created`` and ``response.in_progress``; also emitted by the first
+        ``frames`` call when not called explicitly (nothing the second time)."""
         out: list[dict[str, Any]] = []
+        if self._opened:
+            return out
+        self._opened = True
         self._event(out, "response.created", response=self.response())
         self._event(out, "response.in_progress", response=self.response())
         return out
 
-    def feed(self, v1_frames: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    def feed(self, v1_frames: Iterable[dict[str, Any]], *,
+             more: bool = False) -> list[dict[str, Any]]:
+        """The events for consecutive v1 frames (``more`` is accepted for the core's
+        ``ResponseEncoder`` protocol; nothing is held back)."""
         out: list[dict[str, Any]] = []
         for frame in v1_frames:
             out.extend(self.frames(frame))
@@ -736,7 +780,7 @@ class ResponseEncoder:
         """The events for one v1 stream frame (``started`` and unknown types: none)."""
         if self.done:
             return []
-        out: list[dict[str, Any]] = []
+        out = self.opening()
         kind = frame.get("type")
         if kind == "token":
             if frame["text"]:
@@ -783,6 +827,8 @@ class ResponseEncoder:
         for item in self._calls.values():
             self._call_done(out, item)
         self._usage = _usage(frame.get("usage") or {})
+        if self.on_done is not None:
+            self.on_done(self)
         if self.status == "completed":
             self._event(out, "response.completed", response=self.response())
         elif self.status == "failed":
@@ -809,3 +855,122 @@ class ResponseEncoder:
 def encoded(events: Iterable[dict[str, Any]]) -> list[bytes]:
     """The wire bytes of ``events`` (one text frame each)."""
     return [orjson.dumps(event) for event in events]
+
+
+# ---------------------------------------------------------------- the dialect's codec
+
+#: Stands for the stored conversation in the ``start`` a continuation is admitted with
+#: (its messages are only known once the chain is looked up: ``CreateContext``).
+_CONTINUED = {"role": "user", "content": "(continued conversation)"}
+
+#: Error codes of the relay's replies -> (OpenAI error type, code, HTTP-like status, param).
+_REPLY_ERRORS: dict[str, tuple[str, str, int, str | None]] = {
+    "bad_request": ("invalid_request_error", "invalid_value", 400, None),
+    "unknown_model": ("invalid_request_error", "model_not_found", 404, "model"),
+    "model_not_found": ("invalid_request_error", "model_not_found", 404, "model"),
+    "unknown_stream": ("invalid_request_error", "response_not_found", 404, "response_id"),
+    "previous_response_not_found": ("invalid_request_error", "previous_response_not_found",
+                                    400, "previous_response_id"),
+    "too_many_streams": ("rate_limit_error", "too_many_streams", 429, None),
+    "too_many_requests": ("rate_limit_error", "too_many_requests", 429, None),
+    "rate_limited": ("rate_limit_error", "rate_limit_exceeded", 429, None),
+    "draining": ("server_error", "server_unavailable", 503, None),
+    "store_unavailable": ("server_error", "server_unavailable", 503, None),
+    "server_unavailable": ("server_error", "server_unavailable", 503, None),
+    "internal_error": ("server_error", "server_error", 500, None),
+    "stream_lost": ("server_error", "server_error", 500, None),
+    "stream_taken_over": ("server_error", "server_error", 500, None),
+}
+_OWN_REFS = frozenset({CREATE_EVENT, CANCEL_EVENT, "malformed", None})
+
+
+@dataclass(frozen=True, slots=True)
+class CreateContext:
+    """What a ``Begin`` of this dialect carries for the runtime: the create, and (once the
+    runtime has looked its chain up and built it) the ``Turn`` the stream runs."""
+
+    request: CreateRequest
+    turn: Turn | None = None
+
+
+class ResponsesCodec:
+    """The Responses WebSocket mode as a dialect of the relay (``protocol.dialect.Codec``).
+
+    * ``response.create`` -> ``Begin`` with a fresh response id as the stream's id and the
+      v1 ``start`` it means (a continuation is admitted with a stand-in for the stored
+      conversation; the runtime looks the chain up, checks the full request and builds the
+      real ``start``: ``CreateContext``);
+    * ``response.cancel`` -> ``Stop`` of that response (an unknown one: ``error``
+      ``response_not_found``);
+    * a refusal -> ``Malformed`` (always answerable: an ``error`` event, the socket stays);
+    * replies: a v1 ``error`` -> the dialect's ``error`` event (OpenAI's type, code, status
+      and param; the lane when the refusal named one); ``started``, ``pong`` and the rest:
+      nothing (``response.created`` comes from the stream). Events the runtime built itself
+      (their ``type`` starts with ``response.``: a ``generate: false`` response) pass as
+      they are;
+    * stream frames -> a ``ResponseEncoder`` per response.
+
+    Credentials: the upgrade's ``Authorization: Bearer`` only (the SDKs send their
+    ``api_key`` there); requests carry none."""
+
+    name = "openai-responses"
+    log_prefix = "responses "
+    handshake = Handshake.NONE
+    subprotocol: str | None = None
+    per_request_credentials = False
+
+    def decode(self, raw: str | bytes, limits: DecodeLimits, default_model: str) -> Request:
+        try:
+            event = decode_event(raw, limits)
+            if isinstance(event, CancelRequest):
+                return Stop(event.response_id, ref=CANCEL_EVENT, strict=True)
+            response_id = new_response_id()
+            continued = event.previous_response_id is not None
+            try:
+                turn = to_turn(event, previous=[_CONTINUED] if continued else None,
+                               previous_model=default_model if continued else None,
+                               limits=limits)
+            except ResponsesError as exc:
+                exc.stream_id = event.stream_id
+                raise
+            try:
+                start = validate_client_object(frames.start(
+                    response_id, turn.model, turn.messages or [_CONTINUED],
+                    tools=turn.tools, tool_choice=turn.tool_choice,
+                    params=turn.params or None), limits)
+            except FrameError as exc:
+                raise ResponsesError(exc.message, stream_id=event.stream_id) from None
+        except ResponsesError as exc:
+            return Malformed(exc.frame_error(), answerable=True)
+        return Begin(response_id, start, ref=create_ref(event.stream_id),
+                     context=CreateContext(event, None if continued else turn))
+
+    def encode_reply(self, frame: dict[str, Any]) -> dict[str, Any] | None:
+        kind = frame.get("type")
+        if isinstance(kind, str) and kind.startswith("response."):
+            return frame
+        if kind != "error":
+            return None
+        code = str(frame.get("code"))
+        err_type, openai_code, status, param = _REPLY_ERRORS.get(
+            code, ("invalid_request_error", code, 400, None))
+        ref = frame.get("ref")
+        id = frame.get("id")
+        lane = id[len(_LANE):] if isinstance(id, str) and id.startswith(_LANE) else None
+        if isinstance(ref, str) and ref.startswith(_LANE_REF):
+            lane = ref[len(_LANE_REF):-1]           # a refusal of a create on a lane
+        elif ref not in _OWN_REFS:
+            param = str(ref)
+        message = (str(frame.get("message")) if code not in ("internal_error", "stream_lost",
+                                                              "stream_taken_over")
+                   else "The relay failed to handle this request.")
+        return error_event(message, code=openai_code, param=param, type=err_type,
+                           status=status, stream_id=lane)
+
+    def response_encoder(self, id: str, stream_key: str,
+                         request: Begin | Reattach) -> ResponseEncoder | None:
+        context = request.context
+        if not isinstance(context, CreateContext) or context.turn is None:
+            return None
+        return ResponseEncoder(id, context.turn.echo, created_at=time.time(),
+                               stream_id=context.request.stream_id)

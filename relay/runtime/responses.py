@@ -1,61 +1,52 @@
-"""``/v1/responses``: the OpenAI Responses API's WebSocket mode on the relay's own streams.
+"""``/v1/responses``: the runtime half of the OpenAI Responses API's WebSocket mode.
 
-A thin adapter, as ``/ai-sdk`` is: ``ResponsesSession`` is a ``Session`` (same writer,
-backlog and slow-consumer rules, frame rate, limits, metrics, drain, connection machine)
-whose inbound frames are Responses client events and whose outbound frames are Responses
-server events. The mapping is sans-I/O in ``protocol.responses``; the rules are in
-``protocol/RESPONSES.md``.
+The dialect is a codec over the one connection core, as every dialect is: the wire
+(decoding events, encoding the stream's frames and the replies) is sans-I/O in
+``protocol.responses.ResponsesCodec``; the connection machine decides the door,
+authentication (the upgrade's ``Authorization: Bearer``, the relay token with ``--auth``),
+limits, admission, every ``error`` and every close; the session carries them out. This
+module holds only what the dialect's requests mean beyond a v1 ``start``
+(``ResponsesAdapter``, the route's adapter) and the stored conversations (``ChainStore``).
+The rules are in ``protocol/RESPONSES.md``.
 
-* ``response.create`` becomes a v1 ``start`` (the response id is the stream's id on this
-  connection) and goes through exactly the same admission as one (``Session._start``);
-  its events are the stream's frames through a ``ResponseEncoder``;
-* lanes: each ``stream_id`` (none: the default lane) runs its creates one after another
-  in order (a ``_Lane`` task per lane); lanes run in parallel, each response a stream
-  within the connection's stream cap; at most ``MAX_QUEUED_PER_CONNECTION`` creates wait;
+* lanes: each ``stream_id`` (none: the default lane) runs its creates one after another in
+  order (a task per busy lane); lanes run in parallel, each response a stream within the
+  connection's stream cap; at most ``MAX_QUEUED_PER_CONNECTION`` creates wait;
 * ``previous_response_id`` continues a conversation kept in ``ChainStore``: per connection,
   and with ``--redis`` across the principal's connections and relays for
   ``responses_chain_ttl`` seconds; bounded per principal in count and bytes;
-* ``response.cancel`` {response_id} (the relay's extension) cancels one response: it ends
-  ``response.incomplete`` with status ``cancelled`` and its usage;
+* ``response.cancel`` {response_id} (the relay's extension) is the core's ``Stop``: the
+  response ends ``response.incomplete`` with status ``cancelled`` and its usage;
 * a closed socket cancels every running response at once (``detach_grace`` does not apply:
-  this dialect has no resume), and the connection's end waits for their upstream requests.
-
-Authentication: the SDK sends ``Authorization: Bearer <api_key>`` on the upgrade; with
-``--auth`` that is the relay token (API key or JWT), checked by the connection machine as
-the /ai-sdk upgrade header is (an upgrade without one is refused 401 by the server). Until
-the one-connection core lands, the session runs the machine's no-hello dialect
-(``Dialect.AI_SDK``: credentials from the upgrade header, the same caps and closes).
+  this dialect has no resume), and the session's end awaits their tasks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from websockets.exceptions import ConnectionClosed
 
 from protocol import FinishReason, FrameError, frames
 from protocol.codec import validate_client_object
-from protocol.responses import (CancelRequest, CreateRequest, ResponseEncoder, ResponsesError,
-                                Turn, decode_event, error_event, new_response_id, to_turn)
+from protocol.dialect import Begin
+from protocol.responses import CreateContext, ResponseEncoder, ResponsesError, Turn, to_turn
 from relay.cluster.redis_store import RedisStore, StoreUnavailable
 from relay.cluster.replication import Replicator
-from relay.core.connection import ActionFailed, Dialect, Opened, Phase, RequestReceived
-from relay.core.errors import RelayError
-from relay.core.streamlog import LogEntry
+from relay.core.connection import ActionFailed, Phase
+from relay.core.errors import Draining, RelayError, UnknownModel
 from relay.runtime.hub import Attachment
-from relay.runtime.session import Session
-from relay.aio import cancel_and_wait
+from relay.runtime.session import DialectAdapter, Session
 
 __all__ = ["MAX_QUEUED_PER_CONNECTION", "RESPONSES_PATH", "ChainEntry", "ChainStore",
-           "ResponsesSession"]
+           "ResponsesAdapter"]
 
 logger = logging.getLogger("relay.runtime.responses")
 
@@ -212,271 +203,160 @@ class ChainStore:
         return sum(self._bytes.values())
 
 
-# ---------------------------------------------------------------- session
+# ---------------------------------------------------------------- the adapter
 
 
-@dataclass(slots=True)
-class _Running:
-    """A response running on this connection."""
+class ResponsesAdapter(DialectAdapter):
+    """The runtime half of one ``/v1/responses`` connection (module docstring): lanes and
+    chains. It raises refusals (the machine answers them) and never closes."""
 
-    response_id: str
-    lane: str | None
-    turn: Turn
-    encoder: ResponseEncoder
-    finished: asyncio.Event = field(default_factory=asyncio.Event)
-    opened: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class _Request:
-    """What the machine's error answer names (``ActionFailed.msg``)."""
-
-    type: str
-    id: str
-
-
-#: v1 refusals -> (OpenAI error type, code, status).
-_REFUSALS: dict[str, tuple[str, str, int]] = {
-    "unknown_model": ("invalid_request_error", "model_not_found", 404),
-    "too_many_streams": ("rate_limit_error", "too_many_streams", 429),
-    "rate_limited": ("rate_limit_error", "rate_limit_exceeded", 429),
-    "draining": ("server_error", "server_unavailable", 503),
-    "store_unavailable": ("server_error", "server_unavailable", 503),
-    "not_authenticated": ("authentication_error", "invalid_api_key", 401),
-    "internal_error": ("server_error", "server_error", 500),
-}
-
-
-class ResponsesSession(Session):
-    """One ``/v1/responses`` connection (module docstring)."""
-
-    dialect = Dialect.AI_SDK        # the machine's no-hello dialect (module docstring)
-
-    def __init__(self, *args: Any, chains: ChainStore, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._chains = chains
-        self._running: dict[Attachment, _Running] = {}
-        self._by_id: dict[str, _Running] = {}
-        self._lanes: dict[str | None, deque[CreateRequest]] = {}
+    def __init__(self, session: Session, *, chains: ChainStore) -> None:
+        super().__init__(session)
+        self.chains = chains
+        self._lanes: dict[str | None, deque[Begin]] = {}
         self._lane_tasks: dict[str | None, asyncio.Task[None]] = {}
         self._queued = 0
-        self._lane_of: dict[str, str | None] = {}     # response id -> lane (error answers)
+        self._running: dict[str, Attachment] = {}      # response id -> its stream here
 
-    # ------------------------------------------------------------------ handshake
-
-    async def _handshake(self) -> bool:
-        """No hello: the upgrade's ``Authorization`` header authenticates (the server
-        refuses an upgrade without one when auth is on)."""
-        request = getattr(self.ws, "request", None)
-        opened = self.conn.handle(Opened(self.ws.subprotocol,
-                                         request.headers if request is not None else None))
-        if not await self._perform_handshake(opened):
-            return False
-        return self.conn.phase is Phase.WELCOMED
-
-    # ------------------------------------------------------------------ inbound
-
-    async def _handle(self, raw: str | bytes) -> None:
-        """Decode one client event; a create joins its lane's queue, a cancel stops its
-        response. A bad event is answered with an ``error`` event; the socket stays."""
-        if self.conn.phase is not Phase.WELCOMED:
-            return                     # closing: nothing more is answered
-        try:
-            event = decode_event(raw, self._decode_limits)
-        except ResponsesError as exc:
-            self.metrics.errors.labels("bad_request").inc()
-            self._respond(exc.event())
-            return
-        if isinstance(event, CancelRequest):
-            self._cancel(event)
-            return
+    async def begin(self, request: Begin) -> None:
+        """An admitted create joins its lane's queue (at most
+        ``MAX_QUEUED_PER_CONNECTION`` wait); the lane runs its creates in order. Queueing
+        never raises the connection's stream count: a lane runs one response at a time,
+        and a create was admitted (stream caps, start rate) as it arrived."""
+        context = request.context
+        assert isinstance(context, CreateContext)
+        lane = context.request.stream_id
         if self._queued >= MAX_QUEUED_PER_CONNECTION:
-            self._respond(error_event(
+            raise ResponsesError(
                 f"more than {MAX_QUEUED_PER_CONNECTION} responses are waiting on this "
                 "connection; wait for some to finish", code="too_many_requests",
-                type="rate_limit_error", status=429, stream_id=event.stream_id))
-            return
-        lane = event.stream_id
-        self._lanes.setdefault(lane, deque()).append(event)
+                type="rate_limit_error", status=429, stream_id=lane).frame_error()
+        self._lanes.setdefault(lane, deque()).append(request)
         self._queued += 1
         task = self._lane_tasks.get(lane)
         if task is None or task.done():
             self._lane_tasks[lane] = asyncio.create_task(
-                self._run_lane(lane), name=f"responses lane {self.session_id}")
+                self._run_lane(lane), name=f"responses lane {self.session.session_id}")
 
     async def _run_lane(self, lane: str | None) -> None:
-        """Run the lane's creates one after another, each to its end."""
+        """Run the lane's creates one after another, each to its end. A refusal goes to
+        the machine as the executor's would (``ActionFailed``: the ``error`` event)."""
         queue = self._lanes[lane]
+        session = self.session
         while queue:
             request = queue.popleft()
             self._queued -= 1
             try:
-                running = await self._create(request)
-            except ConnectionClosed:
-                return
-            if running is not None:
-                await running.finished.wait()
+                finished = await self._create(request)
+            except (RelayError, FrameError) as exc:
+                failed: Exception = exc
+            except StoreUnavailable:
+                failed = ResponsesError(
+                    "previous_response_id cannot be looked up: the shared store is "
+                    "unavailable; retry shortly", code="server_unavailable",
+                    type="server_error", status=503, stream_id=lane).frame_error()
+            except Exception as exc:
+                logger.exception("session %s: internal error handling a responses "
+                                 "response.create frame", session.session_id)
+                failed = exc
+            else:
+                if finished is not None:
+                    await finished.wait()
+                continue
+            session._execute_now(session.conn.handle(ActionFailed(request, failed)))
         del self._lanes[lane]
         self._lane_tasks.pop(lane, None)
 
-    async def _create(self, request: CreateRequest) -> _Running | None:
-        """Admit and launch one create; None when it was answered without a stream (an
-        ``error`` event, or ``generate: false``)."""
-        response_id = new_response_id()
-        lane = request.stream_id
-        self._lane_of[response_id] = lane
-        try:
-            for action in self.conn.handle(RequestReceived(response_id, None)):
-                await self._perform(action)          # a refusal, or a close (token expired)
-            if self.conn.phase is not Phase.WELCOMED:
-                return None
-            return await self._launch_response(request, response_id)
-        except ResponsesError as exc:
-            exc.stream_id = lane
-            self._respond(exc.event())
-        except ConnectionClosed:
-            raise
-        except StoreUnavailable:
-            self._respond(error_event(
-                "previous_response_id cannot be looked up: the shared store is unavailable; "
-                "retry shortly", code="server_unavailable", type="server_error", status=503,
-                stream_id=lane))
-        except Exception as exc:
-            if not isinstance(exc, (RelayError, FrameError)):
-                logger.exception("session %s: internal error handling response.create",
-                                 self.session_id)
-            self._perform_now(self.conn.handle(
-                ActionFailed(_Request("response.create", response_id), exc)))
-        finally:
-            if response_id not in self._by_id:
-                self._lane_of.pop(response_id, None)
-        return None
-
-    async def _launch_response(self, request: CreateRequest,
-                               response_id: str) -> _Running | None:
-        previous: list[dict[str, Any]] | None = None
-        previous_model: str | None = None
-        if request.previous_response_id is not None:
-            found = await self._chains.get(self.principal, self, request.previous_response_id)
+    async def _create(self, request: Begin) -> asyncio.Event | None:
+        """Look the chain up, build the real ``start`` and launch it; the event set when
+        its response has ended (None when answered without a stream)."""
+        context = request.context
+        assert isinstance(context, CreateContext) and request.start is not None
+        create = context.request
+        session = self.session
+        lane = create.stream_id
+        if session.conn.phase is not Phase.WELCOMED:
+            return None                          # closing: nothing more starts
+        if session._draining():
+            raise Draining("the relay is shutting down; start the response on a new "
+                           "connection")
+        turn = context.turn
+        if turn is None:                         # a continuation: the stored conversation
+            assert create.previous_response_id is not None
+            found = await self.chains.get(session.principal, session,
+                                          create.previous_response_id)
             if found is None:
                 raise ResponsesError(
-                    f"Previous response with id '{request.previous_response_id[:64]}' not "
-                    "found: unknown, from another connection"
-                    f"{'' if self._chains.shared else ' (this relay keeps chains per connection without --redis)'}"
-                    ", expired or evicted.", code="previous_response_not_found",
-                    param="previous_response_id")
+                    f"Previous response with id '{create.previous_response_id[:64]}' not "
+                    "found: unknown, expired, evicted, or from another connection"
+                    f"{'' if self.chains.shared else ' (without --redis chains are kept per connection)'}.",
+                    code="previous_response_not_found", param="previous_response_id",
+                    stream_id=lane).frame_error()
             previous_model, previous = found
-        turn = to_turn(request, previous=previous, previous_model=previous_model,
-                       limits=self._decode_limits)
-        if turn.model not in self.registry.aliases:
-            raise ResponsesError(
-                f"The model '{turn.model[:64]}' is not served by this relay; it serves: "
-                f"{', '.join(self.registry.aliases)}", code="model_not_found", param="model",
-                status=404)
-        encoder = ResponseEncoder(response_id, turn.echo, created_at=time.time(),
-                                  stream_id=request.stream_id)
-        if not request.generate:
-            # A chain entry without a model call: created, then completed with no output.
-            self._chains.put(self.principal, self, response_id, turn.model, turn.history)
-            events = encoder.opening()
-            events += encoder.frames(frames.finish(response_id, 1, "completed", "stop",
-                                                   frames.usage(0, 0, False)))
-            for event in events:
-                self._respond(event)
+            try:
+                turn = to_turn(create, previous=previous, previous_model=previous_model,
+                               limits=session.conn._decode_limits)
+            except ResponsesError as exc:
+                exc.stream_id = lane
+                raise exc.frame_error() from None
+        if turn.model not in session.conn.visible_models():
+            raise UnknownModel(f"The model '{turn.model[:64]}' is not served by this relay; "
+                               f"it serves: {', '.join(session.conn.visible_models())}")
+        if not create.generate:
+            self._prepare(request.id, turn, lane)
             return None
-        try:
-            start = validate_client_object(frames.start(
-                response_id, turn.model, turn.messages, tools=turn.tools,
-                tool_choice=turn.tool_choice, params=turn.params or None),
-                self._decode_limits)
-        except FrameError as exc:
-            raise ResponsesError(exc.message) from None
-        await self._start(start)         # v1 admission; raises RelayError on refusal
-        att = self._attachments.get(response_id)
-        if att is None:
-            return None                  # refused without an error (token expired)
-        running = _Running(response_id, request.stream_id, turn, encoder)
-        self._running[att] = running
-        self._by_id[response_id] = running
-        return running
+        start = validate_client_object(frames.start(
+            request.id, turn.model, turn.messages, tools=turn.tools,
+            tool_choice=turn.tool_choice, params=turn.params or None),
+            session.conn._decode_limits)
+        att = await session.launch(dataclasses.replace(
+            request, start=start, context=CreateContext(create, turn)))
+        finished = asyncio.Event()
+        encoder = session._encoders.get(att)
+        assert isinstance(encoder, ResponseEncoder)
+        history = turn.history
+        model = turn.model
+        principal = session.principal
 
-    def _cancel(self, request: CancelRequest) -> None:
-        running = self._by_id.get(request.response_id)
-        att = self._attachments.get(request.response_id)
-        if running is None or att is None:
-            self._respond(error_event(
-                f"No running response with id '{request.response_id[:64]}' on this "
-                "connection.", code="response_not_found", param="response_id", status=404))
-            return
-        self.hub.cancel(att.stream, FinishReason.CLIENT_CANCEL)
+        def done(encoder: ResponseEncoder) -> None:
+            # Stored before its terminal event is sent: a continuation sent the moment the
+            # client sees it finds it. A failed response is not continued.
+            if encoder.status != "failed":
+                self.chains.put(principal, session, encoder.response_id, model,
+                                history + encoder.output_messages())
+            self._running.pop(encoder.response_id, None)
+            finished.set()
 
-    # ------------------------------------------------------------------ outbound
+        encoder.on_done = done
+        self._running[request.id] = att
+        return finished
 
-    def _respond(self, event: dict[str, Any]) -> None:
-        super()._send(event)
+    def _prepare(self, response_id: str, turn: Turn, lane: str | None) -> None:
+        """``generate: false``: a chain entry without a model call, answered as a
+        completed response with no output (through the session's one send queue)."""
+        session = self.session
+        self.chains.put(session.principal, session, response_id, turn.model, turn.history)
+        encoder = ResponseEncoder(response_id, turn.echo, created_at=time.time(),
+                                  stream_id=lane)
+        events = encoder.opening() + encoder.feed([frames.finish(
+            response_id, 1, "completed", "stop", frames.usage(0, 0, False))])
+        for event in events:
+            session._send(event)
 
-    def _send(self, frame: dict) -> bool:
-        """v1 control frames raised by the shared ``Session`` code, in Responses terms: an
-        ``error`` for a create -> an ``error`` event (OpenAI's type and code, the relay's
-        own safe message; its lane); ``started`` needs no answer (``response.created``
-        follows from the stream); the rest does not exist here."""
-        if frame.get("type") != "error":
-            return True
-        code = str(frame.get("code"))
-        kind, openai_code, status = _REFUSALS.get(
-            code, ("invalid_request_error", code, 400))
-        message = ("The relay failed to handle this request." if code == "internal_error"
-                   else str(frame.get("message")))
-        rid = frame.get("id")
-        return super()._send(error_event(
-            message, code=openai_code, type=kind, status=status,
-            param="model" if code == "unknown_model" else None,
-            stream_id=self._lane_of.get(rid) if isinstance(rid, str) else None))
-
-    def _encode_entries(self, att: Attachment, entries: list[LogEntry]) -> Iterable[bytes]:
-        running = self._running.get(att)
-        if running is None:
-            return []
-        encoder = running.encoder
-        events = [] if running.opened else encoder.opening()
-        running.opened = True
-        events += encoder.feed(entry.frame for entry in entries)
-        if encoder.done and not running.finished.is_set():
-            self._finished(running)
-        return [orjson.dumps(event) for event in events]
-
-    def _finished(self, running: _Running) -> None:
-        """The response's last event is being sent: store it for a continuation (before
-        the client can see it end), then free its lane for the next create."""
-        encoder = running.encoder
-        if encoder.status != "failed":
-            self._chains.put(self.principal, self, running.response_id,
-                             running.turn.model,
-                             running.turn.history + encoder.output_messages())
-        running.finished.set()
-
-    def _unregister(self, att: Attachment) -> None:
-        super()._unregister(att)
-        running = self._running.pop(att, None)
-        if running is not None:
-            self._by_id.pop(running.response_id, None)
-            self._lane_of.pop(running.response_id, None)
-            running.finished.set()         # (ended without its finish sent: detached)
-
-    # ------------------------------------------------------------------ end
-
-    async def _detach_all(self) -> None:
-        """The socket is gone: no lane starts another response, and every running one is
-        cancelled at once (this dialect has no resume, so ``detach_grace`` does not apply);
-        the connection's end waits for their upstream requests to close."""
-        for task in list(self._lane_tasks.values()):
-            await cancel_and_wait(task)
+    def close(self) -> None:
+        """The connection has ended: no lane starts another response, and every running
+        one is cancelled at once (this dialect has no resume, so ``detach_grace`` does not
+        apply); the session's end awaits their tasks with the streams it cancelled."""
+        session = self.session
+        for task in self._lane_tasks.values():
+            task.cancel()
+            session._cancelled_on_detach.append(task)
         self._lane_tasks.clear()
-        tasks = self.stream_tasks()
-        for att in list(self._attachments.values()):
-            if att.stream.running and not att.stream.remote:
-                self.hub.cancel(att.stream, FinishReason.CLIENT_DISCONNECT)
-        await super()._detach_all()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        self._chains.drop_owner(self.principal, self)
+        for att in self._running.values():
+            stream = att.stream
+            if stream.running and not stream.remote:
+                session.hub.cancel(stream, FinishReason.CLIENT_DISCONNECT)
+                if stream.task is not None:
+                    session._cancelled_on_detach.append(stream.task)
+        self._running.clear()
+        self.chains.drop_owner(session.principal, session)
