@@ -286,10 +286,11 @@ class ResponsesAdapter(DialectAdapter):
             found = await self.chains.get(session.principal, session,
                                           create.previous_response_id)
             if found is None:
+                scope = "" if self.chains.shared else \
+                    " (without --redis chains are kept per connection)"
                 raise ResponsesError(
                     f"Previous response with id '{create.previous_response_id[:64]}' not "
-                    "found: unknown, expired, evicted, or from another connection"
-                    f"{'' if self.chains.shared else ' (without --redis chains are kept per connection)'}.",
+                    f"found: unknown, expired, evicted, or from another connection{scope}.",
                     code="previous_response_not_found", param="previous_response_id",
                     stream_id=lane).frame_error()
             previous_model, previous = found
