@@ -50,6 +50,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="/v1/responses: stored responses per principal (256)")
     serve.add_argument("--responses-chain-bytes", type=int,
                        help="/v1/responses: stored conversation bytes per principal (32 MiB)")
+    serve.add_argument("--responses-chain-total-bytes", type=int,
+                       help="/v1/responses: stored conversation bytes in total (256 MiB)")
     serve.add_argument("--responses-chain-ttl", type=float,
                        help="/v1/responses: seconds a response stays continuable in Redis (3600)")
     serve.add_argument("--max-streams", type=int, help="concurrent streams per connection (8)")

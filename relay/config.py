@@ -150,6 +150,9 @@ class RelaySettings(BaseSettings):
                                          "(oldest dropped first)")
     responses_chain_bytes: int = Field(32 << 20, ge=1024, description="bytes of stored "
                                        "conversations per principal (oldest dropped first)")
+    responses_chain_total_bytes: int = Field(256 << 20, ge=1024, description="bytes of "
+                                             "stored conversations of every principal "
+                                             "together (oldest dropped first)")
     responses_chain_ttl: float = Field(3600.0, gt=0, description="seconds a stored response "
                                        "stays continuable in Redis (--redis), from any "
                                        "connection of its principal")

@@ -93,23 +93,29 @@ _GET_SCRIPT = "return redis.call('GET', KEYS[1])"
 
 
 class ChainStore:
-    """Stored responses for ``previous_response_id``, bounded per principal.
+    """Stored responses for ``previous_response_id``, bounded per principal and in total.
 
     In this process: per principal at most ``max_entries`` responses and ``max_bytes`` of
-    their conversations (each entry holds its whole conversation, so a continuation is one
-    lookup); past either bound the oldest entries go first, and an entry larger than
-    ``max_bytes`` alone is not kept. Without Redis an entry is visible only to the
-    connection that created it (OpenAI's rule) and is dropped with it; with Redis
-    (``attach_redis``) it is also written to Redis for ``ttl`` seconds, keyed by the
+    their conversations, and for every principal together at most ``max_total_bytes``
+    (each entry holds its whole conversation, so a continuation is one lookup; its cost is
+    the length of its compact JSON); past any bound the oldest entries go first, and an
+    entry larger than ``max_bytes`` alone is not kept. Without Redis an entry is visible
+    only to the connection that created it (OpenAI's rule) and is dropped with it; with
+    Redis (``attach_redis``) it is also written to Redis for ``ttl`` seconds, keyed by the
     principal, where any connection of that principal on any relay finds it; Redis keeps at
     most ``max_entries`` per principal too (and each entry at most ``max_bytes``)."""
 
-    def __init__(self, *, max_entries: int, max_bytes: int, ttl: float) -> None:
+    def __init__(self, *, max_entries: int, max_bytes: int, ttl: float,
+                 max_total_bytes: int | None = None) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
+        self.max_total_bytes = max_total_bytes if max_total_bytes is not None else 8 * max_bytes
         self.ttl = ttl
         self._by_principal: dict[str, OrderedDict[str, ChainEntry]] = {}
         self._bytes: dict[str, int] = {}
+        #: Every entry, oldest first: (principal, response id) -> its size.
+        self._order: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._total = 0
         self._replicator: Replicator | None = None
         self._store: RedisStore | None = None
         self._writes: set[asyncio.Task[None]] = set()
@@ -133,25 +139,38 @@ class ChainStore:
     def put(self, principal: str, owner: object, response_id: str, model: str,
             messages: list[dict[str, Any]]) -> None:
         """Store a response (synchronously here, so a continuation sent the moment the
-        client sees ``response.completed`` finds it; the Redis copy follows)."""
+        client sees it end finds it; the Redis copy follows)."""
         data = _entry_bytes(model, messages)
-        if len(data) <= self.max_bytes:
-            entries = self._by_principal.setdefault(principal, OrderedDict())
-            entries[response_id] = ChainEntry(owner, model, data)
-            total = self._bytes.get(principal, 0) + len(data)
-            while entries and (len(entries) > self.max_entries or total > self.max_bytes):
-                _, dropped = entries.popitem(last=False)
-                total -= len(dropped.data)
-            self._bytes[principal] = total
-        else:
+        if len(data) > self.max_bytes:
             logger.info("responses: a conversation of %d bytes exceeds "
                         "responses_chain_bytes; it cannot be continued", len(data))
             return
+        self._remove(principal, response_id)
+        entries = self._by_principal.setdefault(principal, OrderedDict())
+        entries[response_id] = ChainEntry(owner, model, data)
+        self._order[(principal, response_id)] = len(data)
+        self._bytes[principal] = self._bytes.get(principal, 0) + len(data)
+        self._total += len(data)
+        while len(entries) > self.max_entries or self._bytes[principal] > self.max_bytes:
+            self._remove(principal, next(iter(entries)))
+        while self._total > self.max_total_bytes:
+            self._remove(*next(iter(self._order)))
         if self._replicator is not None:
             task = self._replicator.spawn(self._publish(principal, response_id, data),
                                           name="responses chain")
             self._writes.add(task)
             task.add_done_callback(self._writes.discard)
+
+    def _remove(self, principal: str, response_id: str) -> None:
+        size = self._order.pop((principal, response_id), None)
+        if size is None:
+            return
+        entries = self._by_principal[principal]
+        del entries[response_id]
+        self._total -= size
+        self._bytes[principal] -= size
+        if not entries:
+            del self._by_principal[principal], self._bytes[principal]
 
     async def flush(self) -> None:
         """Wait for the Redis copies of the responses stored so far."""
@@ -191,16 +210,13 @@ class ChainStore:
         if self.shared:
             return
         entries = self._by_principal.get(principal)
-        if not entries:
-            return
-        for response_id in [k for k, v in entries.items() if v.owner is owner]:
-            self._bytes[principal] -= len(entries.pop(response_id).data)
-        if not entries:
-            del self._by_principal[principal]
-            del self._bytes[principal]
+        for response_id in [k for k, v in (entries or {}).items() if v.owner is owner]:
+            self._remove(principal, response_id)
 
     def bytes_held(self) -> int:
-        return sum(self._bytes.values())
+        """Bytes of stored conversations in this process (the ``relay_responses_chain_bytes``
+        gauge)."""
+        return self._total
 
 
 # ---------------------------------------------------------------- the adapter

@@ -102,7 +102,9 @@ class RelayServer:
         #: /v1/responses: stored responses for previous_response_id.
         self.chains = ChainStore(max_entries=self.settings.responses_chain_entries,
                                  max_bytes=self.settings.responses_chain_bytes,
+                                 max_total_bytes=self.settings.responses_chain_total_bytes,
                                  ttl=self.settings.responses_chain_ttl)
+        self.metrics.responses_chain_bytes.set_function(self.chains.bytes_held)
         self.replicator: Replicator | None = None
         self.shared_limits: SharedLimits | None = None
         if self.settings.redis_url is not None:
