@@ -206,12 +206,16 @@ async def test_a_tool_round_trip_reaches_the_model_as_a_tool_result(fmt):
         assert "sunny, 24C" in json.dumps(tool_result["content"])
 
 
-async def test_reasoning_is_streamed_as_a_reasoning_item():
+@pytest.mark.parametrize("fmt", ["openai", "anthropic"])
+async def test_reasoning_is_streamed_as_a_reasoning_item(fmt):
     async with relay() as (up, server):
-        up.enqueue(stream("openai", ["Answer"], reasoning=["Think", "ing"]))
+        up.enqueue(stream(fmt, ["Answer"], reasoning=["Think", "ing"]))
         async with sdk(server).responses.connect() as conn:
-            await conn.response.create(model="oai", input="why?",
-                                       reasoning={"effort": "low"})
+            # (LiteLLM refuses reasoning_effort for a Claude model it does not know to
+            # think, as claude-x; the thinking blocks stream all the same)
+            await conn.response.create(model=ALIAS[fmt], input="why?",
+                                       **({"reasoning": {"effort": "low"}}
+                                          if fmt == "openai" else {}))
             events = await until_done(conn)
     response = check_response(events)
     assert deltas(events, "response.reasoning_text.delta") == "Thinking"
@@ -219,7 +223,8 @@ async def test_reasoning_is_streamed_as_a_reasoning_item():
     assert reasoning["type"] == "reasoning"
     assert reasoning["content"] == [{"type": "reasoning_text", "text": "Thinking"}]
     assert message["content"][0]["text"] == "Answer"
-    assert up.requests[0].json["reasoning_effort"] == "low"
+    if fmt == "openai":
+        assert up.requests[0].json["reasoning_effort"] == "low"
 
 
 async def test_max_output_tokens_ends_the_response_incomplete():
@@ -533,3 +538,24 @@ async def test_the_sdk_reconnects_to_a_second_relay_and_continues_the_chain(pref
     assert up.requests[1].json["messages"] == [
         {"role": "user", "content": "first"}, {"role": "assistant", "content": "On A"},
         {"role": "user", "content": "second"}]
+
+
+async def test_structured_output_and_sampling_options_reach_the_provider():
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}},
+              "required": ["answer"], "additionalProperties": False}
+    async with relay() as (up, server):
+        up.enqueue(stream("openai", ['{"answer":', '"yes"}']))
+        async with sdk(server).responses.connect() as conn:
+            await conn.response.create(
+                model="oai", input="answer in JSON", max_output_tokens=64, top_p=0.5,
+                parallel_tool_calls=False, tools=[WEATHER],
+                text={"format": {"type": "json_schema", "name": "reply", "schema": schema,
+                                 "strict": True}})
+            response = check_response(await until_done(conn))
+    assert json.loads(response["output"][0]["content"][0]["text"]) == {"answer": "yes"}
+    assert response["text"]["format"]["type"] == "json_schema"
+    sent = up.requests[0].json
+    assert sent["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "reply", "schema": schema, "strict": True}}
+    assert sent["max_tokens"] == 64 or sent.get("max_completion_tokens") == 64
+    assert sent["top_p"] == 0.5 and sent["parallel_tool_calls"] is False
