@@ -723,18 +723,17 @@ class ResponseEncoder:
               name: str | None) -> _Item:
         item = self._calls.get(index)
         if item is None:
+            # The first chunk's call_id is the one the client keys the call by.
             self._close_item(out)
-            prefix_item = _Item("function_call", f"fc_{self._suffix}_{len(self._items)}",
-                                len(self._items))
-            prefix_item.call_id = call_id
-            prefix_item.name = name or ""
-            self._items.append(prefix_item)
-            self._calls[index] = prefix_item
-            self._open = prefix_item
-            self._event(out, "response.output_item.added",
-                        output_index=prefix_item.output_index,
-                        item=self._item_object(prefix_item))
-            item = prefix_item
+            item = _Item("function_call", f"fc_{self._suffix}_{len(self._items)}",
+                         len(self._items))
+            item.call_id = call_id
+            item.name = name or ""
+            self._items.append(item)
+            self._calls[index] = item
+            self._open = item
+            self._event(out, "response.output_item.added", output_index=item.output_index,
+                        item=self._item_object(item))
         elif name and not item.name:
             item.name = name
         return item

@@ -559,3 +559,22 @@ async def test_structured_output_and_sampling_options_reach_the_provider():
         "name": "reply", "schema": schema, "strict": True}}
     assert sent["max_tokens"] == 64 or sent.get("max_completion_tokens") == 64
     assert sent["top_p"] == 0.5 and sent["parallel_tool_calls"] is False
+
+
+async def test_redis_keeps_at_most_the_entries_bound_per_principal(prefix):
+    url = "redis://127.0.0.1:6379/0"
+    settings = dict(redis_url=url, redis_prefix=prefix, responses_chain_entries=2)
+    async with start_relay(**settings) as a, start_relay(**settings) as b:
+        ids = []
+        async with sdk(a).responses.connect() as conn:
+            for text in ("one", "two", "three"):
+                await conn.response.create(model="demo", input=text)
+                ids.append(check_response(await until_done(conn))["id"])
+        await a.chains.flush()
+        async with sdk(b).responses.connect() as conn:
+            await conn.response.create(input="again", previous_response_id=ids[0])
+            [error] = await until_done(conn)
+            await conn.response.create(input="again", previous_response_id=ids[1])
+            continued = check_response(await until_done(conn))
+    assert error["error"]["code"] == "previous_response_not_found"
+    assert continued["status"] == "completed"
