@@ -15,7 +15,9 @@ the dialect means and nothing that does I/O (the mapping and the choices are wri
   ``tool_call_chunk``, ``tool_call_complete``, ``finish``) -> the Responses server events of
   one response, numbered by ``sequence_number`` from 0, ids stable for the response, each
   valid for the SDK's own ``ResponsesServerEvent`` models (a test checks every one);
-* ``error_event``: a refusal as the dialect's ``error`` event.
+* ``error_event``: a refusal as the dialect's ``error`` event;
+* ``ResponsesCodec``: all of it as a dialect of the relay's one connection core
+  (``protocol.dialect.Codec``), served at ``/v1/responses`` (relay.runtime.routes).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-import orjson
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
                       StrictStr, ValidationError)
 
@@ -47,7 +48,6 @@ __all__ = [
     "ResponsesError",
     "Turn",
     "decode_event",
-    "encoded",
     "error_event",
     "new_response_id",
     "to_turn",
@@ -849,11 +849,6 @@ class ResponseEncoder:
         if calls:
             message["tool_calls"] = calls
         return [message]
-
-
-def encoded(events: Iterable[dict[str, Any]]) -> list[bytes]:
-    """The wire bytes of ``events`` (one text frame each)."""
-    return [orjson.dumps(event) for event in events]
 
 
 # ---------------------------------------------------------------- the dialect's codec
