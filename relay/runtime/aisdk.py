@@ -7,8 +7,9 @@ requests, replies and stream frames -> AI SDK frames), and the connection machin
 errors and closes exactly as for /ws. What needs the runtime is here, in
 ``AiSdkAdapter`` (a ``relay.runtime.session.DialectAdapter``):
 
-* a ``send`` (an admitted ``Begin``) is refused while its chat's latest response still runs
-  (one active response per chat), else launched like a v1 ``start`` and recorded in
+* a ``send`` is refused while its chat's latest response still runs (one active response
+  per chat: ``refusal``, which the machine asks after the request's credentials and before
+  its admission), else, admitted, launched like a v1 ``start`` and recorded in
   ``ChatIndex`` ((owner, chat id) -> the stream of its latest response);
 * a ``resume`` looks the chat up in ``ChatIndex`` and attaches the stream from its first
   frame: the whole response is replayed (with the same ``messageId``; merged, and paid from
@@ -40,7 +41,7 @@ from protocol import Resume
 from protocol.aisdk import ResumeRequest, SendRequest, message_id, safe_error_text
 from protocol.dialect import Begin, Reattach
 
-from relay.core.errors import BadRequest, StreamLost, UnknownStream
+from relay.core.errors import BadRequest, RelayError, StreamLost, UnknownStream
 from relay.cluster.redis_store import StoreUnavailable
 from relay.cluster.replication import Replicator, StoreUnavailableError
 from relay.runtime.session import DialectAdapter, Session
@@ -201,18 +202,23 @@ class AiSdkAdapter(DialectAdapter):
             return session.principal
         return f"{session.principal} {self._owner_cookie}"
 
-    async def begin(self, request: Begin) -> None:
+    def refusal(self, request: Begin) -> RelayError | None:
+        """One active response per chat: a ``send`` while its chat's latest response runs."""
         send = request.context
         assert isinstance(send, SendRequest)
-        owner = self.chat_owner
-        current = self.chats.local(owner, send.id)
+        current = self.chats.local(self.chat_owner, send.id)
         if current is not None:
             stream = self.session.hub.get(current.stream_key)
             if stream is not None and stream.running:
-                raise BadRequest("A response is already active for this chat.")
+                return BadRequest("A response is already active for this chat.")
+        return None
+
+    async def begin(self, request: Begin) -> None:
+        send = request.context
+        assert isinstance(send, SendRequest)
         att = await self.session.launch(request)
-        self.chats.set(owner, send.id, ChatResponse(att.stream.key,
-                                                    message_id(att.stream.key)))
+        self.chats.set(self.chat_owner, send.id, ChatResponse(att.stream.key,
+                                                              message_id(att.stream.key)))
 
     async def reattach(self, request: Reattach) -> None:
         """v1 resume of the chat's latest stream from its first frame (local, or followed
