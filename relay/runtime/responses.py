@@ -222,6 +222,14 @@ class ChainStore:
 # ---------------------------------------------------------------- the adapter
 
 
+class TooManyQueued(RelayError):
+    """This dialect's refusal of a create while ``MAX_QUEUED_PER_CONNECTION`` wait (the
+    ``error`` event ``too_many_requests``, 429)."""
+
+    code = "too_many_requests"
+
+
+
 class ResponsesAdapter(DialectAdapter):
     """The runtime half of one ``/v1/responses`` connection (module docstring): lanes and
     chains. It raises refusals (the machine answers them) and never closes."""
@@ -234,34 +242,38 @@ class ResponsesAdapter(DialectAdapter):
         self._queued = 0
         self._running: dict[str, Attachment] = {}      # response id -> its stream here
 
+    def refusal(self, request: Begin) -> RelayError | None:
+        """Before admission (so a refused create spends no start): more than
+        ``MAX_QUEUED_PER_CONNECTION`` creates waiting for their lanes."""
+        if self._queued >= MAX_QUEUED_PER_CONNECTION:
+            return TooManyQueued(f"more than {MAX_QUEUED_PER_CONNECTION} responses are "
+                                 "waiting on this connection; wait for some to finish")
+        return None
+
     async def begin(self, request: Begin) -> None:
-        """An admitted create joins its lane's queue (at most
-        ``MAX_QUEUED_PER_CONNECTION`` wait); the lane runs its creates in order. Queueing
-        never raises the connection's stream count: a lane runs one response at a time,
-        and a create was admitted (stream caps, start rate) as it arrived."""
+        """An admitted create joins its lane's queue; the lane runs its creates in order.
+        Queueing never raises the connection's stream count: a lane runs one response at a
+        time, and a create was admitted (stream caps, start rate) as it arrived."""
         context = request.context
         assert isinstance(context, CreateContext)
         lane = context.request.stream_id
-        if self._queued >= MAX_QUEUED_PER_CONNECTION:
-            raise ResponsesError(
-                f"more than {MAX_QUEUED_PER_CONNECTION} responses are waiting on this "
-                "connection; wait for some to finish", code="too_many_requests",
-                type="rate_limit_error", status=429, stream_id=lane).frame_error()
-        self._lanes.setdefault(lane, deque()).append(request)
-        self._queued += 1
         task = self._lane_tasks.get(lane)
-        if task is None or task.done():
+        if task is None or task.done():          # a free lane: this create runs now
+            self._lanes[lane] = deque()
             self._lane_tasks[lane] = asyncio.create_task(
-                self._run_lane(lane), name=f"responses lane {self.session.session_id}")
+                self._run_lane(lane, request), name=f"responses lane {self.session.session_id}")
+        else:                                    # a busy one: it waits its turn
+            self._lanes[lane].append(request)
+            self._queued += 1
 
-    async def _run_lane(self, lane: str | None) -> None:
-        """Run the lane's creates one after another, each to its end. A refusal goes to
-        the machine as the executor's would (``ActionFailed``: the ``error`` event)."""
+    async def _run_lane(self, lane: str | None, first: Begin) -> None:
+        """Run ``first``, then the creates that queued behind it, one after another, each to
+        its end. A refusal goes to the machine as the executor's would (``ActionFailed``:
+        the ``error`` event)."""
         queue = self._lanes[lane]
         session = self.session
-        while queue:
-            request = queue.popleft()
-            self._queued -= 1
+        request: Begin | None = first
+        while request is not None:
             try:
                 finished = await self._create(request)
             except (RelayError, FrameError) as exc:
@@ -278,10 +290,18 @@ class ResponsesAdapter(DialectAdapter):
             else:
                 if finished is not None:
                     await finished.wait()
+                request = self._next(queue)
                 continue
             session._execute_now(session.conn.handle(ActionFailed(request, failed)))
+            request = self._next(queue)
         del self._lanes[lane]
         self._lane_tasks.pop(lane, None)
+
+    def _next(self, queue: deque[Begin]) -> Begin | None:
+        if not queue:
+            return None
+        self._queued -= 1
+        return queue.popleft()
 
     async def _create(self, request: Begin) -> asyncio.Event | None:
         """Look the chain up, build the real ``start`` and launch it; the event set when
@@ -346,6 +366,10 @@ class ResponsesAdapter(DialectAdapter):
 
         encoder.on_done = done
         self._running[request.id] = att
+        # response.created at once, as OpenAI sends it (not with the first token): queued
+        # like the ``started`` reply it stands for, so it precedes every event of the stream.
+        for event in encoder.opening():
+            session._send(event)
         return finished
 
     def _prepare(self, response_id: str, turn: Turn, lane: str | None) -> None:

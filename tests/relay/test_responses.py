@@ -584,3 +584,25 @@ async def test_redis_keeps_at_most_the_entries_bound_per_principal(prefix):
             continued = check_response(await until_done(conn))
     assert error["error"]["code"] == "previous_response_not_found"
     assert continued["status"] == "completed"
+
+
+async def test_creates_waiting_for_their_lane_are_bounded(monkeypatch):
+    monkeypatch.setattr("relay.runtime.responses.MAX_QUEUED_PER_CONNECTION", 1)
+    async with relay() as (up, server):
+        up.enqueue(stream("openai", ["a", "b"]).silent_after(1), stream("openai", ["two"]))
+        async with sdk(server).responses.connect() as conn:
+            await conn.response.create(model="oai", input="1", stream_id="x")
+            first = await next_event(conn)            # running: the lane is busy
+            assert first["type"] == "response.created"
+            await conn.response.create(model="oai", input="2", stream_id="x")   # waits
+            await conn.response.create(model="oai", input="3", stream_id="x")   # refused
+            refused = (await until_done(conn, "x"))[-1]
+            await conn.send({"type": "response.cancel",
+                             "response_id": first["response"]["id"]})
+            assert (await until_done(conn, "x"))[-1]["response"]["status"] == "cancelled"
+            second = await until_done(conn, "x")
+    assert refused["error"]["code"] == "too_many_requests" and refused["status"] == 429
+    assert refused["stream_id"] == "x"
+    assert check_response(second)["status"] == "completed"
+    assert deltas(second, "response.output_text.delta") == "two"
+    assert len(up.requests) == 2
