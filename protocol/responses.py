@@ -164,6 +164,9 @@ class CreateRequest(_Event):
     stream_id: StreamId | None = None
     stream: StrictBool | None = None
     background: StrictBool | None = None
+    #: False: the conversation stays in this relay's memory for this connection only
+    #: (never written to Redis), as OpenAI keeps a ``store=false`` chain on its socket.
+    store: StrictBool | None = None
 
 
 class CancelRequest(_Event):

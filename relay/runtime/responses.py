@@ -67,6 +67,8 @@ class ChainEntry:
     owner: object
     model: str
     data: bytes
+    #: Visible to its own connection only, even with Redis (``store: false``).
+    private: bool = False
 
     def messages(self) -> list[dict[str, Any]]:
         loaded: list[dict[str, Any]] = orjson.loads(self.data)
@@ -137,9 +139,10 @@ class ChainStore:
                 self._store.key(f"resp-index:{digest}"))
 
     def put(self, principal: str, owner: object, response_id: str, model: str,
-            messages: list[dict[str, Any]]) -> None:
+            messages: list[dict[str, Any]], *, private: bool = False) -> None:
         """Store a response (synchronously here, so a continuation sent the moment the
-        client sees it end finds it; the Redis copy follows)."""
+        client sees it end finds it; the Redis copy follows). ``private`` (a create with
+        ``store: false``): for ``owner`` only, never written to Redis."""
         data = _entry_bytes(model, messages)
         if len(data) > self.max_bytes:
             logger.info("responses: a conversation of %d bytes exceeds "
@@ -147,7 +150,7 @@ class ChainStore:
             return
         self._remove(principal, response_id)
         entries = self._by_principal.setdefault(principal, OrderedDict())
-        entries[response_id] = ChainEntry(owner, model, data)
+        entries[response_id] = ChainEntry(owner, model, data, private)
         self._order[(principal, response_id)] = len(data)
         self._bytes[principal] = self._bytes.get(principal, 0) + len(data)
         self._total += len(data)
@@ -155,7 +158,7 @@ class ChainStore:
             self._remove(principal, next(iter(entries)))
         while self._total > self.max_total_bytes:
             self._remove(*next(iter(self._order)))
-        if self._replicator is not None:
+        if self._replicator is not None and not private:
             task = self._replicator.spawn(self._publish(principal, response_id, data),
                                           name="responses chain")
             self._writes.add(task)
@@ -193,7 +196,7 @@ class ChainStore:
         ``StoreUnavailable`` when only Redis could know and cannot answer."""
         entries = self._by_principal.get(principal)
         entry = entries.get(response_id) if entries is not None else None
-        if entry is not None and (entry.owner is owner or self.shared):
+        if entry is not None and (entry.owner is owner or self.shared and not entry.private):
             return entry.model, orjson.loads(entry.data)["messages"]
         if self._store is None:
             return None
@@ -205,12 +208,12 @@ class ChainStore:
         return loaded["model"], loaded["messages"]
 
     def drop_owner(self, principal: str, owner: object) -> None:
-        """``owner``'s connection closed: without Redis its responses cannot be continued
-        any more (OpenAI's per-connection rule), so they are freed."""
-        if self.shared:
-            return
+        """``owner``'s connection closed: the responses only it can continue (all of them
+        without Redis: OpenAI's per-connection rule; its ``store: false`` ones with Redis)
+        are freed."""
         entries = self._by_principal.get(principal)
-        for response_id in [k for k, v in (entries or {}).items() if v.owner is owner]:
+        for response_id in [k for k, v in (entries or {}).items()
+                            if v.owner is owner and (v.private or not self.shared)]:
             self._remove(principal, response_id)
 
     def bytes_held(self) -> int:
@@ -340,7 +343,7 @@ class ResponsesAdapter(DialectAdapter):
             raise UnknownModel(f"The model '{turn.model[:64]}' is not served by this relay; "
                                f"it serves: {', '.join(session.conn.visible_models())}")
         if not create.generate:
-            self._prepare(request.id, turn, lane)
+            self._prepare(request.id, turn, lane, private=create.store is False)
             return None
         start = validate_client_object(frames.start(
             request.id, turn.model, turn.messages, tools=turn.tools,
@@ -360,7 +363,8 @@ class ResponsesAdapter(DialectAdapter):
             # client sees it finds it. A failed response is not continued.
             if encoder.status != "failed":
                 self.chains.put(principal, session, encoder.response_id, model,
-                                history + encoder.output_messages())
+                                history + encoder.output_messages(),
+                                private=create.store is False)
             self._running.pop(encoder.response_id, None)
             finished.set()
 
@@ -372,11 +376,13 @@ class ResponsesAdapter(DialectAdapter):
             session._send(event)
         return finished
 
-    def _prepare(self, response_id: str, turn: Turn, lane: str | None) -> None:
+    def _prepare(self, response_id: str, turn: Turn, lane: str | None, *,
+                 private: bool) -> None:
         """``generate: false``: a chain entry without a model call, answered as a
         completed response with no output (through the session's one send queue)."""
         session = self.session
-        self.chains.put(session.principal, session, response_id, turn.model, turn.history)
+        self.chains.put(session.principal, session, response_id, turn.model, turn.history,
+                        private=private)
         encoder = ResponseEncoder(response_id, turn.echo, created_at=time.time(),
                                   stream_id=lane)
         events = encoder.opening() + encoder.feed([frames.finish(

@@ -606,3 +606,21 @@ async def test_creates_waiting_for_their_lane_are_bounded(monkeypatch):
     assert check_response(second)["status"] == "completed"
     assert deltas(second, "response.output_text.delta") == "two"
     assert len(up.requests) == 2
+
+
+async def test_store_false_keeps_the_chain_on_its_connection_even_with_redis(prefix):
+    url = "redis://127.0.0.1:6379/0"
+    settings = dict(redis_url=url, redis_prefix=prefix)
+    async with start_relay(**settings) as a, start_relay(**settings) as b:
+        async with sdk(a).responses.connect() as conn:
+            await conn.response.create(model="demo", input="secret", store=False)
+            first = check_response(await until_done(conn))
+            await conn.response.create(input="more", previous_response_id=first["id"],
+                                       store=False)
+            assert check_response(await until_done(conn))["status"] == "completed"
+        await a.chains.flush()
+        async with sdk(b).responses.connect() as conn:
+            await conn.response.create(input="again", previous_response_id=first["id"])
+            [error] = await until_done(conn)
+    assert error["error"]["code"] == "previous_response_not_found"
+    assert a.chains.bytes_held() == 0          # freed with its connection

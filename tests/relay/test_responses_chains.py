@@ -54,3 +54,4 @@ async def test_every_principal_together_is_bounded_too():
     assert chains.bytes_held() == 3 * size
     assert [await chains.get(f"p{i}", owner, f"resp_{i}") is not None for i in range(5)] == [
         False, False, True, True, True]
+
