@@ -285,13 +285,15 @@ def _doc_flags(text: str) -> set[str]:
 def test_every_flag_readme_documents_exists():
     """README's flags against the commands' own `--help`: the Configuration section is all
     `relay serve` flags; anywhere else a flag must belong to one of the commands README
-    shows (serve, token mint, check, the demo clients, the benchmarks, the schema generator)."""
+    shows (serve, token mint, check, the demo clients and agent, the benchmarks, the schema
+    generator)."""
     serve = _help_flags("-m", "relay", "serve")
     known = serve | _help_flags("-m", "relay", "token", "mint") \
         | _help_flags("-m", "relay", "check")
     # The schema generator reads its one flag by hand (no --help): take it from its source.
     known |= _doc_flags((ROOT / "protocol" / "schema.py").read_text())
     for script in ("client_demo/demo_client.py", "client_demo/chat.py",
+                   "client_demo/responses_agent.py",
                    "bench/relay_vs_litellm.py", "bench/render_markdown.py",
                    "bench/attack_latency.py", "bench/fast_path.py",
                    "bench/detached_streams_rss.py", "bench/capacity.py",

@@ -232,7 +232,6 @@ class TooManyQueued(RelayError):
     code = "too_many_requests"
 
 
-
 class ResponsesAdapter(DialectAdapter):
     """The runtime half of one ``/v1/responses`` connection (module docstring): lanes and
     chains. It raises refusals (the machine answers them) and never closes."""
