@@ -597,6 +597,9 @@ async def test_creates_waiting_for_their_lane_are_bounded(monkeypatch):
             await conn.response.create(model="oai", input="2", stream_id="x")   # waits
             await conn.response.create(model="oai", input="3", stream_id="x")   # refused
             refused = (await until_done(conn, "x"))[-1]
+            # (response.created goes out at launch: once the first request has reached
+            # the upstream, the second gets the second script)
+            await up.wait_request(1)
             await conn.send({"type": "response.cancel",
                              "response_id": first["response"]["id"]})
             assert (await until_done(conn, "x"))[-1]["response"]["status"] == "cancelled"
