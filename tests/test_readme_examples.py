@@ -353,6 +353,7 @@ def test_every_flag_the_docs_document_exists():
                 ("-m", "relay", "check"), ("-m", "mkdocs", "build"),   # the docs site's own
                 *[(script,) for script in (
                     "client_demo/demo_client.py", "client_demo/chat.py",
+                    "client_demo/responses_agent.py",
                     "bench/relay_vs_litellm.py", "bench/render_markdown.py",
                     "bench/attack_latency.py", "bench/fast_path.py",
                     "bench/detached_streams_rss.py", "bench/capacity.py",

@@ -17,9 +17,11 @@ from typing import Any
 
 from protocol.aisdk import AiSdkCodec
 from protocol.dialect import Codec
+from protocol.responses import ResponsesCodec
 from protocol.v1 import V1Codec
 
 from relay.runtime.aisdk import AI_SDK_PATH, AiSdkAdapter, issue_chat_owner
+from relay.runtime.responses import RESPONSES_PATH, ResponsesAdapter
 from relay.runtime.session import DialectAdapter, Session
 
 __all__ = ["DIALECTS", "DialectRoute", "WS_PATH", "route_for"]
@@ -37,6 +39,11 @@ def _v1_adapter(server: Server) -> Callable[[Session], DialectAdapter]:
 def _aisdk_adapter(server: Server) -> Callable[[Session], DialectAdapter]:
     chats = server.chats
     return lambda session: AiSdkAdapter(session, chats=chats)
+
+
+def _responses_adapter(server: Server) -> Callable[[Session], DialectAdapter]:
+    chains = server.chains
+    return lambda session: ResponsesAdapter(session, chains=chains)
 
 
 def _aisdk_upgrade(server: Server, request_headers: Any, response_headers: Any) -> None:
@@ -67,6 +74,7 @@ class DialectRoute:
 DIALECTS: tuple[DialectRoute, ...] = (
     DialectRoute(WS_PATH, V1Codec()),
     DialectRoute(AI_SDK_PATH, AiSdkCodec(), _aisdk_adapter, _aisdk_upgrade),
+    DialectRoute(RESPONSES_PATH, ResponsesCodec(), _responses_adapter),
 )
 
 

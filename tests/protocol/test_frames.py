@@ -308,8 +308,9 @@ def test_no_frame_is_assembled_outside_the_builders():
 
 
 #: Modules whose dicts are another wire's, not llm-relay.v1 frames: the AI SDK's
-#: UIMessageChunk protocol, and TokenStreamer's seed-compatible event dicts.
-_OTHER_WIRES = {"protocol/aisdk.py", "relay/token_streamer.py"}
+#: UIMessageChunk protocol, the OpenAI Responses events, and TokenStreamer's
+#: seed-compatible event dicts.
+_OTHER_WIRES = {"protocol/aisdk.py", "protocol/responses.py", "relay/token_streamer.py"}
 
 
 def test_the_scan_finds_a_hand_built_frame():
