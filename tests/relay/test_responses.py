@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from relay.app import load_models
 from relay.upstream.providers import ModelRegistry
-from relay.upstream.streamer import Timeouts
+from relay.upstream.event_streamer import Timeouts
 from tests.fakes.upstream import FakeUpstream, Usage, http_error, stream, tool_call
 
 from ..redis_server import redis_ping
