@@ -18,6 +18,9 @@ one at a time, each *path* as a process of its own, then drives it from this pro
             the config key ``fast``; an alias selects it unless ``fast = false``)
   fast-asyncio  the same with ``--loop asyncio`` (asyncio's own event loop instead of the
             default uvloop, on builds that have ``--loop``): what the loop is worth
+  responses the ``fast`` relay's ``/v1/responses`` (the OpenAI Responses WebSocket mode:
+            ``response.create`` in, Responses events out), throughput only: what the
+            dialect's encoding costs over v1 on the same fast path
   litellm   ``relay serve``, alias with ``fast = false`` (on builds without a fast path:
             every alias, which is this path)
   naive     bench/naive_relay.py: the seed's EventStreamer (litellm stream -> one JSON frame
@@ -97,6 +100,7 @@ TARGETS = {
     "cancel": "cancel -> upstream closed p99 <= 20 ms at 100 streams",
     "workers": "2 workers >= 1.5x the tokens/s of 1 worker (where cores allow)",
     "idle": "idle connection <= 30 KiB",
+    "responses": "/v1/responses CPU/token <= 1.3x v1 on the fast path",
 }
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -261,6 +265,37 @@ async def open_ws(url: str, count: int) -> list:
     return list(await asyncio.gather(*(one() for _ in range(count))))
 
 
+async def open_responses(url: str, count: int) -> list:
+    """``count`` connections to ``/v1/responses`` (no subprotocol, no hello)."""
+    from websockets.asyncio.client import connect
+
+    gate = asyncio.Semaphore(50)
+
+    async def one():
+        async with gate:
+            return await connect(url, max_size=None, compression=None, open_timeout=60,
+                                 ping_interval=None)
+
+    return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+async def responses_unpaced(ws, model: str, tokens: int) -> int:
+    """One response of ``tokens`` tokens through ``/v1/responses``; the tokens received
+    (counted in ``output_text.delta`` events only: the done events repeat the text)."""
+    await ws.send(json.dumps({"type": "response.create", "model": model,
+                              "input": _prompt(tokens)}))
+    got = 0
+    while True:
+        data = await ws.recv(decode=False)
+        if b'"response.output_text.delta"' in data:
+            got += data.count(b"~")
+        elif b'"response.completed"' in data:
+            return got
+        elif b'"type":"error"' in data or b'"response.failed"' in data \
+                or b'"response.incomplete"' in data:
+            raise RuntimeError(data[:300])
+
+
 async def close_ws(conns: list) -> None:
     await asyncio.gather(*(ws.close() for ws in conns), return_exceptions=True)
 
@@ -332,7 +367,8 @@ class Served:
             return await self._reader_round(streams, tokens)
         if self.kind == "sse":
             return await self._sse_round(streams, tokens)
-        conns = await open_ws(self.url, streams)
+        responses = self.kind == "responses"
+        conns = await (open_responses if responses else open_ws)(self.url, streams)
 
         async def one_connection(i: int, ws) -> tuple[int, int]:
             # Stream after stream, with no barrier between the connections: the load stays
@@ -340,7 +376,10 @@ class Served:
             runs = got = 0
             while runs == 0 or (runs < MAX_STREAMS_PER_CONNECTION
                                 and time.perf_counter() - t0 < MIN_MEASURED_SECONDS):
-                got += await ws_unpaced(ws, f"s{i}-{runs}", self.model, tokens)
+                if responses:
+                    got += await responses_unpaced(ws, self.model, tokens)
+                else:
+                    got += await ws_unpaced(ws, f"s{i}-{runs}", self.model, tokens)
                 runs += 1
             return runs, got
 
@@ -711,6 +750,10 @@ async def run(args: argparse.Namespace) -> Results:
             url = _relay_url(relay)
             if has_fast and "fast" in modes:
                 paths.append(Served("fast", "llm-relay, fast path", relay, url, "bench"))
+            if has_fast and "responses" in modes:
+                paths.append(Served("responses", "llm-relay /v1/responses, fast path", relay,
+                                    url.rsplit("/", 1)[0] + "/v1/responses", "bench",
+                                    kind="responses"))
             if "litellm" in modes:
                 paths.append(Served("litellm", "llm-relay, LiteLLM path" if has_fast else
                                    "llm-relay (LiteLLM path)", relay, url,
@@ -897,7 +940,7 @@ def _median(values: list[float]) -> float | None:
 def tables(res: Results) -> list[tuple[str, list[str], list[list[str]]]]:
     out = []
     shapes = [n for n, _ in res.labels["shapes"]]
-    names = [n for n in ("raw", "fast", "fast-asyncio", "litellm", "naive", "proxy")
+    names = [n for n in ("raw", "fast", "responses", "fast-asyncio", "litellm", "naive", "proxy")
              if n in res.labels]
     rows = []
     for name in names:
@@ -973,12 +1016,15 @@ def _targets(res: Results) -> list[list[str]]:
     def cpu(name):
         return _median([c for n in (1, 10, 100) for c, _ in res.throughput.get((name, n), [])])
 
-    raw, fast, lite = cpu("raw"), cpu("fast"), cpu("litellm")
+    raw, fast, lite, responses = cpu("raw"), cpu("fast"), cpu("litellm"), cpu("responses")
     rows.append([TARGETS["fast_vs_raw"],
                  f"fast/raw = {fast / raw:.1f}x" if fast and raw else "n/a (no fast path)"])
     rows.append([TARGETS["fast_vs_litellm"],
                  f"LiteLLM/fast CPU per token = {lite / fast:.1f}x" if fast and lite
                  else "n/a (no fast path)"])
+    rows.append([TARGETS["responses"],
+                 f"/v1/responses / v1 CPU per token = {responses / fast:.2f}x"
+                 if fast and responses else "not run"])
     best = None
     for name in ("fast", "litellm"):
         runs = res.latency.get((name, 1000))
@@ -1059,7 +1105,8 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer tokens, 2 repetitions")
     parser.add_argument("--reps", type=int, help="repetitions (3; --quick: 2)")
-    parser.add_argument("--modes", default="raw,fast,fast-asyncio,litellm,naive,proxy,workers",
+    parser.add_argument("--modes",
+                        default="raw,fast,responses,fast-asyncio,litellm,naive,proxy,workers",
                         help="paths to measure (comma-separated)")
     parser.add_argument("--skip", default="",
                         help="parts to skip: throughput,latency,cancel,idle")

@@ -47,10 +47,10 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAd
 
 from . import frames
 from .codec import (DecodeLimits, FrameError, check_request_shape, parse_json_within,
-                    validate_client_object)
+                    validate_start)
 from .dialect import Begin, Handshake, Malformed, Reattach, Request, Stop
 from .frames import Frame
-from .messages import Start, StreamId
+from .messages import StreamId
 
 __all__ = [
     "MAX_MERGED_DELTA_CHARS",
@@ -637,12 +637,11 @@ class AiSdkCodec:
             messages = to_chat_messages(request.messages)
             # The v1 start it becomes passes the same checks as one sent on /ws: its size
             # and counts before validation (DecodeLimits), then the models.
-            start = validate_client_object(frames.start(
+            start = validate_start(frames.start(
                 rid, body.get("model") or default_model, messages,
                 tools=body.get("tools"),
                 tool_choice=body.get("toolChoice", body.get("tool_choice")),
                 params=body.get("params") or None), limits)
-            assert isinstance(start, Start)         # (a ``start`` frame, built just above)
         except FrameError as exc:
             return Begin(rid, None, ref="send", authorization=authorization,
                          invalid=f"Invalid request: {exc.message}", context=request)

@@ -51,13 +51,13 @@ from .frames import Frame
 from .frames import error as _error_frame
 from .messages import (
     ADDRESSED_CLIENT_FRAME_TYPES, ALLOWED_PARAMS, CLIENT_FRAME_TYPES, RELAY_OPS,
-    SERVER_FRAME_TYPES, ClientMessage, RelayMessage, ServerMessage,
+    SERVER_FRAME_TYPES, ClientMessage, RelayMessage, ServerMessage, Start,
 )
 
 __all__ = [
     "DecodeLimits", "FrameError", "check_request_shape", "decode_client_frame",
     "decode_relay_message", "decode_server_frame", "encode_frame", "parse_json_within",
-    "validate_client_object",
+    "validate_client_object", "validate_start",
 ]
 
 _CLIENT_ADAPTER: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
@@ -178,6 +178,15 @@ def validate_client_object(obj: object,
         return _CLIENT_ADAPTER.validate_python(obj)
     except ValidationError as exc:
         raise FrameError(_describe(exc), ref=ftype, id=sid) from None
+
+
+def validate_start(obj: object, limits: DecodeLimits = _DEFAULT_LIMITS) -> Start:
+    """``validate_client_object`` for a ``start`` built from another dialect's request (its
+    size and counts, then the models): the ``Start``, or ``FrameError``."""
+    msg = validate_client_object(obj, limits)
+    if not isinstance(msg, Start):
+        raise FrameError(f"expected a start frame, got {msg.type!r}")
+    return msg
 
 
 @contextmanager

@@ -150,6 +150,8 @@ ALLOWED_PARAMS: tuple[str, ...] = (
     "presence_penalty",
     "frequency_penalty",
     "response_format",
+    "reasoning_effort",
+    "parallel_tool_calls",
 )
 
 
@@ -166,6 +168,10 @@ class Params(BaseModel):
     presence_penalty: Annotated[StrictFloat, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[StrictFloat, Field(ge=-2, le=2)] | None = None
     response_format: dict[str, Any] | None = None
+    #: How hard a reasoning model thinks (LiteLLM maps it to each provider's own setting).
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    #: Whether the model may call several tools in one turn (meaningful with ``tools``).
+    parallel_tool_calls: StrictBool | None = None
 
 
 class Start(_Frame):

@@ -55,6 +55,14 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-owner-ttl", type=float,
                        help="seconds a relay's heartbeat records live in Redis: a killed "
                             "relay's streams are stream_lost elsewhere within this + 1 s (6)")
+    serve.add_argument("--responses-chain-entries", type=int,
+                       help="/v1/responses: stored responses per principal (256)")
+    serve.add_argument("--responses-chain-bytes", type=int,
+                       help="/v1/responses: stored conversation bytes per principal (32 MiB)")
+    serve.add_argument("--responses-chain-total-bytes", type=int,
+                       help="/v1/responses: stored conversation bytes in total (256 MiB)")
+    serve.add_argument("--responses-chain-ttl", type=float,
+                       help="/v1/responses: seconds a response stays continuable in Redis (3600)")
     serve.add_argument("--max-streams", type=int, help="concurrent streams per connection (8)")
     serve.add_argument("--max-frame-bytes", type=int, help="inbound frame limit (1048576)")
     serve.add_argument("--hello-timeout", type=float, help="seconds to wait for hello (10)")

@@ -144,6 +144,18 @@ class RelaySettings(BaseSettings):
     redis_owner_ttl: float = Field(6.0, ge=1.0, description="seconds a relay's heartbeat "
                                    "records live: a killed relay's streams are stream_lost, "
                                    "and stop counting toward shared limits, within this + 1 s")
+    # --- OpenAI Responses WebSocket mode (/v1/responses; relay/runtime/responses.py)
+    responses_chain_entries: int = Field(256, ge=1, description="stored responses a "
+                                         "principal may continue with previous_response_id "
+                                         "(oldest dropped first)")
+    responses_chain_bytes: int = Field(32 << 20, ge=1024, description="bytes of stored "
+                                       "conversations per principal (oldest dropped first)")
+    responses_chain_total_bytes: int = Field(256 << 20, ge=1024, description="bytes of "
+                                             "stored conversations of every principal "
+                                             "together (oldest dropped first)")
+    responses_chain_ttl: float = Field(3600.0, gt=0, description="seconds a stored response "
+                                       "stays continuable in Redis (--redis), from any "
+                                       "connection of its principal")
     send_buffer_bytes: int | None = Field(None, ge=4096, description="kernel send buffer per "
                                           "connection (SO_SNDBUF); default: the OS's")
     # --- what the relay reads from an upstream, at most (relay/upstream/caps.py)

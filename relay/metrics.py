@@ -19,6 +19,9 @@ class RelayMetrics:
         r = self.registry
         self.connections = Gauge("relay_connections", "Open WebSocket connections", registry=r)
         self.active_streams = Gauge("relay_active_streams", "Streams running now", registry=r)
+        self.responses_chain_bytes = Gauge(
+            "relay_responses_chain_bytes", "Bytes of stored /v1/responses conversations "
+            "(previous_response_id) in this process", registry=r)
         self.streams = Counter("relay_streams", "Streams ended, by final status",
                                ["status"], registry=r)
         self.tokens = Counter("relay_tokens", "token frames relayed to clients", registry=r)

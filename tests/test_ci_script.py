@@ -32,8 +32,9 @@ def _script_on(port: int, tmp_path: Path, suite_status: int) -> Path:
     text, suites = re.subn(r"(?m)^\.venv/bin/python -m pytest .*\|\| status=\$\?$",
                            f"(exit {suite_status}) || status=$?", text)
     # npm installs and builds for the Node tests (a copy of the script has no package dirs)
-    text, npms = re.subn(r"(?m)^\(cd (tests/aisdk|client_demo/ai-sdk) .*$", ":", text)
-    assert installs == 3 and suites == 1 and npms == 2, \
+    text, npms = re.subn(r"(?m)^\(cd (tests/aisdk|tests/responses-node|client_demo/ai-sdk) .*$",
+                         ":", text)
+    assert installs == 3 and suites == 1 and npms == 3, \
         "the .ci/run lines this test replaces changed"
     (tmp_path / ".ci").mkdir()
     script = tmp_path / ".ci" / "run"

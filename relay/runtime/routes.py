@@ -19,11 +19,13 @@ from websockets.datastructures import Headers
 
 from protocol.aisdk import AiSdkCodec
 from protocol.dialect import Codec
+from protocol.responses import ResponsesCodec
 from protocol.v1 import V1Codec
 
 from relay.config import RelaySettings
 from relay.core.auth import Authenticator
 from relay.runtime.aisdk import AI_SDK_PATH, AiSdkAdapter, ChatIndex, issue_chat_owner
+from relay.runtime.responses import RESPONSES_PATH, ChainStore, ResponsesAdapter
 from relay.runtime.session import DialectAdapter, Session
 
 __all__ = ["DIALECTS", "DialectRoute", "WS_PATH", "route_for"]
@@ -37,6 +39,7 @@ class ServerServices(Protocol):
     settings: RelaySettings
     auth: Authenticator
     chats: ChatIndex
+    chains: ChainStore
 
 
 def _v1_adapter(server: ServerServices) -> Callable[[Session], DialectAdapter]:
@@ -48,7 +51,13 @@ def _aisdk_adapter(server: ServerServices) -> Callable[[Session], DialectAdapter
     return lambda session: AiSdkAdapter(session, chats=chats)
 
 
-def _aisdk_upgrade(server: ServerServices, request_headers: Headers, response_headers: Headers) -> None:
+def _responses_adapter(server: ServerServices) -> Callable[[Session], DialectAdapter]:
+    chains = server.chains
+    return lambda session: ResponsesAdapter(session, chains=chains)
+
+
+def _aisdk_upgrade(server: ServerServices, request_headers: Headers,
+                   response_headers: Headers) -> None:
     """Without ``--auth``, the chat owner cookie (relay.runtime.aisdk ``issue_chat_owner``)."""
     if not server.auth.enabled:
         public = server.settings.public_url or ""
@@ -76,6 +85,7 @@ class DialectRoute:
 DIALECTS: tuple[DialectRoute, ...] = (
     DialectRoute(WS_PATH, V1Codec()),
     DialectRoute(AI_SDK_PATH, AiSdkCodec(), _aisdk_adapter, _aisdk_upgrade),
+    DialectRoute(RESPONSES_PATH, ResponsesCodec(), _responses_adapter),
 )
 
 

@@ -42,6 +42,7 @@ from relay.core.limits import PendingConnections, Principals, start_rate_limit
 from relay.metrics import CONTENT_TYPE_LATEST, RelayMetrics
 from relay.http.metrics_http import MetricsHTTPServer
 from relay.upstream.providers import ModelRegistry
+from relay.runtime.responses import ChainStore
 from relay.runtime.routes import DIALECTS, WS_PATH, route_for
 from relay.runtime.session import Session
 from relay.runtime.streams import StreamerFactory, StreamService
@@ -99,11 +100,18 @@ class RelayServer:
         self.hub = StreamHub(self.settings, self.metrics)
         #: /ai-sdk: the latest response of each (principal, chat id), for resume.
         self.chats = ChatIndex(is_live=lambda key: self.hub.get(key) is not None)
+        #: /v1/responses: stored responses for previous_response_id.
+        self.chains = ChainStore(max_entries=self.settings.responses_chain_entries,
+                                 max_bytes=self.settings.responses_chain_bytes,
+                                 max_total_bytes=self.settings.responses_chain_total_bytes,
+                                 ttl=self.settings.responses_chain_ttl)
+        self.metrics.responses_chain_bytes.set_function(self.chains.bytes_held)
         self.replicator: Replicator | None = None
         self.shared_limits: SharedLimits | None = None
         if self.settings.redis_url is not None:
             self.replicator = Replicator(self.settings, self.hub)
             self.chats.replicator = self.replicator
+            self.chains.attach_redis(self.replicator)
             self.hub.replicator = self.replicator
             self.shared_limits = SharedLimits(self.replicator.store, self.replicator.node,
                                               lease=self.settings.redis_owner_ttl)

@@ -7,7 +7,9 @@ When the last user message contains the word "markdown" (any case, e.g. "show me
 the reply is instead ``DEMO_MARKDOWN``: a heading, a list, a table, a fenced code block and a
 link, streamed the same way, so the chat page's rendering can be seen without a provider.
 ``max_tokens`` cuts it with finish reason ``length``. With ``tools`` the reply is one call
-to the first tool whose JSON arguments stream over several chunks (finish ``tool_calls``).
+to the first tool whose JSON arguments stream over several chunks (finish ``tool_calls``),
+unless the conversation ends with a tool result: then, as a model would, it answers in text
+quoting that result ("The tool answered: ..."), so an agent loop on the demo ends.
 Usage is reported (prompt = words in the request, completion = chunks sent).
 
 ``opened`` / ``closed_early`` count streams, so in-process tests can see that a cancel
@@ -46,11 +48,11 @@ This answer streams **token by token**, like a real model, so you can watch the 
 
 | Door | Endpoint | Client |
 | --- | --- | --- |
-| llm-relay.v1 | `/ws` | `relay.client`, `relay-client.js` |
+| llm-relay.v1 | `/ws` | `llm_relay_client`, `relay-client.js` |
 | AI SDK | `/ai-sdk` | `WebSocketChatTransport` |
 
 ```python
-from relay.client import RelayClient
+from llm_relay_client import RelayClient
 
 async with RelayClient("ws://127.0.0.1:8765/ws") as client:
     result = await client.complete("demo", [{"role": "user", "content": "hi"}])
@@ -74,9 +76,18 @@ def _last_user_text(messages: list[dict]) -> str:
     return ""
 
 
+def _ends_with_tool_result(messages: list[dict]) -> bool:
+    return bool(messages) and messages[-1].get("role") == "tool"
+
+
 def demo_reply_tokens(messages: list[dict]) -> list[str]:
-    """The demo's full reply for ``messages``, split into its stream tokens: ``DEMO_MARKDOWN``
-    when the last user message mentions "markdown", else a short echo of that message."""
+    """The demo's full reply for ``messages``, split into its stream tokens: after a tool
+    result, a sentence quoting it; ``DEMO_MARKDOWN`` when the last user message mentions
+    "markdown"; else a short echo of that message."""
+    if _ends_with_tool_result(messages):
+        content = messages[-1].get("content")
+        result = content if isinstance(content, str) else json.dumps(content)
+        return _WORD.findall(f"The tool answered: {' '.join(result.split()[:200])}.")
     if _ASKS_FOR_MARKDOWN.search(_last_user_text(messages)):
         return _WORD.findall(DEMO_MARKDOWN)
     said = " ".join(_last_user_text(messages).split()[:_MAX_ECHO_WORDS]) or "nothing"
@@ -150,7 +161,7 @@ class DemoLLM(CustomLLM):
             prompt_tokens = _count_prompt_words(messages)
             max_tokens = params.get("max_tokens")
             tools = params.get("tools") or []
-            if tools:
+            if tools and not _ends_with_tool_result(messages):
                 async for chunk in self._tool_chunks(tools[0], messages, prompt_tokens):
                     yield chunk
             else:

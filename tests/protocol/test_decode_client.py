@@ -51,6 +51,7 @@ def test_start_minimal_defaults():
 FULL_PARAMS = {
     "temperature": 0.2, "top_p": 1, "max_tokens": 64, "stop": ["\n\n", "END"], "seed": 7,
     "presence_penalty": -0.5, "frequency_penalty": 2, "response_format": {"type": "json_object"},
+    "reasoning_effort": "low", "parallel_tool_calls": False,
 }
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather", "strict": True,
@@ -318,7 +319,7 @@ def test_forbidden_params_key_is_named(key):
         "type": "error", "code": "bad_request", "ref": "start", "id": "s1",
         "message": f"params: key {key!r} is not allowed (allowed: temperature, top_p, "
                    "max_tokens, stop, seed, presence_penalty, frequency_penalty, "
-                   "response_format)"}
+                   "response_format, reasoning_effort, parallel_tool_calls)"}
 
 
 @pytest.mark.parametrize("params, field", [
@@ -340,6 +341,8 @@ def test_forbidden_params_key_is_named(key):
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"frequency_penalty": "high"}, "frequency_penalty"),
     ({"response_format": "json"}, "response_format"),
+    ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+    ({"parallel_tool_calls": "yes"}, "parallel_tool_calls"),
 ])
 def test_params_mistyped_or_out_of_range(params, field):
     err = rejected(text(start(params=params)))

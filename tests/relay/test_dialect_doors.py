@@ -122,9 +122,33 @@ class AiSdkDriver:
         raise AssertionError("unreachable")
 
 
+class ResponsesDriver:
+    """The OpenAI Responses WebSocket mode: the lane (``stream_id``) names the request."""
+
+    connect_kwargs: dict[str, Any] = {}
+
+    async def greet(self, ws: ClientConnection) -> None:
+        pass
+
+    async def ready(self, ws: ClientConnection) -> None:
+        pass
+
+    def start(self, rid: str) -> dict:
+        return {"type": "response.create", "model": "oai", "input": "x", "stream_id": rid}
+
+    async def answer(self, ws: ClientConnection, rid: str) -> tuple[str, str | None]:
+        async for frame in _frames(ws):
+            if frame.get("stream_id") == rid and frame["type"] in ("response.created",
+                                                                   "error"):
+                return ("started", None) if frame["type"] == "response.created" else \
+                    ("refused", frame["error"]["message"])
+        raise AssertionError("unreachable")
+
+
 #: The client of each registered dialect, by path. A dialect added to
 #: ``relay.runtime.routes.DIALECTS`` adds its driver here.
-DRIVERS: dict[str, Driver] = {"/ws": V1Driver(), "/ai-sdk": AiSdkDriver()}
+DRIVERS: dict[str, Driver] = {"/ws": V1Driver(), "/ai-sdk": AiSdkDriver(),
+                              "/v1/responses": ResponsesDriver()}
 
 
 @pytest.fixture(params=DIALECTS, ids=lambda route: route.name)
