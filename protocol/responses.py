@@ -26,7 +26,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeAlias
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
                       StrictStr, ValidationError)
@@ -35,6 +35,7 @@ from . import frames
 from .codec import (DecodeLimits, FrameError, check_request_shape, parse_json_within,
                     validate_start)
 from .dialect import Begin, Handshake, Malformed, Reattach, Request, Stop
+from .frames import Frame
 from .messages import StreamId
 
 __all__ = [
@@ -52,6 +53,13 @@ __all__ = [
     "new_response_id",
     "to_turn",
 ]
+
+#: A JSON object of a request as the client sent it (an input item, a content part, a tool,
+#: ``text.format``) or built from one for the provider (a chat message, its parts, the
+#: sampling parameters): its values' types depend on its keys, read one by one where
+#: used, hence ``Any`` (also for the parsed values the helpers below read). Events built
+#: here are ``protocol.frames.Frame``s.
+JSONObject: TypeAlias = dict[str, Any]
 
 CREATE_EVENT = "response.create"
 #: The relay's extension (as in OpenAI's Realtime API): stop one running response.
@@ -75,7 +83,7 @@ class ResponsesError(ValueError):
         self.status = status
         self.stream_id = stream_id
 
-    def event(self) -> dict[str, Any]:
+    def event(self) -> Frame:
         return error_event(self.message, code=self.code, param=self.param, type=self.type,
                            status=self.status, stream_id=self.stream_id)
 
@@ -106,10 +114,10 @@ def create_ref(stream_id: str | None) -> str:
 
 def error_event(message: str, *, code: str | None, param: str | None = None,
                 type: str = "invalid_request_error", status: int | None = 400,
-                stream_id: str | None = None) -> dict[str, Any]:
+                stream_id: str | None = None) -> Frame:
     """The dialect's ``error`` event (``ResponseWsError``): not part of a response, so no
     ``sequence_number``; ``stream_id`` when the event it answers named a lane."""
-    event: dict[str, Any] = {"type": "error",
+    event: Frame = {"type": "error",
                              "error": {"type": type, "code": code, "message": message,
                                        "param": param}}
     if status is not None:
@@ -131,7 +139,7 @@ class ReasoningOptions(_Event):
 
 
 class TextOptions(_Event):
-    format: dict[str, Any] | None = None
+    format: JSONObject | None = None
 
 
 Metadata = Annotated[dict[Annotated[str, Field(max_length=64)],
@@ -151,7 +159,7 @@ class CreateRequest(_Event):
     instructions: StrictStr | None = None
     previous_response_id: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = None
     tools: list[Any] | None = None
-    tool_choice: StrictStr | dict[str, Any] | None = None
+    tool_choice: StrictStr | JSONObject | None = None
     max_output_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     temperature: Annotated[StrictFloat, Field(ge=0, le=2)] | None = None
     top_p: Annotated[StrictFloat, Field(ge=0, le=1)] | None = None
@@ -253,14 +261,14 @@ class Turn(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     model: str
-    messages: list[dict[str, Any]]
-    history: list[dict[str, Any]]
-    tools: list[dict[str, Any]] | None
-    tool_choice: str | dict[str, Any] | None
-    params: dict[str, Any]
+    messages: list[JSONObject]
+    history: list[JSONObject]
+    tools: list[JSONObject] | None
+    tool_choice: str | JSONObject | None
+    params: JSONObject
     #: The Responses-format echo of the request (tools, tool_choice, ...) for the response
     #: object of ``response.created`` and the events after it.
-    echo: dict[str, Any]
+    echo: JSONObject
 
 
 def _refuse(message: str, param: str, code: str = "invalid_value") -> ResponsesError:
@@ -273,7 +281,7 @@ def _text(value: Any, param: str) -> str:
     return value
 
 
-def _content_part(part: Any, param: str) -> dict[str, Any]:
+def _content_part(part: Any, param: str) -> JSONObject:
     """One input content part -> an OpenAI chat content part."""
     if not isinstance(part, dict):
         raise _refuse(f"{param} must be an object", param)
@@ -287,12 +295,12 @@ def _content_part(part: Any, param: str) -> dict[str, Any]:
         if not isinstance(url, str):
             raise _refuse("input_image needs image_url (a URL or a data: URL); file_id is "
                           "not supported by this relay", f"{param}.image_url")
-        image: dict[str, Any] = {"url": url}
+        image: JSONObject = {"url": url}
         if part.get("detail") in ("low", "high", "auto"):
             image["detail"] = part["detail"]
         return {"type": "image_url", "image_url": image}
     if kind == "input_file":
-        file: dict[str, Any] = {}
+        file: JSONObject = {}
         if isinstance(part.get("file_data"), str):
             file["file_data"] = part["file_data"]
         elif isinstance(part.get("file_id"), str):
@@ -307,7 +315,7 @@ def _content_part(part: Any, param: str) -> dict[str, Any]:
     raise _refuse(f"unsupported content part type {str(kind)[:64]!r}", f"{param}.type")
 
 
-def _message_content(content: Any, param: str) -> str | list[dict[str, Any]]:
+def _message_content(content: Any, param: str) -> str | list[JSONObject]:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -318,14 +326,14 @@ def _message_content(content: Any, param: str) -> str | list[dict[str, Any]]:
     return parts
 
 
-def _output_text(output: Any, param: str) -> str | list[dict[str, Any]]:
+def _output_text(output: Any, param: str) -> str | list[JSONObject]:
     """A ``function_call_output``'s ``output``: a string, or content parts."""
     if isinstance(output, str):
         return output
     return _message_content(output, param)
 
 
-def input_messages(items: str | list[Any] | None) -> list[dict[str, Any]]:
+def input_messages(items: str | list[Any] | None) -> list[JSONObject]:
     """Responses input -> OpenAI chat messages. Consecutive ``function_call`` items join
     the assistant message before them (one assistant turn with its text and calls), each
     ``function_call_output`` becomes a ``tool`` message tied to its call; ``reasoning`` items
@@ -334,7 +342,7 @@ def input_messages(items: str | list[Any] | None) -> list[dict[str, Any]]:
         return []
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
-    out: list[dict[str, Any]] = []
+    out: list[JSONObject] = []
     for i, item in enumerate(items):
         param = f"input[{i}]"
         if not isinstance(item, dict):
@@ -378,11 +386,11 @@ def input_messages(items: str | list[Any] | None) -> list[dict[str, Any]]:
     return out
 
 
-def _tools(tools: list[Any] | None) -> tuple[list[dict[str, Any]] | None, list[Any]]:
+def _tools(tools: list[Any] | None) -> tuple[list[JSONObject] | None, list[Any]]:
     """Responses function tools -> chat tools; any other tool type is ``unsupported_tool``."""
     if not tools:
         return None, []
-    out: list[dict[str, Any]] = []
+    out: list[JSONObject] = []
     for i, tool in enumerate(tools):
         param = f"tools[{i}]"
         if not isinstance(tool, dict):
@@ -395,7 +403,7 @@ def _tools(tools: list[Any] | None) -> tuple[list[dict[str, Any]] | None, list[A
         name = tool.get("name")
         if not isinstance(name, str) or not 0 < len(name) <= 256:
             raise _refuse("a function tool needs a name (1-256 characters)", f"{param}.name")
-        function: dict[str, Any] = {"name": name}
+        function: JSONObject = {"name": name}
         if isinstance(tool.get("description"), str):
             function["description"] = tool["description"]
         parameters = tool.get("parameters")
@@ -408,7 +416,7 @@ def _tools(tools: list[Any] | None) -> tuple[list[dict[str, Any]] | None, list[A
     return out, list(tools)
 
 
-def _tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+def _tool_choice(choice: str | JSONObject | None) -> str | JSONObject | None:
     if choice is None:
         return None
     if isinstance(choice, str):
@@ -422,7 +430,7 @@ def _tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | 
                          "as tool_choice", code="unsupported_tool", param="tool_choice")
 
 
-def _response_format(text: TextOptions | None) -> dict[str, Any] | None:
+def _response_format(text: TextOptions | None) -> JSONObject | None:
     fmt = text.format if text is not None else None
     if fmt is None or fmt.get("type") == "text":
         return None
@@ -433,7 +441,7 @@ def _response_format(text: TextOptions | None) -> dict[str, Any] | None:
         name = fmt.get("name")
         if not isinstance(schema, dict) or not isinstance(name, str):
             raise _refuse("text.format json_schema needs name and schema", "text.format")
-        json_schema: dict[str, Any] = {"name": name, "schema": schema}
+        json_schema: JSONObject = {"name": name, "schema": schema}
         if isinstance(fmt.get("strict"), bool):
             json_schema["strict"] = fmt["strict"]
         if isinstance(fmt.get("description"), str):
@@ -443,7 +451,7 @@ def _response_format(text: TextOptions | None) -> dict[str, Any] | None:
                   "text.format.type")
 
 
-def to_turn(request: CreateRequest, *, previous: list[dict[str, Any]] | None,
+def to_turn(request: CreateRequest, *, previous: list[JSONObject] | None,
             previous_model: str | None = None, limits: DecodeLimits | None = None) -> Turn:
     """The v1 request of ``request`` continuing the stored conversation ``previous`` (None:
     no ``previous_response_id``). Raises ``ResponsesError`` naming the offending ``param``;
@@ -459,7 +467,7 @@ def to_turn(request: CreateRequest, *, previous: list[dict[str, Any]] | None,
         messages.insert(0, {"role": "system", "content": request.instructions})
     tools, tools_echo = _tools(request.tools)
     tool_choice = _tool_choice(request.tool_choice)
-    params: dict[str, Any] = {}
+    params: JSONObject = {}
     if request.max_output_tokens is not None:
         params["max_tokens"] = request.max_output_tokens
     if request.temperature is not None:
@@ -530,7 +538,7 @@ _FAILURES: dict[str, tuple[str, str]] = {
 _GENERIC_FAILURE = ("server_error", "The response failed.")
 
 
-def _usage(usage: dict[str, Any]) -> dict[str, Any]:
+def _usage(usage: JSONObject) -> JSONObject:
     prompt = int(usage.get("prompt_tokens", 0))
     completion = int(usage.get("completion_tokens", 0))
     return {
@@ -579,7 +587,7 @@ class ResponseEncoder:
     (``.done`` events, then ``output_item.done``). ``output_messages()`` is the assistant
     turn in chat form, stored for a later ``previous_response_id``."""
 
-    def __init__(self, response_id: str, echo: dict[str, Any], *, created_at: float,
+    def __init__(self, response_id: str, echo: Frame, *, created_at: float,
                  stream_id: str | None = None) -> None:
         self.response_id = response_id
         self.echo = echo
@@ -592,9 +600,9 @@ class ResponseEncoder:
         self._items: list[_Item] = []
         self._open: _Item | None = None
         self._calls: dict[int, _Item] = {}     # v1 tool index -> its item
-        self._usage: dict[str, Any] | None = None
+        self._usage: Frame | None = None
         self._incomplete: str | None = None
-        self._error: dict[str, Any] | None = None
+        self._error: Frame | None = None
         #: Called once, with this encoder, as the terminal event is built (before it is
         #: sent): the runtime stores the response for ``previous_response_id`` then.
         self.on_done: Callable[[ResponseEncoder], None] | None = None
@@ -602,14 +610,14 @@ class ResponseEncoder:
 
     # -- building blocks
 
-    def _event(self, out: list[dict[str, Any]], kind: str, **fields: Any) -> None:
+    def _event(self, out: list[Frame], kind: str, **fields: Any) -> None:
         event = {"type": kind, "sequence_number": self._sequence, **fields}
         if self.stream_id is not None:
             event["stream_id"] = self.stream_id
         self._sequence += 1
         out.append(event)
 
-    def response(self) -> dict[str, Any]:
+    def response(self) -> Frame:
         """The response object as it stands (status, output items so far, usage at the end)."""
         echo = self.echo
         return {
@@ -635,7 +643,7 @@ class ResponseEncoder:
         return "incomplete" if self.status in ("incomplete", "cancelled", "failed") \
             else "completed"
 
-    def _item_object(self, item: _Item) -> dict[str, Any]:
+    def _item_object(self, item: _Item) -> Frame:
         status = self._item_status(item)
         if item.kind == "message":
             content = [self._part_object(part) for part in item.parts]
@@ -649,13 +657,13 @@ class ResponseEncoder:
                 "name": item.name, "arguments": "".join(item.arguments), "status": status}
 
     @staticmethod
-    def _part_object(part: list[str]) -> dict[str, Any]:
+    def _part_object(part: list[str]) -> Frame:
         text = "".join(part[1:])
         if part[0] == "refusal":
             return {"type": "refusal", "refusal": text}
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
-    def _open_item(self, out: list[dict[str, Any]], kind: str) -> _Item:
+    def _open_item(self, out: list[Frame], kind: str) -> _Item:
         prefix = {"message": "msg", "reasoning": "rs", "function_call": "fc"}[kind]
         item = _Item(kind, f"{prefix}_{self._suffix}_{len(self._items)}", len(self._items))
         self._items.append(item)
@@ -663,7 +671,7 @@ class ResponseEncoder:
                     item=self._item_object(item))
         return item
 
-    def _close_part(self, out: list[dict[str, Any]], item: _Item) -> None:
+    def _close_part(self, out: list[Frame], item: _Item) -> None:
         if not item.parts:
             return
         index = len(item.parts) - 1
@@ -681,14 +689,14 @@ class ResponseEncoder:
                     **where)
 
     @staticmethod
-    def _part_event(kind: str, text: str) -> dict[str, Any]:
+    def _part_event(kind: str, text: str) -> Frame:
         if kind == "refusal":
             return {"type": "refusal", "refusal": text}
         if kind == "reasoning":
             return {"type": "reasoning_text", "text": text}
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
-    def _close_item(self, out: list[dict[str, Any]]) -> None:
+    def _close_item(self, out: list[Frame]) -> None:
         item = self._open
         if item is None:
             return
@@ -700,7 +708,7 @@ class ResponseEncoder:
         self._event(out, "response.output_item.done", output_index=item.output_index,
                     item=self._item_object(item))
 
-    def _text(self, out: list[dict[str, Any]], item_kind: str, part_kind: str,
+    def _text(self, out: list[Frame], item_kind: str, part_kind: str,
               text: str) -> None:
         item = self._open
         if item is None or item.kind != item_kind:
@@ -722,7 +730,7 @@ class ResponseEncoder:
         else:
             self._event(out, "response.reasoning_text.delta", **where)
 
-    def _call(self, out: list[dict[str, Any]], index: int, call_id: str,
+    def _call(self, out: list[Frame], index: int, call_id: str,
               name: str | None) -> _Item:
         item = self._calls.get(index)
         if item is None:
@@ -741,7 +749,7 @@ class ResponseEncoder:
             item.name = name
         return item
 
-    def _call_done(self, out: list[dict[str, Any]], item: _Item,
+    def _call_done(self, out: list[Frame], item: _Item,
                    arguments: str | None = None) -> None:
         if item.done:
             return
@@ -758,10 +766,10 @@ class ResponseEncoder:
 
     # -- public
 
-    def opening(self) -> list[dict[str, Any]]:
+    def opening(self) -> list[Frame]:
         """``response.created`` and ``response.in_progress``; also emitted by the first
         ``frames`` call when not called explicitly (nothing the second time)."""
-        out: list[dict[str, Any]] = []
+        out: list[Frame] = []
         if self._opened:
             return out
         self._opened = True
@@ -769,16 +777,16 @@ class ResponseEncoder:
         self._event(out, "response.in_progress", response=self.response())
         return out
 
-    def feed(self, v1_frames: Iterable[dict[str, Any]], *,
-             more: bool = False) -> list[dict[str, Any]]:
+    def feed(self, v1_frames: Iterable[Frame], *,
+             more: bool = False) -> list[Frame]:
         """The events for consecutive v1 frames (``more`` is accepted for the core's
         ``ResponseEncoder`` protocol; nothing is held back)."""
-        out: list[dict[str, Any]] = []
+        out: list[Frame] = []
         for frame in v1_frames:
             out.extend(self.frames(frame))
         return out
 
-    def frames(self, frame: dict[str, Any]) -> list[dict[str, Any]]:
+    def frames(self, frame: Frame) -> list[Frame]:
         """The events for one v1 stream frame (``started`` and unknown types: none)."""
         if self.done:
             return []
@@ -808,7 +816,7 @@ class ResponseEncoder:
             self._finish(out, frame)
         return out
 
-    def _finish(self, out: list[dict[str, Any]], frame: dict[str, Any]) -> None:
+    def _finish(self, out: list[Frame], frame: Frame) -> None:
         self.done = True
         status = frame.get("status")
         reason = frame.get("reason")
@@ -838,7 +846,7 @@ class ResponseEncoder:
         else:
             self._event(out, "response.incomplete", response=self.response())
 
-    def output_messages(self) -> list[dict[str, Any]]:
+    def output_messages(self) -> list[JSONObject]:
         """This response's output as chat messages (one assistant message with its text and
         tool calls; reasoning is not sent back to providers), for the chain."""
         text = "".join("".join(part[1:]) for item in self._items if item.kind == "message"
@@ -848,7 +856,7 @@ class ResponseEncoder:
                  for item in self._items if item.kind == "function_call"]
         if not text and not calls:
             return []
-        message: dict[str, Any] = {"role": "assistant", "content": text or None}
+        message: JSONObject = {"role": "assistant", "content": text or None}
         if calls:
             message["tool_calls"] = calls
         return [message]
@@ -942,7 +950,7 @@ class ResponsesCodec:
         return Begin(response_id, start, ref=create_ref(event.stream_id),
                      context=CreateContext(event, None if continued else turn))
 
-    def encode_reply(self, frame: dict[str, Any]) -> dict[str, Any] | None:
+    def encode_reply(self, frame: Frame) -> Frame | None:
         kind = frame.get("type")
         if isinstance(kind, str) and kind.startswith("response."):
             return frame
