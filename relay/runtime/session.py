@@ -400,16 +400,18 @@ class Session:
                                                         msg.after_seq)
             id = msg.id if msg.id is not None else source.id
             self._check_room(id)        # (refused: nothing started, nothing to stop)
+            self._check_viewer_room(msg, id)
             await self._pay_for_resume(
                 id, await self._remote_replay_events(msg.stream_key, msg.after_seq))
             stream = hub.follow(source, principal=self.principal, session_id=self.session_id)
             # Only now, once the resume is sure to succeed: the hub enters it and starts its
-            # follower. One followed here already by another attachment is taken over (it
-            # is followed afresh: that log only holds what the other one was not sent yet).
-            hub.adopt(stream)
+            # follower (each attachment of a remote stream reads it from Redis on its own;
+            # a takeover ends the records following it here for an owner).
+            hub.adopt(stream, takeover=msg.takeover)
         else:
             id = msg.id if msg.id is not None else stream.id
             self._check_room(id)
+            self._check_viewer_room(msg, id)
             log = stream.log
             if await self._pay_for_resume(id, min(len(log),
                                                   max(0, log.last_seq - msg.after_seq))):
@@ -419,10 +421,20 @@ class Session:
                                        msg.after_seq) is not stream:
                     raise UnknownStream("no resumable stream with that stream_key")
                 self._check_room(id)
+                self._check_viewer_room(msg, id)
         self._send(frames.resumed(id, stream.key, msg.after_seq))
-        # Registering attaches it in the hub, taking it over from any other connection.
+        # Registering attaches it in the hub: as a viewer beside the other attachments, or
+        # (takeover) as its owner, ending the old owner's attachment wherever it is.
         self._register(Attachment(self, stream, id, cursor=msg.after_seq,
-                                  offset=stream.log.offset_at(msg.after_seq)), announce=True)
+                                  offset=stream.log.offset_at(msg.after_seq)),
+                       resume=True, takeover=msg.takeover)
+
+    def _check_viewer_room(self, msg: Resume, id: str) -> None:
+        """Raise the refusal of a resume that would be one viewer too many."""
+        refusal = self.hub.room_for_viewer(msg.stream_key, takeover=msg.takeover)
+        if refusal is not None:
+            refusal.id = id
+            raise refusal
 
     async def _pay_for_resume(self, id: str, replayed: int) -> bool:
         """Charge the ``replayed`` events a resume sends again to the principal's replay
@@ -481,8 +493,9 @@ class Session:
                 self._log_close(action)
                 self._close_soon(action)
 
-    def _register(self, att: Attachment, *, announce: bool = False) -> None:
-        self.hub.attach(att.stream, att, announce=announce)
+    def _register(self, att: Attachment, *, resume: bool = False,
+                  takeover: bool = False) -> None:
+        self.hub.attach(att.stream, att, resume=resume, takeover=takeover)
         self._attachments[att.id] = att
         att.stream.log.listeners.add(self._on_append)
         self._notify()
@@ -500,8 +513,9 @@ class Session:
         return self.hub.detach(att)
 
     def taken_over(self, att: Attachment) -> None:
-        """``Subscriber``: a ``resume`` took ``att``'s stream over (on another connection, on
-        another relay, or on this connection under another id): stop sending its frames here
+        """``Subscriber``: a ``resume`` with ``takeover`` took ``att``'s stream over (on
+        another connection, on another relay, or on this connection under another id; ``att``
+        was its owner): stop sending its frames here
         and end the attachment with ``error`` ``stream_taken_over`` naming the id it had
         here, so that a client waiting on it learns that its frames now go elsewhere (it gets
         no ``finish`` here)."""
