@@ -64,6 +64,7 @@ from relay.aio import cancel_and_wait
 from relay.cluster.redis_store import RedisStore, StoreUnavailable
 from relay.config import RelaySettings
 from relay.core.errors import BadRequest, RelayError, StreamLost, UnknownStream
+from relay.core.outcome import StreamOutcome
 from relay.core.ports import FrameSink, PeerControl, SourceFailed, StreamView
 
 __all__ = ["RedisFollower", "Replicator", "StoreUnavailableError"]
@@ -133,7 +134,7 @@ class RedisFollower:
                 frame = orjson.loads(data)
                 cursor = seq
                 if frame["type"] == "finish":
-                    sink.finish(frame, data=data)
+                    sink.finish(seq, StreamOutcome.of_frame(frame), data=data)
                     return
                 sink.append(frame, data=data)       # charged to the hub's budget
             if not items:
@@ -161,7 +162,7 @@ class RedisFollower:
                         if last < after_seq:
                             raise SourceFailed(ErrorCode.BAD_REQUEST,
                                                _beyond_last_seq(after_seq, last))
-                        sink.finish(None)
+                        sink.finished_earlier()
                         return
                     owner_done = True   # read once more: the last frames may have landed
                                         # between the read and the meta

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from protocol import FinishReason
 
+from relay.core.outcome import StreamOutcome
 from relay.core.streamlog import FrameLog
 
 __all__ = ["FollowedSource", "FrameSink", "PeerControl", "ReplicationHook", "SourceFailed",
@@ -41,15 +42,20 @@ class FrameSink(Protocol):
     #: The id the stream's frames carry (the id of the ``start`` that created it).
     id: str
 
-    def append(self, frame: dict, received: float | None = None,
+    def append(self, frame: dict[str, Any], received: float | None = None,
                data: bytes | None = None) -> None:
         """Log one frame that is not the finish."""
 
-    def finish(self, frame: dict | None, received: float | None = None,
+    def finish(self, seq: int, outcome: StreamOutcome, received: float | None = None,
                data: bytes | None = None) -> None:
-        """Log the stream's ``finish`` frame: the last call, exactly once. ``None``: the
-        stream has finished, but its finish lies at or before where this source started
-        reading (a resume after the stream's last seq): nothing more to log."""
+        """The stream ended with ``outcome``: log its ``finish`` frame as frame ``seq``
+        (``outcome.frame``; ``data``: that frame's encoding, when the source has it). The
+        last call, exactly once (or ``finished_earlier`` instead)."""
+
+    def finished_earlier(self) -> None:
+        """The stream has finished, but its finish lies at or before where this source
+        started reading (a resume after the stream's last seq): nothing more to log. The
+        last call, exactly once (or ``finish`` instead)."""
 
 
 class SourceFailed(Exception):
@@ -69,7 +75,7 @@ class StreamSource(Protocol):
     once; ``cancel`` may be called at any time from the same event loop."""
 
     async def run(self, sink: FrameSink) -> None:
-        """Produce the stream: ``sink.append`` each frame, then ``sink.finish`` the finish
+        """Produce the stream: ``sink.append`` each frame, then ``sink.finish`` its outcome
         and return (or raise ``SourceFailed``). Any other exception is a relay bug: the hub
         logs it with its traceback and ends the stream with ``internal_error`` (a local
         stream with its fallback ``finish``, ``failed``; a followed one with an ``error``

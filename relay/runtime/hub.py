@@ -56,7 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from protocol import ErrorCode, FinishReason, frames
+from protocol import ErrorCode, FinishReason, FinishStatus
 
 from relay.config import RelaySettings
 from relay.core.errors import (
@@ -64,6 +64,7 @@ from relay.core.errors import (
 )
 from relay.core.lifecycle import TERMINAL, ByteBudget, Effect, Event, State, Timer, transition
 from relay.core.limits import PrincipalState
+from relay.core.outcome import StreamOutcome
 from relay.core.ports import FollowedSource, ReplicationHook, SourceFailed, StreamSource
 from relay.core.streamlog import FrameLog
 from relay.metrics import RelayMetrics
@@ -137,9 +138,10 @@ class HubStream:
     attachment: Attachment | None = None
     #: The other attachments, in the order they joined (``StreamHub.attach``).
     viewers: list[Attachment] = field(default_factory=list)
-    #: Its ``finish`` frame once its source logged it (None while running; a local stream
-    #: whose task died without one gets the hub's fallback finish, a relay bug).
-    end: dict | None = None
+    #: How it ended, once its source logged its finish (None while running, and for a
+    #: follower that started reading after the finish; a local stream whose task died
+    #: without one gets the hub's fallback finish, a relay bug, and keeps None here).
+    end: StreamOutcome | None = None
     state: State = State.RUNNING_DETACHED
     started_at: float = field(default_factory=time.monotonic)
     detached_at: float | None = None
@@ -211,23 +213,26 @@ _RUNNING = frozenset({State.RUNNING_ATTACHED, State.RUNNING_DETACHED, State.REMO
 
 class _Sink:
     """The ``FrameSink`` a stream's source logs into: ``append`` is the stream's own (each
-    frame charged to the hub's budget), ``finish`` also moves the stream by
-    ``Event.FINISH``."""
+    frame charged to the hub's budget); ``finish`` logs the outcome's ``finish`` frame (the
+    one place an outcome becomes a frame), and it and ``finished_earlier`` move the stream
+    by ``Event.FINISH``."""
 
     __slots__ = ("append", "id", "_finished", "_stream")
 
     def __init__(self, stream: HubStream,
-                 finished: Callable[[HubStream, dict | None], None]) -> None:
+                 finished: Callable[[HubStream, StreamOutcome | None], None]) -> None:
         self.id = stream.id
         self.append = stream.append
         self._stream = stream
         self._finished = finished
 
-    def finish(self, frame: dict | None, received: float | None = None,
+    def finish(self, seq: int, outcome: StreamOutcome, received: float | None = None,
                data: bytes | None = None) -> None:
-        if frame is not None:
-            self._stream.append(frame, received, data)
-        self._finished(self._stream, frame)
+        self._stream.append(outcome.frame(self.id, seq), received, data)
+        self._finished(self._stream, outcome)
+
+    def finished_earlier(self) -> None:
+        self._finished(self._stream, None)
 
 
 class StreamHub:
@@ -602,11 +607,11 @@ class StreamHub:
 
     # ------------------------------------------------------------------ the stream tasks
 
-    def _finish_logged(self, stream: HubStream, frame: dict | None) -> None:
+    def _finish_logged(self, stream: HubStream, outcome: StreamOutcome | None) -> None:
         """The source logged ``stream``'s finish (``_Sink.finish``; None: a follower that
         started reading after it)."""
-        if frame is not None:
-            stream.end = frame
+        if outcome is not None:
+            stream.end = outcome
         self._apply(stream, Event.FINISH)
 
     async def _produce(self, stream: HubStream) -> None:
@@ -619,13 +624,13 @@ class StreamHub:
             metrics.active_streams.dec()
             end = stream.end
             if end is not None:
-                metrics.streams.labels(end["status"]).inc()
-                if end["status"] == "cancelled":
+                metrics.streams.labels(end.status.value).inc()
+                if end.status is FinishStatus.CANCELLED:
                     metrics.upstream_closed_on_cancel.inc()
             else:
                 # Only a hard cancel or a bug gets here; the stream still ends with a finish
                 # (logged and charged like any other frame; not ``end``: no upstream said it).
-                stream.append(_fallback_finish(stream.id, stream.log.last_seq + 1))
+                stream.append(_FALLBACK_END.frame(stream.id, stream.log.last_seq + 1))
                 self._apply(stream, Event.FINISH)
             _log_stream_end(stream, end)
             self._finished(stream)
@@ -649,7 +654,7 @@ class StreamHub:
         """A local stream's task ended (its finish is logged): settle its limits."""
         stream.principal_state.streams -= 1
         end = stream.end
-        completion_tokens = end["usage"]["completion_tokens"] if end is not None else None
+        completion_tokens = end.usage.completion_tokens if end is not None else None
         budget = stream.principal_state.budget
         if budget is not None and completion_tokens is not None:
             budget.charge(completion_tokens)
@@ -662,10 +667,8 @@ class StreamHub:
 _EVICTABLE = frozenset({State.RUNNING_DETACHED, State.FINISHED_RETAINED})
 
 
-def _fallback_finish(sid: str, seq: int) -> dict:
-    """The finish of a local stream whose task ended without one (a relay bug)."""
-    return frames.finish(sid, seq, "failed", ErrorCode.INTERNAL_ERROR, frames.usage(0, 0, True),
-                         frames.error_info(ErrorCode.INTERNAL_ERROR, RELAY_BUG_MESSAGE))
+#: The finish of a local stream whose task ended without one (a relay bug).
+_FALLBACK_END = StreamOutcome.relay_bug(RELAY_BUG_MESSAGE)
 
 
 async def _await_stopped(tasks: list[asyncio.Task]) -> None:
@@ -679,16 +682,16 @@ async def _await_stopped(tasks: list[asyncio.Task]) -> None:
         await asyncio.gather(*pending, return_exceptions=True)
 
 
-def _log_stream_end(stream: HubStream, end: dict | None) -> None:
+def _log_stream_end(stream: HubStream, end: StreamOutcome | None) -> None:
     duration = time.monotonic() - stream.started_at
     base = {"session_id": stream.session_id, "stream_id": stream.id, "model": stream.alias,
             "principal": stream.principal, "duration_s": round(duration, 3)}
     if end is None:
         logger.warning("stream ended without finish", extra=base)
         return
-    usage = end["usage"]
+    usage = end.usage
     logger.info("stream finished", extra={
-        **base, "status": end["status"], "reason": end.get("reason"),
-        "prompt_tokens": usage["prompt_tokens"],
-        "completion_tokens": usage["completion_tokens"],
-        "usage_estimated": usage["estimated"]})
+        **base, "status": end.status.value, "reason": end.reason,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "usage_estimated": usage.estimated})

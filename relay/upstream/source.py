@@ -24,6 +24,7 @@ from typing import Any
 
 from protocol import FinishReason, frames
 
+from relay.core.outcome import FinishError, StreamOutcome, TokenUsage
 from relay.core.ports import FrameSink
 from relay.metrics import RelayMetrics
 from relay.upstream.streamer import (
@@ -36,7 +37,7 @@ from relay.upstream.streamer import (
     ToolCallDone,
 )
 
-__all__ = ["UpstreamSource", "finish_frame"]
+__all__ = ["UpstreamSource", "outcome_of"]
 
 
 class UpstreamSource:
@@ -92,7 +93,7 @@ class UpstreamSource:
                 if isinstance(event, StreamEnd):
                     self.end = event
                     seq += 1
-                    sink.finish(finish_frame(sid, seq, event), received)
+                    sink.finish(seq, outcome_of(event), received)
                     return
                 if streamer.cancelled and not isinstance(event, ToolCallDone):
                     # Nothing but the finish follows a cancel. (ToolCallDone only comes
@@ -129,11 +130,12 @@ class UpstreamSource:
                 append(frame, received)
 
 
-def finish_frame(sid: str, seq: int, end: StreamEnd) -> dict:
-    """The ``finish`` frame of a stream whose upstream call ended with ``end``."""
+def outcome_of(end: StreamEnd) -> StreamOutcome:
+    """The outcome of a stream whose upstream call ended with ``end`` (the hub logs it as
+    the stream's ``finish`` frame)."""
     usage = end.usage
-    return frames.finish(
-        sid, seq, str(end.status), end.reason,
-        frames.usage(usage.prompt_tokens, usage.completion_tokens, usage.estimated),
-        end.error.as_error() if end.error is not None else None,
-    )
+    error = end.error
+    return StreamOutcome(
+        end.status, end.reason,
+        TokenUsage(usage.prompt_tokens, usage.completion_tokens, usage.estimated),
+        FinishError(error.code, error.message, error.retry_after) if error is not None else None)

@@ -12,10 +12,11 @@ import asyncio
 
 import pytest
 
-from protocol import frames
+from protocol import FinishStatus, frames
 from relay.config import RelaySettings
 from relay.core.lifecycle import State, Timer
 from relay.core.limits import PrincipalState
+from relay.core.outcome import StreamOutcome, TokenUsage
 from relay.core.ports import SourceFailed
 from relay.metrics import RelayMetrics
 from relay.runtime.hub import VIEWER_BYTES, Attachment, StreamHub
@@ -45,9 +46,9 @@ class _Source:
             await self.finish_now.wait()
             if self.fail is not None:
                 raise self.fail
-            status = "cancelled" if self.cancels else "completed"
-            sink.finish(frames.finish(sink.id, self.tokens + 1, status, "stop",
-                                      frames.usage(1, self.tokens, False)))
+            status = FinishStatus.CANCELLED if self.cancels else FinishStatus.COMPLETED
+            sink.finish(self.tokens + 1,
+                        StreamOutcome(status, "stop", TokenUsage(1, self.tokens, False)))
         finally:
             self.stopped = True
 
@@ -110,7 +111,7 @@ async def test_a_local_source_runs_in_the_hubs_task_and_its_finish_moves_the_str
     source.finish_now.set()
     await stream.task
     assert stream.state is State.FINISHED_RETAINED and stream.timer_kind is Timer.RETENTION
-    assert stream.end["status"] == "completed" and stream.log.finished
+    assert stream.end.status is FinishStatus.COMPLETED and stream.log.finished
     await hub.close("server_shutdown")
 
 
@@ -171,7 +172,7 @@ async def test_a_cancel_from_another_relay_goes_through_the_table():
     hub.cancelled_elsewhere(stream.key)
     assert local.cancels == ["client_cancel"]
     await stream.task
-    assert stream.end["status"] == "cancelled" and stream.state is State.FINISHED_RETAINED
+    assert stream.end.status is FinishStatus.CANCELLED and stream.state is State.FINISHED_RETAINED
     hub.cancelled_elsewhere(stream.key)          # after the finish: changes nothing
     assert local.cancels == ["client_cancel"]
     await hub.close("server_shutdown")
