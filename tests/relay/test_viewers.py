@@ -168,3 +168,32 @@ async def test_one_viewer_too_many_is_refused_too_many_streams_and_disturbs_nobo
             for id in ("a", "b"):
                 assert (await v.collect(id))[-1]["code"] == "stream_taken_over"
             assert (await owner.collect("q1"))[-1]["code"] == "stream_taken_over"
+
+
+# ---------------------------------------------------------------------- the Python client
+
+
+async def test_the_python_client_watches_a_stream_started_by_another_client():
+    from relay.client import ConnectionLost, RelayClient
+
+    async with start_relay(detach_grace=5, demo_tps=100) as server, \
+            RelayClient(server.url) as starter, RelayClient(server.url) as watcher:
+        own = starter.stream("demo", MESSAGES)
+        iterator = aiter(own)
+        first = await anext(iterator)                 # started: the stream_key is known
+        assert first.type == "started" and own.stream_key is not None
+        watched = watcher.watch(own.stream_key)
+
+        async def drain(it):
+            async for _ in it:
+                pass
+
+        await asyncio.gather(drain(iterator), drain(watched))
+        assert own.finish.status == watched.finish.status == "completed"
+        assert own.text == watched.text == FULL_TEXT
+        assert own.finish.seq == watched.finish.seq
+        # An unknown key: the watch ends with the relay's refusal.
+        gone = watcher.watch("no-such-stream-key-" + "x" * 20)
+        with pytest.raises(ConnectionLost) as info:
+            await drain(gone)
+        assert info.value.code == "unknown_stream"
