@@ -37,6 +37,7 @@ Rules of the mapping (the AI SDK's UI message stream):
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
@@ -44,12 +45,16 @@ import orjson
 from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter,
                       ValidationError)
 
-from .codec import DecodeLimits, FrameError, check_request_shape, parse_json_within
+from . import frames
+from .codec import (DecodeLimits, FrameError, check_request_shape, parse_json_within,
+                    validate_client_object)
+from .dialect import Begin, Handshake, Malformed, Reattach, Request, Stop
 from .messages import StreamId
 
 __all__ = [
     "MAX_MERGED_DELTA_CHARS",
     "AbortRequest",
+    "AiSdkCodec",
     "AiSdkFrameError",
     "ResponseMapper",
     "ResumeRequest",
@@ -58,6 +63,7 @@ __all__ = [
     "decode_request",
     "end_frame",
     "error_frame",
+    "message_id",
     "no_active_frame",
     "start_frame",
     "to_chat_messages",
@@ -559,3 +565,102 @@ class ResponseMapper:
             error = frame.get("error") or {}
             code = error.get("code") if status == "failed" else frame.get("reason")
             out.append(error_frame(self.request_id, safe_error_text(code)))
+
+
+# ---------------------------------------------------------------- the dialect
+
+
+def message_id(stream_key: str) -> str:
+    """The ``messageId`` of the response streamed by ``stream_key``: stable for the stream
+    (a replay repeats it) but revealing nothing of its resume key."""
+    return "msg_" + hashlib.sha256(stream_key.encode()).hexdigest()[:24]
+
+
+def _authorization(headers: dict[str, str]) -> str | None:
+    """A request's ``Authorization`` value (the transport's ``headers`` option; any case)."""
+    return next((v for k, v in headers.items() if k.lower() == "authorization"), None)
+
+
+#: v1 errors whose own message is not for an end user: a takeover (the chat was resumed
+#: elsewhere) and a relay bug end the request with a plain-language text instead.
+_SAFE_TEXT_CODES = frozenset({"stream_taken_over", "internal_error"})
+
+
+class AiSdkCodec:
+    """The AI SDK's chat transport as a dialect of the relay (``protocol.dialect.Codec``).
+
+    * ``send`` -> ``Begin`` (its ``requestId`` is the stream's id on the connection; the v1
+      ``start`` it becomes passes the same decode limits as one sent on /ws, with the first
+      alias when ``body.model`` names none); a ``send`` whose messages cannot be converted
+      is a ``Begin`` with ``invalid`` set (answered after its credentials are checked);
+    * ``abort`` -> ``Stop`` (an unknown or finished request: nothing to stop, no answer);
+    * ``resume`` -> ``Reattach`` with the chat id (the runtime adapter finds the chat's
+      latest stream); its answer ``resumed`` becomes ``start``, a refusal ``unknown_stream``
+      becomes ``no-active``;
+    * a frame that cannot be decoded -> ``Malformed``, answerable only when it names a usable
+      ``requestId`` (otherwise the connection closes 1008, as the AI SDK's own server
+      example does);
+    * a v1 ``error`` naming a request -> its ``error`` response frame (the relay's own
+      refusals explain themselves; a takeover and a relay bug get a safe text); ``started``,
+      ``pong`` and errors naming no request have no frame here;
+    * stream frames -> a ``ResponseMapper`` per attached request (merging, for a full
+      replay, unless the resume asks for the live numbering with ``lastSequence``).
+    """
+
+    name = "ai-sdk"
+    log_prefix = "ai-sdk "
+    handshake = Handshake.NONE
+    subprotocol: str | None = None
+    per_request_credentials = True
+
+    def decode(self, raw: str | bytes, limits: DecodeLimits, default_model: str) -> Request:
+        try:
+            request = decode_request(raw, limits)
+        except AiSdkFrameError as exc:
+            return Malformed(FrameError(exc.message, id=exc.request_id),
+                             answerable=exc.request_id is not None)
+        rid = request.requestId
+        if isinstance(request, AbortRequest):
+            return Stop(rid, ref="abort", strict=False)
+        authorization = _authorization(request.headers)
+        if isinstance(request, ResumeRequest):
+            return Reattach(rid, ref="resume", authorization=authorization, context=request)
+        body = request.body
+        try:
+            messages = to_chat_messages(request.messages)
+            # The v1 start it becomes passes the same checks as one sent on /ws: its size
+            # and counts before validation (DecodeLimits), then the models.
+            start = validate_client_object(frames.start(
+                rid, body.get("model") or default_model, messages,
+                tools=body.get("tools"),
+                tool_choice=body.get("toolChoice", body.get("tool_choice")),
+                params=body.get("params") or None), limits)
+        except FrameError as exc:
+            return Begin(rid, None, ref="send", authorization=authorization,
+                         invalid=f"Invalid request: {exc.message}", context=request)
+        except ValueError as exc:
+            return Begin(rid, None, ref="send", authorization=authorization,
+                         invalid=f"Invalid messages: {exc}", context=request)
+        return Begin(rid, start, ref="send", authorization=authorization, context=request)
+
+    def encode_reply(self, frame: dict[str, Any]) -> dict[str, Any] | None:
+        kind = frame.get("type")
+        id = frame.get("id")
+        if kind == "resumed":
+            return start_frame(frame["id"])
+        if kind == "error" and id is not None:
+            code = frame["code"]
+            if code == "unknown_stream" and frame.get("ref") == "resume":
+                return no_active_frame(id)
+            text = safe_error_text(code) if code in _SAFE_TEXT_CODES else frame["message"]
+            return error_frame(id, text)
+        return None
+
+    def response_encoder(self, id: str, stream_key: str,
+                         request: Begin | Reattach) -> ResponseMapper:
+        resume = request.context if isinstance(request, Reattach) else None
+        if isinstance(resume, ResumeRequest):
+            return ResponseMapper(id, message_id(stream_key),
+                                  last_sequence=resume.lastSequence,
+                                  merge=resume.lastSequence is None)
+        return ResponseMapper(id, message_id(stream_key))

@@ -1,80 +1,80 @@
 """One connection's protocol decisions, sans-I/O: handshake, admission, every close and error.
 
-``Connection`` is a relay connection as a state machine, whatever its wire dialect
-(``Dialect``: llm-relay.v1 on /ws, the AI SDK's chat transport on /ai-sdk). It imports
+``Connection`` is a relay connection as a state machine, whatever its wire dialect. A
+dialect is a sans-I/O codec (``protocol.dialect.Codec``: llm-relay.v1 on /ws, the AI SDK's
+chat transport on /ai-sdk) that turns the dialect's frames into the core's requests and the
+core's replies into its frames; this machine is the same for all of them. It imports
 nothing of the event loop or the socket: ``handle(event)`` takes what happened (an inbound
 frame, the hello timer expired, a flood, a slow consumer, a bug, a restart...) and returns
 the *actions* the glue (``relay.runtime.session.Session``, which keeps only the socket, the
-writer and the timers) carries out in order: send a frame, close with a code and reason,
-start/cancel/resume a stream, adopt credentials. Nothing else in relay/ chooses a close
-code for a connection: the server's refusals at the door (``refuse_at_door``), its shutdown
-(``server_shutdown_close``) and its last resort for a crashed session
-(``internal_error_close``) and the HTTP-only endpoints' refusal are the small pure functions
-at the end of this module
+writer and the timers) carries out in order: send a reply, close with a code and reason,
+start/cancel/resume a stream, adopt credentials. It changes nothing outside itself: moving
+a connection's accounting to its principal is an action (``AdoptCredentials``) the glue
+carries out; the machine reads the relay's counts through a read-only view
+(``PrincipalsView``). Nothing else in relay/ chooses a close code for a connection: the
+server's refusals at the door (``refuse_at_door``), its shutdown (``server_shutdown_close``)
+and its last resort for a crashed session (``internal_error_close``) and the HTTP-only
+endpoints' refusal are the small pure functions at the end of this module
 (tests/relay/test_connection.py checks the sources of relay/ for it).
 
-Phases (``Phase``): ``OPENING`` -> ``AWAITING_HELLO`` (v1) or ``AWAITING_CREDENTIALS``
-(/ai-sdk with auth) -> ``WELCOMED`` -> ``CLOSING`` (``CLOSED`` once the socket is gone).
-The rules of llm-relay.v1:
+Phases (``Phase``): ``OPENING`` -> ``AWAITING_HELLO`` (a dialect with ``Handshake.HELLO``)
+or ``AWAITING_CREDENTIALS`` (``Handshake.NONE`` with auth on and no credentials on the
+upgrade) -> ``WELCOMED`` -> ``CLOSING`` (``CLOSED`` once the socket is gone). The rules:
 
-* ``Opened``: a subprotocol other than ``PROTOCOL_VERSION`` closes **4406** naming it.
-* ``HelloTimedOut`` while awaiting hello: close **4408** ``no hello within N s``.
-* The first ``FrameReceived``: anything but a valid ``hello`` (decode error, another type)
-  closes **4401** ``first frame must be hello: <problem>``. A hello with auth on is
-  authenticated (``Authorization`` header first, else ``hello.token``): a failure closes
-  **4401** with the ``AuthError`` reason; a principal already at
-  ``max_connections_per_principal`` closes **4429**; otherwise the connection's accounting
-  moves from its address to the principal (``AdoptCredentials``). Then ``HelloAccepted``
-  and ``SendFrame(welcome)``; the phase is ``WELCOMED``.
-* After ``welcome`` every frame gets a defined answer, and exceptions become ``error``
-  frames only here (``ActionFailed``: ``RelayError`` -> its code; ``FrameError`` -> its
-  frame; anything else -> ``internal_error``, the glue having logged the traceback):
-  a bad frame -> ``bad_request``; a second ``hello`` -> ``bad_request``; ``ping`` ->
-  ``pong``; ``cancel`` of an id not running here -> ``unknown_stream``, else
-  ``CancelStream``; ``resume`` -> ``ResumeStream`` (the hub decides, refusals come back as
-  ``ActionFailed``); ``start`` -> admission, below.
-* Admission of a ``start``, in this order (PROTOCOL.md "start", "Limits and refusals at the
-  door"; the frame's decode limits and validation come first, in ``FrameReceived``): the
-  token has expired -> no answer, and ``CloseWhenStreamsEnd`` **4401** ``token expired``
-  (once); the token's ``models`` claim -> ``unknown_model`` (worded as for an alias that
-  does not exist); the token's ``max_streams`` claim -> ``too_many_streams``; the
-  principal's completion token budget -> ``rate_limited``; draining -> ``draining``; the
-  principal's start rate -> ``rate_limited``; a running id -> ``duplicate_id``; the
-  connection's stream cap -> ``too_many_streams``; the principal's stream cap ->
-  ``too_many_streams``. Passed: ``StartStream``; what the glue checks then (the alias and
-  its ``max_tokens`` ceiling, the group's limits on Redis) comes back as ``ActionFailed``.
-* Closes after ``welcome``: ``TooManyFrames`` **4429**; ``SlowConsumer`` **4008** (three
-  kinds, PROTOCOL.md "Backpressure"); ``TokenExpiredStreamsDone`` **4401** ``token
-  expired``; ``InternalFailure`` **1011**; ``ServerRestart`` **1012**. The first close
-  decision wins: once ``CLOSING``, later ones return no action. Frames that arrive while
-  closing are not answered.
+* ``Opened``: a dialect with a ``subprotocol`` and a connection that negotiated another one
+  closes **4406** naming it. ``Handshake.HELLO``: ``AWAITING_HELLO``. ``Handshake.NONE``:
+  auth off -> ``HelloAccepted``, ``WELCOMED``; with auth, an ``Authorization`` header on the
+  upgrade is authenticated as a hello's would be (below); without one a dialect with
+  ``per_request_credentials`` waits in ``AWAITING_CREDENTIALS`` (holding its pending slot
+  until a request authenticates it), any other closes **4401** ``missing token``.
+* ``HelloTimedOut`` while awaiting hello or credentials: close **4408** ``no hello within
+  N s`` (``no credentials within N s``).
+* Every ``FrameReceived`` is decoded by the dialect's codec into one request
+  (``protocol.dialect``). While awaiting hello, anything but a ``Greet`` closes **4401**
+  ``first frame must be hello: <problem>``. A greeting with auth on is authenticated
+  (``Authorization`` header first, else its token): a failure closes **4401** with the
+  ``AuthError`` reason; a principal already at ``max_connections_per_principal`` closes
+  **4429**; otherwise ``AdoptCredentials`` (the glue moves the accounting from the address
+  to the principal). Then ``HelloAccepted`` and ``SendFrame(welcome)``: ``WELCOMED``.
+* Per-request credentials (``Begin``/``Reattach`` of such a dialect): checked like the
+  upgrade header (``Authenticator.check_header``); wrong, expired or malformed ones close
+  **4401** with the reason (a guess costs a connection, as with a hello). Valid ones
+  authenticate a connection still awaiting them (the cap **4429**, as above); a connection
+  acts for one principal, so another principal's are refused (``error``, the connection
+  stays). None while awaiting credentials -> ``error`` ``Not authenticated: missing
+  credentials.``; None on an authenticated connection whose token has expired ->
+  ``CloseWhenStreamsEnd`` (once) and ``error`` ``Not authenticated: token expired.``.
+* After that every request gets a defined answer, and exceptions become ``error`` replies
+  only here (``ActionFailed``: ``RelayError`` -> its code; ``FrameError`` -> its frame;
+  anything else -> ``internal_error``, the glue having logged the traceback):
+  ``Malformed`` -> its ``error`` (``bad_request``), or close **1008** when the dialect
+  cannot answer it (no request id to correlate); a second ``Greet`` -> ``bad_request``;
+  ``Probe`` -> ``pong``; ``Stop`` of an id not running here -> ``unknown_stream`` (strict)
+  or nothing, else ``CancelStream``; ``Reattach`` -> ``ResumeStream`` (the hub decides,
+  refusals come back as ``ActionFailed``); ``Begin`` -> ``invalid`` -> ``bad_request``,
+  else admission, below.
+* Admission of a ``Begin``, in this order (PROTOCOL.md "start", "Limits and refusals at the
+  door"; the frame's decode limits and validation come first, in the codec): the token has
+  expired -> no answer, and ``CloseWhenStreamsEnd`` **4401** ``token expired`` (once); the
+  token's ``models`` claim -> ``unknown_model`` (worded as for an alias that does not
+  exist); the token's ``max_streams`` claim -> ``too_many_streams``; the principal's
+  completion token budget -> ``rate_limited``; draining -> ``draining``; the principal's
+  start rate -> ``rate_limited``; a running id -> ``duplicate_id``; the connection's stream
+  cap -> ``too_many_streams``; the principal's stream cap -> ``too_many_streams``. Passed:
+  ``StartStream``; what the glue checks then (the alias and its ``max_tokens`` ceiling, the
+  group's limits on Redis, a dialect's own rule such as the AI SDK's one active response
+  per chat) comes back as ``ActionFailed``.
+* Closes once reading: ``TooManyFrames`` **4429**; ``SlowConsumer`` **4008** (three kinds,
+  PROTOCOL.md "Backpressure"); ``TokenExpiredStreamsDone`` **4401** ``token expired``;
+  ``InternalFailure`` **1011**; ``ServerRestart`` **1012**. The first close decision wins:
+  once ``CLOSING``, later ones return no action. Frames that arrive while closing are not
+  answered.
 * Unprompted errors of attached streams: ``StreamFailed`` (a followed stream cannot go on)
   and ``StreamTakenOver`` (a resume took the stream elsewhere) -> one ``error`` naming the
   id the stream has on this connection, ``ref: "resume"``.
 
-The /ai-sdk dialect (``Dialect.AI_SDK``) has no hello and no subprotocol; its adapter
-(relay.runtime.aisdk) decodes its frames and feeds the requests' credentials here, and the
-same code as above decides:
-
-* ``Opened``: auth off -> ``HelloAccepted``, ``WELCOMED``. With auth, an ``Authorization``
-  header on the upgrade is authenticated as a hello's would be (failure **4401**, the
-  principal's connection cap **4429**, else ``AdoptCredentials``, ``HelloAccepted``,
-  ``WELCOMED``); without one the phase is ``AWAITING_CREDENTIALS``: the connection holds its
-  pending slot until a request authenticates it, and ``HelloTimedOut`` (the same
-  ``hello_timeout``) closes it **4408** ``no credentials within N s``.
-* ``RequestReceived`` (a ``send``/``resume`` with its ``authorization`` value, or None):
-  credentials are checked like the upgrade header (``Authenticator.check_header``); wrong,
-  expired or malformed ones close **4401** with the reason (a guess costs a connection, as
-  on /ws). Valid ones authenticate a connection still awaiting them (the cap **4429**, as
-  above); a connection acts for one principal, so another principal's are refused
-  (``Refuse``, the connection stays). None while awaiting credentials -> ``Refuse``
-  (``Not authenticated: missing credentials.``); None on an authenticated connection whose
-  token has expired -> ``CloseWhenStreamsEnd`` (once) and ``Refuse``. Otherwise no action:
-  the request goes on (a ``send`` to ``StartRequested``).
-* ``UnanswerableFrame`` (not JSON, not an object, no usable request id): close **1008**.
-* ``TooManyFrames`` and ``SlowConsumer`` close as above while awaiting credentials too, and
-  ``ActionFailed`` (``msg``: the request's type and id) is its ``error`` as above, which the
-  adapter says in its dialect.
+Replies (``SendFrame``) are v1 server frames, the core's vocabulary; the glue has the
+dialect's codec encode them when it sends them (``Codec.encode_reply``).
 
 Call order: construct once per accepted socket, feed ``Opened`` first; ``handle`` never
 blocks and never raises for client input (a caller bug, such as a frame fed before
@@ -86,23 +86,13 @@ from __future__ import annotations
 import enum
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from protocol import (
-    PROTOCOL_VERSION,
-    Cancel,
-    CloseCode,
-    ErrorCode,
-    FrameError,
-    Hello,
-    Ping,
-    Resume,
-    Start,
-    decode_client_frame,
-    frames,
-)
-
+from protocol import CloseCode, ErrorCode, FrameError, PROTOCOL_VERSION, Start, frames
 from protocol.codec import DecodeLimits
+from protocol.dialect import (Begin, Codec, Greet, Handshake, Ignore, Malformed, Probe,
+                              Reattach, Request, Stop)
+from protocol.v1 import V1Codec
 
 from relay.core.auth import AuthError
 from relay.core.errors import (Draining, DuplicateId, NotAuthenticated, RateLimited, RelayError,
@@ -111,16 +101,15 @@ from relay.core.limits import PrincipalState
 
 if TYPE_CHECKING:
     from relay.core.auth import Authenticator, Credentials
-    from relay.core.limits import Principals
 
 __all__ = [
     "ActionFailed", "AdoptCredentials", "CancelStream", "Close", "CloseWhenStreamsEnd",
-    "Connection", "ConnectionLimits", "Dialect", "Door", "FrameReceived", "HelloAccepted",
-    "HelloTimedOut", "IllegalEvent", "InternalFailure", "Opened", "Phase", "Refuse",
-    "RequestReceived", "ResumeStream", "SendFrame", "ServerRestart", "SlowConsumer",
-    "Slowness", "StartRequested", "StartStream", "StreamFailed", "StreamTakenOver",
-    "TokenExpiredStreamsDone", "TooManyFrames", "UnanswerableFrame",
-    "close_reason", "internal_error_close", "legal_pairs", "server_shutdown_close", "not_a_websocket_endpoint", "refuse_at_door",
+    "Connection", "ConnectionLimits", "Door", "FrameReceived", "HelloAccepted",
+    "HelloTimedOut", "IllegalEvent", "InternalFailure", "Opened", "Phase", "PrincipalsView",
+    "ResumeStream", "SendFrame", "ServerRestart", "SlowConsumer", "Slowness", "SocketClosed",
+    "StartStream", "StreamFailed", "StreamTakenOver", "TokenExpiredStreamsDone",
+    "TooManyFrames", "close_reason", "internal_error_close", "legal_pairs",
+    "not_a_websocket_endpoint", "refuse_at_door", "server_shutdown_close",
     "unanswerable_frame",
 ]
 
@@ -128,25 +117,28 @@ __all__ = [
 class Phase(enum.Enum):
     OPENING = "opening"
     AWAITING_HELLO = "awaiting-hello"
-    #: A dialect without hello (/ai-sdk) with auth on, until a request authenticates it.
+    #: A dialect without hello, with auth on, until a request authenticates it.
     AWAITING_CREDENTIALS = "awaiting-credentials"
     WELCOMED = "welcomed"
     CLOSING = "closing"
     CLOSED = "closed"
 
 
-class Dialect(enum.Enum):
-    """The wire protocol a connection speaks; the machine's decisions are the same for all."""
-
-    #: llm-relay.v1 on /ws: subprotocol, hello/welcome, credentials in the header or hello.
-    V1 = "llm-relay.v1"
-    #: The AI SDK's WebSocketChatTransport on /ai-sdk: no hello, credentials in the upgrade
-    #: header or in each request (``RequestReceived``).
-    AI_SDK = "ai-sdk"
-
-
 class IllegalEvent(RuntimeError):
     """An event the glue must not feed in the current phase (a bug in the glue)."""
+
+
+class PrincipalsView(Protocol):
+    """What the machine reads of the relay-wide accounting (``relay.core.limits.Principals``):
+    it never changes it (``AdoptCredentials`` is the glue's)."""
+
+    def connections_of(self, principal: str) -> int:
+        """Open connections of ``principal`` now."""
+        ...
+
+    def state_of(self, principal: str) -> PrincipalState:
+        """The principal's limits state (its start rate, budget, stream count)."""
+        ...
 
 
 # ---------------------------------------------------------------------------- events
@@ -154,7 +146,8 @@ class IllegalEvent(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class Opened:
-    """The upgrade was accepted. ``headers``: the upgrade request's (``Authorization``)."""
+    """The upgrade was accepted. ``subprotocol``: the one negotiated; ``headers``: the
+    upgrade request's (``Authorization``)."""
 
     subprotocol: str | None
     headers: Mapping[str, str] | None = None
@@ -162,7 +155,7 @@ class Opened:
 
 @dataclass(frozen=True, slots=True)
 class HelloTimedOut:
-    pass
+    """``hello_timeout`` passed since ``Opened`` (the glue's timer)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,37 +169,9 @@ class FrameReceived:
 
 
 @dataclass(frozen=True, slots=True)
-class RequestReceived:
-    """A request of a dialect that carries credentials per request (/ai-sdk ``send`` and
-    ``resume``), decoded by its adapter. ``id``: the request's id; ``authorization``: its
-    ``Authorization`` value (``"Bearer <credential>"``), None when it carries none."""
-
-    id: str
-    authorization: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class UnanswerableFrame:
-    """/ai-sdk: a frame that cannot be parsed or names no usable request id, so that no
-    answer could be correlated; ``problem`` says what is wrong with it."""
-
-    problem: str
-
-
-@dataclass(frozen=True, slots=True)
-class StartRequested:
-    """A ``start`` built by another protocol on the same connection (relay.runtime.aisdk): the same
-    admission as a v1 ``start``; a refusal is returned as ``Refuse`` rather than a frame."""
-
-    msg: Start
-    open_ids: Collection[str] = ()
-    draining: bool = False
-
-
-@dataclass(frozen=True, slots=True)
 class ActionFailed:
-    """Carrying out an action for ``msg`` (a decoded client frame, or None) raised ``exc``.
-    Anything but ``RelayError``/``FrameError`` is a relay bug, already logged by the glue."""
+    """Carrying out an action for ``msg`` (a request, or None) raised ``exc``. Anything but
+    ``RelayError``/``FrameError`` is a relay bug, already logged by the glue."""
 
     msg: Any
     exc: Exception
@@ -226,7 +191,8 @@ class StreamTakenOver:
 
 @dataclass(frozen=True, slots=True)
 class TooManyFrames:
-    pass
+    """The connection's inbound frame budget is spent (every frame, and an AI SDK resume's
+    replay, is paid from it)."""
 
 
 class Slowness(enum.Enum):
@@ -265,10 +231,9 @@ class SocketClosed:
     pass
 
 
-Event = (Opened | HelloTimedOut | FrameReceived | RequestReceived | UnanswerableFrame
-         | StartRequested | ActionFailed | StreamFailed | StreamTakenOver | TooManyFrames
-         | SlowConsumer | TokenExpiredStreamsDone | InternalFailure | ServerRestart
-         | SocketClosed)
+Event = (Opened | HelloTimedOut | FrameReceived | ActionFailed | StreamFailed
+         | StreamTakenOver | TooManyFrames | SlowConsumer | TokenExpiredStreamsDone
+         | InternalFailure | ServerRestart | SocketClosed)
 
 
 # ---------------------------------------------------------------------------- actions
@@ -276,7 +241,8 @@ Event = (Opened | HelloTimedOut | FrameReceived | RequestReceived | Unanswerable
 
 @dataclass(frozen=True, slots=True)
 class SendFrame:
-    """Send this server frame (dict, as built by ``protocol.frames``)."""
+    """Send this reply: a v1 server frame (dict, as built by ``protocol.frames``), which the
+    glue has the connection's codec encode in its dialect (``Codec.encode_reply``)."""
 
     frame: dict
 
@@ -299,10 +265,12 @@ class CloseWhenStreamsEnd:
 
 @dataclass(frozen=True, slots=True)
 class AdoptCredentials:
-    """Authenticated: the connection acts for ``credentials.principal`` from now on (its
-    accounting has already moved there, ``state``)."""
+    """Authenticated: the connection acts for ``credentials.principal`` from now on. The
+    glue moves its accounting (one connection) from ``previous`` (its address) to the
+    principal, whose state (``state``) the machine reads from now on."""
 
     credentials: Credentials
+    previous: str
     state: PrincipalState
 
 
@@ -314,29 +282,37 @@ class HelloAccepted:
 
 @dataclass(frozen=True, slots=True)
 class StartStream:
-    msg: Start
+    """An admitted ``Begin``: launch its stream (``request.start``)."""
+
+    request: Begin
+
+    @property
+    def msg(self) -> Start:
+        assert self.request.start is not None
+        return self.request.start
 
 
 @dataclass(frozen=True, slots=True)
 class CancelStream:
-    msg: Cancel
+    """Cancel the stream attached as ``id`` (``request``: the ``Stop`` asking it)."""
+
+    request: Stop
+
+    @property
+    def id(self) -> str:
+        return self.request.id
 
 
 @dataclass(frozen=True, slots=True)
 class ResumeStream:
-    msg: Resume
+    """Attach the stream a ``Reattach`` asks for (the hub, or the dialect's adapter, finds
+    it)."""
 
-
-@dataclass(frozen=True, slots=True)
-class Refuse:
-    """Answer of ``StartRequested`` or ``RequestReceived``: the request is refused with
-    ``error`` (the adapter answers it in its dialect; the connection stays)."""
-
-    error: RelayError
+    request: Reattach
 
 
 Action = (SendFrame | Close | CloseWhenStreamsEnd | AdoptCredentials | HelloAccepted
-          | StartStream | CancelStream | ResumeStream | Refuse)
+          | StartStream | CancelStream | ResumeStream)
 
 
 # ---------------------------------------------------------------------------- the machine
@@ -372,16 +348,20 @@ class ConnectionLimits:
 
 
 class Connection:
-    """The decisions of one connection (module docstring). ``models``: the relay's aliases;
-    ``principal``/``principal_state``: who the connection counts for until authentication
-    moves it; ``auth``: None or a disabled Authenticator means no auth; ``dialect``: the
-    wire protocol it speaks."""
+    """The decisions of one connection (module docstring). ``codec``: its dialect (default
+    llm-relay.v1); ``models``: the relay's aliases (the first is the default model of a
+    dialect whose requests may omit one); ``principal``/``principal_state``: who the
+    connection counts for until authentication moves it; ``auth``: None or a disabled
+    Authenticator means no auth; ``principals``: the relay's accounting, read only (needed
+    with auth, for the per-principal connection cap)."""
 
     def __init__(self, limits: ConnectionLimits, *, session_id: str, models: Sequence[str],
+                 codec: Codec | None = None,
                  principal: str = "anonymous", principal_state: PrincipalState | None = None,
-                 auth: Authenticator | None = None, principals: Principals | None = None,
-                 dialect: Dialect = Dialect.V1) -> None:
+                 auth: Authenticator | None = None,
+                 principals: PrincipalsView | None = None) -> None:
         self.limits = limits
+        self.codec: Codec = codec if codec is not None else V1Codec()
         self.session_id = session_id
         self.models = list(models)
         self.principal = principal
@@ -389,7 +369,6 @@ class Connection:
         self.auth = auth if auth is not None and auth.enabled else None
         self.principals = principals
         self.credentials: Credentials | None = None
-        self.dialect = dialect
         self.phase = Phase.OPENING
         self._decode_limits = limits.decode_limits or DecodeLimits()
         self._headers: Mapping[str, str] | None = None
@@ -405,39 +384,21 @@ class Connection:
             return []
         if phase in (Phase.CLOSING, Phase.CLOSED):
             return []           # the first close decision wins; nothing more is answered
-        if phase not in _LEGAL.get(type(event), ()) or \
-                _DIALECT_ONLY.get(type(event), self.dialect) is not self.dialect:
+        if phase not in _LEGAL.get(type(event), ()):
             raise IllegalEvent(f"{type(event).__name__} in phase {phase.value!r} "
-                               f"({self.dialect.value})")
+                               f"({self.codec.name})")
         if isinstance(event, Opened):
-            self._headers = event.headers
-            if self.dialect is Dialect.AI_SDK:
-                return self._open_without_hello()
-            if event.subprotocol != PROTOCOL_VERSION:
-                return self._close(CloseCode.UNSUPPORTED_VERSION,
-                                   f"unsupported protocol version; supported: {PROTOCOL_VERSION}")
-            self.phase = Phase.AWAITING_HELLO
-            return []
+            return self._opened(event)
         if isinstance(event, HelloTimedOut):
             awaited = "hello" if phase is Phase.AWAITING_HELLO else "credentials"
             return self._close(CloseCode.HELLO_TIMEOUT,
                                f"no {awaited} within {self.limits.hello_timeout:g} s")
-        if isinstance(event, RequestReceived):
-            return self._request(event)
-        if isinstance(event, UnanswerableFrame):
-            self.phase = Phase.CLOSING
-            return [unanswerable_frame(event.problem)]
         if isinstance(event, FrameReceived):
+            request = self.codec.decode(event.raw, self._decode_limits,
+                                        self.models[0] if self.models else "")
             if phase is Phase.AWAITING_HELLO:
-                return self._first_frame(event.raw)
-            return self._frame(event)
-        if isinstance(event, StartRequested):
-            refusal = self._admit(event.msg, event.open_ids, event.draining)
-            if refusal is _EXPIRED:
-                return self._expired()
-            if refusal is not None:
-                return [Refuse(refusal)]
-            return [StartStream(event.msg)]
+                return self._first_frame(request)
+            return self._request(request, event)
         if isinstance(event, ActionFailed):
             return [SendFrame(error_frame_for(event.msg, event.exc))]
         if isinstance(event, StreamFailed):
@@ -490,21 +451,54 @@ class Connection:
         self.phase = Phase.CLOSING
         return [Close(int(code), close_reason(reason), note)]
 
-    def _first_frame(self, raw: str | bytes) -> list[Action]:
+    def _closed_by(self, close: Close) -> list[Action]:
+        self.phase = Phase.CLOSING
+        return [close]
+
+    def _opened(self, event: Opened) -> list[Action]:
+        self._headers = event.headers
+        codec = self.codec
+        if codec.subprotocol is not None and event.subprotocol != codec.subprotocol:
+            return self._close(CloseCode.UNSUPPORTED_VERSION,
+                               f"unsupported protocol version; supported: {codec.subprotocol}")
+        if codec.handshake is Handshake.HELLO:
+            self.phase = Phase.AWAITING_HELLO
+            return []
+        auth = self.auth
+        if auth is None:
+            self.phase = Phase.WELCOMED
+            return [HelloAccepted()]
         try:
-            hello = decode_client_frame(raw, self._decode_limits)
-            if not isinstance(hello, Hello):
-                raise FrameError(f"expected hello, got {type(hello).__name__.lower()}")
-        except FrameError as exc:
-            return self._close(CloseCode.NOT_AUTHENTICATED,
-                               f"first frame must be hello: {exc}")
+            creds = auth.check_header(self._headers) if self._headers is not None else None
+            if creds is None and not codec.per_request_credentials:
+                raise AuthError("missing token")
+        except AuthError as exc:
+            return self._closed_by(_auth_failed(exc))
+        if creds is None:
+            self.phase = Phase.AWAITING_CREDENTIALS
+            return []
+        return self._authenticated(creds)
+
+    def _first_frame(self, request: Request) -> list[Action]:
+        if not isinstance(request, Greet):
+            problem = (request.error.message if isinstance(request, Malformed)
+                       else f"expected hello, got {request.ref}")
+            return self._close(CloseCode.NOT_AUTHENTICATED, f"first frame must be hello: {problem}")
         actions: list[Action] = []
         if self.auth is not None:
-            admitted = self._authenticate(hello)
-            if isinstance(admitted, Close):
-                self.phase = Phase.CLOSING
-                return [admitted]
-            actions.append(admitted)
+            try:
+                creds = self.auth.check_header(self._headers) \
+                    if self._headers is not None else None
+                if creds is None:
+                    if request.token is None:
+                        raise AuthError("missing token")
+                    creds = self.auth.authenticate(request.token)
+            except AuthError as exc:
+                return self._closed_by(_auth_failed(exc))
+            adopted = self._adopt(creds)
+            if isinstance(adopted, Close):
+                return self._closed_by(adopted)
+            actions.append(adopted)
         self.phase = Phase.WELCOMED
         limits = {"max_streams": self.stream_cap(),
                   "max_frame_bytes": self.limits.max_frame_bytes,
@@ -515,50 +509,20 @@ class Connection:
                                                 limits, PROTOCOL_VERSION)))
         return actions
 
-    def _authenticate(self, hello: Hello) -> AdoptCredentials | Close:
-        """Header first, else ``hello.token``; then the principal's connection limit, then
-        the accounting moves from the address to the principal."""
-        auth = self.auth
-        assert auth is not None
-        try:
-            creds = auth.check_header(self._headers) if self._headers is not None else None
-            if creds is None:
-                if hello.token is None:
-                    raise AuthError("missing token")
-                creds = auth.authenticate(hello.token)
-        except AuthError as exc:
-            return _auth_failed(exc)
-        return self._adopt(creds)
-
     def _adopt(self, creds: Credentials) -> AdoptCredentials | Close:
-        """The principal's connection limit, then the accounting moves from the address to
-        the principal (for every dialect)."""
+        """The principal's connection limit (read, never changed, here), then the action
+        that moves the connection's accounting from its address to the principal (for
+        every dialect)."""
         principals = self.principals
         assert principals is not None, "auth needs the server's Principals"
-        if principals.get(creds.principal).connections >= \
+        if principals.connections_of(creds.principal) >= \
                 self.limits.max_connections_per_principal:
             return Close(int(CloseCode.TOO_MANY), "too many connections for this principal",
                          "refused connection: too many connections for this principal")
-        state = principals.connect(creds.principal)
-        principals.disconnect(self.principal)
+        previous = self.principal
+        state = principals.state_of(creds.principal)
         self.credentials, self.principal, self.principal_state = creds, creds.principal, state
-        return AdoptCredentials(creds, state)
-
-    def _open_without_hello(self) -> list[Action]:
-        """``Opened`` on a dialect without hello: no credentials needed, the upgrade's
-        header, or ``AWAITING_CREDENTIALS`` (module docstring)."""
-        auth = self.auth
-        if auth is None:
-            self.phase = Phase.WELCOMED
-            return [HelloAccepted()]
-        try:
-            creds = auth.check_header(self._headers) if self._headers is not None else None
-        except AuthError as exc:
-            return self._closed_by(_auth_failed(exc))
-        if creds is None:
-            self.phase = Phase.AWAITING_CREDENTIALS
-            return []
-        return self._authenticated(creds)
+        return AdoptCredentials(creds, previous, state)
 
     def _authenticated(self, creds: Credentials) -> list[Action]:
         adopted = self._adopt(creds)
@@ -567,67 +531,84 @@ class Connection:
         self.phase = Phase.WELCOMED
         return [adopted, HelloAccepted()]
 
-    def _closed_by(self, close: Close) -> list[Action]:
-        self.phase = Phase.CLOSING
-        return [close]
-
-    def _request(self, event: RequestReceived) -> list[Action]:
-        """The credentials of a request of a dialect without hello (module docstring)."""
+    def _request_credentials(self, request: Begin | Reattach) -> tuple[list[Action], bool]:
+        """Per-request credentials (module docstring): the actions they call for, and
+        whether the request goes on after them (False: those actions answer it)."""
         auth = self.auth
-        if auth is None:
-            return []
+        assert auth is not None
         creds = self.credentials
-        if event.authorization is None:
+        if request.authorization is None:
             if creds is None:
-                return [Refuse(NotAuthenticated("Not authenticated: missing credentials.",
-                                                id=event.id))]
+                return [self._refusal(request, NotAuthenticated(
+                    "Not authenticated: missing credentials."))], False
             if auth.expired(creds):
-                return [*self._expired(),
-                        Refuse(NotAuthenticated("Not authenticated: token expired.",
-                                                id=event.id))]
-            return []
+                return [*self._expired(), self._refusal(request, NotAuthenticated(
+                    "Not authenticated: token expired."))], False
+            return [], True
         try:
-            presented = auth.check_header({"Authorization": event.authorization})
+            presented = auth.check_header({"Authorization": request.authorization})
         except AuthError as exc:
-            return self._closed_by(_auth_failed(exc))
+            return self._closed_by(_auth_failed(exc)), False
         assert presented is not None                 # (auth is on and a value was given)
         if creds is None:
-            return self._authenticated(presented)
+            actions = self._authenticated(presented)
+            return actions, self.phase is Phase.WELCOMED
         if presented.principal != creds.principal:
-            return [Refuse(NotAuthenticated(
+            return [self._refusal(request, NotAuthenticated(
                 "Not authenticated: these credentials are for another principal than this "
-                "connection's.", id=event.id))]
+                "connection's."))], False
         self.credentials = presented                 # a refreshed token
-        return []
+        return [], True
 
-    def _frame(self, event: FrameReceived) -> list[Action]:
-        msg: Any = None
-        try:
-            msg = decode_client_frame(event.raw, self._decode_limits)
-        except FrameError as exc:
-            return [SendFrame(exc.frame())]
-        if isinstance(msg, Start):
-            refusal = self._admit(msg, event.open_ids, event.draining)
-            if refusal is _EXPIRED:
-                return self._expired()
-            if refusal is not None:
-                return [SendFrame(error_frame_for(msg, refusal))]
-            return [StartStream(msg)]
-        if isinstance(msg, Cancel):
-            if msg.id not in event.open_ids:
+    def _refusal(self, request: Request, error: RelayError) -> SendFrame:
+        return SendFrame(error_frame_for(request, error))
+
+    def _request(self, request: Request, event: FrameReceived) -> list[Action]:
+        if isinstance(request, Malformed):
+            if not request.answerable:
+                self.phase = Phase.CLOSING
+                return [unanswerable_frame(request.error.message)]
+            return [SendFrame(request.error.frame())]
+        if isinstance(request, Stop):
+            if request.id not in event.open_ids:
+                if not request.strict:
+                    return []
                 return [SendFrame(frames.error(
-                    ErrorCode.UNKNOWN_STREAM, f"no running stream with id {msg.id!r}",
-                    ref="cancel", id=msg.id))]
-            return [CancelStream(msg)]
-        if isinstance(msg, Resume):
-            return [ResumeStream(msg)]
-        if isinstance(msg, Ping):
-            return [SendFrame(frames.pong(msg.data))]
-        if isinstance(msg, Hello):
+                    ErrorCode.UNKNOWN_STREAM, f"no running stream with id {request.id!r}",
+                    ref=request.ref, id=request.id))]
+            return [CancelStream(request)]
+        actions: list[Action] = []
+        if isinstance(request, (Begin, Reattach)) and self.auth is not None \
+                and self.codec.per_request_credentials:
+            actions, go_on = self._request_credentials(request)
+            if not go_on:
+                return actions
+        if self.phase is not Phase.WELCOMED:
+            # (awaiting credentials: only a request that brings them is served)
+            return [*actions, self._refusal(request, NotAuthenticated(
+                "Not authenticated: missing credentials."))]
+        if isinstance(request, Reattach):
+            return [*actions, ResumeStream(request)]
+        if isinstance(request, Begin):
+            if request.start is None:
+                return [*actions, SendFrame(frames.error(
+                    ErrorCode.BAD_REQUEST, request.invalid or "invalid request",
+                    ref=request.ref, id=request.id))]
+            refusal = self._admit(request.start, event.open_ids, event.draining)
+            if refusal is _EXPIRED:
+                return [*actions, *self._expired()]
+            if refusal is not None:
+                assert isinstance(refusal, RelayError)
+                return [*actions, SendFrame(error_frame_for(request, refusal))]
+            return [*actions, StartStream(request)]
+        if isinstance(request, Probe):
+            return [SendFrame(frames.pong(request.data))]
+        if isinstance(request, Greet):
             return [SendFrame(frames.error(ErrorCode.BAD_REQUEST,
                                            "hello was already received on this connection",
                                            ref="hello"))]
-        return []       # a client frame type this relay decodes but does not answer
+        assert isinstance(request, Ignore)
+        return []
 
     def _expired(self) -> list[Action]:
         if self._expiry_noticed:
@@ -693,20 +674,17 @@ def _auth_failed(exc: AuthError) -> Close:
 _OPEN = frozenset({Phase.OPENING, Phase.AWAITING_HELLO, Phase.AWAITING_CREDENTIALS,
                    Phase.WELCOMED})
 _AFTER_WELCOME = frozenset({Phase.WELCOMED})
-#: A connection that reads frames before it is authenticated (/ai-sdk awaiting credentials).
-_READING = frozenset({Phase.AWAITING_CREDENTIALS, Phase.WELCOMED})
+#: A connection reads frames from ``Opened`` on (a hello, credentials, or requests).
+_READING = frozenset({Phase.AWAITING_HELLO, Phase.AWAITING_CREDENTIALS, Phase.WELCOMED})
 
 #: The phases (besides ``CLOSING``/``CLOSED``, where every event is accepted and answered
 #: with nothing) in which each event may happen. Anything else is a bug of the glue.
 _LEGAL: dict[type, frozenset[Phase]] = {
     Opened: frozenset({Phase.OPENING}),
     HelloTimedOut: frozenset({Phase.AWAITING_HELLO, Phase.AWAITING_CREDENTIALS}),
-    FrameReceived: frozenset({Phase.AWAITING_HELLO, Phase.WELCOMED}),
-    RequestReceived: _READING,
-    UnanswerableFrame: _READING,
-    StartRequested: _AFTER_WELCOME,
-    # (/ai-sdk: a request refused while awaiting credentials is answered the same way)
-    ActionFailed: _READING,
+    FrameReceived: _READING,
+    # (a request refused while awaiting credentials is answered the same way)
+    ActionFailed: frozenset({Phase.AWAITING_CREDENTIALS, Phase.WELCOMED}),
     StreamFailed: _AFTER_WELCOME,
     StreamTakenOver: _AFTER_WELCOME,
     TooManyFrames: _READING,
@@ -718,25 +696,17 @@ _LEGAL: dict[type, frozenset[Phase]] = {
 }
 
 
-#: Events only one dialect's glue feeds (any other event: every dialect).
-_DIALECT_ONLY: dict[type, Dialect] = {
-    FrameReceived: Dialect.V1,
-    RequestReceived: Dialect.AI_SDK,
-    UnanswerableFrame: Dialect.AI_SDK,
-}
-
-
 def legal_pairs() -> frozenset[tuple[Phase, type]]:
     """Every (phase, event type) ``handle`` accepts while the connection is open."""
     return frozenset((phase, kind) for kind, phases in _LEGAL.items() for phase in phases)
 
 
 def error_frame_for(msg: Any, exc: Exception) -> dict:
-    """The ``error`` frame answering ``msg`` (a decoded client frame, or None) whose
-    handling raised ``exc``: the one place exceptions become error frames."""
+    """The ``error`` frame answering ``msg`` (a request, or None) whose handling raised
+    ``exc``: the one place exceptions become error frames."""
     if isinstance(exc, FrameError):
         return exc.frame()
-    ref = getattr(msg, "type", None)
+    ref = getattr(msg, "ref", None)
     id = getattr(msg, "id", None)
     if isinstance(exc, RelayError):
         return frames.error(exc.code, exc.message, ref=ref, id=exc.id or id,
@@ -779,13 +749,15 @@ def internal_error_close() -> Close:
     return Close(int(CloseCode.INTERNAL_ERROR), "internal error")
 
 
-#: RFC 6455 "policy violation"; not an llm-relay.v1 close code (the /ai-sdk protocol and
-#: the HTTP-only ports use it, as the AI SDK's own server example does).
+#: RFC 6455 "policy violation"; not an llm-relay.v1 close code (dialects that cannot answer
+#: a frame without a request id and the HTTP-only ports use it, as the AI SDK's own server
+#: example does).
 _POLICY_VIOLATION = 1008
 
 
 def unanswerable_frame(message: str) -> Close:
-    """/ai-sdk: a frame that cannot be parsed or names no ``requestId`` (``UnanswerableFrame``)."""
+    """A frame the dialect cannot answer (``Malformed`` with ``answerable`` False: the AI
+    SDK's without a usable ``requestId``)."""
     return Close(_POLICY_VIOLATION, close_reason(message))
 
 

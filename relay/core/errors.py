@@ -5,7 +5,7 @@ into ``error`` frames in one place (``relay.core.connection.error_frame_for``, f
     RelayError(code)                  -> error frame {code, message, ref, id}
       BadRequest                         bad_request
         NotAuthenticated                 bad_request (a dialect's request without usable
-                                         credentials, relay.core.connection RequestReceived)
+                                         credentials, relay.core.connection)
       UnknownModel                       unknown_model
       DuplicateId                        duplicate_id
       TooManyStreams                     too_many_streams
@@ -51,7 +51,7 @@ class BadRequest(RelayError):
 
 class NotAuthenticated(BadRequest):
     """A request of a dialect with per-request credentials (/ai-sdk) that carries none, or
-    another principal's; the connection stays (relay.core.connection ``RequestReceived``)."""
+    another principal's; the connection stays (relay.core.connection, per-request credentials)."""
 
 
 class UnknownModel(RelayError):

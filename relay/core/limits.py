@@ -185,6 +185,22 @@ class Principals:
             self._states[principal] = state
         return state
 
+    def connections_of(self, principal: str) -> int:
+        """Open connections of ``principal`` (``relay.core.connection.PrincipalsView``)."""
+        state = self._states.get(principal)
+        return state.connections if state is not None else 0
+
+    def state_of(self, principal: str) -> PrincipalState:
+        """``principal``'s state (``relay.core.connection.PrincipalsView``); counts nothing."""
+        return self.get(principal)
+
+    def move(self, previous: str, principal: str) -> PrincipalState:
+        """One connection's accounting moves from ``previous`` (its address) to
+        ``principal`` (authenticated): ``AdoptCredentials``, carried out by the session."""
+        state = self.connect(principal)
+        self.disconnect(previous)
+        return state
+
     def connect(self, principal: str) -> PrincipalState:
         if len(self._states) > 10_000:
             self._prune()

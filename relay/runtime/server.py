@@ -23,10 +23,7 @@ from websockets.http11 import Request, Response
 from protocol import SUPPORTED_VERSIONS, FinishReason
 
 from relay.http import web
-from relay.runtime.aisdk import (
-    AI_SDK_EXAMPLE_PATH, AI_SDK_EXAMPLE_ROOT, AI_SDK_PATH, AiSdkSession, ChatIndex,
-    issue_chat_owner,
-)
+from relay.runtime.aisdk import AI_SDK_EXAMPLE_PATH, AI_SDK_EXAMPLE_ROOT, ChatIndex
 from relay.core.auth import AuthError, Authenticator, address_principal
 from relay.http.handshake import (OriginPolicy, RelayConnection, client_address, own_origins,
                         parse_networks, repeated_header)
@@ -39,14 +36,14 @@ from relay.core.limits import PendingConnections, Principals, start_rate_limit
 from relay.metrics import CONTENT_TYPE_LATEST, RelayMetrics
 from relay.http.metrics_http import MetricsHTTPServer
 from relay.upstream.providers import ModelRegistry
-from relay.runtime.session import Session, StreamerFactory
+from relay.runtime.routes import DIALECTS, WS_PATH, route_for
+from relay.runtime.session import Session
+from relay.runtime.streams import StreamerFactory, StreamService
 from relay.cluster.shared_limits import SharedLimits
 
 __all__ = ["RelayServer", "WS_PATH"]
 
 logger = logging.getLogger("relay.runtime.server")
-
-WS_PATH = "/ws"
 
 
 def _select_subprotocol(connection: ServerConnection, offered: Any) -> str | None:
@@ -105,6 +102,9 @@ class RelayServer:
                                               lease=self.settings.redis_owner_ttl)
             self.hub.shared_limits = self.shared_limits
         self.auth = Authenticator(self.settings, self.principals)
+        #: Launches and resumes the streams of every connection, whatever its dialect.
+        self.streams = StreamService(self.hub, self.registry, self.settings, self.metrics,
+                                     streamer_factory)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -280,14 +280,13 @@ class RelayServer:
 
     def _process_response(self, connection: ServerConnection, request: Request,
                           response: Response) -> None:
-        """The upgrade's response: an ``/ai-sdk`` client without ``--auth`` gets its chat
-        owner cookie when it has none (relay.runtime.aisdk, ``issue_chat_owner``)."""
-        if (response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS
-                and not self.auth.enabled
-                and request.path.split("?", 1)[0] == AI_SDK_PATH):
-            public = self.settings.public_url or ""
-            issue_chat_owner(request.headers, response.headers,
-                             secure=public.startswith(("https:", "wss:")))
+        """The upgrade's response, through its route's hook (``DialectRoute.on_upgrade``: an
+        ``/ai-sdk`` client without ``--auth`` gets its chat owner cookie when it has none)."""
+        if response.status_code != http.HTTPStatus.SWITCHING_PROTOCOLS:
+            return
+        route = route_for(request.path.split("?", 1)[0])
+        if route is not None and route.on_upgrade is not None:
+            route.on_upgrade(self, request.headers, response.headers)
 
     def _refuse_malformed(self, connection: ServerConnection,
                           request: Request) -> Response | None:
@@ -295,7 +294,7 @@ class RelayServer:
         must appear once; 405 for a method other than GET/HEAD (GET only on the WebSocket
         path). One INFO line each, never a traceback."""
         method = _method(request)
-        allowed = (("GET",) if request.path.split("?", 1)[0] in (WS_PATH, AI_SDK_PATH)
+        allowed = (("GET",) if route_for(request.path.split("?", 1)[0]) is not None
                    else ("GET", "HEAD"))
         if method not in allowed:
             # The method is the client's text: logged escaped, never echoed.
@@ -339,7 +338,7 @@ class RelayServer:
                 if found is not None:
                     return found
             return _text(connection, http.HTTPStatus.NOT_FOUND, "not found\n")
-        if path not in (WS_PATH, AI_SDK_PATH):
+        if route_for(path) is None:
             # The browser chat page (client_demo/web/), static files only; see relay/http/web.py.
             return web.respond(connection, path) or _text(
                 connection, http.HTTPStatus.NOT_FOUND, "not found\n")
@@ -402,23 +401,22 @@ class RelayServer:
                                 release_pending: Callable[[], None]) -> None:
         s = self.settings
         state = self.principals.get(principal)
-        # With auth on, the principal is known once authenticated, on /ws and /ai-sdk alike:
-        # the connection machine checks its cap then (relay.core.connection).
+        # With auth on, the principal is known once authenticated, on every route alike:
+        # the connection machine checks its cap then (relay.core.connection). Without,
+        # the principal is the address, capped here for every route.
         if state.connections >= s.max_connections_per_principal and not self.auth.enabled:
             await _close(ws, refuse_at_door(Door.PRINCIPAL_FULL))
             return
         state = self.principals.connect(principal)
         if s.send_buffer_bytes is not None:
             _set_send_buffer(ws, s.send_buffer_bytes)
-        common: dict[str, Any] = dict(
-            hub=self.hub, streamer_factory=self._streamer_factory,
-            draining=lambda: self.draining, principal=principal, principal_state=state,
-            metrics=self.metrics, auth=self.auth, on_hello=release_pending)
-        if ws.request is not None and ws.request.path.split("?", 1)[0] == AI_SDK_PATH:
-            session: Session = AiSdkSession(ws, self.settings, self.registry, chats=self.chats,
-                                            **common)
-        else:
-            session = Session(ws, self.settings, self.registry, **common)
+        path = ws.request.path.split("?", 1)[0] if ws.request is not None else WS_PATH
+        route = route_for(path) or DIALECTS[0]
+        session = Session(ws, self.settings, self.registry, streams=self.streams,
+                          draining=lambda: self.draining, principal=principal,
+                          principal_state=state, metrics=self.metrics, auth=self.auth,
+                          on_hello=release_pending, codec=route.codec,
+                          adapter=route.adapter(self))
         self._sessions.add(session)
         self.metrics.connections.inc()
         try:

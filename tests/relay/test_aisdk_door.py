@@ -436,70 +436,7 @@ def test_random_frame_shapes_on_a_live_aisdk_get_defined_answers_never_1011(erro
     assert not error_logs.records, [r.getMessage() for r in error_logs.records]
 
 
-# ---------------------------------------------------------------- every dialect, one door
-
-
-@contextlib.asynccontextmanager
-async def door(server, dialect: str, **kwargs):
-    """A connection of ``dialect`` authenticated by the upgrade's header (on /ws its hello
-    is sent, not awaited: the answer may be a close)."""
-    if dialect == "ws":
-        async with Client.connect(server.url, additional_headers=BEARER, hello=False,
-                                  **kwargs) as c:
-            await c.send({"type": "hello", "client": {"name": "tests", "version": "0"}})
-            yield c
-    else:
-        async with ai_client(server, additional_headers=BEARER, **kwargs) as c:
-            yield c
-
-
-async def start_stream(c, dialect: str, rid: str) -> None:
-    """A v1 ``start`` on /ws, a ``send`` (of a new chat) on /ai-sdk, named ``rid``."""
-    if dialect == "ws":
-        await c.start(rid, model="oai", content="x")
-    else:
-        await c.send(send_frame(rid, f"chat-{rid}", [ui_user("x")], model="oai"))
-
-
-async def refusal(c, dialect: str, rid: str) -> str:
-    """Start ``rid`` and return the text of the refusal that answers it."""
-    await start_stream(c, dialect, rid)
-    if dialect == "ws":
-        frame = await c.next_for(rid)
-        assert frame["type"] == "error", frame
-        return frame["message"]
-    (frame,) = await c.until_done(rid)
-    assert frame["type"] == "error", frame
-    return frame["errorText"]
-
-
-async def test_every_dialect_is_held_to_the_same_door_and_limits():
-    """One door for every dialect: the Origin check, the principal's connection cap, its
-    stream cap and its start rate refuse /ws and /ai-sdk alike, in the same words."""
-    from websockets.exceptions import InvalidStatus
-
-    for dialect in ("ws", "ai-sdk"):
-        async with relay(**AUTH, max_connections_per_principal=1, max_streams_per_principal=1,
-                         start_rate_per_minute=1, start_burst=2) as (up, server):
-            with pytest.raises(InvalidStatus) as info:
-                async with door(server, dialect, origin="http://evil.example"):
-                    pass
-            assert info.value.response.status_code == 403, dialect
-            up.enqueue(stream("openai", ["a", "b"]).silent_after(1))
-            async with door(server, dialect) as c:
-                if dialect == "ws":
-                    assert (await c.recv())["type"] == "welcome"
-                state = server.principals.get(PRINCIPAL)
-                await eventually(lambda: state.connections == 1)
-                async with door(server, dialect) as second:
-                    assert await closed_with(second.ws) == (
-                        4429, "too many connections for this principal"), dialect
-                await start_stream(c, dialect, "s1")              # start 1 of the burst
-                await eventually(lambda: state.streams == 1)
-                assert await refusal(c, dialect, "s2") == (       # start 2: the stream cap
-                    "at most 1 concurrent streams per principal"), dialect
-                assert await refusal(c, dialect, "s3") == "too many starts; slow down", \
-                    dialect
+# (Every dialect held to the same door and limits: tests/relay/test_dialect_doors.py.)
 
 
 async def test_a_relay_bug_answers_its_request_through_the_machine_with_a_safe_text(

@@ -118,6 +118,7 @@ class _FloodingSocket:
         return self._read()
 
     async def _read(self):
+        yield '{"type":"hello"}'
         for _ in range(self._frames):
             yield '{"type":"ping"}'
         self.draining.set()

@@ -1,9 +1,12 @@
 """The connection machine (relay.core.connection), driven without sockets or an event loop.
 
-Every close decision and every error frame of a /ws connection, the handshake, and the order
-of a ``start``'s admission (PROTOCOL.md "start" and "Limits and refusals at the door"). The
-last tests read the sources of relay/ (``ast``, like tests/test_import_cycles.py) and fail
-when a close code is chosen anywhere but relay/core/connection.py.
+Every close decision and every error frame of a connection, the handshake, and the order of
+a ``start``'s admission (PROTOCOL.md "start" and "Limits and refusals at the door"), for
+llm-relay.v1 and, through its codec (``protocol.aisdk.AiSdkCodec``), the AI SDK's dialect.
+The machine is pure: authentication returns ``AdoptCredentials`` and changes nothing of the
+relay's accounting (the tests carry it out, as the session does). The last tests read the
+sources of relay/ (``ast``, like tests/test_import_cycles.py) and fail when a close code is
+chosen anywhere but relay/core/connection.py.
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ import pytest
 from pydantic import SecretStr
 
 from protocol import PROTOCOL_VERSION, FrameError, Start
+from protocol.aisdk import AiSdkCodec
+from protocol.dialect import Begin
+from protocol.v1 import V1Codec
 from relay.core.auth import Authenticator, hash_api_key
 from relay.core.connection import (
     ActionFailed, AdoptCredentials, CancelStream, Close, CloseWhenStreamsEnd, Connection,
-    ConnectionLimits, Dialect, Door, FrameReceived, RequestReceived, UnanswerableFrame,
-    HelloAccepted, HelloTimedOut, IllegalEvent,
-    InternalFailure, Opened, Phase, Refuse, ResumeStream, SendFrame, ServerRestart,
-    SlowConsumer, Slowness, SocketClosed, StartRequested, StartStream, StreamFailed,
+    ConnectionLimits, Door, FrameReceived, HelloAccepted, HelloTimedOut, IllegalEvent,
+    InternalFailure, Opened, Phase, ResumeStream, SendFrame, ServerRestart,
+    SlowConsumer, Slowness, SocketClosed, StartStream, StreamFailed,
     StreamTakenOver, TokenExpiredStreamsDone, TooManyFrames, close_reason,
     internal_error_close, legal_pairs, not_a_websocket_endpoint, refuse_at_door,
     server_shutdown_close, unanswerable_frame,
@@ -87,6 +92,23 @@ def error_of(actions) -> dict:
     return sent
 
 
+def carry_out(actions, principals: Principals) -> None:
+    """What the session does with ``AdoptCredentials`` (the machine changes nothing)."""
+    for action in actions:
+        if isinstance(action, AdoptCredentials):
+            principals.move(action.previous, action.credentials.principal)
+
+
+def ai_request(rid="r1", authorization=None, *, kind="resume", chat="c1") -> str:
+    """An AI SDK ``resume`` (or ``send``) frame, with ``authorization`` in its headers."""
+    headers = {} if authorization is None else {"Authorization": authorization}
+    fields = dict(type=kind, requestId=rid, id=chat, headers=headers, body={})
+    if kind == "send":
+        fields.update(trigger="submit-message", messages=[
+            {"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}])
+    return frame(**fields)
+
+
 def opened(conn: Connection, headers=None) -> Connection:
     assert conn.handle(Opened(PROTOCOL_VERSION, headers)) == []
     return conn
@@ -110,20 +132,24 @@ def authed(hello_token: str | None, *, clock=None, principals=None, headers=None
     hello = {"type": "hello", "client": {"name": "t", "version": "0"}}
     if hello_token is not None:
         hello["token"] = hello_token
-    return conn, conn.handle(FrameReceived(json.dumps(hello))), principals
+    actions = conn.handle(FrameReceived(json.dumps(hello)))
+    carry_out(actions, principals)
+    return conn, actions, principals
 
 
 def aisdk(*, auth: bool = False, headers=None, principals=None, clock=None):
-    """An /ai-sdk connection (``Dialect.AI_SDK``) just opened, and the actions of its
-    ``Opened``."""
+    """An /ai-sdk connection (``AiSdkCodec``) just opened, and the actions of its ``Opened``
+    (carried out)."""
     principals = principals or Principals(None, None)
     principals.connect("ip:10.0.0.1")
     authenticator = Authenticator(_AuthSettings(), principals, clock=clock or time.time) \
         if auth else None
     conn = Connection(LIMITS, session_id="s_1", models=["demo", "gpt"],
                       principal="ip:10.0.0.1", principal_state=principals.get("ip:10.0.0.1"),
-                      auth=authenticator, principals=principals, dialect=Dialect.AI_SDK)
-    return conn, conn.handle(Opened(None, headers)), principals
+                      auth=authenticator, principals=principals, codec=AiSdkCodec())
+    actions = conn.handle(Opened(None, headers))
+    carry_out(actions, principals)
+    return conn, actions, principals
 
 
 # ---------------------------------------------------------------------- handshake
@@ -195,11 +221,24 @@ def test_the_header_wins_over_the_hello_token():
     assert actions[0].credentials.method == "api_key"
 
 
-def test_an_authenticated_hello_moves_the_accounting_and_applies_the_claims():
-    conn, actions, principals = authed(token(models=["gpt"], max_streams=2))
+def test_an_authenticated_hello_asks_to_move_the_accounting_and_applies_the_claims():
+    principals = Principals(None, None)
+    principals.connect("ip:10.0.0.1")
+    auth = Authenticator(_AuthSettings(), principals)
+    conn = opened(Connection(LIMITS, session_id="s_1", models=["demo", "gpt"],
+                             principal="ip:10.0.0.1",
+                             principal_state=principals.get("ip:10.0.0.1"),
+                             auth=auth, principals=principals))
+    actions = conn.handle(FrameReceived(json.dumps(
+        {"type": "hello", "token": token(models=["gpt"], max_streams=2)})))
     adopt, accepted, welcome = actions
     assert isinstance(adopt, AdoptCredentials) and isinstance(accepted, HelloAccepted)
+    assert (adopt.previous, adopt.credentials.principal) == ("ip:10.0.0.1", "jwt:alice")
     assert conn.principal == "jwt:alice" and adopt.state is conn.principal_state
+    # The machine decided; the relay's accounting is the glue's to change.
+    assert principals.connections_of("jwt:alice") == 0
+    assert principals.connections_of("ip:10.0.0.1") == 1
+    carry_out(actions, principals)
     assert principals.get("jwt:alice").connections == 1
     assert principals.total_connections == 1                 # the address gave its slot back
     assert welcome.frame["models"] == ["gpt"]
@@ -217,34 +256,27 @@ def test_a_principal_at_its_connection_limit_closes_4429():
 
 
 EVENTS = [Opened(PROTOCOL_VERSION), HelloTimedOut(), FrameReceived(frame(type="ping")),
-          StartRequested(Start.model_validate_json(start())), ActionFailed(None, TypeError()),
+          ActionFailed(None, TypeError()),
           StreamFailed("a", "stream_lost", "gone"), StreamTakenOver("a"), TooManyFrames(),
           SlowConsumer(Slowness.BACKLOG), TokenExpiredStreamsDone(), InternalFailure(),
           ServerRestart()]
+READING = {FrameReceived, TooManyFrames, SlowConsumer, InternalFailure, ServerRestart}
 LEGAL = {
     Phase.OPENING: {Opened, InternalFailure, ServerRestart},
-    Phase.AWAITING_HELLO: {HelloTimedOut, FrameReceived, InternalFailure, ServerRestart},
-    Phase.AWAITING_CREDENTIALS: {HelloTimedOut, RequestReceived, UnanswerableFrame,
-                                 ActionFailed, TooManyFrames, SlowConsumer, InternalFailure,
-                                 ServerRestart},
-    Phase.WELCOMED: {FrameReceived, RequestReceived, UnanswerableFrame, StartRequested,
-                     ActionFailed, StreamFailed, StreamTakenOver, TooManyFrames, SlowConsumer,
-                     TokenExpiredStreamsDone, InternalFailure, ServerRestart},
+    Phase.AWAITING_HELLO: {HelloTimedOut, *READING},
+    Phase.AWAITING_CREDENTIALS: {HelloTimedOut, ActionFailed, *READING},
+    Phase.WELCOMED: {ActionFailed, StreamFailed, StreamTakenOver, TokenExpiredStreamsDone,
+                     *READING},
 }
+CODECS = {"v1": V1Codec(), "ai-sdk": AiSdkCodec()}
 
 
-#: Events only one dialect's glue may feed.
-DIALECT_ONLY = {FrameReceived: Dialect.V1, RequestReceived: Dialect.AI_SDK,
-                UnanswerableFrame: Dialect.AI_SDK}
-AISDK_EVENTS = [RequestReceived("r1"), UnanswerableFrame("not JSON")]
-
-
-def _in_phase(phase: Phase, dialect: Dialect = Dialect.V1) -> Connection:
-    if phase is Phase.AWAITING_CREDENTIALS or (dialect is Dialect.AI_SDK
+def _in_phase(phase: Phase, codec: str = "v1") -> Connection:
+    if phase is Phase.AWAITING_CREDENTIALS or (codec == "ai-sdk"
                                                and phase is not Phase.OPENING):
         conn = aisdk(auth=phase is Phase.AWAITING_CREDENTIALS)[0]
     else:
-        conn = Connection(LIMITS, session_id="s", models=["demo"], dialect=dialect)
+        conn = Connection(LIMITS, session_id="s", models=["demo"], codec=CODECS[codec])
         if phase is not Phase.OPENING:
             conn.handle(Opened(PROTOCOL_VERSION))
         if phase is Phase.WELCOMED:
@@ -260,14 +292,14 @@ def test_the_legal_pairs_are_the_documented_ones():
 
 
 @pytest.mark.parametrize("phase", list(LEGAL), ids=lambda p: p.value)
-@pytest.mark.parametrize("event", EVENTS + AISDK_EVENTS, ids=lambda e: type(e).__name__)
-@pytest.mark.parametrize("dialect", list(Dialect), ids=lambda d: d.value)
-def test_events_out_of_order_are_a_bug_of_the_glue(phase, event, dialect):
-    if (phase is Phase.AWAITING_HELLO and dialect is Dialect.AI_SDK) or \
-            (phase is Phase.AWAITING_CREDENTIALS and dialect is Dialect.V1):
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("codec", list(CODECS))
+def test_events_out_of_order_are_a_bug_of_the_glue(phase, event, codec):
+    if (phase is Phase.AWAITING_HELLO and codec == "ai-sdk") or \
+            (phase is Phase.AWAITING_CREDENTIALS and codec == "v1"):
         return                              # (no such phase in that dialect)
-    conn = _in_phase(phase, dialect)
-    if type(event) in LEGAL[phase] and DIALECT_ONLY.get(type(event), dialect) is dialect:
+    conn = _in_phase(phase, codec)
+    if type(event) in LEGAL[phase]:
         conn.handle(event)
     else:
         with pytest.raises(IllegalEvent):
@@ -297,10 +329,10 @@ def test_every_frame_after_welcome_gets_its_answer():
     assert (unknown["code"], unknown["ref"], unknown["id"]) == ("unknown_stream", "cancel", "zz")
     cancel = only(conn.handle(FrameReceived(frame(type="cancel", id="q1"), {"q1"})),
                   CancelStream)
-    assert cancel.msg.id == "q1"
+    assert cancel.id == "q1"
     resume = only(conn.handle(FrameReceived(frame(type="resume", stream_key="k" * 20,
                                                   after_seq=0))), ResumeStream)
-    assert resume.msg.stream_key == "k" * 20
+    assert resume.request.resume.stream_key == "k" * 20
     assert only(conn.handle(FrameReceived(start())), StartStream).msg.id == "q1"
     assert conn.phase is Phase.WELCOMED
 
@@ -390,17 +422,18 @@ def test_an_expired_token_gets_no_answer_and_one_close_after_the_streams():
     assert (close.code, close.reason) == (4401, "token expired")
 
 
-def test_another_protocols_start_gets_the_same_admission_as_a_refusal_value():
-    conn = welcomed()
-    conn.handle(FrameReceived(start(id="x")))
-    msg = Start.model_validate_json(start(id="q1"))
-    refusal = only(conn.handle(StartRequested(msg, {"q1"})), Refuse).error
-    assert refusal.code == "duplicate_id"
-    assert only(conn.handle(StartRequested(msg, set())), StartStream).msg is msg
-    greeted, actions, _ = aisdk()
-    assert greeted.phase is Phase.WELCOMED
-    assert only(greeted.handle(StartRequested(msg, set(), True)), Refuse).error.code == \
-        "draining"
+def test_another_dialects_start_gets_the_same_admission_in_its_words():
+    """An AI SDK ``send`` is a ``Begin`` like a v1 ``start``: the same admission, its
+    refusal an ``error`` reply the codec says as the request's ``error`` frame."""
+    conn, _, _ = aisdk()
+    refusal = error_of(conn.handle(FrameReceived(ai_request("q1", kind="send"), {"q1"})))
+    assert (refusal["code"], refusal["id"], refusal["ref"]) == ("duplicate_id", "q1", "send")
+    assert AiSdkCodec().encode_reply(refusal) == {
+        "type": "error", "requestId": "q1", "errorText": refusal["message"]}
+    started = only(conn.handle(FrameReceived(ai_request("q2", kind="send"))), StartStream)
+    assert (started.msg.id, started.msg.model) == ("q2", "demo")   # the first alias
+    draining = error_of(conn.handle(FrameReceived(ai_request("q3", kind="send"), (), True)))
+    assert draining["code"] == "draining"
 
 
 def test_room_for_a_resume():
@@ -415,7 +448,7 @@ def test_room_for_a_resume():
 
 def test_exceptions_become_error_frames_here_only():
     conn = welcomed()
-    msg = Start.model_validate_json(start(id="q7"))
+    msg = Begin("q7", Start.model_validate_json(start(id="q7")))
     err = error_of(conn.handle(ActionFailed(msg, RateLimited("later", retry_after=1.5))))
     assert err == {"type": "error", "code": "rate_limited", "message": "later",
                    "ref": "start", "id": "q7", "retry_after": 1.5}
@@ -547,18 +580,32 @@ def test_error_frames_are_built_only_in_relay_connection():
 # ---------------------------------------------------------------------- /ai-sdk's door
 
 
+def request(conn: Connection, rid="r1", authorization=None, *, kind="resume",
+            open_ids=()):
+    """The actions answering an AI SDK request on ``conn`` (carried out: ``AdoptCredentials``
+    moves the accounting as the session would)."""
+    actions = conn.handle(FrameReceived(ai_request(rid, authorization, kind=kind), open_ids))
+    if conn.principals is not None:
+        carry_out(actions, conn.principals)
+    return actions
+
+
 def test_aisdk_without_auth_is_welcomed_at_once_and_leaves_the_pending_count():
     conn, actions, _ = aisdk()
     assert only(actions, HelloAccepted) and conn.phase is Phase.WELCOMED
-    assert conn.handle(RequestReceived("r1", "Bearer whatever")) == []   # nothing to check
+    resume = only(request(conn, "r1", "Bearer whatever"), ResumeStream)   # nothing to check
+    assert resume.request.id == "r1" and resume.request.resume is None
 
 
 def test_aisdk_without_credentials_awaits_them_for_the_hello_timeout_then_closes_4408():
     conn, actions, principals = aisdk(auth=True)
     assert actions == [] and conn.phase is Phase.AWAITING_CREDENTIALS
-    refusal = only(conn.handle(RequestReceived("r1")), Refuse).error
-    assert (refusal.code, refusal.message, refusal.id) == (
+    refusal = error_of(request(conn, "r1"))
+    assert (refusal["code"], refusal["message"], refusal["id"]) == (
         "bad_request", "Not authenticated: missing credentials.", "r1")
+    assert AiSdkCodec().encode_reply(refusal) == {
+        "type": "error", "requestId": "r1",
+        "errorText": "Not authenticated: missing credentials."}
     close = only(conn.handle(HelloTimedOut()), Close)
     assert (close.code, close.reason) == (4408, "no credentials within 10 s")
     assert principals.get("ip:10.0.0.1").connections == 1
@@ -571,10 +618,10 @@ def test_aisdk_wrong_credentials_in_a_request_close_4401_like_a_wrong_hello(pres
                                                                            authenticated):
     headers = {"Authorization": f"Bearer {KEY}"} if authenticated else None
     conn, _, _ = aisdk(auth=True, headers=headers)
-    close = only(conn.handle(RequestReceived("r1", presented)), Close)
+    close = only(request(conn, "r1", presented), Close)
     assert close.code == 4401 and close.note == "authentication failed"
     assert conn.phase is Phase.CLOSING
-    assert conn.handle(RequestReceived("r2", f"Bearer {KEY}")) == []     # nothing more
+    assert request(conn, "r2", f"Bearer {KEY}") == []     # nothing more
 
 
 def test_aisdk_credentials_in_the_upgrade_or_a_request_pass_the_principal_cap():
@@ -591,35 +638,67 @@ def test_aisdk_credentials_in_the_upgrade_or_a_request_pass_the_principal_cap():
                                          "principal")
     conn, actions, _ = aisdk(auth=True, principals=principals)
     assert actions == []
-    close = only(conn.handle(RequestReceived("r1", f"Bearer {KEY}")), Close)
+    close = only(request(conn, "r1", f"Bearer {KEY}", kind="send"), Close)
     assert (close.code, close.reason) == (4429, "too many connections for this principal")
 
 
 def test_aisdk_a_request_authenticates_once_and_acts_for_one_principal():
     clock = _Clock(time.time())
     conn, _, principals = aisdk(auth=True, clock=clock)
-    adopt, accepted = conn.handle(RequestReceived("r1", f"bearer {token(ttl=60)}"))
+    adopt, accepted, started = request(conn, "r1", f"bearer {token(ttl=60)}", kind="send")
     assert isinstance(adopt, AdoptCredentials) and isinstance(accepted, HelloAccepted)
+    assert isinstance(started, StartStream)            # the request that brought them goes on
     assert conn.principal == "jwt:alice" and principals.total_connections == 1
-    assert conn.handle(RequestReceived("r2")) == []                 # the connection's own
-    assert conn.handle(RequestReceived("r3", f"Bearer {token(ttl=600)}")) == []  # refreshed
+    assert only(request(conn, "r2"), ResumeStream)                 # the connection's own
+    assert only(request(conn, "r3", f"Bearer {token(ttl=600)}"), ResumeStream)  # refreshed
     assert conn.credentials.expires_at == pytest.approx(time.time() + 600, abs=5)
-    other = only(conn.handle(RequestReceived("r4", f"Bearer {token('bob')}")), Refuse).error
-    assert other.message.startswith("Not authenticated: these credentials are for another")
+    other = error_of(request(conn, "r4", f"Bearer {token('bob')}"))
+    assert other["message"].startswith("Not authenticated: these credentials are for another")
     clock.now += 3600
-    actions = conn.handle(RequestReceived("r5"))
-    assert [type(a) for a in actions] == [CloseWhenStreamsEnd, Refuse]
-    assert actions[1].error.message == "Not authenticated: token expired."
+    actions = request(conn, "r5")
+    assert [type(a) for a in actions] == [CloseWhenStreamsEnd, SendFrame]
+    assert actions[1].frame["message"] == "Not authenticated: token expired."
 
 
 def test_aisdk_an_unanswerable_frame_closes_1008_and_floods_close_before_auth_too():
     conn, _, _ = aisdk(auth=True)
-    assert only(conn.handle(UnanswerableFrame("frame must be a JSON object")), Close) == \
+    assert only(conn.handle(FrameReceived("[1]")), Close) == \
         Close(1008, "frame must be a JSON object")
     conn, _, _ = aisdk(auth=True)
     assert only(conn.handle(TooManyFrames()), Close).code == 4429
     conn, _, _ = aisdk(auth=True)
     assert only(conn.handle(SlowConsumer(Slowness.CONTROL_QUEUE)), Close).code == 4008
+
+
+def test_aisdk_answers_a_malformed_request_and_an_abort_before_authentication():
+    conn, _, _ = aisdk(auth=True)
+    bad = error_of(conn.handle(FrameReceived(frame(type="nope", requestId="r1"))))
+    assert (bad["code"], bad["id"]) == ("bad_request", "r1")
+    assert conn.handle(FrameReceived(frame(type="abort", requestId="r2"))) == []
+    assert conn.phase is Phase.AWAITING_CREDENTIALS
+
+
+def test_a_dialect_without_hello_or_per_request_credentials_needs_the_upgrade_header():
+    """A dialect whose requests carry no credentials (as the OpenAI Responses WebSocket
+    mode) is authenticated by the upgrade's header only: without one, 4401 at once."""
+    codec = dataclasses.replace(_Plain(), per_request_credentials=False)
+    principals = Principals(None, None)
+    auth = Authenticator(_AuthSettings(), principals)
+    conn = Connection(LIMITS, session_id="s", models=["demo"], codec=codec, auth=auth,
+                      principals=principals)
+    close = only(conn.handle(Opened(None)), Close)
+    assert (close.code, close.reason) == (4401, "missing token")
+    conn = Connection(LIMITS, session_id="s", models=["demo"], codec=codec, auth=auth,
+                      principals=principals)
+    assert [type(a) for a in conn.handle(Opened(None, {"Authorization": f"Bearer {KEY}"}))] \
+        == [AdoptCredentials, HelloAccepted]
+
+
+@dataclass
+class _Plain(AiSdkCodec):
+    """The AI SDK's codec with other door properties (a dataclass, to replace them)."""
+
+    per_request_credentials: bool = True
 
 
 def test_connection_limits_take_every_default_from_the_settings():

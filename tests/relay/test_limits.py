@@ -125,7 +125,7 @@ async def test_twelve_parallel_starts_without_auth_are_not_rate_limited():
         async with Client.connect(server.url) as a, Client.connect(server.url) as b:
             firsts = await _start_in_parallel([a, b], 12)
             assert [f["type"] for f in firsts] == ["started"] * 12, firsts
-            assert [s._principal_state.starts for s in server.sessions] == [None, None]
+            assert [s.conn.principal_state.starts for s in server.sessions] == [None, None]
 
 
 async def test_start_rate_configured_without_auth_still_applies_burst_from_rate():
