@@ -289,6 +289,8 @@ SPEC_TESTS: dict[str, list[str]] = {
         f"{VIEW}::test_a_stream_keeps_running_past_the_grace_while_a_viewer_watches_its_owner_gone",
         f"{VIEW}::test_one_viewer_too_many_is_refused_too_many_streams_and_disturbs_nobody",
         f"{VIEW}::test_the_python_client_watches_a_stream_started_by_another_client",
+        "tests/relay/test_viewers_redis.py::test_viewers_on_both_relays_each_get_every_frame_once_and_the_one_finish",
+        "tests/relay/test_viewers_redis.py::test_the_owner_relay_dying_ends_every_viewer_with_stream_lost",
     ],
     "Backpressure": [
         f"{BACK}::test_a_lagging_client_gets_merged_token_frames_and_loses_nothing",
