@@ -815,6 +815,11 @@ ui.token.addEventListener("keydown", (e) => {
     connect();
   }
 });
+// Leaving (a reload, a closed tab): write the answers' progress now, not 300 ms later, so
+// the next page resumes from where this one was.
+window.addEventListener("pagehide", () => {
+  for (const chatId of [...progressTimers.keys()]) saveProgress(chatId, true);
+});
 // Back online: reconnect now rather than after the backoff wait.
 window.addEventListener("online", () => {
   if (client) client.reconnectNow();
