@@ -746,14 +746,22 @@ class RelayClient:
     async def _send_watch(self, sid: str, stream_key: str, after_seq: int,
                           takeover: bool) -> _Route:
         """Register a watched stream and send its ``resume`` on the open connection (the
-        policy's rule 6); a loss before ``resumed`` is handled like any stream's."""
-        ws = await self._wait_open()
+        policy's rule 6), waiting for it while reconnecting; a loss before ``resumed`` is
+        handled like any stream's."""
+        if self._state in ("closed", "idle"):
+            raise ConnectionLost(f"not connected ({self._lost or 'never connected'})")
         if sid in self._routes:
             raise ValueError(f"stream id {sid!r} is already in use on this connection")
+        route = self._routes[sid] = _Route(sid, {}, stream_key=stream_key)
+        try:
+            ws = await self._wait_open()
+        except BaseException:
+            if self._routes.get(sid) is route:
+                del self._routes[sid]
+            raise
         # No await between the tracker's entry and the send: a reconnect's welcome cannot
         # resume it in between (it would be sent twice).
         frame = self._tracker.watch(sid, stream_key, after_seq, takeover=takeover)
-        route = self._routes[sid] = _Route(sid, {}, stream_key=stream_key)
         try:
             await ws.send(encode_frame(frame).decode())
         except ConnectionClosed:

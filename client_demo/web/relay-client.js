@@ -514,10 +514,14 @@ export class RelayClient extends EventTarget {
     return stream;
   }
 
-  /** While waiting to reconnect: try now instead of after the backoff delay. */
+  /**
+   * While waiting to reconnect: try now instead of after the backoff delay. False (nothing
+   * done) when no attempt is waiting (open, closed, or an attempt already under way).
+   */
   reconnectNow() {
-    if (this.state !== "reconnecting" || this._ws || this._closedByUser) return false;
+    if (this.state !== "reconnecting" || this._reconnectTimer === null || this._closedByUser) return false;
     clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = null;
     this._open("reconnecting");
     return true;
   }
@@ -650,7 +654,10 @@ export class RelayClient extends EventTarget {
       const delay = Math.round(backoffDelay(this._attempt, Math.random(), this.options.backoffBase, this.options.backoffMax));
       this._attempt += 1;
       this._setState("reconnecting", { ...detail, attempt: this._attempt, delay });
-      this._reconnectTimer = setTimeout(() => this._open("reconnecting"), delay);
+      this._reconnectTimer = setTimeout(() => {
+        this._reconnectTimer = null;
+        this._open("reconnecting");
+      }, delay);
       return;
     }
     this._failAll("connection_lost", `connection closed (${code}: ${closeMeaning(code)})`, code);

@@ -292,10 +292,12 @@ class StreamHub:
             return len(stream.viewers)
         return sum(len(s.viewers) for s in self._followed.get(key, ()))
 
-    def room_for_viewer(self, key: str, *, takeover: bool) -> RelayError | None:
+    def room_for_viewer(self, key: str, *, takeover: bool,
+                        id: str | None = None) -> RelayError | None:
         """Why a ``resume`` of stream ``key`` cannot join it as one more viewer here
         (``max_viewers_per_stream`` reached), or None. A takeover never joins as a viewer
-        (it ends the others), nor does a resume of a local stream whose owner slot is free."""
+        (it ends the others), nor does a resume of a local stream whose owner slot is free.
+        ``id``: the id the refusal names (the resume's on its connection)."""
         if takeover:
             return None
         stream = self._streams.get(key)
@@ -303,7 +305,7 @@ class StreamHub:
             return None
         if self.viewers_of(key) >= self.max_viewers:
             return TooManyStreams(f"at most {self.max_viewers} viewers per stream "
-                                  "(max_viewers_per_stream); this stream has them all")
+                                  "(max_viewers_per_stream); this stream has them all", id=id)
         return None
 
     def tasks(self) -> list[asyncio.Task]:

@@ -147,9 +147,8 @@ class StreamService:
     def _check_viewer_room(self, msg: Resume, id: str) -> None:
         """Raise the refusal of a resume that would be one viewer too many
         (``max_viewers_per_stream``; a takeover is never a viewer)."""
-        refusal = self.hub.room_for_viewer(msg.stream_key, takeover=msg.takeover)
+        refusal = self.hub.room_for_viewer(msg.stream_key, takeover=msg.takeover, id=id)
         if refusal is not None:
-            refusal.id = id
             raise refusal
 
     async def _pay_for_resume(self, conn: Connection, id: str, replayed: int) -> bool:

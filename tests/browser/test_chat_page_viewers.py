@@ -153,9 +153,15 @@ async def test_the_page_keeps_reconnecting_and_retries_at_once_when_back_online(
     await page.wait_for_function(
         "() => window.relayClient.state === 'reconnecting' && window.relayClient._attempt >= 3")
     async with start_relay(port=port, detach_grace=10):
-        back = await page.evaluate("""() => { window.dispatchEvent(new Event('online'));
-                                              return window.relayClient.state; }""")
-        assert back == "reconnecting"        # (the event only skips the wait)
+        # While an attempt waits out its backoff, `online` starts it at once.
+        tried_now = await page.evaluate("""async () => {
+            const c = window.relayClient, calls = [];
+            const original = c.reconnectNow.bind(c);
+            c.reconnectNow = () => { const r = original(); calls.push(r); return r; };
+            while (c._reconnectTimer === null) await new Promise((r) => setTimeout(r, 5));
+            window.dispatchEvent(new Event('online'));
+            return calls; }""")
+        assert tried_now == [True]
         await page.wait_for_selector('#conn-state[data-state="open"]')
         await send(page, "back again")
         await wait_completed(page)
