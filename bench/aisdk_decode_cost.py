@@ -5,7 +5,7 @@ Builds the frame of issue 20 item 7 (2,000 UIMessages, 10,000 parts, ~790 KB) an
 
 * v1: ``decode_client_frame`` (refused by its limits, or validated);
 * /ai-sdk: ``decode_request``, then (when it passes) ``to_chat_messages`` and the v1 checks
-  of the ``start`` it becomes (``validate_client_object``), as ``relay.runtime.aisdk`` does;
+  of the ``start`` it becomes (``validate_client_object``), as ``protocol.aisdk.AiSdkCodec`` does;
 
 with the relay's default ``DecodeLimits``, and prints the median and the answer of each.
 

@@ -5,7 +5,7 @@ counted) serves ``--tokens`` content chunks per request as fast as it can. This 
 ``--streams`` such streams at once, ``--rounds`` times, through each path:
 
   raw          httpx + the relay's SSE parser + orjson.loads per event: the parsing floor
-  fast         EventStreamer on the fast path (relay/upstream/fast_path.py): events() consumed
+  fast         EventStreamer on the fast path (relay/upstream/fast/): events() consumed
   litellm      EventStreamer through LiteLLM (fast = false), with the relay's lean setup
   litellm-full the same with LiteLLM's post-stream response assembly left on (the "before"
                of the lean LiteLLM path: LiteLLM's own stream_chunk_builder restored)
@@ -59,7 +59,7 @@ async def run_raw(base: str, streams: int) -> int:
     import httpx
     import orjson
 
-    from relay.upstream.fast_path import SSEParser
+    from relay.upstream.sse import SSEParser
 
     async def one(client) -> int:
         n = 0
@@ -83,14 +83,14 @@ async def run_raw(base: str, streams: int) -> int:
 
 
 async def run_streamer(spec, streams: int) -> int:
-    from relay.upstream.streamer import TextDelta
+    from relay.upstream.event_streamer import TextDelta
 
     async def one() -> int:
         n = 0
         end = None
         async for event in spec.streamer().events(MESSAGES):
             if type(event) is TextDelta:
-                n += 1
+                n += event.chunks     # tokens, not frames: chunks read together are one
             else:
                 end = event
         assert end is not None and end.status == "completed", end
@@ -118,7 +118,7 @@ async def main(args) -> None:
         os.environ["BENCH_KEY"] = "sk-bench"
         from relay.app import load_models
         from relay.upstream.llm import get_litellm
-        from relay.upstream.streamer import Timeouts
+        from relay.upstream.event_streamer import Timeouts
 
         litellm = get_litellm()
         lean_builder = litellm.stream_chunk_builder  # the relay's (relay/upstream/llm.py)

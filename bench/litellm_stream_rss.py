@@ -43,7 +43,7 @@ def _rss_kib() -> int:
 async def _child(streams: int, tokens: int, pace: float) -> dict:
     from relay.app import load_models
     from relay.upstream.llm import get_litellm
-    from relay.upstream.streamer import Timeouts
+    from relay.upstream.event_streamer import Timeouts
     from tests.fakes.upstream import FakeUpstream, Usage, stream
 
     get_litellm()

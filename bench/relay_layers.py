@@ -45,7 +45,7 @@ from relay.metrics import RelayMetrics  # noqa: E402
 from relay.upstream.providers import ModelRegistry  # noqa: E402
 from relay.runtime.server import RelayServer  # noqa: E402
 from relay.upstream.source import UpstreamSource  # noqa: E402
-from relay.upstream.streamer import EventStreamer, Timeouts  # noqa: E402
+from relay.upstream.event_streamer import EventStreamer, Timeouts  # noqa: E402
 
 BUDGET_US = 15.0
 TIMEOUTS = Timeouts()

@@ -45,7 +45,7 @@ def _body(tokens: int, interval: float) -> bytes:
 async def read_relay(url: str, streams: int, body: bytes) -> int:
     import httpx
 
-    from relay.upstream.fast_path import SSEParser
+    from relay.upstream.sse import SSEParser
     from relay.upstream.transport import AiohttpTransport
 
     async with httpx.AsyncClient(timeout=60, transport=AiohttpTransport()) as client:
@@ -67,7 +67,7 @@ async def read_relay(url: str, streams: int, body: bytes) -> int:
 async def read_aiohttp(url: str, streams: int, body: bytes) -> int:
     import aiohttp
 
-    from relay.upstream.fast_path import SSEParser
+    from relay.upstream.sse import SSEParser
 
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:

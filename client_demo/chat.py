@@ -1,4 +1,4 @@
-"""Terminal chat over llm-relay, built on ``relay.client.RelayClient``.
+"""Terminal chat over llm-relay, built on ``llm_relay_client.RelayClient``.
 
     python client_demo/chat.py --model demo [--url ws://127.0.0.1:8765/ws] [--token TOKEN]
 
@@ -24,13 +24,10 @@ import contextlib
 import os
 import signal
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from websockets.exceptions import InvalidHandshake, InvalidURI
 
-from websockets.exceptions import InvalidHandshake, InvalidURI  # noqa: E402
-
-from relay.client import (  # noqa: E402
+from llm_relay_client import (  # pip install llm-relay-client (or ./clients/python)
     ConnectionLost,
     HandshakeFailed,
     RelayClient,

@@ -2,6 +2,8 @@
 
 This package never imports asyncio, websockets or litellm (a test enforces it), so any
 client or server, sync or async, can use it. The written spec is ``PROTOCOL.md`` beside it.
+The relay's other wire dialects are codecs here too (``protocol.dialect`` says what a
+dialect is; ``protocol.v1`` and ``protocol.aisdk`` are the two).
 """
 
 from . import frames

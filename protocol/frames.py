@@ -3,7 +3,7 @@ its clients, the frames a client sends the relay, and the messages relays send e
 
 Nothing else assembles a frame by hand: the relay (``relay.runtime.hub``,
 ``relay.runtime.session``, ``relay.core.streamlog``, ``protocol.codec.FrameError``), the Python
-client (``relay.client``, ``protocol.client_policy``) and the relay-to-relay control channel
+client (``llm_relay_client``, ``protocol.client_policy``) and the relay-to-relay control channel
 (``relay.cluster.replication``) call these builders; the browser client builds its frames from the field table generated
 from the same models (``protocol.client_policy.policy_tables()["frames"]``).
 

@@ -1,39 +1,10 @@
-"""asyncio helpers shared by every layer that owns tasks (the runtime, the Redis adapters,
-the client library). It imports nothing of the relay.
-
-Stopping a task you own without swallowing a cancellation aimed at you.
-
-The mistake this module exists to prevent::
-
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):   # WRONG
-        await task
-
-``await task`` raises ``CancelledError`` in two different cases: the child ended cancelled
-(the expected outcome of our own ``cancel()``), or *the current task* was cancelled while it
-waited. Suppressing both loses the second: whoever cancelled us (a shutdown, a timeout, a
-test) sees us carry on as if nothing happened. ``asyncio.current_task().cancelling()`` tells
-the two apart: it is above zero exactly when a cancellation of the current task is pending.
+"""``cancel_and_wait``, shared by every layer that owns tasks (the runtime, the Redis
+adapters) with the client library, which defines it: :mod:`llm_relay_client.aio` (the
+server depends on the client distribution; the client must not depend on the server).
 """
 
 from __future__ import annotations
 
-import asyncio
+from llm_relay_client.aio import cancel_and_wait
 
 __all__ = ["cancel_and_wait"]
-
-
-async def cancel_and_wait(task: asyncio.Task) -> None:
-    """Cancel ``task`` (one the caller owns) and wait until it has ended.
-
-    A ``CancelledError`` that only says the child ended cancelled is absorbed; one aimed at
-    the current task (``cancelling() > 0``) propagates, and then ``task`` may still be
-    finishing its own cancellation. Any other exception the child ended with propagates,
-    as from a plain ``await task``."""
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling() > 0:
-            raise

@@ -30,7 +30,7 @@ from protocol.messages import ALLOWED_PARAMS
 
 from relay.config import RelaySettings
 from relay.upstream.providers import DEMO_ALIAS, ModelRegistry, ModelSpec, demo_spec
-from relay.upstream.streamer import Timeouts
+from relay.upstream.event_streamer import Timeouts
 
 __all__ = ["ConfigError", "build_registry", "load_models"]
 

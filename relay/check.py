@@ -89,7 +89,8 @@ def describe_alias(spec: ModelSpec) -> AliasReport:
         if kwargs.get("azure_ad_token") is None:
             kwargs.pop("azure_ad_token", None)
         try:
-            url, headers, _body, _decoder = choice.route.build_request(kwargs)
+            request = choice.route.build_request(kwargs)
+            url, headers = request.url, request.headers
         except Exception as exc:
             report.endpoint = "(none)"
             report.usable = False
@@ -143,7 +144,7 @@ def _litellm_endpoint(spec: ModelSpec) -> str:
 async def probe_alias(spec: ModelSpec, timeout: float) -> tuple[bool, str]:
     """One request of at most one token through the alias's real streamer: (completed?, what
     came back in one line)."""
-    from relay.upstream.streamer import StreamEnd, TextDelta, Timeouts
+    from relay.upstream.event_streamer import StreamEnd, TextDelta, Timeouts
 
     streamer = spec.streamer()
     streamer.timeouts = Timeouts(timeout, timeout, timeout)
@@ -182,7 +183,7 @@ async def check_aliases(specs: list[ModelSpec], *, probe: bool,
         elif probe:
             report.probe = "not made (fix the problem above first)"
         reports.append(report)
-    from relay.upstream.fast_path import close_idle_http_client
+    from relay.upstream.fast import close_idle_http_client
 
     await close_idle_http_client()
     return reports

@@ -1,6 +1,6 @@
 """The relay's packages import without cycles (issue 12, "Ports, not cycles").
 
-Every import of ``relay/`` and ``protocol/`` counts: module level, inside functions, and inside
+Every import of the relay's, the protocol's and the Python client's packages counts: module level, inside functions, and inside
 ``if TYPE_CHECKING:`` blocks (a cycle hidden behind TYPE_CHECKING or a function-level import is
 still a dependency both ways; it only moves the failure from import time to a refactor).
 The graph is read with ``ast``, never by importing, so the test needs none of the packages'
@@ -13,15 +13,23 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("relay", "protocol")
+#: The folder of the llm-relay-client distribution (its pyproject.toml and packages).
+CLIENT_SOURCE = ROOT / "clients" / "python"
+#: The project's import packages, each with the folder that holds it: the one place tests
+#: learn where a package's source lives.
+PACKAGES = {
+    "relay": ROOT,
+    "protocol": ROOT,
+    "llm_relay_client": CLIENT_SOURCE,
+}
 
 
 def _modules() -> dict[str, Path]:
     """Dotted module name -> file, for every module of ``PACKAGES``."""
     out: dict[str, Path] = {}
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    for package, source in PACKAGES.items():
+        for path in sorted((source / package).rglob("*.py")):
+            parts = list(path.relative_to(source).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts.pop()
             out[".".join(parts)] = path

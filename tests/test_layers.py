@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.test_import_cycles import PACKAGES, ROOT
 IO_MODULES = {"asyncio", "socket", "selectors", "websockets", "httpx", "aiohttp", "litellm",
               "openai", "redis", "subprocess", "threading"}
 
@@ -50,30 +50,41 @@ def _modules(folder: str) -> list[Path]:
     return sorted((ROOT / folder).rglob("*.py"))
 
 
-def _violations(folder: str, forbidden, root: Path = ROOT) -> list[str]:
-    return [f"{path.relative_to(root)} imports {name}"
-            for path in sorted((root / folder).rglob("*.py"))
-            for name in sorted(_imports(path, root)) if forbidden(name)]
+def _violations(package: str, forbidden, source: Path | None = None) -> list[str]:
+    """``path imports name`` for every import in the (sub)package ``package`` (dotted) that
+    ``forbidden(name)`` rejects; ``source``: the folder holding it (default: ``PACKAGES``)."""
+    source = source or PACKAGES[package.partition(".")[0]]
+    return [f"{path.relative_to(source)} imports {name}"
+            for path in sorted((source / package.replace(".", "/")).rglob("*.py"))
+            for name in sorted(_imports(path, source)) if forbidden(name)]
 
 
 def _under(name: str, prefixes) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-@pytest.mark.parametrize("folder", ["protocol", "relay/core"])
-def test_sans_io_layers_import_no_io(folder):
-    bad = _violations(folder, lambda n: _under(n, IO_MODULES) or _under(n, (
-        "relay.runtime", "relay.upstream", "relay.cluster", "relay.http", "relay.client")))
+@pytest.mark.parametrize("package", ["protocol", "relay.core"])
+def test_sans_io_layers_import_no_io(package):
+    bad = _violations(package, lambda n: _under(n, IO_MODULES) or _under(n, (
+        "relay.runtime", "relay.upstream", "relay.cluster", "relay.http", "relay.client",
+        "llm_relay_client")))
     assert not bad, "\n".join(bad)
 
 
 def test_protocol_imports_nothing_of_the_relay():
-    assert not _violations("protocol", lambda n: _under(n, ("relay",)))
+    assert not _violations("protocol", lambda n: _under(n, ("relay", "llm_relay_client")))
 
 
-@pytest.mark.parametrize("folder", ["relay/upstream", "relay/cluster", "relay/http"])
-def test_adapters_never_import_the_asyncio_glue(folder):
-    bad = _violations(folder, lambda n: _under(n, ("relay.runtime",)))
+def test_the_client_imports_nothing_of_the_server():
+    """llm-relay-client installs without the server: its package may import the protocol
+    package and its own modules, never ``relay`` (tests/packaging runs the built wheel
+    where the server is not installed)."""
+    assert not _violations("llm_relay_client", lambda n: _under(n, ("relay",)))
+
+
+@pytest.mark.parametrize("package", ["relay.upstream", "relay.cluster", "relay.http"])
+def test_adapters_never_import_the_asyncio_glue(package):
+    bad = _violations(package, lambda n: _under(n, ("relay.runtime",)))
     assert not bad, "\n".join(bad)
 
 
@@ -159,7 +170,7 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
     (tmp_path / "relay" / "core").mkdir(parents=True)
     (tmp_path / "relay" / "core" / "probe.py").write_text(
         '"""probe"""\n\ndef f():\n    import asyncio\n    from ..runtime import hub\n')
-    assert _violations("relay/core", lambda n: _under(n, IO_MODULES), tmp_path) == [
+    assert _violations("relay.core", lambda n: _under(n, IO_MODULES), tmp_path) == [
         "relay/core/probe.py imports asyncio"]
-    assert _violations("relay/core", lambda n: _under(n, ("relay.runtime",)), tmp_path) == [
+    assert _violations("relay.core", lambda n: _under(n, ("relay.runtime",)), tmp_path) == [
         "relay/core/probe.py imports relay.runtime"]

@@ -1,15 +1,18 @@
-"""Every Python and shell block in README.md and client_demo/README.md runs as written
-(issue 14, items 6 and 8), and every flag README documents exists.
+"""Every Python and shell block in README.md, client_demo/README.md, docs/ and the protocol
+documents docs/ includes (protocol/PROTOCOL.md, protocol/AISDK.md) runs as written, every
+flag they document exists, and they tell no development history (that is CHANGELOG.md's).
+The JavaScript/TSX blocks run in tests/browser/test_readme_js_examples.py, the TOML blocks in
+tests/test_readme_config_blocks.py, and the docs site builds in tests/test_readme_docs_site.py.
 
 How the blocks run: each fenced ```python / ```sh block is one test. A `relay serve` on the
-demo model (a real subprocess, `--demo-tps 0`) stands in for the relay the README assumes on
+demo model (a real subprocess, `--demo-tps 0`) stands in for the relay the docs assume on
 127.0.0.1:8765. Three substitutions, and only these, are made to the text before it runs:
 
 * `127.0.0.1:8765` -> the test relay's address (`8765` -> a fresh free port in a block
   marked `serves`, which starts a relay of its own);
-* `.venv/bin/` -> the bin directory of the virtualenv running the tests (README's `.venv`);
+* `.venv/bin/` -> the bin directory of the virtualenv running the tests (the docs' `.venv`);
 * nothing else: the blocks run from the repository root as in a fresh terminal: the venv is
-  not on PATH (a bare `relay` is "command not found"; README says `.venv/bin/relay`) and no
+  not on PATH (a bare `relay` is "command not found"; the docs say `.venv/bin/relay`) and no
   earlier block's `export` is in the environment (`RELAY_TOKEN_SECRET` and the `RELAY_*`
   settings are unset); `PYTHONPATH` = the repository and `RELAY_URL` = the test relay's URL
   (the demo clients' default for `--url`, as 8765 is when it is unset).
@@ -19,14 +22,17 @@ process group of their own that is killed afterwards (a block may start `relay s
 and `RELAY_PORT` pointing at a free port so a relay they start never takes 8765. Each must
 exit 0 without a traceback.
 
-Markers, an HTML comment on the line before the fence (invisible on GitHub):
+Markers, an HTML comment on the line before the fence (invisible on GitHub and in the site):
 
 * `<!-- snippet: serves -->`: the block starts a relay in the foreground. It passes when the
   relay prints its `llm-relay listening on` line; then it is stopped (SIGTERM).
-* `<!-- snippet: skip (reason) -->`: not run. Kept for the blocks that install the project,
-  run the whole test suite, or run a multi-minute benchmark; the reason is required.
+* `<!-- snippet: skip (reason) -->`: not run. Only for the kinds of block in SKIP_KINDS
+  (installs, the whole suite, benchmarks, a real provider's key, ...); the reason is required
+  and must name its kind.
+* `browser`, `browser-auth`, `node`, `react`: how a JavaScript/TSX block runs (see
+  tests/browser/test_readme_js_examples.py).
 
-Other fences (```text, ```toml, ```js) are documentation, not commands, and are not run.
+Other fences (```text, ```json, bare ```) are documentation, not commands, and are not run.
 """
 
 from __future__ import annotations
@@ -40,18 +46,33 @@ import subprocess
 import sys
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-READMES = [ROOT / "README.md", ROOT / "client_demo" / "README.md"]
+#: Every Markdown page a reader is pointed to: the READMEs, docs/ and the protocol documents
+#: docs/PROTOCOL.md and docs/AISDK.md include.
+DOCS = [ROOT / "README.md", ROOT / "client_demo" / "README.md",
+        ROOT / "client_demo" / "ai-sdk" / "README.md",
+        *sorted((ROOT / "docs").glob("**/*.md")),
+        ROOT / "protocol" / "PROTOCOL.md", ROOT / "protocol" / "AISDK.md"]
 VENV_BIN = str(Path(sys.executable).parent)
 RUN_TIMEOUT = 120
 
 _FENCE = re.compile(r"^```(\w*)\s*$")
-_MARKER = re.compile(r"^<!--\s*snippet:\s*(serves|skip)\b\s*(.*?)\s*-->\s*$")
+_MARKER = re.compile(r"^<!--\s*snippet:\s*([\w-]+)\s*(.*?)\s*-->\s*$")
+#: The only blocks not run, by kind: what a skip reason must say. Anything else runs.
+SKIP_KINDS = {
+    "install": "installs packages (the project, npm packages, the benchmark's proxy)",
+    "whole test suite": "runs the whole test suite",
+    "benchmark": "minutes of CPU",
+    "real OPENAI_API_KEY": "needs a real provider's key",
+    "committed file": "rewrites a file of the repository",
+    "/v1/responses": "the OpenAI Responses endpoint, until it is merged",
+}
 
 
 @dataclass(frozen=True)
@@ -89,6 +110,12 @@ def fenced_blocks(path: Path) -> list[tuple[int, str, list[str]]]:
     return blocks
 
 
+def marker_of(lines: list[str], start: int) -> str | None:
+    """The snippet marker on the line before a fence at line index ``start``, if any."""
+    match = _MARKER.match(lines[start - 1]) if start else None
+    return match.group(1) if match else None
+
+
 def extract(path: Path) -> list[Snippet]:
     """The ```python and ```sh/```bash blocks of a Markdown file, with their markers."""
     snippets: list[Snippet] = []
@@ -106,7 +133,7 @@ def extract(path: Path) -> list[Snippet]:
     return snippets
 
 
-SNIPPETS = [s for readme in READMES for s in extract(readme)]
+SNIPPETS = [s for doc in DOCS for s in extract(doc)]
 
 
 def _free_port() -> int:
@@ -254,18 +281,48 @@ def test_shell_blocks_call_the_project_commands_by_their_venv_path():
     assert not found, found
 
 
-def test_the_readmes_have_runnable_snippets_and_few_skipped_ones():
+def test_the_docs_have_runnable_snippets_and_skip_only_what_cannot_run():
     """The extraction finds the blocks (a broken fence regex would silently test nothing),
-    and every skip names its reason."""
+    every skip names its reason and its reason is one of the kinds that cannot run in a
+    test, and no Python or shell block carries a marker meant for JavaScript."""
     by_lang = {lang: [s for s in SNIPPETS if s.lang == lang] for lang in ("python", "sh")}
-    assert len(by_lang["python"]) >= 3 and len(by_lang["sh"]) >= 5, SNIPPETS
+    assert len(by_lang["python"]) >= 5 and len(by_lang["sh"]) >= 10, SNIPPETS
+    assert {s.file for s in SNIPPETS} >= {"README.md", "client_demo/README.md",
+                                           "docs/getting-started.md"}
+    wrong = [(s.id, s.marker) for s in SNIPPETS if s.marker not in (None, "serves", "skip")]
+    assert not wrong, f"markers for Python/shell blocks are `serves` and `skip`: {wrong}"
     skipped = [s for s in SNIPPETS if s.marker == "skip"]
-    assert all(s.reason for s in skipped), skipped
-    # Only the install, the whole suite and the benchmarks (minutes of CPU) are not run.
-    not_bench = [s for s in skipped if "benchmark" not in s.reason]
-    assert len(not_bench) <= 2, [s.id for s in not_bench]
+    unexplained = [(s.id, s.reason) for s in skipped
+                   if not any(kind in s.reason for kind in SKIP_KINDS)]
+    assert not unexplained, f"a skip must say which of {sorted(SKIP_KINDS)} it is: {unexplained}"
+    # Most blocks run: the skipped ones are the exceptions.
+    assert len(skipped) * 2 < len(SNIPPETS), [s.id for s in skipped]
     # The terminal chat is documented as a command that runs.
     assert any("client_demo/chat.py" in s.code for s in SNIPPETS if s.marker is None)
+
+
+# ---------------------------------------------------------------------------- history
+
+#: Development history belongs in CHANGELOG.md, not in what a newcomer reads.
+HISTORY = re.compile(r"\bissues? #?\d+|\(issue|\bround \d|\brounds? ago\b|\bprevious round"
+                     r"|\bfixed by\b|\bthis session\b|\bin this round\b", re.IGNORECASE)
+
+
+def test_the_docs_tell_no_development_history():
+    found = [(str(doc.relative_to(ROOT)), number + 1, line.strip()[:100]) for doc in DOCS
+             for number, line in enumerate(doc.read_text().splitlines())
+             if HISTORY.search(line)]
+    assert not found, found
+
+
+def test_the_readme_stays_short():
+    """README is the front page: what it is, the quick start, the three ways to connect, a
+    real provider, where to go next. Everything else belongs in docs/."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 260, len(lines)
+    for section in ("## Quick start", "## Connect a client", "## Use a real provider",
+                    "## Architecture", "## Documentation"):
+        assert section in lines, section
 
 
 # ---------------------------------------------------------------------------- flags
@@ -282,30 +339,41 @@ def _doc_flags(text: str) -> set[str]:
     return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
 
 
-def test_every_flag_readme_documents_exists():
-    """README's flags against the commands' own `--help`: the Configuration section is all
-    `relay serve` flags; anywhere else a flag must belong to one of the commands README
-    shows (serve, token mint, check, the demo clients, the benchmarks, the schema generator)."""
-    serve = _help_flags("-m", "relay", "serve")
-    known = serve | _help_flags("-m", "relay", "token", "mint") \
-        | _help_flags("-m", "relay", "check")
+#: Pages whose commands are all other tools' (pip, python -m build, twine, npm): their flags
+#: are those tools' to define, not ours.
+_OTHER_TOOLS_ONLY = {"publishing.md"}
+
+
+def test_every_flag_the_docs_document_exists():
+    """The docs' flags against the commands' own `--help`: the settings table of
+    docs/configuration.md is all `relay serve` flags; anywhere else a flag must belong to one
+    of the commands the docs show (serve, token mint, check, the demo clients, the
+    benchmarks, the schema generator, mkdocs)."""
+    commands = [("-m", "relay", "serve"), ("-m", "relay", "token", "mint"),
+                ("-m", "relay", "check"), ("-m", "mkdocs", "build"),   # the docs site's own
+                *[(script,) for script in (
+                    "client_demo/demo_client.py", "client_demo/chat.py",
+                    "bench/relay_vs_litellm.py", "bench/render_markdown.py",
+                    "bench/attack_latency.py", "bench/fast_path.py",
+                    "bench/detached_streams_rss.py", "bench/capacity.py",
+                    "bench/relay_layers.py", "bench/first_stream.py")]]
+    # Each --help is a Python start-up of its own: ask them all at once.
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        flags = dict(zip(commands, pool.map(lambda argv: _help_flags(*argv), commands)))
+    serve = flags[("-m", "relay", "serve")]
+    known = set().union(*flags.values())
     # The schema generator reads its one flag by hand (no --help): take it from its source.
     known |= _doc_flags((ROOT / "protocol" / "schema.py").read_text())
-    for script in ("client_demo/demo_client.py", "client_demo/chat.py",
-                   "bench/relay_vs_litellm.py", "bench/render_markdown.py",
-                   "bench/attack_latency.py", "bench/fast_path.py",
-                   "bench/detached_streams_rss.py", "bench/capacity.py",
-                   "bench/relay_layers.py", "bench/first_stream.py"):
-        known |= _help_flags(script)
-    readme = (ROOT / "README.md").read_text()
-    configuration = readme[readme.index("## Configuration"):readme.index("\n## ", readme.index(
-        "## Configuration") + 1)]
-    # A flag of another command named in the section, on the same line as that command.
-    other_commands = re.compile(r"(relay token mint|relay check|bench/\w+\.py)[^\n]*")
-    serve_text = other_commands.sub("", configuration)
-    assert _doc_flags(serve_text) - serve == set(), "README Configuration flags missing " \
-        "from `relay serve --help`"
-    for path in READMES:
+    configuration = (ROOT / "docs" / "configuration.md").read_text()
+    settings = configuration[configuration.index("## Settings"):
+                             configuration.index("\n## ", configuration.index("## Settings") + 1)]
+    table = "\n".join(line for line in settings.splitlines() if line.startswith("| `--"))
+    assert len(_doc_flags(table)) >= 15, table
+    assert _doc_flags(table) - serve == set(), "docs/configuration.md's settings table " \
+        "names flags missing from `relay serve --help`"
+    for path in DOCS:
+        if path.name in _OTHER_TOOLS_ONLY:
+            continue
         missing = _doc_flags(path.read_text()) - known
         assert not missing, f"{path.name} documents flags no command has: {sorted(missing)}"
     assert "--redis-max-frames" in serve

@@ -6,8 +6,8 @@ them). Each is driven by the asyncio glue in ``relay.runtime``.
 - ``ports``: the interfaces between the hub and its adapters (a stream's source, the sink it
   logs into, the replication hook, what other relays may ask of the hub);
 - ``streamlog``: a stream's compact frame log (the only buffer between producer and readers);
-- ``connection``: one connection's machine: handshake, start admission, every close code and
-  error frame;
+- ``connection``: one connection's machine, for every wire dialect (``protocol.dialect``):
+  handshake, authentication, start admission, every close code and error frame;
 - ``auth``: API keys and signed tokens (JWT) -> credentials and principals;
 - ``limits``: token buckets and per-principal accounting;
 - ``errors``: the relay's own refusals, each carrying its wire code.

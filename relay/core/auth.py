@@ -17,8 +17,11 @@ Call order: ``RelayServer`` builds one :class:`Authenticator`. At the upgrade,
 ``RelayServer._refuse_bad_authorization`` (from ``_process_request``) calls
 :meth:`Authenticator.check_header` (HTTP 401). After ``hello``, the connection's machine
 (``relay.core.connection.Connection``) calls :meth:`Authenticator.check_header`, else
-:meth:`Authenticator.authenticate` on ``hello.token`` (it closes 4401 on an ``AuthError``)
-and moves the connection's accounting from its address to the authenticated principal. At
+:meth:`Authenticator.authenticate` on ``hello.token`` (it closes 4401 on an ``AuthError``);
+a dialect without hello is authenticated the same way by the upgrade's header or, when its
+requests carry credentials, by each request's (:meth:`Authenticator.check_header`). The
+machine then asks the session (``AdoptCredentials``) to move the connection's accounting
+from its address to the authenticated principal. At
 each ``start`` it calls :meth:`Authenticator.expired` (then close 4401 ``token expired``
 once the running streams have ended) and applies the claims. This module decides no close
 code itself.

@@ -51,8 +51,9 @@ upgrade) -> ``WELCOMED`` -> ``CLOSING`` (``CLOSED`` once the socket is gone). Th
   cannot answer it (no request id to correlate); a second ``Greet`` -> ``bad_request``;
   ``Probe`` -> ``pong``; ``Stop`` of an id not running here -> ``unknown_stream`` (strict)
   or nothing, else ``CancelStream``; ``Reattach`` -> ``ResumeStream`` (the hub decides,
-  refusals come back as ``ActionFailed``); ``Begin`` -> ``invalid`` -> ``bad_request``,
-  else admission, below.
+  refusals come back as ``ActionFailed``); ``Begin`` -> the dialect's own refusal, if any
+  (``FrameReceived.dialect_refusal``), then ``invalid`` -> ``bad_request``, else
+  admission, below.
 * Admission of a ``Begin``, in this order (PROTOCOL.md "start", "Limits and refusals at the
   door"; the frame's decode limits and validation come first, in the codec): the token has
   expired -> no answer, and ``CloseWhenStreamsEnd`` **4401** ``token expired`` (once); the
@@ -62,8 +63,7 @@ upgrade) -> ``WELCOMED`` -> ``CLOSING`` (``CLOSED`` once the socket is gone). Th
   start rate -> ``rate_limited``; a running id -> ``duplicate_id``; the connection's stream
   cap -> ``too_many_streams``; the principal's stream cap -> ``too_many_streams``. Passed:
   ``StartStream``; what the glue checks then (the alias and its ``max_tokens`` ceiling, the
-  group's limits on Redis, a dialect's own rule such as the AI SDK's one active response
-  per chat) comes back as ``ActionFailed``.
+  group's limits on Redis) comes back as ``ActionFailed``.
 * Closes once reading: ``TooManyFrames`` **4429**; ``SlowConsumer`` **4008** (three kinds,
   PROTOCOL.md "Backpressure"); ``TokenExpiredStreamsDone`` **4401** ``token expired``;
   ``InternalFailure`` **1011**; ``ServerRestart`` **1012**. The first close decision wins:
@@ -84,7 +84,7 @@ blocks and never raises for client input (a caller bug, such as a frame fed befo
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -137,7 +137,8 @@ class PrincipalsView(Protocol):
         ...
 
     def state_of(self, principal: str) -> PrincipalState:
-        """The principal's limits state (its start rate, budget, stream count)."""
+        """The principal's limits state (its start rate, budget, stream count), the one its
+        connections share (entered in the registry if new; no count changes)."""
         ...
 
 
@@ -161,11 +162,15 @@ class HelloTimedOut:
 @dataclass(frozen=True, slots=True)
 class FrameReceived:
     """One inbound WebSocket message. ``open_ids``: the ids of the streams attached to this
-    connection now; ``draining``: the relay refuses new starts."""
+    connection now; ``draining``: the relay refuses new starts; ``dialect_refusal``: the
+    dialect's own rule for a ``Begin``, a read-only question asked after its credentials
+    and before its admission (the AI SDK's one active response per chat), answering the
+    refusal or None."""
 
     raw: str | bytes
     open_ids: Collection[str] = ()
     draining: bool = False
+    dialect_refusal: Callable[[Begin], RelayError | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +249,7 @@ class SendFrame:
     """Send this reply: a v1 server frame (dict, as built by ``protocol.frames``), which the
     glue has the connection's codec encode in its dialect (``Codec.encode_reply``)."""
 
-    frame: dict
+    frame: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -590,6 +595,9 @@ class Connection:
         if isinstance(request, Reattach):
             return [*actions, ResumeStream(request)]
         if isinstance(request, Begin):
+            objection = event.dialect_refusal(request) if event.dialect_refusal else None
+            if objection is not None:
+                return [*actions, SendFrame(error_frame_for(request, objection))]
             if request.start is None:
                 return [*actions, SendFrame(frames.error(
                     ErrorCode.BAD_REQUEST, request.invalid or "invalid request",
@@ -701,7 +709,7 @@ def legal_pairs() -> frozenset[tuple[Phase, type]]:
     return frozenset((phase, kind) for kind, phases in _LEGAL.items() for phase in phases)
 
 
-def error_frame_for(msg: Any, exc: Exception) -> dict:
+def error_frame_for(msg: Any, exc: Exception) -> dict[str, Any]:
     """The ``error`` frame answering ``msg`` (a request, or None) whose handling raised
     ``exc``: the one place exceptions become error frames."""
     if isinstance(exc, FrameError):

@@ -5,6 +5,9 @@ not one of its own routes. The rules, each one tested (``tests/relay/test_web.py
 
 * ``/`` is ``index.html``; any other path names one file directly inside the web root
   (sub-directories too, if ever added) after percent-decoding.
+* ``/relay-client.js`` and ``/client-policy.js`` are the JS client package's own files
+  (``clients/js/``, the npm package ``llm-relay-client``): the page runs exactly the client
+  that ``npm pack`` ships, never a copy.
 * Refused with 404 (never with a hint of what exists): a ``..`` or ``.`` segment, a segment
   starting with ``.`` (hidden files), a backslash or NUL, an empty segment (``//``), a
   directory, a symlink leading outside the root, a file whose extension has no content type
@@ -27,9 +30,12 @@ from urllib.parse import unquote
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Response
 
-__all__ = ["WEB_ROOT", "CONTENT_TYPES", "respond"]
+__all__ = ["WEB_ROOT", "CLIENT_PACKAGE_ROOT", "CLIENT_PACKAGE_FILES", "CONTENT_TYPES", "respond"]
 
 WEB_ROOT = Path(__file__).resolve().parents[2] / "client_demo" / "web"
+#: The JS client package (npm ``llm-relay-client``) and the files of it the page imports.
+CLIENT_PACKAGE_ROOT = Path(__file__).resolve().parents[2] / "clients" / "js"
+CLIENT_PACKAGE_FILES = frozenset({"relay-client.js", "client-policy.js"})
 
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -62,6 +68,8 @@ def resolve(path: str, root: Path = WEB_ROOT) -> Path | None:
     parts = decoded.split("/")
     if any(part == "" or part.startswith(".") for part in parts):
         return None  # also rejects "." and ".."
+    if root == WEB_ROOT and decoded in CLIENT_PACKAGE_FILES:
+        root = CLIENT_PACKAGE_ROOT
     if Path(parts[-1]).suffix.lower() not in CONTENT_TYPES:
         return None
     try:

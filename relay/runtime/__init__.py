@@ -2,9 +2,12 @@
 ``relay.core``.
 
 - ``server``: the WebSocket server (handshake checks, HTTP routes, one ``Session`` per socket);
-- ``session``: one connection (reader, writer, timers);
+- ``routes``: the WebSocket paths and the dialect (codec) spoken on each;
+- ``session``: one connection of any dialect (reader, the one executor of the connection
+  machine's actions, the one close path, writer, timers);
+- ``streams``: launching and resuming streams for connections (``StreamService``);
 - ``hub``: the relay-wide table of streams, one supervised task per stream;
-- ``aisdk``: the ``/ai-sdk`` endpoint's session (the AI SDK chat protocol);
+- ``aisdk``: the ``/ai-sdk`` dialect's runtime adapter (its chat index);
 - ``workers``: ``--workers N``, a supervisor of relay processes on one port;
 - ``warmup``: loads what LiteLLM loads lazily before the first stream.
 

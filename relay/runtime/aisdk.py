@@ -7,10 +7,11 @@ requests, replies and stream frames -> AI SDK frames), and the connection machin
 errors and closes exactly as for /ws. What needs the runtime is here, in
 ``AiSdkAdapter`` (a ``relay.runtime.session.DialectAdapter``):
 
-* a ``send`` (an admitted ``Begin``) is refused while its chat's latest response still runs
-  (one active response per chat; with ``--redis`` on any relay of the group: the chat's
-  record in Redis names the response, whose owner must still be alive; checked at the
-  send, so two sends racing on two relays within one Redis round trip may both start), else
+* a ``send`` is refused while its chat's latest response still runs (one active response
+  per chat: ``refusal``, which the machine asks after the request's credentials and before
+  its admission; with ``--redis`` ``begin`` also asks the group: the chat's record in Redis
+  names the response, whose owner relay must still be alive; a check at the send, so two
+  sends racing on two relays within one Redis round trip may both start), else, admitted,
   launched like a v1 ``start`` and recorded in ``ChatIndex`` ((owner, chat id) -> the
   stream of its latest response);
 * a ``resume`` looks the chat up in ``ChatIndex`` and joins the stream as a *viewer* (v1
@@ -46,7 +47,7 @@ from protocol import Resume
 from protocol.aisdk import ResumeRequest, SendRequest, message_id, safe_error_text
 from protocol.dialect import Begin, Reattach
 
-from relay.core.errors import BadRequest, StreamLost, UnknownStream
+from relay.core.errors import BadRequest, RelayError, StreamLost, UnknownStream
 from relay.cluster.redis_store import StoreUnavailable
 from relay.cluster.replication import Replicator, StoreUnavailableError
 from relay.runtime.session import DialectAdapter, Session
@@ -215,19 +216,34 @@ class AiSdkAdapter(DialectAdapter):
             return session.principal
         return f"{session.principal} {self._owner_cookie}"
 
+    def refusal(self, request: Begin) -> RelayError | None:
+        """One active response per chat: a ``send`` while its chat's latest response runs."""
+        send = request.context
+        assert isinstance(send, SendRequest)
+        current = self.chats.local(self.chat_owner, send.id)
+        if current is not None:
+            stream = self.session.hub.get(current.stream_key)
+            if stream is not None and stream.running:
+                return BadRequest("A response is already active for this chat.")
+        return None
+
     async def begin(self, request: Begin) -> None:
         send = request.context
         assert isinstance(send, SendRequest)
         owner = self.chat_owner
-        try:
-            current = await self.chats.get(owner, send.id, running_here=self._running_here)
-        except StoreUnavailableError:
-            current = self.chats.local(owner, send.id)   # Redis is down: this relay's rule
-        if current is not None and await self._running(current.stream_key):
-            raise BadRequest("A response is already active for this chat.")
+        if self.chats.replicator is not None:
+            # The rule across relays: the chat's record in Redis may name a response that
+            # runs on another relay. (A question to Redis: asked here, since ``refusal``
+            # cannot wait; such a refusal comes after the send's admission.)
+            try:
+                current = await self.chats.get(owner, send.id, running_here=self._running_here)
+            except StoreUnavailableError:
+                current = None                  # Redis is down: this relay's rule only
+            if current is not None and await self._running(current.stream_key):
+                raise BadRequest("A response is already active for this chat.")
         att = await self.session.launch(request)
-        self.chats.set(owner, send.id, ChatResponse(att.stream.key,
-                                                    message_id(att.stream.key)))
+        self.chats.set(self.chat_owner, send.id, ChatResponse(att.stream.key,
+                                                              message_id(att.stream.key)))
 
     def _running_here(self, stream_key: str) -> bool:
         stream = self.session.hub.get(stream_key)

@@ -1,5 +1,11 @@
 """The relay's WebSocket server: handshake checks, HTTP routes, one ``Session`` per socket.
 
+Each WebSocket path is a dialect route (``relay.runtime.routes.DIALECTS``); every route gets
+the same checks at the upgrade (GET only, the Origin, a bad ``Authorization`` header) and at
+connect (the relay's connection cap, the pending-connection caps, and without ``--auth`` the
+address's per-principal cap; with ``--auth`` the connection machine applies the principal's
+cap once the connection is authenticated, whatever the dialect).
+
 ``RelayServer`` is an async context manager so tests and the CLI share one lifecycle::
 
     async with RelayServer(settings) as server:   # listening on server.port
@@ -255,7 +261,7 @@ class RelayServer:
         if self._metrics_http is not None:
             await self._metrics_http.close()
             self._metrics_http = None
-        from relay.upstream.fast_path import close_idle_http_client
+        from relay.upstream.fast import close_idle_http_client
 
         await close_idle_http_client()
 

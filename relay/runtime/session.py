@@ -108,6 +108,11 @@ class DialectAdapter:
     def __init__(self, session: Session) -> None:
         self.session = session
 
+    def refusal(self, request: Begin) -> RelayError | None:
+        """The dialect's own rule for a start, asked by the machine after the request's
+        credentials and before its admission (read only; None: no objection)."""
+        return None
+
     async def begin(self, request: Begin) -> None:
         await self.session.launch(request)
 
@@ -214,7 +219,7 @@ class Session:
                     self._execute_now(conn.handle(TooManyFrames()))
                     continue
                 await self._execute(conn.handle(FrameReceived(
-                    raw, self._attachments.keys(), self._draining())))
+                    raw, self._attachments.keys(), self._draining(), self.adapter.refusal)))
         except ConnectionClosed:
             pass
         finally:

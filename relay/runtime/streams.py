@@ -34,7 +34,7 @@ from relay.upstream.providers import ModelRegistry, ModelSpec
 from relay.cluster.redis_store import StoreUnavailable
 from relay.cluster.shared_limits import SharedStream
 from relay.upstream.source import UpstreamSource
-from relay.upstream.streamer import EventStreamer
+from relay.upstream.event_streamer import EventStreamer
 
 __all__ = ["StreamService", "StreamerFactory"]
 

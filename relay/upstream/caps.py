@@ -25,7 +25,7 @@ limit (``classify_upstream_exception``), and every other connection is served on
 
 Two paths, one implementation:
 
-* the fast path (``relay/upstream/fast_path.py``) reads the raw body itself: an error body
+* the fast path (``relay/upstream/fast/reader.py``) reads the raw body itself: an error body
   with ``read_error_body``, a stream through ``Inflater`` (only when it is compressed) into
   ``SSEParser``. An uncompressed stream costs nothing here beyond the parser's length checks.
 * LiteLLM's path: ``install(litellm)`` wraps every transport LiteLLM builds for its async

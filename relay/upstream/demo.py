@@ -46,11 +46,11 @@ This answer streams **token by token**, like a real model, so you can watch the 
 
 | Door | Endpoint | Client |
 | --- | --- | --- |
-| llm-relay.v1 | `/ws` | `relay.client`, `relay-client.js` |
+| llm-relay.v1 | `/ws` | `llm_relay_client`, `relay-client.js` |
 | AI SDK | `/ai-sdk` | `WebSocketChatTransport` |
 
 ```python
-from relay.client import RelayClient
+from llm_relay_client import RelayClient
 
 async with RelayClient("ws://127.0.0.1:8765/ws") as client:
     result = await client.complete("demo", [{"role": "user", "content": "hi"}])

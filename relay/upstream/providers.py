@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from relay.core.errors import BadRequest, UnknownModel
 from relay.upstream.llm import DEMO_PROVIDER
-from relay.upstream.streamer import CompletionFn, EventStreamer, Timeouts
+from relay.upstream.event_streamer import CompletionFn, EventStreamer, Timeouts
 
 if TYPE_CHECKING:
-    from relay.upstream.fast_path import PathChoice
+    from relay.upstream.fast import PathChoice
 
 __all__ = ["DEMO_ALIAS", "ModelRegistry", "ModelSpec"]
 
@@ -27,7 +27,7 @@ class ModelSpec:
     itself is read when a stream starts and never stored in config, frames or logs.
 
     ``fast`` (default true) lets the alias use the fast path when its provider streams an
-    OpenAI- or Anthropic-format SSE (``relay/upstream/fast_path.py``); ``path`` says what was chosen.
+    OpenAI- or Anthropic-format SSE (``relay/upstream/fast/``); ``path`` says what was chosen.
     """
 
     alias: str
@@ -47,7 +47,7 @@ class ModelSpec:
     @functools.cached_property
     def path(self) -> PathChoice:
         """The streaming path of this alias (decided once; imports LiteLLM)."""
-        from relay.upstream.fast_path import PathChoice, select_route
+        from relay.upstream.fast import PathChoice, select_route
 
         if self.model.startswith(f"{DEMO_PROVIDER}/"):
             return PathChoice("litellm", "the embedded demo model is a LiteLLM custom provider")

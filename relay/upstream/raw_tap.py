@@ -27,7 +27,7 @@ wrong shape is kept as ``failure``, which ``_LiteLLMUpstream`` raises in place o
 wrapper's next chunk (the fast path fails the stream at that event too). The
 wrapper reads one provider chunk at a time and returns as soon as one gives it something
 to hand on, so the tap's last chunk is the one the wrapper's next chunk came from, and what
-the tap keeps from earlier chunks came before it. ``relay.upstream.streamer._LiteLLMUpstream``
+the tap keeps from earlier chunks came before it. ``relay.upstream.event_streamer._LiteLLMUpstream``
 hands ``take_pending()`` on before each chunk of the wrapper, and reads the tool calls'
 indexes from ``tool_indexes``.
 
@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from relay.upstream.deltas import Delta, ToolCallPiece
 from relay.upstream.errors import ProviderStreamError
 
 __all__ = ["RawTap", "WrongShapedContentParts", "anthropic_tool_input_arguments",
@@ -121,7 +122,7 @@ class RawTap:
                  "_block_input", "_block_args", "_in_tool_block")
 
     def __init__(self) -> None:
-        self.pending: list[tuple] = []
+        self.pending: list[Delta] = []
         self.failure: WrongShapedContentParts | None = None
         self.tool_indexes: list[int | None] | None = None
         self.replaced: set[int] = set()
@@ -160,7 +161,7 @@ class RawTap:
             return None
         return tap
 
-    def take_pending(self) -> list[tuple]:
+    def take_pending(self) -> list[Delta]:
         pending, self.pending = self.pending, []
         return pending
 
@@ -205,7 +206,7 @@ class RawTap:
                                  for index in (_field(tc, "index") for tc in tool_calls)]
         refusal = _field(delta, "refusal")
         if type(refusal) is str and refusal:
-            self.pending.append((None, None, None, None, 1, refusal))
+            self.pending.append(Delta(refusal=refusal))
             return True
         return False
 
@@ -214,7 +215,7 @@ class RawTap:
         if kind == "content_block_start":
             block = event.get("content_block")
             self._in_tool_block = type(block) is dict and block.get("type") == "tool_use"
-            if self._in_tool_block:
+            if self._in_tool_block and block is not None:
                 self._tool_index += 1
                 self._block_input = block.get("input")
                 self._block_args = False
@@ -229,8 +230,8 @@ class RawTap:
                 # gives "" without any delta, "{}" after empty ones; the latter is dropped).
                 self.replaced.add(self._tool_index)
                 arguments = anthropic_tool_input_arguments(self._block_input)
-                self.pending.append((None, None, ((self._tool_index, None, None, arguments),),
-                                     None))
+                self.pending.append(Delta(tool_calls=(
+                    ToolCallPiece(self._tool_index, None, None, arguments),)))
 
 
 def _set_field(obj: Any, name: str, value: Any) -> None:

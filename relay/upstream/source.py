@@ -27,7 +27,7 @@ from protocol import FinishReason, frames
 from relay.core.outcome import FinishError, StreamOutcome, TokenUsage
 from relay.core.ports import FrameSink
 from relay.metrics import RelayMetrics
-from relay.upstream.streamer import (
+from relay.upstream.event_streamer import (
     EventStreamer,
     ReasoningDelta,
     RefusalDelta,

@@ -1,7 +1,7 @@
 """Server-Sent Events read as the standard says, in linear time, under a size cap.
 
 ``SSEParser`` is the one SSE reader of the relay: the fast path feeds it the provider's
-bytes (``relay/upstream/fast_path.py``), and on LiteLLM's path ``relay/upstream/caps.py``
+bytes (``relay/upstream/fast/reader.py``), and on LiteLLM's path ``relay/upstream/caps.py``
 feeds it the bytes LiteLLM is about to read and hands LiteLLM the events re-written in the
 plainest form (``encode_event``), so both paths see the same events whatever line ends,
 byte-order mark or data-less fields the provider sent.

@@ -9,7 +9,7 @@ paced at 100 chunks/s 33 us on httpx's stack, 13 us on bare aiohttp, 18 us on th
 transport; 1,000 streams at 10 chunks/s 49, 25 and 33 us); bench/upstream_read.py still
 compares this transport with bare aiohttp.
 
-``AiohttpTransport`` is an ``httpx.AsyncBaseTransport``: ``relay.upstream.fast_path`` keeps
+``AiohttpTransport`` is an ``httpx.AsyncBaseTransport``: ``relay.upstream.fast`` keeps
 building requests and reading responses with httpx (headers, content decoding, status,
 error bodies, exception classes all as before) and only the wire is aiohttp's:
 
@@ -31,7 +31,7 @@ error bodies, exception classes all as before) and only the wire is aiohttp's:
   back for keep-alive.
 
 Proxies from the environment are honoured by httpx only for a transport it builds itself,
-so ``relay.upstream.fast_path`` uses this one only when none is set.
+so ``relay.upstream.fast.pool`` uses this one only when none is set.
 """
 
 from __future__ import annotations

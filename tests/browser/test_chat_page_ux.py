@@ -17,7 +17,7 @@ from relay.app import load_models
 from relay.core.auth import mint_token
 from relay.upstream.llm import set_demo_tps
 from relay.upstream.providers import ModelRegistry, demo_spec
-from relay.upstream.streamer import Timeouts
+from relay.upstream.event_streamer import Timeouts
 
 from ..fakes.upstream import FakeUpstream, http_error, openai_stream
 from ..relay.helpers import start_relay

@@ -18,7 +18,7 @@ from relay.upstream.demo import demo_reply_tokens
 from ..relay.helpers import start_relay
 
 ROOT = Path(__file__).resolve().parents[2]
-CLIENT = ROOT / "client_demo" / "web" / "relay-client.js"
+CLIENT = ROOT / "clients" / "js" / "relay-client.js"
 WS_MODULE = ROOT / "tests" / "aisdk" / "node_modules" / "ws" / "wrapper.mjs"
 
 # Node 22+ has a global WebSocket: the script removes it so every Node runs the Node 20 case.
@@ -101,21 +101,3 @@ async def test_an_injected_websocket_is_used_and_streams_from_a_live_relay(tmp_p
     assert out["constructed"] == 1
     assert out["status"] == "completed"
     assert out["text"] == "".join(demo_reply_tokens([{"role": "user", "content": "hi"}]))
-
-
-async def test_the_readmes_node_example_runs_as_written(tmp_path):
-    """client_demo/README.md's "On Node" block, unchanged but for the relay's port: the two
-    module files next to it and `ws` installed (from tests/aisdk), under the real Node."""
-    assert WS_MODULE.is_file(), "run `npm ci` in tests/aisdk (.ci/run does): it pins `ws`"
-    readme = (ROOT / "client_demo" / "README.md").read_text()
-    section = readme.split("### On Node", 1)[1]
-    snippet = section.split("```js\n", 1)[1].split("```", 1)[0]
-    for name in ("relay-client.js", "client-policy.js"):
-        shutil.copy(CLIENT.parent / name, tmp_path / name)
-    (tmp_path / "node_modules").symlink_to(WS_MODULE.parents[1], target_is_directory=True)
-    async with start_relay() as server:
-        code = snippet.replace("ws://127.0.0.1:8765/ws", f"ws://127.0.0.1:{server.port}/ws")
-        assert code != snippet
-        (tmp_path / "example.mjs").write_text(code)
-        out = await node("example.mjs", cwd=tmp_path)
-    assert out == "".join(demo_reply_tokens([{"role": "user", "content": "hi"}]))

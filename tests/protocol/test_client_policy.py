@@ -36,7 +36,7 @@ SCENARIOS = VECTORS["scenarios"]
 
 class PolicyDriver:
     """The smallest client around the policy: what the vectors' steps do to a client that
-    carries out exactly the policy's decisions (relay/client.py does the same with sockets).
+    carries out exactly the policy's decisions (clients/python/llm_relay_client/client.py does the same with sockets).
     Records what the vectors' ``expect`` describes."""
 
     def __init__(self, token: str) -> None:
@@ -241,7 +241,7 @@ def test_generated_js_tables_are_fresh():
 
 
 def test_main_writes_and_prints(tmp_path, capsys):
-    (tmp_path / "client_demo" / "web").mkdir(parents=True)
+    (tmp_path / cp.JS_MODULE_PATH).parent.mkdir(parents=True)
     assert cp.main(["--write", str(tmp_path)]) == 0
     assert (tmp_path / cp.JS_MODULE_PATH).read_text("utf-8") == cp.render_js_module()
     assert cp.main(["--json"]) == 0

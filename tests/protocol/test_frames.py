@@ -281,7 +281,7 @@ def test_the_unknown_type_error_lists_the_derived_client_types():
 # Where frames used to be assembled by hand. A dict literal with a "type" key naming a
 # llm-relay.v1 frame, or an "op" key, is a frame built outside protocol.frames.
 _BUILDER_MODULES = {"protocol/frames.py"}
-_SCANNED = ["protocol", "relay"]
+_SCANNED = ["protocol/", "relay/", "clients/python/llm_relay_client/"]
 
 
 def _hand_built_frames(source: str, name: str) -> list[str]:
@@ -311,7 +311,7 @@ def test_no_frame_is_assembled_outside_the_builders():
 
 #: Modules whose dicts are another wire's, not llm-relay.v1 frames: the AI SDK's
 #: UIMessageChunk protocol, and TokenStreamer's seed-compatible event dicts.
-_OTHER_WIRES = {"protocol/aisdk.py", "relay/streamer.py"}
+_OTHER_WIRES = {"protocol/aisdk.py", "relay/token_streamer.py"}
 
 
 def test_the_scan_finds_a_hand_built_frame():
@@ -435,7 +435,7 @@ def test_decode_server_frame_rejects_a_malformed_known_frame():
 def test_relay_client_js_builds_no_client_frame_by_hand():
     """relay-client.js builds its frames with clientFrame() from the generated table and
     routes stream frames by the generated list (tests/browser checks what it builds)."""
-    js = (ROOT / "client_demo" / "web" / "relay-client.js").read_text(encoding="utf-8")
+    js = (ROOT / "clients" / "js" / "relay-client.js").read_text(encoding="utf-8")
     literal = re.compile(r"""type\s*:\s*["'](\w+)["']""")
     assert [t for t in literal.findall(js) if t in messages.CLIENT_FRAME_TYPES] == []
     # A list of types spelled out as fall-through cases (``case "a": case "b": ...``).

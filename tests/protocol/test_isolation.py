@@ -14,8 +14,9 @@ import protocol
 
 FORBIDDEN = ("asyncio", "websockets", "litellm", "httpx")
 PACKAGE_DIR = Path(protocol.__file__).parent
-ROOT = PACKAGE_DIR.parent
-SUBMODULES = sorted(f"protocol.{m.name}" for m in pkgutil.iter_modules([str(PACKAGE_DIR)]))
+ROOT = Path(__file__).resolve().parents[2]  # the repository (not where the package is)
+SUBMODULES = sorted(f"{protocol.__name__}.{m.name}"
+                    for m in pkgutil.iter_modules([str(PACKAGE_DIR)]))
 
 PROBE = """
 import importlib, json, sys

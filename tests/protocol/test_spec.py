@@ -26,7 +26,7 @@ from protocol import ALLOWED_PARAMS, CloseCode, ErrorCode, FinishReason, FinishS
 from protocol.messages import CLIENT_FRAME_TYPES, SERVER_FRAME_TYPES
 
 PROTOCOL_DIR = Path(protocol.__file__).parent
-ROOT = PROTOCOL_DIR.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository (not where the package is)
 SPEC = (PROTOCOL_DIR / "PROTOCOL.md").read_text(encoding="utf-8")
 FRAME_TYPES = sorted(set(CLIENT_FRAME_TYPES) | set(SERVER_FRAME_TYPES))
 
@@ -446,6 +446,7 @@ def test_the_clients_close_rule_is_the_one_protocol_md_states():
                                    ("4400", "no"), ("4999", "no")]:
         decision = close_decision(int(code), "", welcomed=True, token_refreshable=True)
         assert decision.retry is (reconnect == "yes"), code
-    for path in ("README.md", "relay/client.py", "protocol/client_policy.py"):
+    docs = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "docs").glob("*.md"))]
+    for path in ("README.md", *docs, "clients/python/llm_relay_client/client.py", "protocol/client_policy.py"):
         text = (ROOT / path).read_text(encoding="utf-8")
         assert not re.search(r"1001, 1011, 1012", text), f"{path} lists the retried codes again"

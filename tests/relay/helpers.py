@@ -121,7 +121,7 @@ def litellm_path_spec(up: Any, fmt: str) -> Any:
     anthropic/ provider code) pointed at the fake upstream ``up``; its key is read from
     ``FAKE_PROVIDER_KEY``, which the caller sets."""
     from relay.app import load_models
-    from relay.upstream.streamer import Timeouts
+    from relay.upstream.event_streamer import Timeouts
 
     spec = load_models({"models": {"x": {
         "model": "openai/gpt-x" if fmt == "openai" else "anthropic/claude-x",

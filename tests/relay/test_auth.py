@@ -22,7 +22,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from relay.core.auth import mint_token
-from relay.client import HandshakeFailed, RelayClient
+from llm_relay_client import HandshakeFailed, RelayClient
 from relay.config import RelaySettings
 from relay.upstream.llm import set_demo_tps
 from relay.upstream.providers import ModelRegistry, demo_spec

@@ -1,5 +1,5 @@
-"""Bad input rows of README's "Bad input and what the relay answers" table that had no test
-elsewhere, and a check that every test the table names exists (so the table cannot rot).
+"""Bad input rows of the "Bad input and what the relay answers" table (docs/bad-input.md)
+that had no test elsewhere, and a check that every test the table names exists (so the table cannot rot).
 
 Real relay, real socket, real websockets client; upstream failures through LiteLLM's real
 providers against the loopback FakeUpstream."""
@@ -19,7 +19,7 @@ from websockets.exceptions import InvalidStatus
 
 from relay.app import load_models
 from relay.upstream.providers import ModelRegistry
-from relay.upstream.streamer import Timeouts
+from relay.upstream.event_streamer import Timeouts
 from tests.fakes.upstream import FakeUpstream, http_error, stream
 
 from .helpers import Client, start_relay
@@ -205,15 +205,17 @@ async def test_upstream_unreachable_finish_failed_upstream_error(fmt):
         await assert_still_serving(c)
 
 
-# ---------------------------------------------------------------- the README table
+# ---------------------------------------------------------------- the docs' table
 
-SECTION = "## Bad input and what the relay answers"
+#: The table of every bad input, its answer and its test (docs/bad-input.md).
+TABLE_DOC = ROOT / "docs" / "bad-input.md"
+SECTION = "# Bad input and what the relay answers"
 REF = re.compile(r"`(tests/[\w/]+\.py)::(\w+)`")
 
 
 def readme_rows() -> list[tuple[str, list[tuple[str, str]]]]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert SECTION in text, f"README.md has no section {SECTION!r}"
+    text = TABLE_DOC.read_text(encoding="utf-8")
+    assert SECTION in text, f"{TABLE_DOC.name} has no section {SECTION!r}"
     body = text.split(SECTION, 1)[1]
     body = re.split(r"\n## ", body, maxsplit=1)[0]
     rows = []
@@ -240,9 +242,9 @@ def test_readme_bad_input_table_names_only_existing_tests():
     assert len(rows) >= 30, f"the table lost rows: {len(rows)}"
     missing = []
     for label, refs in rows:
-        assert refs, f"README bad-input row {label!r} names no test"
+        assert refs, f"bad-input row {label!r} names no test"
         for path, name in refs:
             file = ROOT / path
             if not file.is_file() or name not in _test_functions(file):
                 missing.append(f"{path}::{name}")
-    assert not missing, f"README names tests that do not exist: {missing}"
+    assert not missing, f"{TABLE_DOC.name} names tests that do not exist: {missing}"

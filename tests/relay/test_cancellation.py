@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from relay.client import RelayClient
+from llm_relay_client import RelayClient
 from relay.aio import cancel_and_wait
 
 

@@ -1,4 +1,4 @@
-"""relay.client.RelayClient against a live relay (real sockets, embedded demo model)."""
+"""llm_relay_client.RelayClient against a live relay (real sockets, embedded demo model)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from protocol import Finish, Started, Token, ToolCallChunk, ToolCallComplete
-from relay.client import ConnectionLost, RelayClient, StreamRejected
+from llm_relay_client import ConnectionLost, RelayClient, StreamRejected
 from relay.upstream.demo import demo_reply_tokens
 from relay.upstream.llm import demo_handler
 

@@ -1,5 +1,5 @@
 """The shared client-policy vectors (tests/vectors/client_policy.json) against the REAL
-Python client (relay.client.RelayClient) over real sockets, the same vectors that
+Python client (llm_relay_client.RelayClient) over real sockets, the same vectors that
 tests/protocol/test_client_policy.py runs against the policy and
 tests/browser/test_client_policy_js.py against relay-client.js in Chromium.
 
@@ -23,7 +23,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from protocol.client_policy import TOKEN_EXPIRED_REASON
 from relay.core.auth import EXPIRED
-from relay.client import ConnectionLost, RelayClient, StreamRejected
+from llm_relay_client import ConnectionLost, RelayClient, StreamRejected
 
 from .helpers import eventually
 

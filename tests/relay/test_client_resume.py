@@ -12,7 +12,7 @@ import json
 import pytest
 
 from protocol import Finish, Started, Token, ToolCallChunk, ToolCallComplete
-from relay.client import (
+from llm_relay_client import (
     ConnectionLost, HandshakeFailed, RelayClient, RelayStream, StreamTakenOver,
 )
 from relay.upstream.demo import demo_reply_tokens

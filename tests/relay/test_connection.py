@@ -434,6 +434,13 @@ def test_another_dialects_start_gets_the_same_admission_in_its_words():
     assert (started.msg.id, started.msg.model) == ("q2", "demo")   # the first alias
     draining = error_of(conn.handle(FrameReceived(ai_request("q3", kind="send"), (), True)))
     assert draining["code"] == "draining"
+    # The dialect's own rule is asked before the admission (and only about a Begin).
+    busy = error_of(conn.handle(FrameReceived(
+        ai_request("q4", kind="send"), (), True,
+        lambda begin: RateLimited(f"busy chat {begin.context.id}"))))
+    assert (busy["code"], busy["message"], busy["id"]) == ("rate_limited", "busy chat c1", "q4")
+    assert only(conn.handle(FrameReceived(ai_request("q5"), (), True, lambda begin: 1 / 0)),
+                ResumeStream)
 
 
 def test_room_for_a_resume():
@@ -717,3 +724,31 @@ def test_connection_limits_take_every_default_from_the_settings():
         assert f.name in RelaySettings.model_fields, f.name
         assert getattr(limits, f.name) == RelaySettings.model_fields[f.name].default, f.name
     assert limits.decode_limits == settings.decode_limits()
+
+
+def test_a_session_closes_its_socket_in_one_place_with_a_deadline():
+    """Every close a session makes (handshake, flood, slow consumer, token expiry, restart,
+    bug) is the machine's ``Close`` carried out by ``Session._close``, whose task
+    (``_close_or_abort``) is the only caller of the socket's ``close`` and bounds it with a
+    deadline; and the machine's actions are dispatched by one executor."""
+    tree = _relay_sources()["relay/runtime/session.py"]
+    closes, close_tasks, dispatch = [], [], []
+    for func in ast.walk(tree):
+        if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(func):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                if node.func.attr == "close" and ast.unparse(node.func.value) == "self.ws":
+                    closes.append(func.name)
+                if node.func.attr == "_close_or_abort":
+                    close_tasks.append(func.name)
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id == "isinstance" and ast.unparse(node.args[1]) in (
+                        "SendFrame", "Close", "AdoptCredentials", "HelloAccepted",
+                        "CloseWhenStreamsEnd")):
+                dispatch.append(func.name)
+    assert closes == ["_close_or_abort"]
+    assert close_tasks == ["_close"]
+    assert set(dispatch) == {"_execute_now"}
+    source = ast.unparse(tree)
+    assert "asyncio.timeout(_CLOSE_TIMEOUT)" in source

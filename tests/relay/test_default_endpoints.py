@@ -26,9 +26,9 @@ import httpx
 import pytest
 
 from relay.app import load_models
-from relay.upstream.fast_path import close_idle_http_client
+from relay.upstream.fast import close_idle_http_client
 from relay.upstream.providers import ModelRegistry
-from relay.upstream.streamer import StreamEnd, Timeouts
+from relay.upstream.event_streamer import StreamEnd, Timeouts
 from tests.fakes.upstream import FakeUpstream, Usage, stream
 
 from .helpers import Client, start_relay, text_of

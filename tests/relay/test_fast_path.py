@@ -22,7 +22,7 @@ import pytest
 
 from relay.app import load_models
 from relay.upstream.providers import ModelRegistry
-from relay.upstream.streamer import Timeouts
+from relay.upstream.event_streamer import Timeouts
 from tests.fakes.upstream import (
     DIALECTS, FakeUpstream, Script, SSEEvent, Usage, http_error, stream, tool_call, wire_format,
 )
@@ -876,7 +876,7 @@ async def test_path_in_startup_log_and_metrics(caplog):
 
 
 def test_sse_parser_same_events_whatever_the_chunking():
-    from relay.upstream.fast_path import SSEParser
+    from relay.upstream.sse import SSEParser
 
     wire = (b": comment\r\nevent: ping\r\ndata: {\"type\": \"ping\"}\r\n\r\n"
             b"data: {\"a\":\n"           # two data lines: joined with a newline
@@ -1051,8 +1051,8 @@ async def test_text_chunks_that_arrive_together_are_one_frame_numbered_as_merged
 async def test_the_fast_path_streamer_joins_the_text_chunks_of_one_read(fmt, monkeypatch):
     """Below the relay's writer (whose merge alone gives the frames above): the streamer
     itself yields fewer text deltas than chunks, each saying how many chunks it carries."""
-    from relay.upstream.fast_path import close_idle_http_client
-    from relay.upstream.streamer import TextDelta
+    from relay.upstream.fast import close_idle_http_client
+    from relay.upstream.event_streamer import TextDelta
 
     monkeypatch.setenv("FAKE_PROVIDER_KEY", KEY)
     pieces = [f"w{i} " for i in range(50)]

@@ -4,7 +4,7 @@ each stream reads on the fast path exactly as on LiteLLM's (issue 21, item 1).
 
 LiteLLM reads Cerebras and Perplexity with the OpenAI SDK, like ``openai/``; the others with
 its own HTTP handler, line by line, through a stream handler per provider
-(``relay/upstream/fast_formats.py``: ``LINE_READ_HANDLERS``). Each scenario runs through the
+(``relay/upstream/fast/openai.py``: ``LINE_READ_HANDLERS``). Each scenario runs through the
 relay twice against one loopback fake (an alias with ``fast = false``, then the same alias
 on the fast path), and the frames, the request body and its path must be equal. The
 scenarios are the ones where the readings differ: a data line that is not JSON (the line
@@ -22,7 +22,7 @@ import pytest
 
 from relay.app import load_models
 from relay.upstream.providers import ModelRegistry
-from relay.upstream.streamer import Timeouts
+from relay.upstream.event_streamer import Timeouts
 from tests.fakes.upstream import (
     FakeUpstream, Script, SSEEvent, Usage, http_error, stream, tool_call,
 )

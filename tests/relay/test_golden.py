@@ -30,7 +30,7 @@ import pytest
 
 from relay.app import load_models
 from relay.upstream.providers import ModelRegistry
-from relay.upstream.streamer import Timeouts
+from relay.upstream.event_streamer import Timeouts
 from tests.fakes.upstream import FakeUpstream, Script
 
 from .helpers import Client, start_relay

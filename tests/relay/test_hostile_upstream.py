@@ -22,7 +22,7 @@ import pytest
 
 from relay.app import load_models
 from relay.upstream.providers import ModelRegistry
-from relay.upstream.streamer import Timeouts
+from relay.upstream.event_streamer import Timeouts
 from tests.fakes.hostile import NORMAL_TEXT, SSE_QUIRKS, WRONG_SHAPES, HostileUpstream
 
 from .helpers import Client, eventually, start_relay, text_of

@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from relay.upstream.streamer import EventStreamer, StreamEnd, Timeouts
+from relay.upstream.event_streamer import EventStreamer, StreamEnd, Timeouts
 
 from relay.streamer import TokenStreamer
 
@@ -90,7 +90,7 @@ async def test_deadlines_moved_by_every_chunk_still_fire(timeouts, reason):
 async def test_usage_estimate_is_counted_off_the_event_loop(monkeypatch):
     import threading
 
-    import relay.upstream.streamer as streamer_module
+    import relay.upstream.event_streamer as streamer_module
 
     threads = []
     original = streamer_module._estimate_text_tokens
@@ -114,7 +114,7 @@ def test_usage_estimates_never_download_a_tokenizer(monkeypatch):
     import socket
 
     from relay.upstream.llm import get_litellm
-    from relay.upstream.streamer import _estimate_text_tokens
+    from relay.upstream.event_streamer import _estimate_text_tokens
 
     get_litellm()
     lookups = []

@@ -6,7 +6,7 @@ cancelled, timeout and failed alike)."""
 from __future__ import annotations
 
 from relay.upstream.demo import demo_reply_tokens
-from relay.upstream.streamer import StreamEnd, Timeouts
+from relay.upstream.event_streamer import StreamEnd, Timeouts
 from relay.streamer import TokenStreamer
 
 from ..fakes.upstream import FakeUpstream, openai_stream

@@ -405,7 +405,7 @@ async def test_the_python_client_follows_its_streams_to_the_other_relay_on_a_res
     calls keep running into Redis); the client reconnects to B and resumes both streams, so
     the application sees the same text and tool calls as without the restart."""
     from protocol import Token
-    from relay.client import RelayClient
+    from llm_relay_client import RelayClient
 
     from .test_client_resume import SEARCH_TOOL, TOOL_MESSAGES
 

@@ -22,7 +22,7 @@ import pytest
 
 from relay.app import load_models
 from relay.upstream.providers import ModelRegistry
-from relay.upstream.streamer import Timeouts
+from relay.upstream.event_streamer import Timeouts
 from tests.fakes.upstream import FakeUpstream, http_error
 
 from ..redis_server import redis_ping
@@ -124,7 +124,7 @@ async def test_the_log_names_the_upstream_host_and_the_cause(monkeypatch, caplog
     base = f"http://127.0.0.1:{port}/v1?api-key={KEY}"
     async with start_relay(registry=_registry(base, model)) as server, \
             Client.connect(server.url) as client:
-        with caplog.at_level(logging.WARNING, logger="relay.upstream.streamer"):
+        with caplog.at_level(logging.WARNING, logger="relay.upstream.event_streamer"):
             await client.start("s", model="gpt")
             frames = await client.collect("s")
     assert frames[-1]["reason"] == "upstream_error"
@@ -199,7 +199,7 @@ async def test_the_log_names_the_host_and_the_status_of_a_refused_key(monkeypatc
             start_relay(registry=_registry(up.openai_base, fast=fast)) as server, \
             Client.connect(server.url) as client:
         up.enqueue(http_error("openai", 401, message=f"bad key {KEY} body-echo-marker"))
-        with caplog.at_level(logging.WARNING, logger="relay.upstream.streamer"):
+        with caplog.at_level(logging.WARNING, logger="relay.upstream.event_streamer"):
             await client.start("s", model="gpt")
             await client.collect("s")
     host = up.openai_base.split("//")[1].split("/")[0]

@@ -13,7 +13,7 @@ import pytest
 
 from relay.app import load_models
 from relay.upstream.providers import ModelRegistry
-from relay.upstream.streamer import Timeouts
+from relay.upstream.event_streamer import Timeouts
 from tests.fakes.upstream import FakeUpstream, stream
 
 from .helpers import Client, start_relay
@@ -128,11 +128,11 @@ async def test_startup_log_names_the_true_reason(caplog):
 def test_a_provider_whose_litellm_stream_handler_changed_stays_on_litellm(monkeypatch):
     """The fast path reads a line-read provider as one named LiteLLM handler does; if
     LiteLLM reads it with another (an upgrade), the alias stays on LiteLLM and says why."""
-    from relay.upstream import fast_formats
-    from relay.upstream.fast_path import select_route
+    from relay.upstream.fast import openai as fast_openai
+    from relay.upstream.fast import select_route
 
     assert select_route("mistral/mistral-small-latest", None).path == "fast"
-    monkeypatch.setitem(fast_formats.LINE_READ_HANDLERS, "mistral", "SomeOlderHandler")
+    monkeypatch.setitem(fast_openai.LINE_READ_HANDLERS, "mistral", "SomeOlderHandler")
     choice = select_route("mistral/mistral-small-latest", None)
     assert choice.path == "litellm"
     assert choice.reason == ("LiteLLM reads mistral's stream with MistralChatResponseIterator, "

@@ -12,7 +12,7 @@ import pytest
 from relay.app import build_registry, load_models
 from relay.config import RelaySettings
 from relay.upstream.providers import ModelRegistry
-from relay.upstream.streamer import Timeouts
+from relay.upstream.event_streamer import Timeouts
 from tests.fakes.upstream import (
     FakeUpstream, Usage, http_error, stream, tool_call,
 )
@@ -309,15 +309,15 @@ async def test_a_bug_in_the_relays_chunk_handling_is_internal_error_not_upstream
     ``upstream_error`` "cut off or malformed". A ``TypeError`` raised by our code while it
     turns a provider chunk into an event ends the stream ``failed``/``internal_error``, and
     the log has its traceback."""
-    import relay.upstream.streamer
+    import relay.upstream.event_streamer
 
     def broken_text_delta(text, chunks=1):
         raise _RelayBug("a bug in the relay's chunk handling")
 
-    monkeypatch.setattr(relay.upstream.streamer, "TextDelta", broken_text_delta)
+    monkeypatch.setattr(relay.upstream.event_streamer, "TextDelta", broken_text_delta)
     async with relay_with_upstream() as (up, c):
         up.enqueue(stream(fmt, ["a", "b", "c"]))
-        with caplog.at_level("ERROR", logger="relay.upstream.streamer"):
+        with caplog.at_level("ERROR", logger="relay.upstream.event_streamer"):
             frames = await run_stream(c, fmt)
         await c.send({"type": "ping"})                  # the connection is unaffected
         assert (await c.next_for(None))["type"] == "pong"
@@ -325,7 +325,7 @@ async def test_a_bug_in_the_relays_chunk_handling_is_internal_error_not_upstream
     assert (finish["type"], finish["status"], finish["reason"]) == (
         "finish", "failed", "internal_error")
     assert finish["error"]["code"] == "internal_error"
-    bugs = [r for r in caplog.records if r.name == "relay.upstream.streamer" and r.exc_info]
+    bugs = [r for r in caplog.records if r.name == "relay.upstream.event_streamer" and r.exc_info]
     assert bugs and bugs[0].levelname == "ERROR"
     assert isinstance(bugs[0].exc_info[1], _RelayBug)
     assert "broken_text_delta" in caplog.text          # the traceback, not just a line
@@ -335,10 +335,10 @@ async def test_a_bug_in_the_relays_chunk_handling_is_internal_error_not_upstream
 async def test_a_real_upstream_cut_is_still_upstream_error_without_a_traceback(fmt, caplog):
     async with relay_with_upstream() as (up, c):
         up.enqueue(stream(fmt, ["a", "b", "c", "d"]).cut_after(4))
-        with caplog.at_level("WARNING", logger="relay.upstream.streamer"):
+        with caplog.at_level("WARNING", logger="relay.upstream.event_streamer"):
             frames = await run_stream(c, fmt)
     finish = frames[-1]
     assert (finish["status"], finish["reason"]) == ("failed", "upstream_error")
     assert finish["error"]["code"] == "upstream_error"
-    assert not [r for r in caplog.records if r.name == "relay.upstream.streamer" and r.exc_info]
+    assert not [r for r in caplog.records if r.name == "relay.upstream.event_streamer" and r.exc_info]
     assert any("upstream failure" in r.getMessage() for r in caplog.records)

@@ -9,6 +9,7 @@ from types import SimpleNamespace as NS
 
 import pytest
 
+from relay.upstream.deltas import Delta, ToolCallPiece
 from relay.upstream.raw_tap import (
     RawTap, WrongShapedContentParts, anthropic_tool_input_arguments,
 )
@@ -30,14 +31,14 @@ def test_hostile_chunks_never_raise(chunk):
     tap = RawTap()
     tap.observe(chunk)
     for delta in tap.take_pending():
-        assert len(delta) in (4, 6)
+        assert type(delta) is Delta
 
 
 def test_what_the_tap_keeps_from_openai_chunks():
     tap = RawTap()
     tap.observe({"choices": [{"delta": {"refusal": "No.", "tool_calls": [
         {"id": "a", "function": {}}, {"index": 3}]}}]})
-    assert tap.take_pending() == [(None, None, None, None, 1, "No.")]
+    assert tap.take_pending() == [Delta(refusal="No.")]
     assert tap.tool_indexes == [None, 3]
     tap.observe(NS(choices=[NS(delta=NS(refusal="", tool_calls=None))]))
     assert tap.tool_indexes is None and tap.take_pending() == []
@@ -74,7 +75,7 @@ def test_anthropic_input_whole_in_start_becomes_the_arguments():
                  "content_block": {"type": "tool_use", "id": "t", "input": {"a": 1}}})
     tap.observe({"type": "content_block_delta", "delta": {"partial_json": ""}})
     tap.observe({"type": "content_block_stop"})
-    assert tap.take_pending() == [(None, None, ((0, None, None, '{"a": 1}'),), None)]
+    assert tap.take_pending() == [Delta(tool_calls=(ToolCallPiece(0, None, None, '{"a": 1}'),))]
     assert tap.replaced == {0}
     assert anthropic_tool_input_arguments([1]) == "{}"
 
@@ -95,7 +96,7 @@ async def test_the_read_through_closes_the_sdk_stream():
     tap = RawTap.install(wrapper)
     assert [c async for c in wrapper.completion_stream] == [
         {"choices": [{"delta": {"refusal": "x"}}]}]
-    assert tap.take_pending() == [(None, None, None, None, 1, "x")]
+    assert tap.take_pending() == [Delta(refusal="x")]
     await wrapper.completion_stream.aclose()
     assert SDKStream.closed
 

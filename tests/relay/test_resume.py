@@ -13,7 +13,7 @@ from protocol import FinishStatus
 from relay.upstream.demo import demo_reply_tokens
 from relay.upstream.errors import RELAY_BUG
 from relay.upstream.llm import demo_handler
-from relay.upstream.streamer import StreamEnd, TextDelta, UsageInfo
+from relay.upstream.event_streamer import StreamEnd, TextDelta, UsageInfo
 from relay.streamer import TokenStreamer
 
 from .helpers import Client, eventually, start_relay, text_of

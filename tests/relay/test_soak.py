@@ -26,7 +26,7 @@ from protocol import FinishStatus
 from relay.app import load_models
 from relay.upstream.llm import demo_handler, set_demo_tps
 from relay.upstream.providers import ModelRegistry, demo_spec
-from relay.upstream.streamer import Timeouts
+from relay.upstream.event_streamer import Timeouts
 from tests.fakes.upstream import FakeUpstream, stream
 
 from .helpers import SUBPROTOCOL, start_relay

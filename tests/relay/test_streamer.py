@@ -9,7 +9,7 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from relay.upstream.streamer import (
+from relay.upstream.event_streamer import (
     ReasoningDelta,
     StreamEnd,
     TextDelta,
@@ -288,7 +288,7 @@ async def test_seed_methods_same_behaviour_on_errors_and_success():
 def test_provider_failures_and_relay_bugs_are_told_apart():
     import httpx
 
-    from relay.upstream.streamer import _Truncated
+    from relay.upstream.event_streamer import _Truncated
     from relay.upstream.errors import is_provider_failure
 
     class WithStatus(Exception):
@@ -310,7 +310,7 @@ async def test_a_bug_before_the_first_token_is_not_retried_nor_called_upstream_e
         raise TypeError("a bug in the relay's request building")
 
     s = TokenStreamer("openai/x", completion=completion, retries_before_first_token=2)
-    with caplog.at_level("ERROR", logger="relay.upstream.streamer"):
+    with caplog.at_level("ERROR", logger="relay.upstream.event_streamer"):
         end = (await collect(s.events(MSGS)))[-1]
     assert (end.status, end.reason, end.error.code) == ("failed", "internal_error",
                                                         "internal_error")
@@ -334,4 +334,4 @@ def test_a_builtin_exception_raised_inside_litellm_is_a_provider_failure_not_a_r
         raise AssertionError("no exception")
 
     assert is_provider_failure(raised_in("litellm.llms.groq.chat.handler"))
-    assert not is_provider_failure(raised_in("relay.upstream.streamer"))
+    assert not is_provider_failure(raised_in("relay.upstream.event_streamer"))

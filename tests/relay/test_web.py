@@ -38,6 +38,7 @@ async def _get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
     ("/style.css", "style.css", "text/css; charset=utf-8"),
     ("/relay-client.js?v=2", "relay-client.js", "text/javascript; charset=utf-8"),
     ("/relay%2Dclient.js", "relay-client.js", "text/javascript; charset=utf-8"),
+    ("/client-policy.js", "client-policy.js", "text/javascript; charset=utf-8"),
 ])
 async def test_serves_page_files_with_content_type_and_no_cache(path, file, content_type):
     async with start_relay() as server:
@@ -46,7 +47,9 @@ async def test_serves_page_files_with_content_type_and_no_cache(path, file, cont
     assert headers["content-type"] == content_type
     assert headers["cache-control"] == "no-cache"
     assert headers["x-content-type-options"] == "nosniff"
-    assert body == (web.WEB_ROOT / file).read_bytes()
+    # The JS client's files are the npm package's own (clients/js), the rest the page's.
+    served_from = web.CLIENT_PACKAGE_ROOT if file in web.CLIENT_PACKAGE_FILES else web.WEB_ROOT
+    assert body == (served_from / file).read_bytes()
     if file.endswith(".html"):
         assert "script-src 'self'" in headers["content-security-policy"]
 

@@ -8,7 +8,7 @@ own path sends (``tests/relay/test_default_endpoints.py`` compares both, per pro
 ``litellm.main`` then add their own fallbacks, and some providers get none from
 ``get_llm_provider`` at all (``openai``: the base comes from ``OPENAI_BASE_URL`` /
 ``OPENAI_API_BASE`` or ``https://api.openai.com/v1``). Anthropic and Azure resolve in
-``fast_path._anthropic_request`` and ``fast_formats.azure_request``.
+``relay.upstream.fast.requests`` (``azure_request``, and its Anthropic request).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def _secret(name: str) -> str | None:
 
 
 def resolve_openai_compatible(litellm: Any, provider: str, config: Any, api_key: str | None,
-                              api_base: str | None) -> tuple[str | None, str | None, dict]:
+                              api_base: str | None
+                              ) -> tuple[str | None, str | None, dict[str, str]]:
     """``(api_key, api_base, headers)`` of an OpenAI-format request of ``provider`` (not
     Azure), given the alias's key and the base ``get_llm_provider`` resolved (or the
     alias's). ``headers`` are the ones ``litellm.main`` passes on (``litellm.headers``, a

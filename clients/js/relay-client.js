@@ -1,6 +1,8 @@
 // relay-client.js: a client for the llm-relay.v1 protocol, for browsers and Node 20+ (plain ES module, no deps).
+// The npm package llm-relay-client (this folder; types in relay-client.d.ts); the relay serves
+// these same files to its chat page as /relay-client.js and /client-policy.js.
 //
-//   import { RelayClient, StreamError } from "./relay-client.js";
+//   import { RelayClient, StreamError } from "llm-relay-client";   // or "./relay-client.js"
 //   const c = await RelayClient.connect("ws://127.0.0.1:8765/ws", { token: () => getToken() });
 //   const s = c.start({ model: "demo", messages: [{ role: "user", content: "hi" }] });
 //   for await (const frame of s) if (frame.type === "token") out.textContent += frame.text;

@@ -1,6 +1,7 @@
 """EventStreamer: one streaming completion (LiteLLM, or the provider's SSE read directly)
 turned into typed stream events. The seed's public ``TokenStreamer`` is a thin subclass of it
-in ``relay/streamer.py`` (the compatibility module); the relay itself uses this class.
+in ``relay/token_streamer.py`` (imported as ``relay.streamer``); the relay itself uses this
+class.
 
 Contract of ``events()``:
 
@@ -21,10 +22,11 @@ Contract of ``events()``:
   is the one explicit opt-in for retrying a failed *connect*, for the codes in
   ``relay.upstream.errors.RETRYABLE_CONNECT_FAILURES`` (PROTOCOL.md states the rule).
 
-Two upstreams feed the same loop (timers, cancel, tool-call assembly, usage): LiteLLM's
-stream wrapper (``_LiteLLMUpstream``), or, with a ``fast_route``, the provider's SSE read
-directly (``relay/upstream/fast_path.py``). While ``events()`` runs, LiteLLM skips its post-stream
-response assembly (``relay.upstream.llm.begin_relay_stream``).
+Two upstreams feed the same loop (timers, cancel, tool-call assembly, usage) with the
+same ``relay.upstream.deltas.Delta`` values: LiteLLM's stream wrapper (``_LiteLLMUpstream``),
+or, with a ``fast_route``, the provider's SSE read directly (``relay/upstream/fast/``). While
+``events()`` runs, LiteLLM skips its post-stream response assembly
+(``relay.upstream.llm.begin_relay_stream``).
 
 Concurrency: one ``events()`` iteration at a time per instance; ``cancel()`` may be called
 from any task of the same event loop.
@@ -36,13 +38,14 @@ import asyncio
 import inspect
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from protocol import ErrorCode, FinishReason, FinishStatus
 
 from relay.upstream import admission
+from relay.upstream.deltas import Delta, ToolCallPiece, UpstreamReader, UsageInfo
 from relay.upstream.llm import DEMO_MODEL
 from relay.upstream.raw_tap import RawTap
 from relay.upstream.errors import (
@@ -109,27 +112,15 @@ class ToolCallDone:
 
 
 class DirectRoute(Protocol):
-    """A way to call a provider without LiteLLM's chunk objects (``relay.upstream.fast_path.FastRoute``
-    implements it). A port: fast_path builds on this module's events, so the streamer names
-    what it needs instead of importing fast_path."""
+    """A way to call a provider without LiteLLM's chunk objects
+    (``relay.upstream.fast.routing.FastRoute`` implements it). A port: the streamer names
+    what it needs instead of importing the fast path."""
 
     def refusal(self, kwargs: dict[str, Any]) -> str | None:
         """Why this request must go through LiteLLM's own path, or None."""
 
-    async def open(self, kwargs: dict[str, Any]) -> Any:
-        """Send the request; return the open upstream (``next_batch``/``aclose``/usage, as
-        ``_LiteLLMUpstream``) or raise LiteLLM's exception for it."""
-
-
-@dataclass(frozen=True, slots=True)
-class UsageInfo:
-    prompt_tokens: int
-    completion_tokens: int
-    estimated: bool
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
+    async def open(self, kwargs: dict[str, Any]) -> UpstreamReader:
+        """Send the request; return the open upstream or raise LiteLLM's exception for it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,11 +198,11 @@ class EventStreamer:
     embedded demo model (no key, no network). A string LiteLLM cannot route ends the stream
     ``failed``/``bad_request`` with a message saying how to name the model.
     ``completion`` (keyword) injects the ``acompletion``-compatible callable; tests pass a
-    scripted one. ``fast_route`` (a ``relay.upstream.fast_path.FastRoute``) makes the streamer read the
-    provider's SSE itself instead of going through LiteLLM's chunk objects (same events, same
-    timers, cancel and errors; see ``relay/upstream/fast_path.py``); a request the route does not
-    accept still goes through ``completion``. ``completion_kwargs`` are extra server-side
-    LiteLLM arguments (never from a client).
+    scripted one. ``fast_route`` (a ``relay.upstream.fast.routing.FastRoute``) makes the
+    streamer read the provider's SSE itself instead of going through LiteLLM's chunk objects
+    (same events, same timers, cancel and errors; see ``relay/upstream/fast/``); a request
+    the route does not accept still goes through ``completion``. ``completion_kwargs`` are
+    extra server-side LiteLLM arguments (never from a client).
     """
 
     def __init__(
@@ -309,7 +300,7 @@ class EventStreamer:
         tools: list[dict[str, Any]] | None = None,
         tool_choice: Any = None,
         **params: Any,
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> AsyncGenerator[StreamEvent, None]:
         """Run one streaming completion; see the module docstring for the contract.
 
         A ``cancel()`` that came before this call (and after the last ``reset()``) still
@@ -352,27 +343,28 @@ class EventStreamer:
                 last_chunk_at = loop.time()
                 if len(batch) > 1:
                     batch = _joined_text_runs(batch)
-                # A delta: (reasoning, content, tool_calls, finish[, chunks[, refusal]]):
-                # ``chunks`` from _joined_text_runs, ``refusal`` text from the upstream.
-                for reasoning, content, tool_calls, finish, *more in batch:
-                    if finish:
-                        finish_reason = finish
+                for delta in batch:
+                    if delta.finish_reason:
+                        finish_reason = delta.finish_reason
+                    reasoning = delta.reasoning
                     if reasoning:
                         got_first = True
                         other_parts.append(reasoning)
                         yield ReasoningDelta(reasoning)
+                    content = delta.content
                     if content:
                         got_first = True
                         text_parts.append(content)
-                        yield TextDelta(content, more[0]) if more else TextDelta(content)
-                    if len(more) > 1:
+                        yield TextDelta(content, delta.chunks)
+                    refusal = delta.refusal
+                    if refusal:
                         got_first = refused = True
-                        other_parts.append(more[1])
-                        yield RefusalDelta(more[1])
-                    if tool_calls:
+                        other_parts.append(refusal)
+                        yield RefusalDelta(refusal)
+                    if delta.tool_calls:
                         got_first = True
-                        for index, call_id, name, args in tool_calls:
-                            event = _merge_tool_delta(calls, index, call_id, name, args)
+                        for piece in delta.tool_calls:
+                            event = _merge_tool_delta(calls, piece)
                             if event.arguments_delta:
                                 other_parts.append(event.arguments_delta)
                             yield event
@@ -468,8 +460,10 @@ class EventStreamer:
             kwargs["api_base"] = self.base_url
         return kwargs
 
-    async def _open(self, kwargs, loop, total_deadline, first_deadline):
-        """Start the request; returns an upstream (``next_batch``/``aclose``/usage, below)."""
+    async def _open(self, kwargs: dict[str, Any], loop: asyncio.AbstractEventLoop,
+                    total_deadline: float | None,
+                    first_deadline: float | None) -> UpstreamReader:
+        """Start the request; returns the upstream's reader."""
         fast = self._fast_route
         if fast is not None:
             why = fast.refusal(kwargs)
@@ -627,9 +621,8 @@ class _ToolCalls(dict):
         self.last: _ToolCallState | None = None
 
 
-def _merge_tool_delta(calls: _ToolCalls, index: int | None,
-                      provider_id: str | None, name: str | None, args: str) -> ToolCallDelta:
-    """Add one provider tool-call delta to the call it belongs to, or start a new call.
+def _merge_tool_delta(calls: _ToolCalls, piece: ToolCallPiece) -> ToolCallDelta:
+    """Add one provider tool-call piece to the call it belongs to, or start a new call.
 
     * With an ``index``: the call last seen at that index continues, unless the delta
       brings an id other than that call's: a new id is a new call (LiteLLM numbers the calls
@@ -640,6 +633,7 @@ def _merge_tool_delta(calls: _ToolCalls, index: int | None,
     A new call takes the provider's index when it is free, else the next free one, so the
     frames' ``index`` stays the provider's for providers that number their calls.
     """
+    index, provider_id, name, args = piece.index, piece.call_id, piece.name, piece.arguments
     if isinstance(index, int):
         state = calls.by_provider_index.get(index)
         if state is not None and provider_id and state.provider_id not in (None, provider_id):
@@ -667,29 +661,31 @@ def _merge_tool_delta(calls: _ToolCalls, index: int | None,
     return ToolCallDelta(state.index, state.provider_id or state.call_id, name or None, args)
 
 
-def _joined_text_runs(batch: list[tuple]) -> list[tuple]:
+def _joined_text_runs(batch: Sequence[Delta]) -> list[Delta]:
     """``batch`` with every run of consecutive text-only deltas (no reasoning, refusal or
-    tool call) joined into one ``(None, text, None, finish, chunks)``: chunks that arrived
-    together become one ``TextDelta`` (one frame) that says how many chunks it carries."""
-    out: list[tuple] = []
-    run: list[str] = []
-    run_finish = None
+    tool call) joined into one ``Delta`` whose ``chunks`` says how many it joined (its finish
+    reason the run's last): chunks that arrived together become one ``TextDelta`` (one
+    frame) that says how many chunks it carries."""
+    out: list[Delta] = []
+    run: list[Delta] = []
 
     def flush() -> None:
         if len(run) == 1:
-            out.append((None, run[0], None, run_finish))
+            out.append(run[0])
         elif run:
-            out.append((None, "".join(run), None, run_finish, len(run)))
+            finish = None
+            for delta in run:
+                finish = delta.finish_reason or finish
+            out.append(Delta(None, "".join([d.content for d in run if d.content]), None,
+                             finish, None, len(run)))
         run.clear()
 
     for delta in batch:
-        reasoning, content, tool_calls, finish = delta[:4]
-        if content and not reasoning and not tool_calls and len(delta) == 4:
-            run.append(content)
-            run_finish = finish or run_finish
+        if (delta.content and not delta.reasoning and not delta.tool_calls
+                and delta.refusal is None and delta.chunks == 1):
+            run.append(delta)
             continue
         flush()
-        run_finish = None
         out.append(delta)
     flush()
     return out
@@ -705,9 +701,8 @@ async def _admitted(open_request, *args, **kwargs):
 
 class _LiteLLMUpstream:
     """LiteLLM's stream wrapper (or an injected look-alike) as an upstream of the loop in
-    ``EventStreamer.events()``: ``next_batch()`` turns one chunk into a tuple of deltas
-    ``(reasoning, content, tool_calls, finish_reason)`` (``None`` at the end), tool calls as
-    ``(index, id, name, arguments)``; before it, what the wrapper lost of the provider's
+    ``EventStreamer.events()`` (an ``UpstreamReader``): ``next_batch()`` turns one chunk into
+    its ``Delta`` (``None`` at the end); before it, what the wrapper lost of the provider's
     chunks and ``relay.upstream.raw_tap.RawTap`` recovered (refusal text, a tool input),
     and tool calls numbered as the provider numbered them (or not).
     """
@@ -733,7 +728,7 @@ class _LiteLLMUpstream:
             response.completion_stream = _OneIteration(stream)
         self._iterator = response.__aiter__()
 
-    async def next_batch(self) -> tuple | None:
+    async def next_batch(self) -> Sequence[Delta] | None:
         tap = self._tap
         try:
             chunk = await self._iterator.__anext__()
@@ -755,20 +750,21 @@ class _LiteLLMUpstream:
         return deltas
 
     @staticmethod
-    def _deltas(chunk: Any, tap: Any) -> tuple:
+    def _deltas(chunk: Any, tap: RawTap | None) -> tuple[Delta, ...]:
         choices = chunk.choices
         if not choices:
             return ()
         choice = choices[0]
         delta = choice.delta
         if delta is None:
-            return ((None, None, None, choice.finish_reason),)
+            return (Delta(None, None, None, choice.finish_reason),)
         tool_calls = delta.tool_calls
+        pieces: list[ToolCallPiece] | None = None
         if tool_calls:
             raw_indexes = tap.tool_indexes if tap is not None else None
             if raw_indexes is not None and len(raw_indexes) != len(tool_calls):
                 raw_indexes = None
-            calls = []
+            pieces = []
             for n, tc in enumerate(tool_calls):
                 fn = getattr(tc, "function", None)
                 index = raw_indexes[n] if raw_indexes is not None else getattr(tc, "index", None)
@@ -778,10 +774,9 @@ class _LiteLLMUpstream:
                 if (tap is not None and index in tap.replaced and call_id is None
                         and name is None and args == "{}"):
                     continue  # the tap supplied this Anthropic block's arguments
-                calls.append((index, call_id, name, args))
-            tool_calls = calls or None
-        return ((getattr(delta, "reasoning_content", None), delta.content, tool_calls,
-                 choice.finish_reason),)
+                pieces.append(ToolCallPiece(index, call_id, name, args))
+        return (Delta(getattr(delta, "reasoning_content", None), delta.content, pieces or None,
+                      choice.finish_reason),)
 
     @property
     def truncated(self) -> bool:
