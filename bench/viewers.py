@@ -62,7 +62,8 @@ def relay_cpu_ns(pid: int) -> int:
 
 async def _open(url: str):
     ws = await connect(url, subprotocols=[SUBPROTOCOL], max_size=None)
-    await ws.send(json.dumps({"type": "hello", "client": {"name": "bench-viewers", "version": "0"}}))
+    await ws.send(json.dumps({"type": "hello",
+                              "client": {"name": "bench-viewers", "version": "0"}}))
     welcome = json.loads(await ws.recv())
     assert welcome["type"] == "welcome", welcome
     return ws

@@ -44,8 +44,9 @@ The rules (each a row of ``_TABLE`` below):
 * A stream running on another relay and followed here from Redis is ``REMOTE_FOLLOWED``
   until its finish arrives (``FINISH``) or the follower fails (``FAIL``: the attachment is
   told, ``NOTIFY_FAILED``: every attachment of the record) -> ``REMOTE_ENDED``. A followed
-  record holds exactly one attachment (each remote viewer reads Redis on its own). ``DETACH``, ``TAKEN_OVER`` or ``CLOSE``
-  releases it (stops the follower). A cancel is forwarded to its owner.
+  record holds exactly one attachment (each remote viewer reads Redis on its own).
+  ``DETACH``, ``TAKEN_OVER`` or ``CLOSE`` releases it (stops the follower). A cancel is
+  forwarded to its owner.
 * Every way out of the hub's table (``DROPPED``, ``LOST``) carries ``RELEASE``: the stream
   gives its bytes back to the budget and stops counting; frames its task still appends
   (a cancelled stream's finish) are not charged. ``DROPPED`` and ``LOST`` are final: the

@@ -10,8 +10,9 @@ Each stream is a ``HubStream`` driven by one supervised task of the hub's, which
 writer sends what the log holds past the cursor.
 
 A stream has at most one *owner* attachment (``HubStream.attachment``: its start's, or the
-one that took it over) and up to ``max_viewers_per_stream`` *viewers* (``HubStream.viewers``). Each is a cursor into the one
-log, read by its own connection's writer at that connection's pace, so a slow viewer only
+one that took it over) and up to ``max_viewers_per_stream`` *viewers*
+(``HubStream.viewers``). Each is a cursor into the one log, read by its own connection's
+writer at that connection's pace, so a slow viewer only
 ever slows (and gets closed 4008 by) its own connection. A stream followed from another
 relay is one record per attachment here (``_followed``): each remote viewer reads Redis on
 its own, as a single attachment did.

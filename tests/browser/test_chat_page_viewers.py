@@ -72,7 +72,8 @@ async def test_a_second_tab_watches_the_answer_live_and_sees_the_next_turn(page)
             await page.wait_for_function("() => document.querySelectorAll('.turn').length === 2")
             await wait_completed(page, 2)
             await wait_completed(second, 2)
-            assert (await page.evaluate(PANES))[1]["text"] == (await second.evaluate(PANES))[1]["text"]
+            first_second_turn = (await page.evaluate(PANES))[1]["text"]
+            assert first_second_turn == (await second.evaluate(PANES))[1]["text"]
         finally:
             await second.close()
 
@@ -130,7 +131,8 @@ async def test_new_chat_keeps_the_old_one_in_the_list_of_past_conversations(page
         assert await page.is_visible("#empty-state")
         await send(page, "the second conversation")
         await wait_completed(page)
-        titles = await page.eval_on_selector_all("#chat-select option", "os => os.map(o => o.textContent)")
+        titles = await page.eval_on_selector_all("#chat-select option",
+                                                 "os => os.map(o => o.textContent)")
         assert titles == ["the second conversation", "the first conversation"]
         await page.select_option("#chat-select", label="the first conversation")
         await page.wait_for_function(

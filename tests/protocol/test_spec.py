@@ -35,6 +35,7 @@ SPECB = "tests/relay/test_spec_behaviour.py"
 RESUME = "tests/relay/test_resume.py"
 MULTI = "tests/relay/test_multinode.py"
 VIEW = "tests/relay/test_viewers.py"
+VIEWR = "tests/relay/test_viewers_redis.py"
 BAD = "tests/relay/test_bad_input.py"
 AUTH = "tests/relay/test_auth.py"
 LIMITS = "tests/relay/test_limits.py"
@@ -289,8 +290,8 @@ SPEC_TESTS: dict[str, list[str]] = {
         f"{VIEW}::test_a_stream_keeps_running_past_the_grace_while_a_viewer_watches_its_owner_gone",
         f"{VIEW}::test_one_viewer_too_many_is_refused_too_many_streams_and_disturbs_nobody",
         f"{VIEW}::test_the_python_client_watches_a_stream_started_by_another_client",
-        "tests/relay/test_viewers_redis.py::test_viewers_on_both_relays_each_get_every_frame_once_and_the_one_finish",
-        "tests/relay/test_viewers_redis.py::test_the_owner_relay_dying_ends_every_viewer_with_stream_lost",
+        f"{VIEWR}::test_viewers_on_both_relays_each_get_every_frame_once_and_the_one_finish",
+        f"{VIEWR}::test_the_owner_relay_dying_ends_every_viewer_with_stream_lost",
     ],
     "Backpressure": [
         f"{BACK}::test_a_lagging_client_gets_merged_token_frames_and_loses_nothing",
