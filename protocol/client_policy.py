@@ -39,7 +39,13 @@ The rules (each one a row of a table below or a method of :class:`ClientStreamTr
    errors are ignored (the cancel raced the finish). An ``error`` without id and with
    ``ref: "resume"`` (an older relay that does not know ``resume``) fails every stream
    waiting for ``resumed``. Frames for ids the client does not track are ignored.
-6. **Cancel** (:meth:`ClientStreamTracker.cancel`): a stream whose ``start`` never left
+6. **Watch** (:meth:`ClientStreamTracker.watch`): a stream known only by its
+   ``stream_key`` (started elsewhere: another tab, device or process) joins as a viewer
+   with a ``resume`` after ``after_seq`` (default 0: from its first frame), sent at once on
+   an open connection or first on the next one; from then on it is a stream like the
+   others (rules 3-5, 7): ``resumed``, its frames, its one ``finish``; a refused resume
+   fails it with ``resume_refused``; after a loss it is resumed again as a viewer.
+7. **Cancel** (:meth:`ClientStreamTracker.cancel`): a stream whose ``start`` never left
    the client ends locally with :func:`local_cancel_finish`: a ``finish`` that satisfies
    the schema (``status: cancelled``, ``reason: client_cancel``, usage all zero and
    ``estimated: true``: nothing reached a provider). Any other stream gets ``cancel`` sent
@@ -236,7 +242,7 @@ class ReconnectSchedule:
 
 
 def local_cancel_finish(stream_id: str) -> frames.Frame:
-    """Rule 6: the ``finish`` of a stream cancelled before its ``start`` left the client.
+    """Rule 7: the ``finish`` of a stream cancelled before its ``start`` left the client.
     Valid against the schema (``protocol.Finish``): seq 0, zero usage flagged estimated."""
     return frames.finish(stream_id, 0, str(FinishStatus.CANCELLED),
                          str(FinishReason.CLIENT_CANCEL), frames.usage(0, 0, True))
@@ -343,7 +349,7 @@ _STREAM_FRAMES = frozenset(STREAM_FRAME_TYPES)
 
 @dataclass
 class ClientStreamTracker:
-    """The streams of one client across its connections (rules 3-6), h11-style: methods
+    """The streams of one client across its connections (rules 3-7), h11-style: methods
     take what happened and return what to do; nothing here sends, sleeps or raises for a
     peer's behaviour. Frames may be dicts or ``protocol`` models.
 
@@ -363,6 +369,20 @@ class ClientStreamTracker:
         if stream_id in self.streams:
             raise ValueError(f"stream id {stream_id!r} is already in use")
         self.streams[stream_id] = _Stream(stream_id)
+
+    def watch(self, stream_id: str, stream_key: str, after_seq: int = 0, *,
+              takeover: bool = False) -> dict[str, Any]:
+        """Rule 6: a stream started elsewhere, watched under ``stream_id``: it waits for
+        ``resumed`` (phase ``resuming``). Returns the ``resume`` frame to send now if the
+        connection is open (else :meth:`welcomed` sends it, without ``takeover``: a
+        reconnect never ends other viewers). ValueError if the id is live."""
+        if stream_id in self.streams:
+            raise ValueError(f"stream id {stream_id!r} is already in use")
+        if not stream_key:
+            raise ValueError("stream_key must not be empty")
+        self.streams[stream_id] = _Stream(stream_id, StreamPhase.RESUMING, stream_key,
+                                          max(after_seq, 0))
+        return frames.resume(stream_key, max(after_seq, 0), stream_id, takeover=takeover)
 
     def start_sent(self, stream_id: str) -> None:
         """Its ``start`` was handed to a connection: from now on never sent again (rule 3)."""
@@ -389,7 +409,7 @@ class ClientStreamTracker:
         self.streams.pop(stream_id, None)
 
     def cancel(self, stream_id: str) -> CancelAction:
-        """Rule 6. A queued stream leaves the tracker (deliver :func:`local_cancel_finish`)."""
+        """Rule 7. A queued stream leaves the tracker (deliver :func:`local_cancel_finish`)."""
         s = self.streams.get(stream_id)
         if s is None or s.cancel_requested:
             return CancelAction.NONE

@@ -191,12 +191,15 @@ def ping(data: Any = None) -> Frame:   # Any: any JSON value, echoed in ``pong``
     return frame
 
 
-def resume(stream_key: str, after_seq: int, id: str | None = None) -> Frame:
-    """Re-attach stream ``stream_key`` (under ``id``, default its original id) and replay
-    every frame with ``seq > after_seq``."""
+def resume(stream_key: str, after_seq: int, id: str | None = None, *,
+           takeover: bool = False) -> Frame:
+    """Attach stream ``stream_key`` (under ``id``, default its original id) and replay every
+    frame with ``seq > after_seq``: as a viewer, or (``takeover``) as its new owner."""
     frame: Frame = {"type": "resume", "stream_key": stream_key, "after_seq": after_seq}
     if id is not None:
         frame["id"] = id
+    if takeover:
+        frame["takeover"] = True
     return frame
 
 

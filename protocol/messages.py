@@ -220,13 +220,16 @@ class Ping(_Frame):
 
 
 class Resume(_Frame):
-    """Re-attach stream ``stream_key`` (from its ``started``) to this connection under ``id``
-    (default: its original id) and replay every frame with ``seq > after_seq``."""
+    """Attach stream ``stream_key`` (from its ``started``) to this connection under ``id``
+    (default: its original id) and replay every frame with ``seq > after_seq``, then the
+    live ones. It joins the stream as a viewer beside its other attachments; ``takeover``:
+    it replaces the stream's owner attachment instead (which ends ``stream_taken_over``)."""
 
     type: Literal["resume"]
     stream_key: Annotated[StrictStr, Field(min_length=1, max_length=256)]
     after_seq: Annotated[StrictInt, Field(ge=0)]
     id: StreamId | None = None
+    takeover: StrictBool = False
 
 
 ClientMessage = Annotated[

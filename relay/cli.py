@@ -46,6 +46,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-stream-log-bytes", type=int,
                        help="frames kept per stream for resume (8 MiB)")
     serve.add_argument("--max-log-bytes", type=int, help="all stream logs in total (256 MiB)")
+    serve.add_argument("--max-viewers-per-stream", type=int,
+                       help="resumes that watch one stream besides its owner (8)")
     serve.add_argument("--slow-consumer-bytes", type=int,
                        help="unsent backlog per connection tolerated (1 MiB)...")
     serve.add_argument("--slow-consumer-grace", type=float,

@@ -134,6 +134,8 @@ class RelaySettings(BaseSettings):
     max_stream_log_bytes: int = Field(8 << 20, ge=1024,
                                       description="frames kept per stream for resume")
     max_log_bytes: int = Field(256 << 20, ge=1024, description="all streams' logs, in total")
+    max_viewers_per_stream: int = Field(8, ge=0, description="attachments of one stream "
+                                        "besides its owner (resumes that join it), per relay")
     slow_consumer_bytes: int = Field(1 << 20, ge=1024,
                                      description="unsent backlog per connection tolerated...")
     slow_consumer_grace: float = Field(10.0, gt=0, description="...for this long, then 4008")

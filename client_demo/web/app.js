@@ -1,6 +1,14 @@
 // The chat page: UI only; the protocol lives in relay-client.js, Markdown in markdown.js.
 // Model text is untrusted: it reaches the DOM only as sanitised Markdown (markdown.js) or
 // through textContent (reasoning, refusals, tool calls, the user's own messages).
+//
+// Conversations live in the browser's localStorage (one record per chat, and an index):
+// every turn's prompt and answer versions, and for each answer its text so far, its
+// stream_key and the last seq that text includes (saved together, so they always match).
+// A reload shows the conversation and resumes a running answer where it was (watch() after
+// that seq); a second tab on the same conversation watches it live (PROTOCOL.md "Viewers");
+// the `storage` event tells each tab what the others changed. While the page is open it
+// keeps reconnecting (capped backoff, and at once on the browser's `online` event).
 
 import { RelayClient, StreamError, fitMessages } from "./relay-client.js";
 import { MarkdownView, copyCodeFromClick } from "./markdown.js";
@@ -12,7 +20,7 @@ const ui = {
   model: $("model"), compare: $("compare"), model2: $("model2"), useTool: $("use-tool"),
   answers: $("answers"), empty: $("empty-state"), emptyModels: $("empty-models"),
   composer: $("composer"), prompt: $("prompt"), send: $("send"), stop: $("stop"), clear: $("clear"),
-  jump: $("jump-latest"),
+  jump: $("jump-latest"), chatSelect: $("chat-select"), newChat: $("new-chat"),
 };
 
 // A sample tool: with it the demo model answers with one get_weather call.
@@ -27,8 +35,8 @@ const SAMPLE_TOOL = {
 
 let client = null;
 const running = new Map(); // RelayStream -> its pane
-const chatHistory = []; // earlier turns: user + first answer, when it completed with text
-let lastTurn = null; // {turn, prompt, historyLength}: what Regenerate asks again
+// Answers followed by this tab: pane id -> {stream, parts, data} (data: the stored record).
+const live = new Map();
 let authRequired = false; // learnt from a 4401, or assumed while a token is in use
 // Largest start the page sends, below the relay's own limit: lowered when something in
 // between (a proxy) closed 1009 on less than the relay announced. null: the relay's limit.
@@ -143,7 +151,9 @@ function fillModels(models) {
 
 function connect() {
   if (client) client.close(1000, "reconnecting with new settings");
-  const c = new RelayClient(undefined, { token: () => ui.token.value.trim() });
+  // Never give up while the page is open (the relay may come back): retryable closes are
+  // retried forever with the policy's capped backoff; `online` retries at once.
+  const c = new RelayClient(undefined, { token: () => ui.token.value.trim(), maxRetries: Infinity });
   client = c;
   window.relayClient = c; // handy from the console
   c.onstate = (state, detail) => {
@@ -160,6 +170,7 @@ function connect() {
     }
     showState(state, detail);
     if (state === "open") recoveredFromTooBig = false; // said once, by the first open after it
+    if (state === "open") followStoredAnswers(); // answers this tab could not watch yet
     // A drop changes running streams without a frame (e.g. to "resuming"): redraw them.
     for (const [stream, parts] of running) draw(parts, stream);
   };
@@ -342,7 +353,9 @@ function describeEnd(stream) {
   if (stream.finish && stream.finish.reason) bits.push(`reason: ${stream.finish.reason}`);
   if (stream.resumes) {
     const last = stream.lastResume;
-    bits.push(`resumed ${stream.resumes}× after a dropped connection (last: close ${last.closeCode}, after seq ${last.afterSeq})`);
+    bits.push(last.closeCode === null
+      ? `followed from seq ${last.afterSeq} (a reload, or another tab's answer)`
+      : `resumed ${stream.resumes}× after a dropped connection (last: close ${last.closeCode}, after seq ${last.afterSeq})`);
   }
   if (stream.finish && stream.finish.error) bits.push(`error: ${stream.finish.error.code}: ${stream.finish.error.message}`);
   return bits.join(" · ");
@@ -354,13 +367,17 @@ function technicalDetails(text) {
   return details;
 }
 
-async function follow(stream, parts) {
+/** Follow `stream` into its pane; `data` (its stored record in conversation `chatId`) is
+ * kept in step: text, seq, stream_key and the ending, saved as they change. */
+async function follow(stream, parts, data, chatId) {
   running.set(stream, parts);
+  live.set(data.pid, { stream, parts, data });
   updateButtons();
   try {
     for await (const frame of stream) {
-      void frame; // the stream keeps text/toolCalls/usage; draw from them
       drawSoon(parts, stream);
+      record(data, stream);
+      saveProgress(chatId, frame.type !== "token" && frame.type !== "reasoning");
     }
     draw(parts, stream);
     parts.meta.textContent = describeEnd(stream);
@@ -377,12 +394,300 @@ async function follow(stream, parts) {
     parts.notice.textContent = humanEnding(code, { partial: Boolean(stream.text), frame: err.frame });
     const close = err.closeCode !== undefined && err.closeCode !== null ? ` · close ${err.closeCode}` : "";
     parts.meta.replaceChildren(technicalDetails(`${code}${close} · ${err.message}`));
+    data.error = code;
   } finally {
     running.delete(stream);
+    if (live.get(data.pid)?.stream === stream) live.delete(data.pid);
+    record(data, stream);
+    data.status = parts.status.dataset.status;
+    data.notice = parts.notice.textContent;
+    data.meta = parts.meta.textContent;
+    saveProgress(chatId, true, [data]);
     updateButtons();
     afterContentChange();
   }
   return stream;
+}
+
+// ------------------------------------------------------------------ stored conversations
+
+const INDEX_KEY = "llm-relay.chats.v1"; // [{id, title, updated}], newest first
+const CHAT_PREFIX = "llm-relay.chat.v1."; // + id: {id, title, updated, turns}
+const CURRENT_KEY = "llm-relay.current-chat"; // sessionStorage: this tab's chat across reloads
+const RUNNING = new Set(["pending", "streaming", "resuming"]);
+
+// The conversation shown: {id, title, updated, turns: [{prompt, notice, current,
+// versions: [{panes: [pane record]}]}]}; a pane record: see paneRecord().
+let chat = null;
+
+function newId() {
+  return Math.random().toString(36).slice(2, 10) + Date.now().toString(36);
+}
+
+function readJSON(storage, key) {
+  try {
+    const raw = storage.getItem(key);
+    return raw ? JSON.parse(raw) : null;
+  } catch (_) {
+    return null; // unreadable (or storage disabled): as if absent
+  }
+}
+
+function chatIndex() {
+  const list = readJSON(localStorage, INDEX_KEY);
+  return Array.isArray(list) ? list.filter((e) => e && typeof e.id === "string") : [];
+}
+
+function loadChat(id) {
+  const stored = id ? readJSON(localStorage, CHAT_PREFIX + id) : null;
+  return stored && Array.isArray(stored.turns) ? stored : null;
+}
+
+function freshChat() {
+  return { id: newId(), title: "New chat", updated: Date.now(), turns: [] };
+}
+
+function paneRecord(model, label) {
+  return { pid: newId(), model, label, status: "pending", text: "", reasoning: "", refusal: "",
+    toolCalls: [], streamKey: null, lastSeq: -1, notice: "", meta: "", error: null };
+}
+
+/** Copy what the stream has into its record: the text and the seq it includes go together. */
+function record(data, stream) {
+  data.text = stream.text;
+  data.reasoning = stream.reasoning;
+  data.refusal = stream.refusal;
+  data.toolCalls = stream.toolCalls.map((call) => ({ ...call }));
+  data.streamKey = stream.streamKey;
+  data.lastSeq = stream.lastSeq;
+  data.status = stream.status;
+}
+
+function* panesOf(c) {
+  for (const turn of c.turns) for (const version of turn.versions) yield* version.panes;
+}
+
+function writeChat(c) {
+  c.updated = Date.now();
+  const text = JSON.stringify(c);
+  for (;;) {
+    try {
+      localStorage.setItem(CHAT_PREFIX + c.id, text);
+      break;
+    } catch (_) {
+      // Full (or disabled): forget the oldest other conversation and try again.
+      const oldest = chatIndex().filter((e) => e.id !== c.id).pop();
+      if (!oldest) return;
+      localStorage.removeItem(CHAT_PREFIX + oldest.id);
+      writeIndex(chatIndex().filter((e) => e.id !== oldest.id));
+    }
+  }
+  const entry = { id: c.id, title: c.title, updated: c.updated };
+  writeIndex([entry, ...chatIndex().filter((e) => e.id !== c.id)]);
+}
+
+function writeIndex(list) {
+  try {
+    localStorage.setItem(INDEX_KEY, JSON.stringify(list));
+  } catch (_) {
+    /* best effort: the conversations themselves are stored */
+  }
+  fillChatList();
+}
+
+/** Save the shown conversation as it is (this tab changed its shape: a turn, a version). */
+function saveStructure() {
+  if (chat.turns.length) writeChat(chat);
+}
+
+const progressTimers = new Map(); // chat id -> timer of a pending progress save
+
+/**
+ * Save the answers this tab follows in conversation `chatId` (`extra`: records that just
+ * stopped being followed), into the stored record as it is now: another tab may have
+ * added a turn meanwhile, which this must not undo. `now`: at once, else within 300 ms.
+ */
+function saveProgress(chatId, now = false, extra = []) {
+  const run = () => {
+    progressTimers.delete(chatId);
+    const stored = loadChat(chatId) || (chat && chat.id === chatId ? chat : null);
+    if (!stored) return;
+    const mine = new Map(extra.map((d) => [d.pid, d]));
+    for (const { data } of live.values()) mine.set(data.pid, data);
+    for (const turn of stored.turns) {
+      for (const version of turn.versions) {
+        version.panes = version.panes.map((p) => mine.get(p.pid) || p);
+      }
+    }
+    if (stored.turns.length) writeChat(stored);
+  };
+  if (now) {
+    clearTimeout(progressTimers.get(chatId));
+    run();
+  } else if (!progressTimers.has(chatId)) {
+    progressTimers.set(chatId, setTimeout(run, 300));
+  }
+}
+
+function fillChatList() {
+  if (!ui.chatSelect || !chat) return;
+  const entries = chatIndex();
+  if (!entries.some((e) => e.id === chat.id)) entries.unshift({ id: chat.id, title: chat.title });
+  ui.chatSelect.replaceChildren(...entries.map((e) => {
+    const option = document.createElement("option");
+    option.value = e.id;
+    option.textContent = e.title || "Untitled";
+    return option;
+  }));
+  ui.chatSelect.value = chat.id;
+}
+
+function showChat(c) {
+  chat = c;
+  sessionStorage.setItem(CURRENT_KEY, c.id);
+  fillChatList();
+  renderChat();
+  followStoredAnswers();
+}
+
+/** The messages before turn `index`: each turn's prompt and its shown answer, when that
+ * completed with text (as the relay's models expect a conversation). */
+function historyBefore(index) {
+  const history = [];
+  for (const turn of chat.turns.slice(0, index)) {
+    const version = turn.versions[turn.current];
+    const first = version && version.panes[0];
+    if (first && first.status === "completed" && first.text && !first.toolCalls.length) {
+      history.push({ role: "user", content: turn.prompt }, { role: "assistant", content: first.text });
+    }
+  }
+  return history;
+}
+
+// ------------------------------------------------------------------ rendering a conversation
+
+function renderChat() {
+  ui.answers.replaceChildren(ui.empty);
+  ui.empty.hidden = chat.turns.length > 0;
+  chat.turns.forEach((turn) => {
+    const node = el("article", "turn");
+    ui.answers.append(node);
+    renderTurn(turn, node);
+  });
+  updateButtons();
+  scrollToLatest();
+}
+
+function renderTurn(turn, node) {
+  node.turnData = turn;
+  const row = el("div", "answers-row");
+  const actions = el("div", "answer-actions");
+  node.replaceChildren(el("div", "user", turn.prompt));
+  if (turn.notice) node.append(el("div", "context-notice", turn.notice));
+  node.append(row, actions);
+  const version = turn.versions[turn.current];
+  if (version) for (const data of version.panes) row.append(paneFor(data).pane);
+  if (turn.versions.length > 1) {
+    const older = el("button", "version-prev", "‹");
+    const newer = el("button", "version-next", "›");
+    older.type = newer.type = "button";
+    older.title = "Previous version of this answer";
+    newer.title = "Next version of this answer";
+    older.disabled = turn.current === 0;
+    newer.disabled = turn.current === turn.versions.length - 1;
+    older.addEventListener("click", () => showVersion(turn, node, turn.current - 1));
+    newer.addEventListener("click", () => showVersion(turn, node, turn.current + 1));
+    actions.append(older, el("span", "version-label", `${turn.current + 1}/${turn.versions.length}`), newer);
+  }
+  if (turn === chat.turns[chat.turns.length - 1]) {
+    const regenerate = el("button", "regenerate", "Regenerate");
+    regenerate.type = "button";
+    regenerate.title = "Ask the same question again (the current answer stays as a version)";
+    regenerate.addEventListener("click", () => regenerateLast());
+    actions.append(regenerate);
+  }
+  updateButtons();
+}
+
+function showVersion(turn, node, index) {
+  if (index < 0 || index >= turn.versions.length) return;
+  turn.current = index;
+  saveStructure();
+  renderTurn(turn, node);
+}
+
+/** The pane of a record: the live one while this tab follows its stream, else drawn from
+ * the record. */
+function paneFor(data) {
+  const followed = live.get(data.pid);
+  if (followed) return followed.parts;
+  const view = { id: data.pid, text: data.text, reasoning: data.reasoning, refusal: data.refusal,
+    toolCalls: data.toolCalls, status: data.status };
+  const parts = renderPane(view, data.label);
+  parts.pane.dataset.pid = data.pid;
+  draw(parts, view);
+  parts.notice.textContent = data.notice || "";
+  parts.meta.textContent = data.meta || "";
+  if (data.error) parts.status.dataset.error = data.error;
+  return parts;
+}
+
+/** Watch every stored answer still running that this tab does not follow yet: after a
+ * reload (from the seq its stored text includes), or one another tab runs. */
+function followStoredAnswers() {
+  if (!chat || !client || client.state === "closed") return;
+  for (const data of panesOf(chat)) {
+    if (RUNNING.has(data.status) && data.streamKey && !live.has(data.pid)) watchStored(data, chat.id);
+  }
+}
+
+function watchStored(data, chatId) {
+  let stream;
+  try {
+    stream = client.watch(data.streamKey, { afterSeq: Math.max(0, data.lastSeq) });
+  } catch (_) {
+    return; // the client is closed: shown as stored
+  }
+  // What the record holds is the text through lastSeq; the relay sends what follows.
+  stream.model = data.model;
+  stream.text = data.text;
+  stream.reasoning = data.reasoning;
+  stream.refusal = data.refusal;
+  stream.toolCalls = data.toolCalls.map((call) => ({ ...call }));
+  const parts = renderPane(stream, data.label);
+  parts.pane.dataset.pid = data.pid;
+  draw(parts, stream);
+  const shown = ui.answers.querySelector(`.answer[data-pid="${CSS.escape(data.pid)}"]`);
+  if (shown) shown.replaceWith(parts.pane);
+  follow(stream, parts, data, chatId);
+}
+
+// Another tab changed a conversation: show it (answers this tab follows keep their own
+// records), and watch what runs there.
+window.addEventListener("storage", (event) => {
+  if (event.key === INDEX_KEY) {
+    fillChatList();
+    return;
+  }
+  if (!chat || event.key !== CHAT_PREFIX + chat.id) return;
+  const incoming = loadChat(chat.id);
+  if (!incoming) return;
+  for (const turn of incoming.turns) {
+    for (const version of turn.versions) {
+      version.panes = version.panes.map((p) => (live.has(p.pid) ? live.get(p.pid).data : p));
+    }
+  }
+  const before = shapeOf(chat);
+  chat = incoming;
+  if (shapeOf(incoming) !== before) renderChat();
+  followStoredAnswers();
+});
+
+/** What decides whether another tab's change needs a redraw: turns, versions, shown
+ * versions, and the records not followed here (their status and stream). */
+function shapeOf(c) {
+  return JSON.stringify(c.turns.map((t) => [t.prompt, t.current, t.notice || "",
+    t.versions.map((v) => v.panes.map((p) => (live.has(p.pid) ? p.pid : [p.pid, p.status, p.streamKey, p.text.length])))]));
 }
 
 // ------------------------------------------------------------------ actions
@@ -402,44 +707,45 @@ function updateButtons() {
 }
 
 /**
- * Start the turn's answers, or return null when the prompt alone is more than the relay
- * takes (said in the turn; nothing is sent). The oldest history that does not fit in one
- * start is left out (and the turn says so).
+ * Start a new version of `turn`'s answers (shown in `node`), or return null when the prompt
+ * alone is more than the relay takes (said in the turn; nothing is sent). The oldest
+ * history that does not fit in one start is left out (and the turn says so).
  */
-function startTurn(prompt, history, turn) {
+function startTurn(turn, node) {
   const tools = ui.useTool.checked ? [SAMPLE_TOOL] : undefined;
   const models = ui.compare.checked ? [ui.model.value, ui.model2.value] : [ui.model.value];
   const longestModel = models.reduce((a, b) => (b.length > a.length ? b : a), "");
-  const fit = fitMessages([...history, { role: "user", content: prompt }], client.limits,
+  const history = historyBefore(chat.turns.indexOf(turn));
+  const fit = fitMessages([...history, { role: "user", content: turn.prompt }], client.limits,
     { model: longestModel, tools, maxFrameBytes: frameCap });
   if (!fit.fits) {
-    turn.replaceChildren(el("div", "user", prompt),
+    node.replaceChildren(el("div", "user", turn.prompt),
       el("div", "context-notice", "This message is too long for the relay to accept: shorten it and send it again."));
     return null;
   }
   const messages = fit.messages;
   lastStartBytes = fit.frameBytes;
-  const row = el("div", "answers-row");
-  const actions = el("div", "answer-actions");
-  turn.replaceChildren(el("div", "user", prompt), row, actions);
   if (fit.dropped) {
     const earlier = fit.dropped === 1 ? "1 earlier message was" : `${fit.dropped} earlier messages were`;
-    turn.insertBefore(el("div", "context-notice",
-      `${earlier} left out of this request: the conversation is longer than the relay accepts at once.`), row);
+    turn.notice = `${earlier} left out of this request: the conversation is longer than the relay accepts at once.`;
+  } else {
+    turn.notice = "";
   }
+  const version = { panes: [] };
+  turn.versions.push(version);
+  turn.current = turn.versions.length - 1;
   const follows = models.map((model, i) => {
     const stream = client.start({ model, messages, tools });
-    const parts = renderPane(stream, models.length > 1 ? `${model} (${"AB"[i]})` : model);
-    row.append(parts.pane);
-    return follow(stream, parts);
+    const label = models.length > 1 ? `${model} (${"AB"[i]})` : model;
+    const data = paneRecord(model, label);
+    version.panes.push(data);
+    const parts = renderPane(stream, label);
+    parts.pane.dataset.pid = data.pid;
+    return follow(stream, parts, data, chat.id); // (registers it as live at once)
   });
-  for (const old of ui.answers.querySelectorAll(".regenerate")) old.remove(); // only the last answer
-  const regenerate = el("button", "regenerate", "Regenerate");
-  regenerate.type = "button";
-  regenerate.title = "Ask the same question again";
-  regenerate.addEventListener("click", () => regenerateLast());
-  actions.append(regenerate);
-  lastTurn = { turn, prompt, historyLength: history.length };
+  for (const old of ui.answers.querySelectorAll(".regenerate")) old.remove(); // only the last turn
+  renderTurn(turn, node);
+  saveStructure();
   scrollToLatest();
   updateButtons();
   return Promise.all(follows);
@@ -452,32 +758,22 @@ async function send(event) {
   if (running.size && !ui.compare.checked) return; // one answer at a time (Stop first)
   ui.prompt.value = "";
   ui.empty.hidden = true;
-  const turn = el("article", "turn");
-  ui.answers.append(turn);
-  const history = [...chatHistory];
-  const follows = startTurn(prompt, history, turn);
-  if (!follows) {
-    ui.prompt.value = prompt; // nothing was sent: keep it to shorten
-    return;
-  }
-  const [first] = await follows;
-  remember(prompt, first);
-}
-
-function remember(prompt, first) {
-  if (first.status === "completed" && first.text && !first.toolCalls.length) {
-    chatHistory.push({ role: "user", content: prompt }, { role: "assistant", content: first.text });
+  const node = el("article", "turn");
+  ui.answers.append(node);
+  const turn = { prompt, notice: "", current: 0, versions: [] };
+  chat.turns.push(turn);
+  if (chat.turns.length === 1) chat.title = prompt.length > 60 ? prompt.slice(0, 57) + "…" : prompt;
+  if (!startTurn(turn, node)) {
+    chat.turns.pop(); // nothing was sent: keep the prompt to shorten, not the turn
+    ui.prompt.value = prompt;
   }
 }
 
 async function regenerateLast() {
-  if (!lastTurn || running.size || !client || client.state !== "open") return;
-  const { turn, prompt, historyLength } = lastTurn;
-  chatHistory.length = historyLength; // forget the answer being replaced
-  const follows = startTurn(prompt, [...chatHistory], turn);
-  if (!follows) return;
-  const [first] = await follows;
-  remember(prompt, first);
+  const turn = chat.turns[chat.turns.length - 1];
+  if (!turn || running.size || !client || client.state !== "open") return;
+  const node = [...ui.answers.querySelectorAll(".turn")].find((n) => n.turnData === turn);
+  if (node) startTurn(turn, node);
 }
 
 function stopAll() {
@@ -493,12 +789,19 @@ ui.prompt.addEventListener("keydown", (e) => {
 });
 ui.stop.addEventListener("click", stopAll);
 ui.clear.addEventListener("click", () => {
+  // Forget this conversation (its running answers are stopped) and start an empty one.
   stopAll();
-  ui.answers.replaceChildren(ui.empty);
-  ui.empty.hidden = false;
-  chatHistory.length = 0;
-  lastTurn = null;
-  scrollToLatest();
+  localStorage.removeItem(CHAT_PREFIX + chat.id);
+  writeIndex(chatIndex().filter((e) => e.id !== chat.id));
+  showChat(freshChat());
+});
+ui.newChat.addEventListener("click", () => {
+  // The current conversation stays in the list (its running answers go on and are saved).
+  if (chat.turns.length) showChat(freshChat());
+});
+ui.chatSelect.addEventListener("change", () => {
+  const picked = loadChat(ui.chatSelect.value);
+  if (picked && picked.id !== chat.id) showChat(picked);
 });
 ui.compare.addEventListener("change", () => {
   ui.model2.disabled = !ui.compare.checked;
@@ -512,6 +815,16 @@ ui.token.addEventListener("keydown", (e) => {
     connect();
   }
 });
+// Leaving (a reload, a closed tab): write the answers' progress now, not 300 ms later, so
+// the next page resumes from where this one was.
+window.addEventListener("pagehide", () => {
+  for (const chatId of [...progressTimers.keys()]) saveProgress(chatId, true);
+});
+// Back online: reconnect now rather than after the backoff wait.
+window.addEventListener("online", () => {
+  if (client) client.reconnectNow();
+});
 
 takeTokenFromFragment();
+showChat(loadChat(sessionStorage.getItem(CURRENT_KEY)) || loadChat(chatIndex()[0]?.id) || freshChat());
 connect();

@@ -100,7 +100,8 @@ export default Object.freeze({
       },
       "resume": {
         "optional": [
-          "id"
+          "id",
+          "takeover"
         ],
         "required": [
           "stream_key",

@@ -172,6 +172,16 @@ export interface StartOptions {
   id?: string;
 }
 
+/** `RelayClient.watch` options (PROTOCOL.md "Viewers"). */
+export interface WatchOptions {
+  /** Frames after this seq are sent (default 0: from the stream's first frame). */
+  afterSeq?: number;
+  /** The id the stream gets on this connection (default: a fresh one). */
+  id?: string;
+  /** Become the stream's only attachment; every other one ends `stream_taken_over`. */
+  takeover?: boolean;
+}
+
 // ------------------------------------------------------------------ policy helpers
 
 export declare const FRAME_TYPES: Readonly<{
@@ -338,7 +348,8 @@ export interface RelayClientOptions {
   /** ms without a pong before the connection counts as dead. */
   pingTimeout?: number;
   reconnect?: boolean;
-  /** Reconnect attempts after one loss before giving up (default: the policy's 8). */
+  /** Reconnect attempts after one loss before giving up (default: the policy's 8;
+   * `Infinity`: never give up on retryable closes). */
   maxRetries?: number;
   backoffBase?: number;
   backoffMax?: number;
@@ -368,6 +379,12 @@ export declare class RelayClient extends EventTarget {
   readonly ready: Promise<RelayClient>;
   /** Start a stream (throws StreamError `client_closed` once the client is closed). */
   start(options: StartOptions): RelayStream;
+  /** Watch a stream started elsewhere by its `stream_key`, as a viewer (throws StreamError
+   * `client_closed` once the client is closed). */
+  watch(streamKey: string, options?: WatchOptions): RelayStream;
+  /** While `reconnecting`: try now instead of after the backoff delay; false when no
+   * attempt is waiting. */
+  reconnectNow(): boolean;
   /** Streams that have not ended yet. */
   readonly streams: RelayStream[];
   /** Close for good: no reconnect; unfinished streams reject with `client_closed`. */

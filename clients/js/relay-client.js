@@ -17,6 +17,12 @@
 // * resume of unfinished streams after a reconnect when the server offers it
 //   (welcome.limits.detach_grace > 0 and started.stream_key), else their `done` rejects
 //   with StreamError code "connection_lost" and the text received so far;
+// * c.watch(streamKey, {afterSeq, id, takeover}) follows a stream started elsewhere (another
+//   tab or device of the same principal) as a viewer: a RelayStream fed by a `resume`, every
+//   frame after afterSeq (default 0) then the live ones and its one finish; resumed after a
+//   drop like any stream; cancel() stops it for everyone (PROTOCOL.md "Viewers");
+// * maxRetries: Infinity never gives up while retryable closes go on (a page left open), and
+//   c.reconnectNow() skips the backoff wait (e.g. on the browser's `online` event);
 // * unknown frame types and unknown fields are ignored (protocol forward compatibility);
 // * a start larger than the relay's welcome.limits.max_frame_bytes is never sent (it would
 //   close the connection 1009): its stream fails with StreamError code "frame_too_large";
@@ -485,6 +491,43 @@ export class RelayClient extends EventTarget {
     return stream;
   }
 
+  /**
+   * Watch a stream started elsewhere by its `stream_key` (policy rule 6): joins it as a
+   * viewer (`takeover: true`: becomes its only attachment; reconnects never take over).
+   * Throws StreamError (`client_closed`) once the client is closed for good.
+   */
+  watch(streamKey, { afterSeq = 0, id, takeover = false } = {}) {
+    if (this.state === "closed") {
+      throw new StreamError("client is closed", { code: "client_closed" });
+    }
+    if (typeof streamKey !== "string" || !streamKey) throw new TypeError("watch: streamKey must be a non-empty string");
+    const sid = id || newId();
+    if (this._streams.has(sid)) throw new StreamError(`stream id '${sid}' is already running`, { code: "duplicate_id", id: sid });
+    const stream = new RelayStream(this, sid, { model: undefined });
+    stream.streamKey = streamKey;
+    stream.lastSeq = Math.max(0, afterSeq);
+    stream.status = "resuming";
+    stream._sent = true; // a `resume`: sent now if open, else by the next welcome
+    this._streams.set(sid, stream);
+    if (this.state === "open") {
+      this._send(clientFrame("resume", { stream_key: streamKey, after_seq: stream.lastSeq, id: sid,
+                                        takeover: takeover ? true : undefined }));
+    }
+    return stream;
+  }
+
+  /**
+   * While waiting to reconnect: try now instead of after the backoff delay. False (nothing
+   * done) when no attempt is waiting (open, closed, or an attempt already under way).
+   */
+  reconnectNow() {
+    if (this.state !== "reconnecting" || this._reconnectTimer === null || this._closedByUser) return false;
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = null;
+    this._open("reconnecting");
+    return true;
+  }
+
   /** Streams that have not ended yet. */
   get streams() {
     return [...this._streams.values()];
@@ -613,7 +656,10 @@ export class RelayClient extends EventTarget {
       const delay = Math.round(backoffDelay(this._attempt, Math.random(), this.options.backoffBase, this.options.backoffMax));
       this._attempt += 1;
       this._setState("reconnecting", { ...detail, attempt: this._attempt, delay });
-      this._reconnectTimer = setTimeout(() => this._open("reconnecting"), delay);
+      this._reconnectTimer = setTimeout(() => {
+        this._reconnectTimer = null;
+        this._open("reconnecting");
+      }, delay);
       return;
     }
     this._failAll("connection_lost", `connection closed (${code}: ${closeMeaning(code)})`, code);

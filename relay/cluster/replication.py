@@ -12,9 +12,11 @@ Control travels by pub/sub:
   call through its hub (``PeerControl.cancelled_elsewhere``: ``Event.CANCEL``, as a local
   ``cancel``), so a ``cancel`` sent to any node stops the request running on another;
 * ``{"op": "takeover", "key": K, "node": N}`` (``protocol.RelayTakeover``): a connection on
-  node N attached the stream; every other node detaches its own attachment of it through
-  its hub (``PeerControl.taken_over_elsewhere``: ``Event.TAKEN_OVER``; the old one stops
-  receiving frames and ends with ``error`` ``stream_taken_over``, as on a single relay).
+  node N took the stream over (a ``resume`` with ``"takeover": true``); every other node
+  detaches its own *owner* attachment of it through its hub
+  (``PeerControl.taken_over_elsewhere``: ``Event.TAKEN_OVER``; the old one stops receiving
+  frames and ends with ``error`` ``stream_taken_over``, as on a single relay). Viewers
+  stay: a plain ``resume`` (a viewer) is announced to nobody.
 
 Both are built by ``protocol.frames`` and parsed by ``protocol.decode_relay_message``; a
 message the models refuse (an unknown ``op`` from a newer relay, a missing field) is logged
@@ -27,8 +29,9 @@ With 1,000 streams at 10 tokens/s that is one Redis round trip per loop turn ins
 MULTI/EXEC per token per stream, and no task wake-up per token per stream; an idle relay
 adds no delay (the first frame is written at once).
 
-A node that serves a remote attachment refreshes an *attached* marker, which keeps the owner
-from cancelling the (locally detached) stream when its grace runs out.
+A node that serves remote attachments (one follower each) refreshes one *attached* marker per
+stream while any of them lasts, which keeps the owner from cancelling the (locally detached)
+stream when its grace runs out.
 
 The replicator reaches the hub only through the ports of ``relay.core.ports``: it implements
 ``ReplicationHook`` and ``FollowedSource``, reads streams as ``StreamView`` and asks the hub
@@ -297,6 +300,8 @@ class Replicator:
         self._tasks: set[asyncio.Task] = set()
         self._heartbeat: asyncio.Task | None = None
         self._attach_tokens: dict[str, str] = {}   # remote key -> our attached token
+        #: Remote key -> how many records follow it here (its marker lives while any does).
+        self._attach_counts: dict[str, int] = {}
         #: Keys of the local streams whose log is being copied to Redis: from the moment
         #: Redis holds the stream's record until its mirror ends (finish written, log lost,
         #: or Redis failed). Only ``_mirror`` changes it.
@@ -435,26 +440,41 @@ class Replicator:
         return RedisFollower(self, key, id=meta.stream_id or "resumed", alias=meta.alias,
                              after_seq=after_seq)
 
-    def attached(self, stream: StreamView) -> None:
-        """A connection here attached ``stream`` (local or remote): tell the other nodes."""
-        self.spawn(self._announce(stream))
+    def attached(self, stream: StreamView, *, takeover: bool = False) -> None:
+        """A resume here attached ``stream`` (local or remote). A remote one is marked
+        attached here (the owner keeps it running past its grace); ``takeover``: the other
+        nodes end their owner attachments of it."""
+        token = None
+        if stream.remote:
+            key = stream.key
+            self._attach_counts[key] = self._attach_counts.get(key, 0) + 1
+            token = self._attach_tokens.get(key)
+            if token is None:
+                token = self._attach_tokens[key] = secrets.token_hex(8)
+        if token is not None or takeover:
+            self.spawn(self._announce(stream.key, token, takeover))
 
-    async def _announce(self, stream: StreamView) -> None:
+    async def _announce(self, key: str, token: str | None, takeover: bool) -> None:
         try:
-            if stream.remote:
-                token = secrets.token_hex(8)
-                self._attach_tokens[stream.key] = token
-                await self.store.set_attached(stream.key, token, ttl=self.owner_ttl)
-            await self.store.publish(frames.relay_takeover(stream.key, self.node))
+            if token is not None:
+                await self.store.set_attached(key, token, ttl=self.owner_ttl)
+            if takeover:
+                await self.store.publish(frames.relay_takeover(key, self.node))
         except StoreUnavailable as exc:
             self._warn(f"could not announce an attachment: {exc}")
 
     def released(self, stream: StreamView) -> None:
-        """A followed stream is no longer attached here (the hub stopped its follower):
-        clear our attached marker."""
-        token = self._attach_tokens.pop(stream.key, None)
+        """A record following ``stream`` here stopped (the hub stopped its follower): once
+        none is left, clear our attached marker."""
+        key = stream.key
+        count = self._attach_counts.get(key, 0) - 1
+        if count > 0:
+            self._attach_counts[key] = count
+            return
+        self._attach_counts.pop(key, None)
+        token = self._attach_tokens.pop(key, None)
         if token is not None:
-            self.spawn(self._clear_attached(stream.key, token))
+            self.spawn(self._clear_attached(key, token))
 
     async def _clear_attached(self, key: str, token: str) -> None:
         with contextlib.suppress(StoreUnavailable):

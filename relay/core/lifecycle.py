@@ -9,15 +9,25 @@ relay-wide count of bytes the streams' logs hold, charged only by the stream rec
 
 The rules (each a row of ``_TABLE`` below):
 
+* *Attached* means one attachment or more: a stream has at most one *owner* attachment
+  (its ``start``'s connection, or whoever took it over) and any number of *viewers* (a
+  ``resume`` joins as a viewer by default; PROTOCOL.md "Viewers"). Viewers are attachments
+  like the owner, not a second state machine: the hub picks the event by how many
+  attachments the stream has (``ATTACH``/``DETACH`` for the first and the last one,
+  ``JOIN``/``LEAVE`` for the others), and the states only say attached or not.
 * A local stream starts ``RUNNING_DETACHED`` with no timer; its connection attaches it before
   the loop runs anything else (``ATTACH`` -> ``RUNNING_ATTACHED``).
-* ``ATTACH`` of an attached stream is a takeover: the old attachment is told
-  (``NOTIFY_TAKEN_OVER``). Attaching a detached running stream disarms its grace timer.
-* ``DETACH`` (the connection is gone) of a running stream: when streams are resumable
-  (``detach_grace > 0``) arm the ``GRACE`` timer; otherwise cancel the upstream call at once.
+* ``ATTACH`` of an attached stream is a takeover (``"takeover": true``): every other
+  attachment, owner and viewers, is told (``NOTIFY_TAKEN_OVER``). Attaching a detached
+  running stream disarms its grace timer. ``JOIN`` (a viewer, or an owner into a slot left
+  free while viewers watched) and ``LEAVE`` (an attachment goes while others stay) change
+  nothing.
+* ``DETACH`` (the last attachment's connection is gone) of a running stream: when streams
+  are resumable (``detach_grace > 0``) arm the ``GRACE`` timer; otherwise cancel the
+  upstream call at once.
 * ``TAKEN_OVER`` (an attachment the hub does not see attach to this record replaced the
-  one here: a connection on another relay, or a fresh follower of a remote stream here) is
-  a ``DETACH`` whose attachment is told (``NOTIFY_TAKEN_OVER``).
+  ones here: a takeover on another relay, or a taking-over follower of a remote stream
+  here) is a ``DETACH`` whose attachments are told (``NOTIFY_TAKEN_OVER``).
 * ``GRACE_OVER`` (nobody resumed; on relays sharing Redis, nobody follows it elsewhere either):
   cancel upstream and drop the stream. ``HELD_ELSEWHERE`` (another relay follows it) arms
   the grace again.
@@ -33,8 +43,10 @@ The rules (each a row of ``_TABLE`` below):
   releases followed ones.
 * A stream running on another relay and followed here from Redis is ``REMOTE_FOLLOWED``
   until its finish arrives (``FINISH``) or the follower fails (``FAIL``: the attachment is
-  told, ``NOTIFY_FAILED``) -> ``REMOTE_ENDED``. ``DETACH``, ``TAKEN_OVER`` or ``CLOSE``
-  releases it (stops the follower). A cancel is forwarded to its owner.
+  told, ``NOTIFY_FAILED``: every attachment of the record) -> ``REMOTE_ENDED``. A followed
+  record holds exactly one attachment (each remote viewer reads Redis on its own).
+  ``DETACH``, ``TAKEN_OVER`` or ``CLOSE`` releases it (stops the follower). A cancel is
+  forwarded to its owner.
 * Every way out of the hub's table (``DROPPED``, ``LOST``) carries ``RELEASE``: the stream
   gives its bytes back to the budget and stops counting; frames its task still appends
   (a cancelled stream's finish) are not charged. ``DROPPED`` and ``LOST`` are final: the
@@ -82,6 +94,10 @@ class Event(enum.Enum):
     CLOSE = "close"
     FAIL = "fail"
     TAKEN_OVER = "taken-over"
+    #: Another attachment joins an attached stream (a viewer).
+    JOIN = "join"
+    #: One attachment goes while others stay.
+    LEAVE = "leave"
 
 
 class Timer(enum.Enum):
@@ -99,9 +115,9 @@ class Effect(enum.Enum):
     ARM_GRACE = "arm-grace"
     ARM_RETENTION = "arm-retention"
     DISARM_TIMER = "disarm-timer"
-    #: Tell the previous attachment (if any, and not the current one) it was taken over.
+    #: Tell the previous attachments (those not attached any more) they were taken over.
     NOTIFY_TAKEN_OVER = "notify-taken-over"
-    #: Tell the attachment (if any) the stream cannot go on.
+    #: Tell every attachment (if any) the stream cannot go on.
     NOTIFY_FAILED = "notify-failed"
     #: Leave the hub's table: give the log's bytes back to the budget, stop counting.
     RELEASE = "release"
@@ -204,6 +220,8 @@ _TABLE: dict[tuple[State, Event], Outcome | _ByResumability] = {
     (S.RUNNING_ATTACHED, E.FINISH): _ByResumability(
         Outcome(S.FINISHED_RETAINED, (X.ARM_RETENTION,)),
         Outcome(S.FINISHED_ATTACHED)),
+    (S.RUNNING_ATTACHED, E.JOIN): Outcome(S.RUNNING_ATTACHED),
+    (S.RUNNING_ATTACHED, E.LEAVE): Outcome(S.RUNNING_ATTACHED),
     (S.RUNNING_ATTACHED, E.CANCEL): Outcome(S.RUNNING_ATTACHED, (X.CANCEL_UPSTREAM,)),
     (S.RUNNING_ATTACHED, E.CLOSE): Outcome(S.RUNNING_ATTACHED, (X.CANCEL_UPSTREAM,)),
     # running, nobody attached (just launched, or within the grace, or cancelled on detach)
@@ -225,6 +243,8 @@ _TABLE: dict[tuple[State, Event], Outcome | _ByResumability] = {
     # finished, resumable for the grace
     (S.FINISHED_RETAINED, E.ATTACH): Outcome(S.FINISHED_RETAINED, (X.NOTIFY_TAKEN_OVER,)),
     (S.FINISHED_RETAINED, E.DETACH): Outcome(S.FINISHED_RETAINED),
+    (S.FINISHED_RETAINED, E.JOIN): Outcome(S.FINISHED_RETAINED),
+    (S.FINISHED_RETAINED, E.LEAVE): Outcome(S.FINISHED_RETAINED),
     (S.FINISHED_RETAINED, E.TAKEN_OVER): Outcome(S.FINISHED_RETAINED, (X.NOTIFY_TAKEN_OVER,)),
     (S.FINISHED_RETAINED, E.RETENTION_OVER): Outcome(S.DROPPED, _DROP),
     (S.FINISHED_RETAINED, E.EVICT): Outcome(S.LOST, (*_DROP, X.MARK_LOST)),
@@ -249,6 +269,7 @@ _TABLE: dict[tuple[State, Event], Outcome | _ByResumability] = {
     (S.DROPPED, E.FAIL): Outcome(S.DROPPED),
     (S.DROPPED, E.CANCEL): Outcome(S.DROPPED),
     (S.DROPPED, E.DETACH): Outcome(S.DROPPED),
+    (S.DROPPED, E.LEAVE): Outcome(S.DROPPED),
     (S.LOST, E.FINISH): Outcome(S.LOST),
 }
 del S, E, X

@@ -122,8 +122,8 @@ class PeerControl(Protocol):
         call runs here, cancel it (``client_cancel``), as a local ``cancel`` would."""
 
     def taken_over_elsewhere(self, key: str) -> None:
-        """A connection on another relay attached stream ``key``: an attachment of it here
-        ends with ``error`` ``stream_taken_over``."""
+        """A connection on another relay took stream ``key`` over: the owner attachment of
+        it here, if any, ends with ``error`` ``stream_taken_over`` (viewers stay)."""
 
 
 class ReplicationHook(Protocol):
@@ -136,8 +136,9 @@ class ReplicationHook(Protocol):
         """Whether stream ``key``'s log is being copied to Redis (so a connection on another
         relay may be following it)."""
 
-    def attached(self, stream: StreamView) -> None:
-        """A connection here attached ``stream`` by a resume: the other relays detach theirs."""
+    def attached(self, stream: StreamView, *, takeover: bool = False) -> None:
+        """A connection here attached ``stream`` by a resume (a followed one is marked
+        attached); ``takeover``: the other relays end their owner attachments of it."""
 
     def released(self, stream: StreamView) -> None:
         """A followed stream is no longer attached here (the hub stopped its task): stop

@@ -9,10 +9,16 @@ errors and closes exactly as for /ws. What needs the runtime is here, in
 
 * a ``send`` is refused while its chat's latest response still runs (one active response
   per chat: ``refusal``, which the machine asks after the request's credentials and before
-  its admission), else, admitted, launched like a v1 ``start`` and recorded in
-  ``ChatIndex`` ((owner, chat id) -> the stream of its latest response);
-* a ``resume`` looks the chat up in ``ChatIndex`` and attaches the stream from its first
-  frame: the whole response is replayed (with the same ``messageId``; merged, and paid from
+  its admission; with ``--redis`` ``begin`` also asks the group: the chat's record in Redis
+  names the response, whose owner relay must still be alive; a check at the send, so two
+  sends racing on two relays within one Redis round trip may both start), else, admitted,
+  launched like a v1 ``start`` and recorded in ``ChatIndex`` ((owner, chat id) -> the
+  stream of its latest response);
+* a ``resume`` looks the chat up in ``ChatIndex`` and joins the stream as a *viewer* (v1
+  resume without ``takeover``: PROTOCOL.md "Viewers") from its first frame, so every tab
+  that resumes a chat follows its answer live while the tab that sent it keeps streaming;
+  an ``abort`` from any of them (its own ``requestId``) stops the response for all. The
+  whole response is replayed (with the same ``messageId``; merged, and paid from
   the connection's frame budget and from the principal's replay budget, which outlives the
   connection: when that is spent the request gets an ``error`` saying when to resume again)
   and the live rest follows. A chat with no resumable response is ``unknown_stream``, which
@@ -42,6 +48,7 @@ from protocol.aisdk import ResumeRequest, SendRequest, message_id, safe_error_te
 from protocol.dialect import Begin, Reattach
 
 from relay.core.errors import BadRequest, RelayError, StreamLost, UnknownStream
+from relay.core.lifecycle import SharedState
 from relay.cluster.redis_store import ChatRecord, StoreUnavailable
 from relay.cluster.replication import Replicator, StoreUnavailableError
 from relay.runtime.session import DialectAdapter, Session
@@ -131,16 +138,25 @@ class ChatIndex:
         #: Set by the server when relays share Redis.
         self.replicator: Replicator | None = None
 
-    async def get(self, principal: str, chat_id: str) -> ChatRecord | None:
-        """Raises ``StoreUnavailableError`` when only Redis could know and cannot answer."""
+    async def get(self, principal: str, chat_id: str, *,
+                  running_here: Callable[[str], bool] = lambda stream_key: False,
+                  ) -> ChatRecord | None:
+        """The chat's latest response: this relay's entry while its stream runs here
+        (``running_here``; Redis may not have it yet), else, relays on Redis, the group's
+        record (a newer response may have started on another relay), else this relay's
+        entry. Raises ``StoreUnavailableError`` when only Redis could know and cannot
+        answer."""
         local = self._chats.get((principal, chat_id))
-        if local is not None or self.replicator is None:
+        if self.replicator is None or (local is not None and running_here(local.stream_key)):
             return local
         try:
-            return await self.replicator.store.get_chat(principal, chat_id)
+            record = await self.replicator.store.get_chat(principal, chat_id)
         except StoreUnavailable:
+            if local is not None:
+                return local
             raise StoreUnavailableError("cannot look the chat up: the shared store is "
                                         "unavailable; try again") from None
+        return record if record is not None else local
 
     def local(self, principal: str, chat_id: str) -> ChatRecord | None:
         return self._chats.get((principal, chat_id))
@@ -206,9 +222,43 @@ class AiSdkAdapter(DialectAdapter):
     async def begin(self, request: Begin) -> None:
         send = request.context
         assert isinstance(send, SendRequest)
+        owner = self.chat_owner
+        if self.chats.replicator is not None:
+            # The rule across relays: the chat's record in Redis may name a response that
+            # runs on another relay. (A question to Redis: asked here, since ``refusal``
+            # cannot wait; such a refusal comes after the send's admission.)
+            try:
+                current = await self.chats.get(owner, send.id, running_here=self._running_here)
+            except StoreUnavailableError:
+                current = None                  # Redis is down: this relay's rule only
+            if current is not None and await self._running(current.stream_key):
+                raise BadRequest("A response is already active for this chat.")
         att = await self.session.launch(request)
         self.chats.set(self.chat_owner, send.id, ChatRecord(att.stream.key,
                                                              message_id(att.stream.key)))
+
+    def _running_here(self, stream_key: str) -> bool:
+        stream = self.session.hub.get(stream_key)
+        return stream is not None and not stream.remote and stream.running
+
+    async def _running(self, stream_key: str) -> bool:
+        """Whether the response ``stream_key`` still runs: here, or (relays on Redis) on
+        the relay that owns it, whose heartbeat must still be alive. False when Redis
+        cannot say."""
+        hub = self.session.hub
+        stream = hub.get(stream_key)
+        if stream is not None and not stream.remote:
+            return stream.running
+        replicator = self.chats.replicator
+        if replicator is None:
+            return stream is not None and stream.running
+        store = replicator.store
+        try:
+            meta = await store.meta(stream_key)
+            return (meta is not None and meta.state is SharedState.RUNNING
+                    and await store.owner_alive(stream_key))
+        except StoreUnavailable:
+            return False
 
     async def reattach(self, request: Reattach) -> None:
         """v1 resume of the chat's latest stream from its first frame (local, or followed
@@ -219,7 +269,7 @@ class AiSdkAdapter(DialectAdapter):
         resume = request.context
         assert isinstance(resume, ResumeRequest)
         owner = self.chat_owner
-        response = await self.chats.get(owner, resume.id)
+        response = await self.chats.get(owner, resume.id, running_here=self._running_here)
         if response is None:
             raise UnknownStream("no active response for this chat")
         if not await self._pay_for_replay(response.stream_key):

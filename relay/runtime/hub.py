@@ -9,6 +9,14 @@ Each stream is a ``HubStream`` driven by one supervised task of the hub's, which
 (``Session`` holds an ``Attachment``: the id it uses and a cursor into the log) and its
 writer sends what the log holds past the cursor.
 
+A stream has at most one *owner* attachment (``HubStream.attachment``: its start's, or the
+one that took it over) and up to ``max_viewers_per_stream`` *viewers*
+(``HubStream.viewers``). Each is a cursor into the one log, read by its own connection's
+writer at that connection's pace, so a slow viewer only
+ever slows (and gets closed 4008 by) its own connection. A stream followed from another
+relay is one record per attachment here (``_followed``): each remote viewer reads Redis on
+its own, as a single attachment did.
+
 Lifecycle rules (PROTOCOL.md, "Resume"; as a transition table in ``relay.core.lifecycle``, whose
 effects the hub carries out in ``_apply``, the only place that changes a stream's state):
 
@@ -17,14 +25,19 @@ effects the hub carries out in ``_apply``, the only place that changes a stream'
   running and logging for ``detach_grace`` seconds; a ``resume`` of its ``stream_key`` by the
   same principal re-attaches it; nobody resuming means cancel upstream and drop the log;
 * a finished stream's log stays resumable for ``detach_grace`` seconds after its finish;
-* a ``resume`` of a stream attached elsewhere takes it over: the old attachment stops and
-  ends with ``error`` ``stream_taken_over`` (``Subscriber.taken_over``), also when the old
-  one is on this same connection under another id, or on another relay (through Redis:
+* a ``resume`` of an attached stream joins it as a viewer (a stream without an owner gets
+  the resuming attachment as its owner); ``"takeover": true`` makes it the only attachment
+  instead: every other one (owner and viewers) stops and ends with ``error``
+  ``stream_taken_over`` (``Subscriber.taken_over``), also when it is on this same
+  connection under another id, or on another relay (through Redis:
   ``taken_over_elsewhere``);
-* ``cancel`` always stops the upstream at once, attached or not (also when it reached
-  another relay: ``cancelled_elsewhere``);
+* the stream counts as detached (grace, cancel on disconnect) only once its last
+  attachment, owner or viewer, is gone;
+* ``cancel`` from any attachment always stops the upstream at once, attached or not (also
+  when it reached another relay: ``cancelled_elsewhere``);
 * memory: each log is capped (``max_stream_log_bytes``); past ``max_log_bytes`` in total, the
   oldest detached streams are dropped (cancelled upstream; a resume gets ``stream_lost``).
+  Each viewer is charged ``VIEWER_BYTES`` to its stream's count while it watches.
 
 Ports: the hub imports neither the connections, nor the replication, nor the upstream
 adapters. ``Subscriber`` (below) is what it needs of a connection (``relay.runtime.session``);
@@ -47,7 +60,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from protocol import ErrorCode, FinishReason, FinishStatus
 
 from relay.config import RelaySettings
-from relay.core.errors import RELAY_BUG_MESSAGE, BadRequest, StreamLost, UnknownStream
+from relay.core.errors import (
+    RELAY_BUG_MESSAGE, BadRequest, RelayError, StreamLost, TooManyStreams, UnknownStream,
+)
 from relay.core.lifecycle import TERMINAL, ByteBudget, Effect, Event, State, Timer, transition
 from relay.core.limits import PrincipalState
 from relay.core.outcome import StreamOutcome
@@ -58,12 +73,17 @@ from relay.metrics import RelayMetrics
 if TYPE_CHECKING:
     from relay.cluster.shared_limits import SharedLimits, SharedStream
 
-__all__ = ["Attachment", "HubStream", "StreamHub", "Subscriber"]
+__all__ = ["Attachment", "HubStream", "StreamHub", "Subscriber", "VIEWER_BYTES"]
 
 logger = logging.getLogger("relay.runtime.hub")
 
 # Time a stream task gets to end by itself after cancel() before it is cancelled hard.
 _STOP_GRACE = 5.0
+
+#: What one viewer costs its stream in the hub's byte budget while it watches: its
+#: ``Attachment`` (~100 B), its slot in the viewers list and its writer's listener entry,
+#: rounded up. Its backlog is the shared log itself, already counted once.
+VIEWER_BYTES = 256
 
 
 class Subscriber(Protocol):
@@ -73,12 +93,13 @@ class Subscriber(Protocol):
     attached elsewhere)."""
 
     def taken_over(self, att: Attachment) -> None:
-        """A ``resume`` attached ``att``'s stream elsewhere: stop sending it here and end
-        ``att`` with ``error`` ``stream_taken_over``."""
+        """A ``resume`` with ``takeover`` made another attachment the only one of ``att``'s
+        stream: stop sending it here and end ``att`` with ``error`` ``stream_taken_over``."""
 
     def failed(self, att: Attachment, code: str, message: str) -> None:
         """``att``'s stream cannot go on (followed from another relay that stopped, or
-        Redis failed): end ``att`` with ``error`` ``code``."""
+        Redis failed): end ``att`` with ``error`` ``code``. Every attachment of the stream
+        is told."""
 
 
 @dataclass(eq=False)
@@ -113,7 +134,11 @@ class HubStream:
     #: A stream running on another relay, followed from Redis (see relay.cluster.replication).
     remote: bool = False
     task: asyncio.Task | None = None
+    #: The owner attachment (the start's connection, or whoever took it over); None once it
+    #: left, also while viewers still watch.
     attachment: Attachment | None = None
+    #: The other attachments, in the order they joined (``StreamHub.attach``).
+    viewers: list[Attachment] = field(default_factory=list)
     #: How it ended, once its source logged its finish (None while running, and for a
     #: follower that started reading after the finish; a local stream whose task died
     #: without one gets the hub's fallback finish, a relay bug, and keeps None here).
@@ -136,6 +161,22 @@ class HubStream:
     @property
     def running(self) -> bool:
         return self.state in _RUNNING
+
+    @property
+    def attached(self) -> bool:
+        """Whether any attachment (owner or viewer) holds the stream."""
+        return self.attachment is not None or bool(self.viewers)
+
+    def attachments(self) -> list[Attachment]:
+        """The owner (if any), then the viewers."""
+        owner = self.attachment
+        return [owner, *self.viewers] if owner is not None else list(self.viewers)
+
+    def charge(self, delta: int) -> None:
+        """Charge ``delta`` bytes that are not the log's (a viewer) to the budget."""
+        if self.budget is not None:
+            self.charged += delta
+            self.budget.charge(delta, check=delta > 0)
 
     def enter(self, budget: ByteBudget) -> None:
         """The stream joins the hub's table: from now on its log counts in ``budget``."""
@@ -203,7 +244,11 @@ class StreamHub:
         self.settings = settings
         self.metrics = metrics
         self.grace = settings.detach_grace
+        #: The local streams (running or retained), by key.
         self._streams: dict[str, HubStream] = {}
+        #: Streams running on other relays, followed here: one record per attachment.
+        self._followed: dict[str, list[HubStream]] = {}
+        self.max_viewers = settings.max_viewers_per_stream
         self._lost: dict[str, tuple[str, float]] = {}   # key -> (principal, until)
         #: Every stream task until it is done (-> its stream), also once its stream left the
         #: table (dropped or evicted while its source winds down), so close() awaits them all.
@@ -226,13 +271,43 @@ class StreamHub:
     # ------------------------------------------------------------------ queries
 
     def __len__(self) -> int:
-        return len(self._streams)
+        return len(self._streams) + sum(map(len, self._followed.values()))
 
     def get(self, key: str) -> HubStream | None:
-        return self._streams.get(key)
+        """The local stream ``key``, else the first record following it from another
+        relay, else None."""
+        stream = self._streams.get(key)
+        if stream is None:
+            followed = self._followed.get(key)
+            if followed:
+                return followed[0]
+        return stream
 
     def streams(self) -> list[HubStream]:
-        return list(self._streams.values())
+        return [*self._streams.values(), *(s for f in self._followed.values() for s in f)]
+
+    def viewers_of(self, key: str) -> int:
+        """How many viewers watch stream ``key`` on this relay (local, or followed here)."""
+        stream = self._streams.get(key)
+        if stream is not None:
+            return len(stream.viewers)
+        return sum(len(s.viewers) for s in self._followed.get(key, ()))
+
+    def room_for_viewer(self, key: str, *, takeover: bool,
+                        id: str | None = None) -> RelayError | None:
+        """Why a ``resume`` of stream ``key`` cannot join it as one more viewer here
+        (``max_viewers_per_stream`` reached), or None. A takeover never joins as a viewer
+        (it ends the others), nor does a resume of a local stream whose owner slot is free.
+        ``id``: the id the refusal names (the resume's on its connection)."""
+        if takeover:
+            return None
+        stream = self._streams.get(key)
+        if stream is not None and stream.attachment is None:
+            return None
+        if self.viewers_of(key) >= self.max_viewers:
+            return TooManyStreams(f"at most {self.max_viewers} viewers per stream "
+                                  "(max_viewers_per_stream); this stream has them all", id=id)
+        return None
 
     def tasks(self) -> list[asyncio.Task]:
         """Tasks of the upstream calls running in this process (also those of streams that
@@ -292,38 +367,62 @@ class StreamHub:
                          after=source.after_seq),
             remote=True)
 
-    def adopt(self, stream: HubStream) -> None:
-        """Enter a followed stream (``follow``) in the table and start its task. A stream of
-        the same key followed here already is replaced: its attachment here is taken over
-        (it ends ``stream_taken_over``; the new record reads the stream afresh)."""
-        old = self._streams.get(stream.key)
-        if old is not None and old is not stream and old.remote:
-            if old.attachment is not None:
-                self._take_over(old)
-            if old.state not in TERMINAL:
-                self._apply(old, Event.CLOSE)
-        self._streams[stream.key] = stream
+    def adopt(self, stream: HubStream, *, takeover: bool = False) -> None:
+        """Enter a followed stream (``follow``) in the table and start its task; each
+        record of a remote stream holds one attachment and reads Redis on its own.
+        ``takeover``: the other records following the same stream here are taken over
+        (their attachments end ``stream_taken_over``)."""
+        if takeover:
+            for old in list(self._followed.get(stream.key, ())):
+                self._take_over(old)        # (drops it: it leaves _followed)
+        self._followed.setdefault(stream.key, []).append(stream)
         stream.enter(self.budget)
         self._start(stream, self._follow(stream), f"follow {stream.key[:8]}")
 
     # ------------------------------------------------------------------ attach / detach
 
-    def attach(self, stream: HubStream, attachment: Attachment, *, announce: bool = False) -> None:
-        """``announce``: a resume, which takes the stream over on every relay of a group."""
-        previous = stream.attachment
-        stream.attachment = attachment
+    def attach(self, stream: HubStream, attachment: Attachment, *, resume: bool = False,
+               takeover: bool = False) -> None:
+        """Attach ``attachment`` to ``stream``: with ``takeover`` as its only attachment
+        (every other one is told ``taken_over``); else as its owner when the owner slot is
+        free (a ``start``; a resume of a local stream its owner left), or as one more viewer
+        (the caller checked ``room_for_viewer``). A remote record's one attachment is its
+        owner only for a takeover. ``resume``: a resume, which the other relays of a group
+        learn of (``ReplicationHook.attached``; with ``takeover`` their attachments end)."""
+        first = not stream.attached
+        previous: tuple[Attachment, ...] = ()
+        if takeover:
+            previous = tuple(stream.attachments())
+            stream.charge(-VIEWER_BYTES * len(stream.viewers))
+            stream.viewers.clear()
+            stream.attachment = attachment
+            event = Event.ATTACH
+        elif stream.attachment is None and not stream.remote:
+            stream.attachment = attachment
+            event = Event.ATTACH if first else Event.JOIN
+        else:
+            stream.viewers.append(attachment)
+            stream.charge(VIEWER_BYTES)
+            event = Event.ATTACH if first else Event.JOIN
         stream.detached_at = None
-        self._apply(stream, Event.ATTACH, previous=previous)
-        if announce and self.replicator is not None:
-            self.replicator.attached(stream)
+        self._apply(stream, event, previous=previous)
+        if resume and self.replicator is not None:
+            self.replicator.attached(stream, takeover=takeover)
 
     def detach(self, attachment: Attachment) -> asyncio.Task | None:
         """The connection holding ``attachment`` is gone. Returns the stream's task when the
         stream was cancelled because of it (so the caller can await its end)."""
         stream = attachment.stream
-        if stream.attachment is not attachment:
+        if stream.attachment is attachment:
+            stream.attachment = None
+        elif attachment in stream.viewers:
+            stream.viewers.remove(attachment)
+            stream.charge(-VIEWER_BYTES)
+        else:
             return None
-        stream.attachment = None
+        if stream.attached:
+            self._apply(stream, Event.LEAVE)
+            return None
         stream.detached_at = time.monotonic()
         self._apply(stream, Event.DETACH, reason=FinishReason.CLIENT_DISCONNECT)
         if self.budget.over:
@@ -333,13 +432,15 @@ class StreamHub:
         return None
 
     def _take_over(self, stream: HubStream) -> None:
-        """``stream``'s attachment here was replaced by one the hub does not see attach to
-        this record (on another relay, or a fresh follower here): ``Event.TAKEN_OVER``
-        detaches it and tells its connection."""
-        previous = stream.attachment
-        if previous is None:
+        """``stream``'s attachments here were replaced by one the hub does not see attach
+        to this record (a takeover on another relay, or a taking-over follower here):
+        ``Event.TAKEN_OVER`` detaches them and tells their connections."""
+        previous = tuple(stream.attachments())
+        if not previous:
             return
         stream.attachment = None
+        stream.charge(-VIEWER_BYTES * len(stream.viewers))
+        stream.viewers.clear()
         stream.detached_at = time.monotonic()
         self._apply(stream, Event.TAKEN_OVER, previous=previous,
                     reason=FinishReason.CLIENT_DISCONNECT)
@@ -379,11 +480,14 @@ class StreamHub:
             self.cancel(stream, FinishReason.CLIENT_CANCEL)
 
     def taken_over_elsewhere(self, key: str) -> None:
-        """A connection on another relay attached stream ``key``: the attachment here, if
-        any, ends with ``error`` ``stream_taken_over`` (``Event.TAKEN_OVER``)."""
+        """A connection on another relay took stream ``key`` over: every attachment of it
+        here (of the local stream, or of the records following it) ends with ``error``
+        ``stream_taken_over``."""
         stream = self._streams.get(key)
         if stream is not None:
             self._take_over(stream)
+        for followed in list(self._followed.get(key, ())):
+            self._take_over(followed)
 
     # ------------------------------------------------------------------ cancel / close
 
@@ -393,8 +497,9 @@ class StreamHub:
     async def close(self, reason: str) -> None:
         """Cancel every running stream upstream with ``reason``, stop the followers, and
         await every stream task."""
-        for stream in [s for s in self._streams.values() if s.remote]:
-            self._apply(stream, Event.CLOSE)
+        for stream in [s for f in self._followed.values() for s in f]:
+            if stream.state not in TERMINAL:
+                self._apply(stream, Event.CLOSE)
         running = [s for s in self._streams.values() if s.running]
         for stream in running:
             self._apply(stream, Event.CLOSE, reason=reason)
@@ -408,7 +513,8 @@ class StreamHub:
     # ------------------------------------------------------------------ lifecycle
 
     def _apply(self, stream: HubStream, event: Event, *, reason: str = FinishReason.CLIENT_CANCEL,
-               previous: Attachment | None = None, code: str = "", message: str = "") -> None:
+               previous: tuple[Attachment, ...] = (), code: str = "",
+               message: str = "") -> None:
         """Move ``stream`` by ``event`` (relay.core.lifecycle) and carry out the effects."""
         outcome = transition(stream.state, event, self.grace > 0)
         stream.state = outcome.state
@@ -422,15 +528,20 @@ class StreamHub:
             elif effect is Effect.ARM_RETENTION:
                 self._arm(stream, Timer.RETENTION)
             elif effect is Effect.NOTIFY_TAKEN_OVER:
-                if previous is not None and previous is not stream.attachment:
-                    previous.subscriber.taken_over(previous)
+                for att in previous:
+                    if att is not stream.attachment and att not in stream.viewers:
+                        att.subscriber.taken_over(att)
             elif effect is Effect.NOTIFY_FAILED:
-                att = stream.attachment
-                if att is not None:
+                for att in stream.attachments():
                     att.subscriber.failed(att, code, message)
             elif effect is Effect.RELEASE:
                 if self._streams.get(stream.key) is stream:
                     del self._streams[stream.key]
+                followed = self._followed.get(stream.key)
+                if followed is not None and stream in followed:
+                    followed.remove(stream)
+                    if not followed:
+                        del self._followed[stream.key]
                 stream.release()
             elif effect is Effect.MARK_LOST:
                 self._lost[stream.key] = (stream.principal,
@@ -487,7 +598,7 @@ class StreamHub:
     def _evict(self) -> None:
         """Drop the oldest detached streams until the logs fit the budget again."""
         detached = sorted((s for s in self._streams.values()
-                           if s.attachment is None and s.state in _EVICTABLE),
+                           if not s.attached and s.state in _EVICTABLE),
                           key=lambda s: s.detached_at or 0.0)
         for stream in detached:
             if not self.budget.over:

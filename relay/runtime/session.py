@@ -396,10 +396,11 @@ class Session:
         its replay), after ``resumed``. Raises the refusal."""
         id, stream = await self.streams.resume(msg, self.conn, self._attachments.keys())
         self._send(frames.resumed(id, stream.key, msg.after_seq))
-        # Registering attaches it in the hub, taking it over from any other connection.
+        # Registering attaches it in the hub: as a viewer beside its other attachments, or
+        # (takeover) as its only one, ending the others wherever they are.
         att = Attachment(self, stream, id, cursor=msg.after_seq,
                          offset=stream.log.offset_at(msg.after_seq))
-        self._register(att, request, announce=True)
+        self._register(att, request, resume=True, takeover=msg.takeover)
         return att
 
     def failed(self, att: Attachment, code: str, message: str) -> None:
@@ -415,11 +416,11 @@ class Session:
         self._execute_now(self.conn.handle(ServerRestart()))
 
     def _register(self, att: Attachment, request: Begin | Reattach, *,
-                  announce: bool = False) -> None:
+                  resume: bool = False, takeover: bool = False) -> None:
         encoder = self.codec.response_encoder(att.id, att.stream.key, request)
         if encoder is not None:
             self._encoders[att] = encoder
-        self.hub.attach(att.stream, att, announce=announce)
+        self.hub.attach(att.stream, att, resume=resume, takeover=takeover)
         self._attachments[att.id] = att
         att.stream.log.listeners.add(self._on_append)
         self._notify()
@@ -438,8 +439,9 @@ class Session:
         return self.hub.detach(att)
 
     def taken_over(self, att: Attachment) -> None:
-        """``Subscriber``: a ``resume`` took ``att``'s stream over (on another connection, on
-        another relay, or on this connection under another id): stop sending its frames here
+        """``Subscriber``: a ``resume`` with ``takeover`` took ``att``'s stream over (on
+        another connection, on another relay, or on this connection under another id; ``att``
+        was its owner): stop sending its frames here
         and end the attachment with ``error`` ``stream_taken_over`` naming the id it had
         here, so that a client waiting on it learns that its frames now go elsewhere (it gets
         no ``finish`` here)."""

@@ -121,16 +121,18 @@ class StreamService:
                                                         msg.after_seq)
             id = msg.id if msg.id is not None else source.id
             _check_room(conn, id, open_ids)    # (refused: nothing started, nothing to stop)
+            self._check_viewer_room(msg, id)
             await self._pay_for_resume(
                 conn, id, await self._remote_replay_events(msg.stream_key, msg.after_seq))
             stream = hub.follow(source, principal=principal, session_id=conn.session_id)
             # Only now, once the resume is sure to succeed: the hub enters it and starts its
-            # follower. One followed here already by another attachment is taken over (it
-            # is followed afresh: that log only holds what the other one was not sent yet).
-            hub.adopt(stream)
+            # follower (each attachment of a remote stream reads it from Redis on its own; a
+            # takeover ends the records following it here).
+            hub.adopt(stream, takeover=msg.takeover)
             return id, stream
         id = msg.id if msg.id is not None else stream.id
         _check_room(conn, id, open_ids)
+        self._check_viewer_room(msg, id)
         log = stream.log
         if await self._pay_for_resume(conn, id, min(len(log),
                                                     max(0, log.last_seq - msg.after_seq))):
@@ -139,7 +141,15 @@ class StreamService:
             if hub.find_for_resume(msg.stream_key, principal, msg.after_seq) is not stream:
                 raise UnknownStream("no resumable stream with that stream_key")
             _check_room(conn, id, open_ids)
+            self._check_viewer_room(msg, id)
         return id, stream
+
+    def _check_viewer_room(self, msg: Resume, id: str) -> None:
+        """Raise the refusal of a resume that would be one viewer too many
+        (``max_viewers_per_stream``; a takeover is never a viewer)."""
+        refusal = self.hub.room_for_viewer(msg.stream_key, takeover=msg.takeover, id=id)
+        if refusal is not None:
+            raise refusal
 
     async def _pay_for_resume(self, conn: Connection, id: str, replayed: int) -> bool:
         """Charge the ``replayed`` events a resume sends again to the principal's replay

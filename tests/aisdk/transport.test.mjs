@@ -113,7 +113,7 @@ test('abort mid-stream closes the upstream and the chat takes a new turn at once
   }
 });
 
-test('resume from a second connection replays the whole message with the same messageId', async () => {
+test('a second tab resumes as a viewer: it replays the whole message and both stream to the one finish', async () => {
   const web = browser();
   const a = transport(URL_AI, web);
   const b = transport(URL_AI, web);
@@ -130,8 +130,106 @@ test('resume from a second connection replays the whole message with the same me
     assert.equal(replay[0].messageId, first[0].messageId);
     assert.match(textOf(replay), new RegExp(long.split(' ').slice(0, 5).join(' ')));
     assert.equal(replay.at(-1).type, 'finish');
-    // The first connection was taken over: its stream ends with an error, not a hang.
-    await assert.rejects(async () => { for (;;) { if ((await reader.read()).done) return; } });
+    // The first tab was not taken over: it keeps streaming to the same finish.
+    const rest = [];
+    for (;;) { const { done, value } = await reader.read(); if (done) break; rest.push(value); }
+    assert.equal(rest.at(-1).type, 'finish');
+    assert.equal(textOf([...first, ...rest]), textOf(replay));
+    assert.deepEqual(await assemble([...first, ...rest]), await assemble(replay));
+  } finally {
+    a.close();
+    b.close();
+  }
+});
+
+test('abort from the tab that resumed stops the answer for every tab', async () => {
+  const web = browser();
+  const a = transport(URL_AI, web);
+  const b = transport(URL_AI, web);
+  try {
+    const before = await metric('relay_upstream_closed_on_cancel_total');
+    const long = Array.from({ length: 300 }, (_, i) => `s${i}`).join(' ');
+    const reader = (await send(a, 'abort-all-chat', [user(long)], { model: 'demo' })).getReader();
+    const first = [];
+    while (first.length < 4) first.push((await reader.read()).value);
+    const controller = new AbortController();
+    const watching = (await b.reconnectToStream({ chatId: 'abort-all-chat', abortSignal: controller.signal })).getReader();
+    await watching.read();                         // its start: it is attached
+    controller.abort();                            // the second tab's stop button
+    const rest = [];
+    for (;;) { const { done, value } = await reader.read(); if (done) break; rest.push(value); }
+    // The first tab's answer ends as aborted (the relay's cancelled finish), not complete.
+    assert.ok(rest.some(c => c.type === 'abort'), JSON.stringify(rest.map(c => c.type)));
+    assert.ok(textOf([...first, ...rest]).length < long.length);
+    assert.ok(await metric('relay_upstream_closed_on_cancel_total') > before);
+  } finally {
+    a.close();
+    b.close();
+  }
+});
+
+test('a new send is what every tab resumes next', async () => {
+  const web = browser();
+  const a = transport(URL_AI, web);
+  const b = transport(URL_AI, web);
+  try {
+    const one = await readAll(await send(a, 'two-turn-chat', [user('first question')], { model: 'demo' }));
+    const seen1 = await readAll(await b.reconnectToStream({ chatId: 'two-turn-chat' }));
+    assert.equal(seen1[0].messageId, one[0].messageId);
+    const two = await readAll(await send(a, 'two-turn-chat', [user('first question'), user('second question')], { model: 'demo' }));
+    const seen2 = await readAll(await b.reconnectToStream({ chatId: 'two-turn-chat' }));
+    assert.notEqual(two[0].messageId, one[0].messageId);
+    assert.equal(seen2[0].messageId, two[0].messageId);
+    assert.equal(textOf(seen2), textOf(two));
+  } finally {
+    a.close();
+    b.close();
+  }
+});
+
+test('one active response per chat holds across relays', async () => {
+  const web = browser();
+  const a = transport(URL_AI, web);
+  const b = transport(URL_AI_B, web);
+  try {
+    const long = Array.from({ length: 80 }, (_, i) => `o${i}`).join(' ');
+    const reader = (await send(a, 'one-active-chat', [user(long)], { model: 'demo' })).getReader();
+    const first = [];
+    while (first.length < 5) first.push((await reader.read()).value);
+    // Relay B learns of the chat through Redis (written asynchronously): wait until B
+    // finds it (as a viewer, the second tab), then a send on B is refused.
+    let watching = null;
+    for (let i = 0; i < 100 && watching === null; i++) {
+      watching = await b.reconnectToStream({ chatId: 'one-active-chat' });
+      if (watching === null) await new Promise(r => setTimeout(r, 20));
+    }
+    assert.ok(watching, 'relay B finds the chat running on relay A');
+    const watched = readAll(watching);
+    let refused = null;
+    try {
+      await readAll(await send(b, 'one-active-chat', [user('again')], { model: 'demo' }));
+    } catch (err) {
+      refused = err;
+    }
+    assert.ok(refused, 'relay B refused a second answer while relay A runs one');
+    assert.match(refused.message, /already active/);
+    const rest = [];
+    for (;;) { const { done, value } = await reader.read(); if (done) break; rest.push(value); }
+    assert.equal(rest.at(-1).type, 'finish');
+    assert.equal(textOf(await watched), textOf([...first, ...rest]));
+    // Once A's answer finished, B takes the next turn (A marks it finished in Redis after
+    // its last frame: poll for that).
+    let next = null;
+    for (let i = 0; i < 100 && next === null; i++) {
+      try {
+        next = await readAll(await send(b, 'one-active-chat', [user('next turn')], { model: 'demo' }));
+      } catch (err) {
+        assert.match(err.message, /already active/);
+        await new Promise(r => setTimeout(r, 20));
+      }
+    }
+    assert.ok(next, 'relay B accepts the next turn');
+    assert.match(textOf(next), /next turn/);
   } finally {
     a.close();
     b.close();

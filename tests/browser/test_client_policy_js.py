@@ -69,6 +69,12 @@ window.__policyRun = async (sc) => {
       (async () => { for await (const f of s) events[step.id].push(`${f.type}:${f.seq}`); })().catch(() => {});
       s.done.then((f) => { ends[step.id] = {finish: f.status, reason: f.reason}; },
                   (e) => { ends[step.id] = {error: e.code, close_code: e.closeCode ?? null}; });
+    } else if (step.app === 'watch') {
+      const s = c.watch(step.stream_key, {id: step.id, afterSeq: step.after_seq ?? 0});
+      streams[step.id] = s; events[step.id] = [];
+      (async () => { for await (const f of s) events[step.id].push(`${f.type}:${f.seq}`); })().catch(() => {});
+      s.done.then((f) => { ends[step.id] = {finish: f.status, reason: f.reason}; },
+                  (e) => { ends[step.id] = {error: e.code, close_code: e.closeCode ?? null}; });
     } else if (step.app === 'cancel') {
       streams[step.id].cancel();
     } else if (step.recv) {

@@ -427,9 +427,10 @@ async def test_module_api_against_the_live_relay(page):
 
 
 async def test_a_stream_taken_over_by_another_connection_rejects_done_with_its_code(page):
-    """Another connection of the same principal resumes the page's running stream: `done`
-    rejects with StreamError code `stream_taken_over` (the text so far in partialText),
-    instead of waiting forever; the page's connection stays open."""
+    """Another connection of the same principal takes the page's running stream over (a
+    resume with ``takeover``): `done` rejects with StreamError code `stream_taken_over` (the
+    text so far in partialText), instead of waiting forever; the page's connection stays
+    open."""
     from relay.upstream.demo import demo_reply_tokens
 
     from ..relay.helpers import Client, text_of
@@ -449,7 +450,8 @@ async def test_a_stream_taken_over_by_another_connection_rejects_done_with_its_c
             return {key: s.streamKey, lastSeq: s.lastSeq, id: s.id, text: s.text}; }""")
         async with Client.connect(server.url) as other:
             await other.send({"type": "resume", "stream_key": seen["key"],
-                              "after_seq": seen["lastSeq"], "id": "theirs"})
+                              "after_seq": seen["lastSeq"], "id": "theirs",
+                              "takeover": True})
             assert (await other.next_for("theirs"))["type"] == "resumed"
             ended = await run_js(page, """async () => {
                 const s = window.__s;

@@ -54,6 +54,8 @@ class PolicyDriver:
     def step(self, step: dict[str, Any]) -> None:
         if "connect" in step:
             self.connect(step["connect"])
+        elif step.get("app") == "watch":
+            self.app_watch(step["id"], step["stream_key"], step.get("after_seq", 0))
         elif "app" in step:
             getattr(self, f"app_{step['app']}")(step["id"])
         elif "recv" in step:
@@ -91,6 +93,12 @@ class PolicyDriver:
         if self.state == "open":
             self.tracker.start_sent(sid)
             self.send({"type": "start", "id": sid})
+
+    def app_watch(self, sid: str, stream_key: str, after_seq: int) -> None:
+        frame = self.tracker.watch(sid, stream_key, after_seq)
+        self.events[sid]  # noqa: B018 - a stream with no events is still reported
+        if self.state == "open":
+            self.send(frame)
 
     def app_cancel(self, sid: str) -> None:
         action = self.tracker.cancel(sid)

@@ -138,8 +138,10 @@ def test_client_builder_output_is_what_the_relay_accepts(name, frame, model):
     msg = decode_client_frame(encode_frame(frame).decode())
     assert type(msg) is model and msg == model.model_validate(frame)
     # Re-encoding the model gives the built frame back (absent optionals stay absent; only
-    # ``start.params`` has a default other than None: no parameters, ``{}``).
-    default = {"params": {}} if model is Start else {}
+    # ``start.params`` and ``resume.takeover`` have a default other than None: no
+    # parameters, ``{}``; a viewer, ``false``).
+    default = ({"params": {}} if model is Start
+               else {"takeover": False} if model is Resume else {})
     assert orjson.loads(encode_frame(msg)) == {**default, **frame}
 
 

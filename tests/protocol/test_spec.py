@@ -34,6 +34,8 @@ CORE = "tests/relay/test_core.py"
 SPECB = "tests/relay/test_spec_behaviour.py"
 RESUME = "tests/relay/test_resume.py"
 MULTI = "tests/relay/test_multinode.py"
+VIEW = "tests/relay/test_viewers.py"
+VIEWR = "tests/relay/test_viewers_redis.py"
 BAD = "tests/relay/test_bad_input.py"
 AUTH = "tests/relay/test_auth.py"
 LIMITS = "tests/relay/test_limits.py"
@@ -186,9 +188,9 @@ SPEC_TESTS: dict[str, list[str]] = {
         f"{RESUME}::test_after_seq_beyond_the_stream_is_bad_request",
         f"{MULTI}::test_after_seq_beyond_a_finished_stream_is_bad_request_on_the_other_relay",
         f"{MULTI}::test_after_seq_beyond_a_running_stream_ends_in_bad_request_on_the_other_relay",
-        f"{RESUME}::test_resume_takes_a_stream_over_from_a_half_open_connection",
-        f"{RESUME}::test_resume_under_a_second_id_on_the_same_connection_ends_the_first_id",
-        f"{MULTI}::test_a_resume_on_another_relay_takes_the_stream_over",
+        f"{RESUME}::test_resume_with_takeover_takes_a_stream_over_from_a_half_open_connection",
+        f"{RESUME}::test_a_takeover_under_a_second_id_on_the_same_connection_ends_the_first_id",
+        f"{MULTI}::test_a_takeover_on_another_relay_takes_the_stream_over",
         f"{MULTI}::test_unknown_and_foreign_keys_are_unknown_stream_on_every_relay",
         f"{MULTI}::test_a_relay_killed_mid_stream_is_stream_lost_on_resume_and_stops_counting_in_time",
     ],
@@ -209,7 +211,7 @@ SPEC_TESTS: dict[str, list[str]] = {
         f"{SPECB}::test_an_error_names_the_id_of_the_frame_it_answers_even_an_invalid_one",
         f"{CORE}::test_bad_frames_get_bad_request_and_connection_survives",
         f"{CORE}::test_start_refusals_are_errors_with_the_id",
-        f"{RESUME}::test_resume_takes_a_stream_over_from_a_half_open_connection",
+        f"{RESUME}::test_resume_with_takeover_takes_a_stream_over_from_a_half_open_connection",
     ],
     "Limits and refusals at the door": [
         f"{LIMITS}::test_forged_origin_refused_403_own_origin_and_no_origin_accepted",
@@ -275,10 +277,21 @@ SPEC_TESTS: dict[str, list[str]] = {
         f"{RESUME}::test_a_stream_nobody_resumes_is_cancelled_upstream_after_the_grace",
         f"{RESUME}::test_resume_of_a_finished_stream_replays_through_its_finish",
         f"{RESUME}::test_cancel_after_resume_stops_the_upstream",
-        f"{RESUME}::test_resume_takes_a_stream_over_from_a_half_open_connection",
+        f"{RESUME}::test_resume_with_takeover_takes_a_stream_over_from_a_half_open_connection",
         f"{RESUME}::test_frames_trimmed_by_the_per_stream_cap_are_stream_lost",
         f"{RESUME}::test_memory_budget_drops_the_oldest_detached_stream",
         f"{RESUME}::test_two_resumes_in_a_row_still_deliver_everything_once",
+    ],
+    "Viewers": [
+        f"{VIEW}::test_two_viewers_and_the_owner_each_get_every_frame_once_and_the_one_finish",
+        f"{VIEW}::test_a_slow_viewer_is_closed_4008_and_never_slows_the_owner_or_another_viewer",
+        f"{VIEW}::test_any_viewer_may_cancel_and_everyone_gets_the_cancelled_finish",
+        f"{VIEW}::test_a_takeover_ends_the_owner_and_every_viewer_and_gets_the_rest_alone",
+        f"{VIEW}::test_a_stream_keeps_running_past_the_grace_while_a_viewer_watches_its_owner_gone",
+        f"{VIEW}::test_one_viewer_too_many_is_refused_too_many_streams_and_disturbs_nobody",
+        f"{VIEW}::test_the_python_client_watches_a_stream_started_by_another_client",
+        f"{VIEWR}::test_viewers_on_both_relays_each_get_every_frame_once_and_the_one_finish",
+        f"{VIEWR}::test_the_owner_relay_dying_ends_every_viewer_with_stream_lost",
     ],
     "Backpressure": [
         f"{BACK}::test_a_lagging_client_gets_merged_token_frames_and_loses_nothing",

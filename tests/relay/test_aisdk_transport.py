@@ -74,7 +74,7 @@ async def test_real_ai_sdk_transport_against_relay_serve(tmp_path, record_proper
             print(report)
             record_property("node_report", _summary(report))
             assert node_run.returncode == 0, report
-            assert re.search(r"\bpass 10\b", report) and re.search(r"\bfail 0\b", report), report
+            assert re.search(r"\bpass 13\b", report) and re.search(r"\bfail 0\b", report), report
         finally:
             for relay in relays:
                 relay.send_signal(signal.SIGTERM)

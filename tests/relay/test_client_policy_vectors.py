@@ -136,6 +136,16 @@ async def run_scenario(scenario: dict[str, Any]) -> dict[str, Any]:
                         await eventually(lambda: any(f.get("id") == sid for f in conn.sent))
                     else:                        # until it waits for the next connection
                         await eventually(lambda: sid in client._routes)
+                elif step.get("app") == "watch":
+                    sid = step["id"]
+                    streams[sid] = client.watch(step["stream_key"],
+                                                after_seq=step.get("after_seq", 0), id=sid)
+                    events[sid] = []
+                    tasks.append(asyncio.create_task(_consume(streams[sid], events[sid], ends)))
+                    if client.state == "open":   # until the relay has its resume
+                        await eventually(lambda: any(f.get("id") == sid for f in conn.sent))
+                    else:                        # until it waits for the next connection
+                        await eventually(lambda: sid in client._routes)
                 elif step.get("app") == "cancel":
                     await streams[step["id"]].cancel()
                 elif "recv" in step:

@@ -263,7 +263,8 @@ async def test_a_stream_taken_over_by_another_connection_raises_instead_of_hangi
                         if tokens == 2:
                             text_at_resume, resumed_after = s.text, ev.seq
                             await other.send({"type": "resume", "stream_key": s.stream_key,
-                                              "after_seq": ev.seq, "id": "theirs"})
+                                              "after_seq": ev.seq, "id": "theirs",
+                                              "takeover": True})
         lost = info.value
         assert isinstance(lost, ConnectionLost) and lost.code == "stream_taken_over"
         assert lost.stream_id == s.id and lost.close_code is None

@@ -19,7 +19,7 @@ from relay.core.limits import PrincipalState
 from relay.core.outcome import StreamOutcome, TokenUsage
 from relay.core.ports import SourceFailed
 from relay.metrics import RelayMetrics
-from relay.runtime.hub import Attachment, StreamHub
+from relay.runtime.hub import VIEWER_BYTES, Attachment, StreamHub
 
 
 class _Source:
@@ -92,11 +92,12 @@ def _launch(hub: StreamHub, source: _Source, subscriber: _Subscriber | None = No
     return stream, att
 
 
-def _follow(hub: StreamHub, source: _Followed, subscriber: _Subscriber):
+def _follow(hub: StreamHub, source: _Followed, subscriber: _Subscriber, *,
+            takeover: bool = False):
     stream = hub.follow(source, principal="p", session_id="s")
-    hub.adopt(stream)
+    hub.adopt(stream, takeover=takeover)
     att = Attachment(subscriber, stream, "q1")
-    hub.attach(stream, att)
+    hub.attach(stream, att, takeover=takeover)
     return stream, att
 
 
@@ -135,14 +136,16 @@ async def test_a_followed_source_starts_when_adopted_and_its_finish_is_logged():
     stream = hub.follow(source, principal="p", session_id="s")
     assert stream.remote and stream.task is None and hub.get("k1") is None
     hub.adopt(stream)
-    hub.attach(stream, Attachment(_Subscriber(hub), stream, "q1"))
+    att = Attachment(_Subscriber(hub), stream, "q1")
+    hub.attach(stream, att)
+    assert stream.viewers == [att] and stream.attachment is None   # a plain resume: a viewer
     await source.running.wait()
-    assert hub.get("k1") is stream and hub.log_bytes == stream.log.bytes > 0
+    assert hub.get("k1") is stream and hub.log_bytes == stream.log.bytes + VIEWER_BYTES
     assert hub.tasks() == []            # followers are no upstream calls of this relay
     source.finish_now.set()
     await stream.task
     assert stream.state is State.REMOTE_ENDED and stream.log.finished
-    hub.detach(stream.attachment)
+    hub.detach(att)
     assert stream.state is State.DROPPED and hub.log_bytes == 0
 
 
@@ -193,13 +196,13 @@ async def test_a_takeover_from_another_relay_detaches_through_the_table(grace):
     await hub.close("server_shutdown")
 
 
-async def test_a_fresh_follower_takes_over_the_one_attached_here():
+async def test_a_taking_over_follower_takes_over_the_owner_attached_here():
     hub = _hub()
     first, second = _Subscriber(hub), _Subscriber(hub)
     old_source, new_source = _Followed("k1"), _Followed("k1")
-    old, old_att = _follow(hub, old_source, first)
+    old, old_att = _follow(hub, old_source, first, takeover=True)
     await old_source.running.wait()
-    new, _ = _follow(hub, new_source, second)
+    new, _ = _follow(hub, new_source, second, takeover=True)
     assert first.taken == [old_att] and second.taken == []
     assert old.state is State.DROPPED and hub.get("k1") is new
     with pytest.raises(asyncio.CancelledError):
@@ -239,3 +242,71 @@ async def test_a_follower_that_breaks_ends_its_attachment_with_internal_error(ca
     assert stream.state is State.DROPPED and hub.log_bytes == 0
     # (_task_done, added when the task started, ran before this await returned)
     assert any(r.getMessage() == "stream task failed" and r.exc_info for r in caplog.records)
+
+
+async def test_followers_of_one_remote_stream_are_viewers_each_reading_on_its_own():
+    hub = _hub()
+    first, second, taker = _Subscriber(hub), _Subscriber(hub), _Subscriber(hub)
+    a_source, b_source = _Followed("k1"), _Followed("k1")
+    a, a_att = _follow(hub, a_source, first)
+    b, b_att = _follow(hub, b_source, second)
+    await a_source.running.wait()
+    await b_source.running.wait()
+    assert a is not b and hub.viewers_of("k1") == 2 and len(hub) == 2
+    assert first.taken == second.taken == []
+    assert hub.log_bytes == a.log.bytes + b.log.bytes + 2 * VIEWER_BYTES
+    # A taking-over follower here ends both; then a takeover elsewhere ends it.
+    c, c_att = _follow(hub, _Followed("k1"), taker, takeover=True)
+    assert first.taken == [a_att] and second.taken == [b_att]
+    assert a.state is b.state is State.DROPPED and hub.viewers_of("k1") == 0
+    hub.taken_over_elsewhere("k1")
+    assert taker.taken == [c_att] and c.state is State.DROPPED
+    await hub.close("server_shutdown")
+    assert hub.log_bytes == 0 and len(hub) == 0
+
+
+async def test_viewers_of_a_local_stream_join_and_leave_without_moving_it():
+    hub = _hub()
+    source = _Source()
+    owner = _Subscriber(hub)
+    stream, owner_att = _launch(hub, source, owner)
+    viewers = [Attachment(_Subscriber(hub), stream, f"v{i}") for i in range(2)]
+    for att in viewers:
+        assert hub.room_for_viewer(stream.key, takeover=False) is None
+        hub.attach(stream, att, resume=True)
+    assert stream.viewers == viewers and stream.attachment is owner_att
+    await source.running.wait()
+    assert hub.log_bytes == stream.log.bytes + 2 * VIEWER_BYTES
+    # The owner goes: the viewers keep the stream attached (no grace timer).
+    hub.detach(owner_att)
+    assert stream.state is State.RUNNING_ATTACHED and stream.timer is None
+    # A plain resume now takes the free owner slot.
+    back = Attachment(_Subscriber(hub), stream, "back")
+    hub.attach(stream, back, resume=True)
+    assert stream.attachment is back and stream.viewers == viewers
+    hub.detach(viewers[0])
+    assert stream.state is State.RUNNING_ATTACHED and stream.viewers == viewers[1:]
+    # A takeover ends every other attachment, owner and viewers.
+    taker = Attachment(_Subscriber(hub), stream, "taker")
+    hub.attach(stream, taker, resume=True, takeover=True)
+    assert back.subscriber.taken == [back] and viewers[1].subscriber.taken == [viewers[1]]
+    assert viewers[0].subscriber.taken == []          # (it had left already)
+    assert stream.attachments() == [taker] and hub.log_bytes == stream.log.bytes
+    # Taken over from another relay: it is told and the stream detaches.
+    hub.taken_over_elsewhere(stream.key)
+    assert taker.subscriber.taken == [taker] and not stream.attached
+    assert stream.state is State.RUNNING_DETACHED and stream.timer_kind is Timer.GRACE
+    await hub.close("server_shutdown")
+
+
+async def test_the_viewer_cap_refuses_one_viewer_too_many_but_never_a_takeover():
+    hub = StreamHub(RelaySettings(port=0, detach_grace=30, max_viewers_per_stream=2),
+                    RelayMetrics())
+    stream, _ = _launch(hub, _Source(), _Subscriber(hub))
+    for i in range(2):
+        hub.attach(stream, Attachment(_Subscriber(hub), stream, f"v{i}"), resume=True)
+    refusal = hub.room_for_viewer(stream.key, takeover=False)
+    assert refusal is not None and refusal.code == "too_many_streams"
+    assert "2 viewers per stream" in refusal.message
+    assert hub.room_for_viewer(stream.key, takeover=True) is None
+    await hub.close("server_shutdown")

@@ -52,6 +52,9 @@ EXPECTED: dict[tuple[State, Event], tuple[Outcome, Outcome]] = {
         Outcome(S.RUNNING_DETACHED, (X.NOTIFY_TAKEN_OVER, X.CANCEL_UPSTREAM))),
     (S.RUNNING_ATTACHED, E.FINISH): (Outcome(S.FINISHED_RETAINED, (X.ARM_RETENTION,)),
                                      Outcome(S.FINISHED_ATTACHED)),
+    # a viewer joins, or one of several attachments leaves: nothing changes
+    (S.RUNNING_ATTACHED, E.JOIN): both(S.RUNNING_ATTACHED),
+    (S.RUNNING_ATTACHED, E.LEAVE): both(S.RUNNING_ATTACHED),
     (S.RUNNING_ATTACHED, E.CANCEL): both(S.RUNNING_ATTACHED, X.CANCEL_UPSTREAM),
     (S.RUNNING_ATTACHED, E.CLOSE): both(S.RUNNING_ATTACHED, X.CANCEL_UPSTREAM),
     (S.RUNNING_DETACHED, E.ATTACH): both(S.RUNNING_ATTACHED, X.DISARM_TIMER),
@@ -70,6 +73,8 @@ EXPECTED: dict[tuple[State, Event], tuple[Outcome, Outcome]] = {
     (S.FINISHED_ATTACHED, E.CLOSE): both(S.FINISHED_ATTACHED),
     (S.FINISHED_RETAINED, E.ATTACH): both(S.FINISHED_RETAINED, X.NOTIFY_TAKEN_OVER),
     (S.FINISHED_RETAINED, E.DETACH): both(S.FINISHED_RETAINED),
+    (S.FINISHED_RETAINED, E.JOIN): both(S.FINISHED_RETAINED),
+    (S.FINISHED_RETAINED, E.LEAVE): both(S.FINISHED_RETAINED),
     (S.FINISHED_RETAINED, E.TAKEN_OVER): both(S.FINISHED_RETAINED, X.NOTIFY_TAKEN_OVER),
     (S.FINISHED_RETAINED, E.RETENTION_OVER): both(S.DROPPED, *DROP),
     (S.FINISHED_RETAINED, E.EVICT): both(S.LOST, *DROP, X.MARK_LOST),
@@ -90,6 +95,7 @@ EXPECTED: dict[tuple[State, Event], tuple[Outcome, Outcome]] = {
     (S.DROPPED, E.FAIL): both(S.DROPPED),
     (S.DROPPED, E.CANCEL): both(S.DROPPED),
     (S.DROPPED, E.DETACH): both(S.DROPPED),
+    (S.DROPPED, E.LEAVE): both(S.DROPPED),
     (S.LOST, E.FINISH): both(S.LOST),
 }
 
@@ -144,6 +150,15 @@ def test_a_stream_resumed_within_the_grace_keeps_running_and_is_retained_after_i
     assert X.CANCEL_UPSTREAM not in effects
     assert effects.count(X.ARM_GRACE) == 1 and effects.count(X.ARM_RETENTION) == 1
     assert effects[-1] is X.RELEASE
+
+
+def test_viewers_come_and_go_without_moving_the_stream_until_the_last_one_leaves():
+    # owner attaches, two viewers join, the owner leaves, one viewer leaves (LEAVE), a new
+    # owner takes the free slot (JOIN), both go (LEAVE, then the last one DETACH).
+    state, effects = _walk([E.ATTACH, E.JOIN, E.JOIN, E.LEAVE, E.LEAVE, E.JOIN, E.LEAVE,
+                            E.DETACH], resumable=True)
+    assert state is S.RUNNING_DETACHED
+    assert effects == [X.DISARM_TIMER, X.ARM_GRACE]
 
 
 def test_without_grace_a_disconnect_cancels_and_the_finish_drops_the_stream():

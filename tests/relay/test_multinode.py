@@ -249,14 +249,14 @@ async def test_after_seq_beyond_a_running_stream_ends_in_bad_request_on_the_othe
             assert end["message"].startswith("after_seq 10000 is beyond the stream's last seq")
 
 
-async def test_a_resume_on_another_relay_takes_the_stream_over(prefix):
+async def test_a_takeover_on_another_relay_takes_the_stream_over(prefix):
     async with two_relays(SHARED_REDIS, prefix, demo_tps=60) as (a, b):
         async with Client.connect(a.url) as old, Client.connect(b.url) as new:
             await old.start("q1", messages=MESSAGES)
             started, before = await _until_tokens(old, "q1", 2)
             last = before[-1]["seq"]
             await new.send({"type": "resume", "stream_key": started["stream_key"],
-                            "after_seq": last})
+                            "after_seq": last, "takeover": True})
             assert (await new.next_for("q1"))["type"] == "resumed"
             after = await new.collect("q1")
             _assert_whole(before, after)
@@ -265,9 +265,10 @@ async def test_a_resume_on_another_relay_takes_the_stream_over(prefix):
             await _taken_over_end(old, "q1", last)
 
 
-async def test_a_resume_on_the_owner_takes_over_a_stream_followed_on_the_other_relay(prefix):
+async def test_a_takeover_on_the_owner_takes_over_a_stream_followed_on_the_other_relay(
+        prefix):
     # The reverse direction: the stream runs on A, a connection on B follows it from Redis,
-    # then a connection on A resumes it locally; B's follower gets stream_taken_over.
+    # then a connection on A takes it over locally; B's follower gets stream_taken_over.
     # (20 tokens/s: the stream must still run when the second resume arrives.)
     async with two_relays(SHARED_REDIS, prefix, demo_tps=20) as (a, b):
         async with Client.connect(a.url) as starter:
@@ -282,17 +283,17 @@ async def test_a_resume_on_the_owner_takes_over_a_stream_followed_on_the_other_r
             token = await follower.next_for("f1")
             assert token["type"] == "token"
             await owner.send({"type": "resume", "stream_key": key,
-                              "after_seq": token["seq"], "id": "o1"})
+                              "after_seq": token["seq"], "id": "o1", "takeover": True})
             assert (await owner.next_for("o1"))["type"] == "resumed"
             after = await owner.collect("o1")
             assert after[-1]["type"] == "finish" and after[-1]["status"] == "completed"
             await _taken_over_end(follower, "f1", token["seq"])
 
 
-async def test_a_second_follower_on_the_same_relay_takes_over_the_first(prefix):
-    # Both followers are on B, the stream runs on A: the first one's remote attachment is
-    # replaced (followed afresh from Redis for the second) and ends with stream_taken_over;
-    # a resume of it under an id already following it here is duplicate_id, not a takeover.
+async def test_a_second_follower_on_the_same_relay_taking_over_ends_the_first(prefix):
+    # Both followers are on B, the stream runs on A: the second takes over, the first one's
+    # remote attachment ends with stream_taken_over; a resume of it under an id already
+    # following it here is duplicate_id, not a takeover.
     async with two_relays(SHARED_REDIS, prefix, demo_tps=20) as (a, b):
         async with Client.connect(a.url) as starter:
             await starter.start("q1", messages=MESSAGES)
@@ -308,7 +309,7 @@ async def test_a_second_follower_on_the_same_relay_takes_over_the_first(prefix):
                               "id": "f1"})
             assert (await first.next_for("f1"))["code"] == "duplicate_id"
             await second.send({"type": "resume", "stream_key": key, "after_seq": token["seq"],
-                               "id": "f2"})
+                               "id": "f2", "takeover": True})
             assert (await second.next_for("f2"))["type"] == "resumed"
             after = await second.collect("f2")
             assert after[-1]["type"] == "finish" and after[-1]["status"] == "completed"

@@ -176,7 +176,7 @@ async def _taken_over_end(c: Client, id: str, after: int) -> list[dict]:
     return frames
 
 
-async def test_resume_takes_a_stream_over_from_a_half_open_connection():
+async def test_resume_with_takeover_takes_a_stream_over_from_a_half_open_connection():
     async with start_relay(detach_grace=5, demo_tps=100) as server:
         async with Client.connect(server.url) as old, Client.connect(server.url) as new:
             await old.start("q1", messages=MESSAGES)
@@ -184,7 +184,7 @@ async def test_resume_takes_a_stream_over_from_a_half_open_connection():
             last = before[-1]["seq"]
             # The old socket is still open (half-open from the server's point of view).
             await new.send({"type": "resume", "stream_key": started["stream_key"],
-                            "after_seq": last})
+                            "after_seq": last, "takeover": True})
             assert (await new.next_for("q1"))["type"] == "resumed"
             after = await new.collect("q1")
             _assert_exactly_once(before, after)
@@ -193,14 +193,14 @@ async def test_resume_takes_a_stream_over_from_a_half_open_connection():
             await _taken_over_end(old, "q1", last)
 
 
-async def test_resume_under_a_second_id_on_the_same_connection_ends_the_first_id():
+async def test_a_takeover_under_a_second_id_on_the_same_connection_ends_the_first_id():
     async with start_relay(detach_grace=5, demo_tps=100) as server:
         async with Client.connect(server.url) as c:
             await c.start("q1", messages=MESSAGES)
             started, before = await _read_until_token(c, "q1", 2)
             last = before[-1]["seq"]
             await c.send({"type": "resume", "stream_key": started["stream_key"],
-                          "after_seq": last, "id": "q2"})
+                          "after_seq": last, "id": "q2", "takeover": True})
             resumed = await c.next_for("q2")
             assert (resumed["type"], resumed["after_seq"]) == ("resumed", last)
             after = await c.collect("q2")

@@ -70,11 +70,19 @@ holds every stream's phase, ``stream_key`` and last ``seq``).
 * With ``reconnect=False`` any connection loss closes the client for good and every
   unfinished stream raises :class:`ConnectionLost` (the behaviour of earlier versions).
 
-Takeover: when another connection of the same principal (another client, another process)
-resumes one of this client's running streams by its ``stream_key``, the relay moves the
-stream there and ends it here with ``error`` ``stream_taken_over``; its iteration raises
+Watching (PROTOCOL.md "Viewers"): :meth:`RelayClient.watch` follows a stream started
+elsewhere (another tab, device or process of the same principal) by its ``stream_key``: a
+:class:`RelayStream` like any other, fed by a ``resume`` that joins the stream as a viewer
+(every frame after ``after_seq``, then the live ones, then its one ``Finish``); it is
+resumed after a loss like the client's own streams, and ``cancel`` stops the stream for
+everyone. A refused watch raises :class:`ConnectionLost` with the relay's ``code``.
+
+Takeover: when another connection of the same principal resumes one of this client's
+running streams with ``"takeover": true``, the relay moves the stream there alone and ends
+it here with ``error`` ``stream_taken_over``; its iteration raises
 :class:`StreamTakenOver` (a :class:`ConnectionLost` with that ``code`` and the partial
-results), never waits forever. The connection and the other streams are unaffected.
+results), never waits forever. The connection and the other streams are unaffected. (A
+plain ``resume``, e.g. another client's ``watch``, leaves this stream streaming here.)
 """
 
 from __future__ import annotations
@@ -282,10 +290,14 @@ class RelayStream:
     until the ``Finish`` was received). A reconnect in the middle is invisible to the iteration
     (``resumes`` counts them)."""
 
-    def __init__(self, client: RelayClient, id: str, start_frame: dict[str, Any]) -> None:
+    def __init__(self, client: RelayClient, id: str, start_frame: dict[str, Any],
+                 watch: dict[str, Any] | None = None) -> None:
         self._client = client
         self.id = id
         self._start_frame = start_frame
+        #: For a watched stream (RelayClient.watch): its ``stream_key``, ``after_seq`` and
+        #: ``takeover``, sent as a ``resume`` instead of a ``start``.
+        self._watch = watch
         self._route: _Route | None = None
         self._started = False
         self._done = False
@@ -323,6 +335,9 @@ class RelayStream:
         if self._started:
             return
         self._started = True
+        if self._watch is not None:
+            self._route = await self._client._send_watch(self.id, **self._watch)
+            return
         self._route = self._client._register(self.id, self._start_frame)
         try:
             await self._client._send_start(self._route, self._start_frame)
@@ -605,6 +620,18 @@ class RelayClient:
                              tool_choice=tool_choice, params=params or None)
         return RelayStream(self, sid, frame)
 
+    def watch(self, stream_key: str, *, after_seq: int = 0, id: str | None = None,
+              takeover: bool = False) -> RelayStream:
+        """Follow a stream started elsewhere by its ``stream_key`` (module docstring,
+        "Watching"): every frame after ``after_seq`` (0: from its first one), then the live
+        ones and its ``Finish``. The ``resume`` is sent on first iteration (or ``await
+        stream.start()``). ``takeover``: become the stream's only attachment (every other
+        one, e.g. the starter's, ends ``stream_taken_over``); reconnects never take over.
+        ``id`` defaults to a random unique id."""
+        sid = id or uuid.uuid4().hex
+        return RelayStream(self, sid, {}, watch={"stream_key": stream_key,
+                                                 "after_seq": after_seq, "takeover": takeover})
+
     async def complete(
         self,
         model: str,
@@ -715,6 +742,31 @@ class RelayClient:
             except ConnectionLost:
                 pass  # the stream's iteration reports the loss
         # AFTER_RESUME: _dispatch sends it when `resumed` arrives; NONE: nothing to do
+
+    async def _send_watch(self, sid: str, stream_key: str, after_seq: int,
+                          takeover: bool) -> _Route:
+        """Register a watched stream and send its ``resume`` on the open connection (the
+        policy's rule 6), waiting for it while reconnecting; a loss before ``resumed`` is
+        handled like any stream's."""
+        if self._state in ("closed", "idle"):
+            raise ConnectionLost(f"not connected ({self._lost or 'never connected'})")
+        if sid in self._routes:
+            raise ValueError(f"stream id {sid!r} is already in use on this connection")
+        route = self._routes[sid] = _Route(sid, {}, stream_key=stream_key)
+        try:
+            ws = await self._wait_open()
+        except BaseException:
+            if self._routes.get(sid) is route:
+                del self._routes[sid]
+            raise
+        # No await between the tracker's entry and the send: a reconnect's welcome cannot
+        # resume it in between (it would be sent twice).
+        frame = self._tracker.watch(sid, stream_key, after_seq, takeover=takeover)
+        try:
+            await ws.send(encode_frame(frame).decode())
+        except ConnectionClosed:
+            pass  # the loss reaches the stream through the policy (resumed on the next one)
+        return route
 
     def _register(self, sid: str, start_frame: dict[str, Any]) -> _Route:
         if self._state in ("closed", "idle"):
