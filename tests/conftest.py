@@ -49,3 +49,29 @@ def pytest_asyncio_loop_factories(config, item):
         return factories
     chosen = os.environ.get("RELAY_TEST_LOOP") or next(iter(factories))
     return {chosen: factories[chosen]}
+
+
+# --- order. Under xdist (.ci/run: `pytest -n`) a run lasts as long as its busiest worker, and
+# a test that starts relay processes, Node or LiteLLM imports takes 10-60 s on a loaded
+# 2-core machine. Started last, one of them keeps one worker busy while the others idle; so
+# the modules holding them run first (longest first, as measured), then every other test in
+# its usual order. The order of tests within a module is kept.
+LONG_MODULES_FIRST = (
+    "tests/relay/test_workers.py",
+    "tests/relay/test_aisdk_transport.py",
+    "tests/relay/test_multinode.py",
+    "tests/relay/test_cli.py",
+    "tests/relay/test_first_run_failures.py",
+    "tests/relay/test_limits.py",
+    "tests/relay/test_litellm_memory.py",
+    "tests/relay/test_soak.py",
+    "tests/test_readme_examples.py",
+    "tests/relay/test_event_loop.py",
+    "tests/relay/test_newcomer_messages.py",
+    "tests/relay/test_warmup.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {module: i for i, module in enumerate(LONG_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))

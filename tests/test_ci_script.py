@@ -28,12 +28,12 @@ def _free_port() -> int:
 def _script_on(port: int, tmp_path: Path, suite_status: int) -> Path:
     text = (ROOT / ".ci" / "run").read_text()
     text = text.replace("6379", str(port))
-    text, installs = re.subn(r"(?m)^(python3 -m venv|\.venv/bin/python -m pip).*$", ":", text)
+    text, installs = re.subn(r"(?m)^\s*(python3 -m venv|\.venv/bin/python -m pip).*$", ":",
+                             text)
     text, suites = re.subn(r"(?m)^\.venv/bin/python -m pytest .*\|\| status=\$\?$",
                            f"(exit {suite_status}) || status=$?", text)
     # npm installs and builds for the Node tests (a copy of the script has no package dirs)
-    text, npms = re.subn(r"(?m)^\(cd (tests/aisdk|tests/responses-node|client_demo/ai-sdk) .*$",
-                         ":", text)
+    text, npms = re.subn(r"(?m)^\s*\(cd (tests/aisdk|tests/responses-node|client_demo/ai-sdk) .*$", ":", text)
     assert installs == 3 and suites == 1 and npms == 3, \
         "the .ci/run lines this test replaces changed"
     (tmp_path / ".ci").mkdir()

@@ -242,6 +242,7 @@ class EventStreamer:
         self._waiting_task: asyncio.Task | None = None
         self._deadline: float | None = None
         self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog_deadline = 0.0   # the deadline the watchdog was armed for
         self._interrupted = False       # an interrupt of the current wait was sent
         self._response: Any = None
         self._close_task: asyncio.Task | None = None
@@ -513,11 +514,16 @@ class EventStreamer:
         self._waiting_task = task
         self._deadline = deadline
         if deadline is not None:
+            # Compared with the deadline it was armed for, not with ``watchdog.when()``: a
+            # handle's own time depends on the machine (uvloop keeps whole milliseconds and
+            # takes its start time after computing the delay, so on a loaded machine a handle
+            # says it fires milliseconds after the deadline it was asked for); comparing with
+            # it re-armed the watchdog for chunk after chunk there (43 timers for 300 chunks).
             watchdog = self._watchdog
-            if watchdog is None or watchdog.when() > deadline + _TIMER_GRANULARITY:
+            if watchdog is None or self._watchdog_deadline > deadline:
                 if watchdog is not None:
                     watchdog.cancel()
-                self._watchdog = asyncio.get_running_loop().call_at(deadline, self._on_watchdog)
+                self._arm_watchdog(asyncio.get_running_loop(), deadline)
         try:
             return await awaitable
         except asyncio.CancelledError as exc:
@@ -542,10 +548,14 @@ class EventStreamer:
             return                        # between waits: the next wait arms it again
         loop = asyncio.get_running_loop()
         if loop.time() < deadline:
-            self._watchdog = loop.call_at(deadline, self._on_watchdog)
+            self._arm_watchdog(loop, deadline)
         elif not self._interrupted:
             self._interrupted = True
             task.cancel(msg=_TIMEOUT_MSG)
+
+    def _arm_watchdog(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        self._watchdog = loop.call_at(deadline, self._on_watchdog)
+        self._watchdog_deadline = deadline
 
     def _stop_watchdog(self) -> None:
         if self._watchdog is not None:
@@ -590,11 +600,6 @@ class EventStreamer:
 
         return await asyncio.to_thread(count)
 
-
-#: uvloop keeps timers in whole milliseconds: a ``call_at(deadline)`` handle may say it fires
-#: up to 1 ms after ``deadline``. A watchdog that late is not re-armed (it would be on about
-#: one chunk in six, a timer per token again); a deadline may fire up to 1 ms late.
-_TIMER_GRANULARITY = 0.001
 
 _CANCEL_MSG = "llm-relay: EventStreamer.cancel()"
 _TIMEOUT_MSG = "llm-relay: EventStreamer deadline"

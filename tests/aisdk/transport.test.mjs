@@ -307,7 +307,10 @@ test('a long answer resumes as a few merged chunks that assemble into the same m
   try {
     // `oai` answers with 400 text chunks, one by one (tests/relay/test_aisdk_transport.py).
     const live = await readAll(await send(a, 'long-chat', [user('a long answer please')], { model: 'oai' }));
-    assert.ok(live.filter(c => c.type === 'text-delta').length > 300, `live: ${live.length} chunks`);
+    // Many live chunks, so that a replay of at most 10 is a merge. How many of the 400 stay
+    // apart depends on the machine: the relay joins what it reads together, more of it when
+    // it is slow (292 at load average 12, over 300 at rest), so the bound is far below that.
+    assert.ok(live.filter(c => c.type === 'text-delta').length > 100, `live: ${live.length} chunks`);
     const resumed = await b.reconnectToStream({ chatId: 'long-chat' });
     assert.ok(resumed, 'the retained answer is found');
     const replay = await readAll(resumed);

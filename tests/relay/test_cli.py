@@ -154,7 +154,25 @@ async def _relay_check(config: Path, *args: str, env: dict | None = None) -> tup
     return proc.returncode, out.decode(), err.decode()
 
 
-async def test_check_reports_path_endpoint_and_key_status_per_alias(tmp_path):
+def _relay_check_here(config: Path, capsys, caplog, *args: str) -> tuple[int, str, str]:
+    """``relay check --config FILE ARGS`` by the command's own code (``relay.cli.main``) in
+    this process, with this process's environment (set it with monkeypatch); what it
+    logged at WARNING and above (a process prints that to stderr) is added to stderr.
+    ``_relay_check`` above runs the command as a user starts it (``python -m relay``: its
+    exit code and output, the network from a fresh process); a subprocess per case added
+    a LiteLLM import (~4 s of CPU) and nothing else."""
+    import logging
+
+    from relay.cli import main
+
+    with caplog.at_level(logging.WARNING):
+        code = main(["check", "--config", str(config), *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err + caplog.text
+
+
+def test_check_reports_path_endpoint_and_key_status_per_alias(tmp_path, monkeypatch, capsys,
+                                                              caplog):
     cfg = tmp_path / "relay.toml"
     cfg.write_text('[models.gpt]\nmodel = "openai/gpt-4o-mini"\napi_key_env = "CHECK_OAI_KEY"\n\n'
                    '[models.claude]\nmodel = "anthropic/claude-sonnet-4-5"\n'
@@ -163,10 +181,10 @@ async def test_check_reports_path_endpoint_and_key_status_per_alias(tmp_path):
                    'api_key_env = "CHECK_OAI_KEY"\n\n'
                    '[models.demo]\nmodel = "demo"\n\n'
                    '[models.nokey]\nmodel = "groq/llama-3.3-70b-versatile"\n')
-    env = {**_env(), "CHECK_OAI_KEY": CHECK_SECRET}
+    monkeypatch.setenv("CHECK_OAI_KEY", CHECK_SECRET)
     for name in ("CHECK_UNSET_KEY", "GROQ_API_KEY"):
-        env.pop(name, None)
-    code, out, err = await _relay_check(cfg, env=env)
+        monkeypatch.delenv(name, raising=False)
+    code, out, err = _relay_check_here(cfg, capsys, caplog)
     assert code == 1, out + err
     lines = out.splitlines()
     assert lines[0] == ("gpt: fast path (openai streaming format (provider openai)); endpoint "
@@ -222,19 +240,19 @@ async def test_check_probe_makes_one_token_request_per_alias(tmp_path, monkeypat
         assert CHECK_SECRET not in out + err
 
 
-async def test_check_flags_a_provider_without_default_endpoint(tmp_path):
+def test_check_flags_a_provider_without_default_endpoint(tmp_path, monkeypatch, capsys,
+                                                         caplog):
     cfg = tmp_path / "relay.toml"
     cfg.write_text('[models.vllm]\nmodel = "hosted_vllm/qwen"\n')
-    env = _env()
-    env.pop("HOSTED_VLLM_API_BASE", None)
-    code, out, _err = await _relay_check(cfg, env=env)
+    monkeypatch.delenv("HOSTED_VLLM_API_BASE", raising=False)
+    code, out, _err = _relay_check_here(cfg, capsys, caplog)
     assert code == 1
     assert "provider hosted_vllm has no default endpoint: set api_base" in out
 
 
-async def test_check_config_error_exits_2(tmp_path):
+def test_check_config_error_exits_2(tmp_path, capsys, caplog):
     cfg = tmp_path / "relay.toml"
     cfg.write_text('[models.gpt]\nmodel = "openai/gpt-4o-mini"\napi_key = "sk-inline"\n')
-    code, out, err = await _relay_check(cfg)
+    code, out, err = _relay_check_here(cfg, capsys, caplog)
     assert code == 2
     assert "configuration error" in err and "sk-inline" not in out + err

@@ -728,13 +728,17 @@ async def test_keepalive_events_and_the_idle_timer(fmt, kind):
     # index of the event after the first text delta
     first_text = base.lead + (2 if is_openai(fmt) else 4)
     events = list(base.events)
-    events[first_text:first_text] = [keepalive] * 6
-    script = dataclasses.replace(base, events=tuple(events)).with_delay(0.1)
+    # 12 events 50 ms apart: 0.6 s between "a" and "b", past the 0.5 s idle timeout. Where
+    # the events restart the timer, only a stall of the whole loop of 0.45 s or more could
+    # end the stream early (it was 0.25 s with events 0.1 s apart and 0.35 s of idle time);
+    # where they do not, "b" cannot come before the timeout whatever the load.
+    events[first_text:first_text] = [keepalive] * 12
+    script = dataclasses.replace(base, events=tuple(events)).with_delay(0.05)
     if kind in ("filter_results", "empty_choices", "no_choices"):
-        frames = assert_same(await both_paths(fmt, script, timeouts={"idle": 0.35}))
+        frames = assert_same(await both_paths(fmt, script, timeouts={"idle": 0.5}))
         assert (frames[-1]["status"], text_of(frames)) == ("completed", "ab")
         return
-    frames = assert_same(await both_paths(fmt, script, timeouts={"idle": 0.35}), closed=True)
+    frames = assert_same(await both_paths(fmt, script, timeouts={"idle": 0.5}), closed=True)
     assert (frames[-1]["status"], frames[-1]["reason"]) == ("timeout", "idle_timeout")
     assert text_of(frames) == "a"
 
