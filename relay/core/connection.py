@@ -9,8 +9,9 @@ frame, the hello timer expired, a flood, a slow consumer, a bug, a restart...) a
 the *actions* the glue (``relay.runtime.session.Session``, which keeps only the socket, the
 writer and the timers) carries out in order: send a reply, close with a code and reason,
 start/cancel/resume a stream, adopt credentials. It changes nothing outside itself: moving
-a connection's accounting to its principal is an action (``AdoptCredentials``) the glue
-carries out; the machine reads the relay's counts through a read-only view
+a connection's accounting to its principal (``AdoptCredentials``) and taking a start from
+the principal's start rate (``ChargeStart``) are actions the glue carries out; the machine
+reads the relay's counts through a read-only view
 (``PrincipalsView``). Nothing else in relay/ chooses a close code for a connection: the
 server's refusals at the door (``refuse_at_door``), its shutdown (``server_shutdown_close``)
 and its last resort for a crashed session (``internal_error_close``) and the HTTP-only
@@ -105,7 +106,8 @@ if TYPE_CHECKING:
     from relay.core.auth import Authenticator, Credentials
 
 __all__ = [
-    "ActionFailed", "AdoptCredentials", "CancelStream", "Close", "CloseWhenStreamsEnd",
+    "ActionFailed", "AdoptCredentials", "CancelStream", "ChargeStart", "Close",
+    "CloseWhenStreamsEnd",
     "Connection", "ConnectionLimits", "Door", "FrameReceived", "HelloAccepted",
     "HelloTimedOut", "IllegalEvent", "InternalFailure", "Opened", "Phase", "PrincipalsView",
     "ResumeStream", "SendFrame", "ServerRestart", "SlowConsumer", "Slowness", "SocketClosed",
@@ -282,6 +284,15 @@ class AdoptCredentials:
 
 
 @dataclass(frozen=True, slots=True)
+class ChargeStart:
+    """A ``Begin`` passed the principal's start-rate check: the glue takes one start from
+    ``state.starts`` (the machine only reads the bucket, it never changes the relay's
+    accounting)."""
+
+    state: PrincipalState
+
+
+@dataclass(frozen=True, slots=True)
 class HelloAccepted:
     """The hello passed (or, on a dialect without hello, the connection is authenticated or
     needs no credentials): the connection no longer counts as awaiting one."""
@@ -319,7 +330,7 @@ class ResumeStream:
 
 
 Action = (SendFrame | Close | CloseWhenStreamsEnd | AdoptCredentials | HelloAccepted
-          | StartStream | CancelStream | ResumeStream)
+          | ChargeStart | StartStream | CancelStream | ResumeStream)
 
 
 # ---------------------------------------------------------------------------- the machine
@@ -380,6 +391,7 @@ class Connection:
         self._decode_limits = limits.decode_limits or DecodeLimits()
         self._headers: Mapping[str, str] | None = None
         self._expiry_noticed = False
+        self._start_charged = False
 
     # ------------------------------------------------------------------ entry point
 
@@ -604,7 +616,12 @@ class Connection:
                 return [*actions, SendFrame(frames.error(
                     ErrorCode.BAD_REQUEST, request.invalid or "invalid request",
                     ref=request.ref, id=request.id))]
+            self._start_charged = False
             refusal = self._admit(request.start, event.open_ids, event.draining)
+            if self._start_charged:
+                # A start that passed the start-rate check costs one start, admitted or
+                # refused by a later check (duplicate id, a stream cap).
+                actions = [*actions, ChargeStart(self.principal_state)]
             if refusal is _EXPIRED:
                 return [*actions, *self._expired()]
             if refusal is not None:
@@ -651,9 +668,11 @@ class Connection:
                                    "used up", retry_after=wait)
         if draining:
             return Draining("the relay is shutting down; start the stream on a new connection")
-        if state.starts is not None and not state.starts.take():
-            return RateLimited("too many starts; slow down",
-                               retry_after=state.starts.retry_after())
+        if state.starts is not None:
+            if not state.starts.can_take():
+                return RateLimited("too many starts; slow down",
+                                   retry_after=state.starts.retry_after())
+            self._start_charged = True       # (the runtime takes it: ChargeStart)
         refusal = self.room_for(msg.id, open_ids)
         if refusal is not None:
             return refusal

@@ -83,6 +83,11 @@ class TokenBucket:
             return True
         return False
 
+    def can_take(self, n: float = 1.0) -> bool:
+        """Whether ``take(n)`` would succeed now; changes nothing (the connection machine
+        asks, the runtime takes: ``ChargeStart``)."""
+        return min(self.burst, self._tokens + (time.monotonic() - self._at) * self.rate) >= n
+
     @property
     def full(self) -> bool:
         elapsed = time.monotonic() - self._at

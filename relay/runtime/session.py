@@ -22,7 +22,8 @@ hub's notifications and the writer only ever receive actions that need no await)
   flood, slow consumer, token expiry, restart, bug. Frames that arrive meanwhile are read
   and dropped (a flooder's close reply sits behind what it queued);
 * ``AdoptCredentials``: the connection's accounting moves to the principal
-  (``Principals.move``); ``HelloAccepted``: the pending slot is given back;
+  (``Principals.move``); ``ChargeStart``: one start is taken from the principal's start
+  rate; ``HelloAccepted``: the pending slot is given back;
 * ``CloseWhenStreamsEnd``: a task waits for the running streams and their frames, then
   feeds ``TokenExpiredStreamsDone`` (whose ``Close`` takes the one path);
 * ``StartStream``/``ResumeStream``/``CancelStream``: the dialect's runtime adapter
@@ -67,8 +68,8 @@ from protocol.v1 import V1Codec
 from relay.core.auth import Authenticator, Credentials
 from relay.config import RelaySettings
 from relay.core.connection import (
-    Action, ActionFailed, AdoptCredentials, CancelStream, Close, CloseWhenStreamsEnd,
-    Connection, ConnectionLimits, FrameReceived, HelloAccepted, HelloTimedOut,
+    Action, ActionFailed, AdoptCredentials, CancelStream, ChargeStart, Close,
+    CloseWhenStreamsEnd, Connection, ConnectionLimits, FrameReceived, HelloAccepted, HelloTimedOut,
     InternalFailure, Opened, Phase, ResumeStream, SendFrame, ServerRestart,
     SlowConsumer, Slowness, SocketClosed, StartStream, StreamFailed,
     StreamTakenOver, TokenExpiredStreamsDone, TooManyFrames,
@@ -313,6 +314,10 @@ class Session:
                     on_hello()
             elif isinstance(action, CloseWhenStreamsEnd):
                 self._close_when_streams_end()
+            elif isinstance(action, ChargeStart):
+                starts = action.state.starts
+                if starts is not None:
+                    starts.take()
             else:
                 raise AssertionError(f"{action!r} needs the executor's await (_execute)")
 

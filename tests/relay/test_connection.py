@@ -28,7 +28,8 @@ from protocol.dialect import Begin
 from protocol.v1 import V1Codec
 from relay.core.auth import Authenticator, hash_api_key
 from relay.core.connection import (
-    ActionFailed, AdoptCredentials, CancelStream, Close, CloseWhenStreamsEnd, Connection,
+    ActionFailed, AdoptCredentials, CancelStream, ChargeStart, Close, CloseWhenStreamsEnd,
+    Connection,
     ConnectionLimits, Door, FrameReceived, HelloAccepted, HelloTimedOut, IllegalEvent,
     InternalFailure, Opened, Phase, ResumeStream, SendFrame, ServerRestart,
     SlowConsumer, Slowness, SocketClosed, StartStream, StreamFailed,
@@ -341,6 +342,25 @@ def test_a_bad_start_names_its_id_and_ref():
     err = error_of(welcomed().handle(FrameReceived(frame(type="start", id="q9", model="demo",
                                                          messages=[]))))
     assert (err["code"], err["ref"], err["id"]) == ("bad_request", "start", "q9")
+
+
+def test_the_machine_reads_the_start_rate_and_the_glue_takes_the_start():
+    """The machine never changes the principal's accounting: a start that passes the
+    start-rate check comes with ``ChargeStart`` (the glue takes the start), and the bucket
+    is as it was. A start refused by a later check (here a running id) still costs its
+    start, as a refused start always did."""
+    conn = welcomed()
+    conn.principal_state.starts = TokenBucket(0.001, 2)
+    actions = conn.handle(FrameReceived(start(id="q1")))
+    assert [type(a) for a in actions] == [ChargeStart, StartStream]
+    assert actions[0].state is conn.principal_state
+    assert conn.principal_state.starts.can_take(2)          # untouched by the machine
+    refused = conn.handle(FrameReceived(start(id="q1"), {"q1"}, False))
+    assert [type(a) for a in refused] == [ChargeStart, SendFrame]
+    assert refused[1].frame["code"] == "duplicate_id"
+    conn.principal_state.starts.take(2)                     # the glue took both
+    err = error_of(conn.handle(FrameReceived(start(id="q2"))))
+    assert err["code"] == "rate_limited"                    # no ChargeStart for a refusal
 
 
 def _everything_fails() -> tuple[Connection, dict]:
