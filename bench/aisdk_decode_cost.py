@@ -5,7 +5,7 @@ Builds the frame of issue 20 item 7 (2,000 UIMessages, 10,000 parts, ~790 KB) an
 
 * v1: ``decode_client_frame`` (refused by its limits, or validated);
 * /ai-sdk: ``decode_request``, then (when it passes) ``to_chat_messages`` and the v1 checks
-  of the ``start`` it becomes (``validate_client_object``), as ``protocol.aisdk.AiSdkCodec`` does;
+  of the ``start`` it becomes (``validate_client_object``), as ``llm_relay_protocol.aisdk.AiSdkCodec`` does;
 
 with the relay's default ``DecodeLimits``, and prints the median and the answer of each.
 
@@ -27,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from protocol import DecodeLimits, FrameError, decode_client_frame, frames  # noqa: E402
-from protocol.aisdk import AiSdkFrameError, decode_request, to_chat_messages  # noqa: E402
-from protocol.codec import validate_client_object  # noqa: E402
+from llm_relay_protocol import DecodeLimits, FrameError, decode_client_frame, frames  # noqa: E402
+from llm_relay_protocol.aisdk import AiSdkFrameError, decode_request, to_chat_messages  # noqa: E402
+from llm_relay_protocol.codec import validate_client_object  # noqa: E402
 
 MESSAGES = 2000
 PARTS_PER_MESSAGE = 5

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from protocol import DecodeLimits  # noqa: E402
+from llm_relay_protocol import DecodeLimits  # noqa: E402
 
 MAX_FRAME_BYTES = 1 << 20
 FRAMES_PER_SECOND = 100          # the relay's default inbound frame rate per connection

@@ -20,7 +20,7 @@ import sys
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from protocol import PROTOCOL_VERSION, frames   # the frame builders every client uses
+from llm_relay_protocol import PROTOCOL_VERSION, frames   # the frame builders every client uses
 
 
 class RelayRefused(Exception):

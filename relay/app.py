@@ -26,7 +26,7 @@ import os
 import tomllib
 from typing import Any
 
-from protocol.messages import ALLOWED_PARAMS
+from llm_relay_protocol.messages import ALLOWED_PARAMS
 
 from relay.config import RelaySettings
 from relay.upstream.providers import DEMO_ALIAS, ModelRegistry, ModelSpec, demo_spec

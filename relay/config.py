@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from protocol import DecodeLimits
+from llm_relay_protocol import DecodeLimits
 
 __all__ = ["RelaySettings"]
 
@@ -54,7 +54,7 @@ class RelaySettings(BaseSettings):
                                     "in events")
     max_messages_bytes: int = Field(512 * 1024, ge=1024,
                                     description="JSON size of start.messages+tools")
-    # --- what one inbound frame may hold, checked before validation (protocol.DecodeLimits)
+    # --- what one inbound frame may hold, checked before validation (llm_relay_protocol.DecodeLimits)
     max_messages: int = Field(2000, ge=1, description="entries of start.messages")
     max_tools: int = Field(128, ge=0, description="entries of start.tools")
     max_content_parts: int = Field(4000, ge=0, description="content parts of one start's "
@@ -113,7 +113,7 @@ class RelaySettings(BaseSettings):
         None, ge=1, description="completion tokens per principal per hour (rate_limited)")
 
     def decode_limits(self) -> DecodeLimits:
-        """What one inbound frame may hold, for ``protocol.decode_client_frame``."""
+        """What one inbound frame may hold, for ``llm_relay_protocol.decode_client_frame``."""
         return DecodeLimits(
             max_messages_bytes=self.max_messages_bytes, max_messages=self.max_messages,
             max_tools=self.max_tools, max_content_parts=self.max_content_parts,

@@ -1,7 +1,7 @@
 """Docstrings name what exists (issue 22, item 5: ``server.py`` once cited an
 ``Authenticator.admit`` that was never written).
 
-Every ````Name.attr```` in a docstring of ``relay/`` or ``protocol/`` whose head is a module
+Every ````Name.attr```` in a docstring of ``relay/`` or ``clients/python/llm_relay_protocol/`` whose head is a module
 path of those packages (````relay.core.auth.Authenticator````) or a class defined in them
 (````Authenticator.check_header````) must resolve: the module's attribute, the class's
 attribute (inherited ones included), or an instance attribute the class (or a project base)

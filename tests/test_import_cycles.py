@@ -19,7 +19,7 @@ CLIENT_SOURCE = ROOT / "clients" / "python"
 #: learn where a package's source lives.
 PACKAGES = {
     "relay": ROOT,
-    "protocol": ROOT,
+    "llm_relay_protocol": CLIENT_SOURCE,
     "llm_relay_client": CLIENT_SOURCE,
 }
 

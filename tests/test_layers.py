@@ -1,7 +1,7 @@
 """The layout shows the architecture (issue 12, item 7): each package of ``relay/`` has one
 role, and the sans-I/O layers import no I/O.
 
-- ``protocol`` and ``relay.core`` are sans-I/O: no asyncio, sockets, websockets, HTTP
+- ``llm_relay_protocol`` and ``relay.core`` are sans-I/O: no asyncio, sockets, websockets, HTTP
   clients, LiteLLM or Redis, and nothing from the relay's I/O packages. The interfaces
   between the hub and its adapters (``relay.core.ports``) are in ``relay.core`` too;
 - ``relay.runtime`` (the asyncio glue) may use the adapters; the adapters (``relay.upstream``,
@@ -63,7 +63,7 @@ def _under(name: str, prefixes) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-@pytest.mark.parametrize("package", ["protocol", "relay.core"])
+@pytest.mark.parametrize("package", ["llm_relay_protocol", "relay.core"])
 def test_sans_io_layers_import_no_io(package):
     bad = _violations(package, lambda n: _under(n, IO_MODULES) or _under(n, (
         "relay.runtime", "relay.upstream", "relay.cluster", "relay.http", "relay.client",
@@ -72,7 +72,7 @@ def test_sans_io_layers_import_no_io(package):
 
 
 def test_protocol_imports_nothing_of_the_relay():
-    assert not _violations("protocol", lambda n: _under(n, ("relay", "llm_relay_client")))
+    assert not _violations("llm_relay_protocol", lambda n: _under(n, ("relay", "llm_relay_client")))
 
 
 def test_the_client_imports_nothing_of_the_server():
@@ -90,13 +90,13 @@ def test_adapters_never_import_the_asyncio_glue(package):
 
 #: What the hub may import of the relay: the sans-I/O cores (its ports among them), the
 #: settings, the metrics, and the group limits' types it holds for the sessions.
-HUB_MAY_IMPORT = ("protocol", "relay.config", "relay.core", "relay.metrics",
+HUB_MAY_IMPORT = ("llm_relay_protocol", "relay.config", "relay.core", "relay.metrics",
                   "relay.cluster.shared_limits")
 
 
 def test_the_hub_imports_none_of_what_implements_its_ports():
     hub = ROOT / "relay" / "runtime" / "hub.py"
-    bad = sorted(n for n in _imports(hub) if (_under(n, ("relay", "protocol"))
+    bad = sorted(n for n in _imports(hub) if (_under(n, ("relay", "llm_relay_protocol"))
                                               and not _under(n, HUB_MAY_IMPORT)))
     assert not bad, bad
 

@@ -1,6 +1,6 @@
 """The documentation site builds with `mkdocs build --strict` (mkdocs-material, from the test
 extra), so CI fails on a broken link, a missing anchor, a page left out of the navigation, or
-an include of protocol/*.md that no longer resolves. About a second; no network."""
+an include of clients/python/llm_relay_protocol/*.md that no longer resolves. About a second; no network."""
 
 from __future__ import annotations
 

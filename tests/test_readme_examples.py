@@ -1,5 +1,5 @@
 """Every Python and shell block in README.md, client_demo/README.md, docs/ and the protocol
-documents docs/ includes (protocol/PROTOCOL.md, protocol/AISDK.md) runs as written, every
+documents docs/ includes (clients/python/llm_relay_protocol/PROTOCOL.md, clients/python/llm_relay_protocol/AISDK.md) runs as written, every
 flag they document exists, and they tell no development history (that is CHANGELOG.md's).
 The JavaScript/TSX blocks run in tests/browser/test_readme_js_examples.py, the TOML blocks in
 tests/test_readme_config_blocks.py, and the docs site builds in tests/test_readme_docs_site.py.
@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "client_demo" / "README.md",
         ROOT / "client_demo" / "ai-sdk" / "README.md",
         *sorted((ROOT / "docs").glob("**/*.md")),
-        ROOT / "protocol" / "PROTOCOL.md", ROOT / "protocol" / "AISDK.md"]
+        ROOT / "clients" / "python" / "llm_relay_protocol" / "PROTOCOL.md", ROOT / "clients" / "python" / "llm_relay_protocol" / "AISDK.md"]
 VENV_BIN = str(Path(sys.executable).parent)
 RUN_TIMEOUT = 120
 
@@ -364,7 +364,7 @@ def test_every_flag_the_docs_document_exists():
     serve = flags[("-m", "relay", "serve")]
     known = set().union(*flags.values())
     # The schema generator reads its one flag by hand (no --help): take it from its source.
-    known |= _doc_flags((ROOT / "protocol" / "schema.py").read_text())
+    known |= _doc_flags((ROOT / "clients" / "python" / "llm_relay_protocol" / "schema.py").read_text())
     configuration = (ROOT / "docs" / "configuration.md").read_text()
     settings = configuration[configuration.index("## Settings"):
                              configuration.index("\n## ", configuration.index("## Settings") + 1)]

@@ -1,5 +1,5 @@
-"""The relay type-checks (issue 22, "typed insides"): mypy over ``protocol/`` and ``relay/``
-reports no error, strict for the sans-I/O cores (``protocol/``, ``relay/core/``) and in its
+"""The relay type-checks (issue 22, "typed insides"): mypy over ``clients/python/llm_relay_protocol/`` and ``relay/``
+reports no error, strict for the sans-I/O cores (``clients/python/llm_relay_protocol/``, ``relay/core/``) and in its
 default mode elsewhere, as configured in pyproject.toml (``[tool.mypy]``).
 
 mypy runs in a subprocess, so ``pytest -n auto`` runs it beside the rest of the suite. Its

@@ -1,5 +1,5 @@
 // Types of client-policy.js, the tables generated from the protocol package's client_policy
-// module (`python -m protocol.client_policy --write`). Hand-written: the shape, not the values.
+// module (`python -m llm_relay_protocol.client_policy --write`). Hand-written: the shape, not the values.
 
 export interface ClientPolicy {
   readonly backoff: {

@@ -29,9 +29,9 @@
 //   fitMessages() trims a conversation's oldest messages to what the relay takes.
 //
 // The policy (which close is retried, the backoff and attempt limit, what is resumed, which
-// frames are replays, what a cancel does) is protocol/client_policy.py, shared with the
+// frames are replays, what a cancel does) is clients/python/llm_relay_protocol/client_policy.py, shared with the
 // Python client: its tables arrive generated in ./client-policy.js (never edit that file;
-// run `python -m protocol.client_policy --write`), and the same JSON test vectors
+// run `python -m llm_relay_protocol.client_policy --write`), and the same JSON test vectors
 // (tests/vectors/client_policy.json) run against both clients. In short: retry 1005, 1006
 // and the relay's retryable codes; 4401 "token expired" after a welcome (token function)
 // refreshes once and re-sends the starts the relay left unanswered; everything else is
@@ -56,7 +56,7 @@ export { POLICY };
 export const PROTOCOL = "llm-relay.v1";
 
 // Frame types and the client frames' fields, generated from the models of
-// protocol/messages.py (the ones protocol/frames.py builds the Python client's frames to):
+// clients/python/llm_relay_protocol/messages.py (the ones clients/python/llm_relay_protocol/frames.py builds the Python client's frames to):
 // this client builds every frame it sends with clientFrame(), and routes a stream's frames
 // by FRAME_TYPES.stream, so neither list is typed out here.
 export const FRAME_TYPES = Object.freeze({
@@ -88,7 +88,7 @@ export function clientFrame(type, fields = {}) {
   return frame;
 }
 
-// Close codes: the server's (protocol/codes.py) plus 1000/1005/1006, from the shared policy.
+// Close codes: the server's (clients/python/llm_relay_protocol/codes.py) plus 1000/1005/1006, from the shared policy.
 export const CLOSE_CODES = Object.freeze(Object.fromEntries(
   Object.entries(POLICY.close_codes).map(([code, entry]) => [Number(code), Object.freeze({ ...entry })])));
 
@@ -105,7 +105,7 @@ export function isRetryable(code) {
 }
 
 /**
- * The policy's answer to a close (protocol/client_policy.py `close_decision`): {code,
+ * The policy's answer to a close (clients/python/llm_relay_protocol/client_policy.py `close_decision`): {code,
  * reason, retry, meaning, refreshToken, resendUnansweredStarts}. `welcomed`: the closed
  * socket had received `welcome`; `tokenRefreshable`: the `token` option is a function.
  */
@@ -634,7 +634,7 @@ export class RelayClient extends EventTarget {
     this.lastClose = { code, reason };
     const welcomed = this._socketWelcomed;
     this._socketWelcomed = false;
-    // The shared policy decides (protocol/client_policy.py rule 1). Its one special case: a
+    // The shared policy decides (clients/python/llm_relay_protocol/client_policy.py rule 1). Its one special case: a
     // token that expired while the connection was open (4401 "token expired" after a
     // welcome) with a token function reconnects with a fresh token; the relay left the
     // starts that hit the expiry unanswered (PROTOCOL.md), so they are sent again. A fresh

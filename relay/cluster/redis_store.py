@@ -17,7 +17,7 @@ Key layout (``P`` = ``prefix``, default ``"llmrelay:"``; ``K`` = the caller's st
                           sha256 of its owner and chat id); set and expired by the caller
                           with the stream K's own record (``set_chat``, ``expire_chats``)
     P control     pub/sub channel, orjson-encoded JSON objects (the relays' control messages,
-                          ``protocol.RelayMessage``; this store carries any object)
+                          ``llm_relay_protocol.RelayMessage``; this store carries any object)
 
 Contracts shared by every method:
 

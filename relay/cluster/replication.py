@@ -8,17 +8,17 @@ port, ``relay.core.ports``: the hub's task for the stream runs it, and it logs w
 from Redis, ``XREAD BLOCK``), and its connection's writer sends it like any local stream.
 Control travels by pub/sub:
 
-* ``{"op": "cancel", "key": K}`` (``protocol.RelayCancel``): the owner cancels the upstream
+* ``{"op": "cancel", "key": K}`` (``llm_relay_protocol.RelayCancel``): the owner cancels the upstream
   call through its hub (``PeerControl.cancelled_elsewhere``: ``Event.CANCEL``, as a local
   ``cancel``), so a ``cancel`` sent to any node stops the request running on another;
-* ``{"op": "takeover", "key": K, "node": N}`` (``protocol.RelayTakeover``): a connection on
+* ``{"op": "takeover", "key": K, "node": N}`` (``llm_relay_protocol.RelayTakeover``): a connection on
   node N took the stream over (a ``resume`` with ``"takeover": true``); every other node
   detaches its own *owner* attachment of it through its hub
   (``PeerControl.taken_over_elsewhere``: ``Event.TAKEN_OVER``; the old one stops receiving
   frames and ends with ``error`` ``stream_taken_over``, as on a single relay). Viewers
   stay: a plain ``resume`` (a viewer) is announced to nobody.
 
-Both are built by ``protocol.frames`` and parsed by ``protocol.decode_relay_message``; a
+Both are built by ``llm_relay_protocol.frames`` and parsed by ``llm_relay_protocol.decode_relay_message``; a
 message the models refuse (an unknown ``op`` from a newer relay, a missing field) is logged
 and dropped.
 
@@ -57,7 +57,7 @@ from typing import Any, Literal
 
 import orjson
 
-from protocol import (
+from llm_relay_protocol import (
     ErrorCode, FinishReason, RelayCancel, RelayTakeover, decode_relay_message, frames,
 )
 

@@ -6,7 +6,7 @@ them). Each is driven by the asyncio glue in ``relay.runtime``.
 - ``ports``: the interfaces between the hub and its adapters (a stream's source, the sink it
   logs into, the replication hook, what other relays may ask of the hub);
 - ``streamlog``: a stream's compact frame log (the only buffer between producer and readers);
-- ``connection``: one connection's machine, for every wire dialect (``protocol.dialect``):
+- ``connection``: one connection's machine, for every wire dialect (``llm_relay_protocol.dialect``):
   handshake, authentication, start admission, every close code and error frame;
 - ``auth``: API keys and signed tokens (JWT) -> credentials and principals;
 - ``limits``: token buckets and per-principal accounting;

@@ -1,7 +1,7 @@
 """One connection's protocol decisions, sans-I/O: handshake, admission, every close and error.
 
 ``Connection`` is a relay connection as a state machine, whatever its wire dialect. A
-dialect is a sans-I/O codec (``protocol.dialect.Codec``: llm-relay.v1 on /ws, the AI SDK's
+dialect is a sans-I/O codec (``llm_relay_protocol.dialect.Codec``: llm-relay.v1 on /ws, the AI SDK's
 chat transport on /ai-sdk) that turns the dialect's frames into the core's requests and the
 core's replies into its frames; this machine is the same for all of them. It imports
 nothing of the event loop or the socket: ``handle(event)`` takes what happened (an inbound
@@ -31,7 +31,7 @@ upgrade) -> ``WELCOMED`` -> ``CLOSING`` (``CLOSED`` once the socket is gone). Th
 * ``HelloTimedOut`` while awaiting hello or credentials: close **4408** ``no hello within
   N s`` (``no credentials within N s``).
 * Every ``FrameReceived`` is decoded by the dialect's codec into one request
-  (``protocol.dialect``). While awaiting hello, anything but a ``Greet`` closes **4401**
+  (``llm_relay_protocol.dialect``). While awaiting hello, anything but a ``Greet`` closes **4401**
   ``first frame must be hello: <problem>``. A greeting with auth on is authenticated
   (``Authorization`` header first, else its token): a failure closes **4401** with the
   ``AuthError`` reason; a principal already at ``max_connections_per_principal`` closes
@@ -89,12 +89,12 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from protocol import CloseCode, ErrorCode, FrameError, PROTOCOL_VERSION, Start, frames
-from protocol.codec import DecodeLimits
-from protocol.dialect import (Begin, Codec, Greet, Handshake, Ignore, Malformed, Probe,
+from llm_relay_protocol import CloseCode, ErrorCode, FrameError, PROTOCOL_VERSION, Start, frames
+from llm_relay_protocol.codec import DecodeLimits
+from llm_relay_protocol.dialect import (Begin, Codec, Greet, Handshake, Ignore, Malformed, Probe,
                               Reattach, Request, Stop)
-from protocol.frames import Frame
-from protocol.v1 import V1Codec
+from llm_relay_protocol.frames import Frame
+from llm_relay_protocol.v1 import V1Codec
 
 from relay.core.auth import AuthError
 from relay.core.errors import (Draining, DuplicateId, NotAuthenticated, RateLimited, RelayError,
@@ -250,7 +250,7 @@ Event = (Opened | HelloTimedOut | FrameReceived | ActionFailed | StreamFailed
 
 @dataclass(frozen=True, slots=True)
 class SendFrame:
-    """Send this reply: a v1 server frame (dict, as built by ``protocol.frames``), which the
+    """Send this reply: a v1 server frame (dict, as built by ``llm_relay_protocol.frames``), which the
     glue has the connection's codec encode in its dialect (``Codec.encode_reply``)."""
 
     frame: Frame

@@ -22,7 +22,7 @@ the relay's ends ``failed``/``internal_error`` with ``RELAY_BUG_MESSAGE`` (the s
 
 from __future__ import annotations
 
-from protocol import ErrorCode
+from llm_relay_protocol import ErrorCode
 
 __all__ = [
     "RELAY_BUG_MESSAGE", "BadRequest", "Draining", "DuplicateId", "NotAuthenticated",

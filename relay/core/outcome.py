@@ -3,7 +3,7 @@
 A stream's source reports its end as a ``StreamOutcome`` (``FrameSink.finish``); the hub
 keeps it as ``HubStream.end`` and reads its fields (metrics, the token budget, the log line).
 It becomes a wire frame only where it is logged for sending: ``StreamOutcome.frame`` builds
-the ``finish`` frame (``protocol.frames.finish``, PROTOCOL.md "finish"), and
+the ``finish`` frame (``llm_relay_protocol.frames.finish``, PROTOCOL.md "finish"), and
 ``StreamOutcome.of_frame`` reads one back (a follower reading a stream's finish from Redis,
 where the owner logged it as a frame). ``of_frame(o.frame(id, seq)) == o`` for every outcome.
 
@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from protocol import ErrorCode, FinishStatus, frames
-from protocol.frames import Frame
+from llm_relay_protocol import ErrorCode, FinishStatus, frames
+from llm_relay_protocol.frames import Frame
 
 __all__ = ["FinishError", "StreamOutcome", "TokenUsage"]
 
@@ -38,7 +38,7 @@ class TokenUsage:
 
 @dataclass(frozen=True, slots=True)
 class FinishError:
-    """``finish.error`` of a ``failed`` or ``timeout`` stream (``protocol.ErrorInfo``)."""
+    """``finish.error`` of a ``failed`` or ``timeout`` stream (``llm_relay_protocol.ErrorInfo``)."""
 
     code: str
     message: str

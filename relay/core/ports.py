@@ -24,8 +24,8 @@ from __future__ import annotations
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
-from protocol import FinishReason
-from protocol.frames import Frame
+from llm_relay_protocol import FinishReason
+from llm_relay_protocol.frames import Frame
 
 from relay.core.outcome import StreamOutcome
 from relay.core.streamlog import FrameLog
@@ -36,7 +36,7 @@ __all__ = ["FollowedSource", "FrameSink", "PeerControl", "ReplicationHook", "Sou
 
 class FrameSink(Protocol):
     """Where a source logs its stream's frames (the hub gives one to ``run``). Frames are
-    protocol frames (``protocol.frames``), their ``seq`` increasing; ``received``: when the
+    protocol frames (``llm_relay_protocol.frames``), their ``seq`` increasing; ``received``: when the
     event that became the frame arrived (``time.perf_counter``); ``data``: the frame's
     encoding, when the source has it already (a follower reads encoded frames)."""
 

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import orjson
 
-from protocol import encode_frame, frames
-from protocol.frames import Frame
+from llm_relay_protocol import encode_frame, frames
+from llm_relay_protocol.frames import Frame
 
 __all__ = ["FrameLog", "INDEX_BYTES_PER_FRAME", "LogEntry", "MAX_MERGED_BYTES", "coalesce"]
 

@@ -1,6 +1,6 @@
 """``/ai-sdk``: the AI SDK's ``WebSocketChatTransport`` protocol, the runtime half of its dialect.
 
-The dialect itself is the sans-I/O codec ``protocol.aisdk.AiSdkCodec`` (frames -> the core's
+The dialect itself is the sans-I/O codec ``llm_relay_protocol.aisdk.AiSdkCodec`` (frames -> the core's
 requests, replies and stream frames -> AI SDK frames), and the connection machine
 (``relay.core.connection``) decides its door, authentication (the upgrade's
 ``Authorization`` header, else each ``send``/``resume``'s ``headers.authorization``), limits,
@@ -43,9 +43,9 @@ from pathlib import Path
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 
-from protocol import Resume
-from protocol.aisdk import ResumeRequest, SendRequest, message_id, safe_error_text
-from protocol.dialect import Begin, Reattach
+from llm_relay_protocol import Resume
+from llm_relay_protocol.aisdk import ResumeRequest, SendRequest, message_id, safe_error_text
+from llm_relay_protocol.dialect import Begin, Reattach
 
 from relay.core.errors import BadRequest, RelayError, StreamLost, UnknownStream
 from relay.core.lifecycle import SharedState

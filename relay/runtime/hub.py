@@ -57,7 +57,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from protocol import ErrorCode, FinishReason, FinishStatus
+from llm_relay_protocol import ErrorCode, FinishReason, FinishStatus
 
 from relay.config import RelaySettings
 from relay.core.errors import (

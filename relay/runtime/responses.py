@@ -2,12 +2,12 @@
 
 The dialect is a codec over the one connection core, as every dialect is: the wire
 (decoding events, encoding the stream's frames and the replies) is sans-I/O in
-``protocol.responses.ResponsesCodec``; the connection machine decides the door,
+``llm_relay_protocol.responses.ResponsesCodec``; the connection machine decides the door,
 authentication (the upgrade's ``Authorization: Bearer``, the relay token with ``--auth``),
 limits, admission, every ``error`` and every close; the session carries them out. This
 module holds only what the dialect's requests mean beyond a v1 ``start``
 (``ResponsesAdapter``, the route's adapter) and the stored conversations (``ChainStore``).
-The rules are in ``protocol/RESPONSES.md``.
+The rules are in ``clients/python/llm_relay_protocol/RESPONSES.md``.
 
 * lanes: each ``stream_id`` (none: the default lane) runs its creates one after another in
   order (a task per busy lane); lanes run in parallel, each response a stream within the
@@ -34,10 +34,10 @@ from typing import Any
 
 import orjson
 
-from protocol import FinishReason, FrameError, frames
-from protocol.codec import validate_start
-from protocol.dialect import Begin
-from protocol.responses import CreateContext, ResponseEncoder, ResponsesError, Turn, to_turn
+from llm_relay_protocol import FinishReason, FrameError, frames
+from llm_relay_protocol.codec import validate_start
+from llm_relay_protocol.dialect import Begin
+from llm_relay_protocol.responses import CreateContext, ResponseEncoder, ResponsesError, Turn, to_turn
 from relay.cluster.redis_store import RedisStore, StoreUnavailable
 from relay.cluster.replication import Replicator
 from relay.core.connection import ActionFailed, Phase

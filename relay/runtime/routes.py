@@ -1,11 +1,11 @@
 """The relay's WebSocket routes: one per wire dialect, each a codec over the one core.
 
 A ``DialectRoute`` is what the server needs to serve a dialect: its path, its sans-I/O codec
-(``protocol.dialect.Codec``), and, when its requests mean more than v1's, the runtime adapter
+(``llm_relay_protocol.dialect.Codec``), and, when its requests mean more than v1's, the runtime adapter
 (``relay.runtime.session.DialectAdapter``) that carries them out. Everything else (the
 Origin check, the door's caps, the handshake, authentication, limits, errors, closes, the
 writer and the backpressure rule) is the same code for every route. Adding a dialect is a
-codec module in protocol/ and one entry in ``DIALECTS``; tests/relay/test_dialect_doors.py
+codec module in clients/python/llm_relay_protocol/ and one entry in ``DIALECTS``; tests/relay/test_dialect_doors.py
 holds every registered dialect to the same door and limits.
 """
 
@@ -17,10 +17,10 @@ from typing import Protocol
 
 from websockets.datastructures import Headers
 
-from protocol.aisdk import AiSdkCodec
-from protocol.dialect import Codec
-from protocol.responses import ResponsesCodec
-from protocol.v1 import V1Codec
+from llm_relay_protocol.aisdk import AiSdkCodec
+from llm_relay_protocol.dialect import Codec
+from llm_relay_protocol.responses import ResponsesCodec
+from llm_relay_protocol.v1 import V1Codec
 
 from relay.config import RelaySettings
 from relay.core.auth import Authenticator

@@ -26,7 +26,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from protocol import SUPPORTED_VERSIONS, FinishReason
+from llm_relay_protocol import SUPPORTED_VERSIONS, FinishReason
 
 from relay.http import web
 from relay.runtime.aisdk import AI_SDK_EXAMPLE_PATH, AI_SDK_EXAMPLE_ROOT, ChatIndex

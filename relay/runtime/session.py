@@ -12,7 +12,7 @@ keeps them resumable for the grace.
 Decisions are not made here: the handshake, authentication, every limit, every close code
 and reason and every ``error`` come from the connection's sans-I/O machine
 (``relay.core.connection.Connection``), which decodes frames with the connection's dialect
-codec (``protocol.dialect.Codec``). This class carries out its actions, in ONE executor
+codec (``llm_relay_protocol.dialect.Codec``). This class carries out its actions, in ONE executor
 (``_execute``; its synchronous half ``_execute_now`` is what callbacks use: the timers, the
 hub's notifications and the writer only ever receive actions that need no await):
 
@@ -61,9 +61,9 @@ import orjson
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from protocol import FrameError, Resume, encode_frame, frames
-from protocol.dialect import Begin, Codec, Reattach, ResponseEncoder
-from protocol.v1 import V1Codec
+from llm_relay_protocol import FrameError, Resume, encode_frame, frames
+from llm_relay_protocol.dialect import Begin, Codec, Reattach, ResponseEncoder
+from llm_relay_protocol.v1 import V1Codec
 
 from relay.core.auth import Authenticator, Credentials
 from relay.config import RelaySettings

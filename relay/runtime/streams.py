@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection
 
-from protocol import FinishReason, Resume, Start
+from llm_relay_protocol import FinishReason, Resume, Start
 
 from relay.config import RelaySettings
 from relay.core.connection import Connection

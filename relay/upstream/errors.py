@@ -31,7 +31,7 @@ import email.utils
 import time
 from dataclasses import dataclass
 
-from protocol import ErrorCode, frames
+from llm_relay_protocol import ErrorCode, frames
 
 from relay.core.errors import RELAY_BUG_MESSAGE
 
@@ -65,7 +65,7 @@ class UpstreamFailure:
         object.__setattr__(self, "code", str(self.code))
 
     def as_error(self) -> dict:
-        """The ``error`` object of the stream's ``finish`` (``protocol.ErrorInfo``)."""
+        """The ``error`` object of the stream's ``finish`` (``llm_relay_protocol.ErrorInfo``)."""
         return frames.error_info(self.code, self.message, self.retry_after)
 
 

@@ -42,7 +42,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from protocol import ErrorCode, FinishReason, FinishStatus
+from llm_relay_protocol import ErrorCode, FinishReason, FinishStatus
 
 from relay.upstream import admission
 from relay.upstream.deltas import Delta, ToolCallPiece, UpstreamReader, UsageInfo

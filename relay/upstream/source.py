@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from protocol import FinishReason, frames
+from llm_relay_protocol import FinishReason, frames
 
 from relay.core.outcome import FinishError, StreamOutcome, TokenUsage
 from relay.core.ports import FrameSink

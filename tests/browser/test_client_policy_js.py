@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from protocol import Finish, decode_server_frame
+from llm_relay_protocol import Finish, decode_server_frame
 
 from .test_relay_client_js import FakeRelay, run_js
 

@@ -484,10 +484,10 @@ async def test_chat_page_shows_a_final_close_with_its_meaning(page):
 
 async def test_client_frames_are_built_from_the_models_tables(page):
     """relay-client.js builds hello/start/cancel/ping/resume from the field table generated
-    from protocol/messages.py: the same frames protocol.frames builds for the Python client
+    from clients/python/llm_relay_protocol/messages.py: the same frames llm_relay_protocol.frames builds for the Python client
     (key order included), which the relay accepts; its type lists are the unions' members."""
-    from protocol import decode_client_frame, frames
-    from protocol.messages import CLIENT_FRAME_TYPES, SERVER_FRAME_TYPES, STREAM_FRAME_TYPES
+    from llm_relay_protocol import decode_client_frame, frames
+    from llm_relay_protocol.messages import CLIENT_FRAME_TYPES, SERVER_FRAME_TYPES, STREAM_FRAME_TYPES
 
     msgs = [{"role": "user", "content": "hi"}]
     expected = {

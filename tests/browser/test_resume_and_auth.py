@@ -16,7 +16,7 @@ import dataclasses
 
 import pytest
 
-from protocol import CloseCode
+from llm_relay_protocol import CloseCode
 from relay.core.auth import mint_token
 from relay.upstream.demo import demo_reply_tokens
 from relay.upstream.llm import demo_handler, set_demo_tps

@@ -1,6 +1,6 @@
 """The JS client's hand-written types (clients/js/relay-client.d.ts) say what the relay
 sends: one interface per server frame type, each with exactly the fields of the frame's
-pydantic model in protocol/messages.py, optional (``?``) exactly where the model has a
+pydantic model in clients/python/llm_relay_protocol/messages.py, optional (``?``) exactly where the model has a
 default; the nested shapes (``Limits``, ``Usage``, ``ErrorInfo``) likewise. A field added to
 a model without its type fails here, so the ``.d.ts`` cannot drift from the protocol.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 
-from protocol import messages
-from protocol.messages import ErrorInfo, Limits, ServerMessage, Usage, union_members
+from llm_relay_protocol import messages
+from llm_relay_protocol.messages import ErrorInfo, Limits, ServerMessage, Usage, union_members
 
 from ..test_import_cycles import ROOT
 

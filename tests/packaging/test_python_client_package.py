@@ -32,7 +32,7 @@ from ..test_import_cycles import CLIENT_SOURCE, ROOT
 #: What llm-relay-client may depend on at run time (issue 25: no LiteLLM, nothing else).
 RUNTIME_DEPENDENCIES = {"websockets", "pydantic", "orjson"}
 #: The protocol package's import name, and every package the wheel installs.
-PROTOCOL_PACKAGE = "protocol"
+PROTOCOL_PACKAGE = "llm_relay_protocol"
 TOP_LEVEL = {"llm_relay_client", PROTOCOL_PACKAGE}
 
 CLIENT_SCRIPT = """
@@ -41,7 +41,7 @@ started = time.perf_counter()
 import llm_relay_client
 import_seconds = time.perf_counter() - started
 from llm_relay_client import Finish, RelayClient, Token
-import protocol
+import llm_relay_protocol
 
 async def main(url):
     async with RelayClient(url) as client:
@@ -59,12 +59,12 @@ result.update(
     import_seconds=import_seconds,
     version=llm_relay_client.__version__,
     client_file=llm_relay_client.__file__,
-    protocol_file=protocol.__file__,
+    protocol_file=llm_relay_protocol.__file__,
     litellm=importlib.util.find_spec("litellm") is not None,
     server=importlib.util.find_spec("relay") is not None,
     typed=[(importlib.resources.files(name) / "py.typed").is_file()
-           for name in ("llm_relay_client", "protocol")],
-    spec=(importlib.resources.files("protocol") / "PROTOCOL.md").is_file(),
+           for name in ("llm_relay_client", "llm_relay_protocol")],
+    spec=(importlib.resources.files("llm_relay_protocol") / "PROTOCOL.md").is_file(),
     requires=importlib.metadata.requires("llm-relay-client"),
 )
 print(json.dumps(result))

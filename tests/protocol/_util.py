@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from protocol import Error, FrameError, decode_client_frame
+from llm_relay_protocol import Error, FrameError, decode_client_frame
 
 HI = [{"role": "user", "content": "hi"}]
 

@@ -1,4 +1,4 @@
-"""protocol.aisdk, purely: AI SDK request decoding, UIMessage -> chat messages, and the
+"""llm_relay_protocol.aisdk, purely: AI SDK request decoding, UIMessage -> chat messages, and the
 mapping of a v1 stream's frames to UIMessageChunks (no sockets, no event loop). The chunks
 of every scenario here are also validated with the real `ai` package's schema in
 tests/relay/test_aisdk_transport.py."""
@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from protocol import DecodeLimits, frames
-from protocol.aisdk import (
+from llm_relay_protocol import DecodeLimits, frames
+from llm_relay_protocol.aisdk import (
     MAX_MERGED_DELTA_CHARS,
     AiSdkFrameError,
     ResponseMapper,
@@ -333,7 +333,7 @@ def test_counts_are_refused_before_validation():
 
 
 class ModelSpy:
-    """Stands in for a request model of protocol.aisdk; counts validations."""
+    """Stands in for a request model of llm_relay_protocol.aisdk; counts validations."""
 
     def __init__(self, real) -> None:
         self.real = real
@@ -346,7 +346,7 @@ class ModelSpy:
 
 @pytest.fixture
 def spied(monkeypatch) -> dict:
-    import protocol.aisdk as aisdk
+    import llm_relay_protocol.aisdk as aisdk
 
     spies = {name: ModelSpy(model) for name, model in aisdk._MODELS.items()}
     monkeypatch.setattr(aisdk, "_MODELS", spies)

@@ -1,4 +1,4 @@
-"""protocol.client_policy, pure: the shared JSON vectors (tests/vectors/client_policy.json)
+"""llm_relay_protocol.client_policy, pure: the shared JSON vectors (tests/vectors/client_policy.json)
 run against the Python policy, the generated JS tables are fresh, and the policy's own
 contracts (bounded dedupe state, schema-valid local finish, backoff bounds).
 
@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from protocol import Finish, decode_server_frame
-from protocol import client_policy as cp
-from protocol.client_policy import (
+from llm_relay_protocol import Finish, decode_server_frame
+from llm_relay_protocol import client_policy as cp
+from llm_relay_protocol.client_policy import (
     BACKOFF,
     MAX_RECONNECT_ATTEMPTS,
     CancelAction,
@@ -235,7 +235,7 @@ def test_tracker_refuses_a_live_duplicate_id_and_ignores_booleans_as_seq():
 def test_generated_js_tables_are_fresh():
     committed = (ROOT / cp.JS_MODULE_PATH).read_text("utf-8")
     assert committed == cp.render_js_module(), (
-        f"{cp.JS_MODULE_PATH} is stale: run `python -m protocol.client_policy --write`")
+        f"{cp.JS_MODULE_PATH} is stale: run `python -m llm_relay_protocol.client_policy --write`")
     body = committed.split("Object.freeze(", 1)[1].rsplit(");", 1)[0]
     assert json.loads(body) == cp.policy_tables()
 
@@ -247,4 +247,4 @@ def test_main_writes_and_prints(tmp_path, capsys):
     assert cp.main(["--json"]) == 0
     assert json.loads(capsys.readouterr().out) == cp.policy_tables()
     assert cp.main([]) == 2
-    assert sys.modules["protocol.client_policy"] is cp
+    assert sys.modules["llm_relay_protocol.client_policy"] is cp

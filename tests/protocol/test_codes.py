@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from protocol import CloseCode, ErrorCode, FinishReason, FinishStatus
+from llm_relay_protocol import CloseCode, ErrorCode, FinishReason, FinishStatus
 
 # PROTOCOL.md, "Close codes": code -> should a client reconnect?
 RETRY = {

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from protocol import (
+from llm_relay_protocol import (
     ALLOWED_PARAMS,
     Cancel,
     ChatMessage,

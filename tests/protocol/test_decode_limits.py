@@ -15,8 +15,8 @@ import json
 import orjson
 import pytest
 
-import protocol.codec as codec
-from protocol import Cancel, DecodeLimits, FrameError, Ping, Resume, Start, decode_client_frame
+import llm_relay_protocol.codec as codec
+from llm_relay_protocol import Cancel, DecodeLimits, FrameError, Ping, Resume, Start, decode_client_frame
 
 from ._util import HI, rejected, start, text
 

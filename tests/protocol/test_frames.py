@@ -1,6 +1,6 @@
-"""The builders of ``protocol.frames`` (server -> client, client -> server, relay -> relay)
-produce exactly what the models of ``protocol.messages`` and the committed
-``protocol/schema.json`` describe; ``encode_frame``, ``decode_server_frame``,
+"""The builders of ``llm_relay_protocol.frames`` (server -> client, client -> server, relay -> relay)
+produce exactly what the models of ``llm_relay_protocol.messages`` and the committed
+``clients/python/llm_relay_protocol/schema.json`` describe; ``encode_frame``, ``decode_server_frame``,
 ``decode_client_frame`` and ``decode_relay_message`` agree with them. The type lists derived
 from the discriminated unions are exactly the unions' members."""
 
@@ -17,8 +17,8 @@ import orjson
 import pydantic
 import pytest
 
-import protocol
-from protocol import (
+import llm_relay_protocol
+from llm_relay_protocol import (
     PROTOCOL_VERSION,
     Error,
     ErrorCode,
@@ -48,9 +48,9 @@ from protocol import (
     encode_frame,
     frames,
 )
-from protocol import messages
-from protocol.client_policy import frame_tables, local_cancel_finish
-from protocol.schema import SCHEMA_PATH
+from llm_relay_protocol import messages
+from llm_relay_protocol.client_policy import frame_tables, local_cancel_finish
+from llm_relay_protocol.schema import SCHEMA_PATH
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
@@ -273,15 +273,15 @@ def test_the_js_frame_table_is_derived_from_the_models():
 
 
 def test_the_unknown_type_error_lists_the_derived_client_types():
-    with pytest.raises(protocol.FrameError) as info:
+    with pytest.raises(llm_relay_protocol.FrameError) as info:
         decode_client_frame('{"type": "nope"}')
     assert f"(expected one of: {', '.join(messages.CLIENT_FRAME_TYPES)})" in str(info.value)
 
 
 # Where frames used to be assembled by hand. A dict literal with a "type" key naming a
-# llm-relay.v1 frame, or an "op" key, is a frame built outside protocol.frames.
-_BUILDER_MODULES = {"protocol/frames.py"}
-_SCANNED = ["protocol/", "relay/", "clients/python/llm_relay_client/"]
+# llm-relay.v1 frame, or an "op" key, is a frame built outside llm_relay_protocol.frames.
+_BUILDER_MODULES = {"clients/python/llm_relay_protocol/frames.py"}
+_SCANNED = ["clients/python/llm_relay_protocol/", "relay/", "clients/python/llm_relay_client/"]
 
 
 def _hand_built_frames(source: str, name: str) -> list[str]:
@@ -312,7 +312,7 @@ def test_no_frame_is_assembled_outside_the_builders():
 #: Modules whose dicts are another wire's, not llm-relay.v1 frames: the AI SDK's
 #: UIMessageChunk protocol, the OpenAI Responses events, and TokenStreamer's
 #: seed-compatible event dicts.
-_OTHER_WIRES = {"protocol/aisdk.py", "protocol/responses.py", "relay/token_streamer.py"}
+_OTHER_WIRES = {"clients/python/llm_relay_protocol/aisdk.py", "clients/python/llm_relay_protocol/responses.py", "relay/token_streamer.py"}
 
 
 def test_the_scan_finds_a_hand_built_frame():

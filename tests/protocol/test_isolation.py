@@ -1,4 +1,4 @@
-"""``protocol`` is sans-I/O: importing it (every submodule) loads no asyncio, websockets,
+"""``llm_relay_protocol`` is sans-I/O: importing it (every submodule) loads no asyncio, websockets,
 litellm or httpx, so any client, sync or async, can use it."""
 
 from __future__ import annotations
@@ -10,18 +10,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import protocol
+import llm_relay_protocol
 
 FORBIDDEN = ("asyncio", "websockets", "litellm", "httpx")
-PACKAGE_DIR = Path(protocol.__file__).parent
+PACKAGE_DIR = Path(llm_relay_protocol.__file__).parent
 ROOT = Path(__file__).resolve().parents[2]  # the repository (not where the package is)
-SUBMODULES = sorted(f"{protocol.__name__}.{m.name}"
+SUBMODULES = sorted(f"{llm_relay_protocol.__name__}.{m.name}"
                     for m in pkgutil.iter_modules([str(PACKAGE_DIR)]))
 
 PROBE = """
 import importlib, json, sys
 before = [m for m in {forbidden!r} if m in sys.modules]
-for name in ["protocol", *{submodules!r}]:
+for name in ["llm_relay_protocol", *{submodules!r}]:
     importlib.import_module(name)
 loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set({forbidden!r}))
 print(json.dumps({{"before": before, "loaded": loaded}}))
@@ -29,8 +29,8 @@ print(json.dumps({{"before": before, "loaded": loaded}}))
 
 
 def test_submodules_found():
-    assert {"protocol.codec", "protocol.codes", "protocol.frames", "protocol.messages",
-            "protocol.schema", "protocol.version"} <= set(SUBMODULES)
+    assert {"llm_relay_protocol.codec", "llm_relay_protocol.codes", "llm_relay_protocol.frames", "llm_relay_protocol.messages",
+            "llm_relay_protocol.schema", "llm_relay_protocol.version"} <= set(SUBMODULES)
 
 
 def test_import_loads_no_io_libraries():

@@ -11,7 +11,7 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol import (
+from llm_relay_protocol import (
     ADDRESSED_CLIENT_FRAME_TYPES,
     ALLOWED_PARAMS,
     CLIENT_FRAME_TYPES,

@@ -1,4 +1,4 @@
-"""protocol.responses, sans I/O: client events -> the v1 chat turn, v1 stream frames -> the
+"""llm_relay_protocol.responses, sans I/O: client events -> the v1 chat turn, v1 stream frames -> the
 Responses server events. Every event the encoder produces is validated against the official
 ``openai`` SDK's own ``ResponsesServerEvent`` models (not a copy of its types)."""
 
@@ -11,8 +11,8 @@ import pytest
 from openai.types.responses.responses_server_event import ResponsesServerEvent
 from pydantic import TypeAdapter
 
-from protocol import DecodeLimits, frames
-from protocol.responses import (CancelRequest, CreateRequest, ResponseEncoder, ResponsesError,
+from llm_relay_protocol import DecodeLimits, frames
+from llm_relay_protocol.responses import (CancelRequest, CreateRequest, ResponseEncoder, ResponsesError,
                                 decode_event, new_response_id, to_turn)
 
 SERVER_EVENT: TypeAdapter[Any] = TypeAdapter(ResponsesServerEvent)

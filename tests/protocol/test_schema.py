@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-import protocol.schema
-from protocol.schema import SCHEMA_PATH, json_schema, render
+import llm_relay_protocol.schema
+from llm_relay_protocol.schema import SCHEMA_PATH, json_schema, render
 
 CLIENT_TYPES = {"hello", "start", "cancel", "ping", "resume"}
 SERVER_TYPES = {"welcome", "started", "resumed", "token", "reasoning", "refusal",
@@ -16,7 +16,7 @@ SERVER_TYPES = {"welcome", "started", "resumed", "token", "reasoning", "refusal"
 def test_committed_schema_is_current():
     committed = SCHEMA_PATH.read_text(encoding="utf-8")
     assert committed == render(), (
-        "protocol/schema.json is stale: run `python -m protocol.schema --write` and commit it"
+        "clients/python/llm_relay_protocol/schema.json is stale: run `python -m llm_relay_protocol.schema --write` and commit it"
     )
 
 
@@ -33,7 +33,7 @@ def test_schema_is_valid_json_with_both_directions():
 def test_params_schema_is_the_allowlist():
     params = json_schema()["client_to_server"]["$defs"]["Params"]
     assert params["additionalProperties"] is False
-    assert set(params["properties"]) == set(protocol.ALLOWED_PARAMS)
+    assert set(params["properties"]) == set(llm_relay_protocol.ALLOWED_PARAMS)
 
 
 def test_main_prints_without_writing(capsys, monkeypatch):
@@ -41,5 +41,5 @@ def test_main_prints_without_writing(capsys, monkeypatch):
         raise AssertionError("must not write without --write")
 
     monkeypatch.setattr(type(SCHEMA_PATH), "write_text", no_write)
-    assert protocol.schema.main([]) == 0
+    assert llm_relay_protocol.schema.main([]) == 0
     assert capsys.readouterr().out == render()

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
-import protocol
-from protocol import ALLOWED_PARAMS, CloseCode, ErrorCode, FinishReason, FinishStatus
-from protocol.messages import CLIENT_FRAME_TYPES, SERVER_FRAME_TYPES
+import llm_relay_protocol
+from llm_relay_protocol import ALLOWED_PARAMS, CloseCode, ErrorCode, FinishReason, FinishStatus
+from llm_relay_protocol.messages import CLIENT_FRAME_TYPES, SERVER_FRAME_TYPES
 
-PROTOCOL_DIR = Path(protocol.__file__).parent
+PROTOCOL_DIR = Path(llm_relay_protocol.__file__).parent
 ROOT = Path(__file__).resolve().parents[2]  # the repository (not where the package is)
 SPEC = (PROTOCOL_DIR / "PROTOCOL.md").read_text(encoding="utf-8")
 FRAME_TYPES = sorted(set(CLIENT_FRAME_TYPES) | set(SERVER_FRAME_TYPES))
@@ -371,9 +371,9 @@ def test_every_allowed_param_is_documented(key):
 
 
 def test_version_and_path():
-    assert f"`{protocol.PROTOCOL_VERSION}`" in SPEC
+    assert f"`{llm_relay_protocol.PROTOCOL_VERSION}`" in SPEC
     assert "`/ws`" in SPEC
-    assert "python -m protocol.schema --write" in SPEC
+    assert "python -m llm_relay_protocol.schema --write" in SPEC
 
 
 # ------------------------------------------------------------------ spec section -> tests
@@ -416,7 +416,7 @@ def test_the_relay_never_sends_close_4400():
 
 def test_the_json_schema_section_lists_the_schemas_frame_types():
     """The JSON Schema section names exactly the frame types of each direction of
-    protocol/schema.json (it had left out resume/resumed)."""
+    clients/python/llm_relay_protocol/schema.json (it had left out resume/resumed)."""
     schema = json.loads((PROTOCOL_DIR / "schema.json").read_text(encoding="utf-8"))
     text = _sections()["JSON Schema"]
     for direction in ("client_to_server", "server_to_client", "relay_to_relay"):
@@ -439,7 +439,7 @@ def test_the_clients_close_rule_is_the_one_protocol_md_states():
     column plus its "Client policy" paragraph) and ``close_decision`` carries it out: every
     row's yes/no, 1005 and 1006 retried, 1000 and a code not listed final; the other
     documents point there instead of listing codes again (issue 22, item 5)."""
-    from protocol.client_policy import close_decision
+    from llm_relay_protocol.client_policy import close_decision
 
     rows = re.findall(r"^\| (\d{4}) \| `\w+` \| (yes|no)\b", SPEC, re.M)
     assert len(rows) == len(CloseCode) - 1                 # every code but 4400 (never sent)
@@ -448,6 +448,6 @@ def test_the_clients_close_rule_is_the_one_protocol_md_states():
         decision = close_decision(int(code), "", welcomed=True, token_refreshable=True)
         assert decision.retry is (reconnect == "yes"), code
     docs = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "docs").glob("*.md"))]
-    for path in ("README.md", *docs, "clients/python/llm_relay_client/client.py", "protocol/client_policy.py"):
+    for path in ("README.md", *docs, "clients/python/llm_relay_client/client.py", "clients/python/llm_relay_protocol/client_policy.py"):
         text = (ROOT / path).read_text(encoding="utf-8")
         assert not re.search(r"1001, 1011, 1012", text), f"{path} lists the retried codes again"

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect as sync_connect
 
-from protocol.aisdk import AiSdkFrameError, decode_request, safe_error_text
+from llm_relay_protocol.aisdk import AiSdkFrameError, decode_request, safe_error_text
 from relay.core.auth import AuthError, Authenticator, api_key_label, mint_token
 from tests.fakes.upstream import stream
 

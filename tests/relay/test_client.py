@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol import Finish, Started, Token, ToolCallChunk, ToolCallComplete
+from llm_relay_protocol import Finish, Started, Token, ToolCallChunk, ToolCallComplete
 from llm_relay_client import ConnectionLost, RelayClient, StreamRejected
 from relay.upstream.demo import demo_reply_tokens
 from relay.upstream.llm import demo_handler

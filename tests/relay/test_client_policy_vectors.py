@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from protocol.client_policy import TOKEN_EXPIRED_REASON
+from llm_relay_protocol.client_policy import TOKEN_EXPIRED_REASON
 from relay.core.auth import EXPIRED
 from llm_relay_client import ConnectionLost, RelayClient, StreamRejected
 

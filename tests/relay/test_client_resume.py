@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from protocol import Finish, Started, Token, ToolCallChunk, ToolCallComplete
+from llm_relay_protocol import Finish, Started, Token, ToolCallChunk, ToolCallComplete
 from llm_relay_client import (
     ConnectionLost, HandshakeFailed, RelayClient, RelayStream, StreamTakenOver,
 )
@@ -411,7 +411,7 @@ async def test_a_token_function_failing_on_reconnect_ends_the_stream_promptly():
 async def test_a_token_expiring_on_an_open_connection_is_refreshed_and_the_start_sent_again():
     """The relay closes 4401 `token expired` at the first start after `exp`, leaving that
     start unanswered (PROTOCOL.md). With a token function the client reconnects with a fresh
-    token and sends the start again (protocol.client_policy rule 1, as relay-client.js); a
+    token and sends the start again (llm_relay_protocol.client_policy rule 1, as relay-client.js); a
     fresh token refused too (4401 before any welcome) is final: no loop."""
     from relay.core.auth import mint_token
 
@@ -440,7 +440,7 @@ async def test_a_token_expiring_on_an_open_connection_is_refreshed_and_the_start
 
 
 async def test_a_stream_cancelled_before_its_start_ends_with_a_valid_local_finish():
-    """protocol.client_policy rule 6: nothing reaches the relay, and the stream still ends
+    """llm_relay_protocol.client_policy rule 6: nothing reaches the relay, and the stream still ends
     with a schema-valid cancelled Finish (zero usage flagged estimated)."""
     async with start_relay() as server:
         async with RelayClient(server.url) as c:

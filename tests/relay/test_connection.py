@@ -2,7 +2,7 @@
 
 Every close decision and every error frame of a connection, the handshake, and the order of
 a ``start``'s admission (PROTOCOL.md "start" and "Limits and refusals at the door"), for
-llm-relay.v1 and, through its codec (``protocol.aisdk.AiSdkCodec``), the AI SDK's dialect.
+llm-relay.v1 and, through its codec (``llm_relay_protocol.aisdk.AiSdkCodec``), the AI SDK's dialect.
 The machine is pure: authentication returns ``AdoptCredentials`` and changes nothing of the
 relay's accounting (the tests carry it out, as the session does). The last tests read the
 sources of relay/ (``ast``, like tests/test_import_cycles.py) and fail when a close code is
@@ -22,10 +22,10 @@ import jwt
 import pytest
 from pydantic import SecretStr
 
-from protocol import PROTOCOL_VERSION, FrameError, Start
-from protocol.aisdk import AiSdkCodec
-from protocol.dialect import Begin
-from protocol.v1 import V1Codec
+from llm_relay_protocol import PROTOCOL_VERSION, FrameError, Start
+from llm_relay_protocol.aisdk import AiSdkCodec
+from llm_relay_protocol.dialect import Begin
+from llm_relay_protocol.v1 import V1Codec
 from relay.core.auth import Authenticator, hash_api_key
 from relay.core.connection import (
     ActionFailed, AdoptCredentials, CancelStream, ChargeStart, Close, CloseWhenStreamsEnd,
@@ -586,7 +586,7 @@ def test_the_machine_imports_nothing_of_the_event_loop():
 
 
 def test_error_frames_are_built_only_in_relay_connection():
-    """v1 ``error`` frames (``protocol.frames.error``, ``FrameError.frame()``) are built by
+    """v1 ``error`` frames (``llm_relay_protocol.frames.error``, ``FrameError.frame()``) are built by
     the machine only; relay.runtime.aisdk speaks another protocol with its own error builder."""
     offenders = []
     for path, tree in _relay_sources().items():

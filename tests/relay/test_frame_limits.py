@@ -19,7 +19,7 @@ import logging
 
 import pytest
 
-from protocol import DecodeLimits
+from llm_relay_protocol import DecodeLimits
 from relay.core.auth import mint_token
 from relay.logs import TextFormatter
 

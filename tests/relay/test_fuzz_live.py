@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from protocol import (
+from llm_relay_protocol import (
     ALLOWED_PARAMS, Cancel, ErrorCode, FrameError, Hello, Ping, Start,
     decode_client_frame,
 )

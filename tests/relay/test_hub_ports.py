@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 
-from protocol import FinishStatus, frames
+from llm_relay_protocol import FinishStatus, frames
 from relay.config import RelaySettings
 from relay.core.lifecycle import State, Timer
 from relay.core.limits import PrincipalState

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import orjson
 
-import protocol
+import llm_relay_protocol
 import relay
-from protocol import frames
+from llm_relay_protocol import frames
 from relay.core.streamlog import FrameLog, coalesce
 
 from .helpers import Client, eventually, start_relay
@@ -45,10 +45,10 @@ def _held_since(baseline: int) -> int:
 
 def _held_by_relay_code() -> int:
     """Bytes allocated since tracing started, still alive, by code of the relay's own
-    packages (relay/, protocol/). LiteLLM keeps a finished stream's chunks a little while
+    packages (relay/, clients/python/llm_relay_protocol/). LiteLLM keeps a finished stream's chunks a little while
     for its success callbacks; that is not the log and would make the figure unsteady."""
     gc.collect()
-    roots = [str(Path(relay.__file__).parent), str(Path(protocol.__file__).parent)]
+    roots = [str(Path(relay.__file__).parent), str(Path(llm_relay_protocol.__file__).parent)]
     snapshot = tracemalloc.take_snapshot().filter_traces(
         [tracemalloc.Filter(True, os.path.join(root, "*")) for root in roots])
     return sum(stat.size for stat in snapshot.statistics("filename"))

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from protocol import frames
+from llm_relay_protocol import frames
 from relay.cluster.redis_store import RedisStore, StoreUnavailable
 from relay.cluster.replication import _GroupCommit
 from relay.core.streamlog import FrameLog

@@ -142,7 +142,7 @@ async def test_a_cancel_sent_to_one_relay_stops_the_upstream_running_in_the_othe
 
 async def test_malformed_relay_messages_are_logged_and_dropped_and_the_listener_goes_on(
         prefix, caplog):
-    """Control messages the models refuse (protocol.RelayMessage) change nothing: a takeover
+    """Control messages the models refuse (llm_relay_protocol.RelayMessage) change nothing: a takeover
     without ``node`` does not detach the stream's attachment (it used to: ``None`` is not
     this relay's node), and a valid cancel that follows still stops the upstream."""
     from redis.asyncio import Redis
@@ -404,7 +404,7 @@ async def test_the_python_client_follows_its_streams_to_the_other_relay_on_a_res
     """RelayClient([A, B]): relay A restarts (SIGTERM path with Redis: 1012 at once, upstream
     calls keep running into Redis); the client reconnects to B and resumes both streams, so
     the application sees the same text and tool calls as without the restart."""
-    from protocol import Token
+    from llm_relay_protocol import Token
     from llm_relay_client import RelayClient
 
     from .test_client_resume import SEARCH_TOOL, TOOL_MESSAGES

@@ -10,9 +10,9 @@ import jsonschema
 import orjson
 import pytest
 
-from protocol import ErrorCode, FinishReason, FinishStatus
-from protocol.messages import Finish
-from protocol.schema import SCHEMA_PATH
+from llm_relay_protocol import ErrorCode, FinishReason, FinishStatus
+from llm_relay_protocol.messages import Finish
+from llm_relay_protocol.schema import SCHEMA_PATH
 from relay.core.outcome import FinishError, StreamOutcome, TokenUsage
 
 OUTCOMES = [

@@ -9,7 +9,7 @@ import logging
 
 import pytest
 
-from protocol import FinishStatus
+from llm_relay_protocol import FinishStatus
 from relay.upstream.demo import demo_reply_tokens
 from relay.upstream.errors import RELAY_BUG
 from relay.upstream.llm import demo_handler

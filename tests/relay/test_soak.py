@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from websockets.asyncio.client import connect
 
-from protocol import FinishStatus
+from llm_relay_protocol import FinishStatus
 from relay.app import load_models
 from relay.upstream.llm import demo_handler, set_demo_tps
 from relay.upstream.providers import ModelRegistry, demo_spec

@@ -1,4 +1,4 @@
-"""Normative statements of protocol/PROTOCOL.md that no other relay test drives, driven here
+"""Normative statements of clients/python/llm_relay_protocol/PROTOCOL.md that no other relay test drives, driven here
 through the real server on a real socket. tests/protocol/test_spec.py maps every section of
 the spec to the tests that show it (these and the ones in the other tests/relay files).
 
@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-import protocol
-from protocol import decode_server_frame
+import llm_relay_protocol
+from llm_relay_protocol import decode_server_frame
 from relay.upstream.demo import demo_reply_tokens
 
 from .helpers import Client, start_relay
 from .test_core import SEARCH_TOOL
 from .test_resume import _StreamerThatBreaks
 
-SPEC = (Path(protocol.__file__).parent / "PROTOCOL.md").read_text(encoding="utf-8")
+SPEC = (Path(llm_relay_protocol.__file__).parent / "PROTOCOL.md").read_text(encoding="utf-8")
 HI = [{"role": "user", "content": "hi"}]
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from protocol import (
+from llm_relay_protocol import (
     PROTOCOL_VERSION,
     ErrorCode,
     Finish,

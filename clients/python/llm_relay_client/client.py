@@ -25,7 +25,7 @@ Contracts:
   ``Finish``. A start refused with an ``error`` frame raises :class:`StreamRejected`.
 * ``await stream.cancel()`` asks the server to stop; iteration then ends with the
   cancelled ``Finish`` (the relay's). A stream cancelled before its ``start`` was sent ends
-  with ``protocol.client_policy.local_cancel_finish``: a valid ``Finish`` (cancelled,
+  with ``llm_relay_protocol.client_policy.local_cancel_finish``: a valid ``Finish`` (cancelled,
   ``client_cancel``, zero usage flagged ``estimated``); nothing is sent. Leaving an ``async for`` early (``break``, exception) cancels the
   stream on the server too: the iterator is an async generator whose cleanup sends
   ``cancel`` (run by asyncio's async-generator finaliser right after the loop is left).
@@ -35,16 +35,16 @@ Reconnect and resume (``reconnect=True``, the default; PROTOCOL.md "Resume and d
 streams"):
 
 The policy (which close is retried, the backoff, what is resumed, which frames are
-replays, what a cancel does) is :mod:`protocol.client_policy`, shared with relay-client.js;
-this module carries out its decisions (a :class:`protocol.client_policy.ClientStreamTracker`
+replays, what a cancel does) is :mod:`llm_relay_protocol.client_policy`, shared with relay-client.js;
+this module carries out its decisions (a :class:`llm_relay_protocol.client_policy.ClientStreamTracker`
 holds every stream's phase, ``stream_key`` and last ``seq``).
 
 * When the connection ends with a close the policy retries (the rule: PROTOCOL.md "Close
-  codes", implemented by :func:`protocol.client_policy.close_decision`; 4401 ``token
+  codes", implemented by :func:`llm_relay_protocol.client_policy.close_decision`; 4401 ``token
   expired`` after a welcome counts when ``token`` is a function), the client reconnects
   with exponential backoff and jitter (attempt ``n`` waits ``min(backoff_max, backoff *
   2**n) * uniform(0.5, 1)`` seconds, at most ``max_reconnect_attempts`` attempts, default
-  ``protocol.client_policy.MAX_RECONNECT_ATTEMPTS`` = 8), calls the token source again,
+  ``llm_relay_protocol.client_policy.MAX_RECONNECT_ATTEMPTS`` = 8), calls the token source again,
   does hello/welcome, and sends ``{"type": "resume", "stream_key": K, "after_seq": LAST,
   "id": ID}`` for every stream that had ``started`` and no ``finish``, but only when the
   *previous* and the new ``welcome.limits.detach_grace`` are > 0. After ``resumed`` the
@@ -107,7 +107,7 @@ from websockets.exceptions import (
     InvalidStatus,
 )
 
-from protocol import (
+from llm_relay_protocol import (
     PROTOCOL_VERSION,
     Error,
     ErrorCode,
@@ -125,7 +125,7 @@ from protocol import (
     encode_frame,
     frames,
 )
-from protocol.client_policy import (
+from llm_relay_protocol.client_policy import (
     ABNORMAL_CLOSURE,
     MAX_RECONNECT_ATTEMPTS,
     RETRYABLE_UPGRADE_STATUSES,
@@ -256,7 +256,7 @@ class CompletionResult:
     usage: Usage
     status: str
     reason: str | None
-    error: Any = None  # protocol.ErrorInfo for failed streams
+    error: Any = None  # llm_relay_protocol.ErrorInfo for failed streams
     refusal: str = ""  # the model's refusal to answer (``refusal`` frames), not part of text
 
 
@@ -349,7 +349,7 @@ class RelayStream:
     async def cancel(self) -> None:
         """Ask the relay to stop this stream (idempotent). Iteration then ends with the
         cancelled ``Finish``. Before the ``start`` was sent nothing is sent: iteration yields
-        ``protocol.client_policy.local_cancel_finish`` (a valid cancelled ``Finish`` with
+        ``llm_relay_protocol.client_policy.local_cancel_finish`` (a valid cancelled ``Finish`` with
         zero usage flagged estimated). While the stream is being resumed the cancel is sent
         right after its ``resumed``."""
         if not self._started:
@@ -447,11 +447,11 @@ class RelayClient:
       every connect and reconnect.
     * ``reconnect`` (default ``True``): reconnect and resume after a retryable close (see the
       module docstring). ``False``: any connection loss ends the client.
-    * ``max_reconnect_attempts`` (default ``protocol.client_policy.MAX_RECONNECT_ATTEMPTS``
+    * ``max_reconnect_attempts`` (default ``llm_relay_protocol.client_policy.MAX_RECONNECT_ATTEMPTS``
       = 8, as relay-client.js; ``None`` = unlimited): connection attempts after one loss
       before giving up. The count starts again after each successful reconnect.
     * ``backoff`` (default 0.5 s) and ``backoff_max`` (default 15 s), from
-      ``protocol.client_policy.BACKOFF``: attempt ``n`` (from 0) waits
+      ``llm_relay_protocol.client_policy.BACKOFF``: attempt ``n`` (from 0) waits
       ``min(backoff_max, backoff * 2**n) * uniform(0.5, 1)`` seconds first.
     * other keyword arguments go to ``websockets.asyncio.client.connect`` (e.g.
       ``additional_headers``, ``open_timeout``).
@@ -962,7 +962,7 @@ class RelayClient:
     # ---------------------------------------------------------------- internals: frames
 
     async def _dispatch(self, ws: ClientConnection, frame: Any) -> None:
-        """Route one server frame by the policy's decision (protocol.client_policy)."""
+        """Route one server frame by the policy's decision (llm_relay_protocol.client_policy)."""
         if isinstance(frame, Pong):
             future = self._pings.get(frame.data) if isinstance(frame.data, int) else None
             if future is not None and not future.done():

@@ -17,7 +17,7 @@ the dialect means and nothing that does I/O (the mapping and the choices are wri
   valid for the SDK's own ``ResponsesServerEvent`` models (a test checks every one);
 * ``error_event``: a refusal as the dialect's ``error`` event;
 * ``ResponsesCodec``: all of it as a dialect of the relay's one connection core
-  (``protocol.dialect.Codec``), served at ``/v1/responses`` (relay.runtime.routes).
+  (``llm_relay_protocol.dialect.Codec``), served at ``/v1/responses`` (relay.runtime.routes).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ __all__ = [
 #: ``text.format``) or built from one for the provider (a chat message, its parts, the
 #: sampling parameters): its values' types depend on its keys, read one by one where
 #: used, hence ``Any`` (also for the parsed values the helpers below read). Events built
-#: here are ``protocol.frames.Frame``s.
+#: here are ``llm_relay_protocol.frames.Frame``s.
 JSONObject: TypeAlias = dict[str, Any]
 
 CREATE_EVENT = "response.create"
@@ -899,7 +899,7 @@ class CreateContext:
 
 
 class ResponsesCodec:
-    """The Responses WebSocket mode as a dialect of the relay (``protocol.dialect.Codec``).
+    """The Responses WebSocket mode as a dialect of the relay (``llm_relay_protocol.dialect.Codec``).
 
     * ``response.create`` -> ``Begin`` with a fresh response id as the stream's id and the
       v1 ``start`` it means (a continuation is admitted with a stand-in for the stored

@@ -6,7 +6,7 @@ compatibility; ``params`` is the one exception: it is an allowlist, so a client 
 steer where or with which credentials the relay calls a provider.
 
 Server -> client frames are modelled here for the JSON Schema, the docs and the Python
-client; the relay builds them as plain dicts on its hot path (see ``protocol.frames``).
+client; the relay builds them as plain dicts on its hot path (see ``llm_relay_protocol.frames``).
 
 Relay -> relay messages (``{"op": ...}`` on the Redis control channel of relays sharing a
 store) are modelled here too, discriminated on ``op``; they never reach a client.
@@ -381,7 +381,7 @@ class _RelayOp(BaseModel):
 
     Relays may run different versions during a rolling restart, so unknown fields are
     ignored (``extra="ignore"``); an unknown ``op`` or a missing field is refused by
-    ``protocol.codec.decode_relay_message`` and the receiver logs and drops it."""
+    ``llm_relay_protocol.codec.decode_relay_message`` and the receiver logs and drops it."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 

@@ -73,7 +73,7 @@ __all__ = [
 #: A JSON object as the AI SDK sends it (a ``UIMessage`` part, the transport's ``body``) or
 #: as built from one for the provider (a chat message, a content part): what its values
 #: are depends on its keys, read one by one where used, hence ``Any``. (AI SDK frames built
-#: here are ``protocol.frames.Frame``s.)
+#: here are ``llm_relay_protocol.frames.Frame``s.)
 JSONObject: TypeAlias = dict[str, Any]
 
 #: ``requestId`` doubles as the v1 stream id inside the relay (at most 128 characters).
@@ -594,7 +594,7 @@ _SAFE_TEXT_CODES = frozenset({"stream_taken_over", "internal_error"})
 
 
 class AiSdkCodec:
-    """The AI SDK's chat transport as a dialect of the relay (``protocol.dialect.Codec``).
+    """The AI SDK's chat transport as a dialect of the relay (``llm_relay_protocol.dialect.Codec``).
 
     * ``send`` -> ``Begin`` (its ``requestId`` is the stream's id on the connection; the v1
       ``start`` it becomes passes the same decode limits as one sent on /ws, with the first

@@ -2,8 +2,8 @@
 
 This package never imports asyncio, websockets or litellm (a test enforces it), so any
 client or server, sync or async, can use it. The written spec is ``PROTOCOL.md`` beside it.
-The relay's other wire dialects are codecs here too (``protocol.dialect`` says what a
-dialect is; ``protocol.v1``, ``protocol.aisdk`` and ``protocol.responses``, the OpenAI
+The relay's other wire dialects are codecs here too (``llm_relay_protocol.dialect`` says what a
+dialect is; ``llm_relay_protocol.v1``, ``llm_relay_protocol.aisdk`` and ``llm_relay_protocol.responses``, the OpenAI
 Responses WebSocket mode, are the three).
 """
 

@@ -2,16 +2,16 @@
 its clients, the frames a client sends the relay, and the messages relays send each other.
 
 Nothing else assembles a frame by hand: the relay (``relay.runtime.hub``,
-``relay.runtime.session``, ``relay.core.streamlog``, ``protocol.codec.FrameError``), the Python
-client (``llm_relay_client``, ``protocol.client_policy``) and the relay-to-relay control channel
+``relay.runtime.session``, ``relay.core.streamlog``, ``llm_relay_protocol.codec.FrameError``), the Python
+client (``llm_relay_client``, ``llm_relay_protocol.client_policy``) and the relay-to-relay control channel
 (``relay.cluster.replication``) call these builders; the browser client builds its frames from the field table generated
-from the same models (``protocol.client_policy.policy_tables()["frames"]``).
+from the same models (``llm_relay_protocol.client_policy.policy_tables()["frames"]``).
 
 Validating every outbound frame with pydantic would cost more than the relay's whole
 per-frame budget (see GUIDE: LiteLLM already spends ~600 µs a chunk), so builders return
 dicts (a literal each, no validation) and ``encode_frame`` serialises them with orjson. The
-shapes match the models of ``protocol.messages``: ``tests/protocol/test_frames.py`` checks
-every builder's output against its model and against ``protocol/schema.json``. Optional
+shapes match the models of ``llm_relay_protocol.messages``: ``tests/protocol/test_frames.py`` checks
+every builder's output against its model and against ``clients/python/llm_relay_protocol/schema.json``. Optional
 fields given as ``None`` are left out, as the models' encoding leaves them out.
 
 Sections: server -> client (the hot path: ``token`` and friends run once per streamed
@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any, TypeAlias
 
 #: A frame (or an object inside one) as built here: what ``encode_frame`` serialises. Its
-#: values are JSON values whose type depends on the key (``protocol.messages`` types each
+#: values are JSON values whose type depends on the key (``llm_relay_protocol.messages`` types each
 #: field; the builders' parameters say what goes in), hence ``Any``.
 Frame: TypeAlias = dict[str, Any]   # (a type, not a builder: not in __all__)
 
@@ -42,7 +42,7 @@ __all__ = [
 
 
 def limits(max_streams: int, max_frame_bytes: int, detach_grace: float) -> Frame:
-    """The ``limits`` object of ``welcome`` (``protocol.Limits``)."""
+    """The ``limits`` object of ``welcome`` (``llm_relay_protocol.Limits``)."""
     return {"max_streams": max_streams, "max_frame_bytes": max_frame_bytes,
             "detach_grace": detach_grace}
 
@@ -73,7 +73,7 @@ def reasoning(id: str, seq: int, text: str) -> Frame:
 
 
 def refusal(id: str, seq: int, text: str) -> Frame:
-    """Text of the model's refusal to answer (``protocol.Refusal``)."""
+    """Text of the model's refusal to answer (``llm_relay_protocol.Refusal``)."""
     return {"type": "refusal", "id": id, "seq": seq, "text": text}
 
 
@@ -98,7 +98,7 @@ def usage(prompt_tokens: int, completion_tokens: int, estimated: bool) -> Frame:
 
 
 def error_info(code: str, message: str, retry_after: float | None = None) -> Frame:
-    """The ``error`` object of a failed or timed-out ``finish`` (``protocol.ErrorInfo``)."""
+    """The ``error`` object of a failed or timed-out ``finish`` (``llm_relay_protocol.ErrorInfo``)."""
     info: Frame = {"code": str(code), "message": message}
     if retry_after is not None:
         info["retry_after"] = retry_after
@@ -208,11 +208,11 @@ def resume(stream_key: str, after_seq: int, id: str | None = None, *,
 
 def relay_cancel(key: str) -> Frame:
     """Ask the relay that owns stream ``key`` to cancel its upstream call
-    (``protocol.RelayCancel``)."""
+    (``llm_relay_protocol.RelayCancel``)."""
     return {"op": "cancel", "key": key}
 
 
 def relay_takeover(key: str, node: str) -> Frame:
     """Tell the other relays that a connection on ``node`` attached stream ``key``
-    (``protocol.RelayTakeover``)."""
+    (``llm_relay_protocol.RelayTakeover``)."""
     return {"op": "takeover", "key": key, "node": node}

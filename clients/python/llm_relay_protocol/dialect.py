@@ -1,15 +1,15 @@
 """What a wire dialect is to the relay: a sans-I/O codec over the one connection machine.
 
 The relay serves several wire protocols ("dialects") on one core: llm-relay.v1 on ``/ws``
-(``protocol.v1.V1Codec``), the AI SDK's chat transport on ``/ai-sdk``
-(``protocol.aisdk.AiSdkCodec``). A dialect is a ``Codec`` and nothing else:
+(``llm_relay_protocol.v1.V1Codec``), the AI SDK's chat transport on ``/ai-sdk``
+(``llm_relay_protocol.aisdk.AiSdkCodec``). A dialect is a ``Codec`` and nothing else:
 
 * ``decode`` turns one client frame into one ``Request`` of the core's vocabulary below
   (``Greet``, ``Begin``, ``Stop``, ``Reattach``, ``Probe``, ``Ignore``, or ``Malformed`` for a
   frame that cannot be honoured). It never raises for client input;
 * ``encode_reply`` turns a reply of the core into the dialect's frame, or None when the
   dialect has no such frame (nothing is sent). The core's replies are llm-relay.v1 server
-  frames as dicts (``protocol.frames``: ``welcome``, ``pong``, ``started``, ``resumed``,
+  frames as dicts (``llm_relay_protocol.frames``: ``welcome``, ``pong``, ``started``, ``resumed``,
   ``error`` {code, message, ref, id, retry_after}): v1 is the relay's native vocabulary,
   and the hub's stream logs hold v1 frames too;
 * ``response_encoder`` returns, for one stream attached to a request, the ``ResponseEncoder``

@@ -1,7 +1,7 @@
 """JSON Schema of every llm-relay.v1 frame.
 
-``python -m protocol.schema`` prints it; ``python -m protocol.schema --write`` rewrites the
-committed ``protocol/schema.json`` (a test fails when that file is stale).
+``python -m llm_relay_protocol.schema`` prints it; ``python -m llm_relay_protocol.schema --write`` rewrites the
+committed ``clients/python/llm_relay_protocol/schema.json`` (a test fails when that file is stale).
 """
 
 from __future__ import annotations

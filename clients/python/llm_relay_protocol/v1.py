@@ -1,6 +1,6 @@
-"""llm-relay.v1 as a dialect (``protocol.dialect.Codec``): the relay's native protocol on ``/ws``.
+"""llm-relay.v1 as a dialect (``llm_relay_protocol.dialect.Codec``): the relay's native protocol on ``/ws``.
 
-Decoding is ``protocol.codec.decode_client_frame`` (its limits before validation, its precise
+Decoding is ``llm_relay_protocol.codec.decode_client_frame`` (its limits before validation, its precise
 errors); each client frame maps to one request of the core (``hello`` -> ``Greet``,
 ``start`` -> ``Begin``, ``cancel`` -> ``Stop``, ``resume`` -> ``Reattach``, ``ping`` ->
 ``Probe``). Replies and stream frames are v1 already: ``encode_reply`` returns them as they

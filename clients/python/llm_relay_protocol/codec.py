@@ -16,7 +16,7 @@ validation (measured on 2 cores: a 1 MiB frame of 55,000 messages took 0.3-0.8 s
 3. On the parsed but unvalidated ``start``: the JSON size of ``messages`` + ``tools``
    (``max_messages_bytes``), then the counts pydantic would iterate one by one: messages,
    tools, content parts, and the keys of the objects validated key by key
-   (``check_request_shape``; protocol.aisdk applies the same function to its requests).
+   (``check_request_shape``; llm_relay_protocol.aisdk applies the same function to its requests).
 4. Only then pydantic validation.
 
 The cyclic garbage collector is paused while a frame is decoded: a frame is acyclic JSON
@@ -24,7 +24,7 @@ freed by reference counting, but the containers it allocates would otherwise tri
 collections of the whole heap (with LiteLLM loaded, a 1 MiB frame parsed in 12 ms took
 210 ms with the collector running).
 
-``encode_frame`` serialises an outbound frame (a dict built by ``protocol.frames`` or a model)
+``encode_frame`` serialises an outbound frame (a dict built by ``llm_relay_protocol.frames`` or a model)
 to UTF-8 JSON bytes, ready to be sent as a *text* frame.
 
 ``decode_server_frame`` is for clients: it returns ``None`` for frame types it does not know,
@@ -139,7 +139,7 @@ def decode_client_frame(data: str | bytes,
 def parse_json_within(data: str, limits: DecodeLimits = _DEFAULT_LIMITS) -> Any:
     """Parse one JSON text frame within ``limits`` (its count of ``[``/``{`` first, then its
     nesting depth in the same pass as the parse). Raises ``FrameError``. For other protocols
-    on the relay's sockets (protocol.aisdk), which then validate what they parsed."""
+    on the relay's sockets (llm_relay_protocol.aisdk), which then validate what they parsed."""
     with _collector_paused():
         return _parse_within(data, limits)
 
@@ -263,7 +263,7 @@ def check_request_shape(messages: Any, tools: Any, limits: DecodeLimits, *, part
     keys of every object validated key by key (``max_start_keys``): the messages, their
     parts, the tools, their ``function`` and its ``parameters``, and each of ``options``
     (objects of the request besides its messages and tools). A v1 ``start`` and every other
-    protocol of the relay (protocol.aisdk) use this one check. Fields of the wrong type are
+    protocol of the relay (llm_relay_protocol.aisdk) use this one check. Fields of the wrong type are
     left to validation. Raises ``refuse(message)``; the message names the limit."""
     size = len(orjson.dumps({"m": messages, "t": tools or None}))
     if size > limits.max_messages_bytes:
